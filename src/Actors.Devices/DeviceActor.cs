@@ -1,0 +1,84 @@
+using Akka.Actor;
+using static ActorVmm.Devices.DeviceProtocol;
+
+namespace ActorVmm.Devices;
+
+/// <summary>
+/// The thin actor around a device model: checks access sizes, delegates, answers reads,
+/// returns write credits and forwards the model's platform requests. No register logic here.
+/// </summary>
+internal sealed class DeviceActor : ReceiveActor
+{
+    /// <summary>Host input held for a guest that is not reading, at most.</summary>
+    public const int MaxPendingInput = 64 * 1024;
+
+    private readonly string _name;
+    private readonly IBusDevice _model;
+    private readonly Dictionary<IActorRef, int> _uncredited = new();
+    private byte[] _pendingInput = [];
+    private long _reads;
+    private long _writes;
+
+    public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory, IActorRef events)
+    {
+        _name = name;
+        _model = factory(new EventsToActor(name, events));
+
+        Receive<Write>(w =>
+        {
+            _writes++;
+            if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
+            Credit(Sender);
+            DrainInput();
+        });
+        Receive<Read>(r =>
+        {
+            _reads++;
+            var value = IsValidSize(r.Size) ? _model.Read(r.Offset, r.Size) : ulong.MaxValue;
+            // The reply acknowledges every earlier write of this sender (FIFO mailbox).
+            _uncredited.Remove(Sender);
+            Sender.Tell(new ReadResult(r.Id, Mask(value, r.Size)));
+            DrainInput();
+        });
+        Receive<HostInput>(i =>
+        {
+            if (_model is not IHostInput) return; // nothing here takes input: drop it
+            var room = MaxPendingInput - _pendingInput.Length;
+            if (room <= 0) return; // the guest is not reading: the host's bytes are dropped, not hoarded
+            var take = i.Data.AsSpan(0, Math.Min(room, i.Data.Length));
+            _pendingInput = [.. _pendingInput, .. take];
+            DrainInput();
+        });
+        Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
+    }
+
+    private static bool IsValidSize(int size) => size is 1 or 2 or 4 or 8;
+
+    private static ulong Mask(ulong value, int size) =>
+        size >= 8 ? value : value & ((1UL << (size * 8)) - 1);
+
+    private void Credit(IActorRef sender)
+    {
+        _uncredited.TryGetValue(sender, out var n);
+        if (++n >= CreditBatch)
+        {
+            sender.Tell(new WriteCredit(n));
+            n = 0;
+        }
+        _uncredited[sender] = n;
+    }
+
+    /// <summary>Host input waits here (bounded by the host's reader) until the model has room.</summary>
+    private void DrainInput()
+    {
+        if (_pendingInput.Length == 0 || _model is not IHostInput input) return;
+        var taken = input.OfferInput(_pendingInput);
+        _pendingInput = taken >= _pendingInput.Length ? [] : _pendingInput[taken..];
+    }
+
+    private sealed class EventsToActor(string device, IActorRef target) : IPlatformEvents
+    {
+        public void RequestExit(int status, string reason) => target.Tell(new GuestExitRequested(device, status, reason));
+        public void RequestReset(string reason) => target.Tell(new GuestResetRequested(device, reason));
+    }
+}

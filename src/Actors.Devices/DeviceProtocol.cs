@@ -1,0 +1,57 @@
+using Akka.Actor;
+
+namespace ActorVmm.Devices;
+
+/// <summary>
+/// Messages between a vcpu (or any bus master) and a device actor. Writes are posted: the vcpu
+/// does not wait. Reads carry a correlation id and are answered with <see cref="ReadResult"/>.
+///
+/// Flow control: a vcpu may have at most <see cref="WriteWindow"/> posted writes outstanding
+/// per device; the device sends <see cref="WriteCredit"/> back every <see cref="CreditBatch"/>
+/// writes from one sender, and a <see cref="ReadResult"/> acknowledges every write that came before
+/// it (mailboxes are FIFO). A guest that floods a device therefore waits, instead of growing the
+/// host's memory.
+/// </summary>
+public static class DeviceProtocol
+{
+    public const int WriteWindow = 1024;
+    public const int CreditBatch = 64;
+
+    public interface IDeviceMessage;
+
+    public enum Space : byte { Port, Mmio }
+
+    /// <summary>A posted write of <paramref name="Size"/> bytes at an offset inside the device.</summary>
+    public sealed record Write(ulong Offset, int Size, ulong Value) : IDeviceMessage;
+
+    /// <summary>A read; the device replies <see cref="ReadResult"/> with the same id to the sender.</summary>
+    public sealed record Read(long Id, ulong Offset, int Size) : IDeviceMessage;
+
+    public sealed record ReadResult(long Id, ulong Value) : IDeviceMessage;
+
+    /// <summary>The device has handled <paramref name="Count"/> more posted writes of the receiver.</summary>
+    public sealed record WriteCredit(int Count) : IDeviceMessage;
+
+    /// <summary>Bytes from the host for a device implementing <see cref="IHostInput"/>.</summary>
+    public sealed record HostInput(byte[] Data) : IDeviceMessage;
+
+    /// <summary>Sent by a device to the VM's event target: the guest asked the VM to end.</summary>
+    public sealed record GuestExitRequested(string Device, int Status, string Reason) : IDeviceMessage;
+
+    /// <summary>Sent by a device to the VM's event target: the guest asked for a reset.</summary>
+    public sealed record GuestResetRequested(string Device, string Reason) : IDeviceMessage;
+
+    /// <summary>Asks a device for its access counters; answered with <see cref="Stats"/>.</summary>
+    public sealed record GetStats : IDeviceMessage
+    {
+        public static readonly GetStats Instance = new();
+    }
+
+    public sealed record Stats(string Device, long Reads, long Writes) : IDeviceMessage;
+
+    /// <param name="name">device name used in messages and traces ("uart0")</param>
+    /// <param name="factory">builds the model; called once per actor incarnation</param>
+    /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/>; may be Nobody</param>
+    public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory, IActorRef events) =>
+        Akka.Actor.Props.Create(() => new DeviceActor(name, factory, events));
+}

@@ -1,0 +1,18 @@
+namespace ActorVmm.Devices;
+
+/// <summary>
+/// What a device model can ask of the machine it sits in: end the VM with a status (debug-exit),
+/// or reset it (i8042 pulse of the reset line). The device's actor turns these into messages.
+/// </summary>
+public interface IPlatformEvents
+{
+    void RequestExit(int status, string reason);
+    void RequestReset(string reason);
+}
+
+/// <summary>Implemented by models that take bytes from the host (a console's keyboard).</summary>
+public interface IHostInput
+{
+    /// <summary>Offers bytes to the device; returns how many it took (the rest stay with the host).</summary>
+    int OfferInput(ReadOnlySpan<byte> data);
+}

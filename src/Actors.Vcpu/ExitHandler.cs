@@ -1,0 +1,77 @@
+using ActorVmm.Devices;
+using ActorVmm.LibVmm;
+
+namespace ActorVmm.Vcpu;
+
+public enum ExitActionKind : byte
+{
+    /// <summary>Nothing to do but enter the guest again.</summary>
+    Reenter,
+    /// <summary>Post write(s) to <see cref="ExitAction.Route"/>, then re-enter.</summary>
+    PostWrite,
+    /// <summary>Read from <see cref="ExitAction.Route"/>; wait for the reply before re-entering.</summary>
+    Read,
+    /// <summary>An unassigned read: complete with all-ones at once.</summary>
+    UnassignedRead,
+    /// <summary>An unassigned write: dropped.</summary>
+    UnassignedWrite,
+    Halt,
+    /// <summary>RDMSR/WRMSR exit: not handled in user space yet; the guest gets #GP.</summary>
+    MsrFault,
+    /// <summary>The vcpu cannot go on: <see cref="ExitAction.StopReason"/>.</summary>
+    Stop,
+}
+
+/// <summary>The decision for one exit. A struct: the hot path allocates nothing for it.</summary>
+public readonly record struct ExitAction(
+    ExitActionKind Kind,
+    DeviceRoute? Route = null,
+    ulong Offset = 0,
+    int Size = 0,
+    VcpuProtocol.StopReason StopReason = default,
+    DeviceProtocol.Space Space = DeviceProtocol.Space.Port);
+
+/// <summary>
+/// Exit handling as a pure function (no thread, no actor): which bus, which device, which offset,
+/// or which stop. Anything not named here is handled as "stop with an unhandled exit".
+/// </summary>
+public static class ExitHandler
+{
+    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio)
+    {
+        switch (exit)
+        {
+            case VmExit.Io io:
+                if (ports.TryResolve(io.Port, out var pr, out var po))
+                    return new ExitAction(io.IsOut ? ExitActionKind.PostWrite : ExitActionKind.Read, pr, po, io.Size);
+                return new ExitAction(io.IsOut ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: io.Size);
+            case VmExit.Mmio m:
+                if (mmio.TryResolve(m.Address, out var mr, out var mo))
+                    return new ExitAction(m.IsWrite ? ExitActionKind.PostWrite : ExitActionKind.Read, mr, mo, m.Length,
+                        Space: DeviceProtocol.Space.Mmio);
+                return new ExitAction(m.IsWrite ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: m.Length,
+                    Space: DeviceProtocol.Space.Mmio);
+            case VmExit.Hlt:
+                return new ExitAction(ExitActionKind.Halt);
+            case VmExit.Intr or VmExit.IrqWindowOpen:
+                return new ExitAction(ExitActionKind.Reenter);
+            case VmExit.MsrRead or VmExit.MsrWrite:
+                return new ExitAction(ExitActionKind.MsrFault);
+            case VmExit.Shutdown:
+                return Stop(VcpuProtocol.StopReason.TripleFault);
+            case VmExit.InternalError:
+                return Stop(VcpuProtocol.StopReason.InternalError);
+            case VmExit.FailEntry:
+                return Stop(VcpuProtocol.StopReason.FailEntry);
+            case VmExit.SystemEvent:
+                return Stop(VcpuProtocol.StopReason.SystemEvent);
+            default:
+                return Stop(VcpuProtocol.StopReason.UnhandledExit);
+        }
+    }
+
+    private static ExitAction Stop(VcpuProtocol.StopReason reason) => new(ExitActionKind.Stop, StopReason: reason);
+
+    /// <summary>All-ones of <paramref name="size"/> bytes: what an unassigned read returns.</summary>
+    public static ulong AllOnes(int size) => size >= 8 ? ulong.MaxValue : (1UL << (size * 8)) - 1;
+}

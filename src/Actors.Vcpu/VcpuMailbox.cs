@@ -1,0 +1,54 @@
+using System.Collections.Concurrent;
+using Akka.Actor;
+using Akka.Configuration;
+using Akka.Dispatch;
+using Akka.Dispatch.MessageQueues;
+using ActorVmm.LibVmm;
+
+namespace ActorVmm.Vcpu;
+
+/// <summary>
+/// The vcpu actor's mailbox: an unbounded deque (so the actor can stash while a read is in
+/// flight) that kicks the vcpu thread out of KVM_RUN when a <see cref="VcpuProtocol.IKicking"/>
+/// message is enqueued. The kick comes after the enqueue, so the vcpu sees the message before it
+/// enters the guest again. Other messages (device replies, credits) never kick: they arrive while
+/// the vcpu is out of the guest, waiting for them.
+/// </summary>
+public sealed class VcpuMailboxType(Settings settings, Config config)
+    : MailboxType(settings, config), IProducesMessageQueue<VcpuMessageQueue>
+{
+    public override IMessageQueue Create(IActorRef owner, ActorSystem system) => new VcpuMessageQueue(owner);
+}
+
+public sealed class VcpuMessageQueue(IActorRef owner) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
+{
+    private readonly UnboundedDequeMessageQueue _queue = new();
+    private IVcpu? _vcpu;
+
+    public bool HasMessages => _queue.HasMessages;
+    public int Count => _queue.Count;
+
+    public void Enqueue(IActorRef receiver, Envelope envelope)
+    {
+        _queue.Enqueue(receiver, envelope);
+        if (envelope.Message is VcpuProtocol.IKicking)
+        {
+            var vcpu = _vcpu ??= VcpuKickRegistry.Find(owner);
+            vcpu?.Kick();
+        }
+    }
+
+    public void EnqueueFirst(Envelope envelope) => _queue.EnqueueFirst(envelope);
+    public bool TryDequeue(out Envelope envelope) => _queue.TryDequeue(out envelope);
+    public void CleanUp(IActorRef owner, IMessageQueue deadletters) => _queue.CleanUp(owner, deadletters);
+}
+
+/// <summary>Which vcpu thread to kick for which actor; a vcpu actor registers itself while it lives.</summary>
+public static class VcpuKickRegistry
+{
+    private static readonly ConcurrentDictionary<IActorRef, IVcpu> Vcpus = new();
+
+    public static void Register(IActorRef actor, IVcpu vcpu) => Vcpus[actor] = vcpu;
+    public static void Unregister(IActorRef actor) => Vcpus.TryRemove(actor, out _);
+    public static IVcpu? Find(IActorRef actor) => Vcpus.TryGetValue(actor, out var v) ? v : null;
+}

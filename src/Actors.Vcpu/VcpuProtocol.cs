@@ -1,0 +1,125 @@
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.LibVmm;
+
+namespace ActorVmm.Vcpu;
+
+/// <summary>
+/// The vcpu actor's protocol. Messages marked <see cref="IKicking"/> make the vcpu's mailbox kick
+/// the vcpu thread out of KVM_RUN, so they are handled before the guest runs again.
+/// </summary>
+public static class VcpuProtocol
+{
+    /// <summary>Dispatcher and mailbox ids (defined in <see cref="DefaultConfig"/> and hocon/default.conf).</summary>
+    public const string DispatcherId = "actorvmm.vcpu-dispatcher";
+    public const string MailboxId = "actorvmm.vcpu-mailbox";
+
+    public const string DefaultConfig = """
+        actorvmm.vcpu-dispatcher {
+          type = PinnedDispatcher
+          executor = thread-pool-executor
+          thread-pool-executor.allow-core-timeout = off
+          throughput = 100
+        }
+        actorvmm.vcpu-mailbox {
+          mailbox-type = "ActorVmm.Vcpu.VcpuMailboxType, ActorVmm.Actors.Vcpu"
+        }
+        """;
+
+    public interface IVcpuMessage;
+
+    /// <summary>A message that must reach the vcpu promptly: the mailbox kicks it on enqueue.</summary>
+    public interface IKicking : IVcpuMessage;
+
+    public enum State { Created, Running, Paused, Halted, Stopped }
+
+    public enum StopReason
+    {
+        /// <summary>Stopped on request (Stop, VM shutdown).</summary>
+        Requested,
+        /// <summary>HLT with interrupts disabled and nothing pending: the guest is done.</summary>
+        HaltedForever,
+        /// <summary>Triple fault (KVM_EXIT_SHUTDOWN).</summary>
+        TripleFault,
+        /// <summary>KVM_EXIT_INTERNAL_ERROR (an instruction KVM could not emulate, ...).</summary>
+        InternalError,
+        /// <summary>VM entry failed (KVM_EXIT_FAIL_ENTRY).</summary>
+        FailEntry,
+        /// <summary>An exit this VMM does not handle.</summary>
+        UnhandledExit,
+        /// <summary>A system event (KVM_EXIT_SYSTEM_EVENT) asked for shutdown/reset.</summary>
+        SystemEvent,
+        /// <summary>KVM_RUN itself failed.</summary>
+        RunFailed,
+    }
+
+    /// <summary>Created → Running: the vcpu thread binds itself and enters the guest.</summary>
+    public sealed record Start : IKicking { public static readonly Start Instance = new(); }
+
+    /// <summary>Running/Halted → Paused; answered with <see cref="Paused"/> once out of the guest.</summary>
+    public sealed record Pause : IKicking { public static readonly Pause Instance = new(); }
+
+    /// <summary>Paused → the state before the pause.</summary>
+    public sealed record Resume : IKicking { public static readonly Resume Instance = new(); }
+
+    /// <summary>Any → Stopped. Answered with <see cref="Stopped"/> to the VM.</summary>
+    public sealed record Stop : IKicking { public static readonly Stop Instance = new(); }
+
+    /// <summary>The seed's vcpu_notify_event: wakes a halted vcpu; <see cref="LapicInterrupt"/>
+    /// says the event is an interrupt from the local APIC.</summary>
+    public sealed record Notify(bool LapicInterrupt) : IKicking;
+
+    /// <summary>Injects an external interrupt (vector) as soon as the guest can take it.</summary>
+    public sealed record InjectInterrupt(byte Vector) : IKicking;
+
+    public sealed record GetRegisters : IKicking { public static readonly GetRegisters Instance = new(); }
+
+    public sealed record SetRegisters(RegisterState? Registers, SpecialRegisterState? Special) : IKicking;
+
+    public sealed record GetStats : IKicking { public static readonly GetStats Instance = new(); }
+
+    // Replies and events.
+    public sealed record Paused(int VcpuId) : IVcpuMessage;
+
+    public sealed record Resumed(int VcpuId) : IVcpuMessage;
+
+    public sealed record Registers(int VcpuId, State State, RegisterState General, SpecialRegisterState Special) : IVcpuMessage;
+
+    public sealed record RegistersSet(int VcpuId) : IVcpuMessage;
+
+    /// <summary>Told to the VM when the vcpu stops for good; <see cref="Report"/> is for people.</summary>
+    public sealed record Stopped(int VcpuId, StopReason Reason, string Report) : IVcpuMessage;
+
+    /// <summary>Told to the VM on every HLT exit that leaves the vcpu halted. With interrupts
+    /// disabled and nothing pending, the guest is done unless an NMI or INIT comes.</summary>
+    public sealed record VcpuHalted(int VcpuId, bool InterruptsDisabled) : IVcpuMessage;
+
+    /// <summary>A request this vcpu could not satisfy in its current state.</summary>
+    public sealed record Refused(int VcpuId, string Request, string Why) : IVcpuMessage;
+
+    public sealed record Stats(int VcpuId, State State, long Exits, long IoExits, long MmioExits, long HltExits,
+        long IntrExits, long UnassignedReads, long UnassignedWrites, long Injected, long Kicks) : IVcpuMessage;
+
+    /// <summary>Everything the vcpu needs from the VM it belongs to. Local wiring, not a message.</summary>
+    public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory);
+
+    public static Props Props(IVcpu vcpu, Wiring wiring) =>
+        Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring))
+            .WithDispatcher(DispatcherId)
+            .WithMailbox(MailboxId);
+
+    /// <summary>Props for a unit test: default dispatcher and mailbox.</summary>
+    public static Props PropsForTest(IVcpu vcpu, Wiring wiring) =>
+        Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring)).WithMailbox(MailboxId);
+}
+
+/// <summary>Where a bus range goes: a device actor, and the vcpu's count of posted writes to it
+/// not yet credited back (see <see cref="DeviceProtocol"/>). Owned by one vcpu.</summary>
+public sealed class DeviceRoute(string name, IActorRef device)
+{
+    public string Name { get; } = name;
+    public IActorRef Device { get; } = device;
+    internal int InFlight;
+
+    public override string ToString() => Name;
+}

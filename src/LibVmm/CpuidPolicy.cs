@@ -1,0 +1,104 @@
+namespace ActorVmm.LibVmm;
+
+/// <summary>
+/// The CPUID a VM's vcpus see: KVM_GET_SUPPORTED_CPUID minus the features this platform cannot
+/// run, plus per-vcpu topology (APIC ids). Immutable; build one per VM.
+/// </summary>
+public sealed class CpuidPolicy
+{
+    public enum Reg { Eax, Ebx, Ecx, Edx }
+
+    /// <summary>A feature bit to hide: leaf, subleaf (null = every subleaf), register, mask.</summary>
+    public sealed record Clear(uint Leaf, uint? Subleaf, Reg Register, uint Mask, string Name);
+
+    // Leaf 1 ECX.
+    public const uint Leaf1EcxFma = 1u << 12;
+    public const uint Leaf1EcxCx16 = 1u << 13;
+    public const uint Leaf1EcxX2Apic = 1u << 21;
+    public const uint Leaf1EcxTscDeadline = 1u << 24;
+    public const uint Leaf1EcxXsave = 1u << 26;
+    public const uint Leaf1EcxOsxsave = 1u << 27;
+    public const uint Leaf1EcxAvx = 1u << 28;
+    public const uint Leaf1EcxF16c = 1u << 29;
+    public const uint Leaf1EcxHypervisor = 1u << 31;
+
+    // Leaf 7 subleaf 0.
+    public const uint Leaf7EbxAvx2 = 1u << 5;
+    public const uint Leaf7EbxAvx512Mask = 0b1101_1100_0010_0011_0000_0000_0000_0000; // F, DQ, IFMA, PF, ER, CD, BW, VL
+    public const uint Leaf7EcxAvx512Mask = 0b0000_0000_0000_0000_0101_1000_0100_0010; // VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ
+    public const uint Leaf7EdxAvx512Mask = 0b0000_0000_0000_0000_0000_0001_0000_1100; // 4VNNIW, 4FMAPS, VP2INTERSECT
+
+    /// <summary>What this machine's KVM cannot emulate (../shared/DESIGN.md §4): lock cmpxchg16b
+    /// and xsave/xrstor, and the AVX family that needs XSAVE to be enabled by a guest.</summary>
+    public static readonly IReadOnlyList<Clear> PlatformDefaults =
+    [
+        new(1, null, Reg.Ecx, Leaf1EcxCx16, "CX16"),
+        new(1, null, Reg.Ecx, Leaf1EcxXsave | Leaf1EcxOsxsave, "XSAVE"),
+        new(1, null, Reg.Ecx, Leaf1EcxAvx | Leaf1EcxFma | Leaf1EcxF16c, "AVX"),
+        new(7, 0, Reg.Ebx, Leaf7EbxAvx2 | Leaf7EbxAvx512Mask, "AVX2/AVX-512"),
+        new(7, 0, Reg.Ecx, Leaf7EcxAvx512Mask, "AVX-512"),
+        new(7, 0, Reg.Edx, Leaf7EdxAvx512Mask, "AVX-512"),
+        new(7, 1, Reg.Eax, 0b0011_0000, "AVX-VNNI/AVX512-BF16"),
+    ];
+
+    private readonly KvmCpuidEntry2[] _base;
+
+    public IReadOnlyList<Clear> Cleared { get; }
+
+    public CpuidPolicy(IEnumerable<KvmCpuidEntry2> supported, IEnumerable<Clear> clears)
+    {
+        Cleared = clears.ToArray();
+        // Leaf 0xD enumerates XSAVE state components: gone with XSAVE.
+        var hideXsaveLeaf = Cleared.Any(c => c.Leaf == 1 && (c.Mask & Leaf1EcxXsave) != 0);
+        var entries = supported.Where(e => !(hideXsaveLeaf && e.Function == 0xD)).ToArray();
+        for (var i = 0; i < entries.Length; i++)
+        {
+            foreach (var c in Cleared)
+            {
+                if (entries[i].Function != c.Leaf) continue;
+                if (c.Subleaf is { } sub && entries[i].Index != sub) continue;
+                switch (c.Register)
+                {
+                    case Reg.Eax: entries[i].Eax &= ~c.Mask; break;
+                    case Reg.Ebx: entries[i].Ebx &= ~c.Mask; break;
+                    case Reg.Ecx: entries[i].Ecx &= ~c.Mask; break;
+                    case Reg.Edx: entries[i].Edx &= ~c.Mask; break;
+                }
+            }
+        }
+        _base = entries;
+    }
+
+    public static CpuidPolicy ForPlatform(IEnumerable<KvmCpuidEntry2> supported) => new(supported, PlatformDefaults);
+
+    /// <summary>The entries for one vcpu: its initial APIC id in leaf 1 EBX[31:24] and leaf 0xB EDX,
+    /// the hypervisor bit set.</summary>
+    public KvmCpuidEntry2[] EntriesFor(int vcpuId)
+    {
+        var entries = (KvmCpuidEntry2[])_base.Clone();
+        for (var i = 0; i < entries.Length; i++)
+        {
+            switch (entries[i].Function)
+            {
+                case 1:
+                    entries[i].Ebx = (entries[i].Ebx & 0x00FF_FFFF) | ((uint)vcpuId << 24);
+                    entries[i].Ecx |= Leaf1EcxHypervisor;
+                    break;
+                case 0xB:
+                case 0x1F:
+                    entries[i].Edx = (uint)vcpuId;
+                    break;
+            }
+        }
+        return entries;
+    }
+
+    /// <summary>Looks up an entry (for tests and for `ctl`).</summary>
+    public KvmCpuidEntry2? Find(uint leaf, uint subleaf = 0, int vcpuId = 0)
+    {
+        foreach (var e in EntriesFor(vcpuId))
+            if (e.Function == leaf && ((e.Flags & KvmCpuidEntry2.SignificantIndex) == 0 || e.Index == subleaf))
+                return e;
+        return null;
+    }
+}

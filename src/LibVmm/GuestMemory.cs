@@ -1,0 +1,218 @@
+namespace ActorVmm.LibVmm;
+
+/// <summary>An access to guest memory outside every segment, or a write to a read-only one.</summary>
+public sealed class GuestMemoryException(string message) : Exception(message);
+
+/// <summary>
+/// Guest-physical memory as loaders and devices see it: bounds-checked reads and writes through the
+/// host view. Loaders depend on this, not on the vmspace actor.
+/// </summary>
+public interface IGuestMemory
+{
+    /// <summary>Copies guest memory into <paramref name="destination"/>; false if any byte is unmapped.</summary>
+    bool TryRead(GuestPhysAddr address, Span<byte> destination);
+
+    /// <summary>Copies into guest memory; false if any byte is unmapped (nothing is written then).
+    /// Loaders may write read-only (firmware) segments; the guest cannot.</summary>
+    bool TryWrite(GuestPhysAddr address, ReadOnlySpan<byte> source);
+
+    /// <summary>Whether the whole range is backed by memory.</summary>
+    bool IsMapped(GuestPhysAddr address, ulong length);
+}
+
+public static class GuestMemoryExtensions
+{
+    public static void Read(this IGuestMemory memory, GuestPhysAddr address, Span<byte> destination)
+    {
+        if (!memory.TryRead(address, destination))
+            throw new GuestMemoryException($"read of {destination.Length} bytes at {address} is outside guest memory");
+    }
+
+    public static void Write(this IGuestMemory memory, GuestPhysAddr address, ReadOnlySpan<byte> source)
+    {
+        if (!memory.TryWrite(address, source))
+            throw new GuestMemoryException($"write of {source.Length} bytes at {address} is outside guest memory");
+    }
+
+    public static ulong ReadUInt64(this IGuestMemory memory, GuestPhysAddr address)
+    {
+        Span<byte> b = stackalloc byte[8];
+        memory.Read(address, b);
+        return BitConverter.ToUInt64(b);
+    }
+
+    public static void WriteUInt64(this IGuestMemory memory, GuestPhysAddr address, ulong value) =>
+        memory.Write(address, BitConverter.GetBytes(value));
+}
+
+/// <summary>
+/// A memfd (shmem) of a given size mapped twice, MAP_SHARED|MAP_NORESERVE: the guest view (given
+/// to KVM as a memslot, later registered with userfaultfd) and the host view (for devices and
+/// loaders). Untouched pages cost nothing, so a sparse guest stays small.
+/// </summary>
+public sealed unsafe class MemfdRegion : IDisposable
+{
+    private int _fd;
+
+    public string Name { get; }
+    public ulong Size { get; }
+    public nint GuestView { get; private set; }
+    public nint HostView { get; private set; }
+    public int Fd => _fd;
+
+    public MemfdRegion(string name, ulong size)
+    {
+        if (size == 0 || size % 4096 != 0) throw new ArgumentException($"region size 0x{size:X} is not a positive multiple of 4 KiB");
+        Name = name;
+        Size = size;
+        _fd = Native.MemfdCreate("actorvmm-" + name, Native.MFD_CLOEXEC);
+        if (_fd < 0) throw KvmException.Last($"memfd_create({name})");
+        try
+        {
+            if (Native.Ftruncate(_fd, (long)size) != 0) throw KvmException.Last($"ftruncate({name}, 0x{size:X})");
+            GuestView = Map();
+            HostView = Map();
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    private nint Map()
+    {
+        var p = Native.Mmap(0, (nuint)Size, Native.PROT_READ | Native.PROT_WRITE,
+            Native.MAP_SHARED | Native.MAP_NORESERVE, _fd, 0);
+        if (p == Native.MAP_FAILED) throw KvmException.Last($"mmap({Name}, 0x{Size:X})");
+        return p;
+    }
+
+    /// <summary>The host view as a span (for bulk copies by loaders and devices).</summary>
+    public Span<byte> HostSpan(ulong offset, int length)
+    {
+        if (offset + (ulong)length > Size) throw new ArgumentOutOfRangeException(nameof(offset));
+        // SAFETY: bounds checked above against the mapping's size; the mapping lives until Dispose.
+        return new Span<byte>((byte*)HostView + offset, length);
+    }
+
+    public void Dispose()
+    {
+        if (GuestView != 0) Native.Munmap(GuestView, (nuint)Size);
+        if (HostView != 0) Native.Munmap(HostView, (nuint)Size);
+        GuestView = HostView = 0;
+        if (_fd > 0) Native.Close(_fd);
+        _fd = -1;
+    }
+}
+
+/// <summary>One range of guest-physical space backed by (part of) a <see cref="MemfdRegion"/>.</summary>
+public sealed record GuestSegment(string Name, GuestPhysAddr Base, ulong Size, MemfdRegion Backing, ulong BackingOffset, bool ReadOnly)
+{
+    public GuestPhysAddr End => Base + Size;
+    public bool Contains(GuestPhysAddr a) => a.Value >= Base.Value && a.Value - Base.Value < Size;
+}
+
+/// <summary>
+/// The guest-physical memory map: non-overlapping segments (RAM, firmware, aliases), each a KVM
+/// memslot. Reads and writes go through the host view and are bounds checked.
+/// </summary>
+public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
+{
+    private readonly List<GuestSegment> _segments = [];
+    private readonly List<MemfdRegion> _owned = [];
+
+    public IReadOnlyList<GuestSegment> Segments => _segments;
+
+    /// <summary>Adds a segment; the map disposes <paramref name="backing"/> if <paramref name="owns"/>.</summary>
+    public GuestSegment Add(string name, GuestPhysAddr @base, ulong size, MemfdRegion backing, ulong backingOffset = 0,
+        bool readOnly = false, bool owns = true)
+    {
+        if (size == 0 || size % 4096 != 0 || @base.Value % 4096 != 0)
+            throw new GuestMemoryException($"segment {name} at {@base} size 0x{size:X} is not 4 KiB aligned");
+        if (backingOffset + size > backing.Size)
+            throw new GuestMemoryException($"segment {name} exceeds its backing {backing.Name}");
+        if (@base.Value + size < @base.Value)
+            throw new GuestMemoryException($"segment {name} at {@base} size 0x{size:X} wraps");
+        foreach (var s in _segments)
+            if (@base.Value < s.End.Value && s.Base.Value < @base.Value + size)
+                throw new GuestMemoryException($"segment {name} at {@base} overlaps {s.Name} at {s.Base}");
+        var segment = new GuestSegment(name, @base, size, backing, backingOffset, readOnly);
+        _segments.Add(segment);
+        _segments.Sort((a, b) => a.Base.CompareTo(b.Base));
+        if (owns && !_owned.Contains(backing)) _owned.Add(backing);
+        return segment;
+    }
+
+    public GuestSegment? Find(GuestPhysAddr address)
+    {
+        foreach (var s in _segments)
+            if (s.Contains(address)) return s;
+        return null;
+    }
+
+    public bool IsMapped(GuestPhysAddr address, ulong length)
+    {
+        var a = address.Value;
+        var end = a + length;
+        if (end < a) return false;
+        while (a < end)
+        {
+            var s = Find(new GuestPhysAddr(a));
+            if (s is null) return false;
+            a = s.End.Value;
+        }
+        return true;
+    }
+
+    public bool TryRead(GuestPhysAddr address, Span<byte> destination)
+    {
+        if (!IsMapped(address, (ulong)destination.Length)) return false;
+        var a = address.Value;
+        var done = 0;
+        while (done < destination.Length)
+        {
+            var s = Find(new GuestPhysAddr(a))!;
+            var offset = a - s.Base.Value;
+            var n = (int)Math.Min((ulong)(destination.Length - done), s.Size - offset);
+            s.Backing.HostSpan(s.BackingOffset + offset, n).CopyTo(destination.Slice(done, n));
+            done += n;
+            a += (ulong)n;
+        }
+        return true;
+    }
+
+    public bool TryWrite(GuestPhysAddr address, ReadOnlySpan<byte> source)
+    {
+        if (!IsMapped(address, (ulong)source.Length)) return false;
+        var a = address.Value;
+        var done = 0;
+        while (done < source.Length)
+        {
+            var s = Find(new GuestPhysAddr(a))!;
+            var offset = a - s.Base.Value;
+            var n = (int)Math.Min((ulong)(source.Length - done), s.Size - offset);
+            source.Slice(done, n).CopyTo(s.Backing.HostSpan(s.BackingOffset + offset, n));
+            done += n;
+            a += (ulong)n;
+        }
+        return true;
+    }
+
+    /// <summary>Registers every segment with KVM as a memslot (slot numbers in map order).</summary>
+    public void RegisterWith(VmHandle vm)
+    {
+        for (var i = 0; i < _segments.Count; i++)
+        {
+            var s = _segments[i];
+            vm.SetUserMemoryRegion((uint)i, s.Base, s.Size, s.Backing.GuestView + (nint)s.BackingOffset, s.ReadOnly);
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (var r in _owned) r.Dispose();
+        _owned.Clear();
+        _segments.Clear();
+    }
+}

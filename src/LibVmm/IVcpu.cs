@@ -1,0 +1,53 @@
+namespace ActorVmm.LibVmm;
+
+/// <summary>
+/// One virtual CPU as the vcpu actor sees it. <see cref="VcpuHandle"/> is the KVM implementation;
+/// a unit test of the actor may script exits with its own. All members except <see cref="Kick"/>
+/// are called on the vcpu's own thread.
+/// </summary>
+public interface IVcpu : IDisposable
+{
+    int Id { get; }
+
+    /// <summary>Enters the guest until the next exit (KVM_RUN) and decodes it.</summary>
+    VmExit Run();
+
+    /// <summary>Supplies element <paramref name="index"/> of a pending IN exit.</summary>
+    void CompleteIoIn(int index, ulong value);
+
+    /// <summary>Supplies the value of a pending MMIO read.</summary>
+    void CompleteMmioRead(ulong value);
+
+    /// <summary>Answers a pending RDMSR exit; <paramref name="fault"/> makes the guest take #GP.</summary>
+    void CompleteMsrRead(ulong value, bool fault);
+
+    /// <summary>Answers a pending WRMSR exit; <paramref name="fault"/> makes the guest take #GP.</summary>
+    void CompleteMsrWrite(bool fault);
+
+    KvmRegs GetRegisters();
+    void SetRegisters(in KvmRegs regs);
+    KvmSregs GetSpecialRegisters();
+    void SetSpecialRegisters(in KvmSregs sregs);
+
+    /// <summary>RFLAGS.IF as of the last exit.</summary>
+    bool InterruptsEnabled { get; }
+
+    /// <summary>Whether KVM_INTERRUPT would be accepted now (as of the last exit).</summary>
+    bool ReadyForInterruptInjection { get; }
+
+    /// <summary>Asks KVM to exit as soon as the guest can take an interrupt.</summary>
+    bool RequestInterruptWindow { set; }
+
+    /// <summary>Queues an external interrupt (KVM_INTERRUPT).</summary>
+    void InjectInterrupt(byte vector);
+
+    /// <summary>Translates a linear address through the vcpu's current paging mode
+    /// (KVM_TRANSLATE). False when the address is not mapped.</summary>
+    bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical);
+
+    /// <summary>Records the calling thread as this vcpu's thread (the kick target).</summary>
+    void BindToCurrentThread();
+
+    /// <summary>Makes the vcpu leave (or not enter) the guest soon. Any thread; never blocks.</summary>
+    void Kick();
+}

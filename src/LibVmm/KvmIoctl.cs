@@ -1,0 +1,87 @@
+namespace ActorVmm.LibVmm;
+
+/// <summary>ioctl request numbers of linux/kvm.h, built the way the kernel's _IO/_IOR/_IOW/_IOWR do.</summary>
+internal static class KvmIoctl
+{
+    private const uint KVMIO = 0xAE;
+    private const uint None = 0, Write = 1, Read = 2;
+
+    private static nuint Ioc(uint dir, uint nr, uint size) => (nuint)((dir << 30) | (size << 16) | (KVMIO << 8) | nr);
+    private static nuint Io(uint nr) => Ioc(None, nr, 0);
+    private static nuint Ior(uint nr, uint size) => Ioc(Read, nr, size);
+    private static nuint Iow(uint nr, uint size) => Ioc(Write, nr, size);
+    private static nuint Iowr(uint nr, uint size) => Ioc(Read | Write, nr, size);
+
+    // System ioctls.
+    public static readonly nuint GetApiVersion = Io(0x00);
+    public static readonly nuint CreateVm = Io(0x01);
+    public static readonly nuint GetMsrIndexList = Iowr(0x02, 4);
+    public static readonly nuint CheckExtension = Io(0x03);
+    public static readonly nuint GetVcpuMmapSize = Io(0x04);
+    public static readonly nuint GetSupportedCpuid = Iowr(0x05, 8);
+
+    // VM ioctls.
+    public static readonly nuint CreateVcpu = Io(0x41);
+    public static readonly nuint SetUserMemoryRegion = Iow(0x46, 32);
+    public static readonly nuint SetTssAddr = Io(0x47);
+    public static readonly nuint SetIdentityMapAddr = Iow(0x48, 8);
+    public static readonly nuint EnableCap = Iow(0xA3, 104);
+    public static readonly nuint X86SetMsrFilter = Iow(0xC6, 392);
+
+    // Vcpu ioctls.
+    public static readonly nuint Run = Io(0x80);
+    public static readonly nuint GetRegs = Ior(0x81, 144);
+    public static readonly nuint SetRegs = Iow(0x82, 144);
+    public static readonly nuint GetSregs = Ior(0x83, 312);
+    public static readonly nuint SetSregs = Iow(0x84, 312);
+    public static readonly nuint Translate = Iowr(0x85, 24);
+    public static readonly nuint Interrupt = Iow(0x86, 4);
+    public static readonly nuint GetMsrs = Iowr(0x88, 8);
+    public static readonly nuint SetMsrs = Iow(0x89, 8);
+    public static readonly nuint SetCpuid2 = Iow(0x90, 8);
+    public static readonly nuint GetFpu = Ior(0x8C, 416);
+    public static readonly nuint SetFpu = Iow(0x8D, 416);
+}
+
+/// <summary>KVM_CAP_* numbers this project asks about.</summary>
+public enum KvmCap : uint
+{
+    Irqchip = 0,
+    Hlt = 1,
+    UserMemory = 3,
+    SetTssAddr = 4,
+    ExtCpuid = 7,
+    NrVcpus = 9,
+    NrMemslots = 10,
+    SetIdentityMapAddr = 37,
+    ImmediateExit = 136,
+    X86UserSpaceMsr = 188,
+    X86MsrFilter = 189,
+    MaxVcpus = 66,
+    ReadonlyMem = 81,
+    SplitIrqchip = 121,
+}
+
+/// <summary>KVM_EXIT_* reasons.</summary>
+public enum KvmExitReason : uint
+{
+    Unknown = 0,
+    Exception = 1,
+    Io = 2,
+    Hypercall = 3,
+    Debug = 4,
+    Hlt = 5,
+    Mmio = 6,
+    IrqWindowOpen = 7,
+    Shutdown = 8,
+    FailEntry = 9,
+    Intr = 10,
+    SetTpr = 11,
+    TprAccess = 12,
+    Nmi = 16,
+    InternalError = 17,
+    SystemEvent = 24,
+    IoapicEoi = 26,
+    X86Rdmsr = 29,
+    X86Wrmsr = 30,
+}

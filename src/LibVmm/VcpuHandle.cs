@@ -1,0 +1,235 @@
+using System.Runtime.InteropServices;
+
+namespace ActorVmm.LibVmm;
+
+/// <summary>One KVM vcpu: its fd, its kvm_run page, register access and the run/kick pair.</summary>
+public sealed unsafe class VcpuHandle : IVcpu
+{
+    private int _fd;
+    private readonly nint _run;
+    private readonly int _runSize;
+    private volatile int _tid;
+
+    public int Id { get; }
+    public int Fd => _fd;
+    public KvmRunView RunPage => new((byte*)_run);
+
+    internal VcpuHandle(int id, int fd, int runSize)
+    {
+        Id = id;
+        _fd = fd;
+        _runSize = runSize;
+        _run = Native.Mmap(0, (nuint)runSize, Native.PROT_READ | Native.PROT_WRITE, Native.MAP_SHARED, fd, 0);
+        if (_run == Native.MAP_FAILED)
+        {
+            var e = KvmException.Last($"mmap(kvm_run of vcpu {id})");
+            Native.Close(fd);
+            _fd = -1;
+            throw e;
+        }
+        KickSignal.EnsureInstalled();
+    }
+
+    /// <summary>KVM_RUN then decode. EINTR (a kick) becomes <see cref="VmExit.Intr"/> and clears
+    /// immediate_exit, so the next call enters the guest.</summary>
+    public VmExit Run()
+    {
+        if (Native.Ioctl(_fd, KvmIoctl.Run, 0) == 0) return VmExit.Decode(RunPage);
+        var errno = Marshal.GetLastPInvokeError();
+        if (errno is Native.EINTR or Native.EAGAIN)
+        {
+            var page = RunPage;
+            page.ImmediateExit = false;
+            return VmExit.Intr.Instance;
+        }
+        throw new KvmException($"KVM_RUN(vcpu {Id})", errno);
+    }
+
+    /// <summary>The raw KVM_RUN without decoding: returns the exit reason (for the raw benchmark loop).</summary>
+    public KvmExitReason RunRaw()
+    {
+        if (Native.Ioctl(_fd, KvmIoctl.Run, 0) == 0) return RunPage.ExitReason;
+        var errno = Marshal.GetLastPInvokeError();
+        if (errno is Native.EINTR or Native.EAGAIN)
+        {
+            var page = RunPage;
+            page.ImmediateExit = false;
+            return KvmExitReason.Intr;
+        }
+        throw new KvmException($"KVM_RUN(vcpu {Id})", errno);
+    }
+
+    public void CompleteIoIn(int index, ulong value)
+    {
+        var run = RunPage;
+        var size = run.IoSize;
+        var data = run.IoData;
+        var at = index * size;
+        if (at < 0 || at + size > data.Length) return;
+        for (var i = 0; i < size; i++) data[at + i] = (byte)(value >> (8 * i));
+    }
+
+    public void CompleteMmioRead(ulong value)
+    {
+        var run = RunPage;
+        var data = run.MmioData;
+        var len = (int)Math.Min(run.MmioLen, 8u);
+        for (var i = 0; i < len; i++) data[i] = (byte)(value >> (8 * i));
+    }
+
+    public void CompleteMsrRead(ulong value, bool fault)
+    {
+        var run = RunPage;
+        run.MsrData = value;
+        run.MsrError = fault ? (byte)1 : (byte)0;
+    }
+
+    public void CompleteMsrWrite(bool fault)
+    {
+        var run = RunPage;
+        run.MsrError = fault ? (byte)1 : (byte)0;
+    }
+
+    public KvmRegs GetRegisters()
+    {
+        KvmRegs regs;
+        if (Native.Ioctl(_fd, KvmIoctl.GetRegs, &regs) < 0) throw KvmException.Last($"KVM_GET_REGS(vcpu {Id})");
+        return regs;
+    }
+
+    public void SetRegisters(in KvmRegs regs)
+    {
+        fixed (KvmRegs* p = &regs)
+            if (Native.Ioctl(_fd, KvmIoctl.SetRegs, p) < 0) throw KvmException.Last($"KVM_SET_REGS(vcpu {Id})");
+    }
+
+    public KvmSregs GetSpecialRegisters()
+    {
+        KvmSregs sregs;
+        if (Native.Ioctl(_fd, KvmIoctl.GetSregs, &sregs) < 0) throw KvmException.Last($"KVM_GET_SREGS(vcpu {Id})");
+        return sregs;
+    }
+
+    public void SetSpecialRegisters(in KvmSregs sregs)
+    {
+        fixed (KvmSregs* p = &sregs)
+            if (Native.Ioctl(_fd, KvmIoctl.SetSregs, p) < 0) throw KvmException.Last($"KVM_SET_SREGS(vcpu {Id})");
+    }
+
+    public KvmFpu GetFpu()
+    {
+        KvmFpu fpu;
+        if (Native.Ioctl(_fd, KvmIoctl.GetFpu, &fpu) < 0) throw KvmException.Last($"KVM_GET_FPU(vcpu {Id})");
+        return fpu;
+    }
+
+    public void SetFpu(in KvmFpu fpu)
+    {
+        fixed (KvmFpu* p = &fpu)
+            if (Native.Ioctl(_fd, KvmIoctl.SetFpu, p) < 0) throw KvmException.Last($"KVM_SET_FPU(vcpu {Id})");
+    }
+
+    /// <summary>KVM_GET_MSRS for the given indices; returns (index, value) for those KVM knows.</summary>
+    public KvmMsrEntry[] GetMsrs(params uint[] indices)
+    {
+        var buffer = new byte[8 + 16 * indices.Length];
+        fixed (byte* p = buffer)
+        {
+            *(uint*)p = (uint)indices.Length;
+            var entries = (KvmMsrEntry*)(p + 8);
+            for (var i = 0; i < indices.Length; i++) entries[i].Index = indices[i];
+            var n = Native.Ioctl(_fd, KvmIoctl.GetMsrs, p);
+            if (n < 0) throw KvmException.Last($"KVM_GET_MSRS(vcpu {Id})");
+            var result = new KvmMsrEntry[n];
+            for (var i = 0; i < n; i++) result[i] = entries[i];
+            return result;
+        }
+    }
+
+    /// <summary>KVM_SET_MSRS; throws if KVM did not take every entry.</summary>
+    public void SetMsrs(params KvmMsrEntry[] msrs)
+    {
+        var buffer = new byte[8 + 16 * msrs.Length];
+        fixed (byte* p = buffer)
+        {
+            *(uint*)p = (uint)msrs.Length;
+            var entries = (KvmMsrEntry*)(p + 8);
+            for (var i = 0; i < msrs.Length; i++) entries[i] = msrs[i];
+            var n = Native.Ioctl(_fd, KvmIoctl.SetMsrs, p);
+            if (n < 0) throw KvmException.Last($"KVM_SET_MSRS(vcpu {Id})");
+            if (n != msrs.Length)
+                throw new KvmException($"KVM_SET_MSRS(vcpu {Id}): MSR 0x{msrs[n].Index:X} refused");
+        }
+    }
+
+    public void SetCpuid(KvmCpuidEntry2[] entries)
+    {
+        var buffer = new byte[8 + sizeof(KvmCpuidEntry2) * entries.Length];
+        fixed (byte* p = buffer)
+        {
+            *(uint*)p = (uint)entries.Length;
+            var dst = (KvmCpuidEntry2*)(p + 8);
+            for (var i = 0; i < entries.Length; i++) dst[i] = entries[i];
+            if (Native.Ioctl(_fd, KvmIoctl.SetCpuid2, p) < 0) throw KvmException.Last($"KVM_SET_CPUID2(vcpu {Id})");
+        }
+    }
+
+    public bool InterruptsEnabled => RunPage.IfFlag;
+    public bool ReadyForInterruptInjection => RunPage.ReadyForInterruptInjection;
+
+    public bool RequestInterruptWindow
+    {
+        set
+        {
+            var run = RunPage;
+            run.RequestInterruptWindow = value;
+        }
+    }
+
+    public void InjectInterrupt(byte vector)
+    {
+        uint irq = vector;
+        if (Native.Ioctl(_fd, KvmIoctl.Interrupt, &irq) < 0) throw KvmException.Last($"KVM_INTERRUPT(vcpu {Id}, vector {vector})");
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct KvmTranslation
+    {
+        public ulong LinearAddress, PhysicalAddress;
+        public byte Valid, Writeable, Usermode;
+        public byte Pad0, Pad1, Pad2, Pad3, Pad4;
+    }
+
+    public bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical)
+    {
+        var t = new KvmTranslation { LinearAddress = linearAddress };
+        if (Native.Ioctl(_fd, KvmIoctl.Translate, &t) < 0 || t.Valid == 0)
+        {
+            physical = default;
+            return false;
+        }
+        physical = new GuestPhysAddr(t.PhysicalAddress);
+        return true;
+    }
+
+    public void BindToCurrentThread() => _tid = KickSignal.CurrentThreadId();
+
+    /// <summary>Sets immediate_exit, then signals the vcpu thread (if bound). Safe from any thread;
+    /// a message told before the kick is seen by the vcpu before it next enters the guest.</summary>
+    public void Kick()
+    {
+        if (_fd < 0) return;
+        var run = RunPage;
+        run.ImmediateExit = true;
+        var tid = _tid;
+        if (tid != 0) KickSignal.SendTo(tid);
+    }
+
+    public void Dispose()
+    {
+        if (_fd < 0) return;
+        Native.Munmap(_run, (nuint)_runSize);
+        Native.Close(_fd);
+        _fd = -1;
+    }
+}

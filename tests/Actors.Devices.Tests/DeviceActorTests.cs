@@ -1,0 +1,169 @@
+using Akka.Actor;
+using Akka.TestKit.Xunit2;
+using static ActorVmm.Devices.DeviceProtocol;
+
+namespace ActorVmm.Devices.Tests;
+
+public sealed class DeviceActorTests : TestKit
+{
+    private static readonly TimeSpan Quiet = TimeSpan.FromMilliseconds(200);
+
+    /// <summary>Returns a fixed wide value and counts accesses, to see what the actor passes through.</summary>
+    private sealed class WideDevice : IBusDevice
+    {
+        public const ulong Value = 0x1122_3344_5566_7788;
+        public int Reads;
+        public int Writes;
+
+        public ulong Read(ulong offset, int size)
+        {
+            Reads++;
+            return Value;
+        }
+
+        public void Write(ulong offset, int size, ulong value) => Writes++;
+    }
+
+    private IActorRef Uart(out Uart16550 model, IActorRef? events = null)
+    {
+        Uart16550? created = null;
+        var actor = Sys.ActorOf(Props("uart0", _ => created = new Uart16550(NullInterruptLine.Instance, _ => { }), events ?? ActorRefs.Nobody));
+        // Props are built lazily; a round trip guarantees the factory has run.
+        actor.Tell(new Read(0, 7, 1), TestActor);
+        ExpectMsg<ReadResult>();
+        model = created!;
+        return actor;
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_reads_with_the_correlation_id()
+    {
+        var actor = Uart(out _);
+
+        actor.Tell(new Write(7, 1, 0xA5), TestActor); // SCR
+        actor.Tell(new Read(42, 7, 1), TestActor);
+        actor.Tell(new Read(43, 5, 1), TestActor); // LSR
+
+        Assert.Equal(new ReadResult(42, 0xA5), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(new ReadResult(43, 0x60), await ExpectMsgAsync<ReadResult>());
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_credit_posted_writes_in_batches_of_64()
+    {
+        var actor = Uart(out _);
+
+        for (var i = 0; i < CreditBatch - 1; i++) actor.Tell(new Write(7, 1, (ulong)i), TestActor);
+        await ExpectNoMsgAsync(Quiet);
+
+        actor.Tell(new Write(7, 1, 0), TestActor);
+        Assert.Equal(new WriteCredit(CreditBatch), await ExpectMsgAsync<WriteCredit>());
+        await ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_keep_credits_per_sender()
+    {
+        var actor = Uart(out _);
+        var other = CreateTestProbe();
+
+        for (var i = 0; i < CreditBatch - 1; i++) actor.Tell(new Write(7, 1, 0), TestActor);
+        actor.Tell(new Write(7, 1, 0), other.Ref);
+
+        await ExpectNoMsgAsync(Quiet);
+        await other.ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_mask_read_values_to_the_access_size()
+    {
+        var device = new WideDevice();
+        var actor = Sys.ActorOf(Props("wide", _ => device, ActorRefs.Nobody));
+
+        actor.Tell(new Read(1, 0, 1), TestActor);
+        actor.Tell(new Read(2, 0, 2), TestActor);
+        actor.Tell(new Read(4, 0, 4), TestActor);
+        actor.Tell(new Read(8, 0, 8), TestActor);
+
+        Assert.Equal(new ReadResult(1, 0x88), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(new ReadResult(2, 0x7788), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(new ReadResult(4, 0x5566_7788), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(new ReadResult(8, WideDevice.Value), await ExpectMsgAsync<ReadResult>());
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_an_invalid_size_with_all_ones_without_touching_the_model()
+    {
+        var device = new WideDevice();
+        var actor = Sys.ActorOf(Props("wide", _ => device, ActorRefs.Nobody));
+
+        actor.Tell(new Read(3, 0, 3), TestActor);
+        Assert.Equal(new ReadResult(3, 0xFF_FFFF), await ExpectMsgAsync<ReadResult>());
+
+        actor.Tell(new Write(0, 3, 0), TestActor);
+        actor.Tell(new Read(4, 0, 1), TestActor); // still alive, same incarnation
+        Assert.Equal(new ReadResult(4, 0x88), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(1, device.Reads);
+        Assert.Equal(0, device.Writes);
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_report_debug_exit_to_the_events_target()
+    {
+        var events = CreateTestProbe();
+        var actor = Sys.ActorOf(Props("debug-exit", e => new DebugExit(e), events.Ref));
+
+        actor.Tell(new Write(0, 1, 3), TestActor);
+
+        Assert.Equal(new GuestExitRequested("debug-exit", 7, "debug-exit"), await events.ExpectMsgAsync<GuestExitRequested>());
+        await ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_report_i8042_reset_to_the_events_target()
+    {
+        var events = CreateTestProbe();
+        var actor = Sys.ActorOf(Props("i8042", e => new I8042(e), events.Ref));
+
+        actor.Tell(new Write(4, 1, 0xFE), TestActor);
+
+        Assert.Equal(new GuestResetRequested("i8042", "i8042 reset"), await events.ExpectMsgAsync<GuestResetRequested>());
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_hold_host_input_until_the_uart_has_room()
+    {
+        var actor = Uart(out var model);
+        actor.Tell(new Write(2, 1, 0x01), TestActor); // FCR: FIFOs on, 16 bytes
+        var input = Enumerable.Range(0, 20).Select(i => (byte)('a' + i)).ToArray();
+
+        actor.Tell(new HostInput(input), TestActor);
+        actor.Tell(new Read(100, 5, 1), TestActor); // LSR: a round trip, and DR must be set
+        Assert.Equal(0x61UL, (await ExpectMsgAsync<ReadResult>()).Value);
+        Assert.Equal(input[..16], model.State().RxFifo.ToArray()); // the other 4 wait in the actor
+
+        var received = new List<byte>();
+        for (var i = 0; i < 20; i++)
+        {
+            actor.Tell(new Read(i, 0, 1), TestActor);
+            var result = await ExpectMsgAsync<ReadResult>();
+            Assert.Equal(i, result.Id);
+            received.Add((byte)result.Value);
+        }
+
+        Assert.Equal(input, received);
+        actor.Tell(new Read(200, 5, 1), TestActor);
+        Assert.Equal(0x60UL, (await ExpectMsgAsync<ReadResult>()).Value); // nothing left
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_count_accesses()
+    {
+        var actor = Uart(out _); // one read already
+
+        actor.Tell(new Write(7, 1, 1), TestActor);
+        actor.Tell(GetStats.Instance, TestActor);
+
+        Assert.Equal(new Stats("uart0", 1, 1), await ExpectMsgAsync<Stats>());
+    }
+}
