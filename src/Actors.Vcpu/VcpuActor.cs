@@ -1,5 +1,6 @@
 using Akka.Actor;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
 using ActorVmm.LibVmm;
 using static ActorVmm.Vcpu.VcpuProtocol;
 
@@ -19,7 +20,7 @@ namespace ActorVmm.Vcpu;
 /// </summary>
 internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 {
-    private sealed class Run
+    private sealed class Run : INotTraced
     {
         public static readonly Run Instance = new();
     }

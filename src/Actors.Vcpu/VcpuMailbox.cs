@@ -3,6 +3,7 @@ using Akka.Actor;
 using Akka.Configuration;
 using Akka.Dispatch;
 using Akka.Dispatch.MessageQueues;
+using ActorVmm.Devices.Tracing;
 using ActorVmm.LibVmm;
 
 namespace ActorVmm.Vcpu;
@@ -17,10 +18,11 @@ namespace ActorVmm.Vcpu;
 public sealed class VcpuMailboxType(Settings settings, Config config)
     : MailboxType(settings, config), IProducesMessageQueue<VcpuMessageQueue>
 {
-    public override IMessageQueue Create(IActorRef owner, ActorSystem system) => new VcpuMessageQueue(owner);
+    public override IMessageQueue Create(IActorRef owner, ActorSystem system) =>
+        new VcpuMessageQueue(owner, MessageTraceRegistry.SinkFor(owner));
 }
 
-public sealed class VcpuMessageQueue(IActorRef owner) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
+public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
     private readonly UnboundedDequeMessageQueue _queue = new();
     private IVcpu? _vcpu;
@@ -30,6 +32,7 @@ public sealed class VcpuMessageQueue(IActorRef owner) : IMessageQueue, IUnbounde
 
     public void Enqueue(IActorRef receiver, Envelope envelope)
     {
+        if (trace is not null && envelope.Message is not INotTraced) trace.Record(envelope.Sender, owner, envelope.Message);
         _queue.Enqueue(receiver, envelope);
         if (envelope.Message is VcpuProtocol.IKicking)
         {

@@ -88,6 +88,17 @@ public sealed unsafe class MemfdRegion : IDisposable
         return p;
     }
 
+    /// <summary>Bytes the host has allocated for this memfd (st_blocks × 512): touched pages only.</summary>
+    public ulong AllocatedBytes
+    {
+        get
+        {
+            var stat = stackalloc byte[Native.StatSize];
+            if (_fd < 0 || Native.Fstat(_fd, stat) != 0) return 0;
+            return *(ulong*)(stat + Native.StatBlocksOffset) * 512;
+        }
+    }
+
     /// <summary>The host view as a span (for bulk copies by loaders and devices).</summary>
     public Span<byte> HostSpan(ulong offset, int length)
     {

@@ -61,6 +61,13 @@ internal static unsafe partial class Native
     [LibraryImport(Libc, EntryPoint = "ftruncate", SetLastError = true)]
     public static partial int Ftruncate(int fd, long length);
 
+    [LibraryImport(Libc, EntryPoint = "fstat", SetLastError = true)]
+    public static partial int Fstat(int fd, byte* statBuffer);
+
+    /// <summary>x86-64 <c>struct stat</c>: 144 bytes, st_blocks (512-byte units) at 64.</summary>
+    public const int StatSize = 144;
+    public const int StatBlocksOffset = 64;
+
     [LibraryImport(Libc, EntryPoint = "gettid")]
     public static partial int GetTid();
 

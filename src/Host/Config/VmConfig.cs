@@ -1,0 +1,102 @@
+using System.Globalization;
+using System.Reflection;
+using Akka.Configuration;
+
+namespace ActorVmm.Host.Config;
+
+/// <summary>A configuration problem, stated so the user can fix it.</summary>
+public sealed class ConfigException(string message) : Exception(message);
+
+/// <summary>The settings of one VM, read from HOCON (defaults, then a VM file, then the command line).</summary>
+public sealed record VmConfig(
+    string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
+    double TimeoutSeconds)
+{
+    /// <summary>hocon/default.conf, embedded in the executable.</summary>
+    public static string DefaultHocon()
+    {
+        using var s = Assembly.GetExecutingAssembly().GetManifestResourceStream("default.conf")
+                      ?? throw new InvalidOperationException("default.conf is not embedded");
+        using var r = new StreamReader(s);
+        return r.ReadToEnd();
+    }
+
+    /// <summary>The defaults with <paramref name="vmFile"/> (if any) on top. Throws <see cref="ConfigException"/>.</summary>
+    public static Akka.Configuration.Config Load(string? vmFile)
+    {
+        var defaults = ConfigurationFactory.ParseString(DefaultHocon());
+        if (vmFile is null) return defaults;
+        if (!File.Exists(vmFile)) throw new ConfigException($"config file {vmFile} does not exist");
+        string text;
+        try { text = File.ReadAllText(vmFile); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ConfigException($"config file {vmFile} cannot be read: {e.Message}");
+        }
+        try
+        {
+            return ConfigurationFactory.ParseString(text).WithFallback(defaults);
+        }
+        catch (Exception e)
+        {
+            throw new ConfigException($"config file {vmFile} is not valid HOCON: {FirstLine(e.Message)}");
+        }
+    }
+
+    /// <summary>Reads actorvmm.vm from a loaded configuration, validating every value.</summary>
+    public static VmConfig From(Akka.Configuration.Config config)
+    {
+        try
+        {
+            var vm = config.GetConfig("actorvmm.vm") ?? throw new ConfigException("the configuration has no actorvmm.vm section");
+            var name = vm.GetString("name", "vm0");
+            if (string.IsNullOrWhiteSpace(name)) throw new ConfigException("actorvmm.vm.name is empty");
+            var memory = ParseSize(vm.GetString("memory", "64M"), "actorvmm.vm.memory");
+            var cpusText = vm.GetString("cpus", "1");
+            if (!int.TryParse(cpusText, NumberStyles.None, CultureInfo.InvariantCulture, out var cpus) || cpus is < 1 or > 16)
+                throw new ConfigException($"actorvmm.vm.cpus must be a number from 1 to 16, not \"{cpusText}\"");
+            var output = vm.GetString("serial.output", "stdout");
+            var input = vm.GetString("serial.input", "stdin");
+            if (input is not ("stdin" or "none")) throw new ConfigException($"actorvmm.vm.serial.input must be stdin or none, not \"{input}\"");
+            var trace = vm.GetString("trace", "");
+            var timeoutText = vm.GetString("timeout", "0");
+            if (!double.TryParse(timeoutText, NumberStyles.Float, CultureInfo.InvariantCulture, out var timeout) || timeout < 0)
+                throw new ConfigException($"actorvmm.vm.timeout must be a number of seconds >= 0, not \"{timeoutText}\"");
+            return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout);
+        }
+        catch (ConfigException) { throw; }
+        catch (Exception e)
+        {
+            throw new ConfigException($"bad configuration: {FirstLine(e.Message)}");
+        }
+    }
+
+    /// <summary>Parses "64M", "1G", "512K", "1048576", "2MiB". Throws <see cref="ConfigException"/>.</summary>
+    public static ulong ParseSize(string text, string what)
+    {
+        var t = text.Trim();
+        ulong multiplier = 1;
+        var units = new (string Suffix, ulong Factor)[]
+        {
+            ("KiB", 1UL << 10), ("MiB", 1UL << 20), ("GiB", 1UL << 30), ("K", 1UL << 10), ("M", 1UL << 20), ("G", 1UL << 30),
+            ("k", 1UL << 10), ("m", 1UL << 20), ("g", 1UL << 30),
+        };
+        foreach (var (suffix, factor) in units)
+        {
+            if (!t.EndsWith(suffix, StringComparison.Ordinal)) continue;
+            multiplier = factor;
+            t = t[..^suffix.Length];
+            break;
+        }
+        if (!ulong.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out var n) || n == 0)
+            throw new ConfigException($"{what}: \"{text}\" is not a size (examples: 64M, 1G, 512K)");
+        var bytes = n * multiplier;
+        if (bytes / multiplier != n) throw new ConfigException($"{what}: \"{text}\" is too large");
+        if (bytes % 4096 != 0) throw new ConfigException($"{what}: \"{text}\" is not a multiple of 4 KiB");
+        if (bytes < (1UL << 20)) throw new ConfigException($"{what}: \"{text}\" is below the minimum of 1M");
+        if (bytes > (1UL << 40)) throw new ConfigException($"{what}: \"{text}\" is above the maximum of 1T");
+        return bytes;
+    }
+
+    private static string FirstLine(string s) => s.Split('\n')[0].Trim();
+}

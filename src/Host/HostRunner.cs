@@ -1,0 +1,126 @@
+using System.Runtime.InteropServices;
+using Akka.Actor;
+using Akka.Configuration;
+using ActorVmm.Devices.Tracing;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Tracing;
+using ActorVmm.Host.Vm;
+using ActorVmm.Vcpu;
+using Serilog;
+using Serilog.Events;
+
+namespace ActorVmm.Host;
+
+/// <summary>Runs one VM in this process: the actor system, the VM, Ctrl-C, the outcome.</summary>
+public static class HostRunner
+{
+    /// <summary>Options that come from the command line only.</summary>
+    public sealed record RunOptions(bool PrintTrace = false, bool TraceToStdout = false);
+
+    public static void ConfigureLogging(LogEventLevel level = LogEventLevel.Warning)
+    {
+        // Logs go to stderr: stdout is the guest's console.
+        Log.Logger = new LoggerConfiguration()
+            .MinimumLevel.Is(level)
+            .WriteTo.Console(standardErrorFromLevel: LogEventLevel.Verbose,
+                outputTemplate: "[{Timestamp:HH:mm:ss.fff} {Level:u3}] {Message:lj}{NewLine}{Exception}")
+            .CreateLogger();
+    }
+
+    /// <summary>The actor system for VMs: the given configuration over the built-in defaults.</summary>
+    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm") =>
+        ActorSystem.Create(name, config
+            .WithFallback(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig))
+            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)));
+
+    public static async Task<int> RunAsync(Akka.Configuration.Config config, VmConfig vm, BootImage boot, RunOptions options,
+        TextWriter stderr)
+    {
+        SerialConsole console;
+        try
+        {
+            console = vm.SerialOutput == "stdout" ? SerialConsole.ToStdout() : SerialConsole.ToFile(vm.SerialOutput);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            await stderr.WriteLineAsync($"actorvmm: error: cannot open serial output {vm.SerialOutput}: {e.Message}");
+            return VmProtocol.Outcome.HostErrorCode;
+        }
+
+        TraceRecorder? trace = null;
+        var system = CreateSystem(config);
+        try
+        {
+            if (vm.TracePath is not null || options.PrintTrace)
+            {
+                try { trace = new TraceRecorder(vm.TracePath); }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    await stderr.WriteLineAsync($"actorvmm: error: cannot open trace file {vm.TracePath}: {e.Message}");
+                    return VmProtocol.Outcome.HostErrorCode;
+                }
+            }
+            var builder = new VmBuilder(system, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot)).WithStandardDevices(console);
+            if (trace is not null) builder.WithTrace(trace);
+
+            RunningVm running;
+            try { running = builder.Start(); }
+            catch (VmBuildException e)
+            {
+                await stderr.WriteLineAsync($"actorvmm: error: {e.Message}");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
+
+            await using (running)
+            {
+                if (vm.SerialInput == "stdin") console.StartInputFromStdin(system, running.Actor.Path / "uart0");
+                using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => Interrupt(c, running));
+                using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => Interrupt(c, running));
+
+                var outcome = vm.TimeoutSeconds > 0
+                    ? await running.WaitAsync(TimeSpan.FromSeconds(vm.TimeoutSeconds))
+                    : await running.Ended;
+                console.Flush();
+                if (options.PrintTrace && trace is not null) PrintTrace(trace, Console.Out);
+                await stderr.WriteLineAsync($"actorvmm: {vm.Name}: {Describe(outcome)} (exit code {outcome.ExitCode})");
+                return outcome.ExitCode;
+            }
+        }
+        finally
+        {
+            console.Dispose();
+            await system.Terminate();
+            if (trace is not null) await trace.DisposeAsync();
+        }
+    }
+
+    private static void Interrupt(PosixSignalContext context, RunningVm vm)
+    {
+        context.Cancel = true;
+        // Pause first so every vcpu is out of the guest, then stop.
+        vm.Actor.Tell(VmProtocol.Pause.Instance);
+        vm.Actor.Tell(new VmProtocol.Stop($"interrupted by {context.Signal}"));
+    }
+
+    public static string Describe(VmProtocol.Outcome outcome) => outcome.Kind switch
+    {
+        VmProtocol.OutcomeKind.Halted => $"guest halted ({outcome.Detail})",
+        VmProtocol.OutcomeKind.DebugExit => $"guest exited through debug-exit ({outcome.Detail})",
+        VmProtocol.OutcomeKind.Reset => outcome.Detail,
+        VmProtocol.OutcomeKind.TripleFault => $"guest triple-faulted: {outcome.Detail}",
+        VmProtocol.OutcomeKind.VcpuError => $"VM stopped on a vcpu error: {outcome.Detail}",
+        _ => $"VM stopped: {outcome.Detail}",
+    };
+
+    public static void PrintTrace(TraceRecorder trace, TextWriter output)
+    {
+        var events = trace.Snapshot();
+        output.WriteLine();
+        output.WriteLine($"--- message trace: {trace.Count} messages ---");
+        foreach (var e in events) output.WriteLine(TraceRecorder.ToText(e));
+        output.WriteLine("--- messages by type ---");
+        foreach (var g in events.GroupBy(e => (e.Sender, e.Receiver, e.Type)).OrderByDescending(g => g.Count()))
+            output.WriteLine($"{g.Count(),8}  {g.Key.Sender} -> {g.Key.Receiver}  {g.Key.Type}");
+    }
+}

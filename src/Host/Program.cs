@@ -1,0 +1,144 @@
+using System.CommandLine;
+using System.Globalization;
+using ActorVmm.Host;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using Akka.Configuration;
+
+return await Cli.MainAsync(args);
+
+namespace ActorVmm.Host
+{
+    /// <summary>The `actorvmm` command line. Errors are one line on stderr and exit code 2.</summary>
+    public static class Cli
+    {
+        public static async Task<int> MainAsync(string[] args)
+        {
+            var root = new RootCommand("ActorVmm: a virtual machine monitor for Linux KVM built from Akka.NET actors");
+            root.Add(RunCommand());
+            root.Add(DemoCommand());
+
+            var parse = root.Parse(args);
+            if (parse.Errors.Count > 0)
+            {
+                foreach (var error in parse.Errors) await Console.Error.WriteLineAsync($"actorvmm: error: {error.Message}");
+                await Console.Error.WriteLineAsync("Try 'actorvmm --help'.");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
+            try
+            {
+                return await parse.InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+            }
+            catch (Exception e) when (e is ConfigException or BootException or VmBuildException)
+            {
+                await Console.Error.WriteLineAsync($"actorvmm: error: {e.Message}");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
+        }
+
+        private static Command RunCommand()
+        {
+            var config = new Option<string?>("--config") { Description = "a HOCON VM file (see hocon/vms/example.conf)" };
+            var memory = new Option<string?>("--memory", "-m") { Description = "guest RAM, e.g. 64M, 1G" };
+            var cpus = new Option<string?>("--cpus") { Description = "number of vcpus (1-16); vcpu 0 boots" };
+            var name = new Option<string?>("--name") { Description = "VM name" };
+            var firmware = new Option<string?>("--firmware") { Description = "flat firmware image placed below 4 GiB (reset vector F000:FFF0)" };
+            var flat = new Option<string?>("--flat") { Description = "flat binary loaded at --load-address, entered in real mode" };
+            var loadAddress = new Option<string?>("--load-address") { Description = "where --flat loads (default 0x7C00)" };
+            var entry = new Option<string?>("--entry") { Description = "real-mode entry CS:IP in hex for --flat (default from the load address)" };
+            var serial = new Option<string?>("--serial") { Description = "serial console output: stdout or a file" };
+            var trace = new Option<string?>("--trace") { Description = "write the message trace to FILE as JSON lines" };
+            var timeout = new Option<string?>("--timeout") { Description = "stop the VM after this many seconds" };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, serial, trace, timeout };
+            command.SetAction(async (parse, _) =>
+            {
+                var overrides = new List<string>();
+                void Override(string key, string? value)
+                {
+                    if (value is not null) overrides.Add($"actorvmm.vm.{key} = {Quote(value)}");
+                }
+                Override("memory", parse.GetValue(memory));
+                Override("cpus", parse.GetValue(cpus));
+                Override("name", parse.GetValue(name));
+                Override("serial.output", parse.GetValue(serial));
+                Override("trace", parse.GetValue(trace));
+                Override("timeout", parse.GetValue(timeout));
+                var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
+                var vm = VmConfig.From(hocon);
+
+                var firmwarePath = parse.GetValue(firmware);
+                var flatPath = parse.GetValue(flat);
+                BootImage boot;
+                if (firmwarePath is not null && flatPath is not null) throw new ConfigException("give --firmware or --flat, not both");
+                if (firmwarePath is not null) boot = new FirmwareImage(ReadImage(firmwarePath));
+                else if (flatPath is not null)
+                {
+                    var address = ParseNumber(parse.GetValue(loadAddress) ?? "0x7C00", "--load-address");
+                    var (cs, ip) = parse.GetValue(entry) is { } e ? ParseEntry(e) : FlatImage.DefaultEntry(address);
+                    boot = new FlatImage(ReadImage(flatPath), address, cs, ip);
+                }
+                else throw new ConfigException("nothing to boot: give --firmware FILE or --flat FILE (or try 'actorvmm demo')");
+
+                HostRunner.ConfigureLogging();
+                return await HostRunner.RunAsync(hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
+            });
+            return command;
+        }
+
+        private static Command DemoCommand()
+        {
+            var trace = new Option<string?>("--trace") { Description = "also write the message trace to FILE as JSON lines" };
+            var command = new Command("demo", "boot the built-in guest and show its message trace") { trace };
+            command.SetAction(async (parse, _) =>
+            {
+                var overrides = $"actorvmm.vm {{ name = demo, memory = 16M, serial.input = none, timeout = 30, trace = {Quote(parse.GetValue(trace) ?? "")} }}";
+                var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(VmConfig.Load(null));
+                var vm = VmConfig.From(hocon);
+                HostRunner.ConfigureLogging();
+                Console.Error.WriteLine("actorvmm demo: booting a 64-bit guest assembled at run time; it prints on COM1 and halts.");
+                return await HostRunner.RunAsync(hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);
+            });
+            return command;
+        }
+
+        private static byte[] ReadImage(string path)
+        {
+            try
+            {
+                if (Directory.Exists(path)) throw new BootException($"image {path} is a directory");
+                var bytes = File.ReadAllBytes(path);
+                if (bytes.Length == 0) throw new BootException($"image {path} is empty");
+                return bytes;
+            }
+            catch (FileNotFoundException) { throw new BootException($"image {path} does not exist"); }
+            catch (DirectoryNotFoundException) { throw new BootException($"image {path} does not exist"); }
+            catch (UnauthorizedAccessException) { throw new BootException($"image {path} cannot be read (permission denied)"); }
+            catch (IOException e) { throw new BootException($"image {path} cannot be read: {e.Message}"); }
+        }
+
+        public static ulong ParseNumber(string text, string what)
+        {
+            var t = text.Trim();
+            var ok = t.StartsWith("0x", StringComparison.OrdinalIgnoreCase)
+                ? ulong.TryParse(t[2..], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var v)
+                : ulong.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out v);
+            if (!ok) throw new ConfigException($"{what}: \"{text}\" is not a number (decimal or 0x-hex)");
+            return v;
+        }
+
+        public static (ushort Cs, ushort Ip) ParseEntry(string text)
+        {
+            var parts = text.Split(':');
+            if (parts.Length == 2 &&
+                ushort.TryParse(parts[0], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var cs) &&
+                ushort.TryParse(parts[1], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var ip))
+                return (cs, ip);
+            throw new ConfigException($"--entry: \"{text}\" is not CS:IP in hex (e.g. 0000:7C00)");
+        }
+
+        private static string Quote(string value) =>
+            "\"" + value.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
+    }
+}

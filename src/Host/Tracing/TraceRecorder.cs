@@ -1,0 +1,129 @@
+using System.Diagnostics;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using System.Threading.Channels;
+using Akka.Actor;
+using ActorVmm.Devices.Tracing;
+
+namespace ActorVmm.Host.Tracing;
+
+/// <summary>One traced message: monotonic time since the trace began, who sent it to whom, and the message.</summary>
+public sealed record TraceEvent(long Nanoseconds, string Sender, string Receiver, object Message)
+{
+    public string Type => Message.GetType().Name;
+}
+
+/// <summary>
+/// Records the messages among a VM's actors: keeps the latest <see cref="Capacity"/> in a ring
+/// (for the demo's sequence view and tests) and, if given a path, writes every one as a JSON line
+/// {"t_ns", "sender", "receiver", "type", "msg"} from a background writer. Record() runs on the
+/// sender's thread and only enqueues.
+/// </summary>
+public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
+{
+    public int Capacity { get; }
+
+    private readonly long _start = Stopwatch.GetTimestamp();
+    private readonly TraceEvent?[] _ring;
+    private long _count;
+    private readonly object _ringGate = new();
+    private readonly Channel<TraceEvent>? _channel;
+    private readonly Task? _writer;
+    private readonly string _vmPrefix;
+
+    public static readonly JsonSerializerOptions JsonOptions = new()
+    {
+        Converters = { new ActorRefConverter(), new JsonStringEnumConverter() },
+        NumberHandling = JsonNumberHandling.Strict,
+    };
+
+    public TraceRecorder(string? jsonLinesPath = null, int capacity = 100_000, string vmPrefix = "")
+    {
+        Capacity = capacity;
+        _ring = new TraceEvent?[capacity];
+        _vmPrefix = vmPrefix;
+        if (jsonLinesPath is null) return;
+        var stream = new FileStream(jsonLinesPath, FileMode.Create, FileAccess.Write, FileShare.Read);
+        _channel = Channel.CreateUnbounded<TraceEvent>(new UnboundedChannelOptions { SingleReader = true });
+        _writer = Task.Run(() => WriteLines(stream, _channel.Reader));
+    }
+
+    public long Count => Interlocked.Read(ref _count);
+
+    public void Record(IActorRef? sender, IActorRef receiver, object message)
+    {
+        var e = new TraceEvent((long)Stopwatch.GetElapsedTime(_start).TotalNanoseconds, Name(sender), Name(receiver), message);
+        lock (_ringGate)
+        {
+            _ring[_count % Capacity] = e;
+            _count++;
+        }
+        _channel?.Writer.TryWrite(e);
+    }
+
+    /// <summary>The recorded events still in the ring, oldest first.</summary>
+    public IReadOnlyList<TraceEvent> Snapshot()
+    {
+        lock (_ringGate)
+        {
+            var n = (int)Math.Min(_count, Capacity);
+            var result = new List<TraceEvent>(n);
+            for (var i = _count - n; i < _count; i++) result.Add(_ring[i % Capacity]!);
+            return result;
+        }
+    }
+
+    private string Name(IActorRef? actor)
+    {
+        if (actor is null || actor.IsNobody()) return "(none)";
+        var elements = actor.Path.Elements;
+        // /user/vm-demo/vcpu-0 → vcpu-0; /user/vm-demo → vm-demo; temp/system actors keep their path.
+        if (elements.Count >= 3 && elements[0] == "user") return string.Join('/', elements.Skip(2));
+        if (elements.Count == 2 && elements[0] == "user") return elements[1];
+        return "/" + string.Join('/', elements);
+    }
+
+    public static string ToJsonLine(TraceEvent e)
+    {
+        string msg;
+        try { msg = JsonSerializer.Serialize(e.Message, e.Message.GetType(), JsonOptions); }
+        catch (Exception ex) when (ex is NotSupportedException or JsonException or InvalidOperationException)
+        {
+            msg = JsonSerializer.Serialize(new { unserializable = e.Message.ToString() });
+        }
+        var sb = new StringBuilder(128 + msg.Length);
+        sb.Append("{\"t_ns\":").Append(e.Nanoseconds)
+          .Append(",\"sender\":").Append(JsonSerializer.Serialize(e.Sender))
+          .Append(",\"receiver\":").Append(JsonSerializer.Serialize(e.Receiver))
+          .Append(",\"type\":").Append(JsonSerializer.Serialize(e.Type))
+          .Append(",\"msg\":").Append(msg).Append('}');
+        return sb.ToString();
+    }
+
+    /// <summary>A line for people: "  12.345 ms  vcpu-0 -> uart0  Write { Offset = 0, ... }".</summary>
+    public static string ToText(TraceEvent e) =>
+        $"{e.Nanoseconds / 1e6,10:F3} ms  {e.Sender,-14} -> {e.Receiver,-14} {e.Message}";
+
+    private static async Task WriteLines(Stream stream, ChannelReader<TraceEvent> reader)
+    {
+        await using var writer = new StreamWriter(stream, new UTF8Encoding(false));
+        await foreach (var e in reader.ReadAllAsync()) await writer.WriteLineAsync(ToJsonLine(e));
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_channel is null) return;
+        _channel.Writer.TryComplete();
+        await _writer!;
+    }
+
+    private sealed class ActorRefConverter : JsonConverter<IActorRef>
+    {
+        public override bool CanConvert(Type typeToConvert) => typeof(IActorRef).IsAssignableFrom(typeToConvert);
+        public override IActorRef Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) =>
+            throw new NotSupportedException("actor references are written, not read");
+        public override void Write(Utf8JsonWriter writer, IActorRef value, JsonSerializerOptions options) =>
+            writer.WriteStringValue(value.Path.ToStringWithoutAddress());
+    }
+}

@@ -1,0 +1,185 @@
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
+using ActorVmm.Host.Boot;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+
+namespace ActorVmm.Host.Vm;
+
+/// <summary>
+/// The one place that wires a VM together: opens KVM, lays out and loads guest memory, creates
+/// the vcpus with the CPUID policy and boot registers, then the VM actor with its devices. All
+/// checks that can fail happen here, before any actor exists, so a bad image or config is a clear
+/// <see cref="VmBuildException"/> and nothing is left behind.
+/// </summary>
+public sealed class VmBuilder
+{
+    private readonly ActorSystem _system;
+    private readonly VmSpec _spec;
+    private readonly List<DeviceSpec> _devices = [];
+    private ITraceSink? _trace;
+
+    public VmBuilder(ActorSystem system, VmSpec spec)
+    {
+        _system = system;
+        _spec = spec;
+    }
+
+    /// <summary>The standard PC devices: COM1 UART (console), debug-exit, i8042.</summary>
+    public VmBuilder WithStandardDevices(SerialConsole console)
+    {
+        AddDevice(new DeviceSpec("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
+            _ => new Uart16550(NullInterruptLine.Instance, console.Write)));
+        AddDevice(new DeviceSpec("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, Platform.DebugExitLength,
+            events => new DebugExit(events)));
+        AddDevice(new DeviceSpec("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 5, events => new I8042(events)));
+        return this;
+    }
+
+    public VmBuilder AddDevice(DeviceSpec device)
+    {
+        if (_devices.Any(d => d.Name == device.Name)) throw new VmBuildException($"two devices are named {device.Name}");
+        _devices.Add(device);
+        return this;
+    }
+
+    /// <summary>Records every message among this VM's actors to <paramref name="sink"/>.</summary>
+    public VmBuilder WithTrace(ITraceSink sink)
+    {
+        _trace = sink;
+        return this;
+    }
+
+    /// <summary>Builds and starts the VM. Throws <see cref="VmBuildException"/> on any problem.</summary>
+    public RunningVm Start()
+    {
+        if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
+        CheckBuses();
+
+        Kvm? kvm = null;
+        VmHandle? vm = null;
+        GuestMemoryMap? memory = null;
+        var vcpus = new List<VcpuHandle>();
+        IDisposable? traceRegistration = null;
+        try
+        {
+            kvm = Kvm.Open();
+            vm = kvm.CreateVm();
+            memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware);
+            memory.RegisterWith(vm);
+            var boot = _spec.Boot.Load(memory);
+            var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
+            for (var i = 0; i < _spec.Cpus; i++) vcpus.Add(vm.CreateVcpu(i, cpuid));
+            boot.ApplyTo(vcpus[0]);
+
+            var name = SafeName(_spec.Name);
+            var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null);
+            if (_trace is not null)
+                traceRegistration = MessageTraceRegistry.Register($"/user/{name}", _trace);
+            var actor = _system.ActorOf(
+                _trace is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
+                    : Props.Create(() => new VmActor(resources, ended)), name);
+            actor.Tell(VmProtocol.Start.Instance);
+            return new RunningVm(_spec.Name, actor, memory, ended.Task, [.. vcpus.Cast<IDisposable>(), memory, vm, kvm], traceRegistration);
+        }
+        catch (Exception e) when (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException)
+        {
+            traceRegistration?.Dispose();
+            foreach (var v in vcpus) v.Dispose();
+            memory?.Dispose();
+            vm?.Dispose();
+            kvm?.Dispose();
+            throw new VmBuildException(e.Message, e);
+        }
+    }
+
+    private void CheckBuses()
+    {
+        var ports = AddressBus<string>.Empty;
+        var mmio = AddressBus<string>.Empty;
+        try
+        {
+            foreach (var d in _devices)
+            {
+                if (d.Space == DeviceProtocol.Space.Port)
+                {
+                    if (d.Base + d.Length > 0x10000) throw new BusException($"device {d.Name} extends past port 0xFFFF");
+                    ports = ports.Insert(d.Name, d.Base, d.Length);
+                }
+                else mmio = mmio.Insert(d.Name, d.Base, d.Length);
+            }
+        }
+        catch (BusException e)
+        {
+            throw new VmBuildException($"device wiring: {e.Message}", e);
+        }
+    }
+
+    private static string SafeName(string name)
+    {
+        var chars = name.Select(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' ? c : '-').ToArray();
+        return "vm-" + new string(chars);
+    }
+}
+
+/// <summary>Building a VM failed; the message says why in terms a user can act on.</summary>
+public sealed class VmBuildException(string message, Exception? inner = null) : Exception(message, inner);
+
+/// <summary>
+/// A VM that has been started. Owns the KVM resources: they are released only after the VM actor
+/// and its vcpus have stopped, so no vcpu thread can touch unmapped memory.
+/// </summary>
+public sealed class RunningVm : IAsyncDisposable
+{
+    private readonly IReadOnlyList<IDisposable> _resources;
+    private readonly IDisposable? _traceRegistration;
+    private int _disposed;
+
+    public string Name { get; }
+    public IActorRef Actor { get; }
+
+    /// <summary>Guest memory, readable after the VM ended until disposal (tests check what the guest wrote).</summary>
+    public IGuestMemory Memory { get; }
+
+    public Task<VmProtocol.Outcome> Ended { get; }
+
+    internal RunningVm(string name, IActorRef actor, IGuestMemory memory, Task<VmProtocol.Outcome> ended,
+        IReadOnlyList<IDisposable> resources, IDisposable? traceRegistration)
+    {
+        Name = name;
+        Actor = actor;
+        Memory = memory;
+        Ended = ended;
+        _resources = resources;
+        _traceRegistration = traceRegistration;
+    }
+
+    /// <summary>Waits for the VM to end, or stops it after <paramref name="timeout"/>.</summary>
+    public async Task<VmProtocol.Outcome> WaitAsync(TimeSpan timeout)
+    {
+        var done = await Task.WhenAny(Ended, Task.Delay(timeout));
+        if (done != Ended) Actor.Tell(new VmProtocol.Stop($"timed out after {timeout.TotalSeconds:0.#} s"));
+        return await Ended;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
+        var stopped = false;
+        try
+        {
+            if (!Ended.IsCompleted) Actor.Tell(new VmProtocol.Stop("disposed"));
+            stopped = await Actor.GracefulStop(TimeSpan.FromSeconds(10));
+        }
+        catch (Exception)
+        {
+            stopped = Actor.IsNobody();
+        }
+        _traceRegistration?.Dispose();
+        // A vcpu still inside KVM_RUN would fault on unmapped memory: leak rather than crash.
+        if (!stopped) return;
+        foreach (var r in _resources) r.Dispose();
+    }
+}

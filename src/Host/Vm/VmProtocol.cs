@@ -1,0 +1,58 @@
+using Akka.Actor;
+
+namespace ActorVmm.Host.Vm;
+
+/// <summary>The VM actor's protocol: lifecycle of one VM and how it ended.</summary>
+public static class VmProtocol
+{
+    public interface IVmMessage;
+
+    /// <summary>Starts the boot vcpu (the others wait for a SIPI).</summary>
+    public sealed record Start : IVmMessage { public static readonly Start Instance = new(); }
+
+    public sealed record Pause : IVmMessage { public static readonly Pause Instance = new(); }
+
+    public sealed record Resume : IVmMessage { public static readonly Resume Instance = new(); }
+
+    /// <summary>Stops the VM from outside (Ctrl-C, `ctl stop`).</summary>
+    public sealed record Stop(string Reason) : IVmMessage;
+
+    /// <summary>Asks to be told <see cref="Ended"/> when the VM ends (at once if it has).</summary>
+    public sealed record WatchEnd : IVmMessage { public static readonly WatchEnd Instance = new(); }
+
+    public sealed record Ended(string Vm, Outcome Outcome) : IVmMessage;
+
+    public sealed record GetStatus : IVmMessage { public static readonly GetStatus Instance = new(); }
+
+    public sealed record Status(string Vm, Phase Phase, int Vcpus, Outcome? Outcome) : IVmMessage;
+
+    public enum Phase { Created, Running, Paused, Ending, Ended }
+
+    public enum OutcomeKind
+    {
+        /// <summary>Every started vcpu halted with interrupts disabled: the guest is done.</summary>
+        Halted,
+        /// <summary>The guest wrote the debug-exit port.</summary>
+        DebugExit,
+        /// <summary>The guest asked for a reset (i8042).</summary>
+        Reset,
+        /// <summary>A vcpu triple-faulted.</summary>
+        TripleFault,
+        /// <summary>A vcpu could not go on (internal error, failed entry, unhandled exit).</summary>
+        VcpuError,
+        /// <summary>Stopped from outside.</summary>
+        Stopped,
+    }
+
+    /// <summary>How the VM ended; <see cref="ExitCode"/> is what `actorvmm run` exits with.</summary>
+    public sealed record Outcome(OutcomeKind Kind, int ExitCode, string Detail)
+    {
+        // Even codes (debug-exit statuses are always odd): see README "Exit codes".
+        public const int HaltedCode = 0;
+        public const int HostErrorCode = 2;
+        public const int VcpuErrorCode = 4;
+        public const int TripleFaultCode = 6;
+        public const int ResetCode = 8;
+        public const int StoppedCode = 130;
+    }
+}

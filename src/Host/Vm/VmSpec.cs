@@ -1,0 +1,19 @@
+using ActorVmm.Devices;
+using ActorVmm.Host.Boot;
+using ActorVmm.LibVmm;
+
+namespace ActorVmm.Host.Vm;
+
+/// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).</summary>
+public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot)
+{
+    public const int MaxCpus = 16;
+}
+
+/// <summary>A device on a bus: name, address space, base, length, and how to build its model.</summary>
+public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong Base, ulong Length,
+    Func<IPlatformEvents, IBusDevice> Factory);
+
+/// <summary>The KVM resources of one VM, owned by its <see cref="RunningVm"/>; local, never sent.</summary>
+internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
+    IReadOnlyList<DeviceSpec> Devices, bool Traced);
