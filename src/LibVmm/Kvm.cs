@@ -23,7 +23,14 @@ public sealed unsafe class Kvm : IDisposable
     {
         _fd = fd;
         VcpuMmapSize = Native.Ioctl(fd, KvmIoctl.GetVcpuMmapSize, 0);
-        if (VcpuMmapSize < KvmRunView.Size) throw KvmException.Last("KVM_GET_VCPU_MMAP_SIZE");
+        if (VcpuMmapSize >= KvmRunView.Size) return;
+        // Open never gets this object, so close the fd here; report errno only if the ioctl failed.
+        var e = VcpuMmapSize < 0
+            ? KvmException.Last("KVM_GET_VCPU_MMAP_SIZE")
+            : new KvmException($"KVM_GET_VCPU_MMAP_SIZE is {VcpuMmapSize}, smaller than kvm_run ({KvmRunView.Size} bytes)");
+        Native.Close(fd);
+        _fd = -1;
+        throw e;
     }
 
     /// <summary>Why KVM cannot be used here, or null if /dev/kvm opens and has what we need.</summary>

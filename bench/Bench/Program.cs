@@ -1,0 +1,133 @@
+using System.Diagnostics;
+using ActorVmm.Devices;
+using ActorVmm.Host;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+using Iced.Intel;
+using static Iced.Intel.AssemblerRegisters;
+
+// Port-I/O exit cost: the same guests run by a raw LibVmm loop (no actors: the limit) and by
+// ActorVmm (vcpu actor + device actor). Each I/O loop is paired with the same loop with the I/O
+// replaced by a nop, so guest instruction time is subtracted: per-exit = (T_io - T_nop) / N.
+// Usage: actorvmm-bench [N] [repetitions]
+var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
+var reps = args.Length > 1 ? int.Parse(args[1]) : 3;
+
+if (Kvm.Unavailability() is { } why)
+{
+    Console.Error.WriteLine($"actorvmm-bench: KVM unavailable: {why}");
+    return 2;
+}
+
+const ulong code = 0x10_0000;
+const byte port = 0x10;
+
+LongModeImage Guest(string kind)
+{
+    var a = new Assembler(64);
+    var loop = a.CreateLabel();
+    a.mov(ecx, n);
+    a.mov(al, 1);
+    a.Label(ref loop);
+    switch (kind)
+    {
+        case "out": a.@out(port, al); break;
+        case "in": a.@in(al, port); break;
+        default: a.nop(); a.nop(); break; // out/in imm8 are 2 bytes; two nops keep the loop's length
+    }
+    a.dec(ecx);
+    a.jnz(loop);
+    a.cli();
+    a.hlt();
+    return new LongModeImage(GuestCode.Assemble(a, code), code, code);
+}
+
+double Raw(LongModeImage image)
+{
+    using var kvm = Kvm.Open();
+    using var vm = kvm.CreateVm();
+    using var memory = VmspaceLayout.Build(16 << 20);
+    memory.RegisterWith(vm);
+    var boot = image.Load(memory);
+    using var vcpu = vm.CreateVcpu(0, CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid()));
+    boot.ApplyTo(vcpu);
+    vcpu.BindToCurrentThread();
+    long writes = 0;
+    var sw = Stopwatch.StartNew();
+    while (true)
+    {
+        var reason = vcpu.RunRaw();
+        if (reason == KvmExitReason.Io)
+        {
+            var run = vcpu.RunPage;
+            if (run.IoIsOut) writes++;
+            else run.IoData[0] = 0x42;
+            continue;
+        }
+        if (reason == KvmExitReason.Hlt) break;
+        if (reason != KvmExitReason.Intr) throw new InvalidOperationException($"unexpected exit {reason}");
+    }
+    sw.Stop();
+    return sw.Elapsed.TotalMilliseconds;
+}
+
+async Task<double> Actors(LongModeImage image)
+{
+    var system = HostRunner.CreateSystem(VmConfig.Load(null), "bench");
+    try
+    {
+        using var console = SerialConsole.Captured();
+        var builder = new VmBuilder(system, new VmSpec("bench", 16 << 20, 1, image))
+            .WithStandardDevices(console)
+            .AddDevice(new DeviceSpec("io", DeviceProtocol.Space.Port, port, 1, _ => new BenchDevice()));
+        var sw = Stopwatch.StartNew();
+        await using var vm = builder.Start();
+        var outcome = await vm.Ended;
+        sw.Stop();
+        if (outcome.Kind != VmProtocol.OutcomeKind.Halted) throw new InvalidOperationException($"guest ended: {outcome}");
+        return sw.Elapsed.TotalMilliseconds;
+    }
+    finally
+    {
+        await system.Terminate();
+    }
+}
+
+async Task<double> Best(Func<Task<double>> measure)
+{
+    var best = double.MaxValue;
+    for (var i = 0; i < reps; i++) best = Math.Min(best, await measure());
+    return best;
+}
+
+HostRunner.ConfigureLogging();
+Console.WriteLine($"port I/O exits: N = {n}, best of {reps}");
+var guests = new Dictionary<string, LongModeImage> { ["out"] = Guest("out"), ["in"] = Guest("in"), ["nop"] = Guest("nop") };
+var raw = new Dictionary<string, double>();
+var actors = new Dictionary<string, double>();
+foreach (var kind in new[] { "nop", "out", "in" })
+{
+    raw[kind] = await Best(() => Task.FromResult(Raw(guests[kind])));
+    actors[kind] = await Best(() => Actors(guests[kind]));
+}
+Console.WriteLine($"{"",-8}{"raw ms",10}{"actor ms",10}{"raw µs/exit",14}{"actor µs/exit",15}{"ratio b/a",11}");
+foreach (var kind in new[] { "out", "in" })
+{
+    var rawPer = (raw[kind] - raw["nop"]) * 1000 / n;
+    var actorPer = (actors[kind] - actors["nop"]) * 1000 / n;
+    Console.WriteLine($"{kind,-8}{raw[kind],10:F1}{actors[kind],10:F1}{rawPer,14:F3}{actorPer,15:F3}{actorPer / rawPer,11:F2}");
+}
+Console.WriteLine($"{"nop",-8}{raw["nop"],10:F1}{actors["nop"],10:F1}");
+Console.WriteLine("goal: out <= 1.10x, in <= 1.5x the raw loop's per-exit time");
+return 0;
+
+/// <summary>Takes writes, answers reads with a constant.</summary>
+internal sealed class BenchDevice : IBusDevice
+{
+    public ulong Read(ulong offset, int size) => 0x42;
+    public void Write(ulong offset, int size, ulong value) { }
+}
