@@ -40,6 +40,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private VmExit? _readExit;
     private int _readIndex;
     private DeviceRoute? _blockedOn;
+    private bool _wakePending;
 
     private long _exits, _ioExits, _mmioExits, _hltExits, _intrExits, _unassignedReads, _unassignedWrites, _injected;
 
@@ -92,7 +93,10 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 Step();
                 break;
             case Notify:
-                break; // already running: the event is seen on the next entry
+                // Running: the event may race with a HLT the guest is executing now; remember it
+                // so that HLT does not sleep through it (a spurious wake-up from HLT is allowed).
+                _wakePending = true;
+                break;
             default:
                 Common(message);
                 break;
@@ -423,8 +427,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     private void OnHalt()
     {
-        if (_pendingVectors.Count > 0)
+        if (_pendingVectors.Count > 0 || _wakePending)
         {
+            _wakePending = false;
             Self.Tell(Run.Instance);
             return;
         }
@@ -472,7 +477,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     private void ReplyStats() =>
         Sender.Tell(new Stats(Id, _state, _exits, _ioExits, _mmioExits, _hltExits, _intrExits,
-            _unassignedReads, _unassignedWrites, _injected, 0));
+            _unassignedReads, _unassignedWrites, _injected));
 
     private static ulong LittleEndian(ReadOnlySpan<byte> bytes)
     {

@@ -98,7 +98,7 @@ public static class VcpuProtocol
     public sealed record Refused(int VcpuId, string Request, string Why) : IVcpuMessage;
 
     public sealed record Stats(int VcpuId, State State, long Exits, long IoExits, long MmioExits, long HltExits,
-        long IntrExits, long UnassignedReads, long UnassignedWrites, long Injected, long Kicks) : IVcpuMessage;
+        long IntrExits, long UnassignedReads, long UnassignedWrites, long Injected) : IVcpuMessage;
 
     /// <summary>Everything the vcpu needs from the VM it belongs to. Local wiring, not a message.</summary>
     public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory);
@@ -108,7 +108,7 @@ public static class VcpuProtocol
             .WithDispatcher(DispatcherId)
             .WithMailbox(MailboxId);
 
-    /// <summary>Props for a unit test: default dispatcher and mailbox.</summary>
+    /// <summary>Props for a unit test: the default dispatcher, the vcpu mailbox.</summary>
     public static Props PropsForTest(IVcpu vcpu, Wiring wiring) =>
         Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring)).WithMailbox(MailboxId);
 }

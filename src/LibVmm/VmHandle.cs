@@ -18,7 +18,7 @@ public sealed unsafe class VmHandle : IDisposable
     {
         _kvm = kvm;
         _fd = fd;
-        if (Native.Ioctl(fd, KvmIoctl.SetTssAddr, (nint)TssAddress) < 0) throw KvmException.Last("KVM_SET_TSS_ADDR");
+        if (Native.Ioctl(fd, KvmIoctl.SetTssAddr, unchecked((nint)TssAddress)) < 0) throw KvmException.Last("KVM_SET_TSS_ADDR");
         var map = IdentityMapAddress;
         if (_kvm.CheckExtension(KvmCap.SetIdentityMapAddr) > 0 &&
             Native.Ioctl(fd, KvmIoctl.SetIdentityMapAddr, &map) < 0)
