@@ -27,14 +27,26 @@ internal sealed class DeviceActor : ReceiveActor
         Receive<Write>(w =>
         {
             _writes++;
-            if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
+            // Counted before the model runs: if it throws, PreRestart credits it back.
             Credit(Sender);
+            if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
             DrainInput();
         });
         Receive<Read>(r =>
         {
             _reads++;
-            var value = IsValidSize(r.Size) ? _model.Read(r.Offset, r.Size) : ulong.MaxValue;
+            ulong value;
+            try
+            {
+                value = IsValidSize(r.Size) ? _model.Read(r.Offset, r.Size) : ulong.MaxValue;
+            }
+            catch
+            {
+                // A failing model must not leave the vcpu waiting: it reads all-ones (as from an
+                // absent device), then the supervisor restarts this actor.
+                Sender.Tell(new ReadResult(r.Id, Mask(ulong.MaxValue, r.Size)));
+                throw;
+            }
             // The reply acknowledges every earlier write of this sender (FIFO mailbox).
             _uncredited.Remove(Sender);
             Sender.Tell(new ReadResult(r.Id, Mask(value, r.Size)));
@@ -50,6 +62,15 @@ internal sealed class DeviceActor : ReceiveActor
             DrainInput();
         });
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
+    }
+
+    /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
+    protected override void PreRestart(Exception reason, object message)
+    {
+        foreach (var (sender, n) in _uncredited)
+            if (n > 0) sender.Tell(new WriteCredit(n));
+        _uncredited.Clear();
+        base.PreRestart(reason, message);
     }
 
     private static bool IsValidSize(int size) => size is 1 or 2 or 4 or 8;

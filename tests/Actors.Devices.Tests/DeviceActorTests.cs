@@ -35,6 +35,37 @@ public sealed class DeviceActorTests : TestKit
         return actor;
     }
 
+    /// <summary>Throws on the first read (a model bug), then behaves.</summary>
+    private sealed class FlakyDevice : IBusDevice
+    {
+        public static int Instances;
+        private static int _failures;
+
+        public FlakyDevice() => Interlocked.Increment(ref Instances);
+
+        public ulong Read(ulong offset, int size) =>
+            Interlocked.Increment(ref _failures) == 1 ? throw new InvalidOperationException("model bug") : 0x17UL;
+
+        public void Write(ulong offset, int size, ulong value) => throw new InvalidOperationException("model bug");
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_a_read_even_when_its_model_throws_and_then_restart()
+    {
+        var actor = Sys.ActorOf(Props("flaky", _ => new FlakyDevice(), ActorRefs.Nobody));
+
+        actor.Tell(new Read(1, 0, 2), TestActor);
+        Assert.Equal(new ReadResult(1, 0xFFFF), await ExpectMsgAsync<ReadResult>());
+
+        actor.Tell(new Read(2, 0, 1), TestActor);
+        Assert.Equal(new ReadResult(2, 0x17), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(2, FlakyDevice.Instances); // restarted with a fresh model
+
+        // Writes that throw are still credited: the vcpu's write window does not leak.
+        for (var i = 0; i < CreditBatch; i++) actor.Tell(new Write(0, 1, 0), TestActor);
+        Assert.Equal(new WriteCredit(1), await ExpectMsgAsync<WriteCredit>());
+    }
+
     [Fact]
     public async Task DeviceActor_must_answer_reads_with_the_correlation_id()
     {

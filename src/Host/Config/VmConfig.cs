@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Reflection;
 using Akka.Configuration;
+using Akka.Configuration.Hocon;
 
 namespace ActorVmm.Host.Config;
 
@@ -33,14 +34,30 @@ public sealed record VmConfig(
         {
             throw new ConfigException($"config file {vmFile} cannot be read: {e.Message}");
         }
+        Akka.Configuration.Config parsed;
         try
         {
-            return ConfigurationFactory.ParseString(text).WithFallback(defaults);
+            parsed = ConfigurationFactory.ParseString(text);
         }
         catch (Exception e)
         {
             throw new ConfigException($"config file {vmFile} is not valid HOCON: {FirstLine(e.Message)}");
         }
+        // Akka's parser accepts a key with nothing after it at the end of the text ("memory = "),
+        // which From() would then read as null: report the key instead.
+        if (FirstKeyWithoutValue(parsed.Root, "") is { } key)
+            throw new ConfigException($"config file {vmFile} is not valid HOCON: {key} has no value");
+        return parsed.WithFallback(defaults);
+    }
+
+    private static string? FirstKeyWithoutValue(HoconValue? value, string path)
+    {
+        if (value is null) return null;
+        if (value.Values.Count == 0) return path.Length == 0 ? null : path;
+        if (!value.IsObject()) return null;
+        foreach (var (k, v) in value.GetObject().Items)
+            if (FirstKeyWithoutValue(v, path.Length == 0 ? k : $"{path}.{k}") is { } key) return key;
+        return null;
     }
 
     /// <summary>Reads actorvmm.vm from a loaded configuration, validating every value.</summary>
@@ -71,10 +88,10 @@ public sealed record VmConfig(
         }
     }
 
-    /// <summary>Parses "64M", "1G", "512K", "1048576", "2MiB". Throws <see cref="ConfigException"/>.</summary>
+    /// <summary>Parses "64M", "1G", "2048K", "1048576", "2MiB" (at least 1M, at most 1T). Throws <see cref="ConfigException"/>.</summary>
     public static ulong ParseSize(string text, string what)
     {
-        var t = text.Trim();
+        var t = (text ?? "").Trim(); // a HOCON key without a value reads as null
         ulong multiplier = 1;
         var units = new (string Suffix, ulong Factor)[]
         {
@@ -89,7 +106,7 @@ public sealed record VmConfig(
             break;
         }
         if (!ulong.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out var n) || n == 0)
-            throw new ConfigException($"{what}: \"{text}\" is not a size (examples: 64M, 1G, 512K)");
+            throw new ConfigException($"{what}: \"{text}\" is not a size (examples: 64M, 1G, 2048K)");
         var bytes = n * multiplier;
         if (bytes / multiplier != n) throw new ConfigException($"{what}: \"{text}\" is too large");
         if (bytes % 4096 != 0) throw new ConfigException($"{what}: \"{text}\" is not a multiple of 4 KiB");

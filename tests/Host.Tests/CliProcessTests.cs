@@ -1,0 +1,205 @@
+using System.Diagnostics;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>
+/// `actorvmm` as a user runs it: a separate process, stdin closed, output captured. Every user
+/// error must be a clear line on stderr and exit code 2, never a stack trace.
+/// </summary>
+public sealed class CliProcessTests : IDisposable
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(30);
+
+    private readonly TempDir _dir = new();
+
+    public void Dispose() => _dir.Dispose();
+
+    private sealed record Result(int ExitCode, string Stdout, string Stderr)
+    {
+        public string[] ErrorLines => Stderr.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        public override string ToString() => $"exit {ExitCode}\n--- stdout ---\n{Stdout}\n--- stderr ---\n{Stderr}";
+    }
+
+    private static async Task<Result> Run(params string[] args)
+    {
+        var dll = Path.Combine(AppContext.BaseDirectory, "actorvmm.dll");
+        Assert.True(File.Exists(dll), $"{dll} is missing: the Host project output should be copied next to the tests");
+        var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")
+        {
+            RedirectStandardInput = true,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+            WorkingDirectory = AppContext.BaseDirectory,
+        };
+        start.ArgumentList.Add(dll);
+        foreach (var a in args) start.ArgumentList.Add(a);
+        using var process = Process.Start(start)!;
+        process.StandardInput.Close();
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(Timeout);
+        try
+        {
+            await process.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            process.Kill(entireProcessTree: true);
+            Assert.Fail($"actorvmm {string.Join(' ', args)} did not exit within {Timeout.TotalSeconds} s");
+        }
+        return new Result(process.ExitCode, await stdout, await stderr);
+    }
+
+    /// <summary>Exit 2, a first stderr line "actorvmm: error: ..." containing <paramref name="expected"/>, no stack trace.</summary>
+    private static void AssertUserError(Result r, params string[] expected)
+    {
+        Assert.True(r.ExitCode == 2, r.ToString());
+        AssertNoStackTrace(r);
+        Assert.True(r.ErrorLines.Length > 0, r.ToString());
+        Assert.StartsWith("actorvmm: error: ", r.ErrorLines[0]);
+        foreach (var e in expected) Assert.True(r.ErrorLines[0].Contains(e, StringComparison.Ordinal), $"expected \"{e}\" in the first line\n{r}");
+        Assert.True(r.Stdout.Length == 0, "stdout is the guest console; errors go to stderr\n" + r);
+    }
+
+    private static void AssertNoStackTrace(Result r)
+    {
+        var all = r.Stdout + r.Stderr;
+        Assert.False(all.Split('\n').Any(l => l.StartsWith("   at ", StringComparison.Ordinal)), "stack trace in the output\n" + r);
+        Assert.False(all.Contains("Exception", StringComparison.Ordinal), "an exception leaked to the user\n" + r);
+    }
+
+    private string OneByteImage() => _dir.Write("one.bin", [0xF4]);
+
+    [Fact]
+    public async Task Run_with_missing_flat_image_says_it_does_not_exist()
+    {
+        AssertUserError(await Run("run", "--flat", "/does/not/exist"), "/does/not/exist", "does not exist");
+    }
+
+    [Fact]
+    public async Task Run_with_a_directory_as_image_says_it_is_a_directory()
+    {
+        AssertUserError(await Run("run", "--flat", _dir.Path), "is a directory");
+    }
+
+    [Fact]
+    public async Task Run_with_a_directory_as_firmware_says_it_is_a_directory()
+    {
+        AssertUserError(await Run("run", "--firmware", _dir.Path), "is a directory");
+    }
+
+    [Fact]
+    public async Task Run_with_an_empty_image_says_it_is_empty()
+    {
+        AssertUserError(await Run("run", "--flat", _dir.Write("empty.bin", [])), "empty");
+    }
+
+    [Fact]
+    public async Task Run_with_both_firmware_and_flat_is_refused()
+    {
+        var image = OneByteImage();
+        AssertUserError(await Run("run", "--firmware", image, "--flat", image), "not both");
+    }
+
+    [Fact]
+    public async Task Memory_that_is_not_a_size_is_refused()
+    {
+        AssertUserError(await Run("run", "--memory", "12Q", "--flat", OneByteImage()), "actorvmm.vm.memory", "not a size");
+    }
+
+    [Fact]
+    public async Task Memory_that_is_not_a_multiple_of_4K_is_refused()
+    {
+        AssertUserError(await Run("run", "--memory", "100", "--flat", OneByteImage()), "not a multiple of 4 KiB");
+    }
+
+    [Fact]
+    public async Task Memory_below_the_minimum_is_refused()
+    {
+        AssertUserError(await Run("run", "--memory", "512K", "--flat", OneByteImage()), "below the minimum");
+    }
+
+    [Fact]
+    public async Task Too_many_cpus_are_refused()
+    {
+        AssertUserError(await Run("run", "--cpus", "99", "--flat", OneByteImage()), "actorvmm.vm.cpus", "1 to 16");
+    }
+
+    [Fact]
+    public async Task A_config_file_with_invalid_hocon_is_refused_with_a_clear_line()
+    {
+        var conf = _dir.Write("bad.conf", "actorvmm.vm { memory = ");
+        AssertUserError(await Run("run", "--config", conf, "--flat", OneByteImage()), conf, "not valid HOCON", "actorvmm.vm.memory");
+    }
+
+    [Fact]
+    public async Task A_config_file_with_a_bad_value_names_the_key()
+    {
+        var conf = _dir.Write("cpus.conf", "actorvmm.vm { cpus = lots }");
+        AssertUserError(await Run("run", "--config", conf, "--flat", OneByteImage()), "actorvmm.vm.cpus", "lots");
+    }
+
+    [Fact]
+    public async Task A_missing_config_file_is_refused()
+    {
+        var conf = _dir.File("missing.conf");
+        AssertUserError(await Run("run", "--config", conf, "--flat", OneByteImage()), conf, "does not exist");
+    }
+
+    [Fact]
+    public async Task An_unknown_option_is_refused()
+    {
+        var r = await Run("run", "--bogus");
+        AssertUserError(r, "--bogus");
+        Assert.Contains("--help", r.Stderr);
+    }
+
+    [Fact]
+    public async Task Run_with_nothing_to_boot_names_the_options()
+    {
+        AssertUserError(await Run("run"), "nothing to boot", "--firmware", "--flat");
+    }
+
+    [Fact]
+    public async Task A_bad_entry_is_refused()
+    {
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--entry", "zz"), "--entry", "\"zz\"");
+    }
+
+    [Fact]
+    public async Task A_bad_load_address_is_refused()
+    {
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--load-address", "0xZZ"), "--load-address", "not a number");
+    }
+
+    [Fact]
+    public async Task Help_lists_the_commands()
+    {
+        var r = await Run("--help");
+        Assert.True(r.ExitCode == 0, r.ToString());
+        Assert.Contains("run", r.Stdout);
+        Assert.Contains("demo", r.Stdout);
+        AssertNoStackTrace(r);
+    }
+
+    [Fact]
+    public async Task Demo_runs_the_guest_or_explains_that_kvm_is_missing()
+    {
+        var r = await Run("demo");
+        AssertNoStackTrace(r);
+        if (!File.Exists("/dev/kvm"))
+        {
+            Assert.True(r.ExitCode != 0, r.ToString());
+            var errors = r.ErrorLines.Where(l => l.StartsWith("actorvmm: error:", StringComparison.Ordinal)).ToArray();
+            Assert.True(errors.Length == 1, "exactly one error line expected\n" + r);
+            Assert.Contains("/dev/kvm", errors[0]);
+        }
+        else
+        {
+            Assert.True(r.ExitCode == 0, r.ToString());
+            Assert.Contains("Hello from an ActorVmm guest!", r.Stdout);
+            Assert.Contains("message trace", r.Stdout);
+        }
+    }
+}

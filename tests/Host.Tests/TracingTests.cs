@@ -1,0 +1,209 @@
+using System.Text.Json;
+using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
+using ActorVmm.Host.Tracing;
+using ActorVmm.Vcpu;
+using Akka.Actor;
+using Akka.TestKit;
+using Xunit.Abstractions;
+
+namespace ActorVmm.Host.Tests;
+
+public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2.TestKit(TracedMailboxType.DefaultConfig, output)
+{
+    /// <summary>Creates one child (and tells the probe its ref), forwards everything to it.</summary>
+    private sealed class Parent : ReceiveActor
+    {
+        public Parent(IActorRef probe, string childName, Props childProps)
+        {
+            var child = Context.ActorOf(childProps, childName);
+            probe.Tell(child);
+            ReceiveAny(m => child.Forward(m));
+        }
+    }
+
+    /// <summary>Tells the probe every message it processes.</summary>
+    private sealed class Echo : ReceiveActor
+    {
+        public Echo(IActorRef probe) => ReceiveAny(m => probe.Tell(m));
+    }
+
+    private sealed record Tick : INotTraced
+    {
+        public static readonly Tick Instance = new();
+    }
+
+    private sealed record Carrier(IActorRef Target, string Note);
+
+    private sealed record Unwritable(Func<int> Callback);
+
+    private IActorRef Child(string parent, string child, TestProbe probe, Props? childProps = null)
+    {
+        Sys.ActorOf(Props.Create(() => new Parent(probe.Ref, child, childProps ?? Props.Create(() => new Echo(probe.Ref)))), parent);
+        return probe.ExpectMsg<IActorRef>();
+    }
+
+    // ---- TraceRecorder ----
+
+    [Fact]
+    public async Task Snapshot_returns_recorded_events_in_order_with_short_names()
+    {
+        var probe = CreateTestProbe();
+        var uart = Child("vm-order", "uart0", probe);
+        var vm = await Sys.ActorSelection("/user/vm-order").ResolveOne(TimeSpan.FromSeconds(3));
+        var recorder = new TraceRecorder();
+
+        recorder.Record(vm, uart, new DeviceProtocol.Write(0, 1, 0x41));
+        recorder.Record(uart, vm, new DeviceProtocol.WriteCredit(64));
+        recorder.Record(null, uart, DeviceProtocol.GetStats.Instance);
+
+        var events = recorder.Snapshot();
+        Assert.Equal(3, recorder.Count);
+        Assert.Equal(["Write", "WriteCredit", "GetStats"], events.Select(e => e.Type));
+        Assert.Equal(("vm-order", "uart0"), (events[0].Sender, events[0].Receiver));
+        Assert.Equal(("uart0", "vm-order"), (events[1].Sender, events[1].Receiver));
+        Assert.Equal("(none)", events[2].Sender);
+        Assert.Equal(new DeviceProtocol.Write(0, 1, 0x41), events[0].Message);
+        Assert.True(events[0].Nanoseconds <= events[1].Nanoseconds && events[1].Nanoseconds <= events[2].Nanoseconds);
+        Assert.Contains("uart0", TraceRecorder.ToText(events[0]));
+    }
+
+    [Fact]
+    public void The_ring_keeps_only_the_latest_capacity_events()
+    {
+        var recorder = new TraceRecorder(capacity: 3);
+        for (var i = 0; i < 8; i++) recorder.Record(TestActor, TestActor, new DeviceProtocol.WriteCredit(i));
+        Assert.Equal(3, recorder.Capacity);
+        Assert.Equal(8, recorder.Count);
+        Assert.Equal([5, 6, 7], recorder.Snapshot().Select(e => ((DeviceProtocol.WriteCredit)e.Message).Count));
+    }
+
+    [Fact]
+    public async Task A_recorder_with_a_path_writes_one_json_object_per_line()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("trace.jsonl");
+        var probe = CreateTestProbe();
+        var uart = Child("vm-json", "uart0", probe);
+        var recorder = new TraceRecorder(path);
+        recorder.Record(TestActor, uart, new DeviceProtocol.HostInput([0x68, 0x69]));
+        recorder.Record(uart, TestActor, new VcpuProtocol.Stopped(0, VcpuProtocol.StopReason.TripleFault, "line 1\nline \"2\""));
+        recorder.Record(null, uart, new Carrier(probe.Ref, "ref inside"));
+        recorder.Record(null, uart, new Unwritable(() => 42));
+        await recorder.DisposeAsync();
+
+        var lines = File.ReadAllLines(path);
+        Assert.Equal(4, lines.Length);
+        var docs = lines.Select(l => JsonDocument.Parse(l)).ToArray();
+        try
+        {
+            long last = 0;
+            foreach (var d in docs)
+            {
+                var root = d.RootElement;
+                Assert.Equal(JsonValueKind.Object, root.ValueKind);
+                Assert.Equal(["t_ns", "sender", "receiver", "type", "msg"], root.EnumerateObject().Select(p => p.Name));
+                var t = root.GetProperty("t_ns").GetInt64();
+                Assert.True(t >= last);
+                last = t;
+                Assert.Contains("uart0", new[] { root.GetProperty("sender").GetString(), root.GetProperty("receiver").GetString() });
+            }
+            Assert.Equal("HostInput", docs[0].RootElement.GetProperty("type").GetString());
+            Assert.Equal(TestActor.Path.ToStringWithoutAddress(), docs[0].RootElement.GetProperty("sender").GetString());
+            Assert.Equal(Convert.ToBase64String([0x68, 0x69]), docs[0].RootElement.GetProperty("msg").GetProperty("Data").GetString());
+
+            var stopped = docs[1].RootElement.GetProperty("msg");
+            Assert.Equal("TripleFault", stopped.GetProperty("Reason").GetString());
+            Assert.Equal("line 1\nline \"2\"", stopped.GetProperty("Report").GetString());
+
+            Assert.Equal("(none)", docs[2].RootElement.GetProperty("sender").GetString());
+            Assert.Equal(probe.Ref.Path.ToStringWithoutAddress(), docs[2].RootElement.GetProperty("msg").GetProperty("Target").GetString());
+
+            // A message System.Text.Json cannot write still yields a valid line.
+            Assert.Equal("Unwritable", docs[3].RootElement.GetProperty("type").GetString());
+            Assert.True(docs[3].RootElement.GetProperty("msg").TryGetProperty("unserializable", out _));
+        }
+        finally
+        {
+            foreach (var d in docs) d.Dispose();
+        }
+    }
+
+    // ---- MessageTraceRegistry ----
+
+    [Fact]
+    public async Task A_sink_is_found_for_actors_under_its_prefix_only()
+    {
+        var probe = CreateTestProbe();
+        var x = Child("vm-x", "uart0", probe);
+        var y = Child("vm-y", "uart0", probe);
+        var xy = Child("vm-xy", "uart0", probe);
+        var vmX = await Sys.ActorSelection("/user/vm-x").ResolveOne(TimeSpan.FromSeconds(3));
+        var sink = new TraceRecorder();
+
+        using (MessageTraceRegistry.Register("/user/vm-x", sink))
+        {
+            Assert.Same(sink, MessageTraceRegistry.SinkFor(x));
+            Assert.Same(sink, MessageTraceRegistry.SinkFor(vmX));
+            Assert.Null(MessageTraceRegistry.SinkFor(y));
+            Assert.Null(MessageTraceRegistry.SinkFor(xy));
+        }
+        Assert.Null(MessageTraceRegistry.SinkFor(x));
+    }
+
+    [Fact]
+    public void A_trailing_slash_in_the_prefix_makes_no_difference()
+    {
+        var probe = CreateTestProbe();
+        var a = Child("vm-slash", "uart0", probe);
+        var sink = new TraceRecorder();
+        using var registration = MessageTraceRegistry.Register("/user/vm-slash/", sink);
+        Assert.Same(sink, MessageTraceRegistry.SinkFor(a));
+    }
+
+    // ---- TracedMailbox ----
+
+    [Fact]
+    public void A_traced_mailbox_records_every_message_but_not_INotTraced_ones()
+    {
+        var recorder = new TraceRecorder();
+        var probe = CreateTestProbe();
+        using var registration = MessageTraceRegistry.Register("/user/traced", recorder);
+        var child = Child("traced", "child-name", probe,
+            Props.Create(() => new Echo(probe.Ref)).WithMailbox(TracedMailboxType.Id));
+
+        child.Tell(new DeviceProtocol.Write(1, 1, 0x55), TestActor);
+        child.Tell(Tick.Instance, TestActor);
+        child.Tell(new DeviceProtocol.Read(7, 5, 1), TestActor);
+        probe.ExpectMsg<DeviceProtocol.Write>();
+        probe.ExpectMsg<Tick>();
+        probe.ExpectMsg<DeviceProtocol.Read>();
+
+        var events = recorder.Snapshot();
+        Assert.Equal(["Write", "Read"], events.Select(e => e.Type));
+        Assert.All(events, e => Assert.Equal("child-name", e.Receiver));
+        Assert.All(events, e => Assert.Equal(TestActor.Path.ToStringWithoutAddress(), e.Sender));
+        Assert.Equal(new DeviceProtocol.Read(7, 5, 1), events[1].Message);
+    }
+
+    [Fact]
+    public void An_actor_with_the_default_mailbox_is_not_traced()
+    {
+        var recorder = new TraceRecorder();
+        var probe = CreateTestProbe();
+        using var registration = MessageTraceRegistry.Register("/user/untraced", recorder);
+        var child = Child("untraced", "child-name", probe);
+        child.Tell(new DeviceProtocol.Write(1, 1, 0x55));
+        probe.ExpectMsg<DeviceProtocol.Write>();
+        Assert.Equal(0, recorder.Count);
+    }
+
+    [Fact]
+    public void A_traced_mailbox_without_a_sink_still_delivers()
+    {
+        var probe = CreateTestProbe();
+        var child = Child("no-sink", "child-name", probe, Props.Create(() => new Echo(probe.Ref)).WithMailbox(TracedMailboxType.Id));
+        child.Tell("hello");
+        probe.ExpectMsg("hello");
+    }
+}
