@@ -1,0 +1,42 @@
+using System.Diagnostics;
+
+namespace ActorVmm.Devices;
+
+/// <summary>
+/// Monotonic time as a device model sees it. Models never read the wall clock: time is passed
+/// in, so timers (PIT, RTC, LAPIC) are testable with a <see cref="ManualClock"/> or Akka's
+/// virtual scheduler.
+/// </summary>
+public interface IDeviceClock
+{
+    TimeSpan Now { get; }
+}
+
+/// <summary>The host's monotonic clock (Stopwatch), starting at zero when created.</summary>
+public sealed class MonotonicClock : IDeviceClock
+{
+    private readonly long _start = Stopwatch.GetTimestamp();
+    public TimeSpan Now => Stopwatch.GetElapsedTime(_start);
+}
+
+/// <summary>A clock that moves only when told to (model tests).</summary>
+public sealed class ManualClock : IDeviceClock
+{
+    public TimeSpan Now { get; set; }
+    public void Advance(TimeSpan by) => Now += by;
+}
+
+/// <summary>
+/// A model with a timer. Its actor asks <see cref="NextDeadline"/> after every access and after
+/// every callback, schedules one timer for it (replacing the previous one), and calls
+/// <see cref="OnDeadline"/> when it fires. Models must tolerate early and late callbacks: they
+/// compare against the clock, never count callbacks.
+/// </summary>
+public interface ITimedDevice
+{
+    /// <summary>When the model next needs <see cref="OnDeadline"/>, in clock time; null if never.</summary>
+    TimeSpan? NextDeadline { get; }
+
+    /// <summary>Brings the model up to the clock's now (raise interrupts, reload counters).</summary>
+    void OnDeadline();
+}
