@@ -48,10 +48,13 @@ namespace ActorVmm.Host
             var flat = new Option<string?>("--flat") { Description = "flat binary loaded at --load-address, entered in real mode" };
             var loadAddress = new Option<string?>("--load-address") { Description = "where --flat loads (default 0x7C00)" };
             var entry = new Option<string?>("--entry") { Description = "real-mode entry CS:IP in hex for --flat (default from the load address)" };
+            var kernel = new Option<string?>("--kernel") { Description = "a kernel image, recognised by its contents (multiboot ELF)" };
+            var initrd = new Option<string?>("--initrd") { Description = "with --kernel: a file handed to the kernel as its first module" };
+            var append = new Option<string?>("--append") { Description = "with --kernel: the kernel command line" };
             var serial = new Option<string?>("--serial") { Description = "serial console output: stdout or a file" };
             var trace = new Option<string?>("--trace") { Description = "write the message trace to FILE as JSON lines" };
             var timeout = new Option<string?>("--timeout") { Description = "stop the VM after this many seconds" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, serial, trace, timeout };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -70,16 +73,28 @@ namespace ActorVmm.Host
 
                 var firmwarePath = parse.GetValue(firmware);
                 var flatPath = parse.GetValue(flat);
+                var kernelPath = parse.GetValue(kernel);
                 BootImage boot;
-                if (firmwarePath is not null && flatPath is not null) throw new ConfigException("give --firmware or --flat, not both");
-                if (firmwarePath is not null) boot = new FirmwareImage(ReadImage(firmwarePath));
+                if (new[] { firmwarePath, flatPath, kernelPath }.Count(p => p is not null) > 1)
+                    throw new ConfigException("give one of --firmware, --flat or --kernel");
+                if (kernelPath is null && (parse.GetValue(initrd) is not null || parse.GetValue(append) is not null))
+                    throw new ConfigException("--initrd and --append go with --kernel");
+                if (kernelPath is not null)
+                {
+                    var modules = parse.GetValue(initrd) is { } initrdPath
+                        ? new[] { new MultibootModule(ReadImage(initrdPath), Path.GetFileName(initrdPath)) }
+                        : [];
+                    var commandLine = Path.GetFileName(kernelPath) + (parse.GetValue(append) is { } a ? " " + a : "");
+                    boot = KernelKind.Recognise(ReadImage(kernelPath), kernelPath, commandLine, modules);
+                }
+                else if (firmwarePath is not null) boot = new FirmwareImage(ReadImage(firmwarePath));
                 else if (flatPath is not null)
                 {
                     var address = ParseNumber(parse.GetValue(loadAddress) ?? "0x7C00", "--load-address");
                     var (cs, ip) = parse.GetValue(entry) is { } e ? ParseEntry(e) : FlatImage.DefaultEntry(address);
                     boot = new FlatImage(ReadImage(flatPath), address, cs, ip);
                 }
-                else throw new ConfigException("nothing to boot: give --firmware FILE or --flat FILE (or try 'actorvmm demo')");
+                else throw new ConfigException("nothing to boot: give --kernel FILE, --firmware FILE or --flat FILE (or try 'actorvmm demo')");
 
                 HostRunner.ConfigureLogging();
                 return await HostRunner.RunAsync(hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);

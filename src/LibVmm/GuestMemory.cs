@@ -18,6 +18,15 @@ public interface IGuestMemory
 
     /// <summary>Whether the whole range is backed by memory.</summary>
     bool IsMapped(GuestPhysAddr address, ulong length);
+
+    /// <summary>The backed ranges in address order (for memory maps handed to a guest).</summary>
+    IReadOnlyList<GuestRange> Ranges { get; }
+}
+
+/// <summary>A backed range of guest-physical space; read-only ranges are firmware, not RAM.</summary>
+public readonly record struct GuestRange(GuestPhysAddr Base, ulong Size, bool ReadOnly)
+{
+    public ulong End => Base.Value + Size;
 }
 
 public static class GuestMemoryExtensions
@@ -154,6 +163,8 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
         if (owns && !_owned.Contains(backing)) _owned.Add(backing);
         return segment;
     }
+
+    public IReadOnlyList<GuestRange> Ranges => _segments.Select(s => new GuestRange(s.Base, s.Size, s.ReadOnly)).ToArray();
 
     public GuestSegment? Find(GuestPhysAddr address)
     {

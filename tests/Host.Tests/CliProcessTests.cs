@@ -99,7 +99,37 @@ public sealed class CliProcessTests : IDisposable
     public async Task Run_with_both_firmware_and_flat_is_refused()
     {
         var image = OneByteImage();
-        AssertUserError(await Run("run", "--firmware", image, "--flat", image), "not both");
+        AssertUserError(await Run("run", "--firmware", image, "--flat", image), "one of");
+    }
+
+    [Fact]
+    public async Task A_kernel_that_is_elf_without_a_multiboot_header_is_refused()
+    {
+        var elf = _dir.Write("plain.elf", ActorVmm.Testing.TestElf.Build([0xF4], 0x10_0000, 0x10_0000));
+        AssertUserError(await Run("run", "--kernel", elf), "without a multiboot header");
+    }
+
+    [Fact]
+    public async Task A_malformed_multiboot_kernel_is_refused_before_kvm_is_needed()
+    {
+        // A valid header, but the ELF segment's file offset points past the end of the file.
+        var kernel = ActorVmm.Testing.TestElf.Build([.. ActorVmm.Testing.TestElf.MultibootHeader(), 0xF4], 0x10_0000, 0x10_000C);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(kernel.AsSpan(ActorVmm.Testing.TestElf.HeaderSize + 4), 999_999);
+        AssertUserError(await Run("run", "--kernel", _dir.Write("bad.elf", kernel)), "outside the file");
+    }
+
+    [Fact]
+    public async Task A_bzimage_is_recognised_and_refused_for_now()
+    {
+        var bz = new byte[0x400];
+        "HdrS"u8.CopyTo(bz.AsSpan(0x202));
+        AssertUserError(await Run("run", "--kernel", _dir.Write("bzImage", bz)), "bzImage");
+    }
+
+    [Fact]
+    public async Task Initrd_without_a_kernel_is_refused()
+    {
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--initrd", OneByteImage()), "--kernel");
     }
 
     [Fact]

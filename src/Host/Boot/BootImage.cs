@@ -142,7 +142,8 @@ public sealed record LongModeImage(byte[] Code, ulong LoadAddress, ulong Entry) 
         });
     }
 
-    private static void WriteGdt(IGuestMemory memory)
+    /// <summary>A flat GDT: null, 64-bit code (0x08), data (0x10), 32-bit code (0x18).</summary>
+    internal static void WriteGdt(IGuestMemory memory)
     {
         ulong[] gdt =
         [

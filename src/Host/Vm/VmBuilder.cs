@@ -64,11 +64,12 @@ public sealed class VmBuilder
         IDisposable? traceRegistration = null;
         try
         {
+            // The image first: a malformed one is reported as such, with or without KVM.
+            memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware);
+            var boot = _spec.Boot.Load(memory);
             kvm = Kvm.Open();
             vm = kvm.CreateVm();
-            memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware);
             memory.RegisterWith(vm);
-            var boot = _spec.Boot.Load(memory);
             var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
             for (var i = 0; i < _spec.Cpus; i++) vcpus.Add(vm.CreateVcpu(i, cpuid));
             boot.ApplyTo(vcpus[0]);
