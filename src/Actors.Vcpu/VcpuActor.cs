@@ -46,6 +46,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     public IStash Stash { get; set; } = null!;
 
+    private Akka.Dispatch.MessageQueues.IMessageQueue _mailbox = null!;
+
     public VcpuActor(IVcpu vcpu, Wiring wiring)
     {
         _vcpu = vcpu;
@@ -62,6 +64,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         try { Thread.CurrentThread.Name = $"vcpu-{Id}"; }
         catch (InvalidOperationException) { /* a pooled thread in unit tests may already be named */ }
         VcpuKickRegistry.Register(Self, _vcpu);
+        _mailbox = ((ActorCell)Context).Mailbox.MessageQueue;
     }
 
     protected override void PostStop() => VcpuKickRegistry.Unregister(Self);
@@ -284,7 +287,26 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         Become(Halted);
     }
 
+    /// <summary>Exits handled in one turn before the actor yields to its dispatcher (system messages).</summary>
+    private const int MaxExitsPerTurn = 256;
+
+    /// <summary>
+    /// Runs the guest until an exit needs a reply or a state change, or a message is waiting.
+    /// While the mailbox is empty the vcpu re-enters at once instead of telling itself Run: a
+    /// message that needs the vcpu kicks it, so it is seen before the next entry either way.
+    /// </summary>
     private void Step()
+    {
+        for (var i = 0; i < MaxExitsPerTurn; i++)
+        {
+            if (!RunOnce()) return;
+            if (_mailbox.HasMessages) break;
+        }
+        Self.Tell(Run.Instance);
+    }
+
+    /// <summary>One KVM_RUN and its exit. True when the vcpu should simply run again.</summary>
+    private bool RunOnce()
     {
         InjectPendingInterrupt();
         VmExit exit;
@@ -295,7 +317,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         catch (Exception e)
         {
             StopWith(StopReason.RunFailed, $"vcpu {Id} stopped: KVM_RUN failed: {e.Message}");
-            return;
+            return false;
         }
         _exits++;
         var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio);
@@ -303,11 +325,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         {
             case ExitActionKind.Reenter:
                 if (exit is VmExit.Intr) _intrExits++;
-                Self.Tell(Run.Instance);
-                break;
+                return true;
             case ExitActionKind.PostWrite:
-                PostWrites(exit, action);
-                break;
+                return PostWrites(exit, action);
             case ExitActionKind.Read:
                 CountAccess(exit);
                 _readRoute = action.Route;
@@ -315,30 +335,26 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _readIndex = 0;
                 SendRead(action.Offset, action.Size);
                 Become(WaitingForRead);
-                break;
+                return false;
             case ExitActionKind.UnassignedRead:
                 CountAccess(exit);
                 _unassignedReads++;
                 CompleteUnassignedRead(exit, action.Size);
-                Self.Tell(Run.Instance);
-                break;
+                return true;
             case ExitActionKind.UnassignedWrite:
                 CountAccess(exit);
                 _unassignedWrites++;
-                Self.Tell(Run.Instance);
-                break;
+                return true;
             case ExitActionKind.Halt:
                 _hltExits++;
-                OnHalt();
-                break;
+                return OnHalt();
             case ExitActionKind.MsrFault:
                 if (exit is VmExit.MsrRead) _vcpu.CompleteMsrRead(0, fault: true);
                 else _vcpu.CompleteMsrWrite(fault: true);
-                Self.Tell(Run.Instance);
-                break;
-            case ExitActionKind.Stop:
+                return true;
+            default:
                 StopWith(action.StopReason, FailureReport.Build(Id, action.StopReason, exit, _vcpu, _wiring.Memory));
-                break;
+                return false;
         }
     }
 
@@ -348,7 +364,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         else _mmioExits++;
     }
 
-    private void PostWrites(VmExit exit, ExitAction action)
+    /// <summary>Posts the write(s); false when the device's write window is full (the vcpu waits).</summary>
+    private bool PostWrites(VmExit exit, ExitAction action)
     {
         var route = action.Route!;
         var device = route.Device;
@@ -374,9 +391,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             // Running --window full--> waiting for credit (a flooding guest waits here).
             _blockedOn = route;
             Become(WaitingForCredit);
-            return;
+            return false;
         }
-        Self.Tell(Run.Instance);
+        return true;
     }
 
     private void SendRead(ulong offset, int size)
@@ -425,18 +442,19 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             route.InFlight = Math.Max(0, route.InFlight - credit.Count);
     }
 
-    private void OnHalt()
+    /// <summary>True when the vcpu should run on (an event is pending); false when it halts.</summary>
+    private bool OnHalt()
     {
         if (_pendingVectors.Count > 0 || _wakePending)
         {
             _wakePending = false;
-            Self.Tell(Run.Instance);
-            return;
+            return true;
         }
         // Running --HLT--> Halted. With IF=0 and nothing pending, only an NMI/INIT could wake
         // it: the VM decides whether that ends its run.
         EnterHalted();
         _wiring.Vm.Tell(new VcpuHalted(Id, InterruptsDisabled: !_vcpu.InterruptsEnabled));
+        return false;
     }
 
     private void InjectPendingInterrupt()
