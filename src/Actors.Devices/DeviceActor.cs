@@ -19,10 +19,22 @@ internal sealed class DeviceActor : ReceiveActor
     private long _reads;
     private long _writes;
 
-    public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory, IActorRef events)
+    private readonly StateCell _cell;
+
+    public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell)
     {
         _name = name;
-        _model = factory(new EventsToActor(name, events));
+        _cell = cell;
+        var platform = new EventsToActor(name, events);
+        if (cell.State is { } saved && restore is not null)
+        {
+            // A restart: continue from the state the last incarnation saved.
+            _model = restore(platform, saved);
+            cell.Restored++;
+        }
+        else _model = factory(platform);
+        cell.State = null;
 
         Receive<Write>(w =>
         {
@@ -62,11 +74,19 @@ internal sealed class DeviceActor : ReceiveActor
             DrainInput();
         });
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
+        Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));
+        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
     }
 
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
+        _cell.Restarts++;
+        if (_model is IStatefulDevice stateful)
+        {
+            try { _cell.State = stateful.SaveState(); }
+            catch (Exception) { _cell.State = null; } // a model too broken to save restarts from power-on
+        }
         foreach (var (sender, n) in _uncredited)
             if (n > 0) sender.Tell(new WriteCredit(n));
         _uncredited.Clear();

@@ -49,9 +49,35 @@ public static class DeviceProtocol
 
     public sealed record Stats(string Device, long Reads, long Writes) : IDeviceMessage;
 
+    /// <summary>What survives an actor restart: the model's last state record and counters.
+    /// Local to one host (never sent).</summary>
+    internal sealed class StateCell
+    {
+        public object? State;
+        public int Restarts;
+        public int Restored;
+    }
+
     /// <param name="name">device name used in messages and traces ("uart0")</param>
     /// <param name="factory">builds the model; called once per actor incarnation</param>
     /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/>; may be Nobody</param>
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory, IActorRef events) =>
-        Akka.Actor.Props.Create(() => new DeviceActor(name, factory, events));
+        Props(name, factory, null, events);
+
+    /// <param name="restore">builds the model from the state record its last incarnation saved
+    /// (models implementing <see cref="IStatefulDevice"/>); null = restart from power-on</param>
+    public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory,
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events)
+    {
+        var cell = new StateCell();
+        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell));
+    }
+
+    /// <summary>Asks a device how often it restarted and whether from a state record.</summary>
+    public sealed record GetHealth : IDeviceMessage
+    {
+        public static readonly GetHealth Instance = new();
+    }
+
+    public sealed record Health(string Device, int Restarts, int RestoredFromState) : IDeviceMessage;
 }

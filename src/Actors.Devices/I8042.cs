@@ -17,7 +17,7 @@ public sealed record I8042State(
 /// No keyboard or mouse is attached: bytes written to the data port without a pending controller
 /// command are dropped, and the controller raises no interrupts (it only answers commands).
 /// </summary>
-public sealed class I8042(IPlatformEvents events) : IBusDevice
+public sealed class I8042(IPlatformEvents events) : IStatefulDevice
 {
     public const ulong DataOffset = 0;
     public const ulong CommandOffset = 4;
@@ -93,6 +93,8 @@ public sealed class I8042(IPlatformEvents events) : IBusDevice
                 break;
         }
     }
+
+    object IStatefulDevice.SaveState() => State();
 
     public I8042State State() =>
         new(_commandByte, _outputPort, _output, _outputFull, _pendingCommand, _lastWriteWasCommand);

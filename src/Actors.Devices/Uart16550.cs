@@ -50,7 +50,7 @@ public sealed record UartState(
 /// The interrupt line is a level: asserted while an enabled interrupt is pending and MCR.OUT2
 /// is set (on a PC, OUT2 gates the UART's IRQ onto the ISA bus); the line is told only on changes.
 /// </summary>
-public sealed class Uart16550 : IBusDevice, IHostInput
+public sealed class Uart16550 : IStatefulDevice, IHostInput
 {
     public const int FifoCapacity = 16;
 
@@ -248,6 +248,8 @@ public sealed class Uart16550 : IBusDevice, IHostInput
         if (n > 0) UpdateLine();
         return n;
     }
+
+    object IStatefulDevice.SaveState() => State();
 
     public UartState State() => new(
         _dll, _dlm, _ier, _fcr, _lcr, _mcr, Lsr(), _msr, _scr, _thrEmptyPending,

@@ -264,6 +264,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case DeviceProtocol.WriteCredit credit:
                 ApplyCredit(credit);
                 break;
+            case FaultProtocol.Crash crash:
+                throw new InjectedFaultException(crash.Reason);
             case Start or Notify or Run or DeviceProtocol.ReadResult:
                 break;
             default:

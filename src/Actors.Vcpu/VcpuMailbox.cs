@@ -3,6 +3,7 @@ using Akka.Actor;
 using Akka.Configuration;
 using Akka.Dispatch;
 using Akka.Dispatch.MessageQueues;
+using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
 using ActorVmm.LibVmm;
 
@@ -34,7 +35,9 @@ public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) 
     {
         if (trace is not null && envelope.Message is not INotTraced) trace.Record(envelope.Sender, owner, envelope.Message);
         _queue.Enqueue(receiver, envelope);
-        if (envelope.Message is VcpuProtocol.IKicking)
+        // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
+        // promptly too, or a vcpu spinning in the guest would never answer them.
+        if (envelope.Message is VcpuProtocol.IKicking or FaultProtocol.IFaultMessage or Identify or PoisonPill or Kill)
         {
             var vcpu = _vcpu ??= VcpuKickRegistry.Find(owner);
             vcpu?.Kick();

@@ -1,4 +1,5 @@
 using Akka.Actor;
+using Akka.Actor.Internal;
 using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
 using ActorVmm.Memory;
@@ -83,15 +84,53 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         });
         Receive<VcpuProtocol.Paused>(_ => { });
         Receive<VcpuProtocol.Resumed>(_ => { });
+        Receive<ChildFailed>(f => _failures[f.Child] = f.Cause);
         Receive<Terminated>(t =>
         {
+            var name = t.ActorRef.Path.Name;
+            var why = _failures.TryGetValue(name, out var cause) ? $": {cause}" : "";
             var index = _vcpus.IndexOf(t.ActorRef);
-            if (index < 0) return;
-            _stopped.Add(index);
-            End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"vcpu {index} actor terminated unexpectedly"));
-            TryFinish();
+            if (index >= 0)
+            {
+                _stopped.Add(index);
+                End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"{name} (vcpu {index}) failed and was stopped{why}"));
+                TryFinish();
+                return;
+            }
+            // A device or the vmspace gone for good (it kept failing): reads to it would never be
+            // answered, so the VM cannot go on.
+            End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"{name} failed and was stopped{why}"));
         });
         Receive<EndTimeout>(_ => Finish());
+    }
+
+    /// <summary>Supervision: a device restarts from its last state record (at most
+    /// <see cref="MaxDeviceRestarts"/> times a minute, then it stops and so does the VM); a vcpu
+    /// or the vmspace that throws is stopped, and the VM ends with a report naming it.</summary>
+    protected override SupervisorStrategy SupervisorStrategy() => new VmSupervisorStrategy(Self);
+
+    public const int MaxDeviceRestarts = 10;
+
+    /// <summary>A child's failure, recorded for the report of its Terminated.</summary>
+    private sealed record ChildFailed(string Child, string Cause);
+
+    private readonly Dictionary<string, string> _failures = new();
+
+    private sealed class VmSupervisorStrategy(IActorRef vm)
+        : OneForOneStrategy(MaxDeviceRestarts, TimeSpan.FromMinutes(1), Akka.Actor.Decider.From(Directive.Restart))
+    {
+        public override void ProcessFailure(IActorContext context, bool restart, IActorRef child, Exception cause,
+            ChildRestartStats stats, IReadOnlyCollection<ChildRestartStats> children)
+        {
+            var name = child.Path.Name;
+            if (!restart || name.StartsWith("vcpu-", StringComparison.Ordinal) || name == "vmspace")
+            {
+                vm.Tell(new ChildFailed(name, $"{cause.GetType().Name}: {cause.Message}"));
+                context.Stop(child);
+                return;
+            }
+            base.ProcessFailure(context, restart, child, cause, stats, children);
+        }
     }
 
     protected override void PreStart()
@@ -99,10 +138,14 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var traced = _resources.Traced;
         Props Mailbox(Props p) => traced ? p.WithMailbox(TracedMailboxType.Id) : p;
 
-        Context.ActorOf(Mailbox(VmspaceProtocol.Props(_resources.Memory)), "vmspace");
+        Context.Watch(Context.ActorOf(Mailbox(VmspaceProtocol.Props(_resources.Memory)), "vmspace"));
         var devices = new List<(DeviceSpec Spec, IActorRef Actor)>();
         foreach (var spec in _resources.Devices)
-            devices.Add((spec, Context.ActorOf(Mailbox(DeviceProtocol.Props(spec.Name, spec.Factory, Self)), spec.Name)));
+        {
+            var device = Context.ActorOf(Mailbox(DeviceProtocol.Props(spec.Name, spec.Factory, spec.Restore, Self)), spec.Name);
+            Context.Watch(device);
+            devices.Add((spec, device));
+        }
 
         foreach (var vcpu in _resources.Vcpus)
         {

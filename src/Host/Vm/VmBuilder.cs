@@ -30,10 +30,12 @@ public sealed class VmBuilder
     public VmBuilder WithStandardDevices(SerialConsole console)
     {
         AddDevice(new DeviceSpec("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
-            _ => new Uart16550(NullInterruptLine.Instance, console.Write)));
+            _ => new Uart16550(NullInterruptLine.Instance, console.Write),
+            (_, state) => Uart16550.FromState((UartState)state, NullInterruptLine.Instance, console.Write)));
         AddDevice(new DeviceSpec("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, Platform.DebugExitLength,
             events => new DebugExit(events)));
-        AddDevice(new DeviceSpec("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 5, events => new I8042(events)));
+        AddDevice(new DeviceSpec("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 5, events => new I8042(events),
+            (events, state) => I8042.FromState((I8042State)state, events)));
         return this;
     }
 

@@ -1,0 +1,196 @@
+using Akka.Actor;
+using Akka.Configuration;
+using Akka.TestKit.Xunit2;
+using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+using ActorVmm.Vcpu;
+using ActorVmm.Vcpu.Tests;
+using Xunit;
+using Xunit.Abstractions;
+using static ActorVmm.Host.Vm.VmProtocol;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>
+/// The VM actor with its real children (vmspace over real memfd memory, device actors, vcpu
+/// actors on pinned threads) and scripted vcpus in place of KVM: how a VM ends, and how it
+/// survives (or does not survive) failures of its actors.
+/// </summary>
+public sealed class VmActorTests : TestKit
+{
+    private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
+    private readonly List<ScriptedVcpu> _vcpus = [];
+    private readonly List<GuestMemoryMap> _memory = [];
+
+    public VmActorTests(ITestOutputHelper output)
+        : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
+            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    {
+    }
+
+    private sealed record Rig(IActorRef Vm, Task<Outcome> Ended, IReadOnlyList<ScriptedVcpu> Vcpus, SerialConsole Console);
+
+    private Rig Start(int cpus = 1, params DeviceSpec[] extra)
+    {
+        var memory = VmspaceLayout.Build(4 << 20);
+        _memory.Add(memory);
+        var vcpus = Enumerable.Range(0, cpus).Select(i => new ScriptedVcpu(i)).ToList();
+        _vcpus.AddRange(vcpus);
+        var console = SerialConsole.Captured();
+        var devices = new List<DeviceSpec>
+        {
+            new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
+                _ => new Uart16550(NullInterruptLine.Instance, console.Write),
+                (_, state) => Uart16550.FromState((UartState)state, NullInterruptLine.Instance, console.Write)),
+            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
+        };
+        devices.AddRange(extra);
+        var ended = new TaskCompletionSource<Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var resources = new VmResources("test", memory, vcpus, devices, Traced: false);
+        var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)), $"vm-{Guid.NewGuid():N}");
+        vm.Tell(VmProtocol.Start.Instance);
+        Assert.True(vcpus[0].WaitUntilIdleInGuest(), "vcpu 0 did not start");
+        return new Rig(vm, ended.Task, vcpus, console);
+    }
+
+    private static VmExit.Io Out(ushort port, ulong value) => new(true, port, 1, 1, value, null);
+
+    private static async Task<Outcome> Ends(Rig rig)
+    {
+        var done = await Task.WhenAny(rig.Ended, Task.Delay(Wait));
+        Assert.True(done == rig.Ended, "the VM did not end");
+        return await rig.Ended;
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        foreach (var v in _vcpus) v.Dispose();
+        base.Dispose(disposing);
+        foreach (var m in _memory) m.Dispose();
+    }
+
+    [Fact]
+    public async Task Vm_must_end_with_code_0_when_the_boot_vcpu_halts_with_interrupts_disabled()
+    {
+        var rig = Start(cpus: 2);
+        rig.Vcpus[0].InterruptsEnabled = false;
+        rig.Vcpus[0].Supply(VmExit.Hlt.Instance);
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.Halted, outcome.Kind);
+        Assert.Equal(0, outcome.ExitCode);
+        Assert.Equal(0, rig.Vcpus[1].Runs); // an AP never runs before a SIPI
+    }
+
+    [Fact]
+    public async Task Vm_must_end_with_the_debug_exit_status_and_stop_every_vcpu()
+    {
+        var rig = Start();
+        rig.Vcpus[0].Supply(Out(0x3F8, 'h'), Out(0x3F8, 'i'), Out(Platform.DebugExitPort, 3));
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.DebugExit, outcome.Kind);
+        Assert.Equal(7, outcome.ExitCode);
+        Assert.Equal("hi", rig.Console.CapturedText());
+        rig.Vm.Tell(GetStatus.Instance);
+        Assert.Equal(Phase.Ended, (await ExpectMsgAsync<VmProtocol.Status>()).Phase);
+    }
+
+    [Fact]
+    public async Task Vm_must_stop_with_a_report_naming_a_vcpu_whose_actor_crashed()
+    {
+        var rig = Start();
+        var vcpu = await Sys.ActorSelection(rig.Vm.Path / "vcpu-0").ResolveOne(Wait);
+        vcpu.Tell(new FaultProtocol.Crash("test"));
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.VcpuError, outcome.Kind);
+        Assert.Equal(Outcome.VcpuErrorCode, outcome.ExitCode);
+        Assert.Contains("vcpu-0", outcome.Detail);
+        Assert.Contains("injected fault: test", outcome.Detail);
+    }
+
+    [Fact]
+    public async Task Vm_must_survive_a_uart_crash_and_keep_its_fifo_and_every_output_byte()
+    {
+        var rig = Start();
+        var uart = await Sys.ActorSelection(rig.Vm.Path / "uart0").ResolveOne(Wait);
+        uart.Tell(new DeviceProtocol.Write(2, 1, 0x01), ActorRefs.NoSender); // FCR: enable FIFOs
+        uart.Tell(new DeviceProtocol.HostInput("abc"u8.ToArray()), ActorRefs.NoSender);
+        rig.Vcpus[0].Supply(Out(0x3F8, '1'), Out(0x3F8, '2'));
+        Assert.True(rig.Vcpus[0].WaitUntilIdleInGuest());
+
+        uart.Tell(new FaultProtocol.Crash("in the middle of output"));
+        rig.Vcpus[0].Supply(Out(0x3F8, '3'));
+        Assert.True(rig.Vcpus[0].WaitUntilIdleInGuest());
+
+        // The received bytes survived the restart, in order.
+        foreach (var expected in "abc")
+        {
+            uart.Tell(new DeviceProtocol.Read(1, 0, 1));
+            Assert.Equal(new DeviceProtocol.ReadResult(1, expected), await ExpectMsgAsync<DeviceProtocol.ReadResult>());
+        }
+        uart.Tell(DeviceProtocol.GetHealth.Instance);
+        Assert.Equal(new DeviceProtocol.Health("uart0", 1, 1), await ExpectMsgAsync<DeviceProtocol.Health>());
+        Assert.True(rig.Vcpus[0].WaitUntil(_ => rig.Console.CapturedText() == "123"), rig.Console.CapturedText());
+        Assert.False(rig.Ended.IsCompleted);
+    }
+
+    [Fact]
+    public async Task Vm_must_end_when_a_device_keeps_failing()
+    {
+        var rig = Start();
+        var uart = await Sys.ActorSelection(rig.Vm.Path / "uart0").ResolveOne(Wait);
+        for (var i = 0; i <= VmActor.MaxDeviceRestarts; i++) uart.Tell(new FaultProtocol.Crash($"crash {i}"));
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.VcpuError, outcome.Kind);
+        Assert.Contains("uart0", outcome.Detail);
+    }
+
+    [Fact]
+    public async Task Vm_must_stop_on_request_with_code_130_even_while_a_vcpu_waits_for_a_device()
+    {
+        using var slow = new SlowDevice();
+        var rig = Start(1, new DeviceSpec("slow", DeviceProtocol.Space.Port, 0x10, 1, _ => slow));
+        rig.Vcpus[0].Supply(new VmExit.Io(false, 0x10, 1, 1, 0, null));
+        Assert.True(slow.Entered.Wait(Wait), "the read never reached the device");
+        rig.Vm.Tell(new VmProtocol.Stop("test stop"));
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.Stopped, outcome.Kind);
+        Assert.Equal(Outcome.StoppedCode, outcome.ExitCode);
+        Assert.Contains("test stop", outcome.Detail);
+    }
+
+    [Fact]
+    public async Task Vm_must_pause_every_vcpu_out_of_the_guest_and_resume_them()
+    {
+        var rig = Start();
+        rig.Vm.Tell(VmProtocol.Pause.Instance);
+        rig.Vm.Tell(GetStatus.Instance);
+        Assert.Equal(Phase.Paused, (await ExpectMsgAsync<VmProtocol.Status>()).Phase);
+        var vcpu = await Sys.ActorSelection(rig.Vm.Path / "vcpu-0").ResolveOne(Wait);
+        vcpu.Tell(VcpuProtocol.GetStats.Instance);
+        Assert.Equal(VcpuProtocol.State.Paused, (await ExpectMsgAsync<VcpuProtocol.Stats>()).State);
+        rig.Vm.Tell(VmProtocol.Resume.Instance);
+        rig.Vcpus[0].Supply(Out(Platform.DebugExitPort, 0));
+        Assert.Equal(1, (await Ends(rig)).ExitCode);
+    }
+
+    /// <summary>A device whose read does not answer until the test is over (at most 10 s).</summary>
+    private sealed class SlowDevice : IBusDevice, IDisposable
+    {
+        private readonly ManualResetEventSlim _release = new();
+        public readonly ManualResetEventSlim Entered = new();
+
+        public ulong Read(ulong offset, int size)
+        {
+            Entered.Set();
+            _release.Wait(Wait);
+            return 0;
+        }
+
+        public void Write(ulong offset, int size, ulong value) { }
+
+        public void Dispose() => _release.Set();
+    }
+}
