@@ -47,6 +47,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     public IStash Stash { get; set; } = null!;
 
     private Akka.Dispatch.MessageQueues.IMessageQueue _mailbox = null!;
+    private ITraceSink? _trace;
 
     public VcpuActor(IVcpu vcpu, Wiring wiring)
     {
@@ -65,6 +66,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         catch (InvalidOperationException) { /* a pooled thread in unit tests may already be named */ }
         VcpuKickRegistry.Register(Self, _vcpu);
         _mailbox = ((ActorCell)Context).Mailbox.MessageQueue;
+        _trace = MessageTraceRegistry.SinkFor(Self);
     }
 
     protected override void PostStop() => VcpuKickRegistry.Unregister(Self);
@@ -322,6 +324,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             return false;
         }
         _exits++;
+        if (_trace is not null) TraceExit(exit);
         var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio);
         switch (action.Kind)
         {
@@ -358,6 +361,19 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 StopWith(action.StopReason, FailureReport.Build(Id, action.StopReason, exit, _vcpu, _wiring.Memory));
                 return false;
         }
+    }
+
+    /// <summary>Records the exit as a trace event and makes it the causal parent of what follows.</summary>
+    private void TraceExit(VmExit exit)
+    {
+        var e = exit switch
+        {
+            VmExit.Io io => new GuestExit(Id, io.IsOut ? "io-out" : "io-in", io.Port, io.Size, io.IsOut, io.Value),
+            VmExit.Mmio m => new GuestExit(Id, m.IsWrite ? "mmio-write" : "mmio-read", m.Address, m.Length, m.IsWrite, m.Value),
+            _ => new GuestExit(Id, exit.GetType().Name.ToLowerInvariant(), 0, 0, false, 0),
+        };
+        var id = TraceContext.Record(_trace!, Self, Self, e);
+        TraceContext.Enter(Self, id);
     }
 
     private void CountAccess(VmExit exit)

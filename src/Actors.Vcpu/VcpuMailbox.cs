@@ -25,7 +25,8 @@ public sealed class VcpuMailboxType(Settings settings, Config config)
 
 public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
-    private readonly UnboundedDequeMessageQueue _queue = new();
+    // Tracing off: Akka's deque, nothing else on the hot path. On: the causal traced deque.
+    private readonly IMessageQueue _queue = trace is null ? new UnboundedDequeMessageQueue() : new TracedMessageQueue(owner, trace);
     private IVcpu? _vcpu;
 
     public bool HasMessages => _queue.HasMessages;
@@ -33,7 +34,6 @@ public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) 
 
     public void Enqueue(IActorRef receiver, Envelope envelope)
     {
-        if (trace is not null && envelope.Message is not INotTraced) trace.Record(envelope.Sender, owner, envelope.Message);
         _queue.Enqueue(receiver, envelope);
         // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
         // promptly too, or a vcpu spinning in the guest would never answer them.
@@ -44,7 +44,7 @@ public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) 
         }
     }
 
-    public void EnqueueFirst(Envelope envelope) => _queue.EnqueueFirst(envelope);
+    public void EnqueueFirst(Envelope envelope) => ((IDequeBasedMessageQueueSemantics)_queue).EnqueueFirst(envelope);
     public bool TryDequeue(out Envelope envelope) => _queue.TryDequeue(out envelope);
     public void CleanUp(IActorRef owner, IMessageQueue deadletters) => _queue.CleanUp(owner, deadletters);
 }

@@ -94,6 +94,10 @@ public static class VcpuProtocol
     /// disabled and nothing pending, the guest is done unless an NMI or INIT comes.</summary>
     public sealed record VcpuHalted(int VcpuId, bool InterruptsDisabled) : IVcpuMessage;
 
+    /// <summary>A trace event, not a message: the vcpu left the guest (recorded only when the
+    /// VM is traced; what the vcpu sends while handling it has it as causal parent).</summary>
+    public sealed record GuestExit(int VcpuId, string Reason, ulong Address, int Size, bool Write, ulong Value) : IVcpuMessage;
+
     /// <summary>A request this vcpu could not satisfy in its current state.</summary>
     public sealed record Refused(int VcpuId, string Request, string Why) : IVcpuMessage;
 

@@ -52,9 +52,9 @@ public static class HostRunner
         var system = CreateSystem(config);
         try
         {
-            if (vm.TracePath is not null || options.PrintTrace)
+            if (vm.TracePath is not null || vm.PerfettoPath is not null || options.PrintTrace)
             {
-                try { trace = new TraceRecorder(vm.TracePath); }
+                try { trace = new TraceRecorder(vm.TracePath, filter: TraceFilter.Parse(vm.TraceFilter)); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
                 {
                     await stderr.WriteLineAsync($"actorvmm: error: cannot open trace file {vm.TracePath}: {e.Message}");
@@ -83,6 +83,18 @@ public static class HostRunner
                     : await running.Ended;
                 console.Flush();
                 if (options.PrintTrace && trace is not null) PrintTrace(trace, Console.Out);
+                if (vm.PerfettoPath is not null && trace is not null)
+                {
+                    try
+                    {
+                        await using var file = File.Create(vm.PerfettoPath);
+                        PerfettoExport.Write(trace.Snapshot(), file, $"ActorVmm {vm.Name}");
+                    }
+                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                    {
+                        await stderr.WriteLineAsync($"actorvmm: error: cannot write {vm.PerfettoPath}: {e.Message}");
+                    }
+                }
                 await stderr.WriteLineAsync($"actorvmm: {vm.Name}: {Describe(outcome)} (exit code {outcome.ExitCode})");
                 return outcome.ExitCode;
             }

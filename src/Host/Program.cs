@@ -54,7 +54,9 @@ namespace ActorVmm.Host
             var serial = new Option<string?>("--serial") { Description = "serial console output: stdout or a file" };
             var trace = new Option<string?>("--trace") { Description = "write the message trace to FILE as JSON lines" };
             var timeout = new Option<string?>("--timeout") { Description = "stop the VM after this many seconds" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout };
+            var perfetto = new Option<string?>("--perfetto") { Description = "write the message trace to FILE for the Perfetto UI when the VM ends" };
+            var traceFilter = new Option<string?>("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -68,6 +70,8 @@ namespace ActorVmm.Host
                 Override("serial.output", parse.GetValue(serial));
                 Override("trace", parse.GetValue(trace));
                 Override("timeout", parse.GetValue(timeout));
+                Override("perfetto", parse.GetValue(perfetto));
+                Override("trace-filter", parse.GetValue(traceFilter));
                 var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
 
@@ -105,10 +109,12 @@ namespace ActorVmm.Host
         private static Command DemoCommand()
         {
             var trace = new Option<string?>("--trace") { Description = "also write the message trace to FILE as JSON lines" };
-            var command = new Command("demo", "boot the built-in guest and show its message trace") { trace };
+            var perfetto = new Option<string?>("--perfetto") { Description = "also write the trace to FILE for the Perfetto UI" };
+            var command = new Command("demo", "boot the built-in guest and show its message trace") { trace, perfetto };
             command.SetAction(async (parse, _) =>
             {
-                var overrides = $"actorvmm.vm {{ name = demo, memory = 16M, serial.input = none, timeout = 30, trace = {Quote(parse.GetValue(trace) ?? "")} }}";
+                var overrides = $"actorvmm.vm {{ name = demo, memory = 16M, serial.input = none, timeout = 30, " +
+                                $"trace = {Quote(parse.GetValue(trace) ?? "")}, perfetto = {Quote(parse.GetValue(perfetto) ?? "")} }}";
                 var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(VmConfig.Load(null));
                 var vm = VmConfig.From(hocon);
                 HostRunner.ConfigureLogging();

@@ -102,7 +102,7 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
             {
                 var root = d.RootElement;
                 Assert.Equal(JsonValueKind.Object, root.ValueKind);
-                Assert.Equal(["t_ns", "sender", "receiver", "type", "msg"], root.EnumerateObject().Select(p => p.Name));
+                Assert.Equal(["id", "parent", "t_ns", "sender", "receiver", "type", "msg"], root.EnumerateObject().Select(p => p.Name));
                 var t = root.GetProperty("t_ns").GetInt64();
                 Assert.True(t >= last);
                 last = t;

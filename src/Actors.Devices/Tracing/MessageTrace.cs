@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Collections.Immutable;
 using Akka.Actor;
 using Akka.Configuration;
@@ -12,7 +13,51 @@ public interface INotTraced;
 /// <summary>Receives every traced message on enqueue, on the sender's thread. Must not block.</summary>
 public interface ITraceSink
 {
-    void Record(IActorRef? sender, IActorRef receiver, object message);
+    /// <param name="id">this message's trace id (unique in the process)</param>
+    /// <param name="parentId">the id of the message whose handling sent this one; 0 if none
+    /// (sent from outside the actors, or by an untraced actor)</param>
+    void Record(long id, long parentId, IActorRef? sender, IActorRef receiver, object message);
+}
+
+/// <summary>
+/// Causality for traces: which traced message the current thread is handling. A traced mailbox
+/// sets it when it hands a message to its actor; a message enqueued while the same actor is its
+/// sender gets that message as its parent. A stale value (the thread moved on to an untraced
+/// actor) is ignored because its owner is not the sender.
+/// </summary>
+public static class TraceContext
+{
+    [ThreadStatic] private static IActorRef? _owner;
+    [ThreadStatic] private static long _current;
+    private static long _lastId;
+
+    public static long NextId() => Interlocked.Increment(ref _lastId);
+
+    /// <summary>The actor <paramref name="owner"/> is now handling trace event <paramref name="id"/>.</summary>
+    public static void Enter(IActorRef owner, long id)
+    {
+        _owner = owner;
+        _current = id;
+    }
+
+    /// <summary>The parent for a message <paramref name="sender"/> sends now.</summary>
+    public static long ParentFor(IActorRef? sender) =>
+        sender is not null && _owner is not null && (ReferenceEquals(_owner, sender) || sender.Equals(_owner)) ? _current : 0;
+
+    /// <summary>The actor goes on with an untraced message (a loop tick): the chain continues
+    /// from what it handled last, if that was its own.</summary>
+    public static void Continue(IActorRef owner)
+    {
+        if (!ReferenceEquals(_owner, owner)) Enter(owner, 0);
+    }
+
+    /// <summary>Records a message to the sink with a fresh id and the current parent; returns the id.</summary>
+    public static long Record(ITraceSink sink, IActorRef? sender, IActorRef receiver, object message)
+    {
+        var id = NextId();
+        sink.Record(id, ParentFor(sender), sender, receiver, message);
+        return id;
+    }
 }
 
 /// <summary>
@@ -67,20 +112,52 @@ public sealed class TracedMailboxType(Settings settings, Config config)
         new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(owner));
 }
 
+/// <summary>
+/// An unbounded deque that records each message to <paramref name="sink"/> on enqueue (with its
+/// trace id and causal parent) and, on dequeue, tells <see cref="TraceContext"/> which message
+/// its actor is handling. Messages put back by an unstash keep no id: their children get no parent.
+/// </summary>
 public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
-    private readonly UnboundedDequeMessageQueue _queue = new();
+    private readonly ConcurrentQueue<(Envelope Envelope, long Id)> _queue = new();
+    private readonly Stack<Envelope> _prepended = new(); // only the actor's own thread prepends and dequeues
 
-    public bool HasMessages => _queue.HasMessages;
-    public int Count => _queue.Count;
+    public bool HasMessages => _prepended.Count > 0 || !_queue.IsEmpty;
+    public int Count => _prepended.Count + _queue.Count;
 
     public void Enqueue(IActorRef receiver, Envelope envelope)
     {
-        if (sink is not null && envelope.Message is not INotTraced) sink.Record(envelope.Sender, owner, envelope.Message);
-        _queue.Enqueue(receiver, envelope);
+        long id = 0;
+        if (sink is not null && envelope.Message is not INotTraced)
+        {
+            id = TraceContext.NextId();
+            sink.Record(id, TraceContext.ParentFor(envelope.Sender), envelope.Sender, owner, envelope.Message);
+        }
+        _queue.Enqueue((envelope, id));
     }
 
-    public void EnqueueFirst(Envelope envelope) => _queue.EnqueueFirst(envelope);
-    public bool TryDequeue(out Envelope envelope) => _queue.TryDequeue(out envelope);
-    public void CleanUp(IActorRef owner, IMessageQueue deadletters) => _queue.CleanUp(owner, deadletters);
+    public void EnqueueFirst(Envelope envelope) => _prepended.Push(envelope);
+
+    public bool TryDequeue(out Envelope envelope)
+    {
+        if (_prepended.TryPop(out envelope))
+        {
+            TraceContext.Enter(owner, 0);
+            return true;
+        }
+        if (_queue.TryDequeue(out var entry))
+        {
+            envelope = entry.Envelope;
+            if (entry.Id == 0 && envelope.Message is INotTraced) TraceContext.Continue(owner);
+            else TraceContext.Enter(owner, entry.Id);
+            return true;
+        }
+        envelope = default;
+        return false;
+    }
+
+    public void CleanUp(IActorRef owner, IMessageQueue deadletters)
+    {
+        while (TryDequeue(out var envelope)) deadletters.Enqueue(owner, envelope);
+    }
 }

@@ -11,7 +11,7 @@ public sealed class ConfigException(string message) : Exception(message);
 /// <summary>The settings of one VM, read from HOCON (defaults, then a VM file, then the command line).</summary>
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
-    double TimeoutSeconds)
+    double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "")
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -79,7 +79,12 @@ public sealed record VmConfig(
             var timeoutText = vm.GetString("timeout", "0");
             if (!double.TryParse(timeoutText, NumberStyles.Float, CultureInfo.InvariantCulture, out var timeout) || timeout < 0)
                 throw new ConfigException($"actorvmm.vm.timeout must be a number of seconds >= 0, not \"{timeoutText}\"");
-            return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout);
+            var perfetto = vm.GetString("perfetto", "");
+            var filter = vm.GetString("trace-filter", "") ?? "";
+            try { Tracing.TraceFilter.Parse(filter); }
+            catch (FormatException e) { throw new ConfigException($"actorvmm.vm.trace-filter: {e.Message}"); }
+            return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
+                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter);
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

@@ -8,17 +8,52 @@ using ActorVmm.Devices.Tracing;
 
 namespace ActorVmm.Host.Tracing;
 
-/// <summary>One traced message: monotonic time since the trace began, who sent it to whom, and the message.</summary>
-public sealed record TraceEvent(long Nanoseconds, string Sender, string Receiver, object Message)
+/// <summary>One traced message: its id and causal parent (0 = none), monotonic time since the
+/// trace began, who sent it to whom, and the message.</summary>
+public sealed record TraceEvent(long Id, long ParentId, long Nanoseconds, string Sender, string Receiver, object Message)
 {
     public string Type => Message.GetType().Name;
 }
 
+/// <summary>What to keep: actors (by name, sender or receiver) and message types (by simple
+/// name), empty = all; and one event in <see cref="SampleEvery"/>.</summary>
+public sealed record TraceFilter(IReadOnlySet<string> Actors, IReadOnlySet<string> Types, int SampleEvery = 1)
+{
+    public static readonly TraceFilter All = new(new HashSet<string>(), new HashSet<string>());
+
+    /// <summary>Parses "actor=uart0,actor=vcpu-0,type=Write,sample=10".</summary>
+    public static TraceFilter Parse(string text)
+    {
+        var actors = new HashSet<string>(StringComparer.Ordinal);
+        var types = new HashSet<string>(StringComparer.Ordinal);
+        var sample = 1;
+        foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            var kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
+            if (kv.Length != 2 || kv[1].Length == 0) throw new FormatException($"trace filter \"{part}\" is not key=value");
+            switch (kv[0])
+            {
+                case "actor": actors.Add(kv[1]); break;
+                case "type": types.Add(kv[1]); break;
+                case "sample":
+                    if (!int.TryParse(kv[1], out sample) || sample < 1) throw new FormatException($"trace filter sample={kv[1]} is not a positive number");
+                    break;
+                default: throw new FormatException($"trace filter key \"{kv[0]}\" is not actor, type or sample");
+            }
+        }
+        return new TraceFilter(actors, types, sample);
+    }
+
+    public bool Matches(string sender, string receiver, string type) =>
+        (Actors.Count == 0 || Actors.Contains(sender) || Actors.Contains(receiver)) && (Types.Count == 0 || Types.Contains(type));
+}
+
 /// <summary>
 /// Records the messages among a VM's actors: keeps the latest <see cref="Capacity"/> in a ring
-/// (for the demo's sequence view and tests) and, if given a path, writes every one as a JSON line
-/// {"t_ns", "sender", "receiver", "type", "msg"} from a background writer. Record() runs on the
-/// sender's thread and only enqueues.
+/// (for the sequence view, the Perfetto export and tests) and, if given a path, writes every one as
+/// a JSON line {"id", "parent", "t_ns", "sender", "receiver", "type", "msg"} from a background
+/// writer. Record() runs on the sender's thread and only enqueues. A filter keeps some actors or
+/// types only, and sampling one event in N.
 /// </summary>
 public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
 {
@@ -30,7 +65,6 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
     private readonly object _ringGate = new();
     private readonly Channel<TraceEvent>? _channel;
     private readonly Task? _writer;
-    private readonly string _vmPrefix;
 
     public static readonly JsonSerializerOptions JsonOptions = new()
     {
@@ -38,11 +72,17 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         NumberHandling = JsonNumberHandling.Strict,
     };
 
-    public TraceRecorder(string? jsonLinesPath = null, int capacity = 100_000, string vmPrefix = "")
+    private readonly TraceFilter _filter;
+    private long _seen;
+
+    /// <param name="jsonLinesPath">stream every kept event to this file as JSON lines</param>
+    /// <param name="capacity">the ring's bound: the latest events kept in memory</param>
+    public TraceRecorder(string? jsonLinesPath = null, int capacity = 100_000, TraceFilter? filter = null)
     {
+        if (capacity < 1) throw new ArgumentOutOfRangeException(nameof(capacity));
         Capacity = capacity;
         _ring = new TraceEvent?[capacity];
-        _vmPrefix = vmPrefix;
+        _filter = filter ?? TraceFilter.All;
         if (jsonLinesPath is null) return;
         var stream = new FileStream(jsonLinesPath, FileMode.Create, FileAccess.Write, FileShare.Read);
         _channel = Channel.CreateUnbounded<TraceEvent>(new UnboundedChannelOptions { SingleReader = true });
@@ -51,9 +91,18 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
 
     public long Count => Interlocked.Read(ref _count);
 
-    public void Record(IActorRef? sender, IActorRef receiver, object message)
+    /// <summary>Records with a fresh id and no parent (messages from outside the actors, tests).</summary>
+    public void Record(IActorRef? sender, IActorRef receiver, object message) =>
+        Record(TraceContext.NextId(), 0, sender, receiver, message);
+
+    public void Record(long id, long parentId, IActorRef? sender, IActorRef receiver, object message)
     {
-        var e = new TraceEvent((long)Stopwatch.GetElapsedTime(_start).TotalNanoseconds, Name(sender), Name(receiver), message);
+        var from = Name(sender);
+        var to = Name(receiver);
+        var type = message.GetType().Name;
+        if (!_filter.Matches(from, to, type)) return;
+        if (_filter.SampleEvery > 1 && Interlocked.Increment(ref _seen) % _filter.SampleEvery != 1) return;
+        var e = new TraceEvent(id, parentId, (long)Stopwatch.GetElapsedTime(_start).TotalNanoseconds, from, to, message);
         lock (_ringGate)
         {
             _ring[_count % Capacity] = e;
@@ -93,7 +142,8 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
             msg = JsonSerializer.Serialize(new { unserializable = e.Message.ToString() });
         }
         var sb = new StringBuilder(128 + msg.Length);
-        sb.Append("{\"t_ns\":").Append(e.Nanoseconds)
+        sb.Append("{\"id\":").Append(e.Id).Append(",\"parent\":").Append(e.ParentId)
+          .Append(",\"t_ns\":").Append(e.Nanoseconds)
           .Append(",\"sender\":").Append(JsonSerializer.Serialize(e.Sender))
           .Append(",\"receiver\":").Append(JsonSerializer.Serialize(e.Receiver))
           .Append(",\"type\":").Append(JsonSerializer.Serialize(e.Type))
@@ -101,9 +151,9 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         return sb.ToString();
     }
 
-    /// <summary>A line for people: "  12.345 ms  vcpu-0 -> uart0  Write { Offset = 0, ... }".</summary>
+    /// <summary>A line for people: "  12.345 ms  #12 <- #10  vcpu-0 -> uart0  Write { Offset = 0, ... }".</summary>
     public static string ToText(TraceEvent e) =>
-        $"{e.Nanoseconds / 1e6,10:F3} ms  {e.Sender,-14} -> {e.Receiver,-14} {e.Message}";
+        $"{e.Nanoseconds / 1e6,10:F3} ms  #{e.Id,-6} {(e.ParentId == 0 ? "" : "<- #" + e.ParentId),-10} {e.Sender,-14} -> {e.Receiver,-14} {e.Message}";
 
     private static async Task WriteLines(Stream stream, ChannelReader<TraceEvent> reader)
     {
