@@ -1,4 +1,5 @@
 using Akka.Actor;
+using ActorVmm.Devices.Tracing;
 using static ActorVmm.Devices.DeviceProtocol;
 
 namespace ActorVmm.Devices;
@@ -6,8 +7,11 @@ namespace ActorVmm.Devices;
 /// <summary>
 /// The thin actor around a device model: checks access sizes, delegates, answers reads,
 /// returns write credits and forwards the model's platform requests. No register logic here.
+/// Built with a clock (<see cref="TimedDeviceProtocol"/>), it also keeps one timer for a model
+/// that is an <see cref="ITimedDevice"/>: set for its next deadline after every message, calling
+/// <see cref="ITimedDevice.OnDeadline"/> when it fires.
 /// </summary>
-internal sealed class DeviceActor : ReceiveActor
+internal sealed class DeviceActor : ReceiveActor, IWithTimers
 {
     /// <summary>Host input held for a guest that is not reading, at most.</summary>
     public const int MaxPendingInput = 64 * 1024;
@@ -21,8 +25,21 @@ internal sealed class DeviceActor : ReceiveActor
 
     private readonly StateCell _cell;
 
+    // Timed models only: the clock their deadlines are in, and the deadline the timer is set for.
+    private readonly ITimedDevice? _timed;
+    private readonly IDeviceClock? _clock;
+    private TimeSpan? _armedFor;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
     public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
         Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell)
+        : this(name, factory, restore, events, cell, clock: null)
+    {
+    }
+
+    public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell, IDeviceClock? clock)
     {
         _name = name;
         _cell = cell;
@@ -35,6 +52,11 @@ internal sealed class DeviceActor : ReceiveActor
         }
         else _model = factory(platform);
         cell.State = null;
+        if (clock is not null && _model is ITimedDevice timed)
+        {
+            _timed = timed;
+            _clock = clock;
+        }
 
         Receive<Write>(w =>
         {
@@ -43,6 +65,7 @@ internal sealed class DeviceActor : ReceiveActor
             Credit(Sender);
             if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
             DrainInput();
+            Rearm();
         });
         Receive<Read>(r =>
         {
@@ -63,6 +86,7 @@ internal sealed class DeviceActor : ReceiveActor
             _uncredited.Remove(Sender);
             Sender.Tell(new ReadResult(r.Id, Mask(value, r.Size)));
             DrainInput();
+            Rearm();
         });
         Receive<HostInput>(i =>
         {
@@ -76,7 +100,16 @@ internal sealed class DeviceActor : ReceiveActor
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
         Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
+        Receive<DeadlineReached>(_ =>
+        {
+            _armedFor = null;
+            _timed?.OnDeadline();
+            Rearm();
+        });
     }
+
+    /// <summary>A model restored from a state record may have a deadline already.</summary>
+    protected override void PreStart() => Rearm();
 
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
     protected override void PreRestart(Exception reason, object message)
@@ -94,6 +127,25 @@ internal sealed class DeviceActor : ReceiveActor
     }
 
     private static bool IsValidSize(int size) => size is 1 or 2 or 4 or 8;
+
+    /// <summary>
+    /// One timer for the model's next deadline, reset only when the deadline moved; a deadline
+    /// already past fires at once. Early or late callbacks are the model's business.
+    /// </summary>
+    private void Rearm()
+    {
+        if (_timed is null || _clock is null) return;
+        var next = _timed.NextDeadline;
+        if (next == _armedFor) return;
+        _armedFor = next;
+        if (next is not { } deadline)
+        {
+            Timers.Cancel(DeadlineReached.Instance);
+            return;
+        }
+        var delay = deadline - _clock.Now;
+        Timers.StartSingleTimer(DeadlineReached.Instance, DeadlineReached.Instance, delay > TimeSpan.Zero ? delay : TimeSpan.Zero);
+    }
 
     private static ulong Mask(ulong value, int size) =>
         size >= 8 ? value : value & ((1UL << (size * 8)) - 1);
@@ -115,6 +167,11 @@ internal sealed class DeviceActor : ReceiveActor
         if (_pendingInput.Length == 0 || _model is not IHostInput input) return;
         var taken = input.OfferInput(_pendingInput);
         _pendingInput = taken >= _pendingInput.Length ? [] : _pendingInput[taken..];
+    }
+
+    private sealed class DeadlineReached : INotTraced
+    {
+        public static readonly DeadlineReached Instance = new();
     }
 
     private sealed class EventsToActor(string device, IActorRef target) : IPlatformEvents

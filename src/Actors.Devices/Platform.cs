@@ -20,4 +20,29 @@ public static class Platform
     public const ulong MmioHoleEnd = 0x1_0000_0000;
     public const ulong LocalApicBase = 0xFEE0_0000;
     public const ulong IoApicBase = 0xFEC0_0000;
+    public const ulong IoApicLength = 0x1000;
+    public const int IoApicPins = 24;
+
+    /// <summary>8259 pair: master 0x20-0x21, slave 0xA0-0xA1, ELCR 0x4D0-0x4D1.</summary>
+    public const ushort PicMasterPort = 0x20;
+    public const ushort PicSlavePort = 0xA0;
+    public const ushort PicLength = 2;
+    public const ushort ElcrPort = 0x4D0;
+    public const ushort ElcrLength = 2;
+
+    /// <summary>8254 PIT counters 0-2 and control word at 0x40-0x43; port 0x61 holds counter 2's gate and OUT.</summary>
+    public const ushort PitPort = 0x40;
+    public const ushort PitLength = 4;
+    public const ushort SystemControlPortB = 0x61;
+    public const ushort SystemControlPortBLength = 1;
+
+    /// <summary>CMOS/RTC index (0x70, bit 7 = NMI disable) and data (0x71) ports.</summary>
+    public const ushort RtcPort = 0x70;
+    public const ushort RtcLength = 2;
+
+    /// <summary>ISA IRQs (8259 inputs). On the IOAPIC, IRQ 0 is pin 2 (an interrupt source override); the others are identity-mapped.</summary>
+    public const int PitIrq = 0;
+    public const int RtcIrq = 8;
+    public const uint PitGsi = 2;
+    public const uint RtcGsi = 8;
 }

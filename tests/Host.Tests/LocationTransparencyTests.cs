@@ -30,17 +30,18 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         """;
 
     /// <summary>Types the protocols declare but never send (documented as local wiring).</summary>
-    private static readonly HashSet<string> NotMessages = [typeof(VcpuProtocol.Wiring).FullName!];
+    private static readonly HashSet<string> NotMessages = [typeof(VcpuProtocol.Wiring).FullName!, typeof(ActorVmm.Lapic.VlapicProtocol.Wiring).FullName!];
 
     private static readonly Type[] Markers =
     [
         typeof(VcpuProtocol.IVcpuMessage), typeof(DeviceProtocol.IDeviceMessage),
-        typeof(VmspaceProtocol.IVmspaceMessage), typeof(VmProtocol.IVmMessage),
+        typeof(VmspaceProtocol.IVmspaceMessage), typeof(VmProtocol.IVmMessage), typeof(ActorVmm.Lapic.VlapicProtocol.IVlapicMessage),
     ];
 
     private static readonly Assembly[] Assemblies =
     [
         typeof(VcpuProtocol).Assembly, typeof(DeviceProtocol).Assembly, typeof(VmspaceProtocol).Assembly, typeof(VmProtocol).Assembly,
+        typeof(ActorVmm.Lapic.VlapicProtocol).Assembly,
     ];
 
     /// <summary>Types whose values may appear inside a message as they are.</summary>
@@ -54,7 +55,7 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
     public void The_discovery_covers_the_four_protocol_assemblies()
     {
         Assert.Equal(
-            ["ActorVmm.Actors.Devices", "ActorVmm.Actors.Memory", "ActorVmm.Actors.Vcpu", "actorvmm"],
+            ["ActorVmm.Actors.Devices", "ActorVmm.Actors.Lapic", "ActorVmm.Actors.Memory", "ActorVmm.Actors.Vcpu", "actorvmm"],
             Assemblies.Select(a => a.GetName().Name!).Order());
         var types = MessageTypes();
         foreach (var t in types) output.WriteLine(t.FullName);
@@ -223,6 +224,15 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         if (type == typeof(ulong)) return 0xFEDC_BA98_7654_3210UL + (ulong)seed;
         if (type == typeof(double)) return 2.5 + seed;
         if (type == typeof(string)) return $"sample-{seed}";
+        if (type == typeof(TimeSpan)) return TimeSpan.FromTicks(123_456_789 + seed);
+        if (type.IsGenericType && type.GetGenericTypeDefinition() == typeof(System.Collections.Immutable.ImmutableArray<>))
+        {
+            var element = type.GetGenericArguments()[0];
+            var array = (Array)Sample(element.MakeArrayType(), actor, seed);
+            return typeof(System.Collections.Immutable.ImmutableArray).GetMethods()
+                .Single(m => m.Name == "Create" && m.GetParameters() is [{ ParameterType.IsArray: true }])
+                .MakeGenericMethod(element).Invoke(null, [array])!;
+        }
         if (type.IsEnum)
         {
             var values = Enum.GetValues(type);

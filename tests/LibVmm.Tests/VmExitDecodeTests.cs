@@ -8,9 +8,9 @@ public sealed unsafe class VmExitDecodeTests : IDisposable
 {
     // kvm_run, then the port I/O page KVM puts at KVM_PIO_PAGE_OFFSET (data_offset points there).
     private const int PageBytes = 2 * 4096;
-    private readonly byte* _page = (byte*)NativeMemory.AllocZeroed(PageBytes);
+    private readonly byte* _page = (byte*)System.Runtime.InteropServices.NativeMemory.AllocZeroed(PageBytes);
 
-    public void Dispose() => NativeMemory.Free(_page);
+    public void Dispose() => System.Runtime.InteropServices.NativeMemory.Free(_page);
 
     private void Set<T>(int offset, T value) where T : unmanaged
     {

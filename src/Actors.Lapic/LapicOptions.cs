@@ -1,0 +1,24 @@
+namespace ActorVmm.Lapic;
+
+/// <summary>What the emulated local APIC advertises and how its timer maps onto clock time.</summary>
+public sealed record LapicOptions
+{
+    public static readonly LapicOptions Default = new();
+
+    /// <summary>Frequency of the timer's input clock before the divider (the "bus clock").
+    /// 1 GHz as in KVM (one count per nanosecond with divide-by-1); bhyve uses 128 MiHz.</summary>
+    public long TimerFrequencyHz { get; init; } = 1_000_000_000;
+
+    /// <summary>TSC frequency for TSC-deadline mode: TSC = clock time × this. The VM builder must
+    /// make the guest's TSC agree (KVM_SET_TSC_KHZ, TSC offset at clock zero).</summary>
+    public long TscFrequencyHz { get; init; } = 1_000_000_000;
+
+    /// <summary>IA32_APIC_BASE.EXTD may be set (CPUID.01H:ECX.x2APIC[bit 21]).</summary>
+    public bool X2ApicSupported { get; init; } = true;
+
+    /// <summary>LVT Timer mode 10b is valid (CPUID.01H:ECX.TSC_Deadline[bit 24]); else bit 18 is reserved.</summary>
+    public bool TscDeadlineSupported { get; init; } = true;
+
+    /// <summary>MAXPHYADDR: IA32_APIC_BASE bits at and above it are reserved.</summary>
+    public int PhysicalAddressBits { get; init; } = 46;
+}

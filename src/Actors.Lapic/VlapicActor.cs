@@ -1,0 +1,190 @@
+using Akka.Actor;
+using ActorVmm.Devices;
+using static ActorVmm.Lapic.VlapicProtocol;
+
+namespace ActorVmm.Lapic;
+
+/// <summary>
+/// The thin actor around one vcpu's <see cref="ILapicBackend"/>: delegates every message, then
+/// (1) tells the vcpu the pending vector if it changed, (2) re-arms one timer for the backend's
+/// next deadline. No register logic here.
+/// </summary>
+internal sealed class VlapicActor : ReceiveActor, IWithTimers
+{
+    private sealed record TimerTick
+    {
+        public static readonly TimerTick Instance = new();
+    }
+
+    private const string TimerKey = "lapic-timer";
+
+    /// <summary>Longest single wait: a far deadline is re-armed on the early tick (models tolerate early callbacks).</summary>
+    private static readonly TimeSpan MaxTimerDelay = TimeSpan.FromHours(1);
+
+    private readonly int _vcpuId;
+    private readonly Wiring _wiring;
+    private readonly IDeviceClock _clock;
+    private readonly ILapicBackend _apic;
+    private readonly Dictionary<IActorRef, int> _uncredited = new();
+
+    /// <summary>The vector last told to the vcpu and not yet accepted; null when none is.</summary>
+    private int? _reported;
+
+    /// <summary>The deadline the timer is armed for.</summary>
+    private TimeSpan? _armed;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public VlapicActor(int vcpuId, Wiring wiring, LapicBackendFactory backend, IDeviceClock? clock)
+    {
+        _vcpuId = vcpuId;
+        _wiring = wiring;
+        _clock = clock ?? new SchedulerClock(Context.System.Scheduler);
+        _apic = backend(vcpuId, new EventsToActors(vcpuId, wiring, Self), _clock);
+
+        Receive<DeviceProtocol.Write>(w =>
+        {
+            Credit(Sender);
+            _apic.WriteMmio(w.Offset, w.Size, w.Value);
+            Changed();
+        });
+        Receive<DeviceProtocol.Read>(r =>
+        {
+            var value = _apic.ReadMmio(r.Offset, r.Size);
+            _uncredited.Remove(Sender); // the reply acknowledges every earlier write (FIFO)
+            Sender.Tell(new DeviceProtocol.ReadResult(r.Id, Mask(value, r.Size)));
+            Changed();
+        });
+        Receive<MsrRead>(m =>
+        {
+            var ok = _apic.ReadMsr(m.Msr, out var value);
+            Sender.Tell(new MsrReadResult(m.Id, ok, ok ? value : 0));
+            Changed();
+        });
+        Receive<MsrWrite>(m =>
+        {
+            Sender.Tell(new MsrWriteResult(m.Id, _apic.WriteMsr(m.Msr, m.Value)));
+            Changed();
+        });
+        Receive<SetApicBase>(m =>
+        {
+            Sender.Tell(new MsrWriteResult(m.Id, _apic.WriteMsr(ApicMsrs.ApicBase, m.Value)));
+            Changed();
+        });
+        Receive<DeliverInterrupt>(d =>
+        {
+            if (d.To is { } to && !_apic.Matches(to.Mode, to.Id)) return;
+            _apic.Deliver(d.Mode, d.Vector, d.Level, d.Trigger);
+            Changed();
+        });
+        Receive<Lint>(l =>
+        {
+            if (l.Pin is not (0 or 1)) return; // there are two LINT pins
+            var line = _apic.Lint(l.Pin);
+            switch (l.Change)
+            {
+                case PinChange.Assert: line.Assert(); break;
+                case PinChange.Deassert: line.Deassert(); break;
+                default: line.Pulse(); break;
+            }
+            Changed();
+        });
+        Receive<InterruptAccepted>(a =>
+        {
+            _apic.InterruptAccepted(a.Vector);
+            if (_reported == a.Vector) _reported = null;
+            Changed();
+        });
+        Receive<EndOfInterrupt>(e =>
+        {
+            _apic.Eoi(e.Vector);
+            Changed();
+        });
+        Receive<TimerTick>(_ =>
+        {
+            _armed = null;
+            _apic.OnDeadline();
+            Changed();
+        });
+        Receive<GetState>(_ => Sender.Tell(new StateReply(_vcpuId, _apic.State())));
+        Receive<RestoreState>(r =>
+        {
+            _apic.Restore(r.State);
+            _reported = null;
+            Sender.Tell(new StateRestored(_vcpuId));
+            Changed();
+        });
+    }
+
+    /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
+    protected override void PreRestart(Exception reason, object message)
+    {
+        foreach (var (sender, n) in _uncredited)
+            if (n > 0) sender.Tell(new DeviceProtocol.WriteCredit(n));
+        _uncredited.Clear();
+        base.PreRestart(reason, message);
+    }
+
+    /// <summary>After every message: report a new pending vector, re-arm the timer.</summary>
+    private void Changed()
+    {
+        var pending = _apic.PendingInterrupt();
+        if (pending is null)
+        {
+            // Nothing deliverable (TPR raised, INIT, accepted): a later one is reported afresh.
+            _reported = null;
+        }
+        else if (pending != _reported)
+        {
+            _reported = pending;
+            _wiring.Vcpu.Tell(new InterruptPending(_vcpuId, (byte)pending.Value), Self);
+        }
+
+        var deadline = _apic.NextDeadline;
+        if (deadline == _armed) return;
+        _armed = deadline;
+        if (deadline is null)
+        {
+            Timers.Cancel(TimerKey);
+            return;
+        }
+        var delay = deadline.Value - _clock.Now;
+        delay = delay < TimeSpan.Zero ? TimeSpan.Zero : delay > MaxTimerDelay ? MaxTimerDelay : delay;
+        Timers.StartSingleTimer(TimerKey, TimerTick.Instance, delay);
+    }
+
+    private void Credit(IActorRef sender)
+    {
+        _uncredited.TryGetValue(sender, out var n);
+        if (++n >= DeviceProtocol.CreditBatch)
+        {
+            sender.Tell(new DeviceProtocol.WriteCredit(n));
+            n = 0;
+        }
+        _uncredited[sender] = n;
+    }
+
+    private static ulong Mask(ulong value, int size) =>
+        size >= 8 ? value : size <= 0 ? 0 : value & ((1UL << (size * 8)) - 1);
+
+    /// <summary>The model's outputs as messages. Called inside this actor's message handling.</summary>
+    private sealed class EventsToActors(int vcpuId, Wiring wiring, IActorRef self) : ILapicEvents
+    {
+        public void SendIpi(Ipi ipi) => wiring.Router.Tell(ipi, self);
+
+        public void LevelEoi(byte vector) => wiring.EoiTarget.Tell(new VlapicProtocol.LevelEoi(vcpuId, vector), self);
+
+        public void VcpuEvent(VcpuEventKind kind, byte vector)
+        {
+            IVcpuEvent e = kind switch
+            {
+                VcpuEventKind.Nmi => new NmiPending(vcpuId),
+                VcpuEventKind.Smi => new SmiPending(vcpuId),
+                VcpuEventKind.Init => new InitReceived(vcpuId),
+                VcpuEventKind.StartUp => new StartupReceived(vcpuId, vector),
+                _ => new ExtIntPending(vcpuId),
+            };
+            wiring.Vcpu.Tell(e, self);
+        }
+    }
+}

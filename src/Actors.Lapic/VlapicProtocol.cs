@@ -1,0 +1,139 @@
+using Akka.Actor;
+using ActorVmm.Devices;
+
+namespace ActorVmm.Lapic;
+
+/// <summary>
+/// The vlapic actor's protocol: one actor per vcpu, owning that vcpu's local APIC backend.
+///
+/// It is a device on its vcpu's MMIO bus at <see cref="MmioBase"/> (<see cref="DeviceProtocol.Read"/> /
+/// <see cref="DeviceProtocol.Write"/>, offsets inside the page, write credits as any device), and
+/// answers the vcpu's APIC MSR exits (<see cref="MsrRead"/> / <see cref="MsrWrite"/>, synchronous
+/// because a refused access is a #GP). It tells the vcpu <see cref="IVcpuEvent"/>s and the vcpu
+/// answers <see cref="InterruptAccepted"/>. Outgoing IPIs (<see cref="Ipi"/>) go to the router;
+/// level EOIs (<see cref="LevelEoi"/>) to the EOI target (the IOAPIC, possibly through the router).
+/// </summary>
+public static class VlapicProtocol
+{
+    public const ulong MmioBase = LocalApic.DefaultBaseAddress;
+    public const ulong MmioLength = LocalApic.PageSize;
+
+    public interface IVlapicMessage;
+
+    // ---- To the vcpu ---------------------------------------------------------------------------
+
+    /// <summary>
+    /// An event for the vcpu. <see cref="LapicInterrupt"/> is the seed's vcpu_notify_event flag: the
+    /// host's adapter turns each event into the vcpu's message plus a kick
+    /// (<c>VcpuProtocol.Notify(LapicInterrupt)</c>).
+    /// </summary>
+    public interface IVcpuEvent : IVlapicMessage
+    {
+        int VcpuId { get; }
+        bool LapicInterrupt { get; }
+    }
+
+    /// <summary>The highest vector the vcpu should take now. Supersedes an earlier one; the vcpu
+    /// injects it when the guest can (KVM_INTERRUPT) and answers <see cref="InterruptAccepted"/>.</summary>
+    public sealed record InterruptPending(int VcpuId, byte Vector) : IVcpuEvent
+    {
+        public bool LapicInterrupt => true;
+    }
+
+    public sealed record NmiPending(int VcpuId) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
+    }
+
+    public sealed record SmiPending(int VcpuId) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
+    }
+
+    /// <summary>Take the vector from the 8259 (INTA) when the guest can take an interrupt.</summary>
+    public sealed record ExtIntPending(int VcpuId) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
+    }
+
+    /// <summary>INIT: the APIC has reset itself; an AP enters wait-for-SIPI.</summary>
+    public sealed record InitReceived(int VcpuId) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
+    }
+
+    /// <summary>SIPI: an AP in wait-for-SIPI starts at CS = Vector &lt;&lt; 8, IP = 0.</summary>
+    public sealed record StartupReceived(int VcpuId, byte Vector) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
+    }
+
+    // ---- From the vcpu -------------------------------------------------------------------------
+
+    /// <summary>The vcpu injected <paramref name="Vector"/> (IRR → ISR).</summary>
+    public sealed record InterruptAccepted(byte Vector) : IVlapicMessage;
+
+    /// <summary>An EOI that did not go through the register page (an assisted backend's EOI exit).</summary>
+    public sealed record EndOfInterrupt(byte Vector) : IVlapicMessage;
+
+    /// <summary>RDMSR of IA32_APIC_BASE, IA32_TSC_DEADLINE or 0x800-0x8FF; answered <see cref="MsrReadResult"/>.</summary>
+    public sealed record MsrRead(long Id, uint Msr) : IVlapicMessage;
+
+    /// <summary><paramref name="Ok"/> false: inject #GP.</summary>
+    public sealed record MsrReadResult(long Id, bool Ok, ulong Value) : IVlapicMessage;
+
+    /// <summary>WRMSR; answered <see cref="MsrWriteResult"/>.</summary>
+    public sealed record MsrWrite(long Id, uint Msr, ulong Value) : IVlapicMessage;
+
+    public sealed record MsrWriteResult(long Id, bool Ok) : IVlapicMessage;
+
+    /// <summary>Writes IA32_APIC_BASE (mode transitions of SDM §10.12.5); answered <see cref="MsrWriteResult"/>.</summary>
+    public sealed record SetApicBase(long Id, ulong Value) : IVlapicMessage;
+
+    // ---- From interrupt sources -----------------------------------------------------------------
+
+    /// <summary>A destination to check before delivering (a router that broadcasts and lets each
+    /// vlapic filter); without it the message is for this APIC.</summary>
+    public sealed record Destination(DestinationMode Mode, uint Id);
+
+    /// <summary>An interrupt message from the IOAPIC, an MSI, or another vlapic's IPI.</summary>
+    public sealed record DeliverInterrupt(byte Vector, bool Level, TriggerMode Trigger, DeliveryMode Mode, Destination? To = null)
+        : IVlapicMessage;
+
+    public enum PinChange : byte { Assert, Deassert, Pulse }
+
+    /// <summary>The LINT0 (Pin 0) or LINT1 (Pin 1) input changed (8259 INTR, NMI button).</summary>
+    public sealed record Lint(int Pin, PinChange Change) : IVlapicMessage;
+
+    // ---- Outgoing --------------------------------------------------------------------------------
+
+    /// <summary>To the EOI target: a level-triggered vector was retired (IOAPIC clears Remote IRR).</summary>
+    public sealed record LevelEoi(int VcpuId, byte Vector) : IVlapicMessage;
+
+    // ---- Snapshot --------------------------------------------------------------------------------
+
+    public sealed record GetState : IVlapicMessage
+    {
+        public static readonly GetState Instance = new();
+    }
+
+    public sealed record StateReply(int VcpuId, LapicState State) : IVlapicMessage;
+
+    /// <summary>Replaces the APIC's state; answered <see cref="StateRestored"/>.</summary>
+    public sealed record RestoreState(LapicState State) : IVlapicMessage;
+
+    public sealed record StateRestored(int VcpuId) : IVlapicMessage;
+
+    /// <summary>Who the vlapic talks to. Local wiring, not a message.</summary>
+    /// <param name="Vcpu">receives <see cref="IVcpuEvent"/>s</param>
+    /// <param name="Router">receives <see cref="Ipi"/>s</param>
+    /// <param name="EoiTarget">receives <see cref="LevelEoi"/>s</param>
+    public sealed record Wiring(IActorRef Vcpu, IActorRef Router, IActorRef EoiTarget);
+
+    /// <param name="backend">the VM's choice; null: <see cref="LapicBackends.Emulated"/> with default options</param>
+    /// <param name="clock">time for the APIC timer; null: the actor system scheduler's clock
+    /// (<see cref="SchedulerClock"/>, virtual under TestKit's TestScheduler). A VM passes its one
+    /// shared device clock so that all timers agree.</param>
+    public static Props Props(int vcpuId, Wiring wiring, LapicBackendFactory? backend = null, IDeviceClock? clock = null) =>
+        Akka.Actor.Props.Create(() => new VlapicActor(vcpuId, wiring, backend ?? LapicBackends.Emulated(null), clock));
+}
