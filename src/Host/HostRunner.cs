@@ -4,6 +4,7 @@ using Akka.Configuration;
 using ActorVmm.Devices.Tracing;
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Config;
+using ActorVmm.Host.Control;
 using ActorVmm.Host.Tracing;
 using ActorVmm.Host.Vm;
 using ActorVmm.Vcpu;
@@ -28,11 +29,34 @@ public static class HostRunner
             .CreateLogger();
     }
 
-    /// <summary>The actor system for VMs: the given configuration over the built-in defaults.</summary>
-    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm") =>
-        ActorSystem.Create(name, config
+    /// <summary>The actor system for VMs: the given configuration over the built-in defaults. With
+    /// <paramref name="control"/>, remoting listens on actorvmm.control.hostname:port (127.0.0.1 by
+    /// default) and the directory of VMs runs at /user/vmm for `actorvmm ctl`.</summary>
+    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm", bool control = false)
+    {
+        if (control)
+        {
+            var hostname = config.GetString("actorvmm.control.hostname", "127.0.0.1");
+            var port = config.GetInt("actorvmm.control.port", 0);
+            config = ConfigurationFactory.ParseString($$"""
+                akka.actor.provider = remote
+                akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}} }
+                akka.remote.log-remote-lifecycle-events = off
+                """).WithFallback(config);
+        }
+        var system = ActorSystem.Create(name, config
             .WithFallback(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig))
             .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)));
+        if (control) system.ActorOf(ControlProtocol.DirectoryProps(ControlAddress(system)), ControlProtocol.DirectoryName);
+        return system;
+    }
+
+    /// <summary>"127.0.0.1:PORT": what `ctl --host` takes for this system.</summary>
+    public static string ControlAddress(ActorSystem system)
+    {
+        var address = ((ExtendedActorSystem)system).Provider.DefaultAddress;
+        return $"{address.Host}:{address.Port}";
+    }
 
     public static async Task<int> RunAsync(Akka.Configuration.Config config, VmConfig vm, BootImage boot, RunOptions options,
         TextWriter stderr)
@@ -49,7 +73,16 @@ public static class HostRunner
         }
 
         TraceRecorder? trace = null;
-        var system = CreateSystem(config);
+        var control = config.GetBoolean("actorvmm.control.enabled", false);
+        ActorSystem system;
+        try { system = CreateSystem(config, control: control); }
+        catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
+                                      or Akka.Configuration.ConfigurationException)
+        {
+            console.Dispose();
+            await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
+            return VmProtocol.Outcome.HostErrorCode;
+        }
         try
         {
             if (vm.TracePath is not null || vm.PerfettoPath is not null || options.PrintTrace)
@@ -72,6 +105,18 @@ public static class HostRunner
                 return VmProtocol.Outcome.HostErrorCode;
             }
 
+            IDisposable? announcement = null;
+            if (control)
+            {
+                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor));
+                var directory = config.GetString("actorvmm.control.directory", "");
+                try { announcement = HostDirectory.Announce(string.IsNullOrEmpty(directory) ? HostDirectory.DefaultPath() : directory, ControlAddress(system), [vm.Name]); }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    Log.Warning("cannot announce the control address ({Reason}); use ctl --host {Address}", e.Message, ControlAddress(system));
+                }
+            }
+            using var withdraw = announcement;
             await using (running)
             {
                 if (vm.SerialInput == "stdin") console.StartInputFromStdin(system, running.Actor.Path / "uart0");

@@ -19,6 +19,7 @@ namespace ActorVmm.Host
             var root = new RootCommand("ActorVmm: a virtual machine monitor for Linux KVM built from Akka.NET actors");
             root.Add(RunCommand());
             root.Add(DemoCommand());
+            root.Add(CtlCommand());
 
             var parse = root.Parse(args);
             if (parse.Errors.Count > 0)
@@ -31,7 +32,7 @@ namespace ActorVmm.Host
             {
                 return await parse.InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
             }
-            catch (Exception e) when (e is ConfigException or BootException or VmBuildException)
+            catch (Exception e) when (e is ConfigException or BootException or VmBuildException or Control.ControlException)
             {
                 await Console.Error.WriteLineAsync($"actorvmm: error: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
@@ -122,6 +123,66 @@ namespace ActorVmm.Host
                 return await HostRunner.RunAsync(hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);
             });
             return command;
+        }
+
+        /// <summary>`actorvmm ctl ...`: talk to running host processes (see HostDirectory).</summary>
+        private static Command CtlCommand()
+        {
+            var ctl = new Command("ctl", "inspect and control running VMs (the seed's vmmctl)");
+            Option<string?> Host() => new("--host") { Description = "a host's control address HOST:PORT (default: every announced host)" };
+            Option<string?> Directory() => new("--directory") { Description = "where hosts announce themselves" };
+            Option<string> Vm() => new("--vm") { Description = "the VM's name", Required = true };
+
+            Command WithVm(string name, string description, Func<Control.ControlClient, Akka.Actor.IActorRef, System.CommandLine.ParseResult, Task<string>> action,
+                params Option[] extra)
+            {
+                var host = Host();
+                var dir = Directory();
+                var vm = Vm();
+                var command = new Command(name, description) { vm, host, dir };
+                foreach (var o in extra) command.Add(o);
+                command.SetAction(async (parse, _) =>
+                {
+                    await using var client = Control.ControlClient.Create();
+                    var target = await client.FindVmAsync(parse.GetValue(vm)!,
+                        Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)));
+                    Console.Out.Write(await action(client, target, parse));
+                    return 0;
+                });
+                return command;
+            }
+
+            {
+                var host = Host();
+                var dir = Directory();
+                var list = new Command("list", "list the running VMs") { host, dir };
+                list.SetAction(async (parse, _) =>
+                {
+                    await using var client = Control.ControlClient.Create();
+                    foreach (var h in Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)))
+                    {
+                        var vms = await client.ListAsync(h);
+                        foreach (var v in vms.Vms)
+                        {
+                            var status = await client.StatusAsync(v.Actor);
+                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} host={vms.Host} pid={vms.Pid}");
+                        }
+                    }
+                    return 0;
+                });
+                ctl.Add(list);
+            }
+            var vcpu = new Option<int>("--vcpu") { Description = "vcpu number", DefaultValueFactory = _ => 0 };
+            ctl.Add(WithVm("regs", "dump a vcpu's registers and the code at RIP", async (c, vm, parse) =>
+            {
+                var (regs, code, linear) = await c.RegistersAsync(vm, parse.GetValue(vcpu));
+                return Control.RegisterDump.Format(regs, code, linear);
+            }, vcpu));
+            ctl.Add(WithVm("pause", "pause every vcpu", async (c, vm, _) => $"{(await c.PauseAsync(vm)).Phase}\n"));
+            ctl.Add(WithVm("resume", "resume a paused VM", async (c, vm, _) => $"{(await c.ResumeAsync(vm)).Phase}\n"));
+            ctl.Add(WithVm("stop", "stop the VM", async (c, vm, _) => $"{(await c.StopAsync(vm)).Phase}\n"));
+            ctl.Add(WithVm("stats", "counters of vcpus, devices and memory", async (c, vm, _) => await c.StatsAsync(vm)));
+            return ctl;
         }
 
         private static byte[] ReadImage(string path)

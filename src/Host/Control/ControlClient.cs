@@ -1,0 +1,179 @@
+using System.Text;
+using Akka.Actor;
+using Akka.Configuration;
+using ActorVmm.Devices;
+using ActorVmm.Host.Vm;
+using ActorVmm.Memory;
+using ActorVmm.Vcpu;
+
+namespace ActorVmm.Host.Control;
+
+/// <summary>A `ctl` request that cannot be answered, said in one line a user can act on.</summary>
+public sealed class ControlException(string message) : Exception(message);
+
+/// <summary>
+/// The `actorvmm ctl` side: an actor system of its own with remoting on 127.0.0.1 (port 0),
+/// talking to host processes at their announced addresses. Outside any actor, so it may Ask.
+/// </summary>
+public sealed class ControlClient : IAsyncDisposable
+{
+    public const string HostSystemName = "actorvmm";
+    public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(5);
+
+    private readonly ActorSystem _system;
+    private readonly TimeSpan _timeout;
+
+    private ControlClient(ActorSystem system, TimeSpan timeout)
+    {
+        _system = system;
+        _timeout = timeout;
+    }
+
+    public static ControlClient Create(TimeSpan? timeout = null)
+    {
+        var config = ConfigurationFactory.ParseString("""
+            akka.loglevel = ERROR
+            akka.stdout-loglevel = OFF
+            akka.log-dead-letters = off
+            akka.actor.provider = remote
+            akka.remote.dot-netty.tcp { hostname = "127.0.0.1", port = 0 }
+            akka.remote.log-remote-lifecycle-events = off
+            akka.coordinated-shutdown.run-by-clr-shutdown-hook = off
+            akka.actor.serializers.hyperion = "Akka.Serialization.HyperionSerializer, Akka.Serialization.Hyperion"
+            akka.actor.serialization-bindings { "System.Object" = hyperion }
+            """);
+        return new ControlClient(ActorSystem.Create("actorvmm-ctl", config), timeout ?? DefaultTimeout);
+    }
+
+    /// <summary>"127.0.0.1:4711" or a full akka.tcp address → the host's actor system address.</summary>
+    public static string HostAddress(string host) =>
+        host.StartsWith("akka.tcp://", StringComparison.Ordinal) ? host.TrimEnd('/') : $"akka.tcp://{HostSystemName}@{host}";
+
+    /// <summary>Asks one host for its VMs.</summary>
+    public async Task<ControlProtocol.VmList> ListAsync(string host)
+    {
+        var address = HostAddress(host);
+        IActorRef directory;
+        try
+        {
+            directory = await _system.ActorSelection($"{address}/user/{ControlProtocol.DirectoryName}").ResolveOne(_timeout);
+        }
+        catch (Exception e) when (e is ActorNotFoundException or TimeoutException or AskTimeoutException)
+        {
+            throw new ControlException($"host {host} does not answer (is an ActorVmm host running there?)");
+        }
+        return await Ask<ControlProtocol.VmList>(directory, ControlProtocol.ListVms.Instance, $"host {host}");
+    }
+
+    /// <summary>The hosts to ask: the one given, or every announced one.</summary>
+    public static IReadOnlyList<string> Hosts(string? host, string? directory)
+    {
+        if (host is not null) return [host];
+        var dir = directory ?? HostDirectory.DefaultPath();
+        var hosts = HostDirectory.Read(dir).Select(e => e.Address).ToArray();
+        if (hosts.Length == 0) throw new ControlException($"no ActorVmm host is running (none announced in {dir}); give --host HOST:PORT");
+        return hosts;
+    }
+
+    /// <summary>Finds a VM by name among <paramref name="hosts"/>.</summary>
+    public async Task<IActorRef> FindVmAsync(string name, IReadOnlyList<string> hosts)
+    {
+        var names = new List<string>();
+        foreach (var host in hosts)
+        {
+            var list = await ListAsync(host);
+            var vm = list.Vms.FirstOrDefault(v => v.Name == name);
+            if (vm is not null) return vm.Actor;
+            names.AddRange(list.Vms.Select(v => v.Name));
+        }
+        throw new ControlException(names.Count == 0
+            ? $"no VM named {name}: no VM is running"
+            : $"no VM named {name} (running: {string.Join(", ", names.Order())})");
+    }
+
+    public Task<VmProtocol.Status> StatusAsync(IActorRef vm) => Ask<VmProtocol.Status>(vm, VmProtocol.GetStatus.Instance, "the VM");
+
+    public async Task<VmProtocol.Status> PauseAsync(IActorRef vm) => await Command(vm, VmProtocol.Pause.Instance);
+    public async Task<VmProtocol.Status> ResumeAsync(IActorRef vm) => await Command(vm, VmProtocol.Resume.Instance);
+    public async Task<VmProtocol.Status> StopAsync(IActorRef vm) => await Command(vm, new VmProtocol.Stop("stopped by ctl"));
+
+    private async Task<VmProtocol.Status> Command(IActorRef vm, object command)
+    {
+        vm.Tell(command);
+        return await StatusAsync(vm); // mailbox order: the status reflects the command
+    }
+
+    private async Task<IActorRef> Child(IActorRef vm, string name)
+    {
+        try
+        {
+            return await _system.ActorSelection(vm.Path / name).ResolveOne(_timeout);
+        }
+        catch (Exception e) when (e is ActorNotFoundException or TimeoutException or AskTimeoutException)
+        {
+            throw new ControlException($"{vm.Path.Name} has no {name}");
+        }
+    }
+
+    /// <summary>The register state of a vcpu, and the guest memory at its RIP.</summary>
+    public async Task<(VcpuProtocol.Registers Registers, byte[] Code, ulong Linear)> RegistersAsync(IActorRef vm, int vcpu)
+    {
+        var actor = await Child(vm, $"vcpu-{vcpu}");
+        var reply = await Ask<object>(actor, VcpuProtocol.GetRegisters.Instance, $"vcpu {vcpu}");
+        if (reply is VcpuProtocol.Refused refused) throw new ControlException($"vcpu {vcpu}: {refused.Why}");
+        if (reply is not VcpuProtocol.Registers regs) throw new ControlException($"vcpu {vcpu} answered {reply.GetType().Name}");
+        var vmspace = await Child(vm, "vmspace");
+        var linear = regs.Special.CodeBitness == 64 ? regs.General.Rip : regs.Special.Cs.Base + regs.General.Rip;
+        var code = await GuestPageWalk.ReadLinearAsync(regs.Special, linear, 15,
+            async (address, length) =>
+            {
+                var r = await Ask<object>(vmspace, new VmspaceProtocol.ReadMemory(0, address, length), "the vmspace");
+                return r is VmspaceProtocol.MemoryData data ? data.Data : null;
+            });
+        return (regs, code, linear);
+    }
+
+    /// <summary>Counters of every vcpu, device and the vmspace of a VM.</summary>
+    public async Task<string> StatsAsync(IActorRef vm)
+    {
+        var status = await StatusAsync(vm);
+        var sb = new StringBuilder();
+        sb.AppendLine($"{status.Vm}: {status.Phase}, {status.Vcpus} vcpu(s)");
+        sb.AppendLine($"{"vcpu",-6}{"state",-10}{"exits",10}{"io",10}{"mmio",10}{"hlt",8}{"intr",8}{"unassigned r/w",16}{"injected",10}");
+        for (var i = 0; i < status.Vcpus; i++)
+        {
+            var s = await Ask<VcpuProtocol.Stats>(await Child(vm, $"vcpu-{i}"), VcpuProtocol.GetStats.Instance, $"vcpu {i}");
+            sb.AppendLine($"{i,-6}{s.State,-10}{s.Exits,10}{s.IoExits,10}{s.MmioExits,10}{s.HltExits,8}{s.IntrExits,8}" +
+                          $"{$"{s.UnassignedReads}/{s.UnassignedWrites}",16}{s.Injected,10}");
+        }
+        var mem = await Ask<VmspaceProtocol.Stats>(await Child(vm, "vmspace"), VmspaceProtocol.GetStats.Instance, "the vmspace");
+        sb.AppendLine($"memory: {mem.GuestBytes >> 20} MiB guest, {mem.ResidentBytes >> 10} KiB allocated");
+        foreach (var device in new[] { "uart0", "debug-exit", "i8042" })
+        {
+            IActorRef actor;
+            try { actor = await Child(vm, device); }
+            catch (ControlException) { continue; }
+            var d = await Ask<DeviceProtocol.Stats>(actor, DeviceProtocol.GetStats.Instance, device);
+            sb.AppendLine($"device {d.Device}: {d.Reads} reads, {d.Writes} writes");
+        }
+        return sb.ToString();
+    }
+
+    private async Task<T> Ask<T>(ICanTell target, object message, string what)
+    {
+        try
+        {
+            return await target.Ask<T>(message, _timeout);
+        }
+        catch (AskTimeoutException)
+        {
+            throw new ControlException($"{what} did not answer within {_timeout.TotalSeconds:0.#} s");
+        }
+        catch (InvalidCastException)
+        {
+            throw new ControlException($"{what} answered something unexpected");
+        }
+    }
+
+    public async ValueTask DisposeAsync() => await _system.Terminate();
+}

@@ -1,0 +1,65 @@
+using System.Text.Json;
+
+namespace ActorVmm.Host.Control;
+
+/// <summary>
+/// Where running host processes announce their control address: one small JSON file per
+/// process in a per-user directory ($XDG_RUNTIME_DIR/actorvmm, else /tmp/actorvmm-UID). `ctl`
+/// reads it to find hosts; files of processes that are gone are ignored and cleaned up.
+/// </summary>
+public static class HostDirectory
+{
+    public sealed record Entry(int Pid, string Address, IReadOnlyList<string> Vms);
+
+    public static string DefaultPath()
+    {
+        var runtime = Environment.GetEnvironmentVariable("XDG_RUNTIME_DIR");
+        return !string.IsNullOrEmpty(runtime) && Directory.Exists(runtime)
+            ? Path.Combine(runtime, "actorvmm")
+            : Path.Combine(Path.GetTempPath(), $"actorvmm-{Environment.UserName}");
+    }
+
+    /// <summary>Announces this process; dispose to withdraw.</summary>
+    public static IDisposable Announce(string directory, string address, IReadOnlyList<string> vms)
+    {
+        Directory.CreateDirectory(directory);
+        var path = Path.Combine(directory, $"{Environment.ProcessId}.json");
+        File.WriteAllText(path, JsonSerializer.Serialize(new Entry(Environment.ProcessId, address, vms)));
+        return new Withdraw(path);
+    }
+
+    /// <summary>The hosts that announced themselves and whose process still exists.</summary>
+    public static IReadOnlyList<Entry> Read(string directory)
+    {
+        if (!Directory.Exists(directory)) return [];
+        var result = new List<Entry>();
+        foreach (var file in Directory.EnumerateFiles(directory, "*.json"))
+        {
+            try
+            {
+                var entry = JsonSerializer.Deserialize<Entry>(File.ReadAllText(file));
+                if (entry is null) continue;
+                if (!Directory.Exists($"/proc/{entry.Pid}"))
+                {
+                    File.Delete(file); // a host that died without withdrawing
+                    continue;
+                }
+                result.Add(entry);
+            }
+            catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+            {
+                // A file being written or not ours: skip it.
+            }
+        }
+        return result;
+    }
+
+    private sealed class Withdraw(string path) : IDisposable
+    {
+        public void Dispose()
+        {
+            try { File.Delete(path); }
+            catch (IOException) { }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+using System.Diagnostics;
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Control;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+using ActorVmm.Vcpu;
+using ActorVmm.Vcpu.Tests;
+using Xunit;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>
+/// `actorvmm ctl` against a host: two actor systems in this process talking over remoting on
+/// 127.0.0.1 (port 0), the host running a real VM actor whose vcpus are scripted (no KVM here),
+/// and the real `actorvmm ctl` executable as a client process.
+/// </summary>
+public sealed class ControlTests : IAsyncLifetime
+{
+    private ActorSystem _host = null!;
+    private GuestMemoryMap _memory = null!;
+    private ScriptedVcpu _vcpu = null!;
+    private ControlClient _client = null!;
+    private IActorRef _vm = null!;
+    private string _address = "";
+
+    public async Task InitializeAsync()
+    {
+        _host = HostRunner.CreateSystem(VmConfig.Load(null), ControlClient.HostSystemName, control: true);
+        _address = HostRunner.ControlAddress(_host);
+        _memory = VmspaceLayout.Build(16 << 20);
+        _vcpu = new ScriptedVcpu(0);
+        var console = SerialConsole.Captured();
+        var devices = new List<DeviceSpec>
+        {
+            new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length, _ => new Uart16550(NullInterruptLine.Instance, console.Write)),
+        };
+        var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var resources = new VmResources("guest1", _memory, [_vcpu], devices, Traced: false);
+        _vm = _host.ActorOf(Props.Create(() => new VmActor(resources, ended)), "vm-guest1");
+        _host.ActorSelection("/user/vmm").Tell(new ControlProtocol.Register("guest1", _vm));
+        _vm.Tell(VmProtocol.Start.Instance);
+        Assert.True(_vcpu.WaitUntilIdleInGuest());
+        _client = ControlClient.Create(TimeSpan.FromSeconds(5));
+        await Task.CompletedTask;
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _client.DisposeAsync();
+        _vm.Tell(new VmProtocol.Stop("test over"));
+        _vcpu.Dispose();
+        await _host.Terminate();
+        _memory.Dispose();
+    }
+
+    [Fact]
+    public async Task Ctl_lists_the_vms_of_a_host()
+    {
+        var list = await _client.ListAsync(_address);
+        Assert.Equal(_address, list.Host);
+        Assert.Equal(["guest1"], list.Vms.Select(v => v.Name));
+        var status = await _client.StatusAsync(list.Vms[0].Actor);
+        Assert.Equal(VmProtocol.Phase.Running, status.Phase);
+        Assert.Equal(1, status.Vcpus);
+    }
+
+    [Fact]
+    public async Task Ctl_names_what_does_not_exist()
+    {
+        var e = await Assert.ThrowsAsync<ControlException>(() => _client.FindVmAsync("nope", [_address]));
+        Assert.Equal("no VM named nope (running: guest1)", e.Message);
+        var unreachable = await Assert.ThrowsAsync<ControlException>(() => _client.ListAsync("127.0.0.1:1"));
+        Assert.Contains("does not answer", unreachable.Message);
+    }
+
+    [Fact]
+    public async Task Ctl_regs_of_a_paused_vm_shows_the_rip_and_the_code_there_through_the_guest_page_tables()
+    {
+        // A 64-bit guest state: the loader's page tables and GDT in guest memory, code at 1 MiB.
+        var code = new byte[] { 0x48, 0xFF, 0xC0, 0xF4 }; // inc rax; hlt
+        var boot = new LongModeImage(code, 0x10_0000, 0x10_0003).Load(_memory);
+        var vm = await _client.FindVmAsync("guest1", [_address]);
+        Assert.Equal(VmProtocol.Phase.Paused, (await _client.PauseAsync(vm)).Phase);
+        var vcpu = await _host.ActorSelection(_vm.Path / "vcpu-0").ResolveOne(TimeSpan.FromSeconds(5));
+        var special = boot.Special!(SpecialRegisterState.From(_vcpu.GetSpecialRegisters()));
+        await vcpu.Ask<VcpuProtocol.RegistersSet>(new VcpuProtocol.SetRegisters(boot.Registers! with { Rax = 0x1234 }, special), TimeSpan.FromSeconds(5));
+
+        var (regs, bytes, linear) = await _client.RegistersAsync(vm, 0);
+        Assert.Equal(0x10_0003UL, regs.General.Rip);
+        Assert.Equal(VcpuProtocol.State.Paused, regs.State);
+        Assert.Equal(0x10_0003UL, linear);
+        Assert.Equal(0xF4, bytes[0]);
+        var text = RegisterDump.Format(regs, bytes, linear);
+        Assert.Contains("RIP=0000000000100003", text);
+        Assert.Contains("RAX=0000000000001234", text);
+        Assert.Contains("(64-bit)", text);
+        Assert.Contains("hlt", text);
+
+        Assert.Equal(VmProtocol.Phase.Running, (await _client.ResumeAsync(vm)).Phase);
+    }
+
+    [Fact]
+    public async Task Ctl_stats_and_stop()
+    {
+        _vcpu.Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'x', null), new VmExit.Io(false, 0x2F8, 1, 1, 0, null));
+        Assert.True(_vcpu.WaitUntilIdleInGuest());
+        var vm = await _client.FindVmAsync("guest1", [_address]);
+        var stats = await _client.StatsAsync(vm);
+        Assert.Contains("guest1: Running, 1 vcpu(s)", stats);
+        Assert.Contains("device uart0: 0 reads, 1 writes", stats);
+        Assert.Matches(@"\n0\s+Running\s+\d+\s+2\s", stats); // vcpu 0: two I/O exits
+        var stopping = await _client.StopAsync(vm);
+        Assert.Contains(stopping.Phase, new[] { VmProtocol.Phase.Ending, VmProtocol.Phase.Ended });
+        Assert.Equal(VmProtocol.OutcomeKind.Stopped, stopping.Outcome!.Kind);
+        Assert.Contains("stopped by ctl", stopping.Outcome.Detail);
+    }
+
+    [Fact]
+    public async Task The_actorvmm_ctl_executable_talks_to_the_host_over_loopback()
+    {
+        var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            RedirectStandardInput = true,
+            UseShellExecute = false,
+        };
+        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "actorvmm.dll"), "ctl", "list", "--host", _address }) start.ArgumentList.Add(a);
+        using var p = Process.Start(start)!;
+        p.StandardInput.Close();
+        var stdout = await p.StandardOutput.ReadToEndAsync();
+        var stderr = await p.StandardError.ReadToEndAsync();
+        await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.True(p.ExitCode == 0, stderr);
+        Assert.Contains("guest1", stdout);
+        Assert.Contains("Running", stdout);
+        Assert.Contains($"host={_address}", stdout);
+    }
+}
