@@ -4,9 +4,10 @@ using ActorVmm.LibVmm;
 namespace ActorVmm.Memory;
 
 /// <summary>
-/// The guest's vmspace. First version: it owns the memory map (memfd segments registered as KVM
-/// memslots) and serves bounds-checked reads and writes of guest memory to devices and tools.
-/// Demand paging, A/D tracking, EPT generations and holds come later and plug in here.
+/// The guest's vmspace. It owns the memory map (memfd segments registered as KVM memslots) and
+/// serves bounds-checked reads and writes of guest memory to devices and tools. With userfaultfd
+/// (see <see cref="VmspaceOptions"/>) it also demand-pages guest RAM: nested page faults, the
+/// pmap with emulated accessed/dirty bits, swap, gpa holds and the EPT-generation barrier.
 /// </summary>
 public static class VmspaceProtocol
 {
@@ -32,60 +33,124 @@ public static class VmspaceProtocol
 
     public sealed record GetStats : IVmspaceMessage { public static readonly GetStats Instance = new(); }
 
-    /// <summary>Memory counters. Resident is what the host has actually allocated for guest RAM.</summary>
-    public sealed record Stats(ulong GuestBytes, ulong ResidentBytes, long Reads, long Writes, long Faults) : IVmspaceMessage;
+    /// <summary>Memory counters. Resident is what the host has actually allocated for guest RAM.
+    /// <see cref="Paging"/> has the demand-paging counters (all zero without userfaultfd).</summary>
+    public sealed record Stats(ulong GuestBytes, ulong ResidentBytes, long Reads, long Writes, long Faults) : IVmspaceMessage
+    {
+        public PagingStats Paging { get; init; } = PagingStats.Off;
+    }
+
+    /// <summary>
+    /// Demand-paging counters: faults by kind as the kernel reported them; how they were resolved
+    /// (zero fills, swap-ins); swap-outs; <see cref="Retries"/> = fills that found the kernel's state
+    /// different (a race: woken to fault again). Pages are 4 KiB guest RAM pages.
+    /// </summary>
+    public sealed record PagingStats(
+        bool Enabled, string Features, ulong RamPages, ulong ResidentPages, ulong SwappedPages, ulong HeldPages,
+        long MissingFaults, long MinorFaults, long WriteProtectFaults, long ZeroFills, long SwapIns, long SwapOuts,
+        long Retries, long Reclaims, ulong EptGeneration, string? Failure)
+    {
+        public static readonly PagingStats Off = new(false, "userfaultfd off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, null);
+    }
+
+    // ---- nested page faults -------------------------------------------------------------
+
+    /// <summary>From the userfaultfd reader thread: a vcpu (or any thread) touched guest RAM at
+    /// <paramref name="Gpa"/> and waits in the kernel until the vmspace resolves it.</summary>
+    public sealed record NestedPageFault(ulong Gpa, FaultKind Kind, bool Write) : IVmspaceMessage;
+
+    /// <summary>To the events actor given at creation: paging failed (a userfaultfd or swap error);
+    /// the vmspace has stopped paging (memory stays readable) and the VM should stop.</summary>
+    public sealed record VmspaceFailed(string Reason) : IVmspaceMessage;
+
+    /// <summary>A request the vmspace cannot serve (paging off or failed, range not guest RAM, no swap file).</summary>
+    public sealed record Refused(long Id, string Reason) : IVmspaceMessage;
+
+    // ---- accessed / dirty ---------------------------------------------------------------
+
+    /// <summary>Clears A over a RAM range: the guest view's mappings go, the next touch is a MINOR
+    /// fault. Answered with <see cref="AccessedCleared"/> after the EPT barrier.</summary>
+    public sealed record ClearAccessed(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
+
+    public sealed record AccessedCleared(long Id, ulong Generation) : IVmspaceMessage;
+
+    /// <summary>Clears D over a RAM range (held pages stay dirty): write-protects the guest view,
+    /// the next write is a WP fault. Answered with <see cref="DirtyCleared"/> after the EPT barrier.</summary>
+    public sealed record ClearDirty(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
+
+    public sealed record DirtyCleared(long Id, ulong Generation) : IVmspaceMessage;
+
+    /// <summary>Per-page A/D of a RAM range; answered with <see cref="AccessedDirty"/>.</summary>
+    public sealed record ScanAccessedDirty(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
+
+    /// <summary><paramref name="Pages"/>[i] is the page at <paramref name="Gpa"/> (rounded down) + i × 4 KiB.</summary>
+    public sealed record AccessedDirty(long Id, ulong Gpa, PageAD[] Pages) : IVmspaceMessage;
+
+    /// <summary>The raw pmap entries of a RAM range; answered with <see cref="PmapEntries"/>.</summary>
+    public sealed record GetPmap(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
+
+    public sealed record PmapEntries(long Id, ulong Gpa, PmapType Type, PmapFlags Flags, ulong[] Entries) : IVmspaceMessage
+    {
+        /// <summary>The bit layout of <see cref="Entries"/> (a method: computed, not sent).</summary>
+        public PmapBits Bits() => PmapBits.For(Type, Flags);
+    }
+
+    // ---- swap and holds -----------------------------------------------------------------
+
+    /// <summary>Swaps out the resident, unheld pages of a RAM range; answered with <see cref="SwappedOut"/>
+    /// after the EPT barrier.</summary>
+    public sealed record SwapOut(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
+
+    public sealed record SwappedOut(long Id, int Pages, ulong Generation) : IVmspaceMessage;
+
+    /// <summary>vm_gpa_hold: pins a RAM range for host-side access (resident, never swapped or
+    /// write-protected, counted dirty) until released or the holder stops. Answered with
+    /// <see cref="HoldGranted"/> or <see cref="Refused"/>.</summary>
+    public sealed record Hold(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
+
+    /// <summary>A lease on guest pages; give <see cref="HoldId"/> back with <see cref="Release"/>.</summary>
+    public sealed record GpaHold(long HoldId, ulong Gpa, ulong Length);
+
+    public sealed record HoldGranted(long Id, GpaHold Hold) : IVmspaceMessage;
+
+    /// <summary>vm_gpa_release; answered with <see cref="HoldReleased"/> (or <see cref="Refused"/> for an unknown id).</summary>
+    public sealed record Release(long HoldId) : IVmspaceMessage;
+
+    public sealed record HoldReleased(long HoldId) : IVmspaceMessage;
+
+    /// <summary>Releases every hold of the sender (a device restarting); answered with <see cref="HoldReleased"/> per hold.</summary>
+    public sealed record ReleaseAllHolds : IVmspaceMessage { public static readonly ReleaseAllHolds Instance = new(); }
+
+    // ---- EPT generation and invalidation ------------------------------------------------
+
+    /// <summary>A vcpu joins the invalidation barrier; a vcpu not running acks every generation at once.</summary>
+    public sealed record RegisterVcpu(int VcpuId, IActorRef Vcpu, bool Running) : IVmspaceMessage;
+
+    /// <summary>Running --Pause/Halt--> not running (acks at once) and back.</summary>
+    public sealed record VcpuRunState(int VcpuId, bool Running) : IVmspaceMessage;
+
+    public sealed record UnregisterVcpu(int VcpuId) : IVmspaceMessage;
+
+    /// <summary>To a running vcpu (which should be kicked): on its next entry it does its per-vcpu
+    /// work (e.g. harvest its dirty ring) and answers <see cref="EptInvalidated"/>.</summary>
+    public sealed record InvalidateEpt(ulong Generation) : IVmspaceMessage;
+
+    public sealed record EptInvalidated(int VcpuId, ulong Generation) : IVmspaceMessage;
+
+    /// <summary>Bumps the generation and waits for every running vcpu; answered with <see cref="EptSynced"/>.</summary>
+    public sealed record SyncEpt(long Id) : IVmspaceMessage;
+
+    public sealed record EptSynced(long Id, ulong Generation) : IVmspaceMessage;
 
     /// <summary>Largest single read or write a message may carry.</summary>
     public const int MaxTransfer = 1 << 20;
 
-    public static Props Props(GuestMemoryMap memory) => Akka.Actor.Props.Create(() => new VmspaceActor(memory));
-}
+    /// <summary>A vmspace without demand paging (no userfaultfd).</summary>
+    public static Props Props(GuestMemoryMap memory) =>
+        Akka.Actor.Props.Create(() => new VmspaceActor(memory, VmspaceOptions.Unpaged, ActorRefs.Nobody));
 
-internal sealed class VmspaceActor : ReceiveActor
-{
-    private readonly GuestMemoryMap _memory;
-    private long _reads, _writes, _faults;
-
-    public VmspaceActor(GuestMemoryMap memory)
-    {
-        _memory = memory;
-        Receive<VmspaceProtocol.ReadMemory>(r =>
-        {
-            _reads++;
-            if (r.Length < 0 || r.Length > VmspaceProtocol.MaxTransfer)
-            {
-                Fault(r.Id, r.Address, r.Length, $"length {r.Length} is outside 0..{VmspaceProtocol.MaxTransfer}");
-                return;
-            }
-            var data = new byte[r.Length];
-            if (_memory.TryRead(new GuestPhysAddr(r.Address), data)) Sender.Tell(new VmspaceProtocol.MemoryData(r.Id, r.Address, data));
-            else Fault(r.Id, r.Address, r.Length, "outside guest memory");
-        });
-        Receive<VmspaceProtocol.WriteMemory>(w =>
-        {
-            _writes++;
-            var a = new GuestPhysAddr(w.Address);
-            if (w.Data.Length > VmspaceProtocol.MaxTransfer) Fault(w.Id, w.Address, w.Data.Length, "too long");
-            else if (IsReadOnly(a, (ulong)w.Data.Length)) Fault(w.Id, w.Address, w.Data.Length, "read-only memory");
-            else if (_memory.TryWrite(a, w.Data)) Sender.Tell(new VmspaceProtocol.MemoryWritten(w.Id));
-            else Fault(w.Id, w.Address, w.Data.Length, "outside guest memory");
-        });
-        Receive<VmspaceProtocol.GetLayout>(_ => Sender.Tell(new VmspaceProtocol.Layout(
-            _memory.Segments.Select(s => new VmspaceProtocol.Segment(s.Name, s.Base.Value, s.Size, s.ReadOnly)).ToArray())));
-        Receive<VmspaceProtocol.GetStats>(_ => Sender.Tell(new VmspaceProtocol.Stats(
-            _memory.Segments.Aggregate(0UL, (a, s) => a + s.Size), ResidentBytes(), _reads, _writes, _faults)));
-    }
-
-    private bool IsReadOnly(GuestPhysAddr a, ulong length) =>
-        _memory.Segments.Any(s => s.ReadOnly && a.Value < s.End.Value && s.Base.Value < a.Value + length);
-
-    private void Fault(long id, ulong address, int length, string reason)
-    {
-        _faults++;
-        Sender.Tell(new VmspaceProtocol.MemoryFault(id, address, length, reason));
-    }
-
-    /// <summary>Bytes the host has allocated for the backing memfds (untouched pages cost nothing).</summary>
-    private ulong ResidentBytes() =>
-        _memory.Segments.Select(s => s.Backing).Distinct().Aggregate(0UL, (a, r) => a + r.AllocatedBytes);
+    /// <summary>A vmspace paging as <paramref name="options"/> say; <see cref="VmspaceFailed"/> goes to
+    /// <paramref name="events"/>. The caller keeps <paramref name="memory"/> alive until the actor stopped.</summary>
+    public static Props Props(GuestMemoryMap memory, VmspaceOptions options, IActorRef events) =>
+        Akka.Actor.Props.Create(() => new VmspaceActor(memory, options, events));
 }

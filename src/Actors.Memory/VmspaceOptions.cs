@@ -1,0 +1,26 @@
+namespace ActorVmm.Memory;
+
+/// <summary>
+/// How a vmspace pages its guest memory.
+/// <para><see cref="Userfaultfd"/>: register guest RAM's guest view with userfaultfd
+/// (MISSING|WP|MINOR as the kernel supports) and resolve nested page faults in the actor; off, the
+/// vmspace only serves reads and writes (the first version's behaviour).</para>
+/// <para><see cref="SwapFile"/>: a real file for swapped-out pages (created, and deleted when the
+/// vmspace stops); needed by <c>SwapOut</c> and by <see cref="ResidentLimitBytes"/>.</para>
+/// <para><see cref="ResidentLimitBytes"/> (0 = none): above it, the clock swaps out pages not
+/// accessed for <see cref="ColdScans"/> sweeps.</para>
+/// <para>Without userfaultfd, swap file and resident limit are ignored, and the pmap (built on first
+/// use, not to cost 8 bytes per page to a VM that never asks) only follows the memfd's residency.</para>
+/// </summary>
+public sealed record VmspaceOptions(
+    bool Userfaultfd = false,
+    PmapType PmapType = PmapType.Ept,
+    string? SwapFile = null,
+    ulong ResidentLimitBytes = 0,
+    int ColdScans = 2)
+{
+    public static readonly VmspaceOptions Unpaged = new();
+
+    public static VmspaceOptions Paged(string? swapFile = null, ulong residentLimitBytes = 0, int coldScans = 2) =>
+        new(Userfaultfd: true, SwapFile: swapFile, ResidentLimitBytes: residentLimitBytes, ColdScans: coldScans);
+}
