@@ -13,7 +13,11 @@ using static Iced.Intel.AssemblerRegisters;
 // Port-I/O exit cost: the same guests run by a raw LibVmm loop (no actors: the limit) and by
 // ActorVmm (vcpu actor + device actor). Each I/O loop is paired with the same loop with the I/O
 // replaced by a nop, so guest instruction time is subtracted: per-exit = (T_io - T_nop) / N.
-// Usage: actorvmm-bench [N] [repetitions]
+// Usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
+//        actorvmm-bench faults [pages] [repetitions] nested page faults (userfaultfd)
+if (args.Length > 0 && args[0] == "faults")
+    return await ActorVmm.Bench.FaultBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 16_384, args.Length > 2 ? int.Parse(args[2]) : 3);
+if (args.Length > 0 && args[0] == "io") args = args[1..];
 var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
 var reps = args.Length > 1 ? int.Parse(args[1]) : 3;
 
