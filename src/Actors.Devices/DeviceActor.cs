@@ -97,6 +97,35 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
             _pendingInput = [.. _pendingInput, .. take];
             DrainInput();
         });
+        // Interrupt-controller adapters: a model without the interface ignores them.
+        Receive<SetIrqLevel>(m =>
+        {
+            if ((_model as IInterruptInputs)?.Input(m.Line) is not { } line) return;
+            if (m.Level) line.Assert();
+            else line.Deassert();
+            Rearm();
+        });
+        Receive<PulseIrq>(m =>
+        {
+            (_model as IInterruptInputs)?.Input(m.Line)?.Pulse();
+            Rearm();
+        });
+        Receive<EndOfInterrupt>(e =>
+        {
+            (_model as IEndOfInterrupt)?.EndOfInterrupt(e.Vector);
+            Rearm();
+        });
+        Receive<Acknowledge>(a =>
+        {
+            if (_model is not IInterruptAcknowledge inta)
+            {
+                Sender.Tell(new Acknowledged(a.Id, null, false));
+                return;
+            }
+            var vector = inta.Acknowledge();
+            Sender.Tell(new Acknowledged(a.Id, vector, inta.InterruptRequested));
+            Rearm();
+        });
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
         Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));

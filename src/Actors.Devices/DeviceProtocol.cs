@@ -41,6 +41,23 @@ public static class DeviceProtocol
     /// <summary>Sent by a device to the VM's event target: the guest asked for a reset.</summary>
     public sealed record GuestResetRequested(string Device, string Reason) : IDeviceMessage;
 
+    /// <summary>Drives interrupt input <paramref name="Line"/> of an <see cref="IInterruptInputs"/>
+    /// model (IOAPIC pin, 8259 IRQ) to <paramref name="Level"/>. Posted; no credit is returned.</summary>
+    public sealed record SetIrqLevel(int Line, bool Level) : IDeviceMessage;
+
+    /// <summary>An edge on input <paramref name="Line"/> (assert then deassert).</summary>
+    public sealed record PulseIrq(int Line) : IDeviceMessage;
+
+    /// <summary>A LAPIC's EOI of a level-triggered <paramref name="Vector"/>, for an <see cref="IEndOfInterrupt"/> model.</summary>
+    public sealed record EndOfInterrupt(byte Vector) : IDeviceMessage;
+
+    /// <summary>INTA: an <see cref="IInterruptAcknowledge"/> model answers <see cref="Acknowledged"/> with the same id.</summary>
+    public sealed record Acknowledge(long Id) : IDeviceMessage;
+
+    /// <param name="Vector">null: no vector (controller not initialised, or not a controller)</param>
+    /// <param name="StillRequested">the INTR output is still asserted after this acknowledge</param>
+    public sealed record Acknowledged(long Id, int? Vector, bool StillRequested) : IDeviceMessage;
+
     /// <summary>Asks a device for its access counters; answered with <see cref="Stats"/>.</summary>
     public sealed record GetStats : IDeviceMessage
     {

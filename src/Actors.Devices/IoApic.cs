@@ -72,7 +72,7 @@ public sealed record IoApicState(byte Id, byte RegisterSelect, ImmutableArray<ul
 /// to IOWIN and EOI take effect (others read 0 and are ignored, as in bhyve's vioapic); IOREGSEL
 /// accepts any size. Single-threaded: its actor drives the pins, the MMIO window and the EOIs.
 /// </summary>
-public sealed class IoApic : IStatefulDevice
+public sealed class IoApic : IStatefulDevice, IInterruptInputs, IEndOfInterrupt
 {
     public const int Pins = 24;
     public const ulong Length = 0x1000;
@@ -134,6 +134,8 @@ public sealed class IoApic : IStatefulDevice
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(n, Pins);
         return _lines[n];
     }
+
+    IInterruptLine? IInterruptInputs.Input(int line) => line is >= 0 and < Pins ? _lines[line] : null;
 
     public ulong Read(ulong offset, int size)
     {

@@ -29,6 +29,26 @@ public enum LapicBackendKind
 /// </list>
 /// Generic checks (vector legality, destination matching) happen in the backend so that an
 /// assisted one can keep them where the kernel already does them.
+///
+/// What the KvmAssisted backend needs (config <c>lapic = assisted</c> is refused by the VM
+/// builder until then; this host's KVM has no AVIC/posted interrupts, DESIGN §4):
+/// <list type="number">
+/// <item>VM setup: KVM_CREATE_VM, then KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, args[0] = 24 IOAPIC
+/// routes) before any vcpu exists; no user-space MSR filter for 0x800-0x8FF/0x6E0/0x1B (the
+/// kernel LAPIC owns them); the vcpus' MMIO buses lose the 0xFEE00000 route.</item>
+/// <item>Delivery: <see cref="Deliver"/> turns each message into KVM_SIGNAL_MSI (address
+/// 0xFEE00000 | dest &lt;&lt; 12 | dest-mode &lt;&lt; 2, data = vector | mode &lt;&lt; 8 | trigger
+/// &lt;&lt; 15), issued on the VM fd (any thread); IOAPIC pins can use KVM_SET_GSI_ROUTING +
+/// KVM_IRQ_LINE instead. INIT/SIPI are then handled by KVM (KVM_GET/SET_MP_STATE), so the vcpu
+/// actor must not keep its own wait-for-SIPI state in this mode.</item>
+/// <item>EOI: KVM_EXIT_IOAPIC_EOI (exit reason 26, eoi.vector) decoded in LibVmm and handed to
+/// the vcpu's vlapic as <c>EndOfInterrupt</c> → <see cref="Eoi"/> → LevelEoi to the IOAPIC; the
+/// routes of level-triggered pins must be marked in KVM_IOAPIC_EOI-enabled form.</item>
+/// <item>PIC: ExtINT through the kernel LAPIC's LINT0 needs KVM_INTERRUPT with
+/// ready_for_interrupt_injection as today (split irqchip keeps the PIC in user space).</item>
+/// <item>State: KVM_GET_LAPIC / KVM_SET_LAPIC (1 KiB image, Apic Page offsets) for
+/// <see cref="State"/> / <see cref="Restore"/>; the timer stays in the kernel.</item>
+/// </list>
 /// </summary>
 public interface ILapicBackend : ITimedDevice
 {

@@ -19,6 +19,10 @@ public sealed record LapicOptions
     /// <summary>LVT Timer mode 10b is valid (CPUID.01H:ECX.TSC_Deadline[bit 24]); else bit 18 is reserved.</summary>
     public bool TscDeadlineSupported { get; init; } = true;
 
+    /// <summary>The BSP's LVT LINT0 resets to ExtINT, unmasked (virtual-wire mode, as a PC BIOS
+    /// leaves it and as KVM's kvm_lapic_reset does), so the 8259's INTR reaches the BSP.</summary>
+    public bool BspLint0ExtInt { get; init; }
+
     /// <summary>MAXPHYADDR: IA32_APIC_BASE bits at and above it are reserved.</summary>
     public int PhysicalAddressBits { get; init; } = 46;
 }

@@ -862,6 +862,7 @@ public sealed class LocalApic : ITimedDevice
         SetReg(Dfr, 0xFFFF_FFFF);
         SetReg(Svr, 0xFF);
         foreach (var lvt in LvtRegisters) SetReg(lvt, LvtMasked);
+        if (_options.BspLint0ExtInt && (_apicBase & BaseBsp) != 0) SetReg(LvtLint0, (uint)DeliveryMode.ExtInt << 8);
         if (Mode == ApicMode.X2Apic) SetReg(Ldr, X2ApicLdr(_id));
         _esrPending = 0;
         _timerArmed = false;

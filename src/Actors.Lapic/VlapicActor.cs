@@ -26,6 +26,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     private readonly IDeviceClock _clock;
     private readonly ILapicBackend _apic;
     private readonly Dictionary<IActorRef, int> _uncredited = new();
+    private readonly VlapicCell _cell;
 
     /// <summary>The vector last told to the vcpu and not yet accepted; null when none is.</summary>
     private int? _reported;
@@ -35,12 +36,34 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public VlapicActor(int vcpuId, Wiring wiring, LapicBackendFactory backend, IDeviceClock? clock)
+    public VlapicActor(int vcpuId, Wiring wiring, LapicBackendFactory backend, IDeviceClock? clock, VlapicCell cell)
     {
         _vcpuId = vcpuId;
         _wiring = wiring;
+        _cell = cell;
         _clock = clock ?? new SchedulerClock(Context.System.Scheduler);
-        _apic = backend(vcpuId, new EventsToActors(vcpuId, wiring, Self), _clock);
+        _apic = backend(vcpuId, new EventsToActors(vcpuId, wiring, cell, Self), _clock);
+        if (cell.State is { } saved)
+        {
+            // A restart: continue from the state the failed incarnation saved.
+            _apic.Restore(saved);
+            cell.State = null;
+        }
+
+        Receive<AttachVcpu>(a => _cell.Vcpu = a.Vcpu);
+        Receive<DeliverToFirstMatch>(d =>
+        {
+            var to = d.Interrupt.To;
+            if (to is null || _apic.Matches(to.Mode, to.Id))
+            {
+                _apic.Deliver(d.Interrupt.Mode, d.Interrupt.Vector, d.Interrupt.Level, d.Interrupt.Trigger);
+                Changed();
+            }
+            else if (d.Rest.Length > 0)
+            {
+                d.Rest[0].Tell(d with { Rest = d.Rest.RemoveAt(0) }, Sender);
+            }
+        });
 
         Receive<DeviceProtocol.Write>(w =>
         {
@@ -119,6 +142,9 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
+        try { _cell.State = _apic.State(); }
+        catch (Exception) { _cell.State = null; } // a model too broken to save restarts from reset
+
         foreach (var (sender, n) in _uncredited)
             if (n > 0) sender.Tell(new DeviceProtocol.WriteCredit(n));
         _uncredited.Clear();
@@ -137,7 +163,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         else if (pending != _reported)
         {
             _reported = pending;
-            _wiring.Vcpu.Tell(new InterruptPending(_vcpuId, (byte)pending.Value), Self);
+            _cell.Vcpu.Tell(new InterruptPending(_vcpuId, (byte)pending.Value), Self);
         }
 
         var deadline = _apic.NextDeadline;
@@ -168,7 +194,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         size >= 8 ? value : size <= 0 ? 0 : value & ((1UL << (size * 8)) - 1);
 
     /// <summary>The model's outputs as messages. Called inside this actor's message handling.</summary>
-    private sealed class EventsToActors(int vcpuId, Wiring wiring, IActorRef self) : ILapicEvents
+    private sealed class EventsToActors(int vcpuId, Wiring wiring, VlapicCell cell, IActorRef self) : ILapicEvents
     {
         public void SendIpi(Ipi ipi) => wiring.Router.Tell(ipi, self);
 
@@ -184,7 +210,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
                 VcpuEventKind.StartUp => new StartupReceived(vcpuId, vector),
                 _ => new ExtIntPending(vcpuId),
             };
-            wiring.Vcpu.Tell(e, self);
+            cell.Vcpu.Tell(e, self);
         }
     }
 }

@@ -100,6 +100,19 @@ public static class VlapicProtocol
     public sealed record DeliverInterrupt(byte Vector, bool Level, TriggerMode Trigger, DeliveryMode Mode, Destination? To = null)
         : IVlapicMessage;
 
+    /// <summary>
+    /// Lowest-priority arbitration by a chain: this APIC takes <paramref name="Interrupt"/> if its
+    /// destination matches, else passes the message to <c>Rest[0]</c> with the rest of the chain; an
+    /// empty chain drops it (nobody matched). The router orders the chain (see ApicRouter).
+    /// </summary>
+    public sealed record DeliverToFirstMatch(DeliverInterrupt Interrupt, System.Collections.Immutable.ImmutableArray<IActorRef> Rest)
+        : IVlapicMessage;
+
+    /// <summary>Names the vcpu that receives this vlapic's <see cref="IVcpuEvent"/>s (replacing
+    /// <see cref="Wiring.Vcpu"/>): the VM builder creates the vlapic before its vcpu, whose wiring
+    /// needs the vlapic. Kept across restarts of the vlapic.</summary>
+    public sealed record AttachVcpu(IActorRef Vcpu) : IVlapicMessage;
+
     public enum PinChange : byte { Assert, Deassert, Pulse }
 
     /// <summary>The LINT0 (Pin 0) or LINT1 (Pin 1) input changed (8259 INTR, NMI button).</summary>
@@ -134,6 +147,17 @@ public static class VlapicProtocol
     /// <param name="clock">time for the APIC timer; null: the actor system scheduler's clock
     /// (<see cref="SchedulerClock"/>, virtual under TestKit's TestScheduler). A VM passes its one
     /// shared device clock so that all timers agree.</param>
-    public static Props Props(int vcpuId, Wiring wiring, LapicBackendFactory? backend = null, IDeviceClock? clock = null) =>
-        Akka.Actor.Props.Create(() => new VlapicActor(vcpuId, wiring, backend ?? LapicBackends.Emulated(null), clock));
+    public static Props Props(int vcpuId, Wiring wiring, LapicBackendFactory? backend = null, IDeviceClock? clock = null)
+    {
+        var cell = new VlapicCell { Vcpu = wiring.Vcpu };
+        return Akka.Actor.Props.Create(() => new VlapicActor(vcpuId, wiring, backend ?? LapicBackends.Emulated(null), clock, cell));
+    }
+
+    /// <summary>What survives a restart of the actor: its vcpu, and the APIC state saved when it failed.
+    /// Local to one host (never sent).</summary>
+    internal sealed class VlapicCell
+    {
+        public volatile IActorRef Vcpu = ActorRefs.Nobody;
+        public LapicState? State;
+    }
 }

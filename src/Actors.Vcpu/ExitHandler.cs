@@ -16,8 +16,10 @@ public enum ExitActionKind : byte
     /// <summary>An unassigned write: dropped.</summary>
     UnassignedWrite,
     Halt,
-    /// <summary>RDMSR/WRMSR exit: not handled in user space yet; the guest gets #GP.</summary>
+    /// <summary>RDMSR/WRMSR exit: not handled in user space; the guest gets #GP.</summary>
     MsrFault,
+    /// <summary>RDMSR/WRMSR of a local APIC MSR: asked of the vcpu's vlapic; wait for its answer.</summary>
+    ApicMsr,
     /// <summary>The vcpu cannot go on: <see cref="ExitAction.StopReason"/>.</summary>
     Stop,
 }
@@ -37,17 +39,22 @@ public readonly record struct ExitAction(
 /// </summary>
 public static class ExitHandler
 {
-    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio)
+    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio) =>
+        Decide(exit, ports, mmio, apicMsrs: false);
+
+    /// <param name="apicMsrs">the vcpu has a vlapic: IA32_APIC_BASE, IA32_TSC_DEADLINE and the
+    /// x2APIC range go to it (<see cref="ExitActionKind.ApicMsr"/>)</param>
+    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs)
     {
         switch (exit)
         {
             case VmExit.Io io:
                 if (ports.TryResolve(io.Port, out var pr, out var po))
-                    return new ExitAction(io.IsOut ? ExitActionKind.PostWrite : ExitActionKind.Read, pr, po, io.Size);
+                    return new ExitAction(io.IsOut ? ExitActionKind.PostWrite : ExitActionKind.Read, pr, pr.Window + po, io.Size);
                 return new ExitAction(io.IsOut ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: io.Size);
             case VmExit.Mmio m:
                 if (mmio.TryResolve(m.Address, out var mr, out var mo))
-                    return new ExitAction(m.IsWrite ? ExitActionKind.PostWrite : ExitActionKind.Read, mr, mo, m.Length,
+                    return new ExitAction(m.IsWrite ? ExitActionKind.PostWrite : ExitActionKind.Read, mr, mr.Window + mo, m.Length,
                         Space: DeviceProtocol.Space.Mmio);
                 return new ExitAction(m.IsWrite ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: m.Length,
                     Space: DeviceProtocol.Space.Mmio);
@@ -55,6 +62,10 @@ public static class ExitHandler
                 return new ExitAction(ExitActionKind.Halt);
             case VmExit.Intr or VmExit.IrqWindowOpen:
                 return new ExitAction(ExitActionKind.Reenter);
+            case VmExit.MsrRead r when apicMsrs && IsApicMsr(r.Index):
+                return new ExitAction(ExitActionKind.ApicMsr);
+            case VmExit.MsrWrite w when apicMsrs && IsApicMsr(w.Index):
+                return new ExitAction(ExitActionKind.ApicMsr);
             case VmExit.MsrRead or VmExit.MsrWrite:
                 return new ExitAction(ExitActionKind.MsrFault);
             case VmExit.Shutdown:
@@ -69,6 +80,10 @@ public static class ExitHandler
                 return Stop(VcpuProtocol.StopReason.UnhandledExit);
         }
     }
+
+    /// <summary>IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers 0x800-0x8FF.</summary>
+    public static bool IsApicMsr(uint msr) =>
+        msr is Lapic.ApicMsrs.ApicBase or Lapic.ApicMsrs.TscDeadline or (>= Lapic.ApicMsrs.X2ApicFirst and <= Lapic.ApicMsrs.X2ApicLast);
 
     private static ExitAction Stop(VcpuProtocol.StopReason reason) => new(ExitActionKind.Stop, StopReason: reason);
 

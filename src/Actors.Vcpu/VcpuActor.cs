@@ -1,6 +1,7 @@
 using Akka.Actor;
 using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using static ActorVmm.Vcpu.VcpuProtocol;
 
@@ -13,10 +14,20 @@ namespace ActorVmm.Vcpu;
 /// what else arrives meanwhile.
 ///
 /// States (the seed's vcpu states, Firecracker's explicit machine):
-///   Created --Start--> Running --HLT--> Halted --Notify/Inject--> Running
-///   Running|Halted|Created --Pause--> Paused --Resume--> (previous)
+///   Created --Start--> Running --HLT--> Halted --Notify/Inject/vlapic event--> Running
+///   Created|Running|Halted --INIT (an AP)--> WaitingForSipi --SIPI--> Running
+///   Running|Halted|Created|WaitingForSipi --Pause--> Paused --Resume--> (previous)
 ///   any --Stop or fatal exit--> Stopped
-/// Running has two waiting sub-states: a read in flight, a device's write window full.
+/// Running has two waiting sub-states: a reply in flight (device read, APIC MSR, INTA), a
+/// device's write window full.
+///
+/// Interrupts (the seed's vlapic_pending_intr / vlapic_intr_accepted): the vlapic tells
+/// <see cref="VlapicProtocol.InterruptPending"/> (a newer vector replaces an older one); before
+/// every entry the vcpu injects it with KVM_INTERRUPT if the guest can take it (as of the last
+/// exit), tells the vlapic <see cref="VlapicProtocol.InterruptAccepted"/>, and otherwise asks for
+/// the interrupt window; it re-checks on every exit (KVM_EXIT_IRQ_WINDOW_OPEN is not seen on
+/// every host). At most one KVM_INTERRUPT per entry. ExtINT asks the 8259 for its vector (INTA)
+/// when the guest can take it. NMIs go in with KVM_NMI.
 /// </summary>
 internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 {
@@ -30,6 +41,13 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private readonly Dictionary<IActorRef, DeviceRoute> _routesByDevice = new();
     private readonly Queue<byte> _pendingVectors = new();
 
+    // From the vlapic: the vector to inject (newest wins), an NMI, an ExtINT to fetch from the PIC.
+    private byte? _lapicVector;
+    private bool _nmiPending;
+    private bool _extIntPending;
+    /// <summary>A KVM_INTERRUPT was issued since the last exit: KVM takes one per entry.</summary>
+    private bool _injectionQueued;
+
     private State _state = State.Created;
     private State _resumeTo = State.Created;
 
@@ -38,6 +56,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private long _readId;
     private DeviceRoute? _readRoute;
     private VmExit? _readExit;
+    private bool _intaInFlight;
     private int _readIndex;
     private DeviceRoute? _blockedOn;
     private bool _wakePending;
@@ -90,6 +109,19 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         }
     }
 
+    /// <summary>An AP after INIT: nothing runs until a SIPI (SDM Vol 3A §8.4.1, "wait-for-SIPI").</summary>
+    private void WaitingForSipi(object message)
+    {
+        switch (message)
+        {
+            case Start:
+                break; // only a SIPI starts an AP
+            default:
+                Common(message);
+                break;
+        }
+    }
+
     private void Running(object message)
     {
         switch (message)
@@ -136,6 +168,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 Sender.Tell(new Resumed(Id));
                 if (_resumeTo == State.Running) EnterRunning();
                 else if (_resumeTo == State.Halted) EnterHalted();
+                else if (_resumeTo == State.WaitingForSipi) EnterWaitingForSipi();
                 else { _state = State.Created; Become(Created); }
                 break;
             case Notify:
@@ -164,7 +197,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case GetStats:
                 ReplyStats();
                 break;
-            case Run or DeviceProtocol.ReadResult or DeviceProtocol.WriteCredit or Notify or InjectInterrupt:
+            case Run or DeviceProtocol.ReadResult or DeviceProtocol.WriteCredit or Notify or InjectInterrupt
+                or VlapicProtocol.IVcpuEvent or VlapicProtocol.MsrReadResult or VlapicProtocol.MsrWriteResult
+                or DeviceProtocol.Acknowledged:
                 break;
             case Stop:
                 Sender.Tell(new VcpuProtocol.Stopped(Id, StopReason.Requested, $"vcpu {Id} already stopped"));
@@ -185,6 +220,23 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 break;
             case DeviceProtocol.ReadResult:
                 break; // a stale reply
+            case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
+                _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
+                EndWait();
+                break;
+            case VlapicProtocol.MsrWriteResult w when w.Id == _readId && _readExit is VmExit.MsrWrite:
+                _vcpu.CompleteMsrWrite(fault: !w.Ok);
+                EndWait();
+                break;
+            case DeviceProtocol.Acknowledged a when a.Id == _readId && _intaInFlight:
+                _intaInFlight = false;
+                if (a.Vector is { } vector) InjectNow((byte)vector);
+                // INTR is a level: it stays pending while the PIC still requests (and gave a vector).
+                _extIntPending = a.StillRequested && a.Vector is not null;
+                EndWait();
+                break;
+            case VlapicProtocol.MsrReadResult or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged:
+                break; // stale
             case DeviceProtocol.WriteCredit credit:
                 ApplyCredit(credit);
                 break;
@@ -260,6 +312,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case InjectInterrupt inject:
                 _pendingVectors.Enqueue(inject.Vector);
                 break;
+            case VlapicProtocol.IVcpuEvent e:
+                OnVlapicEvent(e);
+                break;
             case GetStats:
                 ReplyStats();
                 break;
@@ -268,7 +323,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 break;
             case FaultProtocol.Crash crash:
                 throw new InjectedFaultException(crash.Reason);
-            case Start or Notify or Run or DeviceProtocol.ReadResult:
+            case Start or Notify or Run or DeviceProtocol.ReadResult or VlapicProtocol.MsrReadResult
+                or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged:
                 break;
             default:
                 Unhandled(message);
@@ -289,6 +345,140 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     {
         _state = State.Halted;
         Become(Halted);
+    }
+
+    private void EnterWaitingForSipi()
+    {
+        _state = State.WaitingForSipi;
+        Become(WaitingForSipi);
+    }
+
+    // ---- the vlapic's events (vcpu_notify_event) ----
+
+    private void OnVlapicEvent(VlapicProtocol.IVcpuEvent e)
+    {
+        switch (e)
+        {
+            case VlapicProtocol.InterruptPending p:
+                _lapicVector = p.Vector;
+                Wake();
+                break;
+            case VlapicProtocol.NmiPending:
+                _nmiPending = true;
+                Wake();
+                break;
+            case VlapicProtocol.ExtIntPending:
+                if (_wiring.Pic is null) break; // no 8259 to ask for the vector
+                _extIntPending = true;
+                Wake();
+                break;
+            case VlapicProtocol.InitReceived:
+                OnInit();
+                break;
+            case VlapicProtocol.StartupReceived s:
+                OnStartup(s.Vector);
+                break;
+            default:
+                break; // SMI: no SMM in this VMM
+        }
+    }
+
+    /// <summary>An event that makes a halted vcpu run (a spurious wake-up from HLT is allowed).</summary>
+    private void Wake()
+    {
+        switch (_state)
+        {
+            case State.Halted:
+                // Halted --interrupt/NMI--> Running
+                EnterRunning();
+                break;
+            case State.Paused when _resumeTo == State.Halted:
+                _resumeTo = State.Running;
+                break;
+            case State.Running:
+                _wakePending = true;
+                break;
+        }
+    }
+
+    /// <summary>
+    /// INIT (SDM Vol 3A §8.4, Table 9-1): registers to the INIT state, pending interrupts dropped
+    /// (the vlapic has reset itself). An AP then waits for a SIPI; the BSP runs on from the reset
+    /// vector (KVM does the same: it has no firmware to return to either).
+    /// </summary>
+    private void OnInit()
+    {
+        _lapicVector = null;
+        _nmiPending = false;
+        _extIntPending = false;
+        _pendingVectors.Clear();
+        _wakePending = false;
+        SetInitRegisters();
+        if (Id == 0)
+        {
+            if (_state == State.Halted) EnterRunning(); // Halted --INIT (BSP)--> Running at F000:FFF0
+            else if (_state == State.Paused && _resumeTo == State.Halted) _resumeTo = State.Running;
+            return;
+        }
+        if (_state == State.Paused) _resumeTo = State.WaitingForSipi;
+        else EnterWaitingForSipi(); // Created|Running|Halted --INIT--> WaitingForSipi
+    }
+
+    /// <summary>SIPI: only an AP waiting for it starts, at CS = vector &lt;&lt; 8 (base vector &lt;&lt; 12), IP = 0, real mode.</summary>
+    private void OnStartup(byte vector)
+    {
+        var waiting = _state == State.WaitingForSipi || (_state == State.Paused && _resumeTo == State.WaitingForSipi);
+        if (!waiting) return; // SDM §8.4.4.1: a SIPI outside wait-for-SIPI is ignored
+        try
+        {
+            var sregs = _vcpu.GetSpecialRegisters();
+            sregs.Cs = new SegmentState((ushort)(vector << 8), (ulong)vector << 12, 0xFFFF, 0xB, true, 0,
+                false, true, false, false, false).ToKvm();
+            _vcpu.SetSpecialRegisters(sregs);
+            var regs = _vcpu.GetRegisters();
+            regs.Rip = 0;
+            regs.Rflags = 0x2;
+            _vcpu.SetRegisters(regs);
+        }
+        catch (KvmException e)
+        {
+            StopWith(StopReason.RunFailed, $"vcpu {Id} stopped: could not start at SIPI vector 0x{vector:X2}: {e.Message}");
+            return;
+        }
+        _wiring.Vm.Tell(new StartedBySipi(Id, vector));
+        if (_state == State.Paused)
+        {
+            _resumeTo = State.Running;
+            return;
+        }
+        _vcpu.BindToCurrentThread();
+        // WaitingForSipi --SIPI--> Running
+        EnterRunning();
+    }
+
+    /// <summary>The processor state after INIT (SDM Vol 3A Table 9-1): real mode at F000:FFF0, caches
+    /// disabled (CR0 = 0x60000010), paging and long mode off; IA32_APIC_BASE is the vlapic's business.</summary>
+    private void SetInitRegisters()
+    {
+        try
+        {
+            var sregs = _vcpu.GetSpecialRegisters();
+            var data = SegmentState.RealMode(0, code: false).ToKvm();
+            sregs.Cs = new SegmentState(0xF000, 0xFFFF_0000, 0xFFFF, 0xB, true, 0, false, true, false, false, false).ToKvm();
+            sregs.Ds = data; sregs.Es = data; sregs.Fs = data; sregs.Gs = data; sregs.Ss = data;
+            sregs.Tr = new SegmentState(0, 0, 0xFFFF, 0xB, true, 0, false, false, false, false, false).ToKvm();
+            sregs.Ldt = new SegmentState(0, 0, 0xFFFF, 0x2, true, 0, false, false, false, false, false).ToKvm();
+            sregs.Gdt = new KvmDtable { Base = 0, Limit = 0xFFFF };
+            sregs.Idt = new KvmDtable { Base = 0, Limit = 0xFFFF };
+            sregs.Cr0 = 0x6000_0010;
+            sregs.Cr2 = 0; sregs.Cr3 = 0; sregs.Cr4 = 0; sregs.Cr8 = 0; sregs.Efer = 0;
+            _vcpu.SetSpecialRegisters(sregs);
+            _vcpu.SetRegisters(RegisterState.Reset.ToKvm());
+        }
+        catch (KvmException e)
+        {
+            StopWith(StopReason.RunFailed, $"vcpu {Id} stopped: could not apply INIT: {e.Message}");
+        }
     }
 
     /// <summary>Exits handled in one turn before the actor yields to its dispatcher (system messages).</summary>
@@ -312,11 +502,12 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// <summary>One KVM_RUN and its exit. True when the vcpu should simply run again.</summary>
     private bool RunOnce()
     {
-        InjectPendingInterrupt();
+        if (!PrepareEntry()) return false;
         VmExit exit;
         try
         {
             exit = _vcpu.Run();
+            _injectionQueued = false;
         }
         catch (Exception e)
         {
@@ -325,7 +516,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         }
         _exits++;
         if (_trace is not null) TraceExit(exit);
-        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio);
+        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, apicMsrs: _wiring.Vlapic is not null);
         switch (action.Kind)
         {
             case ExitActionKind.Reenter:
@@ -353,6 +544,16 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case ExitActionKind.Halt:
                 _hltExits++;
                 return OnHalt();
+            case ExitActionKind.ApicMsr:
+                // Synchronous like a device read: a refused access is a #GP.
+                _readId = ++_nextReadId;
+                _readExit = exit;
+                _readRoute = null;
+                _wiring.Vlapic!.Tell(exit is VmExit.MsrRead r
+                    ? new VlapicProtocol.MsrRead(_readId, r.Index)
+                    : new VlapicProtocol.MsrWrite(_readId, ((VmExit.MsrWrite)exit).Index, ((VmExit.MsrWrite)exit).Value), Self);
+                Become(WaitingForRead);
+                return false;
             case ExitActionKind.MsrFault:
                 if (exit is VmExit.MsrRead) _vcpu.CompleteMsrRead(0, fault: true);
                 else _vcpu.CompleteMsrWrite(fault: true);
@@ -430,8 +631,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _vcpu.CompleteIoIn(_readIndex, value);
                 if (++_readIndex < io.Count)
                 {
-                    _wiring.Ports.TryResolve(io.Port, out _, out var offset);
-                    SendRead(offset, io.Size);
+                    _wiring.Ports.TryResolve(io.Port, out var again, out var offset);
+                    SendRead(again.Window + offset, io.Size);
                     return;
                 }
                 break;
@@ -439,6 +640,12 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _vcpu.CompleteMmioRead(value);
                 break;
         }
+        EndWait();
+    }
+
+    /// <summary>The reply the vcpu waited for is in: back to running, with what arrived meanwhile.</summary>
+    private void EndWait()
+    {
         _readExit = null;
         _readRoute = null;
         Stash.UnstashAll();
@@ -463,7 +670,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// <summary>True when the vcpu should run on (an event is pending); false when it halts.</summary>
     private bool OnHalt()
     {
-        if (_pendingVectors.Count > 0 || _wakePending)
+        if (_pendingVectors.Count > 0 || _wakePending || _lapicVector is not null || _nmiPending || _extIntPending)
         {
             _wakePending = false;
             return true;
@@ -475,16 +682,51 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         return false;
     }
 
-    private void InjectPendingInterrupt()
+    /// <summary>
+    /// Before every entry: queue an NMI, then at most one external interrupt (an injected vector,
+    /// else the vlapic's, else an ExtINT from the PIC) if the guest can take one. False when the
+    /// vcpu must first wait for the PIC's INTA reply.
+    /// </summary>
+    private bool PrepareEntry()
     {
-        if (_pendingVectors.Count == 0) return;
-        if (_vcpu.ReadyForInterruptInjection)
+        if (_nmiPending)
         {
-            _vcpu.InjectInterrupt(_pendingVectors.Dequeue());
-            _injected++;
+            _nmiPending = false;
+            try { _vcpu.InjectNmi(); }
+            catch (KvmException) { /* an NMI KVM refuses is lost, as one arriving while NMIs are blocked twice */ }
+        }
+        if (!_injectionQueued && _vcpu.ReadyForInterruptInjection)
+        {
+            if (_pendingVectors.Count > 0)
+            {
+                InjectNow(_pendingVectors.Dequeue());
+            }
+            else if (_lapicVector is { } vector)
+            {
+                _lapicVector = null;
+                InjectNow(vector);
+                _wiring.Vlapic?.Tell(new VlapicProtocol.InterruptAccepted(vector), Self);
+            }
+            else if (_extIntPending && _wiring.Pic is { } pic)
+            {
+                // INTA: the vector comes from the 8259; wait for it like for a device read.
+                _readId = ++_nextReadId;
+                _intaInFlight = true;
+                pic.Tell(new DeviceProtocol.Acknowledge(_readId), Self);
+                Become(WaitingForRead);
+                return false;
+            }
         }
         // KVM_EXIT_IRQ_WINDOW_OPEN is not reliable here: ask for it, and also re-check on every exit.
-        _vcpu.RequestInterruptWindow = _pendingVectors.Count > 0;
+        _vcpu.RequestInterruptWindow = _pendingVectors.Count > 0 || _lapicVector is not null || _extIntPending;
+        return true;
+    }
+
+    private void InjectNow(byte vector)
+    {
+        _vcpu.InjectInterrupt(vector);
+        _injectionQueued = true;
+        _injected++;
     }
 
     private void StopWith(StopReason reason, string report)

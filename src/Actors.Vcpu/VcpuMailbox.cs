@@ -36,8 +36,10 @@ public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) 
     {
         _queue.Enqueue(receiver, envelope);
         // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
-        // promptly too, or a vcpu spinning in the guest would never answer them.
-        if (envelope.Message is VcpuProtocol.IKicking or FaultProtocol.IFaultMessage or Identify or PoisonPill or Kill)
+        // promptly too, or a vcpu spinning in the guest would never answer them. The vlapic's
+        // events (interrupt pending, NMI, INIT, SIPI, ExtINT) are the seed's vcpu_notify_event.
+        if (envelope.Message is VcpuProtocol.IKicking or Lapic.VlapicProtocol.IVcpuEvent or FaultProtocol.IFaultMessage
+            or Identify or PoisonPill or Kill)
         {
             var vcpu = _vcpu ??= VcpuKickRegistry.Find(owner);
             vcpu?.Kick();

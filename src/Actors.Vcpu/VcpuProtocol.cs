@@ -31,7 +31,8 @@ public static class VcpuProtocol
     /// <summary>A message that must reach the vcpu promptly: the mailbox kicks it on enqueue.</summary>
     public interface IKicking : IVcpuMessage;
 
-    public enum State { Created, Running, Paused, Halted, Stopped }
+    /// <summary><see cref="WaitingForSipi"/>: an AP after INIT, until a SIPI sets CS:IP.</summary>
+    public enum State { Created, Running, Paused, Halted, Stopped, WaitingForSipi }
 
     public enum StopReason
     {
@@ -94,6 +95,10 @@ public static class VcpuProtocol
     /// disabled and nothing pending, the guest is done unless an NMI or INIT comes.</summary>
     public sealed record VcpuHalted(int VcpuId, bool InterruptsDisabled) : IVcpuMessage;
 
+    /// <summary>Told to the VM when an AP leaves wait-for-SIPI and starts running at
+    /// <paramref name="Vector"/> &lt;&lt; 12 (the VM then counts it among its started vcpus).</summary>
+    public sealed record StartedBySipi(int VcpuId, byte Vector) : IVcpuMessage;
+
     /// <summary>A trace event, not a message: the vcpu left the guest (recorded only when the
     /// VM is traced; what the vcpu sends while handling it has it as causal parent).</summary>
     public sealed record GuestExit(int VcpuId, string Reason, ulong Address, int Size, bool Write, ulong Value) : IVcpuMessage;
@@ -105,7 +110,13 @@ public static class VcpuProtocol
         long IntrExits, long UnassignedReads, long UnassignedWrites, long Injected) : IVcpuMessage;
 
     /// <summary>Everything the vcpu needs from the VM it belongs to. Local wiring, not a message.</summary>
-    public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory);
+    /// <param name="Vlapic">this vcpu's local APIC actor (null: no APIC; APIC MSR exits #GP as any
+    /// other). It sends the vcpu <c>VlapicProtocol.IVcpuEvent</c>s, answers <c>MsrRead</c>/<c>MsrWrite</c>
+    /// and is told <c>InterruptAccepted</c>; its MMIO page is an ordinary route on <paramref name="Mmio"/>.</param>
+    /// <param name="Pic">the 8259 actor answering INTA (<see cref="DeviceProtocol.Acknowledge"/>) for
+    /// ExtINT; null: ExtINT events are dropped</param>
+    public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory,
+        IActorRef? Vlapic = null, IActorRef? Pic = null);
 
     public static Props Props(IVcpu vcpu, Wiring wiring) =>
         Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring))
@@ -117,13 +128,47 @@ public static class VcpuProtocol
         Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring)).WithMailbox(MailboxId);
 }
 
-/// <summary>Where a bus range goes: a device actor, and the vcpu's count of posted writes to it
-/// not yet credited back (see <see cref="DeviceProtocol"/>). Owned by one vcpu.</summary>
-public sealed class DeviceRoute(string name, IActorRef device)
+/// <summary>
+/// Where a bus range goes: a device actor, the offset window the range starts at inside the device
+/// (<see cref="Window"/>: a device owning several ranges tells them apart by offset), and the
+/// vcpu's count of posted writes to the device not yet credited back (see <see cref="DeviceProtocol"/>),
+/// shared by every window of the device. Owned by one vcpu.
+/// </summary>
+public sealed class DeviceRoute
 {
-    public string Name { get; } = name;
-    public IActorRef Device { get; } = device;
-    internal int InFlight;
+    private sealed class Flow
+    {
+        public int InFlight;
+    }
+
+    private readonly Flow _flow;
+
+    public DeviceRoute(string name, IActorRef device) : this(name, device, 0, new Flow())
+    {
+    }
+
+    private DeviceRoute(string name, IActorRef device, ulong window, Flow flow)
+    {
+        Name = name;
+        Device = device;
+        Window = window;
+        _flow = flow;
+    }
+
+    public string Name { get; }
+    public IActorRef Device { get; }
+
+    /// <summary>Added to the offset inside the range: the device sees <c>Window + (address - base)</c>.</summary>
+    public ulong Window { get; }
+
+    /// <summary>Another range of the same device, at offset window <paramref name="window"/>, sharing this route's write window.</summary>
+    public DeviceRoute WithWindow(ulong window) => new(Name, Device, window, _flow);
+
+    internal int InFlight
+    {
+        get => _flow.InFlight;
+        set => _flow.InFlight = value;
+    }
 
     public override string ToString() => Name;
 }

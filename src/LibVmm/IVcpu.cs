@@ -41,6 +41,9 @@ public interface IVcpu : IDisposable
     /// <summary>Queues an external interrupt (KVM_INTERRUPT).</summary>
     void InjectInterrupt(byte vector);
 
+    /// <summary>Queues an NMI (KVM_NMI); KVM delivers it when NMIs are not blocked.</summary>
+    void InjectNmi();
+
     /// <summary>Translates a linear address through the vcpu's current paging mode
     /// (KVM_TRANSLATE). False when the address is not mapped.</summary>
     bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical);

@@ -41,6 +41,7 @@ internal static class KvmIoctl
     public static readonly nuint SetCpuid2 = Iow(0x90, 8);
     public static readonly nuint GetFpu = Ior(0x8C, 416);
     public static readonly nuint SetFpu = Iow(0x8D, 416);
+    public static readonly nuint Nmi = Io(0x9A);
 }
 
 /// <summary>KVM_CAP_* numbers this project asks about.</summary>

@@ -192,6 +192,11 @@ public sealed unsafe class VcpuHandle : IVcpu
         if (Native.Ioctl(_fd, KvmIoctl.Interrupt, &irq) < 0) throw KvmException.Last($"KVM_INTERRUPT(vcpu {Id}, vector {vector})");
     }
 
+    public void InjectNmi()
+    {
+        if (Native.Ioctl(_fd, KvmIoctl.Nmi, 0) < 0) throw KvmException.Last($"KVM_NMI(vcpu {Id})");
+    }
+
     [StructLayout(LayoutKind.Sequential)]
     private struct KvmTranslation
     {

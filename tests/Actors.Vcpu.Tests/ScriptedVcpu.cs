@@ -49,6 +49,7 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     private readonly List<(ulong Value, bool Fault)> _msrReads = [];
     private readonly List<bool> _msrWrites = [];
     private readonly List<byte> _injected = [];
+    private int _nmis;
 
     public int Id { get; } = id;
 
@@ -91,6 +92,9 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     public IReadOnlyList<(ulong Value, bool Fault)> MsrReadCompletions { get { lock (_gate) return _msrReads.ToArray(); } }
     public IReadOnlyList<bool> MsrWriteCompletions { get { lock (_gate) return _msrWrites.ToArray(); } }
     public IReadOnlyList<byte> Injected { get { lock (_gate) return _injected.ToArray(); } }
+
+    /// <summary>KVM_NMI calls.</summary>
+    public int NmisInjected { get { lock (_gate) return _nmis; } }
 
     /// <summary>The last value the actor set (the setter is the IVcpu member).</summary>
     public bool InterruptWindowRequested { get { lock (_gate) return _requestInterruptWindow; } }
@@ -220,6 +224,8 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     }
 
     public void InjectInterrupt(byte vector) => Changed(() => _injected.Add(vector));
+
+    public void InjectNmi() => Changed(() => _nmis++);
 
     /// <summary>Identity: linear = physical.</summary>
     public bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical)

@@ -133,6 +133,13 @@ public sealed class CliProcessTests : IDisposable
     }
 
     [Fact]
+    public async Task An_assisted_lapic_is_refused_clearly_until_it_exists()
+    {
+        var config = _dir.Write("assisted.conf", System.Text.Encoding.UTF8.GetBytes("actorvmm.vm.lapic = assisted\n"));
+        AssertUserError(await Run("run", "--config", config, "--flat", OneByteImage()), "lapic = assisted", "not supported yet");
+    }
+
+    [Fact]
     public async Task Memory_that_is_not_a_size_is_refused()
     {
         AssertUserError(await Run("run", "--memory", "12Q", "--flat", OneByteImage()), "actorvmm.vm.memory", "not a size");

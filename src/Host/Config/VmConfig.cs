@@ -11,7 +11,7 @@ public sealed class ConfigException(string message) : Exception(message);
 /// <summary>The settings of one VM, read from HOCON (defaults, then a VM file, then the command line).</summary>
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
-    double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "")
+    double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -83,8 +83,15 @@ public sealed record VmConfig(
             var filter = vm.GetString("trace-filter", "") ?? "";
             try { Tracing.TraceFilter.Parse(filter); }
             catch (FormatException e) { throw new ConfigException($"actorvmm.vm.trace-filter: {e.Message}"); }
+            var lapicText = vm.GetString("lapic", "emulated");
+            var lapic = lapicText switch
+            {
+                "emulated" => Vm.LapicMode.Emulated,
+                "assisted" => Vm.LapicMode.Assisted,
+                _ => throw new ConfigException($"actorvmm.vm.lapic must be emulated or assisted, not \"{lapicText}\""),
+            };
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
-                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter);
+                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic);
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

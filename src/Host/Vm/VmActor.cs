@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Actor.Internal;
 using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
+using ActorVmm.Lapic;
 using ActorVmm.Memory;
 using ActorVmm.Vcpu;
 using static ActorVmm.Host.Vm.VmProtocol;
@@ -9,7 +10,8 @@ using static ActorVmm.Host.Vm.VmProtocol;
 namespace ActorVmm.Host.Vm;
 
 /// <summary>
-/// One VM: creates and supervises its vmspace, devices and vcpus, and decides how the VM ends.
+/// One VM: creates and supervises its vmspace, devices, vcpus and (with a LAPIC backend) their
+/// vlapics and the APIC router, wires the interrupt paths, and decides how the VM ends.
 /// Devices restart on failure (the default strategy); a vcpu never throws to it (it reports
 /// <see cref="VcpuProtocol.Stopped"/>), and a vcpu that dies anyway ends the VM.
 /// </summary>
@@ -82,6 +84,12 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             if (outcome is not null) End(outcome);
             TryFinish();
         });
+        Receive<VcpuProtocol.StartedBySipi>(s =>
+        {
+            // An AP brought up by INIT-SIPI counts among the vcpus whose halt ends the VM.
+            _started.Add(s.VcpuId);
+            _haltedForever.Remove(s.VcpuId);
+        });
         Receive<VcpuProtocol.Paused>(_ => { });
         Receive<VcpuProtocol.Resumed>(_ => { });
         Receive<ChildFailed>(f => _failures[f.Child] = f.Cause);
@@ -133,19 +141,60 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         }
     }
 
+    /// <summary>
+    /// Creation order follows the interrupt paths, so every ref exists before a message can need
+    /// it: the router, the vlapics (vcpu attached later), the IOAPIC and the PIC, the other
+    /// devices (their IRQ lines name the IOAPIC and the PIC), then the vcpus, each with its own
+    /// buses: its vlapic's page at 0xFEE00000 is on its MMIO bus only.
+    /// </summary>
     protected override void PreStart()
     {
         var traced = _resources.Traced;
         Props Mailbox(Props p) => traced ? p.WithMailbox(TracedMailboxType.Id) : p;
+        var clock = _resources.Clock ?? new MonotonicClock();
+        var interrupts = new VmInterrupts();
 
         Context.Watch(Context.ActorOf(Mailbox(VmspaceProtocol.Props(_resources.Memory)), "vmspace"));
-        var devices = new List<(DeviceSpec Spec, IActorRef Actor)>();
-        foreach (var spec in _resources.Devices)
+
+        var vlapics = new List<IActorRef>();
+        var targets = new ApicRouterProtocol.Targets();
+        if (_resources.Lapic is { } backend)
         {
-            var device = Context.ActorOf(Mailbox(DeviceProtocol.Props(spec.Name, spec.Factory, spec.Restore, Self)), spec.Name);
+            var router = Context.ActorOf(Mailbox(ApicRouterProtocol.Props(targets)), "apic-router");
+            Context.Watch(router);
+            interrupts.Router = router;
+            foreach (var vcpu in _resources.Vcpus)
+            {
+                var wiring = new VlapicProtocol.Wiring(ActorRefs.Nobody, router, router);
+                var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock)), $"vlapic-{vcpu.Id}");
+                Context.Watch(vlapic);
+                vlapics.Add(vlapic);
+            }
+            if (vlapics.Count > 0) interrupts.BspVlapic = vlapics[0];
+            targets.Vlapics = vlapics;
+        }
+
+        var devices = new List<(DeviceSpec Spec, IActorRef Actor)>();
+        var controllersFirst = _resources.Devices
+            .OrderBy(d => d.Name is PcPlatform.IoApicName or PcPlatform.PicName ? 0 : 1);
+        foreach (var spec in controllersFirst)
+        {
+            Func<IPlatformEvents, IBusDevice> factory = spec.WiredFactory is { } wired
+                ? events => wired(new DeviceContext(events, interrupts, clock))
+                : spec.Factory;
+            Func<IPlatformEvents, object, IBusDevice>? restore = spec.WiredRestore is { } rewired
+                ? (events, state) => rewired(new DeviceContext(events, interrupts, clock), state)
+                : spec.Restore;
+            var props = spec.Timed
+                ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self)
+                : DeviceProtocol.Props(spec.Name, factory, restore, Self);
+            var device = Context.ActorOf(Mailbox(props), spec.Name);
             Context.Watch(device);
             devices.Add((spec, device));
+            if (spec.Name == PcPlatform.IoApicName) interrupts.IoApic = device;
+            else if (spec.Name == PcPlatform.PicName) interrupts.Pic = device;
         }
+        targets.IoApic = interrupts.IoApic;
 
         foreach (var vcpu in _resources.Vcpus)
         {
@@ -155,13 +204,25 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             foreach (var (spec, actor) in devices)
             {
                 var route = new DeviceRoute(spec.Name, actor);
-                if (spec.Space == DeviceProtocol.Space.Port) ports = ports.Insert(route, spec.Base, spec.Length);
-                else mmio = mmio.Insert(route, spec.Base, spec.Length);
+                foreach (var range in spec.Ranges)
+                {
+                    var windowed = route.WithWindow(range.Window); // every window shares the route's write window
+                    if (range.Space == DeviceProtocol.Space.Port) ports = ports.Insert(windowed, range.Base, range.Length);
+                    else mmio = mmio.Insert(windowed, range.Base, range.Length);
+                }
             }
-            var wiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory);
-            var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, wiring), $"vcpu-{vcpu.Id}");
+            IActorRef? vlapic = null;
+            if (vcpu.Id < vlapics.Count)
+            {
+                vlapic = vlapics[vcpu.Id];
+                mmio = mmio.Insert(new DeviceRoute($"vlapic-{vcpu.Id}", vlapic), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
+            }
+            var pic = vlapic is not null && !interrupts.Pic.IsNobody() ? interrupts.Pic : null;
+            var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic);
+            var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, vcpuWiring), $"vcpu-{vcpu.Id}");
             Context.Watch(actorRef);
             _vcpus.Add(actorRef);
+            vlapic?.Tell(new VlapicProtocol.AttachVcpu(actorRef));
         }
     }
 

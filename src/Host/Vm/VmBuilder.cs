@@ -2,6 +2,7 @@ using Akka.Actor;
 using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
 using ActorVmm.Host.Boot;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
 
@@ -26,16 +27,21 @@ public sealed class VmBuilder
         _spec = spec;
     }
 
-    /// <summary>The standard PC devices: COM1 UART (console), debug-exit, i8042.</summary>
+    /// <summary>The standard PC devices: COM1 UART (console, IRQ 4), debug-exit, i8042. The
+    /// interrupt controllers and timers (IOAPIC, 8259 pair, PIT, RTC) come with every VM that has
+    /// local APICs (<see cref="Start"/>).</summary>
     public VmBuilder WithStandardDevices(SerialConsole console)
     {
-        AddDevice(new DeviceSpec("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
-            _ => new Uart16550(NullInterruptLine.Instance, console.Write),
-            (_, state) => Uart16550.FromState((UartState)state, NullInterruptLine.Instance, console.Write)));
+        AddDevice(PcPlatform.Com1(console.Write));
         AddDevice(new DeviceSpec("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, Platform.DebugExitLength,
             events => new DebugExit(events)));
-        AddDevice(new DeviceSpec("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 5, events => new I8042(events),
-            (events, state) => I8042.FromState((I8042State)state, events)));
+        // Ports 0x60 (offset 0) and 0x64 (offset 4) only: 0x61 belongs to the PIT (system control port B).
+        AddDevice(new DeviceSpec("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 1, events => new I8042(events),
+            (events, state) => I8042.FromState((I8042State)state, events))
+        {
+            MoreRanges = [new DeviceRange(DeviceProtocol.Space.Port, Platform.I8042CommandPort, 1,
+                Platform.I8042CommandPort - Platform.I8042DataPort)],
+        });
         return this;
     }
 
@@ -57,6 +63,12 @@ public sealed class VmBuilder
     public RunningVm Start()
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
+        if (_spec.Lapic == LapicMode.Assisted)
+            throw new VmBuildException(
+                "lapic = assisted (KVM split irqchip) is not supported yet on this host: use lapic = emulated");
+        var firmware = _spec.Boot.Firmware is not null;
+        foreach (var controller in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware))
+            if (_devices.All(d => d.Name != controller.Name)) _devices.Add(controller);
         CheckBuses();
 
         Kvm? kvm = null;
@@ -68,17 +80,22 @@ public sealed class VmBuilder
         {
             // The image first: a malformed one is reported as such, with or without KVM.
             memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware);
+            // What a firmware would provide: the MP table and the ACPI MADT describing the vcpus and
+            // the IOAPIC. Written first, so an image loaded over the BIOS area wins.
+            if (!firmware) PlatformTables.Write(memory, _spec.Cpus, PcPlatform.IoApicId(_spec.Cpus));
             var boot = _spec.Boot.Load(memory);
             kvm = Kvm.Open();
             vm = kvm.CreateVm();
             memory.RegisterWith(vm);
+            EmulateApicMsrs(vm);
             var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
             for (var i = 0; i < _spec.Cpus; i++) vcpus.Add(vm.CreateVcpu(i, cpuid));
             boot.ApplyTo(vcpus[0]);
 
             var name = SafeName(_spec.Name);
             var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-            var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null);
+            var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
+                LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
             if (_trace is not null)
                 traceRegistration = MessageTraceRegistry.Register($"/user/{name}", _trace);
             var actor = _system.ActorOf(
@@ -98,20 +115,43 @@ public sealed class VmBuilder
         }
     }
 
+    /// <summary>
+    /// The local APIC's MSRs exit to user space (to the vlapic): KVM_CAP_X86_USER_SPACE_MSR for
+    /// filtered, unknown and invalid accesses, and a filter denying the x2APIC range 0x800-0x8FF,
+    /// IA32_TSC_DEADLINE and IA32_APIC_BASE (KVM would otherwise answer the last two itself).
+    /// A KVM without these capabilities runs the VM anyway: its guests get #GP on those MSRs
+    /// (xAPIC MMIO still works).
+    /// </summary>
+    private static void EmulateApicMsrs(VmHandle vm)
+    {
+        if (vm.System.CheckExtension(KvmCap.X86UserSpaceMsr) <= 0 || vm.System.CheckExtension(KvmCap.X86MsrFilter) <= 0) return;
+        vm.EnableUserSpaceMsrExits(MsrExitReasons.Filter | MsrExitReasons.Unknown | MsrExitReasons.Invalid);
+        const MsrAccess readWrite = MsrAccess.Read | MsrAccess.Write;
+        vm.SetMsrFilter(
+        [
+            new MsrDenyRange(ApicMsrs.X2ApicFirst, ApicMsrs.X2ApicLast - ApicMsrs.X2ApicFirst + 1, readWrite),
+            new MsrDenyRange(ApicMsrs.TscDeadline, 1, readWrite),
+            new MsrDenyRange(ApicMsrs.ApicBase, 1, readWrite),
+        ]);
+    }
+
     private void CheckBuses()
     {
         var ports = AddressBus<string>.Empty;
         var mmio = AddressBus<string>.Empty;
         try
         {
+            // Each vcpu's local APIC page is on its own bus; no device may take its place.
+            mmio = mmio.Insert("local APIC", Platform.LocalApicBase, VlapicProtocol.MmioLength);
             foreach (var d in _devices)
+            foreach (var r in d.Ranges)
             {
-                if (d.Space == DeviceProtocol.Space.Port)
+                if (r.Space == DeviceProtocol.Space.Port)
                 {
-                    if (d.Base + d.Length > 0x10000) throw new BusException($"device {d.Name} extends past port 0xFFFF");
-                    ports = ports.Insert(d.Name, d.Base, d.Length);
+                    if (r.Base + r.Length > 0x10000) throw new BusException($"device {d.Name} extends past port 0xFFFF");
+                    ports = ports.Insert(d.Name, r.Base, r.Length);
                 }
-                else mmio = mmio.Insert(d.Name, d.Base, d.Length);
+                else mmio = mmio.Insert(d.Name, r.Base, r.Length);
             }
         }
         catch (BusException e)

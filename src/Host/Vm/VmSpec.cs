@@ -1,20 +1,145 @@
+using Akka.Actor;
 using ActorVmm.Devices;
 using ActorVmm.Host.Boot;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 
 namespace ActorVmm.Host.Vm;
 
+/// <summary>How the local APICs of a VM are provided (config <c>actorvmm.vm.lapic</c>).</summary>
+public enum LapicMode
+{
+    /// <summary>Vlapic actors (<see cref="LapicBackends.Emulated"/>): MMIO and MSR exits, KVM_INTERRUPT.</summary>
+    Emulated,
+    /// <summary>KVM's split irqchip (<see cref="LapicBackendKind.KvmAssisted"/>): not supported yet.</summary>
+    Assisted,
+}
+
 /// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).</summary>
-public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot)
+public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated)
 {
     public const int MaxCpus = 16;
 }
 
+/// <summary>One more bus range of a device, seen by the device at offset <paramref name="Window"/> + (address - base).</summary>
+public sealed record DeviceRange(DeviceProtocol.Space Space, ulong Base, ulong Length, ulong Window);
+
 /// <summary>A device on a bus: name, address space, base, length, how to build its model, and
-/// (for <see cref="IStatefulDevice"/> models) how to rebuild it from its saved state after a crash.</summary>
+/// (for <see cref="IStatefulDevice"/> models) how to rebuild it from its saved state after a crash.
+/// A device may own more ranges (<see cref="MoreRanges"/>): each range reaches the same actor at
+/// its own offset window, so the model tells them apart. A model wired to the VM's interrupt
+/// controllers is built from a <see cref="DeviceContext"/> (<see cref="Wired"/>); a
+/// <see cref="Timed"/> one gets a timer on the VM's one clock (<see cref="TimedDeviceProtocol"/>).</summary>
 public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong Base, ulong Length,
-    Func<IPlatformEvents, IBusDevice> Factory, Func<IPlatformEvents, object, IBusDevice>? Restore = null);
+    Func<IPlatformEvents, IBusDevice> Factory, Func<IPlatformEvents, object, IBusDevice>? Restore = null)
+{
+    /// <summary>The offset window of the first range (<see cref="Base"/>).</summary>
+    public ulong Window { get; init; }
+
+    public IReadOnlyList<DeviceRange> MoreRanges { get; init; } = [];
+
+    /// <summary>When set, builds the model instead of <see cref="Factory"/>.</summary>
+    public Func<DeviceContext, IBusDevice>? WiredFactory { get; init; }
+
+    /// <summary>When set, rebuilds the model after a crash instead of <see cref="Restore"/>.</summary>
+    public Func<DeviceContext, object, IBusDevice>? WiredRestore { get; init; }
+
+    /// <summary>The model is an <see cref="ITimedDevice"/> on the VM's clock.</summary>
+    public bool Timed { get; init; }
+
+    /// <summary>Every range of the device, the first one included.</summary>
+    public IEnumerable<DeviceRange> Ranges => [new DeviceRange(Space, Base, Length, Window), .. MoreRanges];
+
+    /// <summary>A device whose model needs the VM's interrupt wiring (IRQ lines, the APIC bus, the clock).</summary>
+    public static DeviceSpec Wired(string name, DeviceProtocol.Space space, ulong @base, ulong length,
+        Func<DeviceContext, IBusDevice> factory, Func<DeviceContext, object, IBusDevice>? restore = null) =>
+        new(name, space, @base, length, _ => throw new InvalidOperationException($"device {name} needs the VM's wiring"))
+        {
+            WiredFactory = factory,
+            WiredRestore = restore,
+        };
+}
+
+/// <summary>
+/// What a wired device model gets from the VM it is built in: the platform events of its actor,
+/// ISA IRQ lines (each verb a message to the IOAPIC and the 8259), the APIC bus (the IPI router:
+/// the IOAPIC's output), the 8259's INTR output (LINT0 of vcpu 0's vlapic) and the VM's clock.
+/// The lines only tell messages, so a model may use them from inside Read/Write.
+/// </summary>
+public sealed class DeviceContext(IPlatformEvents events, VmInterrupts interrupts, IDeviceClock clock)
+{
+    public IPlatformEvents Events { get; } = events;
+    public IDeviceClock Clock { get; } = clock;
+
+    /// <summary>ISA IRQ <paramref name="irq"/> (0-15): IOAPIC pin irq (IRQ 0: pin 2, the MADT's
+    /// interrupt source override) and 8259 input irq (none for the cascade IRQ 2).</summary>
+    public IInterruptLine IsaIrq(int irq) => interrupts.IsaIrq(irq);
+
+    public IApicBus ApicBus => interrupts.ApicBus;
+
+    public IInterruptLine PicIntr => interrupts.PicIntr;
+}
+
+/// <summary>
+/// The actor refs interrupts travel between, for one VM: filled in by the VM actor as it creates
+/// the router, the vlapics and the controllers, before any device can raise a line (refs are read
+/// when a line is used, so a line never holds a stale one). Local, never sent.
+/// </summary>
+public sealed class VmInterrupts
+{
+    private volatile IActorRef _ioApic = ActorRefs.Nobody;
+    private volatile IActorRef _pic = ActorRefs.Nobody;
+    private volatile IActorRef _router = ActorRefs.Nobody;
+    private volatile IActorRef _bspVlapic = ActorRefs.Nobody;
+
+    public IActorRef IoApic { get => _ioApic; set => _ioApic = value; }
+    public IActorRef Pic { get => _pic; set => _pic = value; }
+    public IActorRef Router { get => _router; set => _router = value; }
+    public IActorRef BspVlapic { get => _bspVlapic; set => _bspVlapic = value; }
+
+    /// <summary>IOAPIC pin of ISA IRQ <paramref name="irq"/>: identity, except IRQ 0 → pin 2.</summary>
+    public static int IoApicPin(int irq) => irq == Platform.PitIrq ? (int)Platform.PitGsi : irq;
+
+    public IInterruptLine IsaIrq(int irq)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(irq);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(irq, 16);
+        var pin = IoApicPin(irq);
+        return new DelegateInterruptLine(
+            () => Level(pin, irq, true),
+            () => Level(pin, irq, false),
+            () =>
+            {
+                IoApic.Tell(new DeviceProtocol.PulseIrq(pin), ActorRefs.NoSender);
+                Pic.Tell(new DeviceProtocol.PulseIrq(irq), ActorRefs.NoSender);
+            });
+    }
+
+    private void Level(int pin, int irq, bool level)
+    {
+        IoApic.Tell(new DeviceProtocol.SetIrqLevel(pin, level), ActorRefs.NoSender);
+        Pic.Tell(new DeviceProtocol.SetIrqLevel(irq, level), ActorRefs.NoSender);
+    }
+
+    public IApicBus ApicBus => new RouterBus(this);
+
+    /// <summary>The 8259's INTR: LINT0 of the BSP's vlapic (virtual wire).</summary>
+    public IInterruptLine PicIntr => new DelegateInterruptLine(
+        () => Lint(VlapicProtocol.PinChange.Assert),
+        () => Lint(VlapicProtocol.PinChange.Deassert),
+        () => Lint(VlapicProtocol.PinChange.Pulse));
+
+    private void Lint(VlapicProtocol.PinChange change) =>
+        BspVlapic.Tell(new VlapicProtocol.Lint(0, change), ActorRefs.NoSender);
+
+    private sealed class RouterBus(VmInterrupts interrupts) : IApicBus
+    {
+        public void Deliver(ApicMessage m) => interrupts.Router.Tell(m, ActorRefs.NoSender);
+    }
+}
 
 /// <summary>The KVM resources of one VM, owned by its <see cref="RunningVm"/>; local, never sent.</summary>
+/// <param name="Clock">the one clock of the VM's timers (PIT, RTC, LAPIC timers); null: a new <see cref="MonotonicClock"/></param>
+/// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
-    IReadOnlyList<DeviceSpec> Devices, bool Traced);
+    IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null);

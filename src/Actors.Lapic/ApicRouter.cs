@@ -1,0 +1,116 @@
+using System.Collections.Immutable;
+using Akka.Actor;
+using ActorVmm.Devices;
+using static ActorVmm.Lapic.VlapicProtocol;
+
+namespace ActorVmm.Lapic;
+
+/// <summary>
+/// The APIC bus of one VM: IPIs from the vlapics (<see cref="Ipi"/>) and interrupt messages from
+/// the IOAPIC (<see cref="ApicMessage"/>) become <see cref="DeliverInterrupt"/>s to the destination
+/// vlapics; level EOIs (<see cref="LevelEoi"/>) go to the IOAPIC as
+/// <see cref="DeviceProtocol.EndOfInterrupt"/>. APIC ID = vcpu id = index in <see cref="Targets.Vlapics"/>.
+/// </summary>
+public static class ApicRouterProtocol
+{
+    /// <summary>
+    /// Who the router delivers to. Local wiring, filled in once by the VM builder after it created
+    /// the vlapics (which need the router's ref first) and before the VM starts; never sent.
+    /// </summary>
+    public sealed class Targets
+    {
+        private volatile IActorRef[] _vlapics = [];
+        private volatile IActorRef _ioApic = ActorRefs.Nobody;
+
+        /// <summary>Index = vcpu id = APIC ID.</summary>
+        public IReadOnlyList<IActorRef> Vlapics { get => _vlapics; set => _vlapics = [.. value]; }
+
+        public IActorRef IoApic { get => _ioApic; set => _ioApic = value; }
+    }
+
+    public static Props Props(Targets targets) => Akka.Actor.Props.Create(() => new ApicRouter(targets));
+}
+
+/// <summary>
+/// Delivery rules (SDM Vol 3A §10.6.2, §10.6.1):
+/// <list type="bullet">
+/// <item>Shorthands: self → the sender; all-including-self → every vlapic; all-excluding-self →
+/// every vlapic but the sender (the sender is the APIC with ID <see cref="Ipi.SourceId"/>).</item>
+/// <item>Physical destination: the vlapic with that APIC ID (checked again by the vlapic, which
+/// may be disabled); 0xFF / 0xFFFFFFFF is the broadcast, sent to all with the destination so
+/// that each matches it in its own mode. An ID no vlapic has matches nobody: dropped.</item>
+/// <item>Logical destination (flat, cluster, x2APIC): sent to every vlapic with the destination;
+/// each vlapic filters itself (<see cref="DeliverInterrupt.To"/>), since only it knows its LDR/DFR.</item>
+/// <item>Lowest priority: exactly one matching vlapic takes it. The SDM leaves the choice to the
+/// platform (§10.6.2.4); this router does not look at priorities: it starts at a rotating vlapic
+/// (round robin, one step per message) and walks the vlapics in APIC ID order, wrapping
+/// (<see cref="DeliverToFirstMatch"/>); the first whose destination matches takes it, none → dropped.</item>
+/// </list>
+/// Never throws on guest input: a bad destination is a dropped message, as on the APIC bus.
+/// </summary>
+internal sealed class ApicRouter : ReceiveActor
+{
+    private readonly ApicRouterProtocol.Targets _targets;
+    private int _lowestPriorityStart;
+
+    public ApicRouter(ApicRouterProtocol.Targets targets)
+    {
+        _targets = targets;
+        Receive<Ipi>(OnIpi);
+        Receive<ApicMessage>(m =>
+        {
+            var to = new Destination(m.LogicalDestination ? DestinationMode.Logical : DestinationMode.Physical, m.Destination);
+            var deliver = new DeliverInterrupt(m.Vector, m.Level, m.LevelTriggered ? TriggerMode.Level : TriggerMode.Edge,
+                (DeliveryMode)m.Mode, to);
+            Route(deliver, to);
+        });
+        Receive<LevelEoi>(e => _targets.IoApic.Tell(new DeviceProtocol.EndOfInterrupt(e.Vector), Self));
+    }
+
+    private void OnIpi(Ipi ipi)
+    {
+        var vlapics = _targets.Vlapics;
+        var deliver = new DeliverInterrupt(ipi.Vector, ipi.Level, ipi.TriggerMode, ipi.Mode);
+        switch (ipi.Shorthand)
+        {
+            case Shorthand.Self:
+                if (ipi.SourceId >= 0 && ipi.SourceId < vlapics.Count) vlapics[ipi.SourceId].Tell(deliver, Self);
+                break;
+            case Shorthand.AllIncludingSelf:
+                foreach (var v in vlapics) v.Tell(deliver, Self);
+                break;
+            case Shorthand.AllExcludingSelf:
+                for (var i = 0; i < vlapics.Count; i++)
+                    if (i != ipi.SourceId) vlapics[i].Tell(deliver, Self);
+                break;
+            default:
+                var to = new Destination(ipi.DestinationMode, ipi.Destination);
+                Route(deliver with { To = to }, to);
+                break;
+        }
+    }
+
+    private void Route(DeliverInterrupt deliver, Destination to)
+    {
+        var vlapics = _targets.Vlapics;
+        if (vlapics.Count == 0) return;
+        if (deliver.Mode == DeliveryMode.LowestPriority)
+        {
+            var start = _lowestPriorityStart++ % vlapics.Count;
+            if (_lowestPriorityStart >= vlapics.Count) _lowestPriorityStart = 0;
+            var chain = ImmutableArray.CreateBuilder<IActorRef>(vlapics.Count);
+            for (var i = 0; i < vlapics.Count; i++) chain.Add(vlapics[(start + i) % vlapics.Count]);
+            var first = chain[0];
+            chain.RemoveAt(0);
+            first.Tell(new DeliverToFirstMatch(deliver, chain.ToImmutable()), Self);
+            return;
+        }
+        if (to.Mode == DestinationMode.Physical && to.Id is not (0xFF or 0xFFFF_FFFF))
+        {
+            // One APIC at most has this ID; an unknown ID matches nobody.
+            if (to.Id < (uint)vlapics.Count) vlapics[(int)to.Id].Tell(deliver, Self);
+            return;
+        }
+        foreach (var v in vlapics) v.Tell(deliver, Self);
+    }
+}

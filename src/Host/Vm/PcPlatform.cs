@@ -1,0 +1,69 @@
+using ActorVmm.Devices;
+
+namespace ActorVmm.Host.Vm;
+
+/// <summary>
+/// The interrupt controllers and timers of the ActorVmm PC (addresses in <see cref="Platform"/>):
+/// IOAPIC (MMIO 0xFEC00000, its output on the APIC bus), the 8259 pair (0x20, 0xA0, ELCR 0x4D0:
+/// one actor, three offset windows), the 8254 PIT (0x40-0x43 and port 0x61: one actor, two
+/// windows; IRQ 0) and the CMOS RTC (0x70-0x71, IRQ 8). The VM actor finds the IOAPIC and the
+/// PIC by their names, <see cref="IoApicName"/> and <see cref="PicName"/>.
+/// </summary>
+public static class PcPlatform
+{
+    public const string IoApicName = "ioapic";
+    public const string PicName = "pic";
+    public const string PitName = "pit";
+    public const string RtcName = "rtc";
+
+    /// <summary>The IOAPIC's ID: after the vcpus' APIC IDs (the MP table and MADT say the same).</summary>
+    public static byte IoApicId(int cpus) => (byte)cpus;
+
+    /// <param name="biosLikePic">initialise the 8259s as a BIOS does (vector bases 0x08/0x70, all
+    /// IRQs masked): for images that are not firmware (a firmware does it itself)</param>
+    public static IEnumerable<DeviceSpec> InterruptControllersAndTimers(int cpus, bool biosLikePic)
+    {
+        var ioapicId = IoApicId(cpus);
+        yield return DeviceSpec.Wired(IoApicName, DeviceProtocol.Space.Mmio, Platform.IoApicBase, Platform.IoApicLength,
+            c => new IoApic(c.ApicBus, ioapicId),
+            (c, state) => IoApic.FromState((IoApicState)state, c.ApicBus));
+
+        yield return DeviceSpec.Wired(PicName, DeviceProtocol.Space.Port, Platform.PicMasterPort, Platform.PicLength,
+            c => biosLikePic ? new PicDevice(c.PicIntr).InitialiseLikeBios() : new PicDevice(c.PicIntr),
+            (c, state) => PicDevice.FromState((PicState)state, c.PicIntr)) with
+        {
+            Window = PicDevice.MasterWindow,
+            MoreRanges =
+            [
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.PicSlavePort, Platform.PicLength, PicDevice.SlaveWindow),
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.ElcrPort, Platform.ElcrLength, PicDevice.ElcrWindow),
+            ],
+        };
+
+        yield return DeviceSpec.Wired(PitName, DeviceProtocol.Space.Port, Platform.PitPort, Platform.PitLength,
+            c => new PitDevice(new Pit8254(c.Clock, c.IsaIrq(Platform.PitIrq))),
+            (c, state) => new PitDevice(Pit8254.FromState((PitState)state, c.Clock, c.IsaIrq(Platform.PitIrq)))) with
+        {
+            Window = PitDevice.CounterWindow,
+            MoreRanges =
+            [
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.SystemControlPortB, Platform.SystemControlPortBLength,
+                    PitDevice.SpeakerWindow),
+            ],
+            Timed = true,
+        };
+
+        yield return DeviceSpec.Wired(RtcName, DeviceProtocol.Space.Port, Platform.RtcPort, Platform.RtcLength,
+            c => new CmosRtc(() => DateTime.UtcNow, c.Clock, c.IsaIrq(Platform.RtcIrq)),
+            (c, state) => CmosRtc.FromState((CmosRtcState)state, () => DateTime.UtcNow, c.Clock, c.IsaIrq(Platform.RtcIrq))) with
+        {
+            Timed = true,
+        };
+    }
+
+    /// <summary>COM1 with its interrupt on ISA IRQ 4.</summary>
+    public static DeviceSpec Com1(Action<byte> output) =>
+        DeviceSpec.Wired("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
+            c => new Uart16550(c.IsaIrq((int)Platform.Com1Gsi), output),
+            (c, state) => Uart16550.FromState((UartState)state, c.IsaIrq((int)Platform.Com1Gsi), output));
+}

@@ -1,0 +1,177 @@
+using Akka.Actor;
+using Akka.TestKit;
+using Akka.TestKit.Xunit2;
+using ActorVmm.Devices;
+using ActorVmm.Lapic;
+using ActorVmm.LibVmm;
+using Xunit.Abstractions;
+using static ActorVmm.Vcpu.VcpuProtocol;
+
+namespace ActorVmm.Vcpu.Tests;
+
+/// <summary>
+/// The vcpu's side of the vlapic protocol, with probes for the vlapic, the PIC and the VM:
+/// InterruptPending → KVM_INTERRUPT + InterruptAccepted, the interrupt window, NMI, APIC MSR
+/// exits, ExtINT's INTA, INIT/SIPI.
+/// </summary>
+public sealed class VcpuInterruptTests : TestKit
+{
+    private static readonly TimeSpan Quiet = TimeSpan.FromMilliseconds(200);
+    private readonly List<(IActorRef Actor, ScriptedVcpu Fake)> _started = [];
+
+    static VcpuInterruptTests()
+    {
+        ThreadPool.GetMinThreads(out var workers, out var io);
+        ThreadPool.SetMinThreads(Math.Max(workers, 32), io);
+    }
+
+    public VcpuInterruptTests(ITestOutputHelper output) : base(VcpuProtocol.DefaultConfig, output)
+    {
+    }
+
+    private sealed record Rig(ScriptedVcpu Fake, IActorRef Vcpu, TestProbe Vlapic, TestProbe Pic, TestProbe Vm);
+
+    private Rig Create(int id = 0, bool start = true)
+    {
+        var fake = new ScriptedVcpu(id);
+        var vlapic = CreateTestProbe("vlapic");
+        var pic = CreateTestProbe("pic");
+        var vm = CreateTestProbe("vm");
+        var wiring = new Wiring(AddressBus<DeviceRoute>.Empty,
+            AddressBus<DeviceRoute>.Empty.Insert(new DeviceRoute("vlapic", vlapic.Ref), 0xFEE0_0000, 0x1000),
+            vm.Ref, null, vlapic.Ref, pic.Ref);
+        var actor = Sys.ActorOf(PropsForTest(fake, wiring), $"vcpu-{id}");
+        _started.Add((actor, fake));
+        if (start)
+        {
+            actor.Tell(Start.Instance);
+            Assert.True(fake.WaitUntilIdleInGuest());
+        }
+        return new Rig(fake, actor, vlapic, pic, vm);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        foreach (var (actor, fake) in _started)
+        {
+            actor.Tell(Stop.Instance, ActorRefs.NoSender);
+            fake.Dispose();
+        }
+        base.Dispose(disposing);
+    }
+
+    [Fact]
+    public async Task Vcpu_must_inject_a_pending_vector_and_tell_its_vlapic_it_was_accepted()
+    {
+        var rig = Create();
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x41), rig.Vlapic.Ref);
+        Assert.True(rig.Fake.WaitUntil(f => f.Injected.Count == 1));
+        Assert.Equal(new byte[] { 0x41 }, rig.Fake.Injected);
+        Assert.Equal(new VlapicProtocol.InterruptAccepted(0x41), await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.InterruptAccepted>());
+        Assert.True(rig.Fake.IntrReturned >= 1, "the event did not kick the vcpu out of the guest");
+    }
+
+    [Fact]
+    public async Task Vcpu_must_wait_for_the_window_rechecking_on_every_exit_and_inject_only_the_newest_vector()
+    {
+        var rig = Create();
+        rig.Fake.ReadyForInterruptInjection = false;
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x41));
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x51));
+        Assert.True(rig.Fake.WaitUntil(f => f.InterruptWindowRequested && f.InRun));
+        Assert.Empty(rig.Fake.Injected);
+
+        // No IRQ_WINDOW_OPEN exit: any exit with the guest ready is enough.
+        rig.Fake.ReadyForInterruptInjection = true;
+        rig.Fake.Supply(VmExit.Intr.Instance);
+        Assert.True(rig.Fake.WaitUntil(f => f.Injected.Count == 1));
+        Assert.Equal(new byte[] { 0x51 }, rig.Fake.Injected);
+        Assert.Equal(0x51, (await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.InterruptAccepted>()).Vector);
+        await rig.Vlapic.ExpectNoMsgAsync(Quiet);
+        Assert.True(rig.Fake.WaitUntil(f => !f.InterruptWindowRequested));
+    }
+
+    [Fact]
+    public void A_halted_vcpu_must_wake_for_a_pending_interrupt()
+    {
+        var rig = Create();
+        rig.Fake.Supply(VmExit.Hlt.Instance);
+        rig.Vm.ExpectMsg<VcpuHalted>();
+        var runs = rig.Fake.Runs;
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x30));
+        Assert.True(rig.Fake.WaitUntil(f => f.Injected.Contains((byte)0x30) && f.Runs > runs));
+    }
+
+    [Fact]
+    public void Nmi_must_be_queued_with_kvm_nmi()
+    {
+        var rig = Create();
+        rig.Vcpu.Tell(new VlapicProtocol.NmiPending(0));
+        Assert.True(rig.Fake.WaitUntil(f => f.NmisInjected == 1));
+        Assert.Empty(rig.Fake.Injected);
+    }
+
+    [Fact]
+    public async Task Apic_msr_exits_must_wait_for_the_vlapics_answer()
+    {
+        var rig = Create();
+        rig.Fake.Supply(new VmExit.MsrRead(0x802, 0));
+        var read = await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.MsrRead>();
+        Assert.Equal(0x802u, read.Msr);
+        Assert.Empty(rig.Fake.MsrReadCompletions);
+        rig.Vlapic.Reply(new VlapicProtocol.MsrReadResult(read.Id, true, 0x1234));
+        Assert.True(rig.Fake.WaitUntil(f => f.MsrReadCompletions.Count == 1));
+        Assert.Equal((0x1234UL, false), rig.Fake.MsrReadCompletions[0]);
+
+        rig.Fake.Supply(new VmExit.MsrWrite(0x830, 0xFF, 0));
+        var write = await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.MsrWrite>();
+        rig.Vlapic.Reply(new VlapicProtocol.MsrWriteResult(write.Id, false));
+        Assert.True(rig.Fake.WaitUntil(f => f.MsrWriteCompletions.Count == 1));
+        Assert.True(rig.Fake.MsrWriteCompletions[0], "a refused write must be a #GP");
+
+        rig.Fake.Supply(new VmExit.MsrRead(0xC000_0100, 0)); // FS_BASE: not the vlapic's
+        Assert.True(rig.Fake.WaitUntil(f => f.MsrReadCompletions.Count == 2));
+        Assert.True(rig.Fake.MsrReadCompletions[1].Fault);
+        await rig.Vlapic.ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
+    public async Task ExtInt_must_fetch_the_vector_from_the_pic_then_inject_it()
+    {
+        var rig = Create();
+        rig.Vcpu.Tell(new VlapicProtocol.ExtIntPending(0));
+        var inta = await rig.Pic.ExpectMsgAsync<DeviceProtocol.Acknowledge>();
+        Assert.Empty(rig.Fake.Injected);
+        rig.Pic.Reply(new DeviceProtocol.Acknowledged(inta.Id, 0x20, StillRequested: false));
+        Assert.True(rig.Fake.WaitUntil(f => f.Injected.SequenceEqual(new byte[] { 0x20 })));
+        await rig.Pic.ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
+    public async Task An_ap_must_not_run_before_init_and_sipi_and_then_start_at_the_vector()
+    {
+        var rig = Create(id: 1, start: false);
+        rig.Vcpu.Tell(new VlapicProtocol.StartupReceived(1, 0x10)); // SIPI without INIT: ignored
+        rig.Vcpu.Tell(new VlapicProtocol.InitReceived(1));
+        rig.Vcpu.Tell(GetStats.Instance);
+        Assert.Equal(State.WaitingForSipi, (await ExpectMsgAsync<Stats>()).State);
+        Assert.Equal(0, rig.Fake.Runs);
+
+        rig.Vcpu.Tell(new VlapicProtocol.StartupReceived(1, 0x9A));
+        Assert.Equal(new StartedBySipi(1, 0x9A), await rig.Vm.ExpectMsgAsync<StartedBySipi>());
+        Assert.True(rig.Fake.WaitUntilIdleInGuest());
+        var sregs = rig.Fake.SpecialRegisters;
+        Assert.Equal(0x9A000UL, sregs.Cs.Base);
+        Assert.Equal((ushort)0x9A00, sregs.Cs.Selector);
+        Assert.Equal(0x6000_0010UL, sregs.Cr0);
+        Assert.Equal(0UL, rig.Fake.Registers.Rip);
+
+        // A second INIT puts it back into wait-for-SIPI.
+        rig.Vcpu.Tell(new VlapicProtocol.InitReceived(1));
+        await AwaitAssertAsync(async () =>
+        {
+            rig.Vcpu.Tell(GetStats.Instance);
+            Assert.Equal(State.WaitingForSipi, (await ExpectMsgAsync<Stats>()).State);
+        });
+    }
+}

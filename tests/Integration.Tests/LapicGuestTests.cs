@@ -1,0 +1,275 @@
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using ActorVmm.Testing;
+using Iced.Intel;
+using Xunit;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace ActorVmm.Integration.Tests;
+
+/// <summary>
+/// Real guests exercising the emulated local APICs (lapic = emulated): the LAPIC timer, a
+/// self-IPI, an IPI from vcpu 0 to vcpu 1, INIT-SIPI bringing up APs. The BSP runs 64-bit code
+/// (<see cref="LongModeImage"/>): it builds its own IDT entries and loads them with <c>lidt</c>,
+/// enables its APIC through SVR, and its handlers end in <c>iretq</c>. APs start in real mode at
+/// 0x9000 (SIPI vector 0x09) from a trampoline the BSP copies there. Interrupts come only as
+/// injected external interrupts (never <c>int n</c>, see DESIGN §4).
+/// </summary>
+public sealed class LapicGuestTests
+{
+    private const ulong Code = 0x10_0000;
+    private const ulong Idt = 0x8000;            // 256 gates, 0x8000-0x8FFF
+    private const ulong Idtr = 0x9F800;          // limit + base for lidt
+    private const ulong Flag = 0x9F900;          // set by a handler
+    private const ulong Trampoline = 0x9000;     // SIPI vector 0x09
+    private const ushort ApLock = 0x8F00;        // real-mode DS = 0: a byte lock,
+    private const ushort ApCount = 0x8F04;       // the number of APs that printed,
+    private const ushort ApReady = 0x8F08;       // and an AP's "my APIC is on" flag
+    private const long LapicBase = 0xFEE0_0000;
+
+    private static LongModeImage Long(Action<Assembler> body)
+    {
+        var a = new Assembler(64);
+        body(a);
+        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
+    }
+
+    /// <summary>IDT gate <paramref name="vector"/> → <paramref name="handler"/> (64-bit interrupt gate, selector 0x08), then lidt.</summary>
+    private static void SetGate(Assembler a, byte vector, Label handler)
+    {
+        a.lea(rax, __[handler]);
+        a.mov(rdi, (long)(Idt + vector * 16UL));
+        a.mov(__word_ptr[rdi], ax);
+        a.mov(__word_ptr[rdi + 2], LongModeImage.CodeSelector);
+        a.mov(__word_ptr[rdi + 4], 0x8E00);              // present, DPL 0, 64-bit interrupt gate
+        a.shr(rax, 16);
+        a.mov(__word_ptr[rdi + 6], ax);
+        a.shr(rax, 16);
+        a.mov(__dword_ptr[rdi + 8], eax);
+        a.mov(__dword_ptr[rdi + 12], 0);
+        a.mov(rdi, (long)Idtr);
+        a.mov(__word_ptr[rdi], 0xFFF);
+        a.mov(rax, (long)Idt);
+        a.mov(__qword_ptr[rdi + 2], rax);
+        a.lidt(__[rdi]);
+    }
+
+    /// <summary>RBX = the local APIC page; SVR = 0x1FF (software enabled).</summary>
+    private static void EnableApic(Assembler a)
+    {
+        a.mov(rbx, LapicBase);
+        a.mov(__dword_ptr[rbx + 0xF0], 0x1FF);
+    }
+
+    /// <summary>A handler that sets <see cref="Flag"/>, EOIs and returns.</summary>
+    private static void FlagHandler(Assembler a, Label handler)
+    {
+        a.Label(ref handler);
+        a.push(rdi);
+        a.mov(rdi, (long)Flag);
+        a.mov(__byte_ptr[rdi], 1);
+        a.mov(rdi, LapicBase);
+        a.mov(__dword_ptr[rdi + 0xB0], 0); // EOI
+        a.pop(rdi);
+        a.iretq();
+    }
+
+    /// <summary>Sleeps (sti; hlt) until <see cref="Flag"/> is set, then exits through debug-exit with status 1.</summary>
+    private static void WaitFlagThenExit(Assembler a)
+    {
+        var wait = a.CreateLabel();
+        a.mov(rdi, (long)Flag);
+        a.Label(ref wait);
+        a.sti();
+        a.hlt();
+        a.cmp(__byte_ptr[rdi], 1);
+        a.jne(wait);
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+    }
+
+    [KvmFact]
+    public async Task Lapic_timer_one_shot_interrupts_the_guest()
+    {
+        var image = Long(a =>
+        {
+            var handler = a.CreateLabel();
+            SetGate(a, 0x41, handler);
+            EnableApic(a);
+            a.mov(__dword_ptr[rbx + 0x3E0], 0b1011);  // divide by 1
+            a.mov(__dword_ptr[rbx + 0x320], 0x41);    // LVT timer: one-shot, vector 0x41, unmasked
+            a.mov(__dword_ptr[rbx + 0x380], 100_000); // initial count: 100 µs at 1 GHz
+            WaitFlagThenExit(a);
+            FlagHandler(a, handler);
+        });
+        await using var run = await GuestRun.RunAsync(image);
+        Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
+        Assert.Equal(1, run.Outcome.ExitCode);
+    }
+
+    [KvmFact]
+    public async Task Self_ipi_interrupts_the_sender()
+    {
+        var image = Long(a =>
+        {
+            var handler = a.CreateLabel();
+            SetGate(a, 0x42, handler);
+            EnableApic(a);
+            a.mov(__dword_ptr[rbx + 0x300], 0x0004_0042); // ICR: fixed, vector 0x42, shorthand self
+            WaitFlagThenExit(a);
+            FlagHandler(a, handler);
+        });
+        await using var run = await GuestRun.RunAsync(image);
+        Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
+        Assert.Equal(1, run.Outcome.ExitCode);
+    }
+
+    /// <summary>The BSP's part: copy the 16-bit <paramref name="trampoline"/> to 0x9000, enable its APIC, INIT then SIPI (vector 0x09).</summary>
+    private static void StartAps(Assembler a, Label trampoline, int length, uint destination, uint shorthand)
+    {
+        a.lea(rsi, __[trampoline]);
+        a.mov(rdi, (long)Trampoline);
+        a.mov(ecx, length);
+        a.rep.movsb();
+        EnableApic(a);
+        a.mov(__dword_ptr[rbx + 0x310], destination << 24);
+        a.mov(__dword_ptr[rbx + 0x300], shorthand | 0x4500); // INIT, level assert
+        a.mov(__dword_ptr[rbx + 0x300], shorthand | 0x4600 | (uint)(Trampoline >> 12)); // SIPI
+    }
+
+    private static byte[] Assemble16(Action<Assembler> body)
+    {
+        var a = new Assembler(16);
+        body(a);
+        return GuestCode.Assemble(a, Trampoline);
+    }
+
+    [KvmFact]
+    public async Task Init_sipi_brings_up_three_aps_that_print_their_apic_ids()
+    {
+        // Each AP (real mode, DS = 0): its APIC ID from CPUID.01H:EBX[31:24], printed under a lock.
+        var ap = Assemble16(a =>
+        {
+            var spin = a.CreateLabel();
+            var thre = a.CreateLabel();
+            var stop = a.CreateLabel();
+            a.cli();
+            a.xor(ax, ax);
+            a.mov(ds, ax);
+            a.mov(eax, 1);
+            a.cpuid();
+            a.shr(ebx, 24);
+            a.add(bl, (byte)'0');
+            a.Label(ref spin);
+            a.mov(al, 1);
+            a.xchg(__byte_ptr[ApLock], al);
+            a.test(al, al);
+            a.jnz(spin);
+            a.Label(ref thre);
+            a.mov(dx, 0x3FD);
+            a.@in(al, dx);
+            a.test(al, 0x20);
+            a.jz(thre);
+            a.mov(dx, 0x3F8);
+            a.mov(al, bl);
+            a.@out(dx, al);
+            a.inc(__word_ptr[ApCount]);
+            a.mov(__byte_ptr[ApLock], 0);
+            a.Label(ref stop);
+            a.hlt();
+            a.jmp(stop);
+        });
+        var image = Long(a =>
+        {
+            var trampoline = a.CreateLabel();
+            var wait = a.CreateLabel();
+            StartAps(a, trampoline, ap.Length, destination: 0, shorthand: 0b11 << 18); // all excluding self
+            a.mov(rdi, (long)ApCount);
+            a.Label(ref wait);
+            a.pause();
+            a.cmp(__word_ptr[rdi], 3);
+            a.jne(wait);
+            a.mov(al, 0);
+            a.@out(0xF4, al);
+            a.Label(ref trampoline);
+            a.db(ap);
+        });
+        await using var run = await GuestRun.RunAsync(image, cpus: 4);
+        Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
+        Assert.Equal(1, run.Outcome.ExitCode);
+        Assert.Equal("123", new string(run.Serial.Order().ToArray()));
+    }
+
+    /// <summary>
+    /// vcpu 1's code (real mode): IVT vector 0x40 → 0900:<paramref name="handlerOffset"/>, x2APIC on
+    /// (IA32_APIC_BASE.EXTD) so that SVR is reachable by WRMSR 0x80F, then "ready" and sleep with
+    /// interrupts on. The handler ends the VM with debug-exit status (0x21 &lt;&lt; 1) | 1.
+    /// Returns the code and the handler's offset in it.
+    /// </summary>
+    private static (byte[] Code, ushort Handler) IpiTarget(ushort handlerOffset)
+    {
+        var a = new Assembler(16);
+        var handler = a.CreateLabel();
+        var sleep = a.CreateLabel();
+        a.cli();
+        a.xor(ax, ax);
+        a.mov(ds, ax);
+        a.mov(ss, ax);
+        a.mov(sp, 0x8E00);
+        a.mov(__word_ptr[0x40 * 4], handlerOffset);
+        a.mov(__word_ptr[0x40 * 4 + 2], (ushort)(Trampoline >> 4));
+        a.mov(ecx, 0x1B);
+        a.rdmsr();
+        a.or(eax, 0xC00);              // EN | EXTD
+        a.wrmsr();
+        a.mov(ecx, 0x80F);             // x2APIC SVR
+        a.mov(eax, 0x1FF);
+        a.xor(edx, edx);
+        a.wrmsr();
+        a.mov(__byte_ptr[ApReady], 1);
+        a.Label(ref sleep);
+        a.sti();
+        a.hlt();
+        a.jmp(sleep);
+        a.Label(ref handler);
+        a.mov(al, 0x21);
+        a.@out(0xF4, al);
+        a.hlt();
+        using var stream = new MemoryStream();
+        var result = a.Assemble(new StreamCodeWriter(stream), Trampoline, BlockEncoderOptions.ReturnNewInstructionOffsets);
+        return (stream.ToArray(), (ushort)(result.GetLabelRIP(handler) - Trampoline));
+    }
+
+    [KvmFact]
+    public async Task Ipi_from_vcpu0_runs_a_handler_on_vcpu1_that_writes_a_port()
+    {
+        // The handler's place does not depend on the immediate that names it: assemble twice.
+        var (_, handler) = IpiTarget(0);
+        var (ap, again) = IpiTarget(handler);
+        Assert.Equal(handler, again);
+
+        var image = Long(a =>
+        {
+            var trampoline = a.CreateLabel();
+            var wait = a.CreateLabel();
+            var spin = a.CreateLabel();
+            StartAps(a, trampoline, ap.Length, destination: 1, shorthand: 0);
+            a.mov(rdi, (long)ApReady);
+            a.Label(ref wait);
+            a.pause();
+            a.cmp(__byte_ptr[rdi], 1);
+            a.jne(wait);
+            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
+            a.mov(__dword_ptr[rbx + 0x300], 0x40); // fixed, vector 0x40, physical APIC 1
+            a.Label(ref spin);
+            a.pause();
+            a.jmp(spin);
+            a.Label(ref trampoline);
+            a.db(ap);
+        });
+        await using var run = await GuestRun.RunAsync(image, cpus: 2);
+        Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
+        Assert.Equal((0x21 << 1) | 1, run.Outcome.ExitCode);
+    }
+}
