@@ -92,6 +92,25 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     protected override void OnReceive(object message) => Unhandled(message);
 
+    /// <summary>
+    /// The EPT invalidation barrier (the seed's pmap_invalidate_ept), the same in every state: a
+    /// vcpu handling a message is out of the guest, and its next entry sees the vmspace's new
+    /// state, so it acks at once. (Per-vcpu work, such as harvesting a dirty ring, goes here.)
+    /// The mailbox kicked it out of KVM_RUN when the request arrived.
+    /// </summary>
+    protected override bool AroundReceive(Receive receive, object message)
+    {
+        if (message is Memory.VmspaceProtocol.InvalidateEpt invalidate)
+        {
+            _eptGeneration = Math.Max(_eptGeneration, invalidate.Generation);
+            Sender.Tell(new Memory.VmspaceProtocol.EptInvalidated(Id, invalidate.Generation));
+            return true;
+        }
+        return base.AroundReceive(receive, message);
+    }
+
+    private ulong _eptGeneration;
+
     // ---- states ----
 
     private void Created(object message)

@@ -39,6 +39,7 @@ public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) 
         // promptly too, or a vcpu spinning in the guest would never answer them. The vlapic's
         // events (interrupt pending, NMI, INIT, SIPI, ExtINT) are the seed's vcpu_notify_event.
         if (envelope.Message is VcpuProtocol.IKicking or Lapic.VlapicProtocol.IVcpuEvent or FaultProtocol.IFaultMessage
+            or Memory.VmspaceProtocol.InvalidateEpt
             or Identify or PoisonPill or Kill)
         {
             var vcpu = _vcpu ??= VcpuKickRegistry.Find(owner);

@@ -162,6 +162,27 @@ public sealed class VmActorTests : TestKit
     }
 
     [Fact]
+    public async Task The_ept_barrier_completes_only_after_every_vcpu_left_the_guest_and_acked()
+    {
+        var rig = Start(cpus: 2);
+        var vmspace = await Sys.ActorSelection(rig.Vm.Path / "vmspace").ResolveOne(Wait);
+        var kicks = rig.Vcpus[0].Kicks;
+
+        // vcpu 0 spins in the guest (a blocked scripted Run); vcpu 1 was never started (an AP).
+        vmspace.Tell(new VmspaceProtocol.SyncEpt(7));
+        var synced = await ExpectMsgAsync<VmspaceProtocol.EptSynced>(Wait);
+        Assert.Equal(7, synced.Id);
+        Assert.True(synced.Generation > 0);
+        Assert.True(rig.Vcpus[0].Kicks > kicks, "the running vcpu must be kicked out of the guest to ack");
+        Assert.True(rig.Vcpus[0].WaitUntilIdleInGuest(), "the vcpu goes back into the guest after acking");
+
+        // Paused vcpus ack at once too.
+        rig.Vm.Tell(VmProtocol.Pause.Instance);
+        vmspace.Tell(new VmspaceProtocol.SyncEpt(8));
+        Assert.Equal(8, (await ExpectMsgAsync<VmspaceProtocol.EptSynced>(Wait)).Id);
+    }
+
+    [Fact]
     public async Task Vm_must_pause_every_vcpu_out_of_the_guest_and_resume_them()
     {
         var rig = Start();

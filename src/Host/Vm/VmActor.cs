@@ -154,7 +154,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var clock = _resources.Clock ?? new MonotonicClock();
         var interrupts = new VmInterrupts();
 
-        Context.Watch(Context.ActorOf(Mailbox(VmspaceProtocol.Props(_resources.Memory)), "vmspace"));
+        var vmspace = Context.ActorOf(Mailbox(VmspaceProtocol.Props(_resources.Memory)), "vmspace");
+        Context.Watch(vmspace);
 
         var vlapics = new List<IActorRef>();
         var targets = new ApicRouterProtocol.Targets();
@@ -223,6 +224,9 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             Context.Watch(actorRef);
             _vcpus.Add(actorRef);
             vlapic?.Tell(new VlapicProtocol.AttachVcpu(actorRef));
+            // Every vcpu takes part in the EPT barrier; even a paused or halted one acks promptly
+            // (it handles messages), so all are registered as running.
+            vmspace.Tell(new VmspaceProtocol.RegisterVcpu(vcpu.Id, actorRef, Running: true));
         }
     }
 
