@@ -182,6 +182,7 @@ namespace ActorVmm.Host
             ctl.Add(WithVm("resume", "resume a paused VM", async (c, vm, _) => $"{(await c.ResumeAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stop", "stop the VM", async (c, vm, _) => $"{(await c.StopAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stats", "counters of vcpus, devices and memory", async (c, vm, _) => await c.StatsAsync(vm)));
+            ctl.Add(WithVm("mem", "guest memory: resident, swapped, held pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
             return ctl;
         }
 

@@ -120,6 +120,15 @@ public sealed class ControlTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Ctl_mem_reports_the_vmspace()
+    {
+        var vm = await _client.FindVmAsync("guest1", [_address]);
+        var text = await _client.MemoryAsync(vm);
+        Assert.Contains("guest memory   16 MiB", text);
+        Assert.Contains("demand paging  off", text); // this VM's vmspace runs without userfaultfd
+    }
+
+    [Fact]
     public async Task The_actorvmm_ctl_executable_talks_to_the_host_over_loopback()
     {
         var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")

@@ -159,6 +159,28 @@ public sealed class ControlClient : IAsyncDisposable
         return sb.ToString();
     }
 
+    /// <summary>The vmspace's counters: allocated memory and, with demand paging, resident,
+    /// swapped and held pages and faults by kind.</summary>
+    public async Task<string> MemoryAsync(IActorRef vm)
+    {
+        var s = await Ask<VmspaceProtocol.Stats>(await Child(vm, "vmspace"), VmspaceProtocol.GetStats.Instance, "the vmspace");
+        var p = s.Paging;
+        var sb = new StringBuilder();
+        sb.AppendLine($"guest memory   {s.GuestBytes >> 20} MiB, {s.ResidentBytes >> 10} KiB allocated by the host");
+        sb.AppendLine($"host accesses  {s.Reads} reads, {s.Writes} writes, {s.Faults} refused");
+        if (!p.Enabled)
+        {
+            sb.AppendLine($"demand paging  off ({p.Features})");
+            return sb.ToString();
+        }
+        sb.AppendLine($"demand paging  on ({p.Features}), EPT generation {p.EptGeneration}");
+        sb.AppendLine($"pages          {p.RamPages} RAM, {p.ResidentPages} resident, {p.SwappedPages} swapped, {p.HeldPages} held");
+        sb.AppendLine($"faults         {p.MissingFaults} missing, {p.MinorFaults} minor (accessed), {p.WriteProtectFaults} write-protect (dirty)");
+        sb.AppendLine($"resolved       {p.ZeroFills} zero fills, {p.SwapIns} swap-ins, {p.SwapOuts} swap-outs, {p.Reclaims} reclaims, {p.Retries} retries");
+        if (p.Failure is not null) sb.AppendLine($"FAILED         {p.Failure}");
+        return sb.ToString();
+    }
+
     private async Task<T> Ask<T>(ICanTell target, object message, string what)
     {
         try
