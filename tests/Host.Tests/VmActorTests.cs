@@ -31,9 +31,15 @@ public sealed class VmActorTests : TestKit
     {
     }
 
-    private sealed record Rig(IActorRef Vm, Task<Outcome> Ended, IReadOnlyList<ScriptedVcpu> Vcpus, SerialConsole Console);
+    private sealed record Rig(IActorRef Vm, Task<Outcome> Ended, IReadOnlyList<ScriptedVcpu> Vcpus, SerialConsole Console,
+        GuestMemoryMap Memory);
 
-    private Rig Start(int cpus = 1, params DeviceSpec[] extra)
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "memset")]
+    private static extern nint Memset(nint destination, int value, nuint length);
+
+    private Rig Start(int cpus = 1, params DeviceSpec[] extra) => Start(cpus, null, extra);
+
+    private Rig Start(int cpus, VmspaceOptions? paging, params DeviceSpec[] extra)
     {
         var memory = VmspaceLayout.Build(4 << 20);
         _memory.Add(memory);
@@ -49,11 +55,11 @@ public sealed class VmActorTests : TestKit
         };
         devices.AddRange(extra);
         var ended = new TaskCompletionSource<Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var resources = new VmResources("test", memory, vcpus, devices, Traced: false);
+        var resources = new VmResources("test", memory, vcpus, devices, Traced: false, Paging: paging);
         var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)), $"vm-{Guid.NewGuid():N}");
         vm.Tell(VmProtocol.Start.Instance);
         Assert.True(vcpus[0].WaitUntilIdleInGuest(), "vcpu 0 did not start");
-        return new Rig(vm, ended.Task, vcpus, console);
+        return new Rig(vm, ended.Task, vcpus, console, memory);
     }
 
     private static VmExit.Io Out(ushort port, ulong value) => new(true, port, 1, 1, value, null);
@@ -180,6 +186,31 @@ public sealed class VmActorTests : TestKit
         rig.Vm.Tell(VmProtocol.Pause.Instance);
         vmspace.Tell(new VmspaceProtocol.SyncEpt(8));
         Assert.Equal(8, (await ExpectMsgAsync<VmspaceProtocol.EptSynced>(Wait)).Id);
+    }
+
+    [Fact]
+    public async Task With_demand_paging_a_first_touch_of_guest_ram_is_a_nested_page_fault_the_vmspace_resolves()
+    {
+        var rig = Start(1, VmspaceOptions.Paged());
+        var vmspace = await Sys.ActorSelection(rig.Vm.Path / "vmspace").ResolveOne(Wait);
+        var before = (await vmspace.Ask<VmspaceProtocol.Stats>(VmspaceProtocol.GetStats.Instance, Wait)).Paging;
+        Assert.True(before.Enabled, before.Features);
+
+        // A thread stands in for the vcpu's memory access (through libc: it blocks in the kernel
+        // until the vmspace resolves the fault, as a vcpu inside KVM_RUN would).
+        var ram = rig.Memory.Segments[0];
+        var page = ram.Backing.GuestView + (nint)ram.BackingOffset + 0x5000;
+        var toucher = new Thread(() => Memset(page, 0x5A, 1));
+        toucher.Start();
+        Assert.True(toucher.Join(Wait), "the fault was not resolved");
+
+        var after = (await vmspace.Ask<VmspaceProtocol.Stats>(VmspaceProtocol.GetStats.Instance, Wait)).Paging;
+        Assert.Equal(before.MissingFaults + 1, after.MissingFaults);
+        var data = new byte[1];
+        rig.Memory.Read(new GuestPhysAddr(0x5000), data);
+        Assert.Equal(0x5A, data[0]);
+        rig.Vm.Tell(new VmProtocol.Stop("done"));
+        await Ends(rig);
     }
 
     [Fact]

@@ -11,7 +11,8 @@ public sealed class ConfigException(string message) : Exception(message);
 /// <summary>The settings of one VM, read from HOCON (defaults, then a VM file, then the command line).</summary>
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
-    double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated)
+    double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
+    ActorVmm.Memory.VmspaceOptions? Paging = null)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -90,8 +91,18 @@ public sealed record VmConfig(
                 "assisted" => Vm.LapicMode.Assisted,
                 _ => throw new ConfigException($"actorvmm.vm.lapic must be emulated or assisted, not \"{lapicText}\""),
             };
+            ActorVmm.Memory.VmspaceOptions? paging = null;
+            if (vm.GetBoolean("paging.enabled", false))
+            {
+                var limitText = vm.GetString("paging.resident-limit", "0");
+                var limit = limitText == "0" ? 0 : ParseSize(limitText, "actorvmm.vm.paging.resident-limit");
+                var swap = vm.GetString("paging.swap-file", "");
+                if (limit > 0 && string.IsNullOrEmpty(swap))
+                    throw new ConfigException("actorvmm.vm.paging.resident-limit needs actorvmm.vm.paging.swap-file");
+                paging = ActorVmm.Memory.VmspaceOptions.Paged(string.IsNullOrEmpty(swap) ? null : swap, limit);
+            }
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
-                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic);
+                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging);
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

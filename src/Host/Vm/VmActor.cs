@@ -38,7 +38,16 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         _resources = resources;
         _ended = ended;
 
-        Receive<Start>(_ => StartBootVcpu());
+        Receive<Start>(_ =>
+        {
+            // With demand paging, wait until the vmspace has registered guest memory with
+            // userfaultfd (it answers GetStats after that), so no first touch goes unseen.
+            if (_resources.Paging is { Userfaultfd: true }) _vmspace.Tell(VmspaceProtocol.GetStats.Instance);
+            else StartBootVcpu();
+        });
+        Receive<VmspaceProtocol.Stats>(_ => StartBootVcpu());
+        Receive<VmspaceProtocol.VmspaceFailed>(f =>
+            End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"the vmspace failed: {f.Reason}")));
         Receive<Pause>(_ =>
         {
             if (_phase != Phase.Running) return;
@@ -154,8 +163,14 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var clock = _resources.Clock ?? new MonotonicClock();
         var interrupts = new VmInterrupts();
 
-        var vmspace = Context.ActorOf(Mailbox(VmspaceProtocol.Props(_resources.Memory)), "vmspace");
+        // With demand paging the vmspace resolves nested page faults: it gets a thread of its own
+        // (the fault benchmark: a pinned thread answers faster than the thread pool).
+        var vmspaceProps = _resources.Paging is { Userfaultfd: true } paging
+            ? VmspaceProtocol.Props(_resources.Memory, paging, Self).WithDispatcher(VcpuProtocol.DispatcherId)
+            : VmspaceProtocol.Props(_resources.Memory);
+        var vmspace = Context.ActorOf(Mailbox(vmspaceProps), "vmspace");
         Context.Watch(vmspace);
+        _vmspace = vmspace;
 
         var vlapics = new List<IActorRef>();
         var targets = new ApicRouterProtocol.Targets();
@@ -235,6 +250,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         // If the actor system went down before the VM ended, its watchers still learn of it.
         _ended.TrySetResult(_outcome ?? new Outcome(OutcomeKind.Stopped, Outcome.StoppedCode, "the VM actor stopped"));
     }
+
+    private IActorRef _vmspace = ActorRefs.Nobody;
 
     private void StartBootVcpu()
     {

@@ -95,7 +95,7 @@ public sealed class VmBuilder
             var name = SafeName(_spec.Name);
             var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
-                LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
+                LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }), Paging: _spec.Paging);
             if (_trace is not null)
                 traceRegistration = MessageTraceRegistry.Register($"/user/{name}", _trace);
             var actor = _system.ActorOf(

@@ -16,7 +16,8 @@ public enum LapicMode
 }
 
 /// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).</summary>
-public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated)
+public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated,
+    ActorVmm.Memory.VmspaceOptions? Paging = null)
 {
     public const int MaxCpus = 16;
 }
@@ -142,4 +143,5 @@ public sealed class VmInterrupts
 /// <param name="Clock">the one clock of the VM's timers (PIT, RTC, LAPIC timers); null: a new <see cref="MonotonicClock"/></param>
 /// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
-    IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null);
+    IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
+    ActorVmm.Memory.VmspaceOptions? Paging = null);
