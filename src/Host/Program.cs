@@ -182,6 +182,13 @@ namespace ActorVmm.Host
             ctl.Add(WithVm("resume", "resume a paused VM", async (c, vm, _) => $"{(await c.ResumeAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stop", "stop the VM", async (c, vm, _) => $"{(await c.StopAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stats", "counters of vcpus, devices and memory", async (c, vm, _) => await c.StatsAsync(vm)));
+            var faultActor = new Option<string>("--actor") { Description = "the actor below the VM: uart0, vcpu-0, vmspace, ...", Required = true };
+            var crash = new Option<bool>("--crash") { Description = "make the actor throw (its supervisor restarts or stops it)" };
+            ctl.Add(WithVm("fault", "inject a fault into a live VM", async (c, vm, parse) =>
+            {
+                if (!parse.GetValue(crash)) throw new Control.ControlException("say which fault: --crash");
+                return await c.CrashAsync(vm, parse.GetValue(faultActor)!, "injected by actorvmm ctl");
+            }, faultActor, crash));
             ctl.Add(WithVm("mem", "guest memory: resident, swapped, held pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
             return ctl;
         }

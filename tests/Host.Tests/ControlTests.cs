@@ -120,6 +120,19 @@ public sealed class ControlTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Ctl_fault_crashes_a_device_which_restarts_from_its_state_and_the_vm_runs_on()
+    {
+        var vm = await _client.FindVmAsync("guest1", [_address]);
+        var text = await _client.CrashAsync(vm, "uart0", "test");
+        Assert.Contains("crashed vm-guest1/uart0", text);
+        var uart = await _host.ActorSelection(_vm.Path / "uart0").ResolveOne(TimeSpan.FromSeconds(5));
+        var health = await uart.Ask<DeviceProtocol.Health>(DeviceProtocol.GetHealth.Instance, TimeSpan.FromSeconds(5));
+        Assert.Equal(1, health.Restarts);
+        Assert.Equal(VmProtocol.Phase.Running, (await _client.StatusAsync(vm)).Phase);
+        await Assert.ThrowsAsync<ControlException>(() => _client.CrashAsync(vm, "no-such-device", "test"));
+    }
+
+    [Fact]
     public async Task Ctl_mem_reports_the_vmspace()
     {
         var vm = await _client.FindVmAsync("guest1", [_address]);

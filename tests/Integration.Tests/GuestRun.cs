@@ -33,14 +33,17 @@ public sealed class GuestRun : IAsyncDisposable
         Trace = trace;
     }
 
-    public static async Task<GuestRun> RunAsync(BootImage boot, ulong memory = 16 << 20, int cpus = 1,
-        TimeSpan? timeout = null, params DeviceSpec[] devices)
+    public static Task<GuestRun> RunAsync(BootImage boot, ulong memory = 16 << 20, int cpus = 1,
+        TimeSpan? timeout = null, params DeviceSpec[] devices) => RunAsync(boot, memory, cpus, timeout, null, devices);
+
+    public static async Task<GuestRun> RunAsync(BootImage boot, ulong memory, int cpus, TimeSpan? timeout,
+        ActorVmm.Memory.VmspaceOptions? paging, params DeviceSpec[] devices)
     {
         KvmRequirement.Check();
         var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
         var console = SerialConsole.Captured();
         var trace = new TraceRecorder();
-        var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot)).WithStandardDevices(console).WithTrace(trace);
+        var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot, Paging: paging)).WithStandardDevices(console).WithTrace(trace);
         foreach (var d in devices) builder.AddDevice(d);
         RunningVm vm;
         try
@@ -57,6 +60,10 @@ public sealed class GuestRun : IAsyncDisposable
         console.Flush();
         return run;
     }
+
+    /// <summary>One of the VM's actors (the VM actor stays alive until disposal).</summary>
+    public Task<IActorRef> ResolveChild(string name) =>
+        _system.ActorSelection(Vm.Actor.Path / name).ResolveOne(TimeSpan.FromSeconds(5));
 
     public async ValueTask DisposeAsync()
     {

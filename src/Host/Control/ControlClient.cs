@@ -159,6 +159,17 @@ public sealed class ControlClient : IAsyncDisposable
         return sb.ToString();
     }
 
+    /// <summary>Fault injection into a live VM: makes one of its actors (a path below the VM,
+    /// e.g. "uart0", "vcpu-1", "vmspace") throw; its supervisor decides what happens.</summary>
+    public async Task<string> CrashAsync(IActorRef vm, string actorPath, string reason)
+    {
+        var target = await Child(vm, actorPath);
+        target.Tell(new FaultProtocol.Crash(reason));
+        var status = await StatusAsync(vm);
+        return $"crashed {vm.Path.Name}/{actorPath}; the VM is {status.Phase}" +
+               (status.Outcome is { } o ? $": {o.Detail}" : "") + "\n";
+    }
+
     /// <summary>The vmspace's counters: allocated memory and, with demand paging, resident,
     /// swapped and held pages and faults by kind.</summary>
     public async Task<string> MemoryAsync(IActorRef vm)
