@@ -525,7 +525,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         VmExit exit;
         try
         {
+            _exitStats.Entering();
             exit = _vcpu.Run();
+            _exitStats.Exited(exit);
             _injectionQueued = false;
         }
         catch (Exception e)
@@ -772,9 +774,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         }
     }
 
+    private readonly ExitStats _exitStats = new();
+
     private void ReplyStats() =>
         Sender.Tell(new Stats(Id, _state, _exits, _ioExits, _mmioExits, _hltExits, _intrExits,
-            _unassignedReads, _unassignedWrites, _injected));
+            _unassignedReads, _unassignedWrites, _injected) { Reasons = _exitStats.Snapshot() });
 
     private static ulong LittleEndian(ReadOnlySpan<byte> bytes)
     {

@@ -107,7 +107,15 @@ public static class VcpuProtocol
     public sealed record Refused(int VcpuId, string Request, string Why) : IVcpuMessage;
 
     public sealed record Stats(int VcpuId, State State, long Exits, long IoExits, long MmioExits, long HltExits,
-        long IntrExits, long UnassignedReads, long UnassignedWrites, long Injected) : IVcpuMessage;
+        long IntrExits, long UnassignedReads, long UnassignedWrites, long Injected) : IVcpuMessage
+    {
+        /// <summary>Per exit reason: count and handling-latency histogram.</summary>
+        public ExitReasonStats[] Reasons { get; init; } = [];
+    }
+
+    /// <summary><see cref="LatencyBuckets"/>[0] counts exits handled in under 1 µs, [i] those in
+    /// [2^(i-1), 2^i) µs, the last one those of 1024 µs or more.</summary>
+    public sealed record ExitReasonStats(string Reason, long Count, long[] LatencyBuckets);
 
     /// <summary>Everything the vcpu needs from the VM it belongs to. Local wiring, not a message.</summary>
     /// <param name="Vlapic">this vcpu's local APIC actor (null: no APIC; APIC MSR exits #GP as any

@@ -385,6 +385,26 @@ public sealed class VcpuActorTests : TestKit
     }
 
     [Fact]
+    public async Task Vcpu_must_count_exits_per_reason_with_a_histogram_of_handling_time()
+    {
+        var rig = Create();
+        rig.Fake.Supply(Out(UartBase, 1), Out(UartBase, 2), In(0x2F0));
+        Assert.True(rig.Fake.WaitUntilIdleInGuest());
+
+        rig.Vcpu.Tell(GetStats.Instance);
+        var stats = await ExpectMsgAsync<Stats>();
+        var outs = stats.Reasons.Single(r => r.Reason == "io-out");
+        var ins = stats.Reasons.Single(r => r.Reason == "io-in");
+        Assert.Equal(2, outs.Count);
+        Assert.Equal(1, ins.Count);
+        // Every exit the vcpu went back into the guest after is in the histogram once.
+        Assert.Equal(2, outs.LatencyBuckets.Sum());
+        Assert.Equal(1, ins.LatencyBuckets.Sum());
+        Assert.Equal(12, outs.LatencyBuckets.Length);
+        Assert.DoesNotContain(stats.Reasons, r => r.Reason == "mmio-read");
+    }
+
+    [Fact]
     public async Task Vcpu_must_not_sleep_through_a_notify_that_arrived_while_it_ran()
     {
         var rig = Create();

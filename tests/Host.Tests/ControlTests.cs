@@ -113,6 +113,8 @@ public sealed class ControlTests : IAsyncLifetime
         Assert.Contains("guest1: Running, 1 vcpu(s)", stats);
         Assert.Contains("device uart0: 0 reads, 1 writes", stats);
         Assert.Matches(@"\n0\s+Running\s+\d+\s+2\s", stats); // vcpu 0: two I/O exits
+        Assert.Matches(@"io-out\s+1\s+handled in µs: ", stats);
+        Assert.Matches(@"io-in\s+1\s+handled in µs: ", stats);
         var stopping = await _client.StopAsync(vm);
         Assert.Contains(stopping.Phase, new[] { VmProtocol.Phase.Ending, VmProtocol.Phase.Ended });
         Assert.Equal(VmProtocol.OutcomeKind.Stopped, stopping.Outcome!.Kind);

@@ -145,6 +145,8 @@ public sealed class ControlClient : IAsyncDisposable
             var s = await Ask<VcpuProtocol.Stats>(await Child(vm, $"vcpu-{i}"), VcpuProtocol.GetStats.Instance, $"vcpu {i}");
             sb.AppendLine($"{i,-6}{s.State,-10}{s.Exits,10}{s.IoExits,10}{s.MmioExits,10}{s.HltExits,8}{s.IntrExits,8}" +
                           $"{$"{s.UnassignedReads}/{s.UnassignedWrites}",16}{s.Injected,10}");
+            foreach (var r in s.Reasons)
+                sb.AppendLine($"      {r.Reason,-11}{r.Count,10}  handled in µs: {Histogram(r.LatencyBuckets)}");
         }
         var mem = await Ask<VmspaceProtocol.Stats>(await Child(vm, "vmspace"), VmspaceProtocol.GetStats.Instance, "the vmspace");
         sb.AppendLine($"memory: {mem.GuestBytes >> 20} MiB guest, {mem.ResidentBytes >> 10} KiB allocated");
@@ -190,6 +192,19 @@ public sealed class ControlClient : IAsyncDisposable
         sb.AppendLine($"resolved       {p.ZeroFills} zero fills, {p.SwapIns} swap-ins, {p.SwapOuts} swap-outs, {p.Reclaims} reclaims, {p.Retries} retries");
         if (p.Failure is not null) sb.AppendLine($"FAILED         {p.Failure}");
         return sb.ToString();
+    }
+
+    /// <summary>"<1:12 1-2:3 ... >=1024:0", non-empty buckets only.</summary>
+    public static string Histogram(long[] buckets)
+    {
+        var parts = new List<string>();
+        for (var b = 0; b < buckets.Length; b++)
+        {
+            if (buckets[b] == 0) continue;
+            var label = b == 0 ? "<1" : b == buckets.Length - 1 ? $">={1 << (b - 1)}" : $"{1 << (b - 1)}-{1 << b}";
+            parts.Add($"{label}:{buckets[b]}");
+        }
+        return parts.Count == 0 ? "(none handled yet)" : string.Join(' ', parts);
     }
 
     private async Task<T> Ask<T>(ICanTell target, object message, string what)
