@@ -85,7 +85,7 @@ public static class HostRunner
         }
         try
         {
-            if (vm.TracePath is not null || vm.PerfettoPath is not null || options.PrintTrace)
+            if (vm.TracePath is not null || vm.PerfettoPath is not null || options.PrintTrace || vm.TraceLive)
             {
                 try { trace = new TraceRecorder(vm.TracePath, filter: TraceFilter.Parse(vm.TraceFilter)); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -108,7 +108,8 @@ public static class HostRunner
             IDisposable? announcement = null;
             if (control)
             {
-                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor));
+                var hub = trace is null ? ActorRefs.Nobody : system.ActorOf(TraceProtocol.Props(vm.Name, trace), $"trace-{running.Actor.Path.Name}");
+                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub));
                 var directory = config.GetString("actorvmm.control.directory", "");
                 try { announcement = HostDirectory.Announce(string.IsNullOrEmpty(directory) ? HostDirectory.DefaultPath() : directory, ControlAddress(system), [vm.Name]); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)

@@ -189,6 +189,32 @@ namespace ActorVmm.Host
                 if (!parse.GetValue(crash)) throw new Control.ControlException("say which fault: --crash");
                 return await c.CrashAsync(vm, parse.GetValue(faultActor)!, "injected by actorvmm ctl");
             }, faultActor, crash));
+            {
+                var host = Host();
+                var dir = Directory();
+                var vm = Vm();
+                var follow = new Option<bool>("--follow", "-f") { Description = "print new messages as they happen (Ctrl-C to stop)" };
+                var filter = new Option<string?>("--filter") { Description = "actor=NAME,type=NAME,sample=N" };
+                var count = new Option<int>("--count", "-n") { Description = "how many lines (default: 50 recent; unlimited with --follow)", DefaultValueFactory = _ => 0 };
+                var trace = new Command("trace", "the message trace of a VM: recent messages, or a live tail") { vm, host, dir, follow, filter, count };
+                trace.SetAction(async (parse, cancel) =>
+                {
+                    await using var client = Control.ControlClient.Create();
+                    var entry = await client.FindEntryAsync(parse.GetValue(vm)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)));
+                    var text = parse.GetValue(filter) ?? "";
+                    if (!parse.GetValue(follow))
+                    {
+                        var n = parse.GetValue(count);
+                        foreach (var line in await client.RecentTraceAsync(entry, n > 0 ? n : 50, text)) Console.Out.WriteLine(line);
+                        return 0;
+                    }
+                    using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+                    Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
+                    await client.FollowTraceAsync(entry, text, parse.GetValue(count), line => Console.Out.WriteLine(line), stop.Token);
+                    return 0;
+                });
+                ctl.Add(trace);
+            }
             ctl.Add(WithVm("mem", "guest memory: resident, swapped, held pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
             return ctl;
         }

@@ -41,7 +41,7 @@ public sealed class ControlTests : IAsyncLifetime
         var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
         var resources = new VmResources("guest1", _memory, [_vcpu], devices, Traced: false);
         _vm = _host.ActorOf(Props.Create(() => new VmActor(resources, ended)), "vm-guest1");
-        _host.ActorSelection("/user/vmm").Tell(new ControlProtocol.Register("guest1", _vm));
+        _host.ActorSelection("/user/vmm").Tell(new ControlProtocol.Register("guest1", _vm, ActorRefs.Nobody));
         _vm.Tell(VmProtocol.Start.Instance);
         Assert.True(_vcpu.WaitUntilIdleInGuest());
         _client = ControlClient.Create(TimeSpan.FromSeconds(5));

@@ -36,6 +36,7 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
     [
         typeof(VcpuProtocol.IVcpuMessage), typeof(DeviceProtocol.IDeviceMessage),
         typeof(VmspaceProtocol.IVmspaceMessage), typeof(VmProtocol.IVmMessage), typeof(ActorVmm.Lapic.VlapicProtocol.IVlapicMessage),
+        typeof(ActorVmm.Host.Control.ControlProtocol.IControlMessage), typeof(ActorVmm.Host.Control.TraceProtocol.ITraceMessage),
     ];
 
     private static readonly Assembly[] Assemblies =

@@ -12,7 +12,7 @@ public sealed class ConfigException(string message) : Exception(message);
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -102,7 +102,7 @@ public sealed record VmConfig(
                 paging = ActorVmm.Memory.VmspaceOptions.Paged(string.IsNullOrEmpty(swap) ? null : swap, limit);
             }
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
-                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging);
+                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false));
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

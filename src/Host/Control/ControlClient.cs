@@ -76,14 +76,17 @@ public sealed class ControlClient : IAsyncDisposable
     }
 
     /// <summary>Finds a VM by name among <paramref name="hosts"/>.</summary>
-    public async Task<IActorRef> FindVmAsync(string name, IReadOnlyList<string> hosts)
+    public async Task<IActorRef> FindVmAsync(string name, IReadOnlyList<string> hosts) => (await FindEntryAsync(name, hosts)).Actor;
+
+    /// <summary>The directory entry of a VM (its actor and its trace hub).</summary>
+    public async Task<ControlProtocol.VmEntry> FindEntryAsync(string name, IReadOnlyList<string> hosts)
     {
         var names = new List<string>();
         foreach (var host in hosts)
         {
             var list = await ListAsync(host);
             var vm = list.Vms.FirstOrDefault(v => v.Name == name);
-            if (vm is not null) return vm.Actor;
+            if (vm is not null) return vm;
             names.AddRange(list.Vms.Select(v => v.Name));
         }
         throw new ControlException(names.Count == 0
@@ -159,6 +162,63 @@ public sealed class ControlClient : IAsyncDisposable
             sb.AppendLine($"device {d.Device}: {d.Reads} reads, {d.Writes} writes");
         }
         return sb.ToString();
+    }
+
+    private static IActorRef TraceOf(ControlProtocol.VmEntry vm) =>
+        vm.Trace.IsNobody()
+            ? throw new ControlException($"VM {vm.Name} is not traced: start it with --trace FILE, --perfetto FILE or actorvmm.vm.trace-live = on")
+            : vm.Trace;
+
+    /// <summary>The latest <paramref name="count"/> traced messages of a VM.</summary>
+    public async Task<TraceProtocol.TraceLine[]> RecentTraceAsync(ControlProtocol.VmEntry vm, int count, string filter) =>
+        (await Ask<object>(TraceOf(vm), new TraceProtocol.GetRecent(count, filter), $"the trace of {vm.Name}")) switch
+        {
+            TraceProtocol.Recent r => r.Lines,
+            TraceProtocol.Refused refused => throw new ControlException(refused.Why),
+            var other => throw new ControlException($"the trace of {vm.Name} answered {other.GetType().Name}"),
+        };
+
+    /// <summary>Follows a VM's trace: each new line goes to <paramref name="onLine"/> until
+    /// <paramref name="cancel"/>, <paramref name="count"/> lines, or the VM's trace ends.</summary>
+    public async Task<int> FollowTraceAsync(ControlProtocol.VmEntry vm, string filter, int count, Action<TraceProtocol.TraceLine> onLine,
+        CancellationToken cancel)
+    {
+        var hub = TraceOf(vm);
+        var lines = System.Threading.Channels.Channel.CreateUnbounded<TraceProtocol.TraceLine?>();
+        var follower = _system.ActorOf(Props.Create(() => new Follower(hub, lines.Writer)));
+        try
+        {
+            var reply = await Ask<object>(hub, new TraceProtocol.Subscribe(follower, filter), $"the trace of {vm.Name}");
+            if (reply is TraceProtocol.Refused refused) throw new ControlException(refused.Why);
+            var seen = 0;
+            await foreach (var line in lines.Reader.ReadAllAsync(cancel))
+            {
+                if (line is null) break; // the hub (the VM's host) went away
+                onLine(line);
+                if (++seen == count) break;
+            }
+            return seen;
+        }
+        catch (OperationCanceledException) when (cancel.IsCancellationRequested)
+        {
+            return -1;
+        }
+        finally
+        {
+            hub.Tell(new TraceProtocol.Unsubscribe(follower));
+            _system.Stop(follower);
+        }
+    }
+
+    /// <summary>Receives trace lines in the ctl process; a null marks the end.</summary>
+    private sealed class Follower : ReceiveActor
+    {
+        public Follower(IActorRef hub, System.Threading.Channels.ChannelWriter<TraceProtocol.TraceLine?> lines)
+        {
+            Context.Watch(hub);
+            Receive<TraceProtocol.TraceLine>(l => lines.TryWrite(l));
+            Receive<Terminated>(_ => lines.TryWrite(null));
+        }
     }
 
     /// <summary>Fault injection into a live VM: makes one of its actors (a path below the VM,

@@ -12,11 +12,12 @@ public static class ControlProtocol
 
     public interface IControlMessage;
 
-    public sealed record Register(string Vm, IActorRef Actor) : IControlMessage;
+    /// <param name="Trace">the VM's trace hub (see TraceProtocol), or Nobody when it is not traced</param>
+    public sealed record Register(string Vm, IActorRef Actor, IActorRef Trace) : IControlMessage;
 
     public sealed record ListVms : IControlMessage { public static readonly ListVms Instance = new(); }
 
-    public sealed record VmEntry(string Name, IActorRef Actor);
+    public sealed record VmEntry(string Name, IActorRef Actor, IActorRef Trace);
 
     public sealed record VmList(string Host, int Pid, IReadOnlyList<VmEntry> Vms) : IControlMessage;
 
@@ -26,20 +27,20 @@ public static class ControlProtocol
 /// <summary>The VMs of this host process, by name; a VM leaves the list when its actor stops.</summary>
 internal sealed class VmmDirectoryActor : ReceiveActor
 {
-    private readonly Dictionary<string, IActorRef> _vms = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, (IActorRef Vm, IActorRef Trace)> _vms = new(StringComparer.Ordinal);
 
     public VmmDirectoryActor(string host)
     {
         Receive<ControlProtocol.Register>(r =>
         {
-            _vms[r.Vm] = r.Actor;
+            _vms[r.Vm] = (r.Actor, r.Trace);
             Context.Watch(r.Actor);
         });
         Receive<Terminated>(t =>
         {
-            foreach (var name in _vms.Where(kv => kv.Value.Equals(t.ActorRef)).Select(kv => kv.Key).ToList()) _vms.Remove(name);
+            foreach (var name in _vms.Where(kv => kv.Value.Vm.Equals(t.ActorRef)).Select(kv => kv.Key).ToList()) _vms.Remove(name);
         });
         Receive<ControlProtocol.ListVms>(_ => Sender.Tell(new ControlProtocol.VmList(host, Environment.ProcessId,
-            _vms.Select(kv => new ControlProtocol.VmEntry(kv.Key, kv.Value)).OrderBy(v => v.Name).ToArray())));
+            _vms.Select(kv => new ControlProtocol.VmEntry(kv.Key, kv.Value.Vm, kv.Value.Trace)).OrderBy(v => v.Name).ToArray())));
     }
 }

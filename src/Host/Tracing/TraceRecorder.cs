@@ -91,6 +91,10 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
 
     public long Count => Interlocked.Read(ref _count);
 
+    /// <summary>Called with every kept event, on the sender's thread (a live tail: it must only
+    /// enqueue). Null when nobody follows the trace.</summary>
+    public volatile Action<TraceEvent>? Live;
+
     /// <summary>Records with a fresh id and no parent (messages from outside the actors, tests).</summary>
     public void Record(IActorRef? sender, IActorRef receiver, object message) =>
         Record(TraceContext.NextId(), 0, sender, receiver, message);
@@ -109,6 +113,7 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
             _count++;
         }
         _channel?.Writer.TryWrite(e);
+        Live?.Invoke(e);
     }
 
     /// <summary>The recorded events still in the ring, oldest first.</summary>
