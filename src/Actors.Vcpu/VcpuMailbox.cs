@@ -20,14 +20,24 @@ public sealed class VcpuMailboxType(Settings settings, Config config)
     : MailboxType(settings, config), IProducesMessageQueue<VcpuMessageQueue>
 {
     public override IMessageQueue Create(IActorRef owner, ActorSystem system) =>
-        new VcpuMessageQueue(owner, MessageTraceRegistry.SinkFor(owner));
+        new VcpuMessageQueue(owner, MessageTraceRegistry.SinkFor(owner), LinkFaultRegistry.PlanFor(owner));
 }
 
-public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
+public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
-    // Tracing off: Akka's deque, nothing else on the hot path. On: the causal traced deque.
-    private readonly IMessageQueue _queue = trace is null ? new UnboundedDequeMessageQueue() : new TracedMessageQueue(owner, trace);
+    private readonly IActorRef _owner;
+    private readonly IMessageQueue _queue;
+    private readonly bool _plain;
     private IVcpu? _vcpu;
+
+    public VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null, LinkFaultPlan? faults = null)
+    {
+        _owner = owner;
+        // Tracing and fault injection off: Akka's deque, nothing else on the hot path. On: the
+        // traced deque, which kicks (through its arrival callback) when a message really arrives.
+        _plain = trace is null && faults is null;
+        _queue = _plain ? new UnboundedDequeMessageQueue() : new TracedMessageQueue(owner, trace, faults, KickIfUrgent);
+    }
 
     public bool HasMessages => _queue.HasMessages;
     public int Count => _queue.Count;
@@ -35,14 +45,19 @@ public sealed class VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null) 
     public void Enqueue(IActorRef receiver, Envelope envelope)
     {
         _queue.Enqueue(receiver, envelope);
-        // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
-        // promptly too, or a vcpu spinning in the guest would never answer them. The vlapic's
-        // events (interrupt pending, NMI, INIT, SIPI, ExtINT) are the seed's vcpu_notify_event.
+        if (_plain) KickIfUrgent(envelope);
+    }
+
+    // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
+    // promptly too, or a vcpu spinning in the guest would never answer them. The vlapic's
+    // events (interrupt pending, NMI, INIT, SIPI, ExtINT) are the seed's vcpu_notify_event.
+    private void KickIfUrgent(Envelope envelope)
+    {
         if (envelope.Message is VcpuProtocol.IKicking or Lapic.VlapicProtocol.IVcpuEvent or FaultProtocol.IFaultMessage
             or Memory.VmspaceProtocol.InvalidateEpt
             or Identify or PoisonPill or Kill)
         {
-            var vcpu = _vcpu ??= VcpuKickRegistry.Find(owner);
+            var vcpu = _vcpu ??= VcpuKickRegistry.Find(_owner);
             vcpu?.Kick();
         }
     }

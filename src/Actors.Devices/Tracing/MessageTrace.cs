@@ -109,7 +109,7 @@ public sealed class TracedMailboxType(Settings settings, Config config)
         """;
 
     public override IMessageQueue Create(IActorRef owner, ActorSystem system) =>
-        new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(owner));
+        new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(owner), LinkFaultRegistry.PlanFor(owner));
 }
 
 /// <summary>
@@ -117,7 +117,10 @@ public sealed class TracedMailboxType(Settings settings, Config config)
 /// trace id and causal parent) and, on dequeue, tells <see cref="TraceContext"/> which message
 /// its actor is handling. Messages put back by an unstash keep no id: their children get no parent.
 /// </summary>
-public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink) : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
+/// <param name="arrived">called after a message is in the queue (a vcpu's mailbox kicks there, so a
+/// delayed message kicks when it arrives, not when it was sent)</param>
+public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink, LinkFaultPlan? faults = null, Action<Envelope>? arrived = null)
+    : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
     private readonly ConcurrentQueue<(Envelope Envelope, long Id)> _queue = new();
     private readonly Stack<Envelope> _prepended = new(); // only the actor's own thread prepends and dequeues
@@ -127,6 +130,18 @@ public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink) : IMes
 
     public void Enqueue(IActorRef receiver, Envelope envelope)
     {
+        if (faults is not null && envelope.Message is not INotTraced && !LinkFaultPlan.IsBypassing)
+        {
+            // Fault injection decides whether, when and how often the message arrives. What it
+            // holds back comes again later through the actor ref, so the mailbox gets scheduled.
+            faults.Deliver(envelope.Sender, owner, envelope, Arrive, e => LinkFaultPlan.Redeliver(owner, e));
+            return;
+        }
+        Arrive(envelope);
+    }
+
+    private void Arrive(Envelope envelope)
+    {
         long id = 0;
         if (sink is not null && envelope.Message is not INotTraced)
         {
@@ -134,6 +149,7 @@ public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink) : IMes
             sink.Record(id, TraceContext.ParentFor(envelope.Sender), envelope.Sender, owner, envelope.Message);
         }
         _queue.Enqueue((envelope, id));
+        arrived?.Invoke(envelope);
     }
 
     public void EnqueueFirst(Envelope envelope) => _prepended.Push(envelope);

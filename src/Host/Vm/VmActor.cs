@@ -158,7 +158,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     /// </summary>
     protected override void PreStart()
     {
-        var traced = _resources.Traced;
+        // Traced or fault-injected VMs use the traced mailbox (it also applies link faults).
+        var traced = _resources.Traced || _resources.FaultInjection;
         Props Mailbox(Props p) => traced ? p.WithMailbox(TracedMailboxType.Id) : p;
         var clock = _resources.Clock ?? new MonotonicClock();
         var interrupts = new VmInterrupts();

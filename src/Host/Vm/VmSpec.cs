@@ -144,4 +144,4 @@ public sealed class VmInterrupts
 /// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
     IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
-    ActorVmm.Memory.VmspaceOptions? Paging = null);
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false);

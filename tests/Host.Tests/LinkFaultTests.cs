@@ -1,0 +1,106 @@
+using System.Diagnostics;
+using Akka.Actor;
+using Akka.Configuration;
+using Akka.TestKit.Xunit2;
+using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+using ActorVmm.Vcpu;
+using ActorVmm.Vcpu.Tests;
+using Xunit;
+using Xunit.Abstractions;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>Link faults injected into a running VM (real VM, device and vcpu actors; scripted vcpu).</summary>
+public sealed class LinkFaultTests : TestKit
+{
+    private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
+    private readonly List<IDisposable> _cleanup = [];
+
+    public LinkFaultTests(ITestOutputHelper output)
+        : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
+            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    {
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        // Release the scripted vcpus first (a blocked Run would hold up the system's shutdown),
+        // then the system, then memory.
+        foreach (var d in _cleanup.OfType<ScriptedVcpu>()) d.Dispose();
+        base.Dispose(disposing);
+        foreach (var d in _cleanup) d.Dispose();
+    }
+
+    private (IActorRef Vm, ScriptedVcpu Vcpu, SerialConsole Console, Task<VmProtocol.Outcome> Ended) Start(LinkFaultPlan plan)
+    {
+        var memory = VmspaceLayout.Build(4 << 20);
+        var vcpu = new ScriptedVcpu(0);
+        var console = SerialConsole.Captured();
+        _cleanup.AddRange([vcpu, console, memory]);
+        var name = $"vm-{Guid.NewGuid():N}";
+        _cleanup.Add(LinkFaultRegistry.Register($"/user/{name}", plan));
+        var devices = new List<DeviceSpec>
+        {
+            new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length, _ => new Uart16550(NullInterruptLine.Instance, console.Write)),
+            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
+        };
+        var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var resources = new VmResources("faulty", memory, [vcpu], devices, Traced: false, FaultInjection: true);
+        var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id), name);
+        vm.Tell(VmProtocol.Start.Instance);
+        Assert.True(vcpu.WaitUntilIdleInGuest());
+        return (vm, vcpu, console, ended.Task);
+    }
+
+    private static VmExit.Io Out(ushort port, char c) => new(true, port, 1, 1, c, null);
+
+    [Fact]
+    public void A_delayed_link_delivers_everything_late_and_in_order()
+    {
+        var plan = new LinkFaultPlan();
+        plan.Add(new LinkFault("vcpu-0", "uart0", "Write", LinkFaultKind.Delay, TimeSpan.FromMilliseconds(300)));
+        var (_, vcpu, console, _) = Start(plan);
+        var clock = Stopwatch.StartNew();
+        vcpu.Supply(Out(0x3F8, 'a'), Out(0x3F8, 'b'), Out(0x3F8, 'c'));
+        Assert.True(vcpu.WaitUntilIdleInGuest());
+        Assert.Equal("", console.CapturedText()); // posted writes: the vcpu ran on, the link holds them
+        Assert.True(vcpu.WaitUntil(_ => console.CapturedText() == "abc", Wait), console.CapturedText());
+        Assert.True(clock.ElapsedMilliseconds >= 250, $"arrived after {clock.ElapsedMilliseconds} ms");
+        Assert.Equal(3, plan.Delayed);
+    }
+
+    [Fact]
+    public async Task A_dropped_message_is_lost_and_counted_and_a_duplicated_one_arrives_twice()
+    {
+        var plan = new LinkFaultPlan();
+        plan.Add(new LinkFault("vcpu-0", "debug-exit", "*", LinkFaultKind.Drop));
+        plan.Add(new LinkFault("vcpu-0", "uart0", "Write", LinkFaultKind.Duplicate));
+        var (_, vcpu, console, ended) = Start(plan);
+        vcpu.Supply(Out(Platform.DebugExitPort, '\u0001'), Out(0x3F8, 'x'));
+        Assert.True(vcpu.WaitUntil(_ => console.CapturedText() == "xx", Wait), console.CapturedText());
+        Assert.Equal(1, plan.Dropped);
+        Assert.Equal(1, plan.Duplicated);
+        await Task.Delay(200);
+        Assert.False(ended.IsCompleted, "the debug-exit write was dropped: the VM must go on");
+    }
+
+    [Fact]
+    public async Task A_delayed_request_to_a_vcpu_kicks_it_when_it_arrives()
+    {
+        var plan = new LinkFaultPlan();
+        plan.Add(new LinkFault("*", "vcpu-0", "GetStats", LinkFaultKind.Delay, TimeSpan.FromMilliseconds(300)));
+        var (vm, vcpu, _, _) = Start(plan);
+        var actor = await Sys.ActorSelection(vm.Path / "vcpu-0").ResolveOne(Wait);
+        var kicks = vcpu.Kicks;
+        var clock = Stopwatch.StartNew();
+        actor.Tell(VcpuProtocol.GetStats.Instance);
+        var stats = await ExpectMsgAsync<VcpuProtocol.Stats>(Wait);
+        Assert.Equal(VcpuProtocol.State.Running, stats.State);
+        Assert.True(clock.ElapsedMilliseconds >= 250, $"answered after {clock.ElapsedMilliseconds} ms");
+        Assert.True(vcpu.Kicks > kicks);
+    }
+}
