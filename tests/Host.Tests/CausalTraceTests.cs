@@ -19,43 +19,28 @@ namespace ActorVmm.Host.Tests;
 /// place of KVM) and their Perfetto export.</summary>
 public sealed class CausalTraceTests : TestKit
 {
-    private readonly List<IDisposable> _cleanup = [];
+    private readonly ScriptedVms _vms;
 
     public CausalTraceTests(ITestOutputHelper output)
         : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
             .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
     {
+        _vms = new ScriptedVms(Sys);
     }
 
     protected override void Dispose(bool disposing)
     {
+        _vms.ReleaseVcpus();
         base.Dispose(disposing);
-        foreach (var d in _cleanup) d.Dispose();
+        _vms.Dispose();
     }
 
     /// <summary>Runs a traced VM whose vcpu writes 'h' to COM1, then 5 to debug-exit.</summary>
     private async Task<IReadOnlyList<TraceEvent>> TracedRun(TraceRecorder recorder)
     {
-        var memory = VmspaceLayout.Build(4 << 20);
-        var vcpu = new ScriptedVcpu(0);
-        _cleanup.Add(vcpu);
-        _cleanup.Add(memory);
-        var console = SerialConsole.Captured();
-        _cleanup.Add(console);
-        var name = $"vm-{Guid.NewGuid():N}";
-        _cleanup.Add(MessageTraceRegistry.Register($"/user/{name}", recorder));
-        var devices = new List<DeviceSpec>
-        {
-            new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length, _ => new Uart16550(NullInterruptLine.Instance, console.Write)),
-            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
-        };
-        var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var resources = new VmResources("traced", memory, [vcpu], devices, Traced: true);
-        var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id), name);
-        vm.Tell(VmProtocol.Start.Instance);
-        Assert.True(vcpu.WaitUntilIdleInGuest());
-        vcpu.Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'h', null), new VmExit.Io(true, Platform.DebugExitPort, 1, 1, 5, null));
-        Assert.Equal(11, (await ended.Task.WaitAsync(TimeSpan.FromSeconds(10))).ExitCode);
+        var rig = _vms.Start(trace: recorder);
+        rig.Vcpus[0].Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'h', null), new VmExit.Io(true, Platform.DebugExitPort, 1, 1, 5, null));
+        Assert.Equal(11, (await rig.Ended.WaitAsync(TimeSpan.FromSeconds(10))).ExitCode);
         await Task.Delay(200); // the last Stopped reply is recorded on enqueue; give it a moment
         return recorder.Snapshot();
     }

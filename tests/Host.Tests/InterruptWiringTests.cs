@@ -26,8 +26,7 @@ public sealed class InterruptWiringTests : TestKit
     private const ulong Lapic = 0xFEE0_0000;
     private const ulong IoApicBase = 0xFEC0_0000;
 
-    private readonly List<ScriptedVcpu> _vcpus = [];
-    private readonly List<GuestMemoryMap> _memory = [];
+    private readonly ScriptedVms _vms;
 
     static InterruptWiringTests()
     {
@@ -39,37 +38,18 @@ public sealed class InterruptWiringTests : TestKit
         : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
             .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
     {
+        _vms = new ScriptedVms(Sys);
     }
 
-    private sealed record Rig(IActorRef Vm, Task<Outcome> Ended, IReadOnlyList<ScriptedVcpu> Vcpus, SerialConsole Console);
-
-    private Rig Start(int cpus)
-    {
-        var memory = VmspaceLayout.Build(4 << 20);
-        _memory.Add(memory);
-        var vcpus = Enumerable.Range(0, cpus).Select(i => new ScriptedVcpu(i)).ToList();
-        _vcpus.AddRange(vcpus);
-        var console = SerialConsole.Captured();
-        var devices = new List<DeviceSpec>
-        {
-            PcPlatform.Com1(console.Write),
-            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
-        };
-        devices.AddRange(PcPlatform.InterruptControllersAndTimers(cpus, biosLikePic: true));
-        var ended = new TaskCompletionSource<Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var resources = new VmResources("irq", memory, vcpus, devices, Traced: false, new MonotonicClock(),
-            LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
-        var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)), $"vm-{Guid.NewGuid():N}");
-        vm.Tell(VmProtocol.Start.Instance);
-        Assert.True(vcpus[0].WaitUntilIdleInGuest(), "vcpu 0 did not start");
-        return new Rig(vm, ended.Task, vcpus, console);
-    }
+    /// <summary>The PC interrupt platform with emulated local APICs, LINT0 of the BSP as ExtINT.</summary>
+    private ScriptedVm Start(int cpus) =>
+        _vms.Start(cpus, interruptPlatform: true, lapic: LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
 
     protected override void Dispose(bool disposing)
     {
-        foreach (var v in _vcpus) v.Dispose();
+        _vms.ReleaseVcpus();
         base.Dispose(disposing);
-        foreach (var m in _memory) m.Dispose();
+        _vms.Dispose();
     }
 
     private static VmExit.Mmio MmioWrite(ulong address, uint value) => new(address, true, 4, value);
@@ -79,10 +59,10 @@ public sealed class InterruptWiringTests : TestKit
     /// <summary>SVR: APIC software-enabled, spurious vector 0xFF.</summary>
     private static VmExit.Mmio EnableApic() => MmioWrite(Lapic + 0xF0, 0x1FF);
 
-    private async Task<IActorRef> Child(Rig rig, string name) => await Sys.ActorSelection(rig.Vm.Path / name).ResolveOne(Wait);
+    private async Task<IActorRef> Child(ScriptedVm rig, string name) => await Sys.ActorSelection(rig.Vm.Path / name).ResolveOne(Wait);
 
     /// <summary>Starts an AP without INIT-SIPI (as if it had been brought up) and enables its APIC.</summary>
-    private async Task StartAp(Rig rig, int id)
+    private async Task StartAp(ScriptedVm rig, int id)
     {
         (await Child(rig, $"vcpu-{id}")).Tell(VcpuProtocol.Start.Instance);
         Assert.True(rig.Vcpus[id].WaitUntilIdleInGuest(), $"vcpu {id} did not start");
@@ -90,7 +70,7 @@ public sealed class InterruptWiringTests : TestKit
         Assert.True(rig.Vcpus[id].WaitUntilIdleInGuest());
     }
 
-    private async Task<uint> ReadVlapic(Rig rig, int id, ulong offset)
+    private async Task<uint> ReadVlapic(ScriptedVm rig, int id, ulong offset)
     {
         (await Child(rig, $"vlapic-{id}")).Tell(new DeviceProtocol.Read(7, offset, 4));
         return (uint)(await ExpectMsgAsync<DeviceProtocol.ReadResult>()).Value;

@@ -18,42 +18,26 @@ namespace ActorVmm.Host.Tests;
 public sealed class LinkFaultTests : TestKit
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
-    private readonly List<IDisposable> _cleanup = [];
+    private readonly ScriptedVms _vms;
 
     public LinkFaultTests(ITestOutputHelper output)
         : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
             .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
     {
+        _vms = new ScriptedVms(Sys);
     }
 
     protected override void Dispose(bool disposing)
     {
-        // Release the scripted vcpus first (a blocked Run would hold up the system's shutdown),
-        // then the system, then memory.
-        foreach (var d in _cleanup.OfType<ScriptedVcpu>()) d.Dispose();
+        _vms.ReleaseVcpus();
         base.Dispose(disposing);
-        foreach (var d in _cleanup) d.Dispose();
+        _vms.Dispose();
     }
 
     private (IActorRef Vm, ScriptedVcpu Vcpu, SerialConsole Console, Task<VmProtocol.Outcome> Ended) Start(LinkFaultPlan plan)
     {
-        var memory = VmspaceLayout.Build(4 << 20);
-        var vcpu = new ScriptedVcpu(0);
-        var console = SerialConsole.Captured();
-        _cleanup.AddRange([vcpu, console, memory]);
-        var name = $"vm-{Guid.NewGuid():N}";
-        _cleanup.Add(LinkFaultRegistry.Register($"/user/{name}", plan));
-        var devices = new List<DeviceSpec>
-        {
-            new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length, _ => new Uart16550(NullInterruptLine.Instance, console.Write)),
-            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
-        };
-        var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var resources = new VmResources("faulty", memory, [vcpu], devices, Traced: false, FaultInjection: true);
-        var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id), name);
-        vm.Tell(VmProtocol.Start.Instance);
-        Assert.True(vcpu.WaitUntilIdleInGuest());
-        return (vm, vcpu, console, ended.Task);
+        var rig = _vms.Start(faults: plan);
+        return (rig.Vm, rig.Vcpus[0], rig.Console, rig.Ended);
     }
 
     private static VmExit.Io Out(ushort port, char c) => new(true, port, 1, 1, c, null);

@@ -22,49 +22,25 @@ namespace ActorVmm.Host.Tests;
 public sealed class VmActorTests : TestKit
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
-    private readonly List<ScriptedVcpu> _vcpus = [];
-    private readonly List<GuestMemoryMap> _memory = [];
+    private readonly ScriptedVms _vms;
 
     public VmActorTests(ITestOutputHelper output)
         : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
             .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
     {
+        _vms = new ScriptedVms(Sys);
     }
-
-    private sealed record Rig(IActorRef Vm, Task<Outcome> Ended, IReadOnlyList<ScriptedVcpu> Vcpus, SerialConsole Console,
-        GuestMemoryMap Memory);
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "memset")]
     private static extern nint Memset(nint destination, int value, nuint length);
 
-    private Rig Start(int cpus = 1, params DeviceSpec[] extra) => Start(cpus, null, extra);
+    private ScriptedVm Start(int cpus = 1, params DeviceSpec[] extra) => _vms.Start(cpus, extra: extra);
 
-    private Rig Start(int cpus, VmspaceOptions? paging, params DeviceSpec[] extra)
-    {
-        var memory = VmspaceLayout.Build(4 << 20);
-        _memory.Add(memory);
-        var vcpus = Enumerable.Range(0, cpus).Select(i => new ScriptedVcpu(i)).ToList();
-        _vcpus.AddRange(vcpus);
-        var console = SerialConsole.Captured();
-        var devices = new List<DeviceSpec>
-        {
-            new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
-                _ => new Uart16550(NullInterruptLine.Instance, console.Write),
-                (_, state) => Uart16550.FromState((UartState)state, NullInterruptLine.Instance, console.Write)),
-            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
-        };
-        devices.AddRange(extra);
-        var ended = new TaskCompletionSource<Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var resources = new VmResources("test", memory, vcpus, devices, Traced: false, Paging: paging);
-        var vm = Sys.ActorOf(Props.Create(() => new VmActor(resources, ended)), $"vm-{Guid.NewGuid():N}");
-        vm.Tell(VmProtocol.Start.Instance);
-        Assert.True(vcpus[0].WaitUntilIdleInGuest(), "vcpu 0 did not start");
-        return new Rig(vm, ended.Task, vcpus, console, memory);
-    }
+    private ScriptedVm Start(int cpus, VmspaceOptions? paging, params DeviceSpec[] extra) => _vms.Start(cpus, paging, extra);
 
     private static VmExit.Io Out(ushort port, ulong value) => new(true, port, 1, 1, value, null);
 
-    private static async Task<Outcome> Ends(Rig rig)
+    private static async Task<Outcome> Ends(ScriptedVm rig)
     {
         var done = await Task.WhenAny(rig.Ended, Task.Delay(Wait));
         Assert.True(done == rig.Ended, "the VM did not end");
@@ -73,9 +49,9 @@ public sealed class VmActorTests : TestKit
 
     protected override void Dispose(bool disposing)
     {
-        foreach (var v in _vcpus) v.Dispose();
+        _vms.ReleaseVcpus();
         base.Dispose(disposing);
-        foreach (var m in _memory) m.Dispose();
+        _vms.Dispose();
     }
 
     [Fact]
