@@ -17,28 +17,18 @@ namespace ActorVmm.Host.Tests;
 
 /// <summary>Causal traces of a VM (real VM actor, devices and vcpu actors; a scripted vcpu in
 /// place of KVM) and their Perfetto export.</summary>
-public sealed class CausalTraceTests : TestKit
+public sealed class CausalTraceTests : ScriptedVmTestKit
 {
-    private readonly ScriptedVms _vms;
 
-    public CausalTraceTests(ITestOutputHelper output)
-        : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
-            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    public CausalTraceTests(ITestOutputHelper output) : base(output)
     {
-        _vms = new ScriptedVms(Sys);
     }
 
-    protected override void Dispose(bool disposing)
-    {
-        _vms.ReleaseVcpus();
-        base.Dispose(disposing);
-        _vms.Dispose();
-    }
 
     /// <summary>Runs a traced VM whose vcpu writes 'h' to COM1, then 5 to debug-exit.</summary>
     private async Task<IReadOnlyList<TraceEvent>> TracedRun(TraceRecorder recorder)
     {
-        var rig = _vms.Start(trace: recorder);
+        var rig = Vms.Start(trace: recorder);
         rig.Vcpus[0].Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'h', null), new VmExit.Io(true, Platform.DebugExitPort, 1, 1, 5, null));
         Assert.Equal(11, (await rig.Ended.WaitAsync(TimeSpan.FromSeconds(10))).ExitCode);
         await Task.Delay(200); // the last Stopped reply is recorded on enqueue; give it a moment

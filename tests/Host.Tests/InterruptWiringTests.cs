@@ -20,13 +20,12 @@ namespace ActorVmm.Host.Tests;
 /// actors, and scripted vcpus: the guest's accesses are scripted exits, and what reaches a vcpu
 /// is what its fake records (KVM_INTERRUPT vectors, SIPI registers, MSR completions).
 /// </summary>
-public sealed class InterruptWiringTests : TestKit
+public sealed class InterruptWiringTests : ScriptedVmTestKit
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
     private const ulong Lapic = 0xFEE0_0000;
     private const ulong IoApicBase = 0xFEC0_0000;
 
-    private readonly ScriptedVms _vms;
 
     static InterruptWiringTests()
     {
@@ -34,23 +33,14 @@ public sealed class InterruptWiringTests : TestKit
         ThreadPool.SetMinThreads(Math.Max(workers, 32), io);
     }
 
-    public InterruptWiringTests(ITestOutputHelper output)
-        : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
-            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    public InterruptWiringTests(ITestOutputHelper output) : base(output)
     {
-        _vms = new ScriptedVms(Sys);
     }
 
     /// <summary>The PC interrupt platform with emulated local APICs, LINT0 of the BSP as ExtINT.</summary>
     private ScriptedVm Start(int cpus) =>
-        _vms.Start(cpus, interruptPlatform: true, lapic: LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
+        Vms.Start(cpus, interruptPlatform: true, lapic: LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
 
-    protected override void Dispose(bool disposing)
-    {
-        _vms.ReleaseVcpus();
-        base.Dispose(disposing);
-        _vms.Dispose();
-    }
 
     private static VmExit.Mmio MmioWrite(ulong address, uint value) => new(address, true, 4, value);
     private static VmExit.Io Out(ushort port, byte value) => new(true, port, 1, 1, value, null);

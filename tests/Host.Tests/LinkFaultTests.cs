@@ -15,28 +15,18 @@ using Xunit.Abstractions;
 namespace ActorVmm.Host.Tests;
 
 /// <summary>Link faults injected into a running VM (real VM, device and vcpu actors; scripted vcpu).</summary>
-public sealed class LinkFaultTests : TestKit
+public sealed class LinkFaultTests : ScriptedVmTestKit
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
-    private readonly ScriptedVms _vms;
 
-    public LinkFaultTests(ITestOutputHelper output)
-        : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
-            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    public LinkFaultTests(ITestOutputHelper output) : base(output)
     {
-        _vms = new ScriptedVms(Sys);
     }
 
-    protected override void Dispose(bool disposing)
-    {
-        _vms.ReleaseVcpus();
-        base.Dispose(disposing);
-        _vms.Dispose();
-    }
 
     private (IActorRef Vm, ScriptedVcpu Vcpu, SerialConsole Console, Task<VmProtocol.Outcome> Ended) Start(LinkFaultPlan plan)
     {
-        var rig = _vms.Start(faults: plan);
+        var rig = Vms.Start(faults: plan);
         return (rig.Vm, rig.Vcpus[0], rig.Console, rig.Ended);
     }
 

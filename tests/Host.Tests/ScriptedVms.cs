@@ -75,3 +75,24 @@ internal sealed class ScriptedVms(ActorSystem system) : IDisposable
         foreach (var d in _after) d.Dispose();
     }
 }
+
+/// <summary>A TestKit whose actor system runs scripted VMs: the vcpu and traced mailbox
+/// configuration, <see cref="Vms"/>, and teardown in the order shutdown needs.</summary>
+public abstract class ScriptedVmTestKit : Akka.TestKit.Xunit2.TestKit
+{
+    private protected ScriptedVms Vms { get; }
+
+    protected ScriptedVmTestKit(Xunit.Abstractions.ITestOutputHelper output)
+        : base(Akka.Configuration.ConfigurationFactory.ParseString(ActorVmm.Vcpu.VcpuProtocol.DefaultConfig)
+            .WithFallback(Akka.Configuration.ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    {
+        Vms = new ScriptedVms(Sys);
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        Vms.ReleaseVcpus();
+        base.Dispose(disposing);
+        Vms.Dispose();
+    }
+}

@@ -19,24 +19,20 @@ namespace ActorVmm.Host.Tests;
 /// actors on pinned threads) and scripted vcpus in place of KVM: how a VM ends, and how it
 /// survives (or does not survive) failures of its actors.
 /// </summary>
-public sealed class VmActorTests : TestKit
+public sealed class VmActorTests : ScriptedVmTestKit
 {
     private static readonly TimeSpan Wait = TimeSpan.FromSeconds(10);
-    private readonly ScriptedVms _vms;
 
-    public VmActorTests(ITestOutputHelper output)
-        : base(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig)
-            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)), output: output)
+    public VmActorTests(ITestOutputHelper output) : base(output)
     {
-        _vms = new ScriptedVms(Sys);
     }
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "memset")]
     private static extern nint Memset(nint destination, int value, nuint length);
 
-    private ScriptedVm Start(int cpus = 1, params DeviceSpec[] extra) => _vms.Start(cpus, extra: extra);
+    private ScriptedVm Start(int cpus = 1, params DeviceSpec[] extra) => Vms.Start(cpus, extra: extra);
 
-    private ScriptedVm Start(int cpus, VmspaceOptions? paging, params DeviceSpec[] extra) => _vms.Start(cpus, paging, extra);
+    private ScriptedVm Start(int cpus, VmspaceOptions? paging, params DeviceSpec[] extra) => Vms.Start(cpus, paging, extra);
 
     private static VmExit.Io Out(ushort port, ulong value) => new(true, port, 1, 1, value, null);
 
@@ -47,12 +43,6 @@ public sealed class VmActorTests : TestKit
         return await rig.Ended;
     }
 
-    protected override void Dispose(bool disposing)
-    {
-        _vms.ReleaseVcpus();
-        base.Dispose(disposing);
-        _vms.Dispose();
-    }
 
     [Fact]
     public async Task Vm_must_end_with_code_0_when_the_boot_vcpu_halts_with_interrupts_disabled()
