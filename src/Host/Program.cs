@@ -176,7 +176,8 @@ namespace ActorVmm.Host
             ctl.Add(WithVm("regs", "dump a vcpu's registers and the code at RIP", async (c, vm, parse) =>
             {
                 var (regs, code, linear) = await c.RegistersAsync(vm, parse.GetValue(vcpu));
-                return Control.RegisterDump.Format(regs, code, linear);
+                var lapic = await c.LapicAsync(vm, parse.GetValue(vcpu));
+                return Control.RegisterDump.Format(regs, code, linear) + lapic;
             }, vcpu));
             ctl.Add(WithVm("pause", "pause every vcpu", async (c, vm, _) => $"{(await c.PauseAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("resume", "resume a paused VM", async (c, vm, _) => $"{(await c.ResumeAsync(vm)).Phase}\n"));

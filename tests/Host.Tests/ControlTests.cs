@@ -5,6 +5,7 @@ using ActorVmm.Host.Boot;
 using ActorVmm.Host.Config;
 using ActorVmm.Host.Control;
 using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
 using ActorVmm.Vcpu;
@@ -39,7 +40,7 @@ public sealed class ControlTests : IAsyncLifetime
             new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length, _ => new Uart16550(NullInterruptLine.Instance, console.Write)),
         };
         var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var resources = new VmResources("guest1", _memory, [_vcpu], devices, Traced: false);
+        var resources = new VmResources("guest1", _memory, [_vcpu], devices, Traced: false, Lapic: LapicBackends.Emulated(null));
         _vm = _host.ActorOf(Props.Create(() => new VmActor(resources, ended)), "vm-guest1");
         _host.ActorSelection("/user/vmm").Tell(new ControlProtocol.Register("guest1", _vm, ActorRefs.Nobody));
         _vm.Tell(VmProtocol.Start.Instance);
@@ -101,6 +102,27 @@ public sealed class ControlTests : IAsyncLifetime
         Assert.Contains("hlt", text);
 
         Assert.Equal(VmProtocol.Phase.Running, (await _client.ResumeAsync(vm)).Phase);
+    }
+
+    [Fact]
+    public async Task Ctl_regs_shows_the_local_apic_state_the_guest_programmed()
+    {
+        // The guest raises its TPR and programs a periodic timer through the xAPIC page.
+        _vcpu.Supply(
+            new VmExit.Mmio(Platform.LocalApicBase + 0x80, true, 4, 0x30),
+            new VmExit.Mmio(Platform.LocalApicBase + 0xF0, true, 4, 0x1FF),
+            new VmExit.Mmio(Platform.LocalApicBase + 0x320, true, 4, (1u << 17) | (1u << 16) | 0xEC));
+        Assert.True(_vcpu.WaitUntilIdleInGuest());
+        var vm = await _client.FindVmAsync("guest1", [_address]);
+
+        var text = await _client.LapicAsync(vm, 0);
+
+        Assert.NotNull(text);
+        Assert.Contains("local APIC of vcpu 0: XApic, id 0, software-enabled", text);
+        Assert.Contains("TPR=30 PPR=30", text);
+        Assert.Contains("LVT timer   000300EC masked, Periodic, vector EC", text);
+        var missing = await Assert.ThrowsAsync<ControlException>(() => _client.RegistersAsync(vm, 7));
+        Assert.Equal("vm-guest1 has no vcpu-7", missing.Message);
     }
 
     [Fact]

@@ -3,6 +3,7 @@ using Akka.Actor;
 using Akka.Configuration;
 using ActorVmm.Devices;
 using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
 using ActorVmm.Memory;
 using ActorVmm.Vcpu;
 
@@ -134,6 +135,17 @@ public sealed class ControlClient : IAsyncDisposable
                 return r is VmspaceProtocol.MemoryData data ? data.Data : null;
             });
         return (regs, code, linear);
+    }
+
+    /// <summary>The local APIC state of a vcpu as `ctl regs` prints it, or null when the VM has no
+    /// vlapic for it (a VM without interrupt platform).</summary>
+    public async Task<string?> LapicAsync(IActorRef vm, int vcpu)
+    {
+        IActorRef actor;
+        try { actor = await Child(vm, $"vlapic-{vcpu}"); }
+        catch (ControlException) { return null; }
+        var reply = await Ask<VlapicProtocol.StateReply>(actor, VlapicProtocol.GetState.Instance, $"the local APIC of vcpu {vcpu}");
+        return LapicDump.Format(reply.VcpuId, reply.State);
     }
 
     /// <summary>Counters of every vcpu, device and the vmspace of a VM.</summary>
