@@ -129,6 +129,11 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
         Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
+        Receive<FaultProtocol.Stall>(s =>
+        {
+            var slept = FaultProtocol.StallHere(s);
+            Sender.Tell(new FaultProtocol.Injected($"{_name} stalled for {slept.TotalMilliseconds:0} ms"));
+        });
         Receive<DeadlineReached>(_ =>
         {
             _armedFor = null;

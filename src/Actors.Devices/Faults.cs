@@ -10,6 +10,38 @@ public static class FaultProtocol
 
     /// <summary>Makes the receiving actor throw <see cref="InjectedFaultException"/> (its supervisor decides).</summary>
     public sealed record Crash(string Reason) : IFaultMessage;
+
+    /// <summary>The longest <see cref="Stall"/>: a stall is a fault to watch, not a way to hang a host.</summary>
+    public static readonly TimeSpan MaxStall = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// Stalls the receiver's thread for <paramref name="Duration"/> (at most <see cref="MaxStall"/>),
+    /// as a host that descheduled it would: a vcpu neither runs its guest nor answers anything
+    /// (EPT invalidation acks, interrupts, registers) until the stall ends. Answered
+    /// <see cref="Injected"/> once it is over.
+    /// </summary>
+    public sealed record Stall(TimeSpan Duration, string Reason) : IFaultMessage;
+
+    /// <summary>
+    /// Makes the next <paramref name="Count"/> nested page faults fail (only those on the page of
+    /// <paramref name="Gpa"/>, when given) as if the backing could not be read: the vmspace fails,
+    /// and the VM stops with a report naming the fault. Answered <see cref="Injected"/> when armed;
+    /// refused with <see cref="NotInjected"/> by a vmspace without demand paging (it takes no faults).
+    /// </summary>
+    public sealed record FailNestedPageFaults(int Count, ulong? Gpa, string Reason) : IFaultMessage;
+
+    /// <summary>A fault was injected (a stall is over, a page fault failure is armed).</summary>
+    public sealed record Injected(string What) : IFaultMessage;
+
+    public sealed record NotInjected(string Why) : IFaultMessage;
+
+    /// <summary>Runs a stall on the calling thread: the clamped duration actually slept.</summary>
+    public static TimeSpan StallHere(Stall stall)
+    {
+        var duration = stall.Duration < TimeSpan.Zero ? TimeSpan.Zero : stall.Duration > MaxStall ? MaxStall : stall.Duration;
+        Thread.Sleep(duration);
+        return duration;
+    }
 }
 
 /// <summary>The exception an actor throws on <see cref="FaultProtocol.Crash"/>.</summary>

@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
+using ActorVmm.Devices;
 using ActorVmm.LibVmm;
 using static ActorVmm.Memory.VmspaceProtocol;
 
@@ -30,6 +31,7 @@ internal sealed class VmspaceActor : ReceiveActor
     private readonly HashSet<IActorRef> _watchedHolders = [];
     private GuestPager? _pager;
     private string? _failure;
+    private FaultProtocol.FailNestedPageFaults? _failFaults;
     private long _reads, _writes, _faults, _nextHoldId;
 
     public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events)
@@ -99,6 +101,12 @@ internal sealed class VmspaceActor : ReceiveActor
         Receive<UnregisterVcpu>(r => _barrier.Unregister(r.VcpuId));
         Receive<EptInvalidated>(a => _barrier.Ack(a.VcpuId, a.Generation));
         Receive<SyncEpt>(s => AwaitEptInvalidation(Sender, g => new EptSynced(s.Id, g)));
+        Receive<FaultProtocol.FailNestedPageFaults>(OnFailFaults);
+        Receive<FaultProtocol.Stall>(s =>
+        {
+            var slept = FaultProtocol.StallHere(s);
+            Sender.Tell(new FaultProtocol.Injected($"vmspace stalled for {slept.TotalMilliseconds:0} ms"));
+        });
     }
 
     protected override void PreStart()
@@ -185,6 +193,12 @@ internal sealed class VmspaceActor : ReceiveActor
     {
         // After a failure the userfaultfd is unregistered: its faulters were woken and fault normally.
         if (!Paging) return;
+        if (_failFaults is { } inject && (inject.Gpa is not { } page || page >> 12 == f.Gpa >> 12))
+        {
+            _failFaults = inject.Count > 1 ? inject with { Count = inject.Count - 1 } : null;
+            Fail($"{f.Kind} fault at gpa 0x{f.Gpa:X} ({(f.Write ? "write" : "read")}) failed: injected fault: {inject.Reason}");
+            return;
+        }
         if (Try(() => { _pager!.Resolve(f.Gpa, f.Kind, f.Write); return true; }, $"{f.Kind} fault at gpa 0x{f.Gpa:X}", out _))
             MaybeReclaim();
     }
@@ -194,6 +208,23 @@ internal sealed class VmspaceActor : ReceiveActor
         if (!Paging) return;
         if (Try(() => _pager!.Reclaim(), "reclaim", out var swapped) && swapped > 0)
             _barrier.Invalidate(Self); // nobody waits on a reclaim, but vcpus must still see it
+    }
+
+    /// <summary>Fault injection: arms the failure of the next nested page faults.</summary>
+    private void OnFailFaults(FaultProtocol.FailNestedPageFaults f)
+    {
+        if (f.Count <= 0) { Sender.Tell(new FaultProtocol.NotInjected($"a count of {f.Count} page faults fails nothing")); return; }
+        if (!Paging)
+        {
+            Sender.Tell(new FaultProtocol.NotInjected(_failure is not null
+                ? $"the vmspace already failed: {_failure}"
+                : "this vmspace takes no nested page faults (demand paging is off)"));
+            return;
+        }
+        _failFaults = f;
+        var where = f.Gpa is { } gpa ? $" on the page of gpa 0x{gpa:X}" : "";
+        _log.Warning("vmspace: the next {0} nested page fault(s){1} will fail: {2}", f.Count, where, f.Reason);
+        Sender.Tell(new FaultProtocol.Injected($"the next {f.Count} nested page fault(s){where} will fail"));
     }
 
     // ---------------------------------------------------------------- holds

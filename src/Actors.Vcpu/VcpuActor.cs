@@ -1,4 +1,5 @@
 using Akka.Actor;
+using Akka.Event;
 using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
 using ActorVmm.Lapic;
@@ -342,6 +343,13 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 break;
             case FaultProtocol.Crash crash:
                 throw new InjectedFaultException(crash.Reason);
+            case FaultProtocol.Stall stall:
+                // The vcpu thread itself stops, as a descheduled host thread would: no guest time,
+                // no messages, no EPT acks until it is over. Then the state it was in goes on.
+                Context.GetLogger().Warning("vcpu {0} stalled for {1} ms: {2}", Id, stall.Duration.TotalMilliseconds, stall.Reason);
+                var slept = FaultProtocol.StallHere(stall);
+                Sender.Tell(new FaultProtocol.Injected($"vcpu {Id} stalled for {slept.TotalMilliseconds:0} ms"));
+                break;
             case Start or Notify or Run or DeviceProtocol.ReadResult or VlapicProtocol.MsrReadResult
                 or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged:
                 break;

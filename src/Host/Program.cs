@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Globalization;
+using ActorVmm.Devices;
 using ActorVmm.Host;
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Config;
@@ -183,13 +184,33 @@ namespace ActorVmm.Host
             ctl.Add(WithVm("resume", "resume a paused VM", async (c, vm, _) => $"{(await c.ResumeAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stop", "stop the VM", async (c, vm, _) => $"{(await c.StopAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stats", "counters of vcpus, devices and memory", async (c, vm, _) => await c.StatsAsync(vm)));
-            var faultActor = new Option<string>("--actor") { Description = "the actor below the VM: uart0, vcpu-0, vmspace, ...", Required = true };
+            var faultActor = new Option<string>("--actor") { Description = "the actor below the VM: uart0, vcpu-0, vmspace, ... (--fail-page-faults: vmspace)" };
             var crash = new Option<bool>("--crash") { Description = "make the actor throw (its supervisor restarts or stops it)" };
+            var stall = new Option<int?>("--stall") { Description = "stall the actor's thread for this many milliseconds (a vcpu neither runs nor answers)" };
+            var failFaults = new Option<int?>("--fail-page-faults") { Description = "fail the vmspace's next N nested page faults (the VM stops with a report)" };
+            var gpa = new Option<string?>("--gpa") { Description = "with --fail-page-faults: only faults on the page of this guest physical address" };
             ctl.Add(WithVm("fault", "inject a fault into a live VM", async (c, vm, parse) =>
             {
-                if (!parse.GetValue(crash)) throw new Control.ControlException("say which fault: --crash");
-                return await c.CrashAsync(vm, parse.GetValue(faultActor)!, "injected by actorvmm ctl");
-            }, faultActor, crash));
+                const string reason = "injected by actorvmm ctl";
+                var actor = parse.GetValue(faultActor);
+                var chosen = (parse.GetValue(crash) ? 1 : 0) + (parse.GetValue(stall) is null ? 0 : 1) + (parse.GetValue(failFaults) is null ? 0 : 1);
+                if (chosen != 1) throw new Control.ControlException("say which one fault: --crash, --stall MS or --fail-page-faults N");
+                if (parse.GetValue(failFaults) is { } count)
+                {
+                    if (actor is not null and not "vmspace") throw new Control.ControlException("--fail-page-faults goes to the vmspace: leave out --actor or give --actor vmspace");
+                    var page = parse.GetValue(gpa) is { } text ? ParseNumber(text, "--gpa") : (ulong?)null;
+                    return await c.InjectAsync(vm, "vmspace", new FaultProtocol.FailNestedPageFaults(count, page, reason), TimeSpan.Zero);
+                }
+                if (actor is null) throw new Control.ControlException("say which actor: --actor uart0, vcpu-0, vmspace, ...");
+                if (parse.GetValue(stall) is { } ms)
+                {
+                    if (ms < 0 || ms > FaultProtocol.MaxStall.TotalMilliseconds)
+                        throw new Control.ControlException($"--stall takes 0 to {FaultProtocol.MaxStall.TotalMilliseconds:0} milliseconds");
+                    var duration = TimeSpan.FromMilliseconds(ms);
+                    return await c.InjectAsync(vm, actor, new FaultProtocol.Stall(duration, reason), duration);
+                }
+                return await c.CrashAsync(vm, actor, reason);
+            }, faultActor, crash, stall, failFaults, gpa));
             {
                 var host = Host();
                 var dir = Directory();

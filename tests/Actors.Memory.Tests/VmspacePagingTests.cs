@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using Akka.Actor;
 using Akka.TestKit.Xunit2;
+using ActorVmm.Devices;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
 using static ActorVmm.Memory.VmspaceProtocol;
@@ -320,5 +321,35 @@ public sealed class VmspacePagingTests : TestKit
         Assert.False(s.Enabled);
         Assert.Contains("UFFDIO_WRITEPROTECT", s.Failure);
         await vm.Events.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(100)); // reported once
+    }
+
+    [Fact]
+    public async Task Injected_page_fault_failure_fails_the_vmspace_on_the_named_page_only_and_wakes_the_faulter()
+    {
+        await using var vm = await PagedVmspace.StartAsync(this, OneMiB);
+        var armed = await vm.Ask<FaultProtocol.Injected>(new FaultProtocol.FailNestedPageFaults(1, 0x9123, "test"));
+        Assert.Equal("the next 1 nested page fault(s) on the page of gpa 0x9123 will fail", armed.What);
+
+        await vm.Guest(() => GuestAccess.ReadByte(vm.Gva(0x5000))); // another page: resolved as usual
+        await vm.Events.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(100));
+        Assert.Equal(1L, (await vm.Stats()).Paging.MissingFaults);
+
+        await vm.Guest(() => GuestAccess.Write(vm.Gva(0x9FF0), [7])); // the faulter is woken, not left hanging
+        var failed = await vm.Events.ExpectMsgAsync<VmspaceFailed>(Wait);
+        Assert.Matches(@"^Missing fault at gpa 0x9(000|FF0) \(write\) failed: injected fault: test$", failed.Reason);
+        var s = (await vm.Stats()).Paging;
+        Assert.False(s.Enabled);
+        Assert.Equal(failed.Reason, s.Failure);
+        Assert.Equal(new byte[] { 7 }, (await vm.Ask<MemoryData>(new ReadMemory(1, 0x9FF0, 1))).Data); // the write landed
+        Assert.Contains("already failed", (await vm.Ask<FaultProtocol.NotInjected>(new FaultProtocol.FailNestedPageFaults(1, null, "again"))).Why);
+    }
+
+    [Fact]
+    public async Task Page_fault_failure_is_refused_without_demand_paging_and_for_a_count_of_zero()
+    {
+        await using var vm = await PagedVmspace.StartAsync(this, OneMiB, userfaultfd: false);
+        Assert.Equal("this vmspace takes no nested page faults (demand paging is off)",
+            (await vm.Ask<FaultProtocol.NotInjected>(new FaultProtocol.FailNestedPageFaults(1, null, "t"))).Why);
+        Assert.Contains("fails nothing", (await vm.Ask<FaultProtocol.NotInjected>(new FaultProtocol.FailNestedPageFaults(0, null, "t"))).Why);
     }
 }

@@ -168,6 +168,31 @@ public sealed class ControlTests : IAsyncLifetime
     [Fact]
     public async Task The_actorvmm_ctl_executable_talks_to_the_host_over_loopback()
     {
+        var (code, stdout, stderr) = await Ctl("list", "--host", _address);
+        Assert.True(code == 0, stderr);
+        Assert.Contains("guest1", stdout);
+        Assert.Contains("Running", stdout);
+        Assert.Contains($"host={_address}", stdout);
+    }
+
+    [Fact]
+    public async Task Ctl_fault_stalls_a_vcpu_and_refuses_what_the_vm_cannot_take()
+    {
+        var (code, stdout, stderr) = await Ctl("fault", "--vm", "guest1", "--host", _address, "--actor", "vcpu-0", "--stall", "200");
+        Assert.True(code == 0, stderr);
+        Assert.Equal("vm-guest1/vcpu-0: vcpu 0 stalled for 200 ms", stdout.Trim());
+        Assert.True(_vcpu.WaitUntilIdleInGuest(), "the vcpu runs on after its stall");
+
+        var vm = await _client.FindVmAsync("guest1", [_address]);
+        var refused = await Assert.ThrowsAsync<ControlException>(() =>
+            _client.InjectAsync(vm, "vmspace", new FaultProtocol.FailNestedPageFaults(1, null, "t"), TimeSpan.Zero));
+        Assert.Equal("vm-guest1/vmspace: this vmspace takes no nested page faults (demand paging is off)", refused.Message);
+        Assert.Equal(VmProtocol.Phase.Running, (await _client.StatusAsync(vm)).Phase);
+    }
+
+    /// <summary>Runs the real `actorvmm ctl` executable.</summary>
+    private static async Task<(int Code, string Stdout, string Stderr)> Ctl(params string[] args)
+    {
         var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")
         {
             RedirectStandardOutput = true,
@@ -175,15 +200,12 @@ public sealed class ControlTests : IAsyncLifetime
             RedirectStandardInput = true,
             UseShellExecute = false,
         };
-        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "actorvmm.dll"), "ctl", "list", "--host", _address }) start.ArgumentList.Add(a);
+        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "actorvmm.dll"), "ctl" }.Concat(args)) start.ArgumentList.Add(a);
         using var p = Process.Start(start)!;
         p.StandardInput.Close();
-        var stdout = await p.StandardOutput.ReadToEndAsync();
-        var stderr = await p.StandardError.ReadToEndAsync();
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
         await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(60));
-        Assert.True(p.ExitCode == 0, stderr);
-        Assert.Contains("guest1", stdout);
-        Assert.Contains("Running", stdout);
-        Assert.Contains($"host={_address}", stdout);
+        return (p.ExitCode, await stdout, await stderr);
     }
 }

@@ -244,6 +244,21 @@ public sealed class ControlClient : IAsyncDisposable
                (status.Outcome is { } o ? $": {o.Detail}" : "") + "\n";
     }
 
+    /// <summary>Fault injection that answers (a stall once it is over, a page fault failure once
+    /// armed): the answer as text.</summary>
+    /// <param name="lasts">how long the fault itself takes before it answers</param>
+    public async Task<string> InjectAsync(IActorRef vm, string actorPath, FaultProtocol.IFaultMessage fault, TimeSpan lasts)
+    {
+        var target = await Child(vm, actorPath);
+        var reply = await Ask<object>(target, fault, $"{vm.Path.Name}/{actorPath}", lasts);
+        return reply switch
+        {
+            FaultProtocol.Injected i => $"{vm.Path.Name}/{actorPath}: {i.What}\n",
+            FaultProtocol.NotInjected n => throw new ControlException($"{vm.Path.Name}/{actorPath}: {n.Why}"),
+            _ => throw new ControlException($"{vm.Path.Name}/{actorPath} answered {reply.GetType().Name}"),
+        };
+    }
+
     /// <summary>The vmspace's counters: allocated memory and, with demand paging, resident,
     /// swapped and held pages and faults by kind.</summary>
     public async Task<string> MemoryAsync(IActorRef vm)
@@ -279,15 +294,16 @@ public sealed class ControlClient : IAsyncDisposable
         return parts.Count == 0 ? "(none handled yet)" : string.Join(' ', parts);
     }
 
-    private async Task<T> Ask<T>(ICanTell target, object message, string what)
+    private async Task<T> Ask<T>(ICanTell target, object message, string what, TimeSpan extra = default)
     {
+        var timeout = _timeout + extra;
         try
         {
-            return await target.Ask<T>(message, _timeout);
+            return await target.Ask<T>(message, timeout);
         }
         catch (AskTimeoutException)
         {
-            throw new ControlException($"{what} did not answer within {_timeout.TotalSeconds:0.#} s");
+            throw new ControlException($"{what} did not answer within {timeout.TotalSeconds:0.#} s");
         }
         catch (InvalidCastException)
         {
