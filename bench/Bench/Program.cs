@@ -15,8 +15,12 @@ using static Iced.Intel.AssemblerRegisters;
 // replaced by a nop, so guest instruction time is subtracted: per-exit = (T_io - T_nop) / N.
 // Usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
 //        actorvmm-bench faults [pages] [repetitions] nested page faults (userfaultfd)
+//        actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
 if (args.Length > 0 && args[0] == "faults")
     return await ActorVmm.Bench.FaultBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 16_384, args.Length > 2 ? int.Parse(args[2]) : 3);
+if (args.Length > 0 && args[0] == "trace")
+    return await ActorVmm.Bench.TraceBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 200_000, args.Length > 2 ? int.Parse(args[2]) : 3,
+        args.Length > 3 ? int.Parse(args[3]) : 100_000);
 if (args.Length > 0 && args[0] == "io") args = args[1..];
 var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
 var reps = args.Length > 1 ? int.Parse(args[1]) : 3;

@@ -128,9 +128,23 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         }
     }
 
+    /// <summary>Actor names by reference: a VM has few actors and each sends many messages. Bounded,
+    /// because short-lived actors (asks, temporary followers) would otherwise pile up.</summary>
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<IActorRef, string> _names = new();
+    private const int MaxCachedNames = 4096;
+
     private string Name(IActorRef? actor)
     {
-        if (actor is null || actor.IsNobody()) return "(none)";
+        if (actor is null) return "(none)";
+        if (_names.TryGetValue(actor, out var name)) return name;
+        name = ComputeName(actor);
+        if (_names.Count < MaxCachedNames) _names.TryAdd(actor, name);
+        return name;
+    }
+
+    private static string ComputeName(IActorRef actor)
+    {
+        if (actor.IsNobody()) return "(none)";
         var elements = actor.Path.Elements;
         // /user/vm-demo/vcpu-0 → vcpu-0; /user/vm-demo → vm-demo; temp/system actors keep their path.
         if (elements.Count >= 3 && elements[0] == "user") return string.Join('/', elements.Skip(2));
