@@ -94,7 +94,7 @@ internal static class TraceBench
         var traced = mode != "plain";
         string? file = mode == "json" ? Path.Combine(Path.GetTempPath(), $"{name}.jsonl") : null;
         var recorder = mode is "ring" or "json" ? new TraceRecorder(file, capacity) : null;
-        using var registration = recorder is not null ? MessageTraceRegistry.Register($"/user/{name}", recorder) : null;
+        using var registration = recorder is not null ? MessageTraceRegistry.Register(system, $"/user/{name}", recorder) : null;
         Props Mailbox(Props p) => traced ? p.WithMailbox(TracedMailboxType.Id) : p;
         var device = Mailbox(DeviceProtocol.Props("bench", _ => new BenchDevice(), ActorRefs.Nobody));
         var driver = system.ActorOf(Mailbox(Props.Create(() => new Driver(device))), name);

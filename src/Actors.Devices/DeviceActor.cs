@@ -24,6 +24,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
     private long _writes;
 
     private readonly StateCell _cell;
+    private readonly EventsToActor _platform;
 
     // Timed models only: the clock their deadlines are in, and the deadline the timer is set for.
     private readonly ITimedDevice? _timed;
@@ -44,6 +45,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
         _name = name;
         _cell = cell;
         var platform = new EventsToActor(name, events);
+        _platform = platform;
         if (cell.State is { } saved && restore is not null)
         {
             // A restart: continue from the state the last incarnation saved.
@@ -64,6 +66,24 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
             // Counted before the model runs: if it throws, PreRestart credits it back.
             Credit(Sender);
             if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
+            DrainInput();
+            Rearm();
+        });
+        Receive<WriteAndWait>(w =>
+        {
+            _writes++;
+            _uncredited.Remove(Sender); // the reply acknowledges every earlier write (FIFO)
+            _platform.Requests = 0;
+            try
+            {
+                if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
+            }
+            catch
+            {
+                Sender.Tell(new WriteDone(w.Id, _platform.Requests > 0)); // never leave the vcpu waiting
+                throw;
+            }
+            Sender.Tell(new WriteDone(w.Id, _platform.Requests > 0));
             DrainInput();
             Rearm();
         });
@@ -210,7 +230,19 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private sealed class EventsToActor(string device, IActorRef target) : IPlatformEvents
     {
-        public void RequestExit(int status, string reason) => target.Tell(new GuestExitRequested(device, status, reason));
-        public void RequestReset(string reason) => target.Tell(new GuestResetRequested(device, reason));
+        /// <summary>Exit and reset requests made since the actor last cleared it.</summary>
+        public int Requests;
+
+        public void RequestExit(int status, string reason)
+        {
+            Requests++;
+            target.Tell(new GuestExitRequested(device, status, reason));
+        }
+
+        public void RequestReset(string reason)
+        {
+            Requests++;
+            target.Tell(new GuestResetRequested(device, reason));
+        }
     }
 }

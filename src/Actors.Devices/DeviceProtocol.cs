@@ -29,6 +29,18 @@ public static class DeviceProtocol
 
     public sealed record ReadResult(long Id, ulong Value) : IDeviceMessage;
 
+    /// <summary>
+    /// A write the vcpu waits for, used for devices whose writes can end the machine (debug-exit,
+    /// the i8042 reset line): the guest must run no further instruction after such a write, as on
+    /// real hardware. Answered <see cref="WriteDone"/>, which (like a read's reply) acknowledges
+    /// every earlier posted write.
+    /// </summary>
+    public sealed record WriteAndWait(long Id, ulong Offset, int Size, ulong Value) : IDeviceMessage;
+
+    /// <param name="MachineEnding">the write asked the VM to exit or reset: the vcpu stays out of
+    /// the guest until the VM stops it</param>
+    public sealed record WriteDone(long Id, bool MachineEnding) : IDeviceMessage;
+
     /// <summary>The device has handled <paramref name="Count"/> more posted writes of the receiver.</summary>
     public sealed record WriteCredit(int Count) : IDeviceMessage;
 

@@ -9,6 +9,9 @@ public enum ExitActionKind : byte
     Reenter,
     /// <summary>Post write(s) to <see cref="ExitAction.Route"/>, then re-enter.</summary>
     PostWrite,
+    /// <summary>Write to <see cref="ExitAction.Route"/> and wait for <see cref="DeviceProtocol.WriteDone"/>
+    /// (a device whose writes can end the machine).</summary>
+    WriteAndWait,
     /// <summary>Read from <see cref="ExitAction.Route"/>; wait for the reply before re-entering.</summary>
     Read,
     /// <summary>An unassigned read: complete with all-ones at once.</summary>
@@ -50,11 +53,11 @@ public static class ExitHandler
         {
             case VmExit.Io io:
                 if (ports.TryResolve(io.Port, out var pr, out var po))
-                    return new ExitAction(io.IsOut ? ExitActionKind.PostWrite : ExitActionKind.Read, pr, pr.Window + po, io.Size);
+                    return new ExitAction(io.IsOut ? WriteKind(pr) : ExitActionKind.Read, pr, pr.Window + po, io.Size);
                 return new ExitAction(io.IsOut ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: io.Size);
             case VmExit.Mmio m:
                 if (mmio.TryResolve(m.Address, out var mr, out var mo))
-                    return new ExitAction(m.IsWrite ? ExitActionKind.PostWrite : ExitActionKind.Read, mr, mr.Window + mo, m.Length,
+                    return new ExitAction(m.IsWrite ? WriteKind(mr) : ExitActionKind.Read, mr, mr.Window + mo, m.Length,
                         Space: DeviceProtocol.Space.Mmio);
                 return new ExitAction(m.IsWrite ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: m.Length,
                     Space: DeviceProtocol.Space.Mmio);
@@ -84,6 +87,8 @@ public static class ExitHandler
     /// <summary>IA32_APIC_BASE, IA32_TSC_DEADLINE and the x2APIC registers 0x800-0x8FF.</summary>
     public static bool IsApicMsr(uint msr) =>
         msr is Lapic.ApicMsrs.ApicBase or Lapic.ApicMsrs.TscDeadline or (>= Lapic.ApicMsrs.X2ApicFirst and <= Lapic.ApicMsrs.X2ApicLast);
+
+    private static ExitActionKind WriteKind(DeviceRoute route) => route.WaitForWrites ? ExitActionKind.WriteAndWait : ExitActionKind.PostWrite;
 
     private static ExitAction Stop(VcpuProtocol.StopReason reason) => new(ExitActionKind.Stop, StopReason: reason);
 

@@ -18,6 +18,7 @@ namespace ActorVmm.Vcpu;
 ///   Created --Start--> Running --HLT--> Halted --Notify/Inject/vlapic event--> Running
 ///   Created|Running|Halted --INIT (an AP)--> WaitingForSipi --SIPI--> Running
 ///   Running|Halted|Created|WaitingForSipi --Pause--> Paused --Resume--> (previous)
+///   Running --a write that ends the machine (debug-exit, reset)--> Ending (no more guest code)
 ///   any --Stop or fatal exit--> Stopped
 /// Running has two waiting sub-states: a reply in flight (device read, APIC MSR, INTA), a
 /// device's write window full.
@@ -61,6 +62,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private int _readIndex;
     private DeviceRoute? _blockedOn;
     private bool _wakePending;
+    // A write the vcpu waits for: the first id of its elements, and whether one ended the machine.
+    private long _writeWaitFirst;
+    private bool _machineEnding;
 
     private long _exits, _ioExits, _mmioExits, _hltExits, _intrExits, _unassignedReads, _unassignedWrites, _injected;
 
@@ -86,7 +90,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         catch (InvalidOperationException) { /* a pooled thread in unit tests may already be named */ }
         VcpuKickRegistry.Register(Self, _vcpu);
         _mailbox = ((ActorCell)Context).Mailbox.MessageQueue;
-        _trace = MessageTraceRegistry.SinkFor(Self);
+        _trace = MessageTraceRegistry.SinkFor(Context.System, Self);
     }
 
     protected override void PostStop() => VcpuKickRegistry.Unregister(Self);
@@ -207,6 +211,25 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         }
     }
 
+    /// <summary>The guest ended the machine through a device; the VM is about to stop this vcpu.</summary>
+    private void Ending(object message)
+    {
+        switch (message)
+        {
+            case Pause:
+                Sender.Tell(new VcpuProtocol.Paused(Id)); // out of the guest already
+                break;
+            case Resume:
+                Sender.Tell(new Resumed(Id));
+                break;
+            case Start or Run or Notify or InjectInterrupt or VlapicProtocol.IVcpuEvent:
+                break; // no guest code runs any more
+            default:
+                Common(message);
+                break;
+        }
+    }
+
     private void Stopped(object message)
     {
         switch (message)
@@ -219,7 +242,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 break;
             case Run or DeviceProtocol.ReadResult or DeviceProtocol.WriteCredit or Notify or InjectInterrupt
                 or VlapicProtocol.IVcpuEvent or VlapicProtocol.MsrReadResult or VlapicProtocol.MsrWriteResult
-                or DeviceProtocol.Acknowledged:
+                or DeviceProtocol.Acknowledged or DeviceProtocol.WriteDone:
                 break;
             case Stop:
                 Sender.Tell(new VcpuProtocol.Stopped(Id, StopReason.Requested, $"vcpu {Id} already stopped"));
@@ -240,6 +263,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 break;
             case DeviceProtocol.ReadResult:
                 break; // a stale reply
+            case DeviceProtocol.WriteDone done when done.Id >= _writeWaitFirst && done.Id <= _readId && _readRoute is not null:
+                CompleteWrite(done);
+                break;
+            case DeviceProtocol.WriteDone:
+                break; // stale
             case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
                 _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
                 EndWait();
@@ -351,7 +379,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 Sender.Tell(new FaultProtocol.Injected($"vcpu {Id} stalled for {slept.TotalMilliseconds:0} ms"));
                 break;
             case Start or Notify or Run or DeviceProtocol.ReadResult or VlapicProtocol.MsrReadResult
-                or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged:
+                or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged or DeviceProtocol.WriteDone:
                 break;
             default:
                 Unhandled(message);
@@ -553,6 +581,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 return true;
             case ExitActionKind.PostWrite:
                 return PostWrites(exit, action);
+            case ExitActionKind.WriteAndWait:
+                WriteAndWait(exit, action);
+                return false;
             case ExitActionKind.Read:
                 CountAccess(exit);
                 _readRoute = action.Route;
@@ -642,6 +673,52 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             return false;
         }
         return true;
+    }
+
+    /// <summary>Writes to a device whose writes can end the machine, one <see cref="DeviceProtocol.WriteAndWait"/>
+    /// per element (a string OUT has several), and waits for the last <see cref="DeviceProtocol.WriteDone"/>.</summary>
+    private void WriteAndWait(VmExit exit, ExitAction action)
+    {
+        var route = action.Route!;
+        _readRoute = route;
+        _readExit = exit;
+        _writeWaitFirst = _nextReadId + 1;
+        _machineEnding = false;
+        if (exit is VmExit.Io { Count: > 1, Data: { } data } io)
+        {
+            _ioExits++;
+            for (var i = 0; i < io.Count; i++)
+            {
+                _readId = ++_nextReadId;
+                route.Device.Tell(new DeviceProtocol.WriteAndWait(_readId, action.Offset, io.Size, LittleEndian(data.AsSpan(i * io.Size, io.Size))), Self);
+            }
+        }
+        else
+        {
+            CountAccess(exit);
+            var value = exit is VmExit.Io one ? one.Value : ((VmExit.Mmio)exit).Value;
+            _readId = ++_nextReadId;
+            route.Device.Tell(new DeviceProtocol.WriteAndWait(_readId, action.Offset, action.Size, value), Self);
+        }
+        Become(WaitingForRead);
+    }
+
+    private void CompleteWrite(DeviceProtocol.WriteDone done)
+    {
+        if (done.MachineEnding) _machineEnding = true;
+        if (done.Id != _readId) return; // more elements of a string OUT to come
+        _readRoute!.InFlight = 0; // the reply acknowledges every earlier write (FIFO)
+        _readExit = null;
+        _readRoute = null;
+        Stash.UnstashAll();
+        if (!_machineEnding)
+        {
+            EnterRunning();
+            return;
+        }
+        // Running --machine-ending write--> Ending: no further guest instruction runs here.
+        _state = State.Ending;
+        Become(Ending);
     }
 
     private void SendRead(ulong offset, int size)

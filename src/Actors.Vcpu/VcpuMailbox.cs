@@ -20,7 +20,7 @@ public sealed class VcpuMailboxType(Settings settings, Config config)
     : MailboxType(settings, config), IProducesMessageQueue<VcpuMessageQueue>
 {
     public override IMessageQueue Create(IActorRef owner, ActorSystem system) =>
-        new VcpuMessageQueue(owner, MessageTraceRegistry.SinkFor(owner), LinkFaultRegistry.PlanFor(owner));
+        new VcpuMessageQueue(owner, MessageTraceRegistry.SinkFor(system, owner), LinkFaultRegistry.PlanFor(system, owner));
 }
 
 public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics

@@ -32,7 +32,9 @@ public static class VcpuProtocol
     public interface IKicking : IVcpuMessage;
 
     /// <summary><see cref="WaitingForSipi"/>: an AP after INIT, until a SIPI sets CS:IP.</summary>
-    public enum State { Created, Running, Paused, Halted, Stopped, WaitingForSipi }
+    /// <summary><see cref="Ending"/>: the guest wrote to a device that ends the machine (debug-exit,
+    /// reset); the vcpu runs no more guest code and waits for the VM to stop it.</summary>
+    public enum State { Created, Running, Paused, Halted, Stopped, WaitingForSipi, Ending }
 
     public enum StopReason
     {
@@ -151,26 +153,32 @@ public sealed class DeviceRoute
 
     private readonly Flow _flow;
 
-    public DeviceRoute(string name, IActorRef device) : this(name, device, 0, new Flow())
+    /// <param name="waitForWrites">the vcpu waits for each write (<see cref="DeviceProtocol.WriteAndWait"/>):
+    /// for devices whose writes can end the machine</param>
+    public DeviceRoute(string name, IActorRef device, bool waitForWrites = false) : this(name, device, 0, new Flow(), waitForWrites)
     {
     }
 
-    private DeviceRoute(string name, IActorRef device, ulong window, Flow flow)
+    private DeviceRoute(string name, IActorRef device, ulong window, Flow flow, bool waitForWrites)
     {
         Name = name;
         Device = device;
         Window = window;
         _flow = flow;
+        WaitForWrites = waitForWrites;
     }
 
     public string Name { get; }
     public IActorRef Device { get; }
 
+    /// <summary>Writes are not posted: the vcpu waits for <see cref="DeviceProtocol.WriteDone"/>.</summary>
+    public bool WaitForWrites { get; }
+
     /// <summary>Added to the offset inside the range: the device sees <c>Window + (address - base)</c>.</summary>
     public ulong Window { get; }
 
     /// <summary>Another range of the same device, at offset window <paramref name="window"/>, sharing this route's write window.</summary>
-    public DeviceRoute WithWindow(ulong window) => new(Name, Device, window, _flow);
+    public DeviceRoute WithWindow(ulong window) => new(Name, Device, window, _flow, WaitForWrites);
 
     internal int InFlight
     {

@@ -97,6 +97,12 @@ public static class HostRunner
             var builder = new VmBuilder(system, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging)).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
 
+            // Signals are caught from before the VM starts: a Ctrl-C that comes while it is being
+            // built stops it as soon as it exists, instead of killing the process uncleanly.
+            var interrupt = new Interruption();
+            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, interrupt.Handle);
+            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, interrupt.Handle);
+
             RunningVm running;
             try { running = builder.Start(); }
             catch (VmBuildException e)
@@ -121,8 +127,7 @@ public static class HostRunner
             await using (running)
             {
                 if (vm.SerialInput == "stdin") console.StartInputFromStdin(system, running.Actor.Path / "uart0");
-                using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => Interrupt(c, running));
-                using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => Interrupt(c, running));
+                interrupt.Attach(running);
 
                 var outcome = vm.TimeoutSeconds > 0
                     ? await running.WaitAsync(TimeSpan.FromSeconds(vm.TimeoutSeconds))
@@ -153,12 +158,37 @@ public static class HostRunner
         }
     }
 
-    private static void Interrupt(PosixSignalContext context, RunningVm vm)
+    /// <summary>SIGINT/SIGTERM: pause (every vcpu out of the guest), then stop the VM, once it exists.</summary>
+    private sealed class Interruption
     {
-        context.Cancel = true;
-        // Pause first so every vcpu is out of the guest, then stop.
-        vm.Actor.Tell(VmProtocol.Pause.Instance);
-        vm.Actor.Tell(new VmProtocol.Stop($"interrupted by {context.Signal}"));
+        private readonly object _gate = new();
+        private RunningVm? _vm;
+        private PosixSignal? _pending;
+
+        public void Handle(PosixSignalContext context)
+        {
+            context.Cancel = true;
+            lock (_gate)
+            {
+                if (_vm is null) _pending ??= context.Signal;
+                else Stop(_vm, context.Signal);
+            }
+        }
+
+        public void Attach(RunningVm vm)
+        {
+            lock (_gate)
+            {
+                _vm = vm;
+                if (_pending is { } signal) Stop(vm, signal);
+            }
+        }
+
+        private static void Stop(RunningVm vm, PosixSignal signal)
+        {
+            vm.Actor.Tell(VmProtocol.Pause.Instance);
+            vm.Actor.Tell(new VmProtocol.Stop($"interrupted by {signal}"));
+        }
     }
 
     public static string Describe(VmProtocol.Outcome outcome) => outcome.Kind switch

@@ -151,6 +151,22 @@ public sealed class DeviceActorTests : TestKit
     }
 
     [Fact]
+    public async Task DeviceActor_must_answer_a_waited_write_saying_whether_it_ended_the_machine()
+    {
+        var events = CreateTestProbe();
+        var actor = Sys.ActorOf(Props("i8042", e => new I8042(e), events.Ref));
+
+        actor.Tell(new WriteAndWait(1, 4, 1, 0xAA), TestActor); // self test: the machine goes on
+        Assert.Equal(new WriteDone(1, MachineEnding: false), await ExpectMsgAsync<WriteDone>());
+        actor.Tell(new WriteAndWait(2, 4, 1, 0xFE), TestActor); // pulse the reset line
+        // The VM hears of the reset before the vcpu hears the write is done.
+        Assert.Equal("i8042", (await events.ExpectMsgAsync<GuestResetRequested>()).Device);
+        Assert.Equal(new WriteDone(2, MachineEnding: true), await ExpectMsgAsync<WriteDone>());
+        actor.Tell(new WriteAndWait(3, 0, 1, 0x00), TestActor);
+        Assert.Equal(new WriteDone(3, MachineEnding: false), await ExpectMsgAsync<WriteDone>());
+    }
+
+    [Fact]
     public async Task DeviceActor_must_report_i8042_reset_to_the_events_target()
     {
         var events = CreateTestProbe();

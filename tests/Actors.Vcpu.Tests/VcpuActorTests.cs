@@ -32,7 +32,10 @@ public sealed class VcpuActorTests : TestKit
     {
     }
 
-    private sealed record Rig(ScriptedVcpu Fake, IActorRef Vcpu, TestProbe Uart, TestProbe Mmio, TestProbe Vm);
+    private sealed record Rig(ScriptedVcpu Fake, IActorRef Vcpu, TestProbe Uart, TestProbe Mmio, TestProbe Vm, TestProbe Exit);
+
+    /// <summary>A device whose writes can end the machine (debug-exit style): the vcpu waits for them.</summary>
+    private const ushort ExitPort = 0xF4;
 
     /// <summary>Builds the wiring and the actor; with <paramref name="start"/> waits until it is in the guest.</summary>
     private Rig Create(bool start = true, int id = 0, bool pinned = false)
@@ -41,9 +44,11 @@ public sealed class VcpuActorTests : TestKit
         var uart = CreateTestProbe("uart");
         var mmio = CreateTestProbe("mmio");
         var vm = CreateTestProbe("vm");
+        var exit = CreateTestProbe("exit");
         // One bus per vcpu: a DeviceRoute carries that vcpu's count of uncredited writes.
         var wiring = new Wiring(
-            AddressBus<DeviceRoute>.Empty.Insert(new DeviceRoute("uart", uart.Ref), UartBase, 8),
+            AddressBus<DeviceRoute>.Empty.Insert(new DeviceRoute("uart", uart.Ref), UartBase, 8)
+                .Insert(new DeviceRoute("exit", exit.Ref, waitForWrites: true), ExitPort, 1),
             AddressBus<DeviceRoute>.Empty.Insert(new DeviceRoute("mmio", mmio.Ref), MmioBase, 0x1000),
             vm.Ref,
             null);
@@ -55,7 +60,7 @@ public sealed class VcpuActorTests : TestKit
             actor.Tell(Start.Instance);
             Assert.True(fake.WaitUntilIdleInGuest(), "the vcpu did not enter the guest after Start");
         }
-        return new Rig(fake, actor, uart, mmio, vm);
+        return new Rig(fake, actor, uart, mmio, vm, exit);
     }
 
     private static VmExit.Io Out(ushort port, ulong value, int size = 1) => new(true, port, size, 1, value, null);
@@ -112,6 +117,46 @@ public sealed class VcpuActorTests : TestKit
         Assert.Equal(new DeviceProtocol.Write(0, 2, 0x4433), await rig.Uart.ExpectMsgAsync<DeviceProtocol.Write>());
         Assert.Equal(new DeviceProtocol.Write(0, 2, 0x6655), await rig.Uart.ExpectMsgAsync<DeviceProtocol.Write>());
         Assert.True(rig.Fake.WaitUntilIdleInGuest());
+    }
+
+    [Fact]
+    public async Task Vcpu_must_wait_for_a_write_to_a_machine_ending_device_and_run_on_when_the_machine_goes_on()
+    {
+        var rig = Create();
+        var runs = rig.Fake.Runs;
+        rig.Fake.Supply(Out(ExitPort, 3));
+
+        var write = await rig.Exit.ExpectMsgAsync<DeviceProtocol.WriteAndWait>();
+        Assert.Equal((0UL, 1, 3UL), (write.Offset, write.Size, write.Value));
+        await Task.Delay(Quiet);
+        Assert.Equal(runs, rig.Fake.Runs); // waiting, not in the guest
+        rig.Exit.Reply(new DeviceProtocol.WriteDone(write.Id, MachineEnding: false));
+        Assert.True(rig.Fake.WaitUntil(v => v.Runs == runs + 1 && v.InRun), "the vcpu did not run on after the write was done");
+    }
+
+    [Fact]
+    public async Task Vcpu_must_run_no_more_guest_code_after_a_write_that_ends_the_machine()
+    {
+        var rig = Create();
+        var runs = rig.Fake.Runs;
+        // A string OUT: every element is waited for; the first one ends the machine.
+        rig.Fake.Supply(new VmExit.Io(true, ExitPort, 1, 2, 1, [1, 2]), Out(UartBase, 'x'));
+
+        var first = await rig.Exit.ExpectMsgAsync<DeviceProtocol.WriteAndWait>();
+        var second = await rig.Exit.ExpectMsgAsync<DeviceProtocol.WriteAndWait>();
+        Assert.Equal((1UL, 2UL, first.Id + 1), (first.Value, second.Value, second.Id));
+        rig.Exit.Reply(new DeviceProtocol.WriteDone(first.Id, MachineEnding: true));
+        rig.Exit.Reply(new DeviceProtocol.WriteDone(second.Id, MachineEnding: false));
+
+        var registers = await rig.Vcpu.Ask<Registers>(GetRegisters.Instance, TimeSpan.FromSeconds(5));
+        Assert.Equal(State.Ending, registers.State);
+        rig.Vcpu.Tell(new Notify(LapicInterrupt: true)); // nothing wakes it into the guest
+        await rig.Uart.ExpectNoMsgAsync(Quiet);
+        Assert.Equal(runs, rig.Fake.Runs);
+        Assert.Equal(1, rig.Fake.Pending); // the UART write was never executed
+
+        rig.Vcpu.Tell(Stop.Instance, rig.Vm.Ref);
+        Assert.Equal(StopReason.Requested, (await rig.Vm.ExpectMsgAsync<Stopped>()).Reason);
     }
 
     [Fact]

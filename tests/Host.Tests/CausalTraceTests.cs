@@ -47,7 +47,7 @@ public sealed class CausalTraceTests : ScriptedVmTestKit
         Assert.Equal(("vcpu-0", "uart0"), (write.Sender, write.Receiver));
         Assert.Equal(exitUart.Id, write.ParentId);
 
-        // exit → Write(debug-exit) → GuestExitRequested → Stop → Stopped
+        // exit → WriteAndWait(debug-exit) → GuestExitRequested → Stop → Stopped
         var stopped = events.Single(e => e.Message is VcpuProtocol.Stopped && e.Receiver.StartsWith("vm-", StringComparison.Ordinal));
         var stop = Parent(stopped);
         Assert.IsType<VcpuProtocol.Stop>(stop.Message);
@@ -55,6 +55,7 @@ public sealed class CausalTraceTests : ScriptedVmTestKit
         Assert.IsType<DeviceProtocol.GuestExitRequested>(requested.Message);
         var exitWrite = Parent(requested);
         Assert.Equal(("vcpu-0", "debug-exit"), (exitWrite.Sender, exitWrite.Receiver));
+        Assert.IsType<DeviceProtocol.WriteAndWait>(exitWrite.Message);
         var exit = Parent(exitWrite);
         Assert.Equal(new VcpuProtocol.GuestExit(0, "io-out", Platform.DebugExitPort, 1, true, 5), exit.Message);
         Assert.True(exit.Nanoseconds <= exitWrite.Nanoseconds && exitWrite.Nanoseconds <= requested.Nanoseconds);

@@ -51,15 +51,19 @@ public sealed class LinkFaultTests : ScriptedVmTestKit
     public async Task A_dropped_message_is_lost_and_counted_and_a_duplicated_one_arrives_twice()
     {
         var plan = new LinkFaultPlan();
-        plan.Add(new LinkFault("vcpu-0", "debug-exit", "*", LinkFaultKind.Drop));
+        plan.Add(new LinkFault("vcpu-0", "post-code", "*", LinkFaultKind.Drop));
         plan.Add(new LinkFault("vcpu-0", "uart0", "Write", LinkFaultKind.Duplicate));
-        var (_, vcpu, console, ended) = Start(plan);
-        vcpu.Supply(Out(Platform.DebugExitPort, '\u0001'), Out(0x3F8, 'x'));
+        var postCodes = new System.Collections.Concurrent.ConcurrentQueue<ulong>();
+        var rig = Vms.Start(faults: plan, extra: [new DeviceSpec("post-code", DeviceProtocol.Space.Port, 0x80, 1, _ => new Recorder(postCodes))]);
+        var (vcpu, console) = (rig.Vcpus[0], rig.Console);
+        vcpu.Supply(Out(0x80, '\u0001'), Out(0x3F8, 'x'), Out(0x80, '\u0002'));
         Assert.True(vcpu.WaitUntil(_ => console.CapturedText() == "xx", Wait), console.CapturedText());
-        Assert.Equal(1, plan.Dropped);
-        Assert.Equal(1, plan.Duplicated);
+        Assert.True(vcpu.WaitUntilIdleInGuest());
         await Task.Delay(200);
-        Assert.False(ended.IsCompleted, "the debug-exit write was dropped: the VM must go on");
+        Assert.Equal(2, plan.Dropped);
+        Assert.Equal(1, plan.Duplicated);
+        Assert.Empty(postCodes);
+        Assert.False(rig.Ended.IsCompleted);
     }
 
     [Fact]
@@ -76,5 +80,12 @@ public sealed class LinkFaultTests : ScriptedVmTestKit
         Assert.Equal(VcpuProtocol.State.Running, stats.State);
         Assert.True(clock.ElapsedMilliseconds >= 250, $"answered after {clock.ElapsedMilliseconds} ms");
         Assert.True(vcpu.Kicks > kicks);
+    }
+
+    /// <summary>A device that records what is written to it.</summary>
+    private sealed class Recorder(System.Collections.Concurrent.ConcurrentQueue<ulong> writes) : IBusDevice
+    {
+        public ulong Read(ulong offset, int size) => 0;
+        public void Write(ulong offset, int size, ulong value) => writes.Enqueue(value);
     }
 }

@@ -32,8 +32,8 @@ internal sealed class ScriptedVms(ActorSystem system) : IDisposable
         bool interruptPlatform = false, ITraceSink? trace = null, LinkFaultPlan? faults = null, LapicBackendFactory? lapic = null)
     {
         var name = $"vm-{Guid.NewGuid():N}";
-        if (trace is not null) _after.Add(MessageTraceRegistry.Register($"/user/{name}", trace));
-        if (faults is not null) _after.Add(LinkFaultRegistry.Register($"/user/{name}", faults));
+        if (trace is not null) _after.Add(MessageTraceRegistry.Register(system, $"/user/{name}", trace));
+        if (faults is not null) _after.Add(LinkFaultRegistry.Register(system, $"/user/{name}", faults));
         var memory = VmspaceLayout.Build(4 << 20);
         var console = SerialConsole.Captured();
         _after.Add(console);
@@ -47,7 +47,7 @@ internal sealed class ScriptedVms(ActorSystem system) : IDisposable
                 : new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
                     _ => new Uart16550(NullInterruptLine.Instance, console.Write),
                     (_, state) => Uart16550.FromState((UartState)state, NullInterruptLine.Instance, console.Write)),
-            new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, 1, e => new DebugExit(e)),
+            PcPlatform.DebugExit(),
         };
         if (interruptPlatform) devices.AddRange(PcPlatform.InterruptControllersAndTimers(cpus, biosLikePic: true));
         if (extra is not null) devices.AddRange(extra);

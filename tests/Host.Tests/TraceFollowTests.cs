@@ -31,7 +31,7 @@ public sealed class TraceFollowTests : IAsyncLifetime
         _memory = VmspaceLayout.Build(4 << 20);
         _vcpu = new ScriptedVcpu(0);
         var recorder = new TraceRecorder();
-        _registration = MessageTraceRegistry.Register("/user/vm-traced", recorder);
+        _registration = MessageTraceRegistry.Register(_host, "/user/vm-traced", recorder);
         var devices = new List<DeviceSpec>
         {
             new("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length, _ => new Uart16550(NullInterruptLine.Instance, _ => { })),

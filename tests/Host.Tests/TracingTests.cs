@@ -141,14 +141,33 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
         var vmX = await Sys.ActorSelection("/user/vm-x").ResolveOne(TimeSpan.FromSeconds(3));
         var sink = new TraceRecorder();
 
-        using (MessageTraceRegistry.Register("/user/vm-x", sink))
+        using (MessageTraceRegistry.Register(Sys, "/user/vm-x", sink))
         {
-            Assert.Same(sink, MessageTraceRegistry.SinkFor(x));
-            Assert.Same(sink, MessageTraceRegistry.SinkFor(vmX));
-            Assert.Null(MessageTraceRegistry.SinkFor(y));
-            Assert.Null(MessageTraceRegistry.SinkFor(xy));
+            Assert.Same(sink, MessageTraceRegistry.SinkFor(Sys, x));
+            Assert.Same(sink, MessageTraceRegistry.SinkFor(Sys, vmX));
+            Assert.Null(MessageTraceRegistry.SinkFor(Sys, y));
+            Assert.Null(MessageTraceRegistry.SinkFor(Sys, xy));
         }
-        Assert.Null(MessageTraceRegistry.SinkFor(x));
+        Assert.Null(MessageTraceRegistry.SinkFor(Sys, x));
+    }
+
+    [Fact]
+    public async Task A_sink_belongs_to_one_actor_system_even_where_another_has_the_same_paths()
+    {
+        var sink = new TraceRecorder();
+        using var other = ActorSystem.Create(Sys.Name); // same name, same "/user/vm-same/uart0"
+        try
+        {
+            var mine = Child("vm-same", "uart0", CreateTestProbe());
+            var theirs = other.ActorOf(Props.Empty, "vm-same");
+            using var registration = MessageTraceRegistry.Register(Sys, "/user/vm-same", sink);
+            Assert.Same(sink, MessageTraceRegistry.SinkFor(Sys, mine));
+            Assert.Null(MessageTraceRegistry.SinkFor(other, theirs));
+        }
+        finally
+        {
+            await other.Terminate();
+        }
     }
 
     [Fact]
@@ -157,8 +176,8 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
         var probe = CreateTestProbe();
         var a = Child("vm-slash", "uart0", probe);
         var sink = new TraceRecorder();
-        using var registration = MessageTraceRegistry.Register("/user/vm-slash/", sink);
-        Assert.Same(sink, MessageTraceRegistry.SinkFor(a));
+        using var registration = MessageTraceRegistry.Register(Sys, "/user/vm-slash/", sink);
+        Assert.Same(sink, MessageTraceRegistry.SinkFor(Sys, a));
     }
 
     // ---- TracedMailbox ----
@@ -168,7 +187,7 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
     {
         var recorder = new TraceRecorder();
         var probe = CreateTestProbe();
-        using var registration = MessageTraceRegistry.Register("/user/traced", recorder);
+        using var registration = MessageTraceRegistry.Register(Sys, "/user/traced", recorder);
         var child = Child("traced", "child-name", probe,
             Props.Create(() => new Echo(probe.Ref)).WithMailbox(TracedMailboxType.Id));
 
@@ -191,7 +210,7 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
     {
         var recorder = new TraceRecorder();
         var probe = CreateTestProbe();
-        using var registration = MessageTraceRegistry.Register("/user/untraced", recorder);
+        using var registration = MessageTraceRegistry.Register(Sys, "/user/untraced", recorder);
         var child = Child("untraced", "child-name", probe);
         child.Tell(new DeviceProtocol.Write(1, 1, 0x55));
         probe.ExpectMsg<DeviceProtocol.Write>();

@@ -57,6 +57,45 @@ public sealed class VmActorTests : ScriptedVmTestKit
     }
 
     [Fact]
+    public async Task Vm_must_not_lose_output_the_guest_wrote_before_it_halted()
+    {
+        // A slow console (1 ms a byte): when the guest halts, most of its bytes still wait in the
+        // device's mailbox. The VM ends only after its devices handled what was sent to them.
+        var written = new System.Collections.Concurrent.ConcurrentQueue<byte>();
+        var rig = Start(1, new DeviceSpec("slow-console", DeviceProtocol.Space.Port, 0x2F8, 1, _ => new SlowConsole(written)));
+        rig.Vcpus[0].InterruptsEnabled = false;
+        var text = string.Concat(Enumerable.Repeat("0123456789", 20));
+        rig.Vcpus[0].Supply([.. text.Select(c => (VmExit)Out(0x2F8, c)), VmExit.Hlt.Instance]);
+
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.Halted, outcome.Kind);
+        Assert.Equal(text, System.Text.Encoding.ASCII.GetString(written.ToArray())); // every byte, when the VM has ended
+    }
+
+    private sealed class SlowConsole(System.Collections.Concurrent.ConcurrentQueue<byte> written) : IBusDevice
+    {
+        public ulong Read(ulong offset, int size) => 0;
+
+        public void Write(ulong offset, int size, ulong value)
+        {
+            Thread.Sleep(1);
+            written.Enqueue((byte)value);
+        }
+    }
+
+    [Fact]
+    public async Task Vm_must_end_with_the_debug_exit_status_even_when_the_guest_halts_right_after()
+    {
+        var rig = Start();
+        rig.Vcpus[0].InterruptsEnabled = false;
+        rig.Vcpus[0].Supply(Out(Platform.DebugExitPort, 2), VmExit.Hlt.Instance);
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.DebugExit, outcome.Kind);
+        Assert.Equal(5, outcome.ExitCode);
+        Assert.Equal(1, rig.Vcpus[0].Pending); // the HLT after the exit write never ran
+    }
+
+    [Fact]
     public async Task Vm_must_end_with_the_debug_exit_status_and_stop_every_vcpu()
     {
         var rig = Start();

@@ -86,14 +86,14 @@ public sealed class GuestTests
             a.mov(rdi, Results);
             for (var i = 0; i < 4; i++)
             {
-                a.mov(dx, 0x20);
+                a.mov(dx, 0x300); // a free ISA range (0x20 is the 8259's)
                 a.@in(eax, dx);
                 a.mov(__dword_ptr[rdi + i * 4], eax);
             }
             Halt(a);
         });
         await using var run = await GuestRun.RunAsync(image, devices:
-            new DeviceSpec("values", DeviceProtocol.Space.Port, 0x20, 4, _ => new RegisterDevice(0xC0DE_0000)));
+            new DeviceSpec("values", DeviceProtocol.Space.Port, 0x300, 4, _ => new RegisterDevice(0xC0DE_0000)));
         Assert.Equal(VmProtocol.OutcomeKind.Halted, run.Outcome.Kind);
         var memory = new byte[16];
         run.Vm.Memory.Read(new GuestPhysAddr(Results), memory);

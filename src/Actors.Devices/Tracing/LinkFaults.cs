@@ -128,30 +128,12 @@ public sealed class LinkFaultPlan
     }
 }
 
-/// <summary>Which VM (actor path prefix) has which link-fault plan.</summary>
+/// <summary>Which VM (actor system and actor path prefix) has which link-fault plan.</summary>
 public static class LinkFaultRegistry
 {
-    private static ImmutableList<(string Prefix, LinkFaultPlan Plan)> _plans = ImmutableList<(string, LinkFaultPlan)>.Empty;
+    private static readonly PathRegistry<LinkFaultPlan> Plans = new();
 
-    public static IDisposable Register(string pathPrefix, LinkFaultPlan plan)
-    {
-        var entry = (pathPrefix.TrimEnd('/') + "/", plan);
-        ImmutableInterlocked.Update(ref _plans, l => l.Add(entry));
-        return new Registration(entry);
-    }
+    public static IDisposable Register(ActorSystem system, string pathPrefix, LinkFaultPlan plan) => Plans.Register(system, pathPrefix, plan);
 
-    public static LinkFaultPlan? PlanFor(IActorRef owner)
-    {
-        var plans = _plans;
-        if (plans.IsEmpty) return null;
-        var path = owner.Path.ToStringWithoutAddress() + "/";
-        foreach (var (prefix, plan) in plans)
-            if (path.StartsWith(prefix, StringComparison.Ordinal)) return plan;
-        return null;
-    }
-
-    private sealed class Registration((string, LinkFaultPlan) entry) : IDisposable
-    {
-        public void Dispose() => ImmutableInterlocked.Update(ref _plans, l => l.Remove(entry));
-    }
+    public static LinkFaultPlan? PlanFor(ActorSystem system, IActorRef owner) => Plans.Find(system, owner);
 }

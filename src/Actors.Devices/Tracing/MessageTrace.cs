@@ -61,35 +61,46 @@ public static class TraceContext
 }
 
 /// <summary>
-/// Which trace sink watches which actors: a VM registers its sink for its actor path prefix
-/// before it creates its actors; a mailbox looks its sink up once, when it is created. With no
-/// sink registered a mailbox traces nothing and pays one null check per message.
+/// Which trace sink watches which actors: a VM registers its sink for its actor system and actor
+/// path prefix before it creates its actors; a mailbox looks its sink up once, when it is created.
+/// With no sink registered a mailbox traces nothing and pays one null check per message. (The
+/// system is part of the key: several actor systems in one process may each have a "/user/vm-guest".)
 /// </summary>
 public static class MessageTraceRegistry
 {
-    private static ImmutableList<(string Prefix, ITraceSink Sink)> _sinks = ImmutableList<(string, ITraceSink)>.Empty;
+    private static readonly PathRegistry<ITraceSink> Sinks = new();
 
     /// <param name="pathPrefix">an actor path without address, e.g. "/user/vm-demo"</param>
-    public static IDisposable Register(string pathPrefix, ITraceSink sink)
+    public static IDisposable Register(ActorSystem system, string pathPrefix, ITraceSink sink) => Sinks.Register(system, pathPrefix, sink);
+
+    public static ITraceSink? SinkFor(ActorSystem system, IActorRef owner) => Sinks.Find(system, owner);
+}
+
+/// <summary>Entries keyed by actor system and actor path prefix (the trace and link-fault registries).</summary>
+internal sealed class PathRegistry<T> where T : class
+{
+    private ImmutableList<(ActorSystem System, string Prefix, T Value)> _entries = ImmutableList<(ActorSystem, string, T)>.Empty;
+
+    public IDisposable Register(ActorSystem system, string pathPrefix, T value)
     {
-        var entry = (pathPrefix.TrimEnd('/') + "/", sink);
-        ImmutableInterlocked.Update(ref _sinks, l => l.Add(entry));
-        return new Registration(entry);
+        var entry = (system, pathPrefix.TrimEnd('/') + "/", value);
+        ImmutableInterlocked.Update(ref _entries, l => l.Add(entry));
+        return new Registration(this, entry);
     }
 
-    public static ITraceSink? SinkFor(IActorRef owner)
+    public T? Find(ActorSystem system, IActorRef owner)
     {
-        var sinks = _sinks;
-        if (sinks.IsEmpty) return null;
+        var entries = _entries;
+        if (entries.IsEmpty) return null;
         var path = owner.Path.ToStringWithoutAddress() + "/";
-        foreach (var (prefix, sink) in sinks)
-            if (path.StartsWith(prefix, StringComparison.Ordinal)) return sink;
+        foreach (var (s, prefix, value) in entries)
+            if (ReferenceEquals(s, system) && path.StartsWith(prefix, StringComparison.Ordinal)) return value;
         return null;
     }
 
-    private sealed class Registration((string, ITraceSink) entry) : IDisposable
+    private sealed class Registration(PathRegistry<T> registry, (ActorSystem, string, T) entry) : IDisposable
     {
-        public void Dispose() => ImmutableInterlocked.Update(ref _sinks, l => l.Remove(entry));
+        public void Dispose() => ImmutableInterlocked.Update(ref registry._entries, l => l.Remove(entry));
     }
 }
 
@@ -109,7 +120,7 @@ public sealed class TracedMailboxType(Settings settings, Config config)
         """;
 
     public override IMessageQueue Create(IActorRef owner, ActorSystem system) =>
-        new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(owner), LinkFaultRegistry.PlanFor(owner));
+        new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(system, owner), LinkFaultRegistry.PlanFor(system, owner));
 }
 
 /// <summary>

@@ -62,6 +62,25 @@ public static class PcPlatform
     }
 
     /// <summary>COM1 with its interrupt on ISA IRQ 4.</summary>
+    /// <summary>The QEMU-convention debug-exit port. Its writes end the machine, so vcpus wait for them.</summary>
+    public static DeviceSpec DebugExit() =>
+        new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, Platform.DebugExitLength, events => new DebugExit(events))
+        {
+            WaitForWrites = true,
+        };
+
+    /// <summary>The i8042 keyboard controller, ports 0x60 (offset 0) and 0x64 (offset 4) only: 0x61
+    /// belongs to the PIT (system control port B). Its command 0xFE resets the machine, so vcpus wait
+    /// for its writes.</summary>
+    public static DeviceSpec I8042() =>
+        new("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 1, events => new I8042(events),
+            (events, state) => ActorVmm.Devices.I8042.FromState((I8042State)state, events))
+        {
+            MoreRanges = [new DeviceRange(DeviceProtocol.Space.Port, Platform.I8042CommandPort, 1,
+                Platform.I8042CommandPort - Platform.I8042DataPort)],
+            WaitForWrites = true,
+        };
+
     public static DeviceSpec Com1(Action<byte> output) =>
         DeviceSpec.Wired("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
             c => new Uart16550(c.IsaIrq((int)Platform.Com1Gsi), output),

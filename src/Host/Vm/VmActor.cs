@@ -28,6 +28,9 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     private readonly HashSet<int> _haltedForever = [];
     private readonly HashSet<int> _stopped = [];
     private readonly List<IActorRef> _watchers = [];
+    private readonly List<IActorRef> _devices = [];
+    /// <summary>Devices that have not yet answered the drain (null: not draining).</summary>
+    private HashSet<IActorRef>? _draining;
     private Phase _phase = Phase.Created;
     private Outcome? _outcome;
 
@@ -116,9 +119,17 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             }
             // A device or the vmspace gone for good (it kept failing): reads to it would never be
             // answered, so the VM cannot go on.
+            _gone.Add(t.ActorRef);
+            if (_draining is not null && _draining.Remove(t.ActorRef) && _draining.Count == 0) Finish();
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"{name} failed and was stopped{why}"));
         });
         Receive<EndTimeout>(_ => Finish());
+        Receive<DeviceProtocol.Stats>(_ =>
+        {
+            if (_draining is null) return;
+            _draining.Remove(Sender);
+            if (_draining.Count == 0) Finish();
+        });
     }
 
     /// <summary>Supervision: a device restarts from its last state record (at most
@@ -208,6 +219,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             var device = Context.ActorOf(Mailbox(props), spec.Name);
             Context.Watch(device);
             devices.Add((spec, device));
+            _devices.Add(device);
             if (spec.Name == PcPlatform.IoApicName) interrupts.IoApic = device;
             else if (spec.Name == PcPlatform.PicName) interrupts.Pic = device;
         }
@@ -220,7 +232,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             var mmio = AddressBus<DeviceRoute>.Empty;
             foreach (var (spec, actor) in devices)
             {
-                var route = new DeviceRoute(spec.Name, actor);
+                var route = new DeviceRoute(spec.Name, actor, spec.WaitForWrites);
                 foreach (var range in spec.Ranges)
                 {
                     var windowed = route.WithWindow(range.Window); // every window shares the route's write window
@@ -274,10 +286,25 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         TryFinish();
     }
 
+    /// <summary>
+    /// Once every vcpu has stopped, the devices drain: each handles what is already in its mailbox
+    /// (the guest's last UART bytes, posted before it halted or exited) before the VM ends and its
+    /// actors stop. A device's reply to <see cref="DeviceProtocol.GetStats"/> comes after all of that.
+    /// </summary>
     private void TryFinish()
     {
-        if (_outcome is not null && _stopped.Count == _vcpus.Count) Finish();
+        if (_outcome is null || _stopped.Count != _vcpus.Count || _draining is not null || _phase == Phase.Ended) return;
+        var alive = _devices.Where(d => !_gone.Contains(d)).ToList();
+        if (alive.Count == 0)
+        {
+            Finish();
+            return;
+        }
+        _draining = [.. alive];
+        foreach (var d in alive) d.Tell(DeviceProtocol.GetStats.Instance);
     }
+
+    private readonly HashSet<IActorRef> _gone = [];
 
     private void Finish()
     {

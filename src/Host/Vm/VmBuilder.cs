@@ -33,15 +33,8 @@ public sealed class VmBuilder
     public VmBuilder WithStandardDevices(SerialConsole console)
     {
         AddDevice(PcPlatform.Com1(console.Write));
-        AddDevice(new DeviceSpec("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, Platform.DebugExitLength,
-            events => new DebugExit(events)));
-        // Ports 0x60 (offset 0) and 0x64 (offset 4) only: 0x61 belongs to the PIT (system control port B).
-        AddDevice(new DeviceSpec("i8042", DeviceProtocol.Space.Port, Platform.I8042DataPort, 1, events => new I8042(events),
-            (events, state) => I8042.FromState((I8042State)state, events))
-        {
-            MoreRanges = [new DeviceRange(DeviceProtocol.Space.Port, Platform.I8042CommandPort, 1,
-                Platform.I8042CommandPort - Platform.I8042DataPort)],
-        });
+        AddDevice(PcPlatform.DebugExit());
+        AddDevice(PcPlatform.I8042());
         return this;
     }
 
@@ -97,7 +90,7 @@ public sealed class VmBuilder
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
                 LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }), Paging: _spec.Paging);
             if (_trace is not null)
-                traceRegistration = MessageTraceRegistry.Register($"/user/{name}", _trace);
+                traceRegistration = MessageTraceRegistry.Register(_system, $"/user/{name}", _trace);
             var actor = _system.ActorOf(
                 _trace is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);

@@ -39,6 +39,10 @@ public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong B
 
     public IReadOnlyList<DeviceRange> MoreRanges { get; init; } = [];
 
+    /// <summary>Vcpus wait for each write instead of posting it: for devices whose writes can end
+    /// the machine (debug-exit, the i8042 reset line), so the guest runs nothing after such a write.</summary>
+    public bool WaitForWrites { get; init; }
+
     /// <summary>When set, builds the model instead of <see cref="Factory"/>.</summary>
     public Func<DeviceContext, IBusDevice>? WiredFactory { get; init; }
 
