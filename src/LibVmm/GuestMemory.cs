@@ -222,12 +222,14 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
     }
 
     /// <summary>Registers every segment with KVM as a memslot (slot numbers in map order).</summary>
-    public void RegisterWith(VmHandle vm)
+    /// <param name="logDirty">KVM logs guest writes to the writable slots (<see cref="VmHandle.GetDirtyLog"/>)</param>
+    public void RegisterWith(VmHandle vm, bool logDirty = false)
     {
         for (var i = 0; i < _segments.Count; i++)
         {
             var s = _segments[i];
-            vm.SetUserMemoryRegion((uint)i, s.Base, s.Size, s.Backing.GuestView + (nint)s.BackingOffset, s.ReadOnly);
+            vm.SetUserMemoryRegion((uint)i, s.Base, s.Size, s.Backing.GuestView + (nint)s.BackingOffset, s.ReadOnly,
+                logDirty && !s.ReadOnly);
         }
     }
 

@@ -22,7 +22,9 @@ internal static class KvmIoctl
 
     // VM ioctls.
     public static readonly nuint CreateVcpu = Io(0x41);
+    public static readonly nuint GetDirtyLog = Iow(0x42, 16);
     public static readonly nuint SetUserMemoryRegion = Iow(0x46, 32);
+    public static readonly nuint ClearDirtyLog = Iowr(0xC0, 24);
     public static readonly nuint SetTssAddr = Io(0x47);
     public static readonly nuint SetIdentityMapAddr = Iow(0x48, 8);
     public static readonly nuint EnableCap = Iow(0xA3, 104);
@@ -61,6 +63,7 @@ public enum KvmCap : uint
     MaxVcpus = 66,
     ReadonlyMem = 81,
     SplitIrqchip = 121,
+    ManualDirtyLogProtect2 = 168,
 }
 
 /// <summary>KVM_EXIT_* reasons.</summary>

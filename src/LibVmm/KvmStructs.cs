@@ -79,6 +79,25 @@ public struct KvmUserspaceMemoryRegion
     public const uint ReadOnly = 2;
 }
 
+/// <summary><c>struct kvm_dirty_log</c>, 16 bytes: a slot and the user buffer for its bitmap.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct KvmDirtyLog
+{
+    public uint Slot;
+    public uint Padding;
+    public ulong DirtyBitmap;
+}
+
+/// <summary><c>struct kvm_clear_dirty_log</c>, 24 bytes (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct KvmClearDirtyLog
+{
+    public uint Slot;
+    public uint NumPages;
+    public ulong FirstPage;
+    public ulong DirtyBitmap;
+}
+
 /// <summary><c>struct kvm_cpuid_entry2</c>, 40 bytes.</summary>
 [StructLayout(LayoutKind.Sequential)]
 public struct KvmCpuidEntry2

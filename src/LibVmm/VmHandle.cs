@@ -26,12 +26,14 @@ public sealed unsafe class VmHandle : IDisposable
     }
 
     /// <summary>KVM_SET_USER_MEMORY_REGION. A size of 0 deletes the slot.</summary>
-    public void SetUserMemoryRegion(uint slot, GuestPhysAddr guestAddress, ulong size, nint hostAddress, bool readOnly = false)
+    /// <param name="logDirty">KVM logs the guest's writes to the slot (read with <see cref="GetDirtyLog"/>)</param>
+    public void SetUserMemoryRegion(uint slot, GuestPhysAddr guestAddress, ulong size, nint hostAddress, bool readOnly = false,
+        bool logDirty = false)
     {
         var region = new KvmUserspaceMemoryRegion
         {
             Slot = slot,
-            Flags = readOnly ? KvmUserspaceMemoryRegion.ReadOnly : 0,
+            Flags = (readOnly ? KvmUserspaceMemoryRegion.ReadOnly : 0) | (logDirty ? KvmUserspaceMemoryRegion.LogDirtyPages : 0),
             GuestPhysAddr = guestAddress.Value,
             MemorySize = size,
             UserspaceAddr = (ulong)hostAddress,
@@ -46,6 +48,70 @@ public sealed unsafe class VmHandle : IDisposable
         var c = new KvmEnableCap { Cap = (uint)cap };
         c.Args[0] = arg0;
         if (Native.Ioctl(_fd, KvmIoctl.EnableCap, &c) < 0) throw KvmException.Last($"KVM_ENABLE_CAP({cap})");
+    }
+
+    /// <summary>Whether <see cref="EnableManualDirtyLogProtect"/> was done: <see cref="GetDirtyLog"/>
+    /// then leaves pages writable until <see cref="ClearDirtyLog"/>.</summary>
+    public bool ManualDirtyLogProtect { get; private set; }
+
+    /// <summary>
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: reading the dirty log no longer write-protects the pages it
+    /// reports; <see cref="ClearDirtyLog"/> does, for the pages it is given (a harvest can re-arm part
+    /// of a slot). Must come before any slot logs dirty pages. Without INITIALLY_SET a fresh slot
+    /// starts clean and write-protected, as with the classic log.
+    /// </summary>
+    public void EnableManualDirtyLogProtect()
+    {
+        const ulong manualProtectEnable = 1;
+        EnableCap(KvmCap.ManualDirtyLogProtect2, manualProtectEnable);
+        ManualDirtyLogProtect = true;
+    }
+
+    /// <summary>
+    /// KVM_GET_DIRTY_LOG: one bit per 4 KiB page of the slot, set for pages the guest wrote since the
+    /// last harvest (bit i of word i/64 is page i). Without manual protection this also re-arms the
+    /// whole slot; with it, see <see cref="ClearDirtyLog"/>.
+    /// </summary>
+    public ulong[] GetDirtyLog(uint slot, ulong pages)
+    {
+        var bitmap = new ulong[(pages + 63) / 64];
+        fixed (ulong* p = bitmap)
+        {
+            var log = new KvmDirtyLog { Slot = slot, DirtyBitmap = (ulong)p };
+            if (Native.Ioctl(_fd, KvmIoctl.GetDirtyLog, &log) < 0) throw KvmException.Last($"KVM_GET_DIRTY_LOG(slot {slot})");
+        }
+        return bitmap;
+    }
+
+    /// <summary>
+    /// KVM_CLEAR_DIRTY_LOG: write-protects again the pages set in <paramref name="bitmap"/> (bit i =
+    /// page <paramref name="firstPage"/> + i) and clears them in the log. <paramref name="firstPage"/>
+    /// is a multiple of 64, and <paramref name="pages"/> too unless the range ends the slot.
+    /// </summary>
+    public void ClearDirtyLog(uint slot, ulong firstPage, uint pages, ulong[] bitmap)
+    {
+        if ((ulong)bitmap.Length * 64 < pages) throw new ArgumentException($"a bitmap of {bitmap.Length} words is short of {pages} pages", nameof(bitmap));
+        fixed (ulong* p = bitmap)
+        {
+            var clear = new KvmClearDirtyLog { Slot = slot, FirstPage = firstPage, NumPages = pages, DirtyBitmap = (ulong)p };
+            if (Native.Ioctl(_fd, KvmIoctl.ClearDirtyLog, &clear) < 0)
+                throw KvmException.Last($"KVM_CLEAR_DIRTY_LOG(slot {slot}, pages {firstPage}+{pages})");
+        }
+    }
+
+    /// <summary>The page numbers (relative to the slot) set in a dirty bitmap, ascending.</summary>
+    public static IEnumerable<ulong> DirtyPages(ulong[] bitmap)
+    {
+        for (var w = 0; w < bitmap.Length; w++)
+        {
+            var word = bitmap[w];
+            while (word != 0)
+            {
+                var bit = global::System.Numerics.BitOperations.TrailingZeroCount(word);
+                yield return (ulong)w * 64 + (ulong)bit;
+                word &= word - 1;
+            }
+        }
     }
 
     /// <summary>KVM_CREATE_VCPU, maps its kvm_run page and applies the CPUID policy.</summary>

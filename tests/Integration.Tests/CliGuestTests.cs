@@ -64,7 +64,7 @@ public sealed partial class CliGuestTests : IDisposable
     public async Task Demo_prints_the_greeting_and_its_message_trace_and_exits_0()
     {
         KvmRequirement.Check();
-        var (code, stdout, stderr) = await Finish(Start("demo"), TimeSpan.FromSeconds(180));
+        var (code, stdout, stderr) = await Finish(Start("demo"), TimeSpan.FromSeconds(300));
         Assert.True(code == 0, stderr);
         Assert.Contains(DemoGuest.Greeting, stdout);
         Assert.Contains("message trace", stdout);
@@ -89,7 +89,7 @@ public sealed partial class CliGuestTests : IDisposable
         // Wait until the guest has run (its byte reached the serial file), then interrupt. (A slow
         // machine may take long to start the host process: a SIGINT before its handler is installed
         // would kill it without the clean stop this test is about.)
-        var deadline = DateTime.UtcNow.AddSeconds(180);
+        var deadline = DateTime.UtcNow.AddSeconds(300);
         while (DateTime.UtcNow < deadline && !p.HasExited && !(File.Exists(Path.Combine(_dir, "serial.txt")) &&
                                                File.ReadAllText(Path.Combine(_dir, "serial.txt")).Contains('S')))
             await Task.Delay(50);
@@ -120,7 +120,7 @@ public sealed partial class CliGuestTests : IDisposable
         var serial = Path.Combine(_dir, "serial.txt");
         var trace = Path.Combine(_dir, "trace.jsonl");
         var (code, stdout, stderr) = await Finish(
-            Start("run", "--flat", image, "--load-address", "0x7C00", "--serial", serial, "--trace", trace), TimeSpan.FromSeconds(180));
+            Start("run", "--flat", image, "--load-address", "0x7C00", "--serial", serial, "--trace", trace), TimeSpan.FromSeconds(300));
         Assert.True(code == 9, $"exit {code}: {stderr}");
         Assert.Equal("", stdout);
         Assert.Equal("ok\n", File.ReadAllText(serial));

@@ -82,7 +82,7 @@ public sealed class PagingGuestTests
         var image = new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
         var swap = Path.Combine(Path.GetTempPath(), $"actorvmm-test-{Guid.NewGuid():N}.swap");
 
-        await using var run = await GuestRun.RunAsync(image, 48 << 20, 1, TimeSpan.FromSeconds(120),
+        await using var run = await GuestRun.RunAsync(image, 48 << 20, 1, TimeSpan.FromSeconds(600),
             VmspaceOptions.Paged(swap, residentLimitBytes: 8 << 20));
         Assert.Equal(1, run.Outcome.ExitCode);
         var paging = await Paging(run);

@@ -74,6 +74,8 @@ public sealed class StructLayoutTests
         AssertSize<KvmCpuidEntry2>(40);
         AssertSize<KvmMsrEntry>(16);
         AssertSize<KvmEnableCap>(104);
+        AssertSize<KvmDirtyLog>(16);
+        AssertSize<KvmClearDirtyLog>(24);
     }
 
     [Fact]
@@ -135,6 +137,8 @@ public sealed class StructLayoutTests
     [InlineData(nameof(KvmIoctl.SetIdentityMapAddr), 1074310728ul)]
     [InlineData(nameof(KvmIoctl.X86SetMsrFilter), 1099476678ul)]
     [InlineData(nameof(KvmIoctl.GetMsrIndexList), 3221532162ul)]
+    [InlineData(nameof(KvmIoctl.GetDirtyLog), 1074835010ul)]
+    [InlineData(nameof(KvmIoctl.ClearDirtyLog), 3222843072ul)]
     public void Ioctl_number_matches_the_kernel_header(string name, ulong expected)
     {
         var field = typeof(KvmIoctl).GetField(name, BindingFlags.Public | BindingFlags.Static);
