@@ -1,0 +1,86 @@
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Host;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using ActorVmm.Testing;
+using Iced.Intel;
+using Xunit;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace ActorVmm.Integration.Tests;
+
+/// <summary>Faults injected into a VM while a real guest runs on KVM.</summary>
+public sealed class FaultGuestTests
+{
+    private const ulong Code = 0x10_0000;
+    private const int Bytes = 10_000;
+
+    /// <summary>Prints byte i % 251 for i in 0..9999 through COM1, waiting for THR empty (LSR bit 5)
+    /// before each byte as a driver does, then exits through debug-exit with status 1.</summary>
+    private static LongModeImage Printer()
+    {
+        var a = new Assembler(64);
+        var next = a.CreateLabel();
+        var wait = a.CreateLabel();
+        a.xor(ecx, ecx);                 // i
+        a.Label(ref next);
+        a.mov(dx, 0x3FD);                // LSR
+        a.Label(ref wait);
+        a.@in(al, dx);
+        a.test(al, 0x20);
+        a.jz(wait);
+        a.mov(eax, ecx);
+        a.xor(edx, edx);
+        a.mov(ebx, 251);
+        a.div(ebx);                      // edx = i % 251
+        a.mov(eax, edx);
+        a.mov(dx, 0x3F8);
+        a.@out(dx, al);
+        a.inc(ecx);
+        a.cmp(ecx, Bytes);
+        a.jb(next);
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+        a.cli();
+        a.hlt();
+        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
+    }
+
+    [KvmFact]
+    public async Task A_uart_crashed_while_the_guest_prints_10000_bytes_loses_none_and_doubles_none()
+    {
+        KvmRequirement.Check();
+        var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
+        try
+        {
+            using var console = SerialConsole.Captured();
+            await using var vm = new VmBuilder(system, new VmSpec("printer", 16 << 20, 1, Printer())).WithStandardDevices(console).Start();
+            await vm.Actor.Ask<VmProtocol.Status>(VmProtocol.GetStatus.Instance, TimeSpan.FromSeconds(10)); // its devices exist now
+            var uart = await system.ActorSelection(vm.Actor.Path / "uart0").ResolveOne(TimeSpan.FromSeconds(10));
+
+            // Crash it twice in the middle of the output.
+            foreach (var after in new[] { 2_000, 6_000 })
+            {
+                var deadline = DateTime.UtcNow.AddMinutes(5);
+                while (console.BytesWritten < after && !vm.Ended.IsCompleted && DateTime.UtcNow < deadline) await Task.Delay(10);
+                Assert.False(vm.Ended.IsCompleted, $"the guest ended before {after} bytes");
+                uart.Tell(new FaultProtocol.Crash($"after {console.BytesWritten} bytes"));
+            }
+
+            var outcome = await vm.WaitAsync(TimeSpan.FromMinutes(10));
+            Assert.Equal(VmProtocol.OutcomeKind.DebugExit, outcome.Kind);
+            Assert.Equal(1, outcome.ExitCode);
+            var expected = Enumerable.Range(0, Bytes).Select(i => (byte)(i % 251)).ToArray();
+            Assert.Equal(expected, console.CapturedBytes());
+            var health = await uart.Ask<DeviceProtocol.Health>(DeviceProtocol.GetHealth.Instance, TimeSpan.FromSeconds(10));
+            Assert.Equal((2, 2), (health.Restarts, health.RestoredFromState));
+        }
+        finally
+        {
+            await system.Terminate();
+        }
+    }
+}
