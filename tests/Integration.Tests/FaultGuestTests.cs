@@ -83,4 +83,41 @@ public sealed class FaultGuestTests
             await system.Terminate();
         }
     }
+
+    [KvmFact]
+    public async Task A_crashed_vcpu_actor_stops_the_vm_with_a_report_naming_it()
+    {
+        KvmRequirement.Check();
+        var a = new Assembler(64);
+        var spin = a.CreateLabel();
+        a.mov(dx, 0x3F8);
+        a.mov(al, (byte)'R');
+        a.@out(dx, al);
+        a.Label(ref spin);
+        a.jmp(spin);
+        var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
+        try
+        {
+            using var console = SerialConsole.Captured();
+            await using var vm = new VmBuilder(system, new VmSpec("spinner", 16 << 20, 1,
+                new LongModeImage(GuestCode.Assemble(a, Code), Code, Code))).WithStandardDevices(console).Start();
+            await vm.Actor.Ask<VmProtocol.Status>(VmProtocol.GetStatus.Instance, TimeSpan.FromSeconds(10));
+            var vcpu = await system.ActorSelection(vm.Actor.Path / "vcpu-0").ResolveOne(TimeSpan.FromSeconds(10));
+            var deadline = DateTime.UtcNow.AddMinutes(5);
+            while (console.BytesWritten == 0 && DateTime.UtcNow < deadline) await Task.Delay(10); // it is spinning in the guest now
+
+            vcpu.Tell(new FaultProtocol.Crash("test"));
+
+            var outcome = await vm.WaitAsync(TimeSpan.FromMinutes(2));
+            Assert.Equal(VmProtocol.OutcomeKind.VcpuError, outcome.Kind);
+            Assert.Equal(VmProtocol.Outcome.VcpuErrorCode, outcome.ExitCode);
+            Assert.Contains("vcpu-0 (vcpu 0) failed and was stopped", outcome.Detail);
+            Assert.Contains("injected fault: test", outcome.Detail);
+            Assert.Equal("R", console.CapturedText());
+        }
+        finally
+        {
+            await system.Terminate();
+        }
+    }
 }
