@@ -94,7 +94,7 @@ fetch() {
 if ! kernel_ok; then
   if ! ls dl/linux-image-*.deb >/dev/null 2>&1; then
     fetch download_kernel || { cat dl/dl.log >&2 2>/dev/null || true
-                               die "cannot download a Debian kernel package (linux-image-6.12-amd64 / linux-image-amd64)"; }
+                               die "cannot download a Debian kernel package (${KVMBOX_KERNEL_PKG:-linux-image-6.12-amd64 or linux-image-amd64})"; }
   fi
   tmp=$(mktemp -d "$CACHE/kernel.tmp.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT

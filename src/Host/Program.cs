@@ -31,7 +31,9 @@ namespace ActorVmm.Host
             }
             try
             {
-                return await parse.InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+                // Signals are the commands' own business (run and demo stop the VM cleanly, which can
+                // take seconds on a slow host): no forced exit two seconds after a Ctrl-C.
+                return await parse.InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = null });
             }
             catch (Exception e) when (e is ConfigException or BootException or VmBuildException or Control.ControlException)
             {
