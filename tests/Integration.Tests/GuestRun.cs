@@ -36,14 +36,19 @@ public sealed class GuestRun : IAsyncDisposable
     public static Task<GuestRun> RunAsync(BootImage boot, ulong memory = 16 << 20, int cpus = 1,
         TimeSpan? timeout = null, params DeviceSpec[] devices) => RunAsync(boot, memory, cpus, timeout, null, devices);
 
+    public static Task<GuestRun> RunAsync(BootImage boot, ulong memory, int cpus, TimeSpan? timeout,
+        ActorVmm.Memory.VmspaceOptions? paging, params DeviceSpec[] devices) =>
+        RunAsync(boot, memory, cpus, timeout, paging, LapicMode.Emulated, devices);
+
+    /// <summary>Runs a guest with the local APICs of <paramref name="lapic"/> (emulated or KVM-assisted).</summary>
     public static async Task<GuestRun> RunAsync(BootImage boot, ulong memory, int cpus, TimeSpan? timeout,
-        ActorVmm.Memory.VmspaceOptions? paging, params DeviceSpec[] devices)
+        ActorVmm.Memory.VmspaceOptions? paging, LapicMode lapic, params DeviceSpec[] devices)
     {
         KvmRequirement.Check();
         var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
         var console = SerialConsole.Captured();
         var trace = new TraceRecorder();
-        var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot, Paging: paging)).WithStandardDevices(console).WithTrace(trace);
+        var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot, Lapic: lapic, Paging: paging)).WithStandardDevices(console).WithTrace(trace);
         foreach (var d in devices) builder.AddDevice(d);
         RunningVm vm;
         try

@@ -56,3 +56,13 @@ public sealed class KvmFactAttribute : FactAttribute
         if (KvmRequirement.SkipReason is { } reason) Skip = reason;
     }
 }
+
+/// <summary>A theory that needs a usable /dev/kvm, with the same skip/require rules as <see cref="KvmFactAttribute"/>.</summary>
+[AttributeUsage(AttributeTargets.Method, AllowMultiple = false)]
+public sealed class KvmTheoryAttribute : TheoryAttribute
+{
+    public KvmTheoryAttribute()
+    {
+        if (KvmRequirement.SkipReason is { } reason) Skip = reason;
+    }
+}
