@@ -28,7 +28,10 @@ public static class ApicRouterProtocol
         public IActorRef IoApic { get => _ioApic; set => _ioApic = value; }
     }
 
-    public static Props Props(Targets targets) => Akka.Actor.Props.Create(() => new ApicRouter(targets));
+    /// <param name="kernel">with in-kernel local APICs (KvmAssisted): the IOAPIC's messages go there
+    /// as MSIs instead of to the vlapic actors</param>
+    public static Props Props(Targets targets, IKernelApicBus? kernel = null) =>
+        Akka.Actor.Props.Create(() => new ApicRouter(targets, kernel));
 }
 
 /// <summary>
@@ -51,20 +54,55 @@ public static class ApicRouterProtocol
 internal sealed class ApicRouter : ReceiveActor
 {
     private readonly ApicRouterProtocol.Targets _targets;
+    private readonly IKernelApicBus? _kernel;
     private int _lowestPriorityStart;
 
-    public ApicRouter(ApicRouterProtocol.Targets targets)
+    /// <summary>Level-triggered messages seen, oldest first: their routes make KVM report the EOIs.</summary>
+    private readonly List<(ulong Address, uint Data)> _levelRoutes = [];
+
+    public ApicRouter(ApicRouterProtocol.Targets targets, IKernelApicBus? kernel = null)
     {
         _targets = targets;
+        _kernel = kernel;
         Receive<Ipi>(OnIpi);
         Receive<ApicMessage>(m =>
         {
+            if (_kernel is not null)
+            {
+                ToKernel(m);
+                return;
+            }
             var to = new Destination(m.LogicalDestination ? DestinationMode.Logical : DestinationMode.Physical, m.Destination);
             var deliver = new DeliverInterrupt(m.Vector, m.Level, m.LevelTriggered ? TriggerMode.Level : TriggerMode.Edge,
                 (DeliveryMode)m.Mode, to);
             Route(deliver, to);
         });
         Receive<LevelEoi>(e => _targets.IoApic.Tell(new DeviceProtocol.EndOfInterrupt(e.Vector), Self));
+    }
+
+    /// <summary>
+    /// In-kernel APICs: one MSI, whose destination the kernel matches. A level-triggered message
+    /// first gets a route (if it has none yet), so that the kernel APIC's EOI of its vector comes
+    /// back as KVM_EXIT_IOAPIC_EOI; the route is in place before the interrupt can be taken. At
+    /// most 24 routes are kept (the IOAPIC's pins): the oldest gives way.
+    /// </summary>
+    private void ToKernel(ApicMessage m)
+    {
+        if (!m.Level) return; // a deassert message (only a level INIT has one) means nothing to KVM
+        var mode = m.LogicalDestination ? DestinationMode.Logical : DestinationMode.Physical;
+        var trigger = m.LevelTriggered ? TriggerMode.Level : TriggerMode.Edge;
+        var address = MsiEncoding.Address(m.Destination, mode);
+        if (m.LevelTriggered)
+        {
+            var route = (address, MsiEncoding.Data(m.Vector, (DeliveryMode)m.Mode, level: true, trigger));
+            if (!_levelRoutes.Contains(route))
+            {
+                if (_levelRoutes.Count == MsiEncoding.IoApicRoutes) _levelRoutes.RemoveAt(0);
+                _levelRoutes.Add(route);
+                _kernel!.SetLevelRoutes(_levelRoutes);
+            }
+        }
+        _kernel!.SignalMsi(address, MsiEncoding.Data(m.Vector, (DeliveryMode)m.Mode, m.Level, trigger));
     }
 
     private void OnIpi(Ipi ipi)

@@ -9,7 +9,7 @@ public enum LapicBackendKind
     Emulated,
 
     /// <summary>KVM split irqchip: the LAPIC lives in the kernel; interrupts go in with
-    /// KVM_SIGNAL_MSI, level EOIs come back as KVM_EXIT_IOAPIC_EOI. Not implemented yet.</summary>
+    /// KVM_SIGNAL_MSI, level EOIs come back as KVM_EXIT_IOAPIC_EOI (<see cref="KvmAssistedLapicBackend"/>).</summary>
     KvmAssisted,
 }
 
@@ -19,36 +19,19 @@ public enum LapicBackendKind
 /// vlapic_ops only when the hardware can. The actor has one code path for every kind:
 /// <list type="bullet">
 /// <item><b>Emulated</b> (<see cref="EmulatedLapicBackend"/>): everything below is the model.</item>
-/// <item><b>KvmAssisted</b> (to come): guest MMIO/MSR accesses never exit to user space, so the
-/// access methods are unused; <see cref="Deliver"/> issues KVM_SIGNAL_MSI; <see cref="Eoi"/>
-/// turns a KVM_EXIT_IOAPIC_EOI into <see cref="ILapicEvents.LevelEoi"/>;
-/// <see cref="PendingInterrupt"/> is always null (the kernel injects: no <c>InterruptPending</c>,
-/// no kick — the posted-interrupt style of issue 3 §3); the timer is in the kernel
-/// (<see cref="ITimedDevice.NextDeadline"/> null); <see cref="State"/> comes from KVM_GET_LAPIC,
-/// whose 1 KiB register image has the same offsets as the Apic Page.</item>
+/// <item><b>KvmAssisted</b> (<see cref="KvmAssistedLapicBackend"/>): the kernel's local APIC
+/// (KVM_CAP_SPLIT_IRQCHIP). Guest MMIO/MSR accesses never exit to user space, so the access
+/// methods are unused; <see cref="Deliver"/> is KVM_SIGNAL_MSI; <see cref="Eoi"/> turns a
+/// KVM_EXIT_IOAPIC_EOI into <see cref="ILapicEvents.LevelEoi"/>; <see cref="PendingInterrupt"/> is
+/// always null (the kernel injects: no <c>InterruptPending</c>, no kick: the posted-interrupt style
+/// of issue 3 §3); the timer is in the kernel (<see cref="ITimedDevice.NextDeadline"/> null); the
+/// state is KVM_GET_LAPIC's, read by the vcpu between two runs. The VM builder enables the split
+/// irqchip before creating vcpus and installs no MSR filter for the APIC MSRs; the IOAPIC's
+/// messages go to the kernel as one MSI each through the router (the kernel matches logical
+/// destinations and arbitrates lowest priority); IPIs, INIT/SIPI and HLT never leave the kernel.</item>
 /// </list>
 /// Generic checks (vector legality, destination matching) happen in the backend so that an
 /// assisted one can keep them where the kernel already does them.
-///
-/// What the KvmAssisted backend needs (config <c>lapic = assisted</c> is refused by the VM
-/// builder until then; this host's KVM has no AVIC/posted interrupts, DESIGN §4):
-/// <list type="number">
-/// <item>VM setup: KVM_CREATE_VM, then KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP, args[0] = 24 IOAPIC
-/// routes) before any vcpu exists; no user-space MSR filter for 0x800-0x8FF/0x6E0/0x1B (the
-/// kernel LAPIC owns them); the vcpus' MMIO buses lose the 0xFEE00000 route.</item>
-/// <item>Delivery: <see cref="Deliver"/> turns each message into KVM_SIGNAL_MSI (address
-/// 0xFEE00000 | dest &lt;&lt; 12 | dest-mode &lt;&lt; 2, data = vector | mode &lt;&lt; 8 | trigger
-/// &lt;&lt; 15), issued on the VM fd (any thread); IOAPIC pins can use KVM_SET_GSI_ROUTING +
-/// KVM_IRQ_LINE instead. INIT/SIPI are then handled by KVM (KVM_GET/SET_MP_STATE), so the vcpu
-/// actor must not keep its own wait-for-SIPI state in this mode.</item>
-/// <item>EOI: KVM_EXIT_IOAPIC_EOI (exit reason 26, eoi.vector) decoded in LibVmm and handed to
-/// the vcpu's vlapic as <c>EndOfInterrupt</c> → <see cref="Eoi"/> → LevelEoi to the IOAPIC; the
-/// routes of level-triggered pins must be marked in KVM_IOAPIC_EOI-enabled form.</item>
-/// <item>PIC: ExtINT through the kernel LAPIC's LINT0 needs KVM_INTERRUPT with
-/// ready_for_interrupt_injection as today (split irqchip keeps the PIC in user space).</item>
-/// <item>State: KVM_GET_LAPIC / KVM_SET_LAPIC (1 KiB image, Apic Page offsets) for
-/// <see cref="State"/> / <see cref="Restore"/>; the timer stays in the kernel.</item>
-/// </list>
 /// </summary>
 public interface ILapicBackend : ITimedDevice
 {
@@ -99,6 +82,10 @@ public static class LapicBackends
     public static LapicBackendFactory Emulated(LapicOptions? options = null) =>
         (vcpuId, events, clock) => new EmulatedLapicBackend(
             new LocalApic((uint)vcpuId, events, clock, options, bsp: vcpuId == 0));
+
+    /// <summary>Local APICs in the kernel (KVM split irqchip), reached through <paramref name="bus"/>.</summary>
+    public static LapicBackendFactory KvmAssisted(IKernelApicBus bus) =>
+        (vcpuId, events, _) => new KvmAssistedLapicBackend(vcpuId, bus, events);
 }
 
 /// <summary>The software path: every verb is the <see cref="LocalApic"/> model's.</summary>

@@ -129,9 +129,19 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             _apic.OnDeadline();
             Changed();
         });
-        Receive<GetState>(_ => Sender.Tell(new StateReply(_vcpuId, _apic.State())));
+        Receive<GetState>(_ =>
+        {
+            // An in-kernel APIC is read by its vcpu, between two runs (the vcpu owns the fd's mutex in KVM_RUN).
+            if (_apic.Kind == LapicBackendKind.KvmAssisted) _cell.Vcpu.Forward(new ReadKernelLapic(_vcpuId));
+            else Sender.Tell(new StateReply(_vcpuId, _apic.State()));
+        });
         Receive<RestoreState>(r =>
         {
+            if (_apic.Kind == LapicBackendKind.KvmAssisted)
+            {
+                _cell.Vcpu.Forward(new WriteKernelLapic(_vcpuId, r.State));
+                return;
+            }
             _apic.Restore(r.State);
             _reported = null;
             Sender.Tell(new StateRestored(_vcpuId));
@@ -142,7 +152,8 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
-        try { _cell.State = _apic.State(); }
+        // An in-kernel APIC keeps its state through the restart; a model saves its own.
+        try { _cell.State = _apic.Kind == LapicBackendKind.KvmAssisted ? null : _apic.State(); }
         catch (Exception) { _cell.State = null; } // a model too broken to save restarts from reset
 
         foreach (var (sender, n) in _uncredited)

@@ -132,6 +132,14 @@ public static class VlapicProtocol
 
     public sealed record StateReply(int VcpuId, LapicState State) : IVlapicMessage;
 
+    /// <summary>To the vcpu of an in-kernel APIC (KvmAssisted), forwarded by its vlapic: read
+    /// KVM_GET_LAPIC between two runs and answer <see cref="StateReply"/> to the original sender.</summary>
+    public sealed record ReadKernelLapic(int VcpuId) : IVlapicMessage;
+
+    /// <summary>To the vcpu of an in-kernel APIC, forwarded by its vlapic: KVM_SET_LAPIC from the
+    /// first 1 KiB of the page, then answer <see cref="StateRestored"/> to the original sender.</summary>
+    public sealed record WriteKernelLapic(int VcpuId, LapicState State) : IVlapicMessage;
+
     /// <summary>Replaces the APIC's state; answered <see cref="StateRestored"/>.</summary>
     public sealed record RestoreState(LapicState State) : IVlapicMessage;
 

@@ -23,6 +23,8 @@ public enum ExitActionKind : byte
     MsrFault,
     /// <summary>RDMSR/WRMSR of a local APIC MSR: asked of the vcpu's vlapic; wait for its answer.</summary>
     ApicMsr,
+    /// <summary>KVM_EXIT_IOAPIC_EOI (in-kernel local APIC): tell the vlapic the level EOI, re-enter.</summary>
+    IoapicEoi,
     /// <summary>The vcpu cannot go on: <see cref="ExitAction.StopReason"/>.</summary>
     Stop,
 }
@@ -65,6 +67,8 @@ public static class ExitHandler
                 return new ExitAction(ExitActionKind.Halt);
             case VmExit.Intr or VmExit.IrqWindowOpen:
                 return new ExitAction(ExitActionKind.Reenter);
+            case VmExit.IoapicEoi:
+                return new ExitAction(ExitActionKind.IoapicEoi);
             case VmExit.MsrRead r when apicMsrs && IsApicMsr(r.Index):
                 return new ExitAction(ExitActionKind.ApicMsr);
             case VmExit.MsrWrite w when apicMsrs && IsApicMsr(w.Index):

@@ -38,6 +38,16 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         public static readonly Run Instance = new();
     }
 
+    /// <summary>In-kernel local APIC: look whether the guest sleeps in HLT with IF=0 (HLT never
+    /// exits then). Kicks, like every message that needs the vcpu between two runs.</summary>
+    private sealed class ProbeHalt : VcpuProtocol.IKicking, INotTraced
+    {
+        public static readonly ProbeHalt Instance = new();
+    }
+
+    /// <summary>How often a vcpu with an in-kernel APIC probes for a halt that ends the VM.</summary>
+    private static readonly TimeSpan HaltProbeInterval = TimeSpan.FromMilliseconds(100);
+
     private readonly IVcpu _vcpu;
     private readonly Wiring _wiring;
     private readonly Dictionary<IActorRef, DeviceRoute> _routesByDevice = new();
@@ -93,7 +103,17 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         _trace = MessageTraceRegistry.SinkFor(Context.System, Self);
     }
 
-    protected override void PostStop() => VcpuKickRegistry.Unregister(Self);
+    protected override void PostStop()
+    {
+        _haltProbe?.Cancel();
+        VcpuKickRegistry.Unregister(Self);
+    }
+
+    private ICancelable? _haltProbe;
+    /// <summary>In-kernel APIC: this AP has left wait-for-SIPI (KVM's MP state says so).</summary>
+    private bool _kernelStarted;
+    /// <summary>In-kernel APIC: the current halt with IF=0 was reported to the VM.</summary>
+    private bool _kernelHaltReported;
 
     protected override void OnReceive(object message) => Unhandled(message);
 
@@ -124,6 +144,13 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         {
             case Start:
                 _vcpu.BindToCurrentThread();
+                if (_wiring.KernelLapic)
+                {
+                    // KVM keeps the MP state: an AP's KVM_RUN sleeps in the kernel until its SIPI.
+                    _kernelStarted = Id == 0;
+                    _haltProbe = Context.System.Scheduler.ScheduleTellRepeatedlyCancelable(
+                        HaltProbeInterval, HaltProbeInterval, Self, ProbeHalt.Instance, Self);
+                }
                 // Created --Start--> Running
                 EnterRunning();
                 break;
@@ -152,6 +179,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         {
             case Run:
                 Step();
+                break;
+            case ProbeHalt:
+                ProbeKernelHalt();
                 break;
             case Notify:
                 // Running: the event may race with a HLT the guest is executing now; remember it
@@ -222,7 +252,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case Resume:
                 Sender.Tell(new Resumed(Id));
                 break;
-            case Start or Run or Notify or InjectInterrupt or VlapicProtocol.IVcpuEvent:
+            case Start or Run or ProbeHalt or Notify or InjectInterrupt or VlapicProtocol.IVcpuEvent:
                 break; // no guest code runs any more
             default:
                 Common(message);
@@ -240,7 +270,10 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case GetStats:
                 ReplyStats();
                 break;
-            case Run or DeviceProtocol.ReadResult or DeviceProtocol.WriteCredit or Notify or InjectInterrupt
+            case VlapicProtocol.ReadKernelLapic:
+                ReplyKernelLapic();
+                break;
+            case Run or ProbeHalt or DeviceProtocol.ReadResult or DeviceProtocol.WriteCredit or Notify or InjectInterrupt
                 or VlapicProtocol.IVcpuEvent or VlapicProtocol.MsrReadResult or VlapicProtocol.MsrWriteResult
                 or DeviceProtocol.Acknowledged or DeviceProtocol.WriteDone:
                 break;
@@ -291,7 +324,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case Stop:
                 StopWith(StopReason.Requested, $"vcpu {Id} stopped on request (a read was in flight)");
                 break;
-            case Run:
+            case Run or ProbeHalt:
                 break;
             default:
                 Stash.Stash();
@@ -316,7 +349,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case Stop:
                 StopWith(StopReason.Requested, $"vcpu {Id} stopped on request (waiting for device credit)");
                 break;
-            case Run:
+            case Run or ProbeHalt:
                 break;
             default:
                 Stash.Stash();
@@ -378,7 +411,13 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 var slept = FaultProtocol.StallHere(stall);
                 Sender.Tell(new FaultProtocol.Injected($"vcpu {Id} stalled for {slept.TotalMilliseconds:0} ms"));
                 break;
-            case Start or Notify or Run or DeviceProtocol.ReadResult or VlapicProtocol.MsrReadResult
+            case VlapicProtocol.ReadKernelLapic:
+                ReplyKernelLapic();
+                break;
+            case VlapicProtocol.WriteKernelLapic write:
+                WriteKernelLapic(write.State);
+                break;
+            case Start or Notify or Run or ProbeHalt or DeviceProtocol.ReadResult or VlapicProtocol.MsrReadResult
                 or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged or DeviceProtocol.WriteDone:
                 break;
             default:
@@ -573,7 +612,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         }
         _exits++;
         if (_trace is not null) TraceExit(exit);
-        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, apicMsrs: _wiring.Vlapic is not null);
+        if (!_kernelStarted && _wiring.KernelLapic) NoteKernelStart();
+        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, apicMsrs: _wiring.Vlapic is not null && !_wiring.KernelLapic);
         switch (action.Kind)
         {
             case ExitActionKind.Reenter:
@@ -614,6 +654,10 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                     : new VlapicProtocol.MsrWrite(_readId, ((VmExit.MsrWrite)exit).Index, ((VmExit.MsrWrite)exit).Value), Self);
                 Become(WaitingForRead);
                 return false;
+            case ExitActionKind.IoapicEoi:
+                // The kernel APIC retired a level-triggered vector: the IOAPIC clears Remote IRR.
+                _wiring.Vlapic?.Tell(new VlapicProtocol.EndOfInterrupt(((VmExit.IoapicEoi)exit).Vector), Self);
+                return true;
             case ExitActionKind.MsrFault:
                 if (exit is VmExit.MsrRead) _vcpu.CompleteMsrRead(0, fault: true);
                 else _vcpu.CompleteMsrWrite(fault: true);
@@ -833,6 +877,85 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         _vcpu.InjectInterrupt(vector);
         _injectionQueued = true;
         _injected++;
+    }
+
+    // ---- in-kernel local APIC (lapic = assisted) ----
+
+    /// <summary>
+    /// HLT does not exit with an in-kernel APIC: the vcpu sleeps inside KVM_RUN. This probe (every
+    /// <see cref="HaltProbeInterval"/>, between two runs) reads KVM's MP state; halted with IF=0 is
+    /// reported to the VM once per halt, as a HLT exit with IF=0 is for an emulated APIC. The vcpu
+    /// keeps running: an NMI or INIT from the kernel APIC can still wake it.
+    /// </summary>
+    private void ProbeKernelHalt()
+    {
+        if (!_wiring.KernelLapic) return;
+        try
+        {
+            var mp = _vcpu.GetMpState();
+            if (!_kernelStarted) NoteKernelStart(mp);
+            if (mp != KvmMpState.Halted)
+            {
+                _kernelHaltReported = false;
+                return;
+            }
+            if (_kernelHaltReported || (_vcpu.GetRegisters().Rflags & RflagsIf) != 0) return;
+        }
+        catch (KvmException)
+        {
+            return;
+        }
+        _kernelHaltReported = true;
+        _wiring.Vm.Tell(new VcpuHalted(Id, InterruptsDisabled: true));
+    }
+
+    private const ulong RflagsIf = 1UL << 9;
+
+    /// <summary>An AP under an in-kernel APIC is started by KVM at its SIPI; the VM learns of it at
+    /// the first exit (or probe) that finds it out of wait-for-SIPI. The vector is read back from CS.</summary>
+    private void NoteKernelStart(KvmMpState? known = null)
+    {
+        try
+        {
+            var mp = known ?? _vcpu.GetMpState();
+            if (mp is KvmMpState.Uninitialized or KvmMpState.InitReceived) return;
+            _kernelStarted = true;
+            var cs = _vcpu.GetSpecialRegisters().Cs;
+            _wiring.Vm.Tell(new StartedBySipi(Id, (byte)(cs.Selector >> 8)));
+        }
+        catch (KvmException)
+        {
+            // MP state unknown: try again at the next exit.
+        }
+    }
+
+    /// <summary>KVM_GET_LAPIC for the vlapic's GetState (forwarded: the reply goes to the asker).</summary>
+    private void ReplyKernelLapic()
+    {
+        try
+        {
+            var registers = _vcpu.GetLapic();
+            var apicBase = _vcpu.GetSpecialRegisters().ApicBase;
+            var deadline = _vcpu.GetMsrs(ApicMsrs.TscDeadline) is [var entry] ? entry.Data : 0;
+            Sender.Tell(new VlapicProtocol.StateReply(Id, KvmAssistedLapicBackend.StateFromKernel(registers, apicBase, deadline)));
+        }
+        catch (Exception e) when (e is KvmException or NotSupportedException)
+        {
+            Sender.Tell(new Refused(Id, nameof(VlapicProtocol.ReadKernelLapic), e.Message));
+        }
+    }
+
+    private void WriteKernelLapic(LapicState state)
+    {
+        try
+        {
+            _vcpu.SetLapic(state.ApicPage.AsSpan()[..VcpuHandle.LapicStateSize]);
+            Sender.Tell(new VlapicProtocol.StateRestored(Id));
+        }
+        catch (Exception e) when (e is KvmException or NotSupportedException)
+        {
+            Sender.Tell(new Refused(Id, nameof(VlapicProtocol.WriteKernelLapic), e.Message));
+        }
     }
 
     private void StopWith(StopReason reason, string report)

@@ -125,8 +125,11 @@ public static class VcpuProtocol
     /// and is told <c>InterruptAccepted</c>; its MMIO page is an ordinary route on <paramref name="Mmio"/>.</param>
     /// <param name="Pic">the 8259 actor answering INTA (<see cref="DeviceProtocol.Acknowledge"/>) for
     /// ExtINT; null: ExtINT events are dropped</param>
+    /// <param name="KernelLapic">the local APIC is KVM's (split irqchip, <c>lapic = assisted</c>): KVM
+    /// keeps the MP state (an AP's KVM_RUN sleeps in the kernel until its SIPI), HLT never exits,
+    /// so a halted vcpu is found by probing its MP state; EOIs of level vectors exit to the vlapic</param>
     public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory,
-        IActorRef? Vlapic = null, IActorRef? Pic = null);
+        IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false);
 
     public static Props Props(IVcpu vcpu, Wiring wiring) =>
         Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring))

@@ -48,6 +48,18 @@ public interface IVcpu : IDisposable
     /// (KVM_TRANSLATE). False when the address is not mapped.</summary>
     bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical);
 
+    /// <summary>KVM_GET_MP_STATE (only with an in-kernel local APIC).</summary>
+    KvmMpState GetMpState() => throw new NotSupportedException("no in-kernel local APIC: KVM keeps no MP state");
+
+    /// <summary>KVM_GET_LAPIC: the in-kernel local APIC's 1 KiB register image.</summary>
+    byte[] GetLapic() => throw new NotSupportedException("no in-kernel local APIC");
+
+    /// <summary>KVM_SET_LAPIC.</summary>
+    void SetLapic(ReadOnlySpan<byte> registers) => throw new NotSupportedException("no in-kernel local APIC");
+
+    /// <summary>KVM_GET_MSRS for the given indices; (index, value) for those KVM knows.</summary>
+    KvmMsrEntry[] GetMsrs(params uint[] indices) => [];
+
     /// <summary>Records the calling thread as this vcpu's thread (the kick target).</summary>
     void BindToCurrentThread();
 

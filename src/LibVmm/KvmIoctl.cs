@@ -29,6 +29,8 @@ internal static class KvmIoctl
     public static readonly nuint SetIdentityMapAddr = Iow(0x48, 8);
     public static readonly nuint EnableCap = Iow(0xA3, 104);
     public static readonly nuint X86SetMsrFilter = Iow(0xC6, 392);
+    public static readonly nuint SetGsiRouting = Iow(0x6A, 8);
+    public static readonly nuint SignalMsi = Iow(0xA5, 32);
 
     // Vcpu ioctls.
     public static readonly nuint Run = Io(0x80);
@@ -44,6 +46,10 @@ internal static class KvmIoctl
     public static readonly nuint GetFpu = Ior(0x8C, 416);
     public static readonly nuint SetFpu = Iow(0x8D, 416);
     public static readonly nuint Nmi = Io(0x9A);
+    public static readonly nuint GetLapic = Ior(0x8E, 1024);
+    public static readonly nuint SetLapic = Iow(0x8F, 1024);
+    public static readonly nuint GetMpState = Ior(0x98, 4);
+    public static readonly nuint SetMpState = Iow(0x99, 4);
 }
 
 /// <summary>KVM_CAP_* numbers this project asks about.</summary>
@@ -63,6 +69,8 @@ public enum KvmCap : uint
     MaxVcpus = 66,
     ReadonlyMem = 81,
     SplitIrqchip = 121,
+    IrqRouting = 25,
+    SignalMsi = 77,
     ManualDirtyLogProtect2 = 168,
 }
 
@@ -88,4 +96,14 @@ public enum KvmExitReason : uint
     IoapicEoi = 26,
     X86Rdmsr = 29,
     X86Wrmsr = 30,
+}
+
+/// <summary>KVM_MP_STATE_* (kvm_mp_state.mp_state): kept by KVM only with an in-kernel local APIC.</summary>
+public enum KvmMpState : uint
+{
+    Runnable = 0,
+    Uninitialized = 1,
+    InitReceived = 2,
+    Halted = 3,
+    SipiReceived = 4,
 }

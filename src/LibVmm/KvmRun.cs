@@ -49,6 +49,8 @@ public readonly unsafe struct KvmRunView
     public const int FailEntryCpuOffset = 40;
 
     // system_event
+    public const int IoapicEoiVectorOffset = 32;
+
     public const int SystemEventTypeOffset = 32;
     public const int SystemEventNdataOffset = 36;
     public const int SystemEventDataOffset = 40;
@@ -111,6 +113,8 @@ public readonly unsafe struct KvmRunView
 
     public ulong FailEntryReason => Get<ulong>(FailEntryReasonOffset);
     public uint FailEntryCpu => Get<uint>(FailEntryCpuOffset);
+
+    public byte IoapicEoiVector => _p[IoapicEoiVectorOffset];
 
     public uint SystemEventType => Get<uint>(SystemEventTypeOffset);
     public uint SystemEventNdata => Get<uint>(SystemEventNdataOffset);

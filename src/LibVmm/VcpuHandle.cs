@@ -192,6 +192,41 @@ public sealed unsafe class VcpuHandle : IVcpu
         if (Native.Ioctl(_fd, KvmIoctl.Interrupt, &irq) < 0) throw KvmException.Last($"KVM_INTERRUPT(vcpu {Id}, vector {vector})");
     }
 
+    /// <summary>Size of KVM's local APIC register image (struct kvm_lapic_state).</summary>
+    public const int LapicStateSize = 1024;
+
+    /// <summary>KVM_GET_LAPIC: the in-kernel local APIC's registers, at the offsets of the APIC
+    /// page (0x20 ID, 0x80 TPR, 0x100 ISR, ...). Only with an in-kernel (or split) irqchip.</summary>
+    public byte[] GetLapic()
+    {
+        var state = new byte[LapicStateSize];
+        fixed (byte* p = state)
+            if (Native.Ioctl(_fd, KvmIoctl.GetLapic, p) < 0) throw KvmException.Last($"KVM_GET_LAPIC(vcpu {Id})");
+        return state;
+    }
+
+    /// <summary>KVM_SET_LAPIC: replaces the in-kernel local APIC's registers.</summary>
+    public void SetLapic(ReadOnlySpan<byte> state)
+    {
+        if (state.Length != LapicStateSize) throw new ArgumentException($"a local APIC image is {LapicStateSize} bytes, not {state.Length}", nameof(state));
+        fixed (byte* p = state)
+            if (Native.Ioctl(_fd, KvmIoctl.SetLapic, p) < 0) throw KvmException.Last($"KVM_SET_LAPIC(vcpu {Id})");
+    }
+
+    /// <summary>KVM_GET_MP_STATE: runnable, halted, waiting for SIPI, ... (in-kernel local APIC only).</summary>
+    public KvmMpState GetMpState()
+    {
+        uint state;
+        if (Native.Ioctl(_fd, KvmIoctl.GetMpState, &state) < 0) throw KvmException.Last($"KVM_GET_MP_STATE(vcpu {Id})");
+        return (KvmMpState)state;
+    }
+
+    public void SetMpState(KvmMpState state)
+    {
+        var value = (uint)state;
+        if (Native.Ioctl(_fd, KvmIoctl.SetMpState, &value) < 0) throw KvmException.Last($"KVM_SET_MP_STATE(vcpu {Id}, {state})");
+    }
+
     public void InjectNmi()
     {
         if (Native.Ioctl(_fd, KvmIoctl.Nmi, 0) < 0) throw KvmException.Last($"KVM_NMI(vcpu {Id})");

@@ -56,6 +56,10 @@ public abstract record VmExit
         public const uint CrashType = 3;
     }
 
+    /// <summary>KVM_EXIT_IOAPIC_EOI: with a split irqchip, the guest EOIed a vector that a
+    /// level-triggered IOAPIC route names (the user-space IOAPIC clears its remote IRR).</summary>
+    public sealed record IoapicEoi(byte Vector) : VmExit;
+
     public sealed record Unknown(uint Reason) : VmExit;
 
     /// <summary>Decodes the exit the kvm_run page describes.</summary>
@@ -99,6 +103,7 @@ public abstract record VmExit
                 for (var i = 0; i < n; i++) data[i] = run.SystemEventData(i);
                 return new SystemEvent(run.SystemEventType, data);
             }
+            case KvmExitReason.IoapicEoi: return new IoapicEoi(run.IoapicEoiVector);
             default: return new Unknown((uint)run.ExitReason);
         }
     }

@@ -114,6 +114,75 @@ public sealed unsafe class VmHandle : IDisposable
         }
     }
 
+    /// <summary>
+    /// KVM_CAP_SPLIT_IRQCHIP: the local APICs move into the kernel (registers, timer, IPIs, INIT/SIPI,
+    /// HLT); the IOAPIC and the 8259s stay in user space. <paramref name="ioapicPins"/> GSI routes are
+    /// reserved for the user-space IOAPIC: an EOI of a vector that a level-triggered one of them names
+    /// exits with KVM_EXIT_IOAPIC_EOI. Must come before the first vcpu is created.
+    /// </summary>
+    public void EnableSplitIrqchip(uint ioapicPins = 24)
+    {
+        if (_kvm.CheckExtension(KvmCap.SplitIrqchip) <= 0)
+            throw new KvmException("KVM_CAP_SPLIT_IRQCHIP is not supported by this KVM (an in-kernel local APIC needs it)");
+        EnableCap(KvmCap.SplitIrqchip, ioapicPins);
+        SplitIrqchip = true;
+    }
+
+    /// <summary>Whether <see cref="EnableSplitIrqchip"/> was done.</summary>
+    public bool SplitIrqchip { get; private set; }
+
+    [global::System.Runtime.InteropServices.StructLayout(global::System.Runtime.InteropServices.LayoutKind.Sequential)]
+    private struct KvmMsi
+    {
+        public uint AddressLo, AddressHi, Data, Flags, DevId;
+        public fixed byte Pad[12];
+    }
+
+    /// <summary>
+    /// KVM_SIGNAL_MSI: an interrupt message to the in-kernel local APICs (address 0xFEExxxxx with
+    /// destination and mode, data with vector, delivery and trigger mode). Any thread. True when at
+    /// least one APIC took it; false when none did (no destination matched, or the APIC is disabled).
+    /// </summary>
+    public bool SignalMsi(ulong address, uint data)
+    {
+        var msi = new KvmMsi { AddressLo = (uint)address, AddressHi = (uint)(address >> 32), Data = data };
+        var n = Native.Ioctl(_fd, KvmIoctl.SignalMsi, &msi);
+        if (n < 0) throw KvmException.Last($"KVM_SIGNAL_MSI(address 0x{address:X}, data 0x{data:X})");
+        return n > 0;
+    }
+
+    /// <summary>One MSI route of the GSI routing table (KVM_IRQ_ROUTING_MSI).</summary>
+    public readonly record struct MsiRoute(uint Gsi, ulong Address, uint Data);
+
+    [global::System.Runtime.InteropServices.StructLayout(global::System.Runtime.InteropServices.LayoutKind.Sequential)]
+    private struct KvmIrqRoutingEntry
+    {
+        public uint Gsi, Type, Flags, Pad;
+        public uint AddressLo, AddressHi, Data, DevId;
+        public fixed uint Rest[4];
+    }
+
+    /// <summary>KVM_SET_GSI_ROUTING with MSI routes only (a split irqchip allows no other kind
+    /// below its IOAPIC pins). Replaces the whole table.</summary>
+    public void SetMsiRoutes(IReadOnlyList<MsiRoute> routes)
+    {
+        const uint routingMsi = 2;
+        var size = 8 + sizeof(KvmIrqRoutingEntry) * routes.Count;
+        var buffer = new byte[size];
+        fixed (byte* p = buffer)
+        {
+            *(uint*)p = (uint)routes.Count;
+            var entries = (KvmIrqRoutingEntry*)(p + 8);
+            for (var i = 0; i < routes.Count; i++)
+                entries[i] = new KvmIrqRoutingEntry
+                {
+                    Gsi = routes[i].Gsi, Type = routingMsi,
+                    AddressLo = (uint)routes[i].Address, AddressHi = (uint)(routes[i].Address >> 32), Data = routes[i].Data,
+                };
+            if (Native.Ioctl(_fd, KvmIoctl.SetGsiRouting, p) < 0) throw KvmException.Last($"KVM_SET_GSI_ROUTING({routes.Count} routes)");
+        }
+    }
+
     /// <summary>KVM_CREATE_VCPU, maps its kvm_run page and applies the CPUID policy.</summary>
     public VcpuHandle CreateVcpu(int id, CpuidPolicy cpuid)
     {

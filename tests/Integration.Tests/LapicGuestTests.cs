@@ -28,6 +28,9 @@ public sealed class LapicGuestTests
     private const ushort ApReady = 0x8F08;       // and an AP's "my APIC is on" flag
     private const long LapicBase = 0xFEE0_0000;
 
+    /// <summary>Every guest here runs with the emulated local APICs and with KVM's (split irqchip).</summary>
+    public static TheoryData<LapicMode> LapicModes => new() { LapicMode.Emulated, LapicMode.Assisted };
+
     private static LongModeImage Long(Action<Assembler> body)
     {
         var a = new Assembler(64);
@@ -89,8 +92,9 @@ public sealed class LapicGuestTests
         a.@out(0xF4, al);
     }
 
-    [KvmFact]
-    public async Task Lapic_timer_one_shot_interrupts_the_guest()
+    [KvmTheory]
+    [MemberData(nameof(LapicModes))]
+    public async Task Lapic_timer_one_shot_interrupts_the_guest(LapicMode lapic)
     {
         var image = Long(a =>
         {
@@ -103,13 +107,14 @@ public sealed class LapicGuestTests
             WaitFlagThenExit(a);
             FlagHandler(a, handler);
         });
-        await using var run = await GuestRun.RunAsync(image);
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
         Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
         Assert.Equal(1, run.Outcome.ExitCode);
     }
 
-    [KvmFact]
-    public async Task Self_ipi_interrupts_the_sender()
+    [KvmTheory]
+    [MemberData(nameof(LapicModes))]
+    public async Task Self_ipi_interrupts_the_sender(LapicMode lapic)
     {
         var image = Long(a =>
         {
@@ -120,7 +125,7 @@ public sealed class LapicGuestTests
             WaitFlagThenExit(a);
             FlagHandler(a, handler);
         });
-        await using var run = await GuestRun.RunAsync(image);
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
         Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
         Assert.Equal(1, run.Outcome.ExitCode);
     }
@@ -145,8 +150,9 @@ public sealed class LapicGuestTests
         return GuestCode.Assemble(a, Trampoline);
     }
 
-    [KvmFact]
-    public async Task Init_sipi_brings_up_three_aps_that_print_their_apic_ids()
+    [KvmTheory]
+    [MemberData(nameof(LapicModes))]
+    public async Task Init_sipi_brings_up_three_aps_that_print_their_apic_ids(LapicMode lapic)
     {
         // Each AP (real mode, DS = 0): its APIC ID from CPUID.01H:EBX[31:24], printed under a lock.
         var ap = Assemble16(a =>
@@ -195,7 +201,7 @@ public sealed class LapicGuestTests
             a.Label(ref trampoline);
             a.db(ap);
         });
-        await using var run = await GuestRun.RunAsync(image, cpus: 4);
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 4, null, null, lapic);
         Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
         Assert.Equal(1, run.Outcome.ExitCode);
         Assert.Equal("123", new string(run.Serial.Order().ToArray()));
@@ -241,8 +247,9 @@ public sealed class LapicGuestTests
         return (stream.ToArray(), (ushort)(result.GetLabelRIP(handler) - Trampoline));
     }
 
-    [KvmFact]
-    public async Task Ipi_from_vcpu0_runs_a_handler_on_vcpu1_that_writes_a_port()
+    [KvmTheory]
+    [MemberData(nameof(LapicModes))]
+    public async Task Ipi_from_vcpu0_runs_a_handler_on_vcpu1_that_writes_a_port(LapicMode lapic)
     {
         // The handler's place does not depend on the immediate that names it: assemble twice.
         var (_, handler) = IpiTarget(0);
@@ -268,7 +275,7 @@ public sealed class LapicGuestTests
             a.Label(ref trampoline);
             a.db(ap);
         });
-        await using var run = await GuestRun.RunAsync(image, cpus: 2);
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 2, null, null, lapic);
         Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
         Assert.Equal((0x21 << 1) | 1, run.Outcome.ExitCode);
     }

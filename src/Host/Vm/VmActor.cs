@@ -188,7 +188,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var targets = new ApicRouterProtocol.Targets();
         if (_resources.Lapic is { } backend)
         {
-            var router = Context.ActorOf(Mailbox(ApicRouterProtocol.Props(targets)), "apic-router");
+            var router = Context.ActorOf(Mailbox(ApicRouterProtocol.Props(targets, _resources.KernelApic)), "apic-router");
             Context.Watch(router);
             interrupts.Router = router;
             foreach (var vcpu in _resources.Vcpus)
@@ -241,13 +241,16 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
                 }
             }
             IActorRef? vlapic = null;
+            var kernelLapic = _resources.KernelApic is not null;
             if (vcpu.Id < vlapics.Count)
             {
                 vlapic = vlapics[vcpu.Id];
-                mmio = mmio.Insert(new DeviceRoute($"vlapic-{vcpu.Id}", vlapic), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
+                // An in-kernel APIC answers its page itself: no exit ever reaches user space for it.
+                if (!kernelLapic)
+                    mmio = mmio.Insert(new DeviceRoute($"vlapic-{vcpu.Id}", vlapic), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
             }
             var pic = vlapic is not null && !interrupts.Pic.IsNobody() ? interrupts.Pic : null;
-            var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic);
+            var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic, kernelLapic && vlapic is not null);
             var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, vcpuWiring), $"vcpu-{vcpu.Id}");
             Context.Watch(actorRef);
             _vcpus.Add(actorRef);
@@ -272,6 +275,10 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         _phase = Phase.Running;
         _started.Add(0);
         _vcpus[0].Tell(VcpuProtocol.Start.Instance);
+        // With in-kernel APICs KVM holds the APs in wait-for-SIPI inside KVM_RUN: they enter at once
+        // and count as started when their SIPI has come (VcpuProtocol.StartedBySipi).
+        if (_resources.KernelApic is not null)
+            for (var i = 1; i < _vcpus.Count; i++) _vcpus[i].Tell(VcpuProtocol.Start.Instance);
     }
 
     /// <summary>The first outcome wins; every vcpu is told to stop, then the VM finishes.</summary>

@@ -56,9 +56,6 @@ public sealed class VmBuilder
     public RunningVm Start()
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
-        if (_spec.Lapic == LapicMode.Assisted)
-            throw new VmBuildException(
-                "lapic = assisted (KVM split irqchip) is not supported yet on this host: use lapic = emulated");
         var firmware = _spec.Boot.Firmware is not null;
         foreach (var controller in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware))
             if (_devices.All(d => d.Name != controller.Name)) _devices.Add(controller);
@@ -80,15 +77,20 @@ public sealed class VmBuilder
             kvm = Kvm.Open();
             vm = kvm.CreateVm();
             memory.RegisterWith(vm);
-            EmulateApicMsrs(vm);
+            var assisted = _spec.Lapic == LapicMode.Assisted;
+            // The split irqchip must exist before the first vcpu; its APIC MSRs are then the kernel's.
+            if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
+            else EmulateApicMsrs(vm);
             var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
             for (var i = 0; i < _spec.Cpus; i++) vcpus.Add(vm.CreateVcpu(i, cpuid));
             boot.ApplyTo(vcpus[0]);
 
             var name = SafeName(_spec.Name);
             var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var kernelApic = assisted ? new KvmApicBus(vm) : null;
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
-                LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }), Paging: _spec.Paging);
+                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }),
+                Paging: _spec.Paging, KernelApic: kernelApic);
             if (_trace is not null)
                 traceRegistration = MessageTraceRegistry.Register(_system, $"/user/{name}", _trace);
             var actor = _system.ActorOf(

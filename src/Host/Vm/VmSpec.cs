@@ -11,7 +11,9 @@ public enum LapicMode
 {
     /// <summary>Vlapic actors (<see cref="LapicBackends.Emulated"/>): MMIO and MSR exits, KVM_INTERRUPT.</summary>
     Emulated,
-    /// <summary>KVM's split irqchip (<see cref="LapicBackendKind.KvmAssisted"/>): not supported yet.</summary>
+    /// <summary>KVM's split irqchip (<see cref="LapicBackends.KvmAssisted"/>): local APICs, their timers,
+    /// IPIs and INIT/SIPI in the kernel; the IOAPIC, 8259s and other devices stay actors; the IOAPIC's
+    /// messages go in as MSIs and level EOIs come back as exits.</summary>
     Assisted,
 }
 
@@ -146,6 +148,16 @@ public sealed class VmInterrupts
 /// <summary>The KVM resources of one VM, owned by its <see cref="RunningVm"/>; local, never sent.</summary>
 /// <param name="Clock">the one clock of the VM's timers (PIT, RTC, LAPIC timers); null: a new <see cref="MonotonicClock"/></param>
 /// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
+/// <param name="KernelApic">the in-kernel local APICs (split irqchip), with <see cref="LapicBackends.KvmAssisted"/></param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
     IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false);
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null);
+
+/// <summary>The in-kernel local APICs of one VM, over its KVM fd (KVM_SIGNAL_MSI, KVM_SET_GSI_ROUTING).</summary>
+internal sealed class KvmApicBus(VmHandle vm) : IKernelApicBus
+{
+    public bool SignalMsi(ulong address, uint data) => vm.SignalMsi(address, data);
+
+    public void SetLevelRoutes(IReadOnlyList<(ulong Address, uint Data)> routes) =>
+        vm.SetMsiRoutes([.. routes.Select((r, i) => new VmHandle.MsiRoute((uint)i, r.Address, r.Data))]);
+}

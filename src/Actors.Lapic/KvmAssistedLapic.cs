@@ -1,0 +1,145 @@
+using System.Buffers.Binary;
+using System.Collections.Immutable;
+using ActorVmm.Devices;
+
+namespace ActorVmm.Lapic;
+
+/// <summary>
+/// The kernel's half of the assisted layer (the seed's vmm_ops for a hardware-assisted vlapic):
+/// local APICs that live in KVM (split irqchip). Implemented by the host over the VM's KVM fd; this
+/// project stays free of KVM. Both calls may come from any thread and never block on a vcpu.
+/// </summary>
+public interface IKernelApicBus
+{
+    /// <summary>KVM_SIGNAL_MSI: one interrupt message to the in-kernel APICs, which match its
+    /// destination and arbitrate lowest priority themselves. False: no APIC took it.</summary>
+    bool SignalMsi(ulong address, uint data);
+
+    /// <summary>The level-triggered messages whose EOIs user space must see (KVM_SET_GSI_ROUTING
+    /// over the IOAPIC's reserved routes; an EOI of a vector they name exits as KVM_EXIT_IOAPIC_EOI).
+    /// Replaces the previous set; at most <see cref="MsiEncoding.IoApicRoutes"/> entries.</summary>
+    void SetLevelRoutes(IReadOnlyList<(ulong Address, uint Data)> routes);
+}
+
+/// <summary>The interrupt message format of the APIC bus as memory writes (SDM Vol 3A §10.11).</summary>
+public static class MsiEncoding
+{
+    /// <summary>GSI routes reserved for the IOAPIC's pins.</summary>
+    public const int IoApicRoutes = 24;
+
+    /// <summary>0xFEE00000 | destination ID in bits 19:12 | destination mode in bit 2.</summary>
+    public static ulong Address(uint destination, DestinationMode mode) =>
+        0xFEE0_0000UL | ((ulong)(destination & 0xFF) << 12) | (mode == DestinationMode.Logical ? 1UL << 2 : 0);
+
+    /// <summary>Vector in bits 7:0, delivery mode 10:8, level (assert) 14, trigger mode 15.</summary>
+    public static uint Data(byte vector, DeliveryMode mode, bool level, TriggerMode trigger) =>
+        vector | ((uint)mode << 8) | (level ? 1u << 14 : 0) | (trigger == TriggerMode.Level ? 1u << 15 : 0);
+}
+
+/// <summary>
+/// A vcpu's local APIC in the kernel (KVM split irqchip): registers, timer, priorities, IPIs and
+/// INIT/SIPI are KVM's; what stays in user space is what the kernel hands back. Guest MMIO and MSR
+/// accesses to the APIC never exit, so the access verbs are not used; <see cref="Deliver"/> is an
+/// MSI to this APIC; the kernel injects by itself (no <c>InterruptPending</c>, no kick: the
+/// posted-interrupt style); <see cref="Eoi"/> (a KVM_EXIT_IOAPIC_EOI) becomes a level EOI for the
+/// IOAPIC; LINT0 asks the vcpu to fetch the 8259's vector (ExtINT goes in with KVM_INTERRUPT, which
+/// KVM accepts only while the kernel APIC's LVT LINT0 lets ExtINT through) and LINT1 is an NMI.
+/// The state lives in the kernel: the vlapic actor asks its vcpu, which alone may issue
+/// KVM_GET_LAPIC between two runs (<see cref="VlapicProtocol.ReadKernelLapic"/>).
+/// </summary>
+public sealed class KvmAssistedLapicBackend : ILapicBackend
+{
+    private readonly uint _apicId;
+    private readonly IKernelApicBus _bus;
+    private readonly ILapicEvents _events;
+    private readonly IInterruptLine _lint0;
+    private readonly IInterruptLine _lint1;
+
+    public KvmAssistedLapicBackend(int vcpuId, IKernelApicBus bus, ILapicEvents events)
+    {
+        _apicId = (uint)vcpuId;
+        _bus = bus;
+        _events = events;
+        _lint0 = new LintLine(() => _events.VcpuEvent(VcpuEventKind.ExtInt, 0));
+        _lint1 = new LintLine(() => _events.VcpuEvent(VcpuEventKind.Nmi, 0));
+    }
+
+    public LapicBackendKind Kind => LapicBackendKind.KvmAssisted;
+
+    /// <summary>The timer is the kernel's.</summary>
+    public TimeSpan? NextDeadline => null;
+
+    public void OnDeadline()
+    {
+    }
+
+    /// <summary>Not reached: the kernel answers the APIC page. A stray access reads 0.</summary>
+    public ulong ReadMmio(ulong offset, int size) => 0;
+
+    public void WriteMmio(ulong offset, int size, ulong value)
+    {
+    }
+
+    /// <summary>Not reached: the kernel owns the APIC MSRs. A stray access is a #GP.</summary>
+    public bool ReadMsr(uint msr, out ulong value)
+    {
+        value = 0;
+        return false;
+    }
+
+    public bool WriteMsr(uint msr, ulong value) => false;
+
+    /// <summary>Physical: this APIC's ID or the broadcast. Logical destinations are the kernel's to
+    /// match (it alone knows LDR/DFR): every APIC says yes and the kernel filters the MSI.</summary>
+    public bool Matches(DestinationMode mode, uint destination) =>
+        mode == DestinationMode.Logical || destination == _apicId || destination is 0xFF or 0xFFFF_FFFF;
+
+    public void Deliver(DeliveryMode mode, byte vector, bool level, TriggerMode trigger) =>
+        _bus.SignalMsi(MsiEncoding.Address(_apicId, DestinationMode.Physical), MsiEncoding.Data(vector, mode, level, trigger));
+
+    /// <summary>A KVM_EXIT_IOAPIC_EOI: the kernel APIC retired a level-triggered vector.</summary>
+    public void Eoi(byte vector) => _events.LevelEoi(vector);
+
+    public int? PendingInterrupt() => null;
+
+    public void InterruptAccepted(byte vector)
+    {
+    }
+
+    public IInterruptLine Lint(int pin) => pin == 0 ? _lint0 : _lint1;
+
+    public LapicState State() =>
+        throw new InvalidOperationException("the in-kernel local APIC's state is read by its vcpu (KVM_GET_LAPIC)");
+
+    public void Restore(LapicState state) =>
+        throw new InvalidOperationException("the in-kernel local APIC's state is written by its vcpu (KVM_SET_LAPIC)");
+
+    /// <summary>An edge on a LINT pin raises its event; the vcpu's INTA finds out whether the 8259
+    /// still requests, so a deassert needs nothing.</summary>
+    private sealed class LintLine(Action raise) : IInterruptLine
+    {
+        public void Assert() => raise();
+
+        public void Deassert()
+        {
+        }
+
+        public void Pulse() => raise();
+    }
+
+    /// <summary>
+    /// A snapshot of an in-kernel APIC in the Apic Page form: KVM's 1 KiB register image has the
+    /// page's offsets (SDM Table 10-1); the rest of the 4 KiB page is zero. The timer runs in the
+    /// kernel: its Current Count is in the image, and no user-space timer state exists.
+    /// </summary>
+    public static LapicState StateFromKernel(ReadOnlySpan<byte> registers, ulong apicBase, ulong tscDeadline)
+    {
+        var page = new byte[LocalApic.PageSize];
+        registers[..Math.Min(registers.Length, page.Length)].CopyTo(page);
+        var id = BinaryPrimitives.ReadUInt32LittleEndian(page.AsSpan(ApicOffsets.Id));
+        var x2 = (apicBase & LocalApic.BaseExtd) != 0;
+        return new LapicState(ImmutableArray.Create(page), x2 ? id : id >> 24, apicBase, EsrPending: 0,
+            TimerArmed: false, TimerStart: TimeSpan.Zero, TimerCountOffset: 0, TimerPeriods: 0, tscDeadline,
+            Lint0Level: false, Lint1Level: false);
+    }
+}

@@ -1,0 +1,68 @@
+using ActorVmm.Testing;
+
+namespace ActorVmm.LibVmm.Tests;
+
+/// <summary>KVM's split irqchip as LibVmm drives it for lapic = assisted: local APICs in the kernel,
+/// reached with KVM_SIGNAL_MSI, read and written as 1 KiB register images, with KVM's MP state.</summary>
+public sealed class SplitIrqchipTests
+{
+    private const int Svr = 0xF0, Irr = 0x200, Id = 0x20, Version = 0x30;
+
+    private static uint Reg(byte[] image, int offset) => BitConverter.ToUInt32(image, offset);
+
+    [KvmFact]
+    public void An_msi_sets_the_vector_in_the_irr_of_the_addressed_kernel_apic_only()
+    {
+        KvmRequirement.Check();
+        using var kvm = Kvm.Open();
+        using var vm = kvm.CreateVm();
+        vm.EnableSplitIrqchip(24);
+        Assert.True(vm.SplitIrqchip);
+        var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
+        using var bsp = vm.CreateVcpu(0, cpuid);
+        using var ap = vm.CreateVcpu(1, cpuid);
+
+        // KVM keeps the MP state now: the BSP runs, the AP waits for INIT-SIPI.
+        Assert.Equal(KvmMpState.Runnable, bsp.GetMpState());
+        Assert.Equal(KvmMpState.Uninitialized, ap.GetMpState());
+
+        var image = ap.GetLapic();
+        Assert.Equal(VcpuHandle.LapicStateSize, image.Length);
+        Assert.Equal(1u, Reg(image, Id) >> 24);
+        Assert.Equal(0x14u, Reg(image, Version) & 0xFF); // an integrated APIC
+
+        // A software-disabled APIC takes no fixed interrupt: enable vcpu 1's through its image.
+        BitConverter.GetBytes(0x1FFu).CopyTo(image, Svr);
+        ap.SetLapic(image);
+        Assert.Equal(0x1FFu, Reg(ap.GetLapic(), Svr));
+
+        const byte vector = 0x45;
+        var delivered = vm.SignalMsi(0xFEE0_0000UL | (1UL << 12), vector);
+        Assert.True(delivered);
+        var irr = ap.GetLapic();
+        Assert.NotEqual(0u, Reg(irr, Irr + 0x10 * (vector / 32)) & (1u << (vector % 32)));
+        Assert.Equal(0u, Reg(bsp.GetLapic(), Irr + 0x10 * (vector / 32)) & (1u << (vector % 32)));
+
+        // To an APIC ID nobody has: taken by none.
+        Assert.False(vm.SignalMsi(0xFEE0_0000UL | (9UL << 12), vector));
+    }
+
+    [KvmFact]
+    public void Msi_routes_for_the_ioapic_pins_are_accepted_and_other_kinds_of_input_refused()
+    {
+        KvmRequirement.Check();
+        using var kvm = Kvm.Open();
+        using var vm = kvm.CreateVm();
+        vm.EnableSplitIrqchip(24);
+        var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
+        using var bsp = vm.CreateVcpu(0, cpuid);
+
+        vm.SetMsiRoutes([new VmHandle.MsiRoute(0, 0xFEE0_0000, 0x8030), new VmHandle.MsiRoute(4, 0xFEE0_0000, 0xC031)]);
+        vm.SetMsiRoutes([]);
+        // A vcpu already exists: the split irqchip can no longer be enabled.
+        using var late = kvm.CreateVm();
+        using var vcpu = late.CreateVcpu(0, cpuid);
+        var e = Assert.Throws<KvmException>(() => late.EnableSplitIrqchip(24));
+        Assert.Contains("SPLIT", e.Message.ToUpperInvariant());
+    }
+}
