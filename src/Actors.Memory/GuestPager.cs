@@ -34,7 +34,14 @@ internal sealed unsafe class GuestPager : IDisposable
 {
     private const ulong Page = RamPages.PageSize;
     private const int EINVAL = 22;
+    // A fault is given up on only after both: this many fills that did not take, spread over at least
+    // this long. The kernel may report one fault many times (measured on kvm_pvm: a vcpu kicked with a
+    // signal while it waits for a fault re-reports it every ~20 µs, up to a few hundred times, until
+    // KVM_RUN returns EINTR, even after the page was filled); a count alone would fail such a VM.
     private const int MaxRetriesPerPage = 32;
+    private const long RetryWindowMs = 10_000;
+    // A page whose retries stopped for this long starts a new run of retries.
+    private const long RetryRunGapMs = 1_000;
     private const ulong MaxIoRun = 256; // pages per swap write (1 MiB)
 
     private readonly GuestMemoryMap _memory;
@@ -48,7 +55,8 @@ internal sealed unsafe class GuestPager : IDisposable
     private readonly int _coldScans;
     private readonly byte[] _age;
     private ulong _clockHand;
-    private readonly Dictionary<ulong, int> _retries = [];
+    private readonly Dictionary<ulong, RetryRun> _retries = [];
+    private readonly Func<long> _clockMs;
     private readonly Dictionary<ulong, int> _holdCounts = [];
     private byte* _zeroPage;
     private readonly byte* _bounce = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)Page, (nuint)Page);
@@ -68,9 +76,15 @@ internal sealed unsafe class GuestPager : IDisposable
 
     public long MissingFaults, MinorFaults, WriteProtectFaults, ZeroFills, SwapIns, SwapOuts, Retries, Reclaims;
 
-    public GuestPager(GuestMemoryMap memory, VmspaceOptions options)
+    /// <summary>Retries of one page's fault: how many, since when, last when (milliseconds).</summary>
+    private readonly record struct RetryRun(int Count, long FirstMs, long LastMs);
+
+    /// <param name="clockMs">Milliseconds of a monotonic clock (tests pass their own); only for
+    /// giving up on a fault that the kernel keeps reporting.</param>
+    public GuestPager(GuestMemoryMap memory, VmspaceOptions options, Func<long>? clockMs = null)
     {
         _memory = memory;
+        _clockMs = clockMs ?? (() => Environment.TickCount64);
         _ram = new RamPages(memory);
         _age = new byte[_ram.Total];
         _coldScans = Math.Clamp(options.ColdScans, 1, 255);
@@ -210,16 +224,19 @@ internal sealed unsafe class GuestPager : IDisposable
                 _pmap.SetResident(page, _ram.MemfdOffset(page), writable: true); // in the page cache
                 break;
             case UffdFill.AlreadyMapped:
-                _pmap.SetAccessed(page, true); // CONTINUE found it mapped: a duplicate fault
+                _pmap.SetAccessed(page, true); // the kernel has it mapped: a duplicate report
                 break;
             case UffdFill.NoPage:
                 _pmap.SetEmpty(page); // no longer in the page cache: next time, demand zero
                 break;
         }
-        var tries = _retries.GetValueOrDefault(page) + 1;
-        if (tries > MaxRetriesPerPage)
-            throw new VmspaceException($"nested page fault at gpa 0x{gpa:X} ({kind}) not resolved after {MaxRetriesPerPage} attempts ({result})");
-        _retries[page] = tries;
+        var now = _clockMs();
+        var run = _retries.TryGetValue(page, out var r) && now - r.LastMs < RetryRunGapMs
+            ? r with { Count = r.Count + 1, LastMs = now }
+            : new RetryRun(1, now, now);
+        if (run.Count > MaxRetriesPerPage && now - run.FirstMs >= RetryWindowMs)
+            throw new VmspaceException($"nested page fault at gpa 0x{gpa:X} ({kind}) not resolved after {run.Count} attempts in {(now - run.FirstMs) / 1000} s ({result})");
+        _retries[page] = run;
         uffd.Wake(address, Page);
     }
 
