@@ -40,7 +40,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     /// <summary>In-kernel local APIC: look whether the guest sleeps in HLT with IF=0 (HLT never
     /// exits then). Kicks, like every message that needs the vcpu between two runs.</summary>
-    private sealed class ProbeHalt : VcpuProtocol.IKicking, INotTraced
+    private sealed record ProbeHalt : VcpuProtocol.IKicking, INotTraced
     {
         public static readonly ProbeHalt Instance = new();
     }

@@ -51,9 +51,12 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
     // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
     // promptly too, or a vcpu spinning in the guest would never answer them. The vlapic's
     // events (interrupt pending, NMI, INIT, SIPI, ExtINT) are the seed's vcpu_notify_event.
+    // Messages from Akka's scheduler (ScheduleTell*) arrive wrapped: the kick looks inside.
     private void KickIfUrgent(Envelope envelope)
     {
-        if (envelope.Message is VcpuProtocol.IKicking or Lapic.VlapicProtocol.IVcpuEvent or FaultProtocol.IFaultMessage
+        var message = envelope.Message;
+        while (message is IWrappedMessage wrapped) message = wrapped.Message;
+        if (message is VcpuProtocol.IKicking or Lapic.VlapicProtocol.IVcpuEvent or FaultProtocol.IFaultMessage
             or Memory.VmspaceProtocol.InvalidateEpt
             or Identify or PoisonPill or Kill)
         {

@@ -310,6 +310,20 @@ public sealed class VcpuActorTests : TestKit
     // ---- pause, resume, stop ----
 
     [Fact]
+    public async Task Vcpu_must_be_kicked_by_a_message_that_comes_through_the_scheduler()
+    {
+        // Akka's scheduler wraps what it tells (ScheduledTellMsg): the mailbox must kick for the
+        // message inside, or a vcpu sleeping in KVM_RUN would not see it until its next exit.
+        var rig = Create();
+        var kicks = rig.Fake.Kicks;
+
+        Sys.Scheduler.ScheduleTellOnce(TimeSpan.FromMilliseconds(10), rig.Vcpu, Pause.Instance, TestActor);
+
+        Assert.Equal(new Paused(0), await ExpectMsgAsync<Paused>());
+        Assert.True(rig.Fake.Kicks > kicks, "the scheduled Pause must kick the vcpu out of the guest");
+    }
+
+    [Fact]
     public async Task Vcpu_must_pause_out_of_the_guest_and_resume()
     {
         var rig = Create();
