@@ -60,7 +60,8 @@ namespace ActorVmm.Host
             var timeout = new Option<string?>("--timeout") { Description = "stop the VM after this many seconds" };
             var perfetto = new Option<string?>("--perfetto") { Description = "write the message trace to FILE for the Perfetto UI when the VM ends" };
             var traceFilter = new Option<string?>("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter };
+            var lapic = new Option<string?>("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -76,6 +77,7 @@ namespace ActorVmm.Host
                 Override("timeout", parse.GetValue(timeout));
                 Override("perfetto", parse.GetValue(perfetto));
                 Override("trace-filter", parse.GetValue(traceFilter));
+                Override("lapic", parse.GetValue(lapic));
                 var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
 

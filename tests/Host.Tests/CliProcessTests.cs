@@ -133,10 +133,9 @@ public sealed class CliProcessTests : IDisposable
     }
 
     [Fact]
-    public async Task An_assisted_lapic_is_refused_clearly_until_it_exists()
+    public async Task A_lapic_mode_that_does_not_exist_is_refused()
     {
-        var config = _dir.Write("assisted.conf", System.Text.Encoding.UTF8.GetBytes("actorvmm.vm.lapic = assisted\n"));
-        AssertUserError(await Run("run", "--config", config, "--flat", OneByteImage()), "lapic = assisted", "not supported yet");
+        AssertUserError(await Run("run", "--lapic", "kernel", "--flat", OneByteImage()), "actorvmm.vm.lapic", "emulated or assisted");
     }
 
     [Fact]

@@ -73,6 +73,28 @@ public sealed partial class CliGuestTests : IDisposable
     }
 
     [KvmFact]
+    public async Task Run_with_an_assisted_lapic_ends_with_code_0_when_the_guest_halts_with_interrupts_off()
+    {
+        // With the local APIC in KVM, HLT sleeps inside KVM_RUN and never exits: the vcpu learns of
+        // it from its periodic halt probe, which must kick it out of the kernel to look.
+        KvmRequirement.Check();
+        var image = Flat(a =>
+        {
+            a.mov(dx, 0x3F8);
+            a.mov(al, (byte)'H');
+            a.@out(dx, al);
+            a.cli();
+            a.hlt();
+        });
+        var serial = Path.Combine(_dir, "serial.txt");
+        var (code, _, stderr) = await Finish(
+            Start("run", "--lapic", "assisted", "--flat", image, "--load-address", "0x7C00", "--serial", serial), TimeSpan.FromSeconds(60));
+        Assert.True(code == 0, $"exit {code}: {stderr}");
+        Assert.Contains("halted with interrupts disabled", stderr);
+        Assert.Equal("H", File.ReadAllText(serial));
+    }
+
+    [KvmFact]
     public async Task Ctrl_c_stops_a_spinning_guest_cleanly_with_code_130()
     {
         KvmRequirement.Check();
