@@ -120,6 +120,12 @@ internal static unsafe partial class NativeMemory
     [LibraryImport(Libc, EntryPoint = "write", SetLastError = true)]
     public static partial nint Write(int fd, void* buffer, nuint count);
 
+    [StructLayout(LayoutKind.Sequential)]
+    public struct Timespec { public long Seconds; public long Nanoseconds; }                          // 16
+
+    [LibraryImport(Libc, EntryPoint = "ppoll", SetLastError = true)]
+    public static partial int Ppoll(PollFd* fds, nuint count, Timespec* timeout, void* sigmask);
+
     [LibraryImport(Libc, EntryPoint = "eventfd", SetLastError = true)]
     public static partial int EventFd(uint initialValue, int flags);
 }
