@@ -16,11 +16,15 @@ using static Iced.Intel.AssemblerRegisters;
 // Usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
 //        actorvmm-bench faults [pages] [repetitions] nested page faults (userfaultfd)
 //        actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
+//        actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions]  IPI ping-pong and LAPIC timer, emulated vs assisted
 if (args.Length > 0 && args[0] == "faults")
     return await ActorVmm.Bench.FaultBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 16_384, args.Length > 2 ? int.Parse(args[2]) : 3);
 if (args.Length > 0 && args[0] == "trace")
     return await ActorVmm.Bench.TraceBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 200_000, args.Length > 2 ? int.Parse(args[2]) : 3,
         args.Length > 3 ? int.Parse(args[3]) : 100_000);
+if (args.Length > 0 && args[0] == "lapic")
+    return await ActorVmm.Bench.LapicBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 2_000, args.Length > 2 ? int.Parse(args[2]) : 500,
+        args.Length > 3 ? int.Parse(args[3]) : 1_000, args.Length > 4 ? int.Parse(args[4]) : 3);
 if (args.Length > 0 && args[0] == "io") args = args[1..];
 var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
 var reps = args.Length > 1 ? int.Parse(args[1]) : 3;

@@ -1,0 +1,288 @@
+using System.Diagnostics;
+using ActorVmm.Devices;
+using ActorVmm.Host;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using Iced.Intel;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace ActorVmm.Bench;
+
+/// <summary>
+/// Local APIC costs under both backends (lapic = emulated | assisted), the same guests in one run:
+/// <list type="bullet">
+/// <item>IPI ping-pong: vcpu 0 (64-bit, xAPIC MMIO) sends vector 0x41 to vcpu 1 and sleeps until
+/// vcpu 1 (real mode, x2APIC MSRs) answers with vector 0x40 from its handler; N round trips.</item>
+/// <item>Timer: vcpu 0's LAPIC timer in periodic mode with a given period; the guest sleeps in HLT
+/// until it has taken K interrupts. Reports interrupts per second against the programmed rate.</item>
+/// </list>
+/// The guest marks the start and end of the measured part with writes to port 0x10; the host takes
+/// the time of each when the marker device handles it (the same device path in both modes).
+/// </summary>
+internal static class LapicBench
+{
+    private const ulong Code = 0x10_0000;
+    private const ulong Idt = 0x8000;
+    private const ulong Idtr = 0x9F800;
+    private const ulong Counter = 0x9F900;
+    private const ulong Trampoline = 0x9000;     // SIPI vector 0x09
+    private const ushort ApReady = 0x8F08;
+    private const long LapicBase = 0xFEE0_0000;
+    private const byte MarkPort = 0x10;
+
+    public static async Task<int> RunAsync(int roundTrips, int ticks, int periodMicroseconds, int reps)
+    {
+        if (Kvm.Unavailability() is { } why)
+        {
+            Console.Error.WriteLine($"actorvmm-bench: KVM unavailable: {why}");
+            return 2;
+        }
+        HostRunner.ConfigureLogging();
+        var modes = new[] { LapicMode.Emulated, LapicMode.Assisted };
+        var pingPong = PingPong(roundTrips);
+        var timer = Timer(ticks, periodMicroseconds);
+        var ipi = new Dictionary<LapicMode, double>();
+        var rate = new Dictionary<LapicMode, double>();
+        foreach (var mode in modes)
+        {
+            ipi[mode] = double.MaxValue;
+            rate[mode] = 0;
+            for (var i = 0; i < reps; i++)
+            {
+                ipi[mode] = Math.Min(ipi[mode], await Measure(pingPong, 2, mode));
+                rate[mode] = Math.Max(rate[mode], ticks / (await Measure(timer, 1, mode) / 1000));
+            }
+        }
+        Console.WriteLine($"local APIC: {roundTrips} IPI round trips between 2 vcpus; {ticks} periodic timer interrupts " +
+                          $"every {periodMicroseconds} µs ({1e6 / periodMicroseconds:F0}/s programmed); best of {reps}");
+        Console.WriteLine($"{"",-10}{"µs/round trip",15}{"timer irq/s",13}");
+        foreach (var mode in modes)
+            Console.WriteLine($"{mode.ToString().ToLowerInvariant(),-10}{ipi[mode] * 1000 / roundTrips,15:F2}{rate[mode],13:F0}");
+        Console.WriteLine($"IPI round trip, emulated / assisted: {ipi[LapicMode.Emulated] / ipi[LapicMode.Assisted]:F2}   goal: <= 2");
+        return 0;
+    }
+
+    /// <summary>Runs the guest and returns the milliseconds between its two marks.</summary>
+    private static async Task<double> Measure(LongModeImage image, int cpus, LapicMode mode)
+    {
+        var system = HostRunner.CreateSystem(VmConfig.Load(null), "bench");
+        try
+        {
+            using var console = SerialConsole.Captured();
+            var marks = new Marks();
+            var builder = new VmBuilder(system, new VmSpec("bench", 16 << 20, cpus, image, mode))
+                .WithStandardDevices(console)
+                .AddDevice(new DeviceSpec("mark", DeviceProtocol.Space.Port, MarkPort, 1, _ => marks));
+            await using var vm = builder.Start();
+            var outcome = await vm.WaitAsync(TimeSpan.FromMinutes(10));
+            if (outcome is not { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 })
+                throw new InvalidOperationException($"{mode} guest ended: {outcome}");
+            return marks.Milliseconds;
+        }
+        finally
+        {
+            await system.Terminate();
+        }
+    }
+
+    private sealed class Marks : IBusDevice
+    {
+        private long _start, _end;
+
+        public double Milliseconds => Stopwatch.GetElapsedTime(_start, _end).TotalMilliseconds;
+
+        public ulong Read(ulong offset, int size) => 0;
+
+        public void Write(ulong offset, int size, ulong value)
+        {
+            if (value == 1) _start = Stopwatch.GetTimestamp();
+            else _end = Stopwatch.GetTimestamp();
+        }
+    }
+
+    private static LongModeImage Long(Action<Assembler> body)
+    {
+        var a = new Assembler(64);
+        body(a);
+        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
+    }
+
+    /// <summary>IDT gate → handler (64-bit interrupt gate), then lidt.</summary>
+    private static void SetGate(Assembler a, byte vector, Label handler)
+    {
+        a.lea(rax, __[handler]);
+        a.mov(rdi, (long)(Idt + vector * 16UL));
+        a.mov(__word_ptr[rdi], ax);
+        a.mov(__word_ptr[rdi + 2], LongModeImage.CodeSelector);
+        a.mov(__word_ptr[rdi + 4], 0x8E00);
+        a.shr(rax, 16);
+        a.mov(__word_ptr[rdi + 6], ax);
+        a.shr(rax, 16);
+        a.mov(__dword_ptr[rdi + 8], eax);
+        a.mov(__dword_ptr[rdi + 12], 0);
+        a.mov(rdi, (long)Idtr);
+        a.mov(__word_ptr[rdi], 0xFFF);
+        a.mov(rax, (long)Idt);
+        a.mov(__qword_ptr[rdi + 2], rax);
+        a.lidt(__[rdi]);
+    }
+
+    /// <summary>The handler: count, EOI, return.</summary>
+    private static void CountingHandler(Assembler a, Label handler)
+    {
+        a.Label(ref handler);
+        a.push(rdi);
+        a.mov(rdi, (long)Counter);
+        a.inc(__dword_ptr[rdi]);
+        a.mov(rdi, LapicBase);
+        a.mov(__dword_ptr[rdi + 0xB0], 0);
+        a.pop(rdi);
+        a.iretq();
+    }
+
+    /// <summary>Mark, then sleep (sti; hlt) until the counter reaches R12D; interrupts off after.</summary>
+    private static void SleepUntilCounter(Assembler a)
+    {
+        var check = a.CreateLabel();
+        var done = a.CreateLabel();
+        a.mov(rdi, (long)Counter);
+        a.Label(ref check);
+        a.cmp(__dword_ptr[rdi], r12d);
+        a.jae(done);
+        a.sti();
+        a.hlt();
+        a.cli();
+        a.jmp(check);
+        a.Label(ref done);
+    }
+
+    private static void Mark(Assembler a, byte which)
+    {
+        a.mov(al, which);
+        a.@out(MarkPort, al);
+    }
+
+    private static void ExitOk(Assembler a)
+    {
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+    }
+
+    /// <summary>vcpu 1 in real mode: IVT 0x41 → its handler, x2APIC on, ready; the handler EOIs and
+    /// sends vector 0x40 to APIC 0 through the x2APIC ICR.</summary>
+    private static byte[] Responder()
+    {
+        byte[] Assemble(ushort handlerOffset, out ushort handlerAt)
+        {
+            var a = new Assembler(16);
+            var handler = a.CreateLabel();
+            var sleep = a.CreateLabel();
+            a.cli();
+            a.xor(ax, ax);
+            a.mov(ds, ax);
+            a.mov(ss, ax);
+            a.mov(sp, 0x8E00);
+            a.mov(__word_ptr[0x41 * 4], handlerOffset);
+            a.mov(__word_ptr[0x41 * 4 + 2], (ushort)(Trampoline >> 4));
+            a.mov(ecx, 0x1B);
+            a.rdmsr();
+            a.or(eax, 0xC00);              // EN | EXTD
+            a.wrmsr();
+            a.mov(ecx, 0x80F);             // SVR
+            a.mov(eax, 0x1FF);
+            a.xor(edx, edx);
+            a.wrmsr();
+            a.mov(__byte_ptr[ApReady], 1);
+            a.Label(ref sleep);
+            a.sti();
+            a.hlt();
+            a.jmp(sleep);
+            a.Label(ref handler);
+            a.push(eax);
+            a.push(ecx);
+            a.push(edx);
+            a.mov(ecx, 0x80B);             // EOI
+            a.xor(eax, eax);
+            a.xor(edx, edx);
+            a.wrmsr();
+            a.mov(ecx, 0x830);             // ICR: fixed, vector 0x40, to APIC 0 (EDX)
+            a.mov(eax, 0x40);
+            a.wrmsr();
+            a.pop(edx);
+            a.pop(ecx);
+            a.pop(eax);
+            a.iret();
+            using var stream = new MemoryStream();
+            var result = a.Assemble(new StreamCodeWriter(stream), Trampoline, BlockEncoderOptions.ReturnNewInstructionOffsets);
+            handlerAt = (ushort)(result.GetLabelRIP(handler) - Trampoline);
+            return stream.ToArray();
+        }
+
+        Assemble(0, out var at);
+        var code = Assemble(at, out var again);
+        if (again != at) throw new InvalidOperationException("the responder's handler moved between passes");
+        return code;
+    }
+
+    private static LongModeImage PingPong(int roundTrips)
+    {
+        var ap = Responder();
+        return Long(a =>
+        {
+            var pong = a.CreateLabel();
+            var trampoline = a.CreateLabel();
+            var ready = a.CreateLabel();
+            var next = a.CreateLabel();
+            SetGate(a, 0x40, pong);
+            a.lea(rsi, __[trampoline]);
+            a.mov(rdi, (long)Trampoline);
+            a.mov(ecx, ap.Length);
+            a.rep.movsb();
+            a.mov(rbx, LapicBase);
+            a.mov(__dword_ptr[rbx + 0xF0], 0x1FF);
+            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
+            a.mov(__dword_ptr[rbx + 0x300], 0x4500);                            // INIT
+            a.mov(__dword_ptr[rbx + 0x300], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
+            a.mov(rdi, (long)ApReady);
+            a.Label(ref ready);
+            a.pause();
+            a.cmp(__byte_ptr[rdi], 1);
+            a.jne(ready);
+            a.xor(r12d, r12d);
+            Mark(a, 1);
+            a.Label(ref next);
+            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
+            a.mov(__dword_ptr[rbx + 0x300], 0x41);                              // ping: fixed 0x41 to APIC 1
+            a.inc(r12d);
+            SleepUntilCounter(a);                                               // pong: 0x40 counted
+            a.cmp(r12d, roundTrips);
+            a.jb(next);
+            Mark(a, 2);
+            ExitOk(a);
+            CountingHandler(a, pong);
+            a.Label(ref trampoline);
+            a.db(ap);
+        });
+    }
+
+    private static LongModeImage Timer(int ticks, int periodMicroseconds) => Long(a =>
+    {
+        var tick = a.CreateLabel();
+        SetGate(a, 0x30, tick);
+        a.mov(rbx, LapicBase);
+        a.mov(__dword_ptr[rbx + 0xF0], 0x1FF);
+        a.mov(__dword_ptr[rbx + 0x3E0], 0xB);                       // divide by 1: 1 GHz
+        a.mov(__dword_ptr[rbx + 0x320], 0x2_0030);                  // periodic, vector 0x30
+        a.mov(r12d, ticks);
+        Mark(a, 1);
+        a.mov(__dword_ptr[rbx + 0x380], periodMicroseconds * 1000); // initial count: starts the timer
+        SleepUntilCounter(a);
+        Mark(a, 2);
+        a.mov(__dword_ptr[rbx + 0x320], 0x1_0030);                  // masked
+        ExitOk(a);
+        CountingHandler(a, tick);
+    });
+}
