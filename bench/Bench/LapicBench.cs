@@ -25,12 +25,10 @@ namespace ActorVmm.Bench;
 internal static class LapicBench
 {
     private const ulong Code = 0x10_0000;
-    private const ulong Idt = 0x8000;
-    private const ulong Idtr = 0x9F800;
     private const ulong Counter = 0x9F900;
     private const ulong Trampoline = 0x9000;     // SIPI vector 0x09
     private const ushort ApReady = 0x8F08;
-    private const long LapicBase = 0xFEE0_0000;
+    private const long LapicBase = InterruptCode.LapicBase;
     private const byte MarkPort = 0x10;
 
     public static async Task<int> RunAsync(int roundTrips, int ticks, int periodMicroseconds, int reps)
@@ -110,25 +108,7 @@ internal static class LapicBench
         return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
     }
 
-    /// <summary>IDT gate → handler (64-bit interrupt gate), then lidt.</summary>
-    private static void SetGate(Assembler a, byte vector, Label handler)
-    {
-        a.lea(rax, __[handler]);
-        a.mov(rdi, (long)(Idt + vector * 16UL));
-        a.mov(__word_ptr[rdi], ax);
-        a.mov(__word_ptr[rdi + 2], LongModeImage.CodeSelector);
-        a.mov(__word_ptr[rdi + 4], 0x8E00);
-        a.shr(rax, 16);
-        a.mov(__word_ptr[rdi + 6], ax);
-        a.shr(rax, 16);
-        a.mov(__dword_ptr[rdi + 8], eax);
-        a.mov(__dword_ptr[rdi + 12], 0);
-        a.mov(rdi, (long)Idtr);
-        a.mov(__word_ptr[rdi], 0xFFF);
-        a.mov(rax, (long)Idt);
-        a.mov(__qword_ptr[rdi + 2], rax);
-        a.lidt(__[rdi]);
-    }
+    private static void SetGate(Assembler a, byte vector, Label handler) => InterruptCode.SetGate(a, vector, handler);
 
     /// <summary>The handler: count, EOI, return.</summary>
     private static void CountingHandler(Assembler a, Label handler)
@@ -137,8 +117,7 @@ internal static class LapicBench
         a.push(rdi);
         a.mov(rdi, (long)Counter);
         a.inc(__dword_ptr[rdi]);
-        a.mov(rdi, LapicBase);
-        a.mov(__dword_ptr[rdi + 0xB0], 0);
+        InterruptCode.Eoi(a);
         a.pop(rdi);
         a.iretq();
     }
@@ -241,8 +220,7 @@ internal static class LapicBench
             a.mov(rdi, (long)Trampoline);
             a.mov(ecx, ap.Length);
             a.rep.movsb();
-            a.mov(rbx, LapicBase);
-            a.mov(__dword_ptr[rbx + 0xF0], 0x1FF);
+            InterruptCode.EnableLocalApic(a);
             a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
             a.mov(__dword_ptr[rbx + 0x300], 0x4500);                            // INIT
             a.mov(__dword_ptr[rbx + 0x300], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
@@ -272,8 +250,7 @@ internal static class LapicBench
     {
         var tick = a.CreateLabel();
         SetGate(a, 0x30, tick);
-        a.mov(rbx, LapicBase);
-        a.mov(__dword_ptr[rbx + 0xF0], 0x1FF);
+        InterruptCode.EnableLocalApic(a);
         a.mov(__dword_ptr[rbx + 0x3E0], 0xB);                       // divide by 1: 1 GHz
         a.mov(__dword_ptr[rbx + 0x320], 0x2_0030);                  // periodic, vector 0x30
         a.mov(r12d, ticks);

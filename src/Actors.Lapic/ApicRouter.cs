@@ -65,6 +65,7 @@ internal sealed class ApicRouter : ReceiveActor
         _targets = targets;
         _kernel = kernel;
         Receive<Ipi>(OnIpi);
+        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason)); // restarted: level routes are made again as level messages come
         Receive<ApicMessage>(m =>
         {
             if (_kernel is not null)

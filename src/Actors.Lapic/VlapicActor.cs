@@ -47,10 +47,14 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         {
             // A restart: continue from the state the failed incarnation saved.
             _apic.Restore(saved);
+            _reported = cell.Reported;
             cell.State = null;
+            cell.Reported = null;
         }
 
         Receive<AttachVcpu>(a => _cell.Vcpu = a.Vcpu);
+        // Fault injection: the vlapic fails; its supervisor restarts it from the state it saves.
+        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
         Receive<DeliverToFirstMatch>(d =>
         {
             var to = d.Interrupt.To;
@@ -149,12 +153,17 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         });
     }
 
+    /// <summary>After a restart the timer is armed again (it died with the failed incarnation) and a
+    /// vector that became pending meanwhile is told; on a first start there is nothing to do.</summary>
+    protected override void PreStart() => Changed();
+
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
         // An in-kernel APIC keeps its state through the restart; a model saves its own.
         try { _cell.State = _apic.Kind == LapicBackendKind.KvmAssisted ? null : _apic.State(); }
         catch (Exception) { _cell.State = null; } // a model too broken to save restarts from reset
+        _cell.Reported = _cell.State is null ? null : _reported;
 
         foreach (var (sender, n) in _uncredited)
             if (n > 0) sender.Tell(new DeviceProtocol.WriteCredit(n));

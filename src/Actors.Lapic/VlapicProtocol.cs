@@ -167,5 +167,7 @@ public static class VlapicProtocol
     {
         public volatile IActorRef Vcpu = ActorRefs.Nobody;
         public LapicState? State;
+        /// <summary>The vector the failed incarnation had told its vcpu (not to be told twice).</summary>
+        public int? Reported;
     }
 }

@@ -102,6 +102,7 @@ internal sealed class VmspaceActor : ReceiveActor
         Receive<EptInvalidated>(a => _barrier.Ack(a.VcpuId, a.Generation));
         Receive<SyncEpt>(s => AwaitEptInvalidation(Sender, g => new EptSynced(s.Id, g)));
         Receive<FaultProtocol.FailNestedPageFaults>(OnFailFaults);
+        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason)); // the VM stops, naming the vmspace
         Receive<FaultProtocol.Stall>(s =>
         {
             var slept = FaultProtocol.StallHere(s);

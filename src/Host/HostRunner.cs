@@ -201,12 +201,37 @@ public static class HostRunner
         _ => $"VM stopped: {outcome.Detail}",
     };
 
-    public static void PrintTrace(TraceRecorder trace, TextWriter output)
+    /// <summary>
+    /// The trace as text: its start and end (all of it when short), the causal chain of each
+    /// interrupt the guest accepted (each message's parent up to the vcpu exit that began it), and
+    /// the messages counted by sender, receiver and type.
+    /// </summary>
+    public static void PrintTrace(TraceRecorder trace, TextWriter output, int head = 40, int tail = 20)
     {
         var events = trace.Snapshot();
         output.WriteLine();
         output.WriteLine($"--- message trace: {trace.Count} messages ---");
-        foreach (var e in events) output.WriteLine(TraceRecorder.ToText(e));
+        if (events.Count <= head + tail + 1)
+            foreach (var e in events) output.WriteLine(TraceRecorder.ToText(e));
+        else
+        {
+            foreach (var e in events.Take(head)) output.WriteLine(TraceRecorder.ToText(e));
+            output.WriteLine($"    ... {events.Count - head - tail} more (--trace FILE keeps every one) ...");
+            foreach (var e in events.Skip(events.Count - tail)) output.WriteLine(TraceRecorder.ToText(e));
+        }
+        var byId = events.ToDictionary(e => e.Id);
+        foreach (var accepted in events.Where(e => e.Type == "InterruptAccepted").Take(3))
+        {
+            output.WriteLine($"--- how interrupt #{accepted.Id} reached the guest (each line the parent of the next) ---");
+            var chain = new List<TraceEvent>();
+            for (TraceEvent? e = accepted; e is not null; e = e.ParentId != 0 && byId.TryGetValue(e.ParentId, out var p) ? p : null)
+            {
+                chain.Add(e);
+                if (e.Type == "GuestExit") break; // the guest's own action began it
+            }
+            chain.Reverse();
+            foreach (var e in chain) output.WriteLine(TraceRecorder.ToText(e));
+        }
         output.WriteLine("--- messages by type ---");
         foreach (var g in events.GroupBy(e => (e.Sender, e.Receiver, e.Type)).OrderByDescending(g => g.Count()))
             output.WriteLine($"{g.Count(),8}  {g.Key.Sender} -> {g.Key.Receiver}  {g.Key.Type}");

@@ -33,6 +33,7 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
 
     // Guarded by _gate.
     private int _runs;
+    private int _takenInRun; // the Run (by _runs) that last returned an exit
     private int _consumed;
     private int _intrReturned;
     private bool _inRun;
@@ -134,8 +135,10 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     }
 
     /// <summary>Waits until the vcpu is inside Run with every supplied exit handled.</summary>
+    /// <summary>Until the vcpu is back in Run with nothing left to return: it handled the last exit
+    /// it took (a Run that has just taken an exit is still "in Run" until it returns).</summary>
     public bool WaitUntilIdleInGuest(TimeSpan? timeout = null) =>
-        WaitUntil(v => v._inRun && v._exits.Count == 0, timeout);
+        WaitUntil(v => v._inRun && v._exits.Count == 0 && v._runs > v._takenInRun, timeout);
 
     // ---- IVcpu (the actor's thread, except Kick) ----
 
@@ -160,11 +163,11 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
             {
                 // immediate_exit is cleared by the VMM after the EINTR exit.
                 Volatile.Write(ref _kickPending, 0);
-                Changed(() => _intrReturned++);
+                Changed(() => { _intrReturned++; _takenInRun = _runs; });
             }
             else
             {
-                Changed(() => _consumed++);
+                Changed(() => { _consumed++; _takenInRun = _runs; });
             }
             return exit;
         }

@@ -257,12 +257,13 @@ public sealed class BootImageTests : IDisposable
     // ---- DemoGuest ----
 
     [Fact]
-    public void DemoGuest_is_64_bit_code_that_polls_writes_and_halts()
+    public void DemoGuest_is_64_bit_code_that_polls_writes_takes_the_uart_interrupt_and_halts()
     {
         var image = DemoGuest.Build();
         Assert.Equal(DemoGuest.LoadAddress, image.LoadAddress);
         Assert.Equal(image.LoadAddress, image.Entry);
 
+        // The code runs up to the handler's iretq; the strings follow it.
         var decoder = Iced.Intel.Decoder.Create(64, new ByteArrayCodeReader(image.Code));
         decoder.IP = image.LoadAddress;
         var formatter = new NasmFormatter();
@@ -276,24 +277,20 @@ public sealed class BootImageTests : IDisposable
             var output = new StringOutput();
             formatter.Format(instruction, output);
             text.Add(output.ToStringAndReset());
-            if (instruction.Mnemonic == Mnemonic.Hlt) break;
+            if (instruction.Mnemonic == Mnemonic.Iretq) break;
         }
-        Assert.Contains("in al,dx", text);
-        Assert.Contains("out dx,al", text);
-        Assert.Contains("cli", text);
-        Assert.Equal("hlt", text[^1]);
-        Assert.Contains("mov dx,3FDh", text);
-        Assert.Contains("mov dx,3F8h", text);
+        Assert.Equal("iretq", text[^1]);
+        foreach (var expected in new[] { "lidt [rdi]", "in al,dx", "out dx,al", "sti", "cli", "hlt", "mov dx,3FDh", "mov dx,3F8h", "mov dx,3F9h", "mov dx,3FAh" })
+            Assert.Contains(expected, text);
 
-        // The first instruction points RSI at the NUL-terminated greeting inside the image.
-        var lea = instructions[0];
-        Assert.Equal(Mnemonic.Lea, lea.Mnemonic);
-        Assert.Equal(Register.RSI, lea.Op0Register);
-        Assert.True(lea.IsIPRelativeMemoryOperand);
-        var offset = (int)(lea.IPRelativeMemoryAddress - image.LoadAddress);
-        var greeting = Encoding.ASCII.GetBytes(DemoGuest.Greeting);
-        Assert.Equal(greeting, image.Code.AsSpan(offset, greeting.Length).ToArray());
-        Assert.Equal(0, image.Code[offset + greeting.Length]);
+        // Two RSI-relative string pointers: the greeting, then the line printed after the interrupt.
+        var strings = instructions.Where(i => i.Mnemonic == Mnemonic.Lea && i.Op0Register == Register.RSI && i.IsIPRelativeMemoryOperand)
+            .Select(i => (int)(i.IPRelativeMemoryAddress - image.LoadAddress)).ToArray();
+        Assert.Equal(2, strings.Length);
+        var greeting = Encoding.ASCII.GetBytes(DemoGuest.Greeting + "\0");
+        var after = Encoding.ASCII.GetBytes(DemoGuest.AfterInterrupt + "\0");
+        Assert.Equal(greeting, image.Code.AsSpan(strings[0], greeting.Length).ToArray());
+        Assert.Equal(after, image.Code.AsSpan(strings[1], after.Length).ToArray());
     }
 
     [Fact]

@@ -66,8 +66,10 @@ public sealed partial class CliGuestTests : IDisposable
         KvmRequirement.Check();
         var (code, stdout, stderr) = await Finish(Start("demo"), TimeSpan.FromSeconds(300));
         Assert.True(code == 0, stderr);
-        Assert.Contains(DemoGuest.Greeting, stdout);
+        Assert.Contains(DemoGuest.Greeting + DemoGuest.AfterInterrupt, stdout);
         Assert.Contains("message trace", stdout);
+        Assert.Contains("reached the guest", stdout); // the interrupt's causal chain
+        Assert.Contains("InterruptAccepted", stdout);
         Assert.Contains("vcpu-0", stdout);
         Assert.Contains("uart0", stdout);
     }

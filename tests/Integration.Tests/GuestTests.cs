@@ -49,7 +49,7 @@ public sealed class GuestTests
     public async Task Serial_hello_reaches_the_console_and_the_guest_halts()
     {
         await using var run = await GuestRun.RunAsync(DemoGuest.Build("hello\n"));
-        Assert.Equal("hello\n", run.Serial);
+        Assert.Equal("hello\n" + DemoGuest.AfterInterrupt, run.Serial);
         Assert.Equal(VmProtocol.OutcomeKind.Halted, run.Outcome.Kind);
         Assert.Equal(0, run.Outcome.ExitCode);
     }

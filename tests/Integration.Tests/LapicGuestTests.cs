@@ -19,14 +19,12 @@ namespace ActorVmm.Integration.Tests;
 public sealed class LapicGuestTests
 {
     private const ulong Code = 0x10_0000;
-    private const ulong Idt = 0x8000;            // 256 gates, 0x8000-0x8FFF
-    private const ulong Idtr = 0x9F800;          // limit + base for lidt
     private const ulong Flag = 0x9F900;          // set by a handler
     private const ulong Trampoline = 0x9000;     // SIPI vector 0x09
     private const ushort ApLock = 0x8F00;        // real-mode DS = 0: a byte lock,
     private const ushort ApCount = 0x8F04;       // the number of APs that printed,
     private const ushort ApReady = 0x8F08;       // and an AP's "my APIC is on" flag
-    private const long LapicBase = 0xFEE0_0000;
+    private const long LapicBase = InterruptCode.LapicBase;
 
     /// <summary>Every guest here runs with the emulated local APICs and with KVM's (split irqchip).</summary>
     public static TheoryData<LapicMode> LapicModes => new() { LapicMode.Emulated, LapicMode.Assisted };
@@ -38,32 +36,10 @@ public sealed class LapicGuestTests
         return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
     }
 
-    /// <summary>IDT gate <paramref name="vector"/> → <paramref name="handler"/> (64-bit interrupt gate, selector 0x08), then lidt.</summary>
-    private static void SetGate(Assembler a, byte vector, Label handler)
-    {
-        a.lea(rax, __[handler]);
-        a.mov(rdi, (long)(Idt + vector * 16UL));
-        a.mov(__word_ptr[rdi], ax);
-        a.mov(__word_ptr[rdi + 2], LongModeImage.CodeSelector);
-        a.mov(__word_ptr[rdi + 4], 0x8E00);              // present, DPL 0, 64-bit interrupt gate
-        a.shr(rax, 16);
-        a.mov(__word_ptr[rdi + 6], ax);
-        a.shr(rax, 16);
-        a.mov(__dword_ptr[rdi + 8], eax);
-        a.mov(__dword_ptr[rdi + 12], 0);
-        a.mov(rdi, (long)Idtr);
-        a.mov(__word_ptr[rdi], 0xFFF);
-        a.mov(rax, (long)Idt);
-        a.mov(__qword_ptr[rdi + 2], rax);
-        a.lidt(__[rdi]);
-    }
+    private static void SetGate(Assembler a, byte vector, Label handler) => InterruptCode.SetGate(a, vector, handler);
 
     /// <summary>RBX = the local APIC page; SVR = 0x1FF (software enabled).</summary>
-    private static void EnableApic(Assembler a)
-    {
-        a.mov(rbx, LapicBase);
-        a.mov(__dword_ptr[rbx + 0xF0], 0x1FF);
-    }
+    private static void EnableApic(Assembler a) => InterruptCode.EnableLocalApic(a);
 
     /// <summary>A handler that sets <see cref="Flag"/>, EOIs and returns.</summary>
     private static void FlagHandler(Assembler a, Label handler)

@@ -117,16 +117,20 @@ public sealed class VmInterrupts
             () => Level(pin, irq, false),
             () =>
             {
-                IoApic.Tell(new DeviceProtocol.PulseIrq(pin), ActorRefs.NoSender);
-                Pic.Tell(new DeviceProtocol.PulseIrq(irq), ActorRefs.NoSender);
+                IoApic.Tell(new DeviceProtocol.PulseIrq(pin), Sender);
+                Pic.Tell(new DeviceProtocol.PulseIrq(irq), Sender);
             });
     }
 
     private void Level(int pin, int irq, bool level)
     {
-        IoApic.Tell(new DeviceProtocol.SetIrqLevel(pin, level), ActorRefs.NoSender);
-        Pic.Tell(new DeviceProtocol.SetIrqLevel(irq, level), ActorRefs.NoSender);
+        IoApic.Tell(new DeviceProtocol.SetIrqLevel(pin, level), Sender);
+        Pic.Tell(new DeviceProtocol.SetIrqLevel(irq, level), Sender);
     }
+
+    /// <summary>The actor whose model raises a line or sends an APIC message now (these run inside
+    /// its message handling), so that the message carries it and a trace links it to its cause.</summary>
+    private static IActorRef Sender => ActorCell.GetCurrentSelfOrNoSender();
 
     public IApicBus ApicBus => new RouterBus(this);
 
@@ -137,11 +141,11 @@ public sealed class VmInterrupts
         () => Lint(VlapicProtocol.PinChange.Pulse));
 
     private void Lint(VlapicProtocol.PinChange change) =>
-        BspVlapic.Tell(new VlapicProtocol.Lint(0, change), ActorRefs.NoSender);
+        BspVlapic.Tell(new VlapicProtocol.Lint(0, change), Sender);
 
     private sealed class RouterBus(VmInterrupts interrupts) : IApicBus
     {
-        public void Deliver(ApicMessage m) => interrupts.Router.Tell(m, ActorRefs.NoSender);
+        public void Deliver(ApicMessage m) => interrupts.Router.Tell(m, Sender);
     }
 }
 
