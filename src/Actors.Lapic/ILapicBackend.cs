@@ -62,6 +62,13 @@ public interface ILapicBackend : ITimedDevice
     /// <summary>Highest vector the vcpu should take now, or null (vlapic_pending_intr).</summary>
     int? PendingInterrupt();
 
+    /// <summary>The TPR, which the vcpu mirrors in the guest's CR8; null when the backend keeps it
+    /// where the vcpu need not (an in-kernel APIC: KVM syncs CR8 itself).</summary>
+    byte? TaskPriority => null;
+
+    /// <summary>The guest wrote CR8 (TPR = CR8 &lt;&lt; 4), seen by the vcpu at an exit.</summary>
+    void SetTaskPriority(byte tpr) { }
+
     /// <summary>The vcpu injected <paramref name="vector"/> (vlapic_intr_accepted).</summary>
     void InterruptAccepted(byte vector);
 
@@ -120,6 +127,10 @@ public sealed class EmulatedLapicBackend(LocalApic apic) : ILapicBackend
     }
 
     public int? PendingInterrupt() => Model.PendingInterrupt();
+
+    public byte? TaskPriority => Model.TaskPriority;
+
+    public void SetTaskPriority(byte tpr) => Model.TaskPriority = tpr;
 
     public void InterruptAccepted(byte vector) => Model.InterruptAccepted(vector);
 

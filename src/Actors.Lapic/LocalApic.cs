@@ -340,7 +340,7 @@ public sealed class LocalApic : ITimedDevice
     /// named): IRR → ISR, PPR raised (§10.8.4). bhyve's vlapic_intr_accepted.</summary>
     public void InterruptAccepted(byte vector)
     {
-        if (vector < 16) return;
+        if (vector < 16 || !TestBit(Irr, vector)) return; // not requested: a stale or repeated acceptance
         SetBit(Irr, vector, false);
         SetBit(Isr, vector, true);
         UpdatePpr();
@@ -843,6 +843,17 @@ public sealed class LocalApic : ITimedDevice
     {
         SetBit(Irr, vector, true);
         SetBit(Tmr, vector, trigger == TriggerMode.Level); // §10.8.4: set for level, cleared for edge
+    }
+
+    /// <summary>The TPR (§10.8.3.1), as the guest's CR8 sees it too (CR8 = TPR[7:4] in 64-bit mode).</summary>
+    public byte TaskPriority
+    {
+        get => (byte)Reg(Tpr);
+        set
+        {
+            SetReg(Tpr, value);
+            UpdatePpr();
+        }
     }
 
     /// <summary>§10.8.3.1: PPR = TPR if TPR[7:4] ≥ ISRV[7:4], else ISRV[7:4]:0000b.</summary>

@@ -31,6 +31,9 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>The vector last told to the vcpu and not yet accepted; null when none is.</summary>
     private int? _reported;
 
+    /// <summary>The TPR the vcpu mirrors in CR8 (it starts at 0; unknown after a restart).</summary>
+    private byte? _vcpuTpr = 0;
+
     /// <summary>The deadline the timer is armed for.</summary>
     private TimeSpan? _armed;
 
@@ -48,6 +51,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             // A restart: continue from the state the failed incarnation saved.
             _apic.Restore(saved);
             _reported = cell.Reported;
+            _vcpuTpr = null;
             cell.State = null;
             cell.Reported = null;
         }
@@ -60,6 +64,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             var to = d.Interrupt.To;
             if (to is null || _apic.Matches(to.Mode, to.Id))
             {
+                _cell.Delivered++;
                 _apic.Deliver(d.Interrupt.Mode, d.Interrupt.Vector, d.Interrupt.Level, d.Interrupt.Trigger);
                 Changed();
             }
@@ -74,6 +79,19 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             Credit(Sender);
             _apic.WriteMmio(w.Offset, w.Size, w.Value);
             Changed();
+        });
+        Receive<DeviceProtocol.WriteAndWait>(w =>
+        {
+            _uncredited.Remove(Sender); // the reply acknowledges every earlier write (FIFO)
+            try
+            {
+                _apic.WriteMmio(w.Offset, w.Size, w.Value);
+                Changed(); // a withdrawn vector reaches the vcpu before the reply does
+            }
+            finally
+            {
+                Sender.Tell(new DeviceProtocol.WriteDone(w.Id, MachineEnding: false)); // never leave the vcpu waiting
+            }
         });
         Receive<DeviceProtocol.Read>(r =>
         {
@@ -101,6 +119,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         Receive<DeliverInterrupt>(d =>
         {
             if (d.To is { } to && !_apic.Matches(to.Mode, to.Id)) return;
+            _cell.Delivered++;
             _apic.Deliver(d.Mode, d.Vector, d.Level, d.Trigger);
             Changed();
         });
@@ -118,6 +137,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         });
         Receive<InterruptAccepted>(a =>
         {
+            _cell.Accepted++;
             _apic.InterruptAccepted(a.Vector);
             if (_reported == a.Vector) _reported = null;
             Changed();
@@ -127,8 +147,17 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             _apic.Eoi(e.Vector);
             Changed();
         });
+        Receive<SetTaskPriority>(t =>
+        {
+            _apic.SetTaskPriority(t.Tpr);
+            _vcpuTpr = t.Tpr;
+            Changed();
+        });
+        Receive<GetStats>(_ => Sender.Tell(new Stats(_vcpuId, _cell.IpisSent, _cell.Delivered, _cell.Accepted,
+            _cell.TimerCallbacks, _cell.Restarts)));
         Receive<TimerTick>(_ =>
         {
+            _cell.TimerCallbacks++;
             _armed = null;
             _apic.OnDeadline();
             Changed();
@@ -160,6 +189,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
+        _cell.Restarts++;
         // An in-kernel APIC keeps its state through the restart; a model saves its own.
         try { _cell.State = _apic.Kind == LapicBackendKind.KvmAssisted ? null : _apic.State(); }
         catch (Exception) { _cell.State = null; } // a model too broken to save restarts from reset
@@ -177,13 +207,21 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         var pending = _apic.PendingInterrupt();
         if (pending is null)
         {
-            // Nothing deliverable (TPR raised, INIT, accepted): a later one is reported afresh.
+            // Nothing deliverable (TPR raised, INIT, masked): take back what the vcpu was told, so it
+            // does not inject it. (After an acceptance _reported is already null: nothing to take back.)
+            if (_reported is not null) _cell.Vcpu.Tell(new NoInterruptPending(_vcpuId, ++_cell.Seq), Self);
             _reported = null;
         }
         else if (pending != _reported)
         {
             _reported = pending;
-            _cell.Vcpu.Tell(new InterruptPending(_vcpuId, (byte)pending.Value), Self);
+            _cell.Vcpu.Tell(new InterruptPending(_vcpuId, (byte)pending.Value, ++_cell.Seq), Self);
+        }
+
+        if (_apic.TaskPriority is { } tpr && tpr != _vcpuTpr)
+        {
+            _vcpuTpr = tpr;
+            _cell.Vcpu.Tell(new TaskPriorityChanged(_vcpuId, tpr), Self);
         }
 
         var deadline = _apic.NextDeadline;
@@ -216,7 +254,11 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>The model's outputs as messages. Called inside this actor's message handling.</summary>
     private sealed class EventsToActors(int vcpuId, Wiring wiring, VlapicCell cell, IActorRef self) : ILapicEvents
     {
-        public void SendIpi(Ipi ipi) => wiring.Router.Tell(ipi, self);
+        public void SendIpi(Ipi ipi)
+        {
+            cell.IpisSent++;
+            wiring.Router.Tell(ipi, self);
+        }
 
         public void LevelEoi(byte vector) => wiring.EoiTarget.Tell(new VlapicProtocol.LevelEoi(vcpuId, vector), self);
 

@@ -17,6 +17,9 @@ public static class VlapicProtocol
 {
     public const ulong MmioBase = LocalApic.DefaultBaseAddress;
     public const ulong MmioLength = LocalApic.PageSize;
+    /// <summary>The xAPIC TPR register in the page: the vcpu waits for its writes (a raised TPR must
+    /// hold back a pending interrupt before the guest's next instruction, SDM §10.8.3.1).</summary>
+    public const ulong TprOffset = 0x80;
 
     public interface IVlapicMessage;
 
@@ -34,10 +37,28 @@ public static class VlapicProtocol
     }
 
     /// <summary>The highest vector the vcpu should take now. Supersedes an earlier one; the vcpu
-    /// injects it when the guest can (KVM_INTERRUPT) and answers <see cref="InterruptAccepted"/>.</summary>
-    public sealed record InterruptPending(int VcpuId, byte Vector) : IVcpuEvent
+    /// injects it when the guest can (KVM_INTERRUPT) and answers <see cref="InterruptAccepted"/>.
+    /// <paramref name="Seq"/> numbers the vlapic's reports (from 1; kept across its restarts): the
+    /// vcpu ignores a report not newer than the last it saw, so a duplicated or late one cannot
+    /// inject a vector twice. 0 = unnumbered (taken as new).</summary>
+    public sealed record InterruptPending(int VcpuId, byte Vector, long Seq = 0) : IVcpuEvent
     {
         public bool LapicInterrupt => true;
+    }
+
+    /// <summary>The vector reported last is no longer deliverable (the guest raised its TPR, or
+    /// masked or retargeted the source): the vcpu drops it unless it was already injected (then its
+    /// <see cref="InterruptAccepted"/> is on the way, as on hardware once the core took it).</summary>
+    public sealed record NoInterruptPending(int VcpuId, long Seq) : IVcpuEvent
+    {
+        public bool LapicInterrupt => true;
+    }
+
+    /// <summary>The TPR changed through the APIC page or an x2APIC MSR: the vcpu loads
+    /// <c>Tpr &gt;&gt; 4</c> into the guest's CR8 before its next entry (CR8 aliases TPR[7:4]).</summary>
+    public sealed record TaskPriorityChanged(int VcpuId, byte Tpr) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
     }
 
     public sealed record NmiPending(int VcpuId) : IVcpuEvent
@@ -108,6 +129,9 @@ public static class VlapicProtocol
     public sealed record DeliverToFirstMatch(DeliverInterrupt Interrupt, System.Collections.Immutable.ImmutableArray<IActorRef> Rest)
         : IVlapicMessage;
 
+    /// <summary>From the vcpu: the guest changed CR8, so TPR = <paramref name="Tpr"/> (CR8 &lt;&lt; 4).</summary>
+    public sealed record SetTaskPriority(byte Tpr) : IVlapicMessage;
+
     /// <summary>Names the vcpu that receives this vlapic's <see cref="IVcpuEvent"/>s (replacing
     /// <see cref="Wiring.Vcpu"/>): the VM builder creates the vlapic before its vcpu, whose wiring
     /// needs the vlapic. Kept across restarts of the vlapic.</summary>
@@ -122,6 +146,22 @@ public static class VlapicProtocol
 
     /// <summary>To the EOI target: a level-triggered vector was retired (IOAPIC clears Remote IRR).</summary>
     public sealed record LevelEoi(int VcpuId, byte Vector) : IVlapicMessage;
+
+    // ---- Stats -----------------------------------------------------------------------------------
+
+    public sealed record GetStats : IVlapicMessage
+    {
+        public static readonly GetStats Instance = new();
+    }
+
+    /// <summary>Counters of one vlapic since the VM started (kept across restarts): IPIs its vcpu
+    /// sent through the APIC router (an ICR write with a destination; a self-IPI by shorthand
+    /// stays inside the APIC and is not counted), interrupts delivered to it (fixed, lowest-priority,
+    /// NMI, INIT, SIPI, ExtINT, from devices and IPIs alike), vectors its vcpu accepted, timer
+    /// callbacks handled, restarts after a failure. An in-kernel APIC (assisted) counts only what
+    /// passes through the actor.</summary>
+    public sealed record Stats(int VcpuId, long IpisSent, long Delivered, long Accepted, long TimerCallbacks, int Restarts)
+        : IVlapicMessage;
 
     // ---- Snapshot --------------------------------------------------------------------------------
 
@@ -169,5 +209,9 @@ public static class VlapicProtocol
         public LapicState? State;
         /// <summary>The vector the failed incarnation had told its vcpu (not to be told twice).</summary>
         public int? Reported;
+        public long IpisSent, Delivered, Accepted, TimerCallbacks;
+        /// <summary>The last <see cref="InterruptPending.Seq"/> sent.</summary>
+        public long Seq;
+        public int Restarts;
     }
 }

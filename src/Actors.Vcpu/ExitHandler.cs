@@ -55,17 +55,17 @@ public static class ExitHandler
         {
             case VmExit.Io io:
                 if (ports.TryResolve(io.Port, out var pr, out var po))
-                    return new ExitAction(io.IsOut ? WriteKind(pr) : ExitActionKind.Read, pr, pr.Window + po, io.Size);
+                    return new ExitAction(io.IsOut ? WriteKind(pr, pr.Window + po) : ExitActionKind.Read, pr, pr.Window + po, io.Size);
                 return new ExitAction(io.IsOut ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: io.Size);
             case VmExit.Mmio m:
                 if (mmio.TryResolve(m.Address, out var mr, out var mo))
-                    return new ExitAction(m.IsWrite ? WriteKind(mr) : ExitActionKind.Read, mr, mr.Window + mo, m.Length,
+                    return new ExitAction(m.IsWrite ? WriteKind(mr, mr.Window + mo) : ExitActionKind.Read, mr, mr.Window + mo, m.Length,
                         Space: DeviceProtocol.Space.Mmio);
                 return new ExitAction(m.IsWrite ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: m.Length,
                     Space: DeviceProtocol.Space.Mmio);
             case VmExit.Hlt:
                 return new ExitAction(ExitActionKind.Halt);
-            case VmExit.Intr or VmExit.IrqWindowOpen:
+            case VmExit.Intr or VmExit.IrqWindowOpen or VmExit.SetTpr: // (the vcpu reads CR8 after every exit)
                 return new ExitAction(ExitActionKind.Reenter);
             case VmExit.IoapicEoi:
                 return new ExitAction(ExitActionKind.IoapicEoi);
@@ -92,7 +92,8 @@ public static class ExitHandler
     public static bool IsApicMsr(uint msr) =>
         msr is Lapic.ApicMsrs.ApicBase or Lapic.ApicMsrs.TscDeadline or (>= Lapic.ApicMsrs.X2ApicFirst and <= Lapic.ApicMsrs.X2ApicLast);
 
-    private static ExitActionKind WriteKind(DeviceRoute route) => route.WaitForWrites ? ExitActionKind.WriteAndWait : ExitActionKind.PostWrite;
+    private static ExitActionKind WriteKind(DeviceRoute route, ulong offset) =>
+        route.WaitsForWriteAt(offset) ? ExitActionKind.WriteAndWait : ExitActionKind.PostWrite;
 
     private static ExitAction Stop(VcpuProtocol.StopReason reason) => new(ExitActionKind.Stop, StopReason: reason);
 

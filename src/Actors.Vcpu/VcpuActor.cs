@@ -55,6 +55,10 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     // From the vlapic: the vector to inject (newest wins), an NMI, an ExtINT to fetch from the PIC.
     private byte? _lapicVector;
+    /// <summary>The newest <see cref="VlapicProtocol.InterruptPending.Seq"/> seen.</summary>
+    private long _lapicSeq;
+    /// <summary>The guest's CR8 (TPR[7:4]) with an emulated local APIC, as of the last exit.</summary>
+    private byte _cr8;
     private bool _nmiPending;
     private bool _extIntPending;
     /// <summary>A KVM_INTERRUPT was issued since the last exit: KVM takes one per entry.</summary>
@@ -454,8 +458,19 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         switch (e)
         {
             case VlapicProtocol.InterruptPending p:
+                if (p.Seq != 0 && p.Seq <= _lapicSeq) break; // a duplicate, or older than what came since
+                if (p.Seq != 0) _lapicSeq = p.Seq;
                 _lapicVector = p.Vector;
                 Wake();
+                break;
+            case VlapicProtocol.TaskPriorityChanged t:
+                _cr8 = (byte)(t.Tpr >> 4);
+                _vcpu.Cr8 = _cr8; // KVM loads it into CR8 at the next entry
+                break;
+            case VlapicProtocol.NoInterruptPending n:
+                if (n.Seq <= _lapicSeq) break;
+                _lapicSeq = n.Seq;
+                _lapicVector = null; // not injected yet: the guest does not get it
                 break;
             case VlapicProtocol.NmiPending:
                 _nmiPending = true;
@@ -611,6 +626,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             return false;
         }
         _exits++;
+        if (_wiring.Vlapic is not null && !_wiring.KernelLapic) SyncCr8();
         if (_trace is not null) TraceExit(exit);
         if (!_kernelStarted && _wiring.KernelLapic) NoteKernelStart();
         var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, apicMsrs: _wiring.Vlapic is not null && !_wiring.KernelLapic);
@@ -866,7 +882,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             {
                 InjectNow(_pendingVectors.Dequeue());
             }
-            else if (_lapicVector is { } vector)
+            else if (_lapicVector is { } vector && vector >> 4 > _cr8) // CR8 may hold it back (§10.8.3.1)
             {
                 _lapicVector = null;
                 InjectNow(vector);
@@ -883,8 +899,19 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             }
         }
         // KVM_EXIT_IRQ_WINDOW_OPEN is not reliable here: ask for it, and also re-check on every exit.
-        _vcpu.RequestInterruptWindow = _pendingVectors.Count > 0 || _lapicVector is not null || _extIntPending;
+        // (A vector CR8 holds back waits for the exit that lowers CR8: no window for it.)
+        _vcpu.RequestInterruptWindow = _pendingVectors.Count > 0 || _lapicVector is { } v && v >> 4 > _cr8 || _extIntPending;
         return true;
+    }
+
+    /// <summary>The guest may have written CR8 without an exit (raising it never exits; lowering it
+    /// exits as KVM_EXIT_SET_TPR on most hosts): its TPR goes to the vlapic, which arbitrates with it.</summary>
+    private void SyncCr8()
+    {
+        var cr8 = (byte)(_vcpu.Cr8 & 0xF);
+        if (cr8 == _cr8) return;
+        _cr8 = cr8;
+        _wiring.Vlapic!.Tell(new VlapicProtocol.SetTaskPriority((byte)(cr8 << 4)), Self);
     }
 
     private void InjectNow(byte vector)

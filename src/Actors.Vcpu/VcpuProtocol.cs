@@ -158,18 +158,28 @@ public sealed class DeviceRoute
 
     /// <param name="waitForWrites">the vcpu waits for each write (<see cref="DeviceProtocol.WriteAndWait"/>):
     /// for devices whose writes can end the machine</param>
-    public DeviceRoute(string name, IActorRef device, bool waitForWrites = false) : this(name, device, 0, new Flow(), waitForWrites)
+    /// <param name="waitForWriteAt">offsets (device offsets, window included) whose writes the vcpu
+    /// waits for even when others are posted: a local APIC's TPR, whose raise must hold back an
+    /// interrupt before the guest's next instruction</param>
+    public DeviceRoute(string name, IActorRef device, bool waitForWrites = false, Func<ulong, bool>? waitForWriteAt = null)
+        : this(name, device, 0, new Flow(), waitForWrites, waitForWriteAt)
     {
     }
 
-    private DeviceRoute(string name, IActorRef device, ulong window, Flow flow, bool waitForWrites)
+    private DeviceRoute(string name, IActorRef device, ulong window, Flow flow, bool waitForWrites, Func<ulong, bool>? waitForWriteAt)
     {
         Name = name;
         Device = device;
         Window = window;
         _flow = flow;
         WaitForWrites = waitForWrites;
+        _waitForWriteAt = waitForWriteAt;
     }
+
+    private readonly Func<ulong, bool>? _waitForWriteAt;
+
+    /// <summary>Whether a write at device offset <paramref name="offset"/> waits for <see cref="DeviceProtocol.WriteDone"/>.</summary>
+    public bool WaitsForWriteAt(ulong offset) => WaitForWrites || (_waitForWriteAt?.Invoke(offset) ?? false);
 
     public string Name { get; }
     public IActorRef Device { get; }
@@ -181,7 +191,7 @@ public sealed class DeviceRoute
     public ulong Window { get; }
 
     /// <summary>Another range of the same device, at offset window <paramref name="window"/>, sharing this route's write window.</summary>
-    public DeviceRoute WithWindow(ulong window) => new(Name, Device, window, _flow, WaitForWrites);
+    public DeviceRoute WithWindow(ulong window) => new(Name, Device, window, _flow, WaitForWrites, _waitForWriteAt);
 
     internal int InFlight
     {

@@ -38,6 +38,13 @@ public interface IVcpu : IDisposable
     /// <summary>Asks KVM to exit as soon as the guest can take an interrupt.</summary>
     bool RequestInterruptWindow { set; }
 
+    /// <summary>
+    /// <c>kvm_run.cr8</c>, without an in-kernel local APIC: the guest's CR8 (TPR[7:4]) as of the last
+    /// exit, and what KVM loads into CR8 at the next entry (so a TPR the guest wrote through its
+    /// APIC page reaches CR8 by setting it here).
+    /// </summary>
+    ulong Cr8 { get => 0; set { } }
+
     /// <summary>Queues an external interrupt (KVM_INTERRUPT).</summary>
     void InjectInterrupt(byte vector);
 

@@ -175,6 +175,16 @@ public sealed unsafe class VcpuHandle : IVcpu
     }
 
     public bool InterruptsEnabled => RunPage.IfFlag;
+
+    public ulong Cr8
+    {
+        get => RunPage.Cr8;
+        set
+        {
+            var page = RunPage;
+            page.Cr8 = value;
+        }
+    }
     public bool ReadyForInterruptInjection => RunPage.ReadyForInterruptInjection;
 
     public bool RequestInterruptWindow

@@ -60,6 +60,10 @@ public abstract record VmExit
     /// level-triggered IOAPIC route names (the user-space IOAPIC clears its remote IRR).</summary>
     public sealed record IoapicEoi(byte Vector) : VmExit;
 
+    /// <summary>KVM_EXIT_SET_TPR: without an in-kernel local APIC, the guest lowered CR8 (its task
+    /// priority); <c>kvm_run.cr8</c> holds the new value.</summary>
+    public sealed record SetTpr : VmExit { public static readonly SetTpr Instance = new(); }
+
     public sealed record Unknown(uint Reason) : VmExit;
 
     /// <summary>Decodes the exit the kvm_run page describes.</summary>
@@ -104,6 +108,7 @@ public abstract record VmExit
                 return new SystemEvent(run.SystemEventType, data);
             }
             case KvmExitReason.IoapicEoi: return new IoapicEoi(run.IoapicEoiVector);
+            case KvmExitReason.SetTpr: return SetTpr.Instance;
             default: return new Unknown((uint)run.ExitReason);
         }
     }

@@ -51,13 +51,44 @@ public sealed class VlapicActorTests : TestKit
     }
 
     [Fact]
+    public async Task Vlapic_must_take_back_a_reported_vector_when_a_tpr_write_masks_it_before_the_vcpu_goes_on()
+    {
+        var rig = Create();
+        rig.Vlapic.Tell(new DeliverInterrupt(0x42, true, TriggerMode.Edge, DeliveryMode.Fixed));
+        var reported = await rig.Vcpu.ExpectMsgAsync<InterruptPending>();
+        Assert.Equal(0x42, reported.Vector);
+
+        // A TPR write the vcpu waits for: the withdrawal and the new TPR reach it before the reply.
+        rig.Vlapic.Tell(new DeviceProtocol.WriteAndWait(9, Tpr, 4, 0x50), rig.Bus);
+        var withdrawn = await rig.Vcpu.ExpectMsgAsync<NoInterruptPending>();
+        Assert.True(withdrawn.Seq > reported.Seq);
+        Assert.Equal(new TaskPriorityChanged(0, 0x50), await rig.Vcpu.ExpectMsgAsync<TaskPriorityChanged>());
+        Assert.Equal(new DeviceProtocol.WriteDone(9, false), await rig.Bus.ExpectMsgAsync<DeviceProtocol.WriteDone>());
+
+        // CR8 lowered (seen by the vcpu at an exit): reported afresh, and not echoed back as a TPR change.
+        rig.Vlapic.Tell(new SetTaskPriority(0), rig.Vcpu);
+        var again = await rig.Vcpu.ExpectMsgAsync<InterruptPending>();
+        Assert.Equal((0x42, true), (again.Vector, again.Seq > withdrawn.Seq));
+        await rig.Vcpu.ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
+    public async Task Vlapic_must_ignore_an_acceptance_of_a_vector_it_did_not_request()
+    {
+        var rig = Create();
+        rig.Vlapic.Tell(new InterruptAccepted(0x42)); // a duplicate or a stale one: nothing requested
+        Assert.Equal(0u, await ReadAsync(rig, Isr + 0x10 * (0x42 / 32)));
+        Assert.Equal(0u, await ReadAsync(rig, Ppr));
+    }
+
+    [Fact]
     public async Task Vlapic_must_report_pending_interrupt_to_its_vcpu()
     {
         var rig = Create(vcpuId: 2);
         rig.Vlapic.Tell(new DeliverInterrupt(0x40, true, TriggerMode.Edge, DeliveryMode.Fixed));
 
         var pending = await rig.Vcpu.ExpectMsgAsync<InterruptPending>();
-        Assert.Equal(new InterruptPending(2, 0x40), pending);
+        Assert.Equal(new InterruptPending(2, 0x40), pending with { Seq = 0 });
         Assert.True(pending.LapicInterrupt);
 
         rig.Vlapic.Tell(new DeliverInterrupt(0x40, true, TriggerMode.Edge, DeliveryMode.Fixed));
@@ -78,7 +109,7 @@ public sealed class VlapicActorTests : TestKit
 
         Assert.NotEqual(0u, await ReadAsync(rig, VectorRegister(Isr, 0x50)) & (1u << (0x50 & 31)));
         Write(rig, ApicOffsets.Eoi, 0);
-        Assert.Equal(new InterruptPending(0, 0x30), await rig.Vcpu.ExpectMsgAsync<InterruptPending>());
+        Assert.Equal(new InterruptPending(0, 0x30), (await rig.Vcpu.ExpectMsgAsync<InterruptPending>()) with { Seq = 0 });
     }
 
     [Fact]
@@ -86,11 +117,13 @@ public sealed class VlapicActorTests : TestKit
     {
         var rig = Create();
         Write(rig, Tpr, 0x50);
+        Assert.Equal(new TaskPriorityChanged(0, 0x50), await rig.Vcpu.ExpectMsgAsync<TaskPriorityChanged>()); // for CR8
         rig.Vlapic.Tell(new DeliverInterrupt(0x45, true, TriggerMode.Edge, DeliveryMode.Fixed));
         await rig.Vcpu.ExpectNoMsgAsync(Quiet);
 
         Write(rig, Tpr, 0x30);
         Assert.Equal(0x45, (await rig.Vcpu.ExpectMsgAsync<InterruptPending>()).Vector);
+        Assert.Equal(new TaskPriorityChanged(0, 0x30), await rig.Vcpu.ExpectMsgAsync<TaskPriorityChanged>());
     }
 
     [Fact]
@@ -137,7 +170,7 @@ public sealed class VlapicActorTests : TestKit
         rig.Vlapic.Tell(new MsrWrite(2, ApicMsrs.X2ApicSelfIpi, 0x77), rig.Vcpu);
 
         await rig.Vcpu.ExpectMsgAsync<MsrWriteResult>();
-        Assert.Equal(new InterruptPending(0, 0x77), await rig.Vcpu.ExpectMsgAsync<InterruptPending>());
+        Assert.Equal(new InterruptPending(0, 0x77), (await rig.Vcpu.ExpectMsgAsync<InterruptPending>()) with { Seq = 0 });
         await rig.Router.ExpectNoMsgAsync(Quiet);
     }
 
@@ -206,7 +239,7 @@ public sealed class VlapicActorTests : TestKit
         Assert.Equal(500_000u, await ReadAsync(rig, TimerCurrentCount));
 
         Scheduler.Advance(TimeSpan.FromMilliseconds(0.5));
-        Assert.Equal(new InterruptPending(0, 0x31), await rig.Vcpu.ExpectMsgAsync<InterruptPending>());
+        Assert.Equal(new InterruptPending(0, 0x31), (await rig.Vcpu.ExpectMsgAsync<InterruptPending>()) with { Seq = 0 });
     }
 
     [Fact]
@@ -249,6 +282,7 @@ public sealed class VlapicActorTests : TestKit
     {
         var rig = Create(vcpuId: 1);
         Write(rig, Tpr, 0x20);
+        await rig.Vcpu.ExpectMsgAsync<TaskPriorityChanged>();
         rig.Vlapic.Tell(new DeliverInterrupt(0x80, true, TriggerMode.Edge, DeliveryMode.Fixed));
         await rig.Vcpu.ExpectMsgAsync<InterruptPending>();
         rig.Vlapic.Tell(GetState.Instance, TestActor);
@@ -257,7 +291,8 @@ public sealed class VlapicActorTests : TestKit
         var other = Create(vcpuId: 2);
         other.Vlapic.Tell(new RestoreState(saved), TestActor);
         Assert.Equal(new StateRestored(2), await ExpectMsgAsync<StateRestored>());
-        Assert.Equal(new InterruptPending(2, 0x80), await other.Vcpu.ExpectMsgAsync<InterruptPending>());
+        Assert.Equal(new InterruptPending(2, 0x80), (await other.Vcpu.ExpectMsgAsync<InterruptPending>()) with { Seq = 0 });
+        Assert.Equal(new TaskPriorityChanged(2, 0x20), await other.Vcpu.ExpectMsgAsync<TaskPriorityChanged>());
         Assert.Equal(0x20u, await ReadAsync(other, Tpr));
         other.Vlapic.Tell(GetState.Instance, TestActor);
         Assert.Equal(saved, (await ExpectMsgAsync<StateReply>()).State);

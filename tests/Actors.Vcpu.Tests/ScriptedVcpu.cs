@@ -226,6 +226,16 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
         });
     }
 
+    private ulong _cr8;
+
+    /// <summary>kvm_run.cr8: a test sets it as the guest's CR8 before supplying an exit; the actor
+    /// sets it for the next entry.</summary>
+    public ulong Cr8
+    {
+        get { lock (_gate) return _cr8; }
+        set => Changed(() => _cr8 = value);
+    }
+
     public void InjectInterrupt(byte vector) => Changed(() => _injected.Add(vector));
 
     public void InjectNmi() => Changed(() => _nmis++);

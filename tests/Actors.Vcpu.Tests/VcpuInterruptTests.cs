@@ -92,6 +92,71 @@ public sealed class VcpuInterruptTests : TestKit
     }
 
     [Fact]
+    public async Task Vcpu_must_inject_a_vector_once_when_its_report_comes_twice()
+    {
+        var rig = Create();
+        rig.Fake.ReadyForInterruptInjection = false;
+        var report = new VlapicProtocol.InterruptPending(0, 0x41, Seq: 7);
+        rig.Vcpu.Tell(report, rig.Vlapic.Ref);
+        Assert.True(rig.Fake.WaitUntil(f => f.InterruptWindowRequested && f.InRun));
+        rig.Fake.ReadyForInterruptInjection = true;
+        rig.Fake.Supply(VmExit.Intr.Instance);
+        Assert.Equal(0x41, (await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.InterruptAccepted>()).Vector);
+
+        rig.Vcpu.Tell(report, rig.Vlapic.Ref);                                             // a duplicate
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x42, Seq: 6), rig.Vlapic.Ref); // an older one, late
+        rig.Fake.Supply(VmExit.Intr.Instance);
+        await rig.Vlapic.ExpectNoMsgAsync(Quiet);
+        Assert.Equal(new byte[] { 0x41 }, rig.Fake.Injected);
+    }
+
+    [Fact]
+    public async Task Vcpu_must_drop_a_vector_its_vlapic_takes_back_before_injecting_it()
+    {
+        var rig = Create();
+        rig.Fake.ReadyForInterruptInjection = false;
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x41, Seq: 1), rig.Vlapic.Ref);
+        Assert.True(rig.Fake.WaitUntil(f => f.InterruptWindowRequested && f.InRun));
+        rig.Vcpu.Tell(new VlapicProtocol.NoInterruptPending(0, Seq: 2), rig.Vlapic.Ref);
+        Assert.True(rig.Fake.WaitUntil(f => !f.InterruptWindowRequested && f.InRun));
+        rig.Fake.ReadyForInterruptInjection = true;
+        rig.Fake.Supply(VmExit.Intr.Instance);
+        await rig.Vlapic.ExpectNoMsgAsync(Quiet);
+        Assert.Empty(rig.Fake.Injected);
+    }
+
+    [Fact]
+    public async Task Vcpu_must_hold_back_a_vector_its_guests_cr8_masks_and_tell_the_vlapic_the_new_tpr()
+    {
+        var rig = Create();
+        rig.Fake.ReadyForInterruptInjection = false;
+        rig.Fake.Cr8 = 5;                       // the guest raised CR8 (no exit for that)
+        rig.Fake.Supply(VmExit.Intr.Instance);  // the next exit shows it
+        Assert.Equal(new VlapicProtocol.SetTaskPriority(0x50), await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.SetTaskPriority>());
+
+        rig.Fake.ReadyForInterruptInjection = true;
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x42, Seq: 1), rig.Vlapic.Ref); // class 4 <= 5
+        rig.Fake.Supply(VmExit.Intr.Instance);
+        Assert.True(rig.Fake.WaitUntilIdleInGuest());
+        Assert.Empty(rig.Fake.Injected);
+        Assert.False(rig.Fake.InterruptWindowRequested); // no window while CR8 masks it: it would exit at once
+
+        rig.Fake.Cr8 = 0;
+        rig.Fake.Supply(VmExit.SetTpr.Instance); // lowering CR8 exits
+        Assert.Equal(new VlapicProtocol.SetTaskPriority(0), await rig.Vlapic.ExpectMsgAsync<VlapicProtocol.SetTaskPriority>());
+        Assert.True(rig.Fake.WaitUntil(f => f.Injected.Count == 1));
+        Assert.Equal(new byte[] { 0x42 }, rig.Fake.Injected);
+    }
+
+    [Fact]
+    public void Vcpu_must_load_a_tpr_written_through_the_apic_page_into_the_guests_cr8()
+    {
+        var rig = Create();
+        rig.Vcpu.Tell(new VlapicProtocol.TaskPriorityChanged(0, 0x70), rig.Vlapic.Ref);
+        Assert.True(rig.Fake.WaitUntil(f => f.Cr8 == 7));
+    }
+
+    [Fact]
     public void A_halted_vcpu_must_wake_for_a_pending_interrupt()
     {
         var rig = Create();

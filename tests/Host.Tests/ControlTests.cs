@@ -128,13 +128,19 @@ public sealed class ControlTests : IAsyncLifetime
     [Fact]
     public async Task Ctl_stats_and_stop()
     {
-        _vcpu.Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'x', null), new VmExit.Io(false, 0x2F8, 1, 1, 0, null));
+        _vcpu.Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'x', null), new VmExit.Io(false, 0x2F8, 1, 1, 0, null),
+            new VmExit.Mmio(Platform.LocalApicBase + 0xF0, true, 4, 0x1FF),      // SVR: APIC on
+            new VmExit.Mmio(Platform.LocalApicBase + 0x300, true, 4, 0x42));     // ICR: fixed 0x42 to APIC 0 (itself), by the router
         Assert.True(_vcpu.WaitUntilIdleInGuest());
         var vm = await _client.FindVmAsync("guest1", [_address]);
-        var stats = await _client.StatsAsync(vm);
+        string stats;
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        do stats = await _client.StatsAsync(vm); // the IPI goes vlapic -> router -> vlapic after the exit
+        while (!stats.Contains("1 interrupts delivered") && DateTime.UtcNow < deadline);
         Assert.Contains("guest1: Running, 1 vcpu(s)", stats);
         Assert.Contains("device uart0: 0 reads, 1 writes", stats);
-        Assert.Matches(@"\n0\s+Running\s+\d+\s+2\s", stats); // vcpu 0: two I/O exits
+        Assert.True(stats.Contains("vlapic 0: 1 IPIs sent, 1 interrupts delivered"), stats);
+        Assert.Matches(@"\n0\s+Running\s+\d+\s+2\s+2\s", stats); // vcpu 0: two I/O exits, two MMIO exits
         Assert.Matches(@"io-out\s+1\s+handled in µs: ", stats);
         Assert.Matches(@"io-in\s+1\s+handled in µs: ", stats);
         var stopping = await _client.StopAsync(vm);
@@ -148,7 +154,9 @@ public sealed class ControlTests : IAsyncLifetime
     {
         var vm = await _client.FindVmAsync("guest1", [_address]);
         var text = await _client.CrashAsync(vm, "uart0", "test");
-        Assert.Contains("crashed vm-guest1/uart0", text);
+        Assert.Contains("crashed vm-guest1/uart0; it was restarted from its saved state; the VM is Running", text);
+        var stats = await _client.StatsAsync(vm);
+        Assert.Contains("restarted after a failure: uart0: InjectedFaultException: injected fault: test", stats);
         var uart = await _host.ActorSelection(_vm.Path / "uart0").ResolveOne(TimeSpan.FromSeconds(5));
         var health = await uart.Ask<DeviceProtocol.Health>(DeviceProtocol.GetHealth.Instance, TimeSpan.FromSeconds(5));
         Assert.Equal(1, health.Restarts);

@@ -37,7 +37,11 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         typeof(VcpuProtocol.IVcpuMessage), typeof(DeviceProtocol.IDeviceMessage),
         typeof(VmspaceProtocol.IVmspaceMessage), typeof(VmProtocol.IVmMessage), typeof(ActorVmm.Lapic.VlapicProtocol.IVlapicMessage),
         typeof(ActorVmm.Host.Control.ControlProtocol.IControlMessage), typeof(ActorVmm.Host.Control.TraceProtocol.ITraceMessage),
+        typeof(FaultProtocol.IFaultMessage),
     ];
+
+    /// <summary>Messages without a protocol marker: IPIs to the APIC router, interrupt messages from the IOAPIC.</summary>
+    private static readonly Type[] Unmarked = [typeof(ActorVmm.Lapic.Ipi), typeof(ApicMessage)];
 
     private static readonly Assembly[] Assemblies =
     [
@@ -64,7 +68,8 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         foreach (var marker in Markers) Assert.Contains(types, t => marker.IsAssignableFrom(t));
         // Records carried inside messages are covered too.
         foreach (var nested in new[] { typeof(RegisterState), typeof(SpecialRegisterState), typeof(SegmentState), typeof(TableState),
-                     typeof(VmspaceProtocol.Segment), typeof(VmProtocol.Outcome) })
+                     typeof(VmspaceProtocol.Segment), typeof(VmProtocol.Outcome), typeof(FaultProtocol.Crash), typeof(FaultProtocol.Stall),
+                     typeof(FaultProtocol.FailNestedPageFaults), typeof(ActorVmm.Lapic.Ipi), typeof(ApicMessage) })
             Assert.Contains(nested, types);
         Assert.DoesNotContain(typeof(VcpuProtocol.Wiring), types);
     }
@@ -75,7 +80,8 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         var found = new HashSet<Type>();
         var pending = new Queue<Type>(Assemblies
             .SelectMany(a => a.GetTypes())
-            .Where(t => !t.IsInterface && Markers.Any(m => m.IsAssignableFrom(t))));
+            .Where(t => !t.IsInterface && Markers.Any(m => m.IsAssignableFrom(t)))
+            .Concat(Unmarked));
         while (pending.TryDequeue(out var type))
         {
             if (NotMessages.Contains(type.FullName!) || !found.Add(type)) continue;

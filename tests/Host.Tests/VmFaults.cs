@@ -1,44 +1,19 @@
 using Akka.Actor;
 using Akka.TestKit;
-using ActorVmm.Devices;
+using ActorVmm.Testing;
 
 namespace ActorVmm.Host.Tests;
 
-/// <summary>
-/// Fault injection for tests, by the actor's path below its VM ("uart0", "vcpu-1", "vlapic-0",
-/// "vmspace"): the same messages `actorvmm ctl fault` sends to a live VM. Link faults (drop, delay,
-/// duplicate) are a <see cref="Devices.Tracing.LinkFaultPlan"/> given when the VM starts
-/// (<see cref="ScriptedVms.Start"/>).
-/// </summary>
-internal static class VmFaults
+/// <summary><see cref="VmFaults"/> for TestKit test classes (the kit's actor system).</summary>
+internal static class TestKitVmFaults
 {
-    private static readonly TimeSpan Resolve = TimeSpan.FromSeconds(10);
+    public static Task<IActorRef> ActorAsync(this TestKitBase kit, IActorRef vm, string path) => VmFaults.ActorAsync(kit.Sys, vm, path);
 
-    public static Task<IActorRef> ActorAsync(this TestKitBase kit, IActorRef vm, string path) =>
-        kit.Sys.ActorSelection(vm.Path / path).ResolveOne(Resolve);
+    public static Task CrashAsync(this TestKitBase kit, IActorRef vm, string path, string reason) => VmFaults.CrashAsync(kit.Sys, vm, path, reason);
 
-    /// <summary>Makes the actor throw; its supervisor (the VM) decides what happens.</summary>
-    public static async Task CrashAsync(this TestKitBase kit, IActorRef vm, string path, string reason) =>
-        (await kit.ActorAsync(vm, path)).Tell(new FaultProtocol.Crash(reason));
+    public static Task<string> StallAsync(this TestKitBase kit, IActorRef vm, string path, TimeSpan duration, string reason) =>
+        VmFaults.StallAsync(kit.Sys, vm, path, duration, reason);
 
-    /// <summary>Stalls the actor's thread; the task ends with the stall.</summary>
-    public static async Task<string> StallAsync(this TestKitBase kit, IActorRef vm, string path, TimeSpan duration, string reason)
-    {
-        var actor = await kit.ActorAsync(vm, path);
-        var reply = await actor.Ask<FaultProtocol.Injected>(new FaultProtocol.Stall(duration, reason), duration + Resolve);
-        return reply.What;
-    }
-
-    /// <summary>Arms the failure of the vmspace's next <paramref name="count"/> nested page faults
-    /// (on the page of <paramref name="gpa"/> only, when given).</summary>
-    public static async Task<string> FailNestedPageFaultsAsync(this TestKitBase kit, IActorRef vm, int count, ulong? gpa, string reason)
-    {
-        var vmspace = await kit.ActorAsync(vm, "vmspace");
-        return await vmspace.Ask<object>(new FaultProtocol.FailNestedPageFaults(count, gpa, reason), Resolve) switch
-        {
-            FaultProtocol.Injected i => i.What,
-            FaultProtocol.NotInjected n => throw new InvalidOperationException(n.Why),
-            var other => throw new InvalidOperationException($"the vmspace answered {other.GetType().Name}"),
-        };
-    }
+    public static Task<string> FailNestedPageFaultsAsync(this TestKitBase kit, IActorRef vm, int count, ulong? gpa, string reason) =>
+        VmFaults.FailNestedPageFaultsAsync(kit.Sys, vm, count, gpa, reason);
 }

@@ -1,5 +1,6 @@
 using Akka.Actor;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
 using ActorVmm.Host;
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Config;
@@ -44,27 +45,73 @@ public sealed class GuestRun : IAsyncDisposable
     public static async Task<GuestRun> RunAsync(BootImage boot, ulong memory, int cpus, TimeSpan? timeout,
         ActorVmm.Memory.VmspaceOptions? paging, LapicMode lapic, params DeviceSpec[] devices)
     {
+        var run = await StartAsync(boot, memory, cpus, paging, lapic, null, devices);
+        await run.WaitAsync(timeout ?? DefaultTimeout);
+        return run;
+    }
+
+    /// <summary>
+    /// Starts a guest and returns while it runs (with the test library's fault injection:
+    /// <see cref="CrashAsync"/>, <see cref="StallAsync"/>, <see cref="FailNestedPageFaultsAsync"/>,
+    /// and link faults given here); <see cref="WaitAsync"/> gets its outcome. Returns once the VM's
+    /// actors exist.
+    /// </summary>
+    public static async Task<GuestRun> StartAsync(BootImage boot, ulong memory = 16 << 20, int cpus = 1,
+        ActorVmm.Memory.VmspaceOptions? paging = null, LapicMode lapic = LapicMode.Emulated, LinkFaultPlan? linkFaults = null,
+        params DeviceSpec[] devices)
+    {
         KvmRequirement.Check();
         var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
         var console = SerialConsole.Captured();
         var trace = new TraceRecorder();
         var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot, Lapic: lapic, Paging: paging)).WithStandardDevices(console).WithTrace(trace);
+        if (linkFaults is not null) builder.WithLinkFaults(linkFaults);
         foreach (var d in devices) builder.AddDevice(d);
         RunningVm vm;
         try
         {
             vm = builder.Start();
+            await vm.Actor.Ask<VmProtocol.Status>(VmProtocol.GetStatus.Instance, TimeSpan.FromSeconds(30)); // its children exist now
         }
         catch
         {
+            console.Dispose();
             await system.Terminate();
             throw;
         }
-        var run = new GuestRun(system, console, vm, trace);
-        run.Outcome = await vm.WaitAsync(timeout ?? DefaultTimeout);
-        console.Flush();
-        return run;
+        return new GuestRun(system, console, vm, trace);
     }
+
+    /// <summary>Waits for the guest to end (stopping it after <paramref name="timeout"/>); sets <see cref="Outcome"/>.</summary>
+    public async Task<VmProtocol.Outcome> WaitAsync(TimeSpan? timeout = null)
+    {
+        Outcome = await Vm.WaitAsync(timeout ?? DefaultTimeout);
+        _console.Flush();
+        return Outcome;
+    }
+
+    /// <summary>Bytes the guest wrote to COM1 so far.</summary>
+    public long SerialBytes => _console.BytesWritten;
+    public byte[] SerialBytesWritten => _console.CapturedBytes();
+
+    /// <summary>Waits until the guest wrote at least <paramref name="bytes"/> to COM1; false if it
+    /// ended or <paramref name="timeout"/> passed first.</summary>
+    public async Task<bool> WaitForSerialAsync(long bytes, TimeSpan? timeout = null)
+    {
+        var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromMinutes(2));
+        while (_console.BytesWritten < bytes && !Vm.Ended.IsCompleted && DateTime.UtcNow < deadline) await Task.Delay(5);
+        return _console.BytesWritten >= bytes;
+    }
+
+    public Task CrashAsync(string path, string reason = "test") => VmFaults.CrashAsync(_system, Vm.Actor, path, reason);
+
+    public Task<string> StallAsync(string path, TimeSpan duration, string reason = "test") =>
+        VmFaults.StallAsync(_system, Vm.Actor, path, duration, reason);
+
+    public Task<string> FailNestedPageFaultsAsync(int count, ulong? gpa = null, string reason = "test") =>
+        VmFaults.FailNestedPageFaultsAsync(_system, Vm.Actor, count, gpa, reason);
+
+    public Task<VmProtocol.Status> StatusAsync() => Vm.Actor.Ask<VmProtocol.Status>(VmProtocol.GetStatus.Instance, TimeSpan.FromSeconds(10));
 
     /// <summary>One of the VM's actors (the VM actor stays alive until disposal).</summary>
     public Task<IActorRef> ResolveChild(string name) =>

@@ -106,6 +106,60 @@ public sealed class LapicGuestTests
         Assert.Equal(1, run.Outcome.ExitCode);
     }
 
+    /// <summary>
+    /// TPR masking (SDM §10.8.3.1): a self-IPI of class 4 is made pending while interrupts are off,
+    /// then the guest raises its task priority above it, with <paramref name="how"/>: the xAPIC TPR
+    /// register or CR8. With interrupts on, the vector must not be taken; once the TPR is lowered,
+    /// it must. Status 1: both held; status 3: the handler ran while the TPR forbade it.
+    /// </summary>
+    [KvmTheory]
+    [InlineData(LapicMode.Emulated, "tpr")]
+    [InlineData(LapicMode.Emulated, "cr8")]
+    [InlineData(LapicMode.Assisted, "tpr")]
+    [InlineData(LapicMode.Assisted, "cr8")]
+    public async Task A_raised_task_priority_holds_back_a_pending_lower_vector_until_lowered(LapicMode lapic, string how)
+    {
+        var image = Long(a =>
+        {
+            var handler = a.CreateLabel();
+            var linger = a.CreateLabel();
+            var bad = a.CreateLabel();
+            SetGate(a, 0x42, handler);
+            EnableApic(a);
+            a.cli();
+            a.mov(__dword_ptr[rbx + 0x300], 0x0004_0042);     // self-IPI, vector 0x42 (class 4): pending
+            if (how == "tpr") a.mov(__dword_ptr[rbx + 0x80], 0x50); // TPR class 5
+            else
+            {
+                a.mov(eax, 5);
+                a.mov(cr8, rax);                              // CR8 = TPR[7:4]
+            }
+            a.mov(ecx, 5_000);                                // ~5 ms with interrupts on
+            a.sti();
+            a.Label(ref linger);
+            a.pause();
+            a.dec(ecx);
+            a.jnz(linger);
+            a.cli();
+            a.mov(rdi, (long)Flag);
+            a.cmp(__byte_ptr[rdi], 0);
+            a.jne(bad);
+            if (how == "tpr") a.mov(__dword_ptr[rbx + 0x80], 0);
+            else
+            {
+                a.xor(eax, eax);
+                a.mov(cr8, rax);
+            }
+            WaitFlagThenExit(a);
+            a.Label(ref bad);
+            a.mov(al, 1);
+            a.@out(0xF4, al);
+            FlagHandler(a, handler);
+        });
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
+        Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 }, run.Outcome.ToString());
+    }
+
     /// <summary>The BSP's part: copy the 16-bit <paramref name="trampoline"/> to 0x9000, enable its APIC, INIT then SIPI (vector 0x09).</summary>
     private static void StartAps(Assembler a, Label trampoline, int length, uint destination, uint shorthand)
     {

@@ -163,9 +163,21 @@ public sealed class ControlClient : IAsyncDisposable
             foreach (var r in s.Reasons)
                 sb.AppendLine($"      {r.Reason,-11}{r.Count,10}  handled in µs: {Histogram(r.LatencyBuckets)}");
         }
+        for (var i = 0; i < status.Vcpus; i++)
+        {
+            IActorRef vlapic;
+            try { vlapic = await Child(vm, $"vlapic-{i}"); }
+            catch (ControlException) { break; } // a VM without local APICs
+            var l = await Ask<VlapicProtocol.Stats>(vlapic, VlapicProtocol.GetStats.Instance, $"vlapic {i}");
+            sb.AppendLine($"vlapic {i}: {l.IpisSent} IPIs sent, {l.Delivered} interrupts delivered, {l.Accepted} accepted, " +
+                          $"{l.TimerCallbacks} timer callbacks, {l.Restarts} restarts");
+        }
         var mem = await Ask<VmspaceProtocol.Stats>(await Child(vm, "vmspace"), VmspaceProtocol.GetStats.Instance, "the vmspace");
         sb.AppendLine($"memory: {mem.GuestBytes >> 20} MiB guest, {mem.ResidentBytes >> 10} KiB allocated");
-        foreach (var device in new[] { "uart0", "debug-exit", "i8042" })
+        if (mem.Paging is { Enabled: true } p)
+            sb.AppendLine($"nested page faults: {p.MissingFaults} missing, {p.MinorFaults} minor (accessed), {p.WriteProtectFaults} write-protect (dirty); " +
+                          $"{p.SwapOuts} swap-outs, {p.SwapIns} swap-ins");
+        foreach (var device in status.Devices ?? [])
         {
             IActorRef actor;
             try { actor = await Child(vm, device); }
@@ -173,6 +185,8 @@ public sealed class ControlClient : IAsyncDisposable
             var d = await Ask<DeviceProtocol.Stats>(actor, DeviceProtocol.GetStats.Instance, device);
             sb.AppendLine($"device {d.Device}: {d.Reads} reads, {d.Writes} writes");
         }
+        foreach (var restart in status.Restarts ?? [])
+            sb.AppendLine($"restarted after a failure: {restart}");
         return sb.ToString();
     }
 
@@ -238,10 +252,21 @@ public sealed class ControlClient : IAsyncDisposable
     public async Task<string> CrashAsync(IActorRef vm, string actorPath, string reason)
     {
         var target = await Child(vm, actorPath);
+        var name = actorPath.Split('/')[^1];
+        var restartsBefore = (await StatusAsync(vm)).Restarts?.Count(r => r.StartsWith(name + ":", StringComparison.Ordinal)) ?? 0;
         target.Tell(new FaultProtocol.Crash(reason));
+        // What the supervisor made of it: a restart shows in the VM's status, a stop ends the VM.
         var status = await StatusAsync(vm);
-        return $"crashed {vm.Path.Name}/{actorPath}; the VM is {status.Phase}" +
-               (status.Outcome is { } o ? $": {o.Detail}" : "") + "\n";
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(5);
+        while (DateTime.UtcNow < deadline && status.Phase is VmProtocol.Phase.Running or VmProtocol.Phase.Paused &&
+               (status.Restarts?.Count(r => r.StartsWith(name + ":", StringComparison.Ordinal)) ?? 0) == restartsBefore)
+        {
+            await Task.Delay(20);
+            status = await StatusAsync(vm);
+        }
+        var restarted = (status.Restarts?.Count(r => r.StartsWith(name + ":", StringComparison.Ordinal)) ?? 0) > restartsBefore;
+        return $"crashed {vm.Path.Name}/{actorPath}" + (restarted ? "; it was restarted from its saved state" : "") +
+               $"; the VM is {status.Phase}" + (status.Outcome is { } o ? $": {o.Detail}" : "") + "\n";
     }
 
     /// <summary>Fault injection that answers (a stall once it is over, a page fault failure once

@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Actor.Internal;
+using Akka.Event;
 using ActorVmm.Devices;
 using ActorVmm.Devices.Tracing;
 using ActorVmm.Lapic;
@@ -69,7 +70,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             if (_phase == Phase.Ended && _outcome is not null) Sender.Tell(new Ended(_resources.Name, _outcome));
             else _watchers.Add(Sender);
         });
-        Receive<GetStatus>(_ => Sender.Tell(new VmProtocol.Status(_resources.Name, _phase, _vcpus.Count, _outcome)));
+        Receive<GetStatus>(_ => Sender.Tell(new VmProtocol.Status(_resources.Name, _phase, _vcpus.Count, _outcome,
+            [.. _devices.Select(d => d.Path.Name)], [.. _restarts.ToArray().Select(r => $"{r.Child}: {r.Cause}")])));
 
         Receive<DeviceProtocol.GuestExitRequested>(e =>
             End(new Outcome(OutcomeKind.DebugExit, e.Status, $"guest wrote {e.Status >> 1} to {e.Device}: exit status {e.Status}")));
@@ -105,6 +107,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<VcpuProtocol.Paused>(_ => { });
         Receive<VcpuProtocol.Resumed>(_ => { });
         Receive<ChildFailed>(f => _failures[f.Child] = f.Cause);
+        Receive<ChildRestarted>(r => _restarts.Add(r));
         Receive<Terminated>(t =>
         {
             var name = t.ActorRef.Path.Name;
@@ -143,6 +146,19 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     private sealed record ChildFailed(string Child, string Cause);
 
     private readonly Dictionary<string, string> _failures = new();
+    /// <summary>Children restarted after a failure, oldest first (the last 100).</summary>
+    private readonly BoundedList<ChildRestarted> _restarts = new(100);
+
+    private sealed class BoundedList<T>(int capacity)
+    {
+        private readonly Queue<T> _items = new();
+        public void Add(T item)
+        {
+            if (_items.Count == capacity) _items.Dequeue();
+            _items.Enqueue(item);
+        }
+        public T[] ToArray() => _items.ToArray();
+    }
 
     private sealed class VmSupervisorStrategy(IActorRef vm)
         : OneForOneStrategy(MaxDeviceRestarts, TimeSpan.FromMinutes(1), Akka.Actor.Decider.From(Directive.Restart))
@@ -151,13 +167,27 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             ChildRestartStats stats, IReadOnlyCollection<ChildRestartStats> children)
         {
             var name = child.Path.Name;
+            var why = $"{cause.GetType().Name}: {cause.Message}";
             if (!restart || name.StartsWith("vcpu-", StringComparison.Ordinal) || name == "vmspace")
             {
-                vm.Tell(new ChildFailed(name, $"{cause.GetType().Name}: {cause.Message}"));
+                vm.Tell(new ChildFailed(name, why), child);
                 context.Stop(child);
                 return;
             }
+            // Told as the child, so a trace shows "uart0 -> vm ChildRestarted" among the messages.
+            vm.Tell(new ChildRestarted(name, why), child);
             base.ProcessFailure(context, restart, child, cause, stats, children);
+        }
+
+        /// <summary>One line per failure, at warning level: the VM's outcome or its trace carries
+        /// the consequence. The stack only at debug level (an injected fault has none worth reading).</summary>
+        protected override void LogFailure(IActorContext context, IActorRef child, Exception cause, Directive directive)
+        {
+            var log = context.GetLogger();
+            var message = cause is ActorInitializationException { InnerException: { } inner } ? inner.Message : cause.Message;
+            log.Warning("{0} failed ({1}: {2}); {3}", child.Path.Name, cause.GetType().Name, message,
+                directive == Directive.Restart ? "restarting it" : "stopping it");
+            if (cause is not InjectedFaultException) log.Debug("{0}", cause);
         }
     }
 
@@ -247,7 +277,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
                 vlapic = vlapics[vcpu.Id];
                 // An in-kernel APIC answers its page itself: no exit ever reaches user space for it.
                 if (!kernelLapic)
-                    mmio = mmio.Insert(new DeviceRoute($"vlapic-{vcpu.Id}", vlapic), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
+                    mmio = mmio.Insert(new DeviceRoute($"vlapic-{vcpu.Id}", vlapic,
+                        waitForWriteAt: offset => offset == VlapicProtocol.TprOffset), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
             }
             var pic = vlapic is not null && !interrupts.Pic.IsNobody() ? interrupts.Pic : null;
             var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic, kernelLapic && vlapic is not null);

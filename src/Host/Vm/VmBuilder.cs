@@ -20,6 +20,7 @@ public sealed class VmBuilder
     private readonly VmSpec _spec;
     private readonly List<DeviceSpec> _devices = [];
     private ITraceSink? _trace;
+    private LinkFaultPlan? _linkFaults;
 
     public VmBuilder(ActorSystem system, VmSpec spec)
     {
@@ -53,6 +54,15 @@ public sealed class VmBuilder
     }
 
     /// <summary>Builds and starts the VM. Throws <see cref="VmBuildException"/> on any problem.</summary>
+    /// <summary>Fault injection on the links between the VM's actors (drop, delay or duplicate the
+    /// messages from one actor to another): the VM's actors get the traced mailbox, which applies
+    /// <paramref name="plan"/>.</summary>
+    public VmBuilder WithLinkFaults(LinkFaultPlan plan)
+    {
+        _linkFaults = plan;
+        return this;
+    }
+
     public RunningVm Start()
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
@@ -90,11 +100,13 @@ public sealed class VmBuilder
             var kernelApic = assisted ? new KvmApicBus(vm) : null;
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
                 kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }),
-                Paging: _spec.Paging, KernelApic: kernelApic);
-            if (_trace is not null)
-                traceRegistration = MessageTraceRegistry.Register(_system, $"/user/{name}", _trace);
+                Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic);
+            var registrations = new List<IDisposable>();
+            traceRegistration = new Registrations(registrations);
+            if (_trace is not null) registrations.Add(MessageTraceRegistry.Register(_system, $"/user/{name}", _trace));
+            if (_linkFaults is not null) registrations.Add(LinkFaultRegistry.Register(_system, $"/user/{name}", _linkFaults));
             var actor = _system.ActorOf(
-                _trace is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
+                _trace is not null || _linkFaults is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);
             actor.Tell(VmProtocol.Start.Instance);
             return new RunningVm(_spec.Name, actor, memory, ended.Task, [.. vcpus.Cast<IDisposable>(), memory, vm, kvm], traceRegistration);
@@ -152,6 +164,15 @@ public sealed class VmBuilder
         catch (BusException e)
         {
             throw new VmBuildException($"device wiring: {e.Message}", e);
+        }
+    }
+
+    private sealed class Registrations(List<IDisposable> all) : IDisposable
+    {
+        public void Dispose()
+        {
+            foreach (var r in all) r.Dispose();
+            all.Clear();
         }
     }
 

@@ -24,7 +24,13 @@ public static class VmProtocol
 
     public sealed record GetStatus : IVmMessage { public static readonly GetStatus Instance = new(); }
 
-    public sealed record Status(string Vm, Phase Phase, int Vcpus, Outcome? Outcome) : IVmMessage;
+    /// <summary>Supervision event: a child of the VM (a device, a vlapic, the APIC router) failed and
+    /// is being restarted from its saved state. Told to the VM as the child, so traces show it.</summary>
+    public sealed record ChildRestarted(string Child, string Cause) : IVmMessage;
+
+    /// <param name="Devices">the names of its device actors (uart0, ioapic, ...), in creation order</param>
+    /// <param name="Restarts">its children restarted after a failure, oldest first ("uart0: cause"; the last 100)</param>
+    public sealed record Status(string Vm, Phase Phase, int Vcpus, Outcome? Outcome, string[]? Devices = null, string[]? Restarts = null) : IVmMessage;
 
     public enum Phase { Created, Running, Paused, Ending, Ended }
 
