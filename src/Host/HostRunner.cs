@@ -154,7 +154,12 @@ public static class HostRunner
         {
             console.Dispose();
             await system.Terminate();
-            if (trace is not null) await trace.DisposeAsync();
+            if (trace is not null)
+            {
+                await trace.DisposeAsync();
+                if (trace.WriteFailure is { } failure)
+                    await stderr.WriteLineAsync($"actorvmm: warning: the trace file {vm.TracePath} is incomplete: {failure.Message} ({trace.Lost} events not written)");
+            }
         }
     }
 

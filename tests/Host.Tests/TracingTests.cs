@@ -79,6 +79,41 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
     }
 
     [Fact]
+    public async Task A_recorder_writes_every_event_to_its_file_through_a_bounded_backlog()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("trace.jsonl");
+        var uart = Child("vm-backlog", "uart0", CreateTestProbe());
+        var recorder = new TraceRecorder(path, capacity: 16);
+        var events = TraceRecorder.FileBacklog * 3; // more than the backlog holds: senders wait, nothing is dropped
+        for (var i = 0; i < events; i++) recorder.Record(TestActor, uart, new DeviceProtocol.Write(0, 1, (ulong)(i & 0xFF)));
+        await recorder.DisposeAsync();
+
+        Assert.Null(recorder.WriteFailure);
+        Assert.Equal(0, recorder.Lost);
+        Assert.Equal(events, File.ReadLines(path).Count());
+    }
+
+    [Fact]
+    public async Task A_trace_file_that_cannot_be_written_is_reported_and_does_not_hold_up_the_senders()
+    {
+        Assert.True(File.Exists("/dev/full"), "/dev/full (every write fails with ENOSPC) is missing");
+        var uart = Child("vm-full", "uart0", CreateTestProbe());
+        var recorder = new TraceRecorder("/dev/full", capacity: 16);
+        var events = TraceRecorder.FileBacklog * 3;
+        var sending = Task.Run(() =>
+        {
+            for (var i = 0; i < events; i++) recorder.Record(TestActor, uart, new DeviceProtocol.Write(0, 1, 0x41));
+        });
+        Assert.True(await Task.WhenAny(sending, Task.Delay(TimeSpan.FromMinutes(1))) == sending, "senders are stuck behind a failed trace file");
+        await recorder.DisposeAsync();
+
+        Assert.IsType<IOException>(recorder.WriteFailure);
+        Assert.True(recorder.Lost > 0);
+        Assert.Equal(16, recorder.Snapshot().Count); // the ring goes on
+    }
+
+    [Fact]
     public async Task A_recorder_with_a_path_writes_one_json_object_per_line()
     {
         using var dir = new TempDir();
@@ -183,7 +218,7 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
     // ---- TracedMailbox ----
 
     [Fact]
-    public void A_traced_mailbox_records_every_message_but_not_INotTraced_ones()
+    public void A_traced_mailbox_records_every_message_but_not_INotTraced_ones_nor_path_lookups()
     {
         var recorder = new TraceRecorder();
         var probe = CreateTestProbe();
@@ -193,6 +228,8 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
 
         child.Tell(new DeviceProtocol.Write(1, 1, 0x55), TestActor);
         child.Tell(Tick.Instance, TestActor);
+        child.Tell(new Identify("who"), TestActor); // a path lookup (e.g. from actorvmm ctl): not the VM's own traffic
+        ExpectMsg<ActorIdentity>();
         child.Tell(new DeviceProtocol.Read(7, 5, 1), TestActor);
         probe.ExpectMsg<DeviceProtocol.Write>();
         probe.ExpectMsg<Tick>();

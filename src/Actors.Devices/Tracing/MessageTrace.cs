@@ -154,8 +154,9 @@ public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink, LinkFa
     private void Arrive(Envelope envelope)
     {
         long id = 0;
-        if (sink is not null && envelope.Message is not INotTraced)
+        if (sink is not null && envelope.Message is not (INotTraced or Identify or ActorIdentity))
         {
+            // (Identify comes from whoever resolves an actor's path, e.g. `actorvmm ctl`: not the VM's own.)
             id = TraceContext.NextId();
             sink.Record(id, TraceContext.ParentFor(envelope.Sender), envelope.Sender, owner, envelope.Message);
         }

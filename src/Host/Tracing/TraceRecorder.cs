@@ -85,9 +85,26 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         _filter = filter ?? TraceFilter.All;
         if (jsonLinesPath is null) return;
         var stream = new FileStream(jsonLinesPath, FileMode.Create, FileAccess.Write, FileShare.Read);
-        _channel = Channel.CreateUnbounded<TraceEvent>(new UnboundedChannelOptions { SingleReader = true });
-        _writer = Task.Run(() => WriteLines(stream, _channel.Reader));
+        // Bounded: a guest that sends faster than the file takes lines waits for the writer (the
+        // file keeps every event), rather than growing the host's memory. The writer has a thread of
+        // its own, so waiting senders cannot starve it.
+        _channel = Channel.CreateBounded<TraceEvent>(new BoundedChannelOptions(FileBacklog)
+            { SingleReader = true, FullMode = BoundedChannelFullMode.Wait });
+        _writer = Task.Factory.StartNew(() => WriteLines(stream, _channel.Reader), CancellationToken.None,
+            TaskCreationOptions.LongRunning, TaskScheduler.Default);
     }
+
+    /// <summary>Events waiting for the JSON-lines file at most.</summary>
+    public const int FileBacklog = 65_536;
+
+    private volatile Exception? _writeFailure;
+    private long _lost;
+
+    /// <summary>Events not written to the file because writing it failed (see <see cref="WriteFailure"/>).</summary>
+    public long Lost => Interlocked.Read(ref _lost);
+
+    /// <summary>Why the JSON-lines file stopped, if it did (disk full, ...); the ring goes on.</summary>
+    public Exception? WriteFailure => _writeFailure;
 
     public long Count => Interlocked.Read(ref _count);
 
@@ -112,7 +129,7 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
             _ring[_count % Capacity] = e;
             _count++;
         }
-        _channel?.Writer.TryWrite(e);
+        if (_channel is not null) ToFile(e);
         Live?.Invoke(e);
     }
 
@@ -174,10 +191,38 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
     public static string ToText(TraceEvent e) =>
         $"{e.Nanoseconds / 1e6,10:F3} ms  #{e.Id,-6} {(e.ParentId == 0 ? "" : "<- #" + e.ParentId),-10} {e.Sender,-14} -> {e.Receiver,-14} {e.Message}";
 
-    private static async Task WriteLines(Stream stream, ChannelReader<TraceEvent> reader)
+    private void ToFile(TraceEvent e)
     {
-        await using var writer = new StreamWriter(stream, new UTF8Encoding(false));
-        await foreach (var e in reader.ReadAllAsync()) await writer.WriteLineAsync(ToJsonLine(e));
+        if (_channel!.Writer.TryWrite(e)) return;
+        if (_writeFailure is not null)
+        {
+            Interlocked.Increment(ref _lost);
+            return;
+        }
+        // The backlog is full: wait for the writer (or for it to fail, or for the end).
+        try
+        {
+            if (!_channel.Writer.WriteAsync(e).AsTask().Wait(TimeSpan.FromSeconds(30))) Interlocked.Increment(ref _lost);
+        }
+        catch (AggregateException)
+        {
+            Interlocked.Increment(ref _lost); // completed: the recorder is being disposed
+        }
+    }
+
+    private void WriteLines(Stream stream, ChannelReader<TraceEvent> reader)
+    {
+        try
+        {
+            using var writer = new StreamWriter(stream, new UTF8Encoding(false));
+            while (reader.WaitToReadAsync().AsTask().GetAwaiter().GetResult())
+                while (reader.TryRead(out var e)) writer.WriteLine(ToJsonLine(e));
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        {
+            _writeFailure = ex;
+            while (reader.TryRead(out _)) Interlocked.Increment(ref _lost); // unblock waiting senders
+        }
     }
 
     public async ValueTask DisposeAsync()
