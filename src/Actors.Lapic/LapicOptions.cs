@@ -9,9 +9,14 @@ public sealed record LapicOptions
     /// 1 GHz as in KVM (one count per nanosecond with divide-by-1); bhyve uses 128 MiHz.</summary>
     public long TimerFrequencyHz { get; init; } = 1_000_000_000;
 
-    /// <summary>TSC frequency for TSC-deadline mode: TSC = clock time × this. The VM builder must
-    /// make the guest's TSC agree (KVM_SET_TSC_KHZ, TSC offset at clock zero).</summary>
+    /// <summary>The guest's TSC frequency, for TSC-deadline mode: the guest's TSC at clock time t is
+    /// <see cref="TscAtClockZero"/> + t × this. The VM builder reads both from KVM
+    /// (KVM_GET_TSC_KHZ; IA32_TSC against the VM's clock), so a deadline the guest computes from
+    /// RDTSC fires when its TSC gets there.</summary>
     public long TscFrequencyHz { get; init; } = 1_000_000_000;
+
+    /// <summary>The guest's TSC when the VM's clock read zero (see <see cref="TscFrequencyHz"/>).</summary>
+    public ulong TscAtClockZero { get; init; }
 
     /// <summary>IA32_APIC_BASE.EXTD may be set (CPUID.01H:ECX.x2APIC[bit 21]).</summary>
     public bool X2ApicSupported { get; init; } = true;

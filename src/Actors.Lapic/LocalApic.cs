@@ -463,11 +463,12 @@ public sealed class LocalApic : ITimedDevice
         return TimeSpan.FromTicks(CeilToTicks(num, _options.TimerFrequencyHz));
     }
 
-    private ulong TscAt(TimeSpan time) =>
-        time.Ticks <= 0 ? 0 : (ulong)((Int128)time.Ticks * _options.TscFrequencyHz / TimeSpan.TicksPerSecond);
+    private ulong TscAt(TimeSpan time) => _options.TscAtClockZero +
+        (time.Ticks <= 0 ? 0 : (ulong)((Int128)time.Ticks * _options.TscFrequencyHz / TimeSpan.TicksPerSecond));
 
-    private TimeSpan TimeOfTsc(ulong tsc) =>
-        TimeSpan.FromTicks(CeilToTicks((Int128)tsc * TimeSpan.TicksPerSecond, _options.TscFrequencyHz));
+    /// <summary>Clock time when the guest's TSC reaches <paramref name="tsc"/> (zero for one already passed at clock zero).</summary>
+    private TimeSpan TimeOfTsc(ulong tsc) => tsc <= _options.TscAtClockZero ? TimeSpan.Zero :
+        TimeSpan.FromTicks(CeilToTicks((Int128)(tsc - _options.TscAtClockZero) * TimeSpan.TicksPerSecond, _options.TscFrequencyHz));
 
     private static long CeilToTicks(Int128 numerator, long denominator)
     {

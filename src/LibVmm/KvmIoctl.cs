@@ -46,6 +46,7 @@ internal static class KvmIoctl
     public static readonly nuint GetFpu = Ior(0x8C, 416);
     public static readonly nuint SetFpu = Iow(0x8D, 416);
     public static readonly nuint Nmi = Io(0x9A);
+    public static readonly nuint GetTscKhz = Io(0xA3);
     public static readonly nuint GetLapic = Ior(0x8E, 1024);
     public static readonly nuint SetLapic = Iow(0x8F, 1024);
     public static readonly nuint GetMpState = Ior(0x98, 4);

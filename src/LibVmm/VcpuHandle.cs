@@ -223,6 +223,22 @@ public sealed unsafe class VcpuHandle : IVcpu
             if (Native.Ioctl(_fd, KvmIoctl.SetLapic, p) < 0) throw KvmException.Last($"KVM_SET_LAPIC(vcpu {Id})");
     }
 
+    /// <summary>KVM_GET_TSC_KHZ: the frequency of the guest's TSC in kHz.</summary>
+    public long GetTscKhz()
+    {
+        var khz = Native.Ioctl(_fd, KvmIoctl.GetTscKhz, 0);
+        if (khz <= 0) throw KvmException.Last($"KVM_GET_TSC_KHZ(vcpu {Id})");
+        return khz;
+    }
+
+    /// <summary>IA32_TSC: the guest's time-stamp counter now, as KVM computes it (what RDTSC in the guest returns).</summary>
+    public ulong GetGuestTsc()
+    {
+        var entries = GetMsrs(0x10);
+        if (entries.Length != 1) throw new KvmException($"KVM_GET_MSRS(IA32_TSC, vcpu {Id}) returned no value");
+        return entries[0].Data;
+    }
+
     /// <summary>KVM_GET_MP_STATE: runnable, halted, waiting for SIPI, ... (in-kernel local APIC only).</summary>
     public KvmMpState GetMpState()
     {

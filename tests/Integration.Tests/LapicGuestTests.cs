@@ -90,6 +90,69 @@ public sealed class LapicGuestTests
 
     [KvmTheory]
     [MemberData(nameof(LapicModes))]
+    public async Task Lapic_timer_tsc_deadline_interrupts_the_guest_after_its_own_tsc_passes_the_deadline(LapicMode lapic)
+    {
+        var image = Long(a =>
+        {
+            var handler = a.CreateLabel();
+            var bad = a.CreateLabel();
+            SetGate(a, 0x41, handler);
+            EnableApic(a);
+            a.mov(__dword_ptr[rbx + 0x320], 0x4_0041);    // LVT timer: TSC-deadline mode (10b), vector 0x41
+            a.rdtsc();
+            a.shl(rdx, 32);
+            a.or(rax, rdx);
+            a.mov(r12, rax);                              // the TSC now
+            a.add(rax, 30_000_000);                       // deadline: 30M TSC counts later (10-30 ms)
+            a.mov(r13, rax);
+            a.mov(rdx, rax);
+            a.shr(rdx, 32);
+            a.mov(ecx, 0x6E0);                            // IA32_TSC_DEADLINE
+            a.wrmsr();
+            WaitFlagThenExitOr(a, bad);
+            // The handler ran: the TSC must have reached the deadline by then.
+            a.Label(ref handler);
+            a.push(rax);
+            a.push(rdx);
+            a.push(rdi);
+            a.rdtsc();
+            a.shl(rdx, 32);
+            a.or(rax, rdx);
+            a.cmp(rax, r13);
+            a.jb(bad);                                    // too early
+            a.mov(rdi, (long)Flag);
+            a.mov(__byte_ptr[rdi], 1);
+            a.mov(rdi, LapicBase);
+            a.mov(__dword_ptr[rdi + 0xB0], 0);
+            a.pop(rdi);
+            a.pop(rdx);
+            a.pop(rax);
+            a.iretq();
+            a.Label(ref bad);
+            a.mov(al, 1);
+            a.@out(0xF4, al);
+        });
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
+        Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 }, run.Outcome.ToString());
+    }
+
+    /// <summary>Sleeps until <see cref="Flag"/> is set, then exits with status 1; <paramref name="bad"/> is the caller's.</summary>
+    private static void WaitFlagThenExitOr(Assembler a, Label bad)
+    {
+        var wait = a.CreateLabel();
+        a.mov(rdi, (long)Flag);
+        a.Label(ref wait);
+        a.sti();
+        a.hlt();
+        a.cli();
+        a.cmp(__byte_ptr[rdi], 1);
+        a.jne(wait);
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+    }
+
+    [KvmTheory]
+    [MemberData(nameof(LapicModes))]
     public async Task Self_ipi_interrupts_the_sender(LapicMode lapic)
     {
         var image = Long(a =>

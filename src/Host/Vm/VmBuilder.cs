@@ -98,8 +98,9 @@ public sealed class VmBuilder
             var name = SafeName(_spec.Name);
             var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
             var kernelApic = assisted ? new KvmApicBus(vm) : null;
-            var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
-                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }),
+            var clock = new MonotonicClock();
+            var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, clock,
+                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock)),
                 Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic);
             var registrations = new List<IDisposable>();
             traceRegistration = new Registrations(registrations);
@@ -165,6 +166,24 @@ public sealed class VmBuilder
         {
             throw new VmBuildException($"device wiring: {e.Message}", e);
         }
+    }
+
+    /// <summary>
+    /// The emulated local APICs' options: their TSC-deadline timers count in the guest's TSC, so
+    /// they take its frequency from KVM and pair its value with the VM clock (the guest's RDTSC is
+    /// KVM's IA32_TSC: offset from the host's on most hosts, the host's own on kvm_pvm).
+    /// </summary>
+    private static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock)
+    {
+        var options = new LapicOptions { BspLint0ExtInt = true };
+        long khz;
+        try { khz = vcpu.GetTscKhz(); }
+        catch (KvmException) { return options; } // a KVM without KVM_GET_TSC_KHZ: deadlines in a nominal 1 GHz TSC
+        var before = clock.Now;
+        var tsc = vcpu.GetGuestTsc();
+        var at = before + (clock.Now - before) / 2;
+        var elapsed = (ulong)((Int128)at.Ticks * khz * 1000 / TimeSpan.TicksPerSecond);
+        return options with { TscFrequencyHz = khz * 1000, TscAtClockZero = tsc >= elapsed ? tsc - elapsed : 0 };
     }
 
     private sealed class Registrations(List<IDisposable> all) : IDisposable
