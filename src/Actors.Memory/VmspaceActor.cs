@@ -89,11 +89,16 @@ internal sealed class VmspaceActor : ReceiveActor
             foreach (var id in _holds.Where(h => h.Value.Owner.Equals(Sender)).Select(h => h.Key).ToArray())
                 if (ReleaseHold(id)) Sender.Tell(new HoldReleased(id));
         });
+        Receive<DeviceProtocol.DeviceRestarting>(d =>
+        {
+            // Same ref, new incarnation: Terminated never comes, so its holds go now.
+            var released = ReleaseHoldsOf(Sender);
+            if (released > 0) _log.Info("vmspace: {0} restarted; released its {1} hold(s)", d.Device, released);
+        });
         Receive<Terminated>(t =>
         {
             _watchedHolders.Remove(t.ActorRef);
-            foreach (var id in _holds.Where(h => h.Value.Owner.Equals(t.ActorRef)).Select(h => h.Key).ToArray())
-                ReleaseHold(id);
+            ReleaseHoldsOf(t.ActorRef);
         });
 
         Receive<RegisterVcpu>(r => _barrier.Register(r.VcpuId, r.Vcpu, r.Running));
@@ -239,6 +244,14 @@ internal sealed class VmspaceActor : ReceiveActor
         Sender.Tell(new HoldGranted(h.Id, lease));
         MaybeReclaim();
     });
+
+    /// <summary>Releases every hold of <paramref name="owner"/>; returns how many.</summary>
+    private int ReleaseHoldsOf(IActorRef owner)
+    {
+        var ids = _holds.Where(h => h.Value.Owner.Equals(owner)).Select(h => h.Key).ToArray();
+        foreach (var id in ids) ReleaseHold(id);
+        return ids.Length;
+    }
 
     private bool ReleaseHold(long holdId)
     {
