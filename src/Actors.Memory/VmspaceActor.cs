@@ -337,7 +337,7 @@ internal sealed class VmspaceActor : ReceiveActor
         var p = _pager;
         if (p is null) return VmspaceProtocol.PagingStats.Off with { Failure = _failure };
         return new PagingStats(p.Paging && _failure is null, p.Features, p.Ram.Total, p.Pmap.ResidentPages, p.Pmap.SwappedPages,
-            p.HeldPages, p.MissingFaults, p.MinorFaults, p.WriteProtectFaults, p.ZeroFills, p.SwapIns, p.SwapOuts,
+            p.HeldPages, p.Pmap.AccessedPages, p.Pmap.DirtyPages, p.MissingFaults, p.MinorFaults, p.WriteProtectFaults, p.ZeroFills, p.SwapIns, p.SwapOuts,
             p.Retries, p.Reclaims, _barrier.Generation, _failure);
     }
 }

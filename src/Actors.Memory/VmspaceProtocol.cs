@@ -41,16 +41,20 @@ public static class VmspaceProtocol
     }
 
     /// <summary>
-    /// Demand-paging counters: faults by kind as the kernel reported them; how they were resolved
-    /// (zero fills, swap-ins); swap-outs; <see cref="Retries"/> = fills that found the kernel's state
-    /// different (a race: woken to fault again). Pages are 4 KiB guest RAM pages.
+    /// Demand-paging counters: pages by state as the pmap has them (<see cref="AccessedPages"/>: A
+    /// set, i.e. mapped in the guest view since the last clear; <see cref="DirtyPages"/>: M set,
+    /// written since the last clear, swapped pages included); faults by kind as the kernel reported
+    /// them; how they were resolved (zero fills, swap-ins); swap-outs; <see cref="Retries"/> = fills
+    /// that found the kernel's state different (a race: woken to fault again). Pages are 4 KiB guest
+    /// RAM pages.
     /// </summary>
     public sealed record PagingStats(
         bool Enabled, string Features, ulong RamPages, ulong ResidentPages, ulong SwappedPages, ulong HeldPages,
+        ulong AccessedPages, ulong DirtyPages,
         long MissingFaults, long MinorFaults, long WriteProtectFaults, long ZeroFills, long SwapIns, long SwapOuts,
         long Retries, long Reclaims, ulong EptGeneration, string? Failure)
     {
-        public static readonly PagingStats Off = new(false, "userfaultfd off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, null);
+        public static readonly PagingStats Off = new(false, "userfaultfd off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, null);
     }
 
     // ---- nested page faults -------------------------------------------------------------

@@ -260,7 +260,7 @@ public sealed class ControlClient : IAsyncDisposable
     }
 
     /// <summary>The vmspace's counters: allocated memory and, with demand paging, resident,
-    /// swapped and held pages and faults by kind.</summary>
+    /// swapped, held, accessed and dirty pages and faults by kind.</summary>
     public async Task<string> MemoryAsync(IActorRef vm)
     {
         var s = await Ask<VmspaceProtocol.Stats>(await Child(vm, "vmspace"), VmspaceProtocol.GetStats.Instance, "the vmspace");
@@ -275,6 +275,7 @@ public sealed class ControlClient : IAsyncDisposable
         }
         sb.AppendLine($"demand paging  on ({p.Features}), EPT generation {p.EptGeneration}");
         sb.AppendLine($"pages          {p.RamPages} RAM, {p.ResidentPages} resident, {p.SwappedPages} swapped, {p.HeldPages} held");
+        sb.AppendLine($"pmap A/D       {p.AccessedPages} accessed, {p.DirtyPages} dirty (since the last clear)");
         sb.AppendLine($"faults         {p.MissingFaults} missing, {p.MinorFaults} minor (accessed), {p.WriteProtectFaults} write-protect (dirty)");
         sb.AppendLine($"resolved       {p.ZeroFills} zero fills, {p.SwapIns} swap-ins, {p.SwapOuts} swap-outs, {p.Reclaims} reclaims, {p.Retries} retries");
         if (p.Failure is not null) sb.AppendLine($"FAILED         {p.Failure}");
