@@ -55,6 +55,9 @@ internal sealed unsafe class GuestPager : IDisposable
     private readonly int _coldScans;
     private readonly byte[] _age;
     private ulong _clockHand;
+    // Touched by the guest since the swapper's last sample (a fault mapped it): A alone would miss
+    // a touch whose A bit the clock cleared again before the sample.
+    private readonly bool[] _referenced;
     private readonly Dictionary<ulong, RetryRun> _retries = [];
     private readonly Func<long> _clockMs;
     private readonly Dictionary<ulong, int> _holdCounts = [];
@@ -87,6 +90,7 @@ internal sealed unsafe class GuestPager : IDisposable
         _clockMs = clockMs ?? (() => Environment.TickCount64);
         _ram = new RamPages(memory);
         _age = new byte[_ram.Total];
+        _referenced = new bool[_ram.Total];
         _coldScans = Math.Clamp(options.ColdScans, 1, 255);
         _residentLimit = options.ResidentLimitBytes / Page;
         try
@@ -290,6 +294,7 @@ internal sealed unsafe class GuestPager : IDisposable
         _pmap.SetAccessed(page, true);
         _pmap.SetModified(page, dirty || _pmap.IsModified(page));
         _age[page] = 0;
+        _referenced[page] = true;
     }
 
     /// <summary>CONTINUE, write-protected if asked; falls back to CONTINUE + WRITEPROTECT on kernels
@@ -415,18 +420,29 @@ internal sealed unsafe class GuestPager : IDisposable
         return h;
     }
 
+    /// <summary>The resident limit in pages (0 = none).</summary>
+    public ulong ResidentLimitPages => _residentLimit;
+
+    /// <summary>Resident pages reclaim frees down to: 7/8 of the limit, so it runs in batches (0 = no limit).</summary>
+    public ulong ReclaimTargetPages => _residentLimit == 0 ? 0 : _residentLimit - Math.Max(1, _residentLimit / 8);
+
+    /// <summary>Resolving a fault at <paramref name="gpa"/> would add a resident page.</summary>
+    public bool FaultAllocates(ulong gpa) => _ram.TryPage(gpa, out var page) && !_pmap.IsValid(page);
+
     /// <summary>
-    /// The clock: while resident pages exceed the limit, sweep the hand over guest RAM; a resident,
-    /// unheld page with A set gets A cleared (its guest mapping dropped) and its age reset; one with
-    /// A clear ages, and after <c>ColdScans</c> sweeps without a touch it is swapped out. Frees down
-    /// to 7/8 of the limit so reclaim runs in batches. Returns the pages swapped out.
+    /// Direct reclaim, the clock: while resident pages (plus <paramref name="reserve"/> about to
+    /// become resident) exceed the limit, sweep the hand over guest RAM; a resident, unheld page
+    /// with A set gets A cleared (its guest mapping dropped) and its age reset; one with A clear
+    /// ages, and after <c>ColdScans</c> sweeps without a touch it is swapped out. Frees down to
+    /// <see cref="ReclaimTargetPages"/>. Returns the pages swapped out. (The swapper actor ages pages
+    /// periodically instead, so that this rarely has to run.)
     /// </summary>
-    public int Reclaim()
+    public int Reclaim(ulong reserve = 0)
     {
-        if (_residentLimit == 0 || _pmap.ResidentPages <= _residentLimit) return 0;
+        if (_residentLimit == 0 || _pmap.ResidentPages + reserve <= _residentLimit) return 0;
         Reclaims++;
-        var target = _residentLimit - Math.Max(1, _residentLimit / 8);
-        var need = _pmap.ResidentPages - target;
+        var target = ReclaimTargetPages;
+        var need = _pmap.ResidentPages + reserve - target;
         var victims = new HashSet<ulong>(); // the hand may lap within one call: choose a page once
         var cleared = new List<ulong>();
         var total = _ram.Total;
@@ -453,6 +469,58 @@ internal sealed unsafe class GuestPager : IDisposable
         sorted.Sort();
         SwapOutPages(sorted);
         return sorted.Count;
+    }
+
+    // ---------------------------------------------------------------- swapper
+
+    /// <summary>
+    /// One A-bit scan for the swapper: per page, resident / accessed since the last scan (A set, or
+    /// a fault mapped it) / held; then A is cleared on every resident, unheld page that had it (its
+    /// guest mapping dropped: the next touch is a MINOR fault) and the scan starts over. Without
+    /// accessed-bit emulation A cannot be cleared, so every resident page reads as accessed.
+    /// Returns whether any mapping was dropped (running vcpus must then see the change).
+    /// </summary>
+    public PageSample[] SampleAccessed(out bool cleared)
+    {
+        var sample = new PageSample[_ram.Total];
+        var clear = new List<ulong>();
+        for (var p = 0UL; p < _ram.Total; p++)
+        {
+            if (!_pmap.IsValid(p))
+            {
+                _referenced[p] = false;
+                continue;
+            }
+            var s = PageSample.Resident;
+            var accessed = _pmap.IsAccessed(p);
+            if (accessed || _referenced[p]) s |= PageSample.Accessed;
+            if (_pmap.IsHeld(p)) s |= PageSample.Held;
+            else if (accessed && TracksAccessed) clear.Add(p);
+            _referenced[p] = false;
+            sample[p] = s;
+        }
+        foreach (var (r, f, n) in _ram.Coalesce(clear))
+        {
+            r.Backing.DropGuestMappings(r.Segment.BackingOffset + (f - r.FirstPage) * Page, n * Page);
+            for (var p = f; p < f + n; p++) _pmap.SetAccessed(p, false);
+        }
+        cleared = clear.Count > 0;
+        return sample;
+    }
+
+    /// <summary>
+    /// Swaps out those of <paramref name="pages"/> (the swapper's victims) that are still resident,
+    /// unheld and untouched since the last <see cref="SampleAccessed"/>; a page the guest touched in
+    /// the meantime stays. Returns how many went.
+    /// </summary>
+    public int PageOut(IEnumerable<ulong> pages)
+    {
+        if (!CanSwap) throw new VmspaceException("paging out needs userfaultfd and a swap file");
+        var victims = new List<ulong>();
+        foreach (var p in pages.Where(p => p < _ram.Total).Distinct().Order())
+            if (_pmap.IsValid(p) && !_pmap.IsHeld(p) && !_pmap.IsAccessed(p) && !_referenced[p]) victims.Add(p);
+        SwapOutPages(victims);
+        return victims.Count;
     }
 
     // ---------------------------------------------------------------- holds

@@ -110,6 +110,9 @@ public sealed class Pmap
     /// <summary>Entries in a superpage-backed run.</summary>
     public ulong SuperpageBackedPages { get; private set; }
 
+    /// <summary>The most pages ever resident at once.</summary>
+    public ulong PeakResidentPages { get; private set; }
+
     public Pmap(PmapType type, PmapFlags flags, ulong pages)
     {
         Type = type;
@@ -192,6 +195,7 @@ public sealed class Pmap
             AccessedPages = Count(AccessedPages, flipped, entry, Bits.Accessed);
             DirtyPages = Count(DirtyPages, flipped, entry, Bits.Modified);
             SuperpageBackedPages = Count(SuperpageBackedPages, flipped, entry, Bits.Superpage);
+            if (ResidentPages > PeakResidentPages) PeakResidentPages = ResidentPages;
         }
         _entries[page] = entry;
     }

@@ -44,6 +44,16 @@ public sealed class GuestRun : IAsyncDisposable
     public static async Task<GuestRun> RunAsync(BootImage boot, ulong memory, int cpus, TimeSpan? timeout,
         ActorVmm.Memory.VmspaceOptions? paging, LapicMode lapic, params DeviceSpec[] devices)
     {
+        var run = await StartAsync(boot, memory, cpus, paging, lapic, devices);
+        await run.WaitAsync(timeout);
+        return run;
+    }
+
+    /// <summary>Starts a guest and returns while it runs (talk to it through a device such as
+    /// <see cref="HostGate"/>); <see cref="WaitAsync"/> waits for its end.</summary>
+    public static async Task<GuestRun> StartAsync(BootImage boot, ulong memory, int cpus,
+        ActorVmm.Memory.VmspaceOptions? paging, LapicMode lapic, params DeviceSpec[] devices)
+    {
         KvmRequirement.Check();
         var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
         var console = SerialConsole.Captured();
@@ -61,9 +71,17 @@ public sealed class GuestRun : IAsyncDisposable
             throw;
         }
         var run = new GuestRun(system, console, vm, trace);
-        run.Outcome = await vm.WaitAsync(timeout ?? DefaultTimeout);
-        console.Flush();
+        // The VM actor answers once it has created its children (the vmspace among them).
+        await vm.Actor.Ask<VmProtocol.Status>(VmProtocol.GetStatus.Instance, TimeSpan.FromSeconds(10));
         return run;
+    }
+
+    /// <summary>Waits for the guest's end; its outcome is then in <see cref="Outcome"/>.</summary>
+    public async Task<VmProtocol.Outcome> WaitAsync(TimeSpan? timeout = null)
+    {
+        Outcome = await Vm.WaitAsync(timeout ?? DefaultTimeout);
+        _console.Flush();
+        return Outcome;
     }
 
     /// <summary>One of the VM's actors (the VM actor stays alive until disposal).</summary>
@@ -110,5 +128,48 @@ public sealed class RegisterDevice(ulong readBase) : IBusDevice
     public void Write(ulong offset, int size, ulong value)
     {
         lock (_registers) _registers[offset] = value;
+    }
+}
+
+/// <summary>
+/// A test device through which a guest and the test take turns: an OUT of n says "I reached step
+/// n" (the test awaits it with <see cref="ReachedAsync"/>); an IN reads the last step the test
+/// released with <see cref="Release"/>, so a guest spins on IN until the test lets it go on.
+/// </summary>
+public sealed class HostGate : IBusDevice
+{
+    private readonly object _gate = new();
+    private readonly Dictionary<ulong, TaskCompletionSource> _reached = new();
+    private ulong _released;
+
+    public ulong Read(ulong offset, int size)
+    {
+        lock (_gate) return _released;
+    }
+
+    public void Write(ulong offset, int size, ulong value)
+    {
+        lock (_gate) Step(value).TrySetResult();
+    }
+
+    public void Release(ulong step)
+    {
+        lock (_gate) _released = step;
+    }
+
+    /// <summary>Completes when the guest wrote <paramref name="step"/>, or throws if the VM ended first.</summary>
+    public async Task ReachedAsync(ulong step, GuestRun run, TimeSpan? timeout = null)
+    {
+        Task reached;
+        lock (_gate) reached = Step(step).Task;
+        var first = await Task.WhenAny(reached, run.Vm.Ended).WaitAsync(timeout ?? TimeSpan.FromSeconds(120));
+        if (first != reached) throw new InvalidOperationException($"the guest ended before step {step}: {await run.Vm.Ended}");
+    }
+
+    private TaskCompletionSource Step(ulong step)
+    {
+        if (!_reached.TryGetValue(step, out var tcs))
+            _reached[step] = tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        return tcs;
     }
 }
