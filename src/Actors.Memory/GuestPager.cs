@@ -74,6 +74,8 @@ internal sealed unsafe class GuestPager : IDisposable
     public bool CanSwap => _uffd is not null && _swap is not null;
     public bool CanZeroPage { get; }
     public string Features { get; } = "userfaultfd off";
+    /// <summary>Whether guest RAM can be superpage-backed here, and why (for stats and logs).</summary>
+    public string Superpages { get; } = "";
     public Pmap Pmap => _pmap;
     public RamPages Ram => _ram;
 
@@ -115,7 +117,8 @@ internal sealed unsafe class GuestPager : IDisposable
                            (TracksDirty ? "" : "; no dirty-bit emulation (M reported set while resident)");
             }
             var flags = TracksAccessed && TracksDirty ? PmapFlags.UffdEmulated : PmapFlags.Untracked;
-            _pmap = new Pmap(options.PmapType, flags, _ram.Total);
+            (var superpages, Superpages) = SuperpageSupport(memory, _uffd is not null);
+            _pmap = new Pmap(options.PmapType, flags with { Superpages = superpages }, _ram.Total);
             if (_uffd is not null && options.SwapFile is not null)
                 _swap = File.OpenHandle(options.SwapFile, FileMode.Create, FileAccess.ReadWrite, FileShare.None, FileOptions.DeleteOnClose);
             if (_uffd is null) _residentLimit = 0;
@@ -167,13 +170,51 @@ internal sealed unsafe class GuestPager : IDisposable
             }
     }
 
-    /// <summary>Without fault tracking the pmap can only follow the memfd: refresh V from it.</summary>
+    /// <summary>Without fault tracking the pmap can only follow the memfd: refresh V from it, and
+    /// PS from the host's page tables.</summary>
     public void RefreshUntracked()
     {
         if (Paging) return;
         for (var p = 0UL; p < _ram.Total; p++)
             if (_pmap.IsValid(p)) _pmap.SetEmpty(p);
         ScanResidency();
+        RefreshSuperpages();
+    }
+
+    /// <summary>
+    /// Superpages (issue 4 item 8; FreeBSD's pm_flags PMAP_PDE_SUPERPAGE): only without
+    /// userfaultfd, and only where the RAM memfd was advised MADV_HUGEPAGE (which it is only if the
+    /// host's shmem THP setting allows huge pages). With userfaultfd there are none, whatever the
+    /// host allows: shmem raises the MISSING fault before it would allocate a huge page, the fills
+    /// (UFFDIO_COPY/ZEROPAGE) allocate 4 KiB pages, and UFFDIO_CONTINUE maps one 4 KiB PTE (measured
+    /// behaviour of Linux 6.x mm/shmem.c and mm/userfaultfd.c).
+    /// </summary>
+    public static (bool Possible, string Why) SuperpageSupport(GuestMemoryMap memory, bool userfaultfd)
+    {
+        var host = ShmemHugePages.Read();
+        var hostText = $"host {host.Reason}";
+        if (userfaultfd) return (false, $"off: userfaultfd fills and maps 4 KiB pages ({hostText})");
+        if (!host.Allowed) return (false, $"off: {hostText}");
+        if (memory.Segments.Any(r => !r.ReadOnly && !r.Backing.HugePagesAdvised)) return (false, $"off: guest RAM not advised MADV_HUGEPAGE (superpages turned off; {hostText})");
+        return (true, $"on: guest RAM advised MADV_HUGEPAGE ({hostText})");
+    }
+
+    /// <summary>Sets PS on the pages the host maps in the guest view with a PMD-size page (KVM can
+    /// then map them with one 2 MiB entry), clears it elsewhere.</summary>
+    private void RefreshSuperpages()
+    {
+        if (!_pmap.Flags.Superpages) return;
+        var huge = new bool[_ram.Total];
+        foreach (var r in _ram.Ranges)
+        {
+            if (!HugeMappings.TryScan(r.GuestView, r.Pages * Page, out var runs, out var error))
+                throw new VmspaceException($"cannot learn which guest RAM is superpage-backed: {error}");
+            foreach (var (offset, length) in runs)
+                for (var p = r.FirstPage + offset / Page; p < r.FirstPage + (offset + length) / Page && p < r.FirstPage + r.Pages; p++)
+                    huge[p] = true;
+        }
+        for (var p = 0UL; p < _ram.Total; p++)
+            if (huge[p] != _pmap.IsSuperpage(p)) _pmap.SetSuperpage(p, huge[p]);
     }
 
     /// <summary>Starts the reader thread; faults go to <paramref name="onFault"/> as guest-physical addresses.</summary>

@@ -382,8 +382,20 @@ internal sealed class VmspaceActor : ReceiveActor
 
     private PagingStats PagingStats()
     {
+        // Without userfaultfd only the superpages need the pmap: build it when RAM may have them.
+        if (_pager is null && !_options.Userfaultfd && _failure is null && _memory.Segments.Any(s => !s.ReadOnly && s.Backing.HugePagesAdvised))
+        {
+            try { _pager = new GuestPager(_memory, _options); }
+            catch (Exception e) { _log.Error(e, "vmspace: cannot build the pmap"); }
+        }
         var p = _pager;
-        if (p is null) return VmspaceProtocol.PagingStats.Off with { Failure = _failure };
+        if (p is null)
+            return VmspaceProtocol.PagingStats.Off with { Failure = _failure, Superpages = GuestPager.SuperpageSupport(_memory, _options.Userfaultfd).Why };
+        if (!p.Paging)
+        {
+            try { p.RefreshUntracked(); }
+            catch (Exception e) { _log.Error(e, "vmspace: cannot refresh the pmap"); }
+        }
         return new PagingStats(p.Paging && _failure is null, p.Features, p.Ram.Total, p.Pmap.ResidentPages, p.Pmap.SwappedPages,
             p.HeldPages, p.Pmap.AccessedPages, p.Pmap.DirtyPages, p.MissingFaults, p.MinorFaults, p.WriteProtectFaults, p.ZeroFills, p.SwapIns, p.SwapOuts,
             p.Retries, p.Reclaims, _barrier.Generation, _failure)
@@ -393,6 +405,8 @@ internal sealed class VmspaceActor : ReceiveActor
             ScanInterval = Context.Child("swapper").IsNobody() ? TimeSpan.Zero : _options.ScanInterval,
             AccessedScans = _accessedScans,
             ScanPageOuts = _scanPageOuts,
+            Superpages = p.Superpages,
+            SuperpagePages = p.Pmap.SuperpageBackedPages,
         };
     }
 }

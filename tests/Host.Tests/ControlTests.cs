@@ -163,6 +163,7 @@ public sealed class ControlTests : IAsyncLifetime
         var text = await _client.MemoryAsync(vm);
         Assert.Contains("guest memory   16 MiB", text);
         Assert.Contains("demand paging  off", text); // this VM's vmspace runs without userfaultfd
+        Assert.Contains("superpages     off: ", text); // its RAM was built without MADV_HUGEPAGE
     }
 
     [Fact]
