@@ -21,6 +21,7 @@ public sealed class GuestRun : IAsyncDisposable
     private readonly SerialConsole _console;
 
     public RunningVm Vm { get; }
+    public ActorSystem System => _system;
     public VmProtocol.Outcome Outcome { get; private set; } = null!;
     public TraceRecorder Trace { get; }
     public string Serial => _console.CapturedText();
