@@ -25,6 +25,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private readonly StateCell _cell;
     private readonly EventsToActor _platform;
+    private readonly IActorRef? _memory;
 
     // Timed models only: the clock their deadlines are in, and the deadline the timer is set for.
     private readonly ITimedDevice? _timed;
@@ -35,15 +36,19 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
 
     public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
         Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell)
-        : this(name, factory, restore, events, cell, clock: null)
+        : this(name, factory, restore, events, cell, clock: null, memory: null)
     {
     }
 
+    /// <param name="memory">the owner of guest memory (the vmspace): on a restart it is told
+    /// <see cref="DeviceRestarting"/> and releases this device's page holds</param>
     public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
-        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell, IDeviceClock? clock)
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell, IDeviceClock? clock,
+        IActorRef? memory)
     {
         _name = name;
         _cell = cell;
+        _memory = memory;
         var platform = new EventsToActor(name, events);
         _platform = platform;
         if (cell.State is { } saved && restore is not null)
@@ -165,10 +170,13 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <summary>A model restored from a state record may have a deadline already.</summary>
     protected override void PreStart() => Rearm();
 
-    /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks.</summary>
+    /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks. The
+    /// guest pages this incarnation held are released too (issue 4 item 6): the vmspace watches
+    /// holders for Terminated, which a restart (same ref) never sends.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
         _cell.Restarts++;
+        if (_memory is { } memory && !memory.IsNobody()) memory.Tell(new DeviceRestarting(_name), Self);
         if (_model is IStatefulDevice stateful)
         {
             try { _cell.State = stateful.SaveState(); }

@@ -78,6 +78,14 @@ public static class DeviceProtocol
 
     public sealed record Stats(string Device, long Reads, long Writes) : IDeviceMessage;
 
+    /// <summary>
+    /// From a device actor about to restart, as itself, to the owner of guest memory (the vmspace)
+    /// it was built with: the guest pages the device holds (<c>GpaHold</c> leases, vm_gpa_hold) die
+    /// with its incarnation, so the owner releases every hold the sender has. Sent before the new
+    /// incarnation exists, so a hold it asks for later is not affected (mailbox order). No answer.
+    /// </summary>
+    public sealed record DeviceRestarting(string Device) : IDeviceMessage;
+
     /// <summary>What survives an actor restart: the model's last state record and counters.
     /// Local to one host (never sent).</summary>
     internal sealed class StateCell
@@ -95,11 +103,13 @@ public static class DeviceProtocol
 
     /// <param name="restore">builds the model from the state record its last incarnation saved
     /// (models implementing <see cref="IStatefulDevice"/>); null = restart from power-on</param>
+    /// <param name="memory">the owner of the guest memory the device may hold pages of (the
+    /// vmspace): told <see cref="DeviceRestarting"/> when the device restarts; null = none</param>
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory,
-        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events)
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null)
     {
         var cell = new StateCell();
-        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell));
+        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, null, memory));
     }
 
     /// <summary>Asks a device how often it restarted and whether from a state record.</summary>

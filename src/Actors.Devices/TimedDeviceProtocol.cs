@@ -20,11 +20,13 @@ public static class TimedDeviceProtocol
     /// <param name="restore">builds the model from the state record its last incarnation saved
     /// (<see cref="IStatefulDevice"/>); null = restart from power-on</param>
     /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/>; may be Nobody</param>
+    /// <param name="memory">the owner of guest memory (the vmspace), told <see cref="DeviceRestarting"/>
+    /// when the device restarts; null = none</param>
     public static Props Props(string name, IDeviceClock clock, Func<IPlatformEvents, IBusDevice> factory,
-        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events)
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null)
     {
         var cell = new StateCell();
-        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, clock));
+        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, clock, memory));
     }
 
     public static Props Props(string name, IDeviceClock clock, Func<IPlatformEvents, IBusDevice> factory, IActorRef events) =>

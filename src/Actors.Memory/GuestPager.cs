@@ -55,6 +55,9 @@ internal sealed unsafe class GuestPager : IDisposable
     private readonly int _coldScans;
     private readonly byte[] _age;
     private ulong _clockHand;
+    // Touched by the guest since the swapper's last sample (a fault mapped it): A alone would miss
+    // a touch whose A bit the clock cleared again before the sample.
+    private readonly bool[] _referenced;
     private readonly Dictionary<ulong, RetryRun> _retries = [];
     private readonly Func<long> _clockMs;
     private readonly Dictionary<ulong, int> _holdCounts = [];
@@ -71,6 +74,8 @@ internal sealed unsafe class GuestPager : IDisposable
     public bool CanSwap => _uffd is not null && _swap is not null;
     public bool CanZeroPage { get; }
     public string Features { get; } = "userfaultfd off";
+    /// <summary>Whether guest RAM can be superpage-backed here, and why (for stats and logs).</summary>
+    public string Superpages { get; } = "";
     public Pmap Pmap => _pmap;
     public RamPages Ram => _ram;
 
@@ -87,6 +92,7 @@ internal sealed unsafe class GuestPager : IDisposable
         _clockMs = clockMs ?? (() => Environment.TickCount64);
         _ram = new RamPages(memory);
         _age = new byte[_ram.Total];
+        _referenced = new bool[_ram.Total];
         _coldScans = Math.Clamp(options.ColdScans, 1, 255);
         _residentLimit = options.ResidentLimitBytes / Page;
         try
@@ -111,7 +117,8 @@ internal sealed unsafe class GuestPager : IDisposable
                            (TracksDirty ? "" : "; no dirty-bit emulation (M reported set while resident)");
             }
             var flags = TracksAccessed && TracksDirty ? PmapFlags.UffdEmulated : PmapFlags.Untracked;
-            _pmap = new Pmap(options.PmapType, flags, _ram.Total);
+            (var superpages, Superpages) = SuperpageSupport(memory, _uffd is not null);
+            _pmap = new Pmap(options.PmapType, flags with { Superpages = superpages }, _ram.Total);
             if (_uffd is not null && options.SwapFile is not null)
                 _swap = File.OpenHandle(options.SwapFile, FileMode.Create, FileAccess.ReadWrite, FileShare.None, FileOptions.DeleteOnClose);
             if (_uffd is null) _residentLimit = 0;
@@ -163,13 +170,51 @@ internal sealed unsafe class GuestPager : IDisposable
             }
     }
 
-    /// <summary>Without fault tracking the pmap can only follow the memfd: refresh V from it.</summary>
+    /// <summary>Without fault tracking the pmap can only follow the memfd: refresh V from it, and
+    /// PS from the host's page tables.</summary>
     public void RefreshUntracked()
     {
         if (Paging) return;
         for (var p = 0UL; p < _ram.Total; p++)
             if (_pmap.IsValid(p)) _pmap.SetEmpty(p);
         ScanResidency();
+        RefreshSuperpages();
+    }
+
+    /// <summary>
+    /// Superpages (issue 4 item 8; FreeBSD's pm_flags PMAP_PDE_SUPERPAGE): only without
+    /// userfaultfd, and only where the RAM memfd was advised MADV_HUGEPAGE (which it is only if the
+    /// host's shmem THP setting allows huge pages). With userfaultfd there are none, whatever the
+    /// host allows: shmem raises the MISSING fault before it would allocate a huge page, the fills
+    /// (UFFDIO_COPY/ZEROPAGE) allocate 4 KiB pages, and UFFDIO_CONTINUE maps one 4 KiB PTE (measured
+    /// behaviour of Linux 6.x mm/shmem.c and mm/userfaultfd.c).
+    /// </summary>
+    public static (bool Possible, string Why) SuperpageSupport(GuestMemoryMap memory, bool userfaultfd)
+    {
+        var host = ShmemHugePages.Read();
+        var hostText = $"host {host.Reason}";
+        if (userfaultfd) return (false, $"off: userfaultfd fills and maps 4 KiB pages ({hostText})");
+        if (!host.Allowed) return (false, $"off: {hostText}");
+        if (memory.Segments.Any(r => !r.ReadOnly && !r.Backing.HugePagesAdvised)) return (false, $"off: guest RAM not advised MADV_HUGEPAGE (superpages turned off; {hostText})");
+        return (true, $"on: guest RAM advised MADV_HUGEPAGE ({hostText})");
+    }
+
+    /// <summary>Sets PS on the pages the host maps in the guest view with a PMD-size page (KVM can
+    /// then map them with one 2 MiB entry), clears it elsewhere.</summary>
+    private void RefreshSuperpages()
+    {
+        if (!_pmap.Flags.Superpages) return;
+        var huge = new bool[_ram.Total];
+        foreach (var r in _ram.Ranges)
+        {
+            if (!HugeMappings.TryScan(r.GuestView, r.Pages * Page, out var runs, out var error))
+                throw new VmspaceException($"cannot learn which guest RAM is superpage-backed: {error}");
+            foreach (var (offset, length) in runs)
+                for (var p = r.FirstPage + offset / Page; p < r.FirstPage + (offset + length) / Page && p < r.FirstPage + r.Pages; p++)
+                    huge[p] = true;
+        }
+        for (var p = 0UL; p < _ram.Total; p++)
+            if (huge[p] != _pmap.IsSuperpage(p)) _pmap.SetSuperpage(p, huge[p]);
     }
 
     /// <summary>Starts the reader thread; faults go to <paramref name="onFault"/> as guest-physical addresses.</summary>
@@ -290,6 +335,7 @@ internal sealed unsafe class GuestPager : IDisposable
         _pmap.SetAccessed(page, true);
         _pmap.SetModified(page, dirty || _pmap.IsModified(page));
         _age[page] = 0;
+        _referenced[page] = true;
     }
 
     /// <summary>CONTINUE, write-protected if asked; falls back to CONTINUE + WRITEPROTECT on kernels
@@ -415,18 +461,29 @@ internal sealed unsafe class GuestPager : IDisposable
         return h;
     }
 
+    /// <summary>The resident limit in pages (0 = none).</summary>
+    public ulong ResidentLimitPages => _residentLimit;
+
+    /// <summary>Resident pages reclaim frees down to: 7/8 of the limit, so it runs in batches (0 = no limit).</summary>
+    public ulong ReclaimTargetPages => _residentLimit == 0 ? 0 : _residentLimit - Math.Max(1, _residentLimit / 8);
+
+    /// <summary>Resolving a fault at <paramref name="gpa"/> would add a resident page.</summary>
+    public bool FaultAllocates(ulong gpa) => _ram.TryPage(gpa, out var page) && !_pmap.IsValid(page);
+
     /// <summary>
-    /// The clock: while resident pages exceed the limit, sweep the hand over guest RAM; a resident,
-    /// unheld page with A set gets A cleared (its guest mapping dropped) and its age reset; one with
-    /// A clear ages, and after <c>ColdScans</c> sweeps without a touch it is swapped out. Frees down
-    /// to 7/8 of the limit so reclaim runs in batches. Returns the pages swapped out.
+    /// Direct reclaim, the clock: while resident pages (plus <paramref name="reserve"/> about to
+    /// become resident) exceed the limit, sweep the hand over guest RAM; a resident, unheld page
+    /// with A set gets A cleared (its guest mapping dropped) and its age reset; one with A clear
+    /// ages, and after <c>ColdScans</c> sweeps without a touch it is swapped out. Frees down to
+    /// <see cref="ReclaimTargetPages"/>. Returns the pages swapped out. (The swapper actor ages pages
+    /// periodically instead, so that this rarely has to run.)
     /// </summary>
-    public int Reclaim()
+    public int Reclaim(ulong reserve = 0)
     {
-        if (_residentLimit == 0 || _pmap.ResidentPages <= _residentLimit) return 0;
+        if (_residentLimit == 0 || _pmap.ResidentPages + reserve <= _residentLimit) return 0;
         Reclaims++;
-        var target = _residentLimit - Math.Max(1, _residentLimit / 8);
-        var need = _pmap.ResidentPages - target;
+        var target = ReclaimTargetPages;
+        var need = _pmap.ResidentPages + reserve - target;
         var victims = new HashSet<ulong>(); // the hand may lap within one call: choose a page once
         var cleared = new List<ulong>();
         var total = _ram.Total;
@@ -453,6 +510,58 @@ internal sealed unsafe class GuestPager : IDisposable
         sorted.Sort();
         SwapOutPages(sorted);
         return sorted.Count;
+    }
+
+    // ---------------------------------------------------------------- swapper
+
+    /// <summary>
+    /// One A-bit scan for the swapper: per page, resident / accessed since the last scan (A set, or
+    /// a fault mapped it) / held; then A is cleared on every resident, unheld page that had it (its
+    /// guest mapping dropped: the next touch is a MINOR fault) and the scan starts over. Without
+    /// accessed-bit emulation A cannot be cleared, so every resident page reads as accessed.
+    /// Returns whether any mapping was dropped (running vcpus must then see the change).
+    /// </summary>
+    public PageSample[] SampleAccessed(out bool cleared)
+    {
+        var sample = new PageSample[_ram.Total];
+        var clear = new List<ulong>();
+        for (var p = 0UL; p < _ram.Total; p++)
+        {
+            if (!_pmap.IsValid(p))
+            {
+                _referenced[p] = false;
+                continue;
+            }
+            var s = PageSample.Resident;
+            var accessed = _pmap.IsAccessed(p);
+            if (accessed || _referenced[p]) s |= PageSample.Accessed;
+            if (_pmap.IsHeld(p)) s |= PageSample.Held;
+            else if (accessed && TracksAccessed) clear.Add(p);
+            _referenced[p] = false;
+            sample[p] = s;
+        }
+        foreach (var (r, f, n) in _ram.Coalesce(clear))
+        {
+            r.Backing.DropGuestMappings(r.Segment.BackingOffset + (f - r.FirstPage) * Page, n * Page);
+            for (var p = f; p < f + n; p++) _pmap.SetAccessed(p, false);
+        }
+        cleared = clear.Count > 0;
+        return sample;
+    }
+
+    /// <summary>
+    /// Swaps out those of <paramref name="pages"/> (the swapper's victims) that are still resident,
+    /// unheld and untouched since the last <see cref="SampleAccessed"/>; a page the guest touched in
+    /// the meantime stays. Returns how many went.
+    /// </summary>
+    public int PageOut(IEnumerable<ulong> pages)
+    {
+        if (!CanSwap) throw new VmspaceException("paging out needs userfaultfd and a swap file");
+        var victims = new List<ulong>();
+        foreach (var p in pages.Where(p => p < _ram.Total).Distinct().Order())
+            if (_pmap.IsValid(p) && !_pmap.IsHeld(p) && !_pmap.IsAccessed(p) && !_referenced[p]) victims.Add(p);
+        SwapOutPages(victims);
+        return victims.Count;
     }
 
     // ---------------------------------------------------------------- holds

@@ -32,7 +32,7 @@ internal sealed class VmspaceActor : ReceiveActor
     private GuestPager? _pager;
     private string? _failure;
     private FaultProtocol.FailNestedPageFaults? _failFaults;
-    private long _reads, _writes, _faults, _nextHoldId;
+    private long _reads, _writes, _faults, _nextHoldId, _accessedScans, _scanPageOuts;
 
     public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events)
     {
@@ -78,6 +78,24 @@ internal sealed class VmspaceActor : ReceiveActor
             AwaitEptInvalidation(Sender, g => new SwappedOut(s.Id, n, g));
         }));
 
+        Receive<SampleAccessed>(s => WithPaging(s.Id, () =>
+        {
+            var sample = _pager!.SampleAccessed(out var cleared);
+            _accessedScans++;
+            var pmap = _pager.Pmap;
+            Func<ulong, object> reply = g => new AccessedSample(s.Id, sample, pmap.ResidentPages, _pager.ReclaimTargetPages, g);
+            if (cleared) AwaitEptInvalidation(Sender, reply);
+            else Sender.Tell(reply(_barrier.Generation));
+        }));
+        Receive<PageOut>(o => WithPaging(o.Id, () =>
+        {
+            if (!_pager!.CanSwap) { Refuse(o.Id, "no swap file configured"); return; }
+            var n = _pager.PageOut(o.Pages);
+            _scanPageOuts += n;
+            if (n > 0) AwaitEptInvalidation(Sender, g => new PagedOut(o.Id, n, g));
+            else Sender.Tell(new PagedOut(o.Id, 0, _barrier.Generation));
+        }));
+
         Receive<Hold>(OnHold);
         Receive<Release>(r =>
         {
@@ -89,11 +107,16 @@ internal sealed class VmspaceActor : ReceiveActor
             foreach (var id in _holds.Where(h => h.Value.Owner.Equals(Sender)).Select(h => h.Key).ToArray())
                 if (ReleaseHold(id)) Sender.Tell(new HoldReleased(id));
         });
+        Receive<DeviceProtocol.DeviceRestarting>(d =>
+        {
+            // Same ref, new incarnation: Terminated never comes, so its holds go now.
+            var released = ReleaseHoldsOf(Sender);
+            if (released > 0) _log.Info("vmspace: {0} restarted; released its {1} hold(s)", d.Device, released);
+        });
         Receive<Terminated>(t =>
         {
             _watchedHolders.Remove(t.ActorRef);
-            foreach (var id in _holds.Where(h => h.Value.Owner.Equals(t.ActorRef)).Select(h => h.Key).ToArray())
-                ReleaseHold(id);
+            ReleaseHoldsOf(t.ActorRef);
         });
 
         Receive<RegisterVcpu>(r => _barrier.Register(r.VcpuId, r.Vcpu, r.Running));
@@ -127,6 +150,12 @@ internal sealed class VmspaceActor : ReceiveActor
         _pager.StartReader(
             (gpa, kind, write) => self.Tell(new NestedPageFault(gpa, kind, write), ActorRefs.NoSender),
             e => self.Tell(new ReaderFailed(e.Message), ActorRefs.NoSender));
+        if (_options.ScanInterval > TimeSpan.Zero)
+        {
+            if (_pager.CanSwap)
+                Context.ActorOf(SwapperProtocol.Props(Self, new SwapperProtocol.Options(_options.ScanInterval, _options.ColdScans)), "swapper");
+            else _log.Warning("vmspace: no swapper: a scan interval needs a swap file");
+        }
     }
 
     protected override void PostStop()
@@ -200,14 +229,19 @@ internal sealed class VmspaceActor : ReceiveActor
             Fail($"{f.Kind} fault at gpa 0x{f.Gpa:X} ({(f.Write ? "write" : "read")}) failed: injected fault: {inject.Reason}");
             return;
         }
+        // A fault that brings a page in makes room first: residency never exceeds the limit.
+        if (_pager!.FaultAllocates(f.Gpa)) MaybeReclaim(reserve: 1);
+        if (!Paging) return;
         if (Try(() => { _pager!.Resolve(f.Gpa, f.Kind, f.Write); return true; }, $"{f.Kind} fault at gpa 0x{f.Gpa:X}", out _))
             MaybeReclaim();
     }
 
-    private void MaybeReclaim()
+    /// <summary>Direct reclaim down to the target when residency (+ <paramref name="reserve"/>
+    /// pages about to come in) is above the limit.</summary>
+    private void MaybeReclaim(ulong reserve = 0)
     {
         if (!Paging) return;
-        if (Try(() => _pager!.Reclaim(), "reclaim", out var swapped) && swapped > 0)
+        if (Try(() => _pager!.Reclaim(reserve), "reclaim", out var swapped) && swapped > 0)
             _barrier.Invalidate(Self); // nobody waits on a reclaim, but vcpus must still see it
     }
 
@@ -239,6 +273,14 @@ internal sealed class VmspaceActor : ReceiveActor
         Sender.Tell(new HoldGranted(h.Id, lease));
         MaybeReclaim();
     });
+
+    /// <summary>Releases every hold of <paramref name="owner"/>; returns how many.</summary>
+    private int ReleaseHoldsOf(IActorRef owner)
+    {
+        var ids = _holds.Where(h => h.Value.Owner.Equals(owner)).Select(h => h.Key).ToArray();
+        foreach (var id in ids) ReleaseHold(id);
+        return ids.Length;
+    }
 
     private bool ReleaseHold(long holdId)
     {
@@ -308,6 +350,25 @@ internal sealed class VmspaceActor : ReceiveActor
 
     private void Refuse(long id, string reason) => Sender.Tell(new Refused(id, reason));
 
+    /// <summary>Runs <paramref name="action"/> if demand paging is on, else refuses; a failure in it fails the vmspace.</summary>
+    private void WithPaging(long id, Action action)
+    {
+        if (!Paging)
+        {
+            Refuse(id, _failure is not null ? $"vmspace failed: {_failure}" : "demand paging is off (vmspace built without userfaultfd)");
+            return;
+        }
+        try
+        {
+            action();
+        }
+        catch (Exception e)
+        {
+            Fail($"{e.GetType().Name}: {e.Message}");
+            Refuse(id, $"vmspace failed: {_failure}");
+        }
+    }
+
     /// <summary>Paging --error--> Failed: report to the VM, stop paging, keep serving memory.</summary>
     private void Fail(string reason)
     {
@@ -321,10 +382,31 @@ internal sealed class VmspaceActor : ReceiveActor
 
     private PagingStats PagingStats()
     {
+        // Without userfaultfd only the superpages need the pmap: build it when RAM may have them.
+        if (_pager is null && !_options.Userfaultfd && _failure is null && _memory.Segments.Any(s => !s.ReadOnly && s.Backing.HugePagesAdvised))
+        {
+            try { _pager = new GuestPager(_memory, _options); }
+            catch (Exception e) { _log.Error(e, "vmspace: cannot build the pmap"); }
+        }
         var p = _pager;
-        if (p is null) return VmspaceProtocol.PagingStats.Off with { Failure = _failure };
+        if (p is null)
+            return VmspaceProtocol.PagingStats.Off with { Failure = _failure, Superpages = GuestPager.SuperpageSupport(_memory, _options.Userfaultfd).Why };
+        if (!p.Paging)
+        {
+            try { p.RefreshUntracked(); }
+            catch (Exception e) { _log.Error(e, "vmspace: cannot refresh the pmap"); }
+        }
         return new PagingStats(p.Paging && _failure is null, p.Features, p.Ram.Total, p.Pmap.ResidentPages, p.Pmap.SwappedPages,
-            p.HeldPages, p.MissingFaults, p.MinorFaults, p.WriteProtectFaults, p.ZeroFills, p.SwapIns, p.SwapOuts,
-            p.Retries, p.Reclaims, _barrier.Generation, _failure);
+            p.HeldPages, p.Pmap.AccessedPages, p.Pmap.DirtyPages, p.MissingFaults, p.MinorFaults, p.WriteProtectFaults, p.ZeroFills, p.SwapIns, p.SwapOuts,
+            p.Retries, p.Reclaims, _barrier.Generation, _failure)
+        {
+            PeakResidentPages = p.Pmap.PeakResidentPages,
+            ResidentLimitPages = p.ResidentLimitPages,
+            ScanInterval = Context.Child("swapper").IsNobody() ? TimeSpan.Zero : _options.ScanInterval,
+            AccessedScans = _accessedScans,
+            ScanPageOuts = _scanPageOuts,
+            Superpages = p.Superpages,
+            SuperpagePages = p.Pmap.SuperpageBackedPages,
+        };
     }
 }

@@ -58,9 +58,14 @@ public static class VmspaceLayout
 
     /// <summary>
     /// Builds the memory map the plan describes: one memfd for all RAM (segments are windows into
-    /// it), one for the firmware (its image copied in; the low alias shares its last pages).
+    /// it), one for the firmware (its image copied in; the low alias shares its last pages). With
+    /// <paramref name="superpages"/>, RAM is advised MADV_HUGEPAGE when the host's shmem THP
+    /// setting allows huge pages (<see cref="ShmemHugePages"/>) — before anything is written, so a
+    /// loader's writes can already land in huge pages. Leave it off for a vmspace that pages
+    /// through userfaultfd: it fills 4 KiB pages, and a huge page written by the loader would only
+    /// be split again by the first swap-out.
     /// </summary>
-    public static GuestMemoryMap Build(ulong ramBytes, ReadOnlySpan<byte> firmware = default)
+    public static GuestMemoryMap Build(ulong ramBytes, ReadOnlySpan<byte> firmware = default, bool superpages = false)
     {
         var plan = Plan(ramBytes, (ulong)firmware.Length);
         var map = new GuestMemoryMap();
@@ -68,6 +73,15 @@ public static class VmspaceLayout
         {
             var ramTotal = plan.Where(r => r.Kind == LayoutKind.Ram).Aggregate(0UL, (a, r) => a + r.Size);
             var ram = new MemfdRegion("ram", ramTotal);
+            try
+            {
+                if (superpages && ShmemHugePages.Read().Allowed) ram.AdviseHugePages();
+            }
+            catch
+            {
+                ram.Dispose();
+                throw;
+            }
             var ramOffset = 0UL;
             MemfdRegion? fw = null;
             foreach (var r in plan)

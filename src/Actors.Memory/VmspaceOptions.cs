@@ -6,21 +6,27 @@ namespace ActorVmm.Memory;
 /// (MISSING|WP|MINOR as the kernel supports) and resolve nested page faults in the actor; off, the
 /// vmspace only serves reads and writes (the first version's behaviour).</para>
 /// <para><see cref="SwapFile"/>: a real file for swapped-out pages (created, and deleted when the
-/// vmspace stops); needed by <c>SwapOut</c> and by <see cref="ResidentLimitBytes"/>.</para>
-/// <para><see cref="ResidentLimitBytes"/> (0 = none): above it, the clock swaps out pages not
-/// accessed for <see cref="ColdScans"/> sweeps.</para>
-/// <para>Without userfaultfd, swap file and resident limit are ignored, and the pmap (built on first
-/// use, not to cost 8 bytes per page to a VM that never asks) only follows the memfd's residency.</para>
+/// vmspace stops); needed by <c>SwapOut</c>, by <see cref="ResidentLimitBytes"/> and by the swapper.</para>
+/// <para><see cref="ResidentLimitBytes"/> (0 = none): a fault that would go above it first makes
+/// room (direct reclaim: the clock swaps out pages not accessed for <see cref="ColdScans"/> sweeps).</para>
+/// <para><see cref="ScanInterval"/> (zero = no swapper): with a swap file, a swapper actor scans
+/// the accessed bits this often, swaps out pages not accessed for <see cref="ColdScans"/> scans, and
+/// keeps residency below 7/8 of the limit with the least recently accessed pages.</para>
+/// <para>Without userfaultfd, swap file, resident limit and swapper are ignored, and the pmap (built
+/// on first use, not to cost 8 bytes per page to a VM that never asks) only follows the memfd's
+/// residency (and, where the host backs guest RAM with huge pages, which runs are superpages).</para>
 /// </summary>
 public sealed record VmspaceOptions(
     bool Userfaultfd = false,
     PmapType PmapType = PmapType.Ept,
     string? SwapFile = null,
     ulong ResidentLimitBytes = 0,
-    int ColdScans = 2)
+    int ColdScans = 2,
+    TimeSpan ScanInterval = default)
 {
     public static readonly VmspaceOptions Unpaged = new();
 
-    public static VmspaceOptions Paged(string? swapFile = null, ulong residentLimitBytes = 0, int coldScans = 2) =>
-        new(Userfaultfd: true, SwapFile: swapFile, ResidentLimitBytes: residentLimitBytes, ColdScans: coldScans);
+    public static VmspaceOptions Paged(string? swapFile = null, ulong residentLimitBytes = 0, int coldScans = 2,
+        TimeSpan scanInterval = default) =>
+        new(Userfaultfd: true, SwapFile: swapFile, ResidentLimitBytes: residentLimitBytes, ColdScans: coldScans, ScanInterval: scanInterval);
 }

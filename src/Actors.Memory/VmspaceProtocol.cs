@@ -41,16 +41,35 @@ public static class VmspaceProtocol
     }
 
     /// <summary>
-    /// Demand-paging counters: faults by kind as the kernel reported them; how they were resolved
-    /// (zero fills, swap-ins); swap-outs; <see cref="Retries"/> = fills that found the kernel's state
-    /// different (a race: woken to fault again). Pages are 4 KiB guest RAM pages.
+    /// Demand-paging counters: pages by state as the pmap has them (<see cref="AccessedPages"/>: A
+    /// set, i.e. mapped in the guest view since the last clear; <see cref="DirtyPages"/>: M set,
+    /// written since the last clear, swapped pages included); faults by kind as the kernel reported
+    /// them; how they were resolved (zero fills, swap-ins); swap-outs; <see cref="Retries"/> = fills
+    /// that found the kernel's state different (a race: woken to fault again). Pages are 4 KiB guest
+    /// RAM pages.
     /// </summary>
     public sealed record PagingStats(
         bool Enabled, string Features, ulong RamPages, ulong ResidentPages, ulong SwappedPages, ulong HeldPages,
+        ulong AccessedPages, ulong DirtyPages,
         long MissingFaults, long MinorFaults, long WriteProtectFaults, long ZeroFills, long SwapIns, long SwapOuts,
         long Retries, long Reclaims, ulong EptGeneration, string? Failure)
     {
-        public static readonly PagingStats Off = new(false, "userfaultfd off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, null);
+        public static readonly PagingStats Off = new(false, "userfaultfd off", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, null);
+
+        /// <summary>The most pages resident at once so far, and the limit (0 = none).</summary>
+        public ulong PeakResidentPages { get; init; }
+        public ulong ResidentLimitPages { get; init; }
+
+        /// <summary>The swapper: its scan interval (zero = no swapper), the A-bit scans the vmspace
+        /// served it, and the pages it swapped out for it.</summary>
+        public TimeSpan ScanInterval { get; init; }
+        public long AccessedScans { get; init; }
+        public long ScanPageOuts { get; init; }
+
+        /// <summary>Superpages: what the host allows and the vmspace does, and the pages the host
+        /// backs with huge pages.</summary>
+        public string Superpages { get; init; } = "";
+        public ulong SuperpagePages { get; init; }
     }
 
     // ---- nested page faults -------------------------------------------------------------
@@ -94,6 +113,25 @@ public static class VmspaceProtocol
         /// <summary>The bit layout of <see cref="Entries"/> (a method: computed, not sent).</summary>
         public PmapBits Bits() => PmapBits.For(Type, Flags);
     }
+
+    // ---- the swapper ---------------------------------------------------------------------
+
+    /// <summary>From the swapper: one A-bit scan of all guest RAM (<see cref="PageSample"/> per
+    /// page: resident, accessed since the last scan, held), after which A is clear on every resident,
+    /// unheld page. Answered with <see cref="AccessedSample"/> after the EPT barrier, or <see cref="Refused"/>.</summary>
+    public sealed record SampleAccessed(long Id) : IVmspaceMessage;
+
+    /// <param name="Pages">[i] is RAM page i (guest RAM numbered in guest-physical order)</param>
+    /// <param name="TargetResidentPages">what the swapper should keep residency below (0 = no limit)</param>
+    public sealed record AccessedSample(long Id, PageSample[] Pages, ulong ResidentPages, ulong TargetResidentPages, ulong Generation)
+        : IVmspaceMessage;
+
+    /// <summary>From the swapper: swap out these RAM pages if they are still resident, unheld and
+    /// not accessed since the last <see cref="SampleAccessed"/>. Answered with <see cref="PagedOut"/>
+    /// after the EPT barrier, or <see cref="Refused"/>.</summary>
+    public sealed record PageOut(long Id, ulong[] Pages) : IVmspaceMessage;
+
+    public sealed record PagedOut(long Id, int Pages, ulong Generation) : IVmspaceMessage;
 
     // ---- swap and holds -----------------------------------------------------------------
 

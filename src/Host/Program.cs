@@ -241,7 +241,7 @@ namespace ActorVmm.Host
                 });
                 ctl.Add(trace);
             }
-            ctl.Add(WithVm("mem", "guest memory: resident, swapped, held pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
+            ctl.Add(WithVm("mem", "guest memory: resident, swapped, held, accessed and dirty pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
             return ctl;
         }
 

@@ -57,7 +57,10 @@ public static class GuestMemoryExtensions
 /// <summary>
 /// A memfd (shmem) of a given size mapped twice, MAP_SHARED|MAP_NORESERVE: the guest view (given
 /// to KVM as a memslot, later registered with userfaultfd) and the host view (for devices and
-/// loaders). Untouched pages cost nothing, so a sparse guest stays small.
+/// loaders). Untouched pages cost nothing, so a sparse guest stays small. Both views start on a
+/// 2 MiB boundary (like the memfd offset 0 they map), so where the host backs the memfd with
+/// transparent huge pages (<see cref="AdviseHugePages"/>) they can be mapped by one PMD each, and
+/// KVM can map them with one 2 MiB EPT entry.
 /// </summary>
 public sealed unsafe class MemfdRegion : IDisposable
 {
@@ -89,12 +92,48 @@ public sealed unsafe class MemfdRegion : IDisposable
         }
     }
 
+    /// <summary>Views are aligned to this (the x86-64 PMD size).</summary>
+    public const ulong ViewAlignment = 2UL << 20;
+
     private nint Map()
     {
-        var p = Native.Mmap(0, (nuint)Size, Native.PROT_READ | Native.PROT_WRITE,
-            Native.MAP_SHARED | Native.MAP_NORESERVE, _fd, 0);
-        if (p == Native.MAP_FAILED) throw KvmException.Last($"mmap({Name}, 0x{Size:X})");
+        // Reserve Size + 2 MiB of address space, map the memfd over its first 2 MiB boundary, and
+        // give back the slack on both sides.
+        var reserve = (nuint)(Size + ViewAlignment);
+        var r = Native.Mmap(0, reserve, Native.PROT_NONE, Native.MAP_PRIVATE | Native.MAP_ANONYMOUS | Native.MAP_NORESERVE, -1, 0);
+        if (r == Native.MAP_FAILED) throw KvmException.Last($"mmap(reserve 0x{(ulong)reserve:X} for {Name})");
+        var aligned = (nint)(((ulong)r + ViewAlignment - 1) & ~(ViewAlignment - 1));
+        var p = Native.Mmap(aligned, (nuint)Size, Native.PROT_READ | Native.PROT_WRITE,
+            Native.MAP_SHARED | Native.MAP_NORESERVE | Native.MAP_FIXED, _fd, 0);
+        if (p == Native.MAP_FAILED)
+        {
+            var e = KvmException.Last($"mmap({Name}, 0x{Size:X})");
+            Native.Munmap(r, reserve);
+            throw e;
+        }
+        if (aligned > r) Native.Munmap(r, (nuint)(aligned - r));
+        var tail = aligned + (nint)Size;
+        var reserveEnd = r + (nint)reserve;
+        if (reserveEnd > tail) Native.Munmap(tail, (nuint)(reserveEnd - tail));
         return p;
+    }
+
+    /// <summary>Both views were advised MADV_HUGEPAGE (see <see cref="AdviseHugePages"/>).</summary>
+    public bool HugePagesAdvised { get; private set; }
+
+    /// <summary>
+    /// madvise(MADV_HUGEPAGE) on both views: where the host's shmem THP setting allows it
+    /// (<see cref="ShmemHugePages"/>), touches allocate 2 MiB pages. Advice only — with
+    /// shmem_enabled = never it succeeds and changes nothing. A userfaultfd-registered view gets
+    /// none anyway: shmem raises a MISSING fault before it would allocate a huge page, and
+    /// UFFDIO_COPY/ZEROPAGE/CONTINUE fill and map 4 KiB pages.
+    /// </summary>
+    public void AdviseHugePages()
+    {
+        foreach (var (view, what) in new[] { (GuestView, "guest"), (HostView, "host") })
+            if (NativeMemory.Madvise(view, (nuint)Size, NativeMemory.MADV_HUGEPAGE) != 0)
+                throw KvmException.Last($"madvise({Name} {what} view, MADV_HUGEPAGE)");
+        HugePagesAdvised = true;
     }
 
     /// <summary>Bytes the host has allocated for this memfd (st_blocks × 512): touched pages only.</summary>

@@ -7,6 +7,7 @@ internal static unsafe partial class Native
 {
     private const string Libc = "libc";
 
+    public const int O_RDONLY = 0x0;
     public const int O_RDWR = 0x2;
     public const int O_CLOEXEC = 0x80000;
 
@@ -16,6 +17,7 @@ internal static unsafe partial class Native
     public const int PROT_EXEC = 0x4;
     public const int MAP_SHARED = 0x01;
     public const int MAP_PRIVATE = 0x02;
+    public const int MAP_FIXED = 0x10;
     public const int MAP_ANONYMOUS = 0x20;
     public const int MAP_NORESERVE = 0x4000;
     public static readonly nint MAP_FAILED = -1;

@@ -22,6 +22,7 @@ internal static unsafe partial class NativeMemory
     public const int EFD_CLOEXEC = O_CLOEXEC;
 
     public const int MADV_DONTNEED = 4;
+    public const int MADV_HUGEPAGE = 14;
     public const int FALLOC_FL_KEEP_SIZE = 0x1;
     public const int FALLOC_FL_PUNCH_HOLE = 0x2;
     public const int SEEK_DATA = 3;

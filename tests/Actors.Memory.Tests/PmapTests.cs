@@ -67,4 +67,54 @@ public class PmapTests
         Assert.True(pmap.IsHeld(2));
         Assert.Equal(PageAD.Dirty, pmap.AccessedDirty(1));
     }
+
+    [Theory]
+    [InlineData(PmapType.X86, true)]
+    [InlineData(PmapType.Ept, true)]
+    [InlineData(PmapType.Ept, false)]
+    public void Counts_of_resident_swapped_accessed_dirty_and_superpage_entries_match_a_recount(PmapType type, bool emulated)
+    {
+        var flags = (emulated ? PmapFlags.UffdEmulated : PmapFlags.Untracked) with { Superpages = true };
+        var pmap = new Pmap(type, flags, 64);
+        var b = pmap.Bits;
+        var random = new Random(4);
+        for (var step = 0; step < 5000; step++)
+        {
+            var p = (ulong)random.Next(64);
+            var on = random.Next(2) == 0;
+            switch (random.Next(7))
+            {
+                case 0: pmap.SetResident(p, p << 12, writable: on); break;
+                case 1: pmap.SetSwapped(p, p << 12); break;
+                case 2: pmap.SetEmpty(p); break;
+                case 3: pmap.SetAccessed(p, on); break;
+                case 4: pmap.SetModified(p, on); break;
+                case 5: pmap.SetHeld(p, on); break;
+                case 6: pmap.SetSuperpage(p, on); break;
+            }
+            ulong Recount(ulong bit) => (ulong)pmap.Snapshot(0, 64).Count(e => (e & bit) != 0);
+            Assert.Equal(
+                (Recount(b.Valid), Recount(b.Swapped), Recount(b.Accessed), Recount(b.Modified), Recount(b.Superpage)),
+                (pmap.ResidentPages, pmap.SwappedPages, pmap.AccessedPages, pmap.DirtyPages, pmap.SuperpageBackedPages));
+        }
+        Assert.InRange(pmap.AccessedPages, 1UL, 63UL); // the walk reached mixed states, not all-clear
+    }
+
+    [Fact]
+    public void Superpage_is_PS_bit_7_in_both_layouts_and_refused_by_a_pmap_without_superpages()
+    {
+        Assert.Equal(1UL << 7, PmapBits.For(PmapType.X86, PmapFlags.UffdEmulated).Superpage);
+        Assert.Equal(1UL << 7, PmapBits.For(PmapType.Ept, PmapFlags.UffdEmulated).Superpage);
+        Assert.Equal(1UL << 7, PmapBits.For(PmapType.Ept, PmapFlags.Untracked).Superpage);
+        var none = new Pmap(PmapType.Ept, PmapFlags.UffdEmulated, 4);
+        Assert.Throws<InvalidOperationException>(() => none.SetSuperpage(0, true));
+        none.SetSuperpage(0, false); // clearing is always allowed
+
+        var backed = new Pmap(PmapType.Ept, PmapFlags.Untracked with { Superpages = true }, 4);
+        backed.SetResident(1, 0x1000, writable: true);
+        backed.SetSuperpage(1, true);
+        Assert.True(backed.IsSuperpage(1));
+        backed.SetSwapped(1, 0x1000); // punched out of the memfd: no longer in a huge page
+        Assert.Equal((false, 0UL), (backed.IsSuperpage(1), backed.SuperpageBackedPages));
+    }
 }

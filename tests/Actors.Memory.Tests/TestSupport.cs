@@ -84,9 +84,10 @@ internal sealed class PagedVmspace : IAsyncDisposable
     /// guest touches before that would not fault (and the vmspace would find those pages already
     /// resident — correct, but not what a test of faults wants).</summary>
     public static async Task<PagedVmspace> StartAsync(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes = 0, int coldScans = 2,
-        bool userfaultfd = true, Action<GuestMemoryMap>? load = null, PmapType pmapType = PmapType.Ept)
+        bool userfaultfd = true, Action<GuestMemoryMap>? load = null, PmapType pmapType = PmapType.Ept, TimeSpan scanInterval = default,
+        bool superpages = false)
     {
-        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType);
+        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, scanInterval, superpages);
         var probe = kit.CreateTestProbe();
         vm.Vmspace.Tell(VmspaceProtocol.GetStats.Instance, probe);
         await probe.ExpectMsgAsync<VmspaceProtocol.Stats>(TimeSpan.FromSeconds(10));
@@ -94,15 +95,15 @@ internal sealed class PagedVmspace : IAsyncDisposable
     }
 
     private PagedVmspace(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes, int coldScans, bool userfaultfd,
-        Action<GuestMemoryMap>? load, PmapType pmapType)
+        Action<GuestMemoryMap>? load, PmapType pmapType, TimeSpan scanInterval, bool superpages)
     {
         _kit = kit;
-        Map = VmspaceLayout.Build(ramBytes);
+        Map = VmspaceLayout.Build(ramBytes, superpages: superpages);
         Ram = Map.Segments[0].Backing;
         load?.Invoke(Map); // a loader writing through the host view before the vmspace starts
         SwapFile = Path.Combine(Path.GetTempPath(), $"actorvmm-test-swap-{Guid.NewGuid():N}");
         Events = kit.CreateTestProbe("events");
-        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans);
+        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans, scanInterval);
         Vmspace = kit.Sys.ActorOf(VmspaceProtocol.Props(Map, options, Events), $"vmspace-{Guid.NewGuid():N}");
     }
 

@@ -171,6 +171,48 @@ public sealed class ControlTests : IAsyncLifetime
         var text = await _client.MemoryAsync(vm);
         Assert.Contains("guest memory   16 MiB", text);
         Assert.Contains("demand paging  off", text); // this VM's vmspace runs without userfaultfd
+        Assert.Contains("superpages     off: ", text); // its RAM was built without MADV_HUGEPAGE
+    }
+
+    [Fact]
+    public async Task Ctl_mem_of_a_demand_paged_vm_counts_accessed_and_dirty_pages_from_the_pmap()
+    {
+        // A second VM whose vmspace pages through userfaultfd. A host thread touching its guest view
+        // faults exactly as a vcpu would (and waits in the kernel while the vmspace resolves it).
+        using var memory = VmspaceLayout.Build(16 << 20);
+        using var vcpu = new ScriptedVcpu(0);
+        var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var resources = new VmResources("paged", memory, [vcpu], [], Traced: false, Paging: VmspaceOptions.Paged());
+        var actor = _host.ActorOf(Props.Create(() => new VmActor(resources, ended)), "vm-paged");
+        _host.ActorSelection("/user/vmm").Tell(new ControlProtocol.Register("paged", actor, ActorRefs.Nobody));
+        actor.Tell(VmProtocol.Start.Instance);
+        Assert.True(vcpu.WaitUntilIdleInGuest()); // started: the vmspace has registered guest RAM
+        try
+        {
+            var ram = memory.Segments[0].Backing;
+            await Task.Factory.StartNew(() =>
+            {
+                GuestView.ReadByte(ram.GuestView + 0x40_0000);         // page A: read    -> accessed
+                GuestView.WriteByte(ram.GuestView + 0x40_1000, 7);     // page B: written -> accessed, dirty
+            }, TaskCreationOptions.LongRunning).WaitAsync(TimeSpan.FromSeconds(10));
+            var vmspace = await _host.ActorSelection(actor.Path / "vmspace").ResolveOne(TimeSpan.FromSeconds(5));
+            await vmspace.Ask<VmspaceProtocol.MemoryWritten>(new VmspaceProtocol.WriteMemory(1, 0x40_2000, [1]), TimeSpan.FromSeconds(5)); // page C: a device write -> dirty only
+
+            var vm = await _client.FindVmAsync("paged", [_address]);
+            var text = await _client.MemoryAsync(vm);
+
+            Assert.Contains("demand paging  on", text);
+            Assert.Contains("pages          4096 RAM, 3 resident, 0 swapped, 0 held", text);
+            Assert.Contains("pmap A/D       2 accessed, 2 dirty (since the last clear)", text);
+            Assert.Contains("faults         2 missing, 0 minor (accessed), 0 write-protect (dirty)", text);
+        }
+        finally
+        {
+            // The vmspace (a child) stops first and unregisters guest RAM; only then is it unmapped.
+            actor.Tell(new VmProtocol.Stop("test over"));
+            vcpu.Dispose(); // a scripted vcpu returns from its run at once from now on
+            Assert.True(await actor.GracefulStop(TimeSpan.FromSeconds(10)));
+        }
     }
 
     [Fact]
@@ -216,4 +258,21 @@ public sealed class ControlTests : IAsyncLifetime
         await p.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(60));
         return (p.ExitCode, await stdout, await stderr);
     }
+}
+
+/// <summary>Touches a guest view from native code (libc memcpy), as a vcpu inside KVM_RUN would: a
+/// thread blocked in a userfaultfd fault must not be in managed code (see Userfaultfd).</summary>
+internal static unsafe partial class GuestView
+{
+    [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "memcpy")]
+    private static partial nint Memcpy(nint destination, nint source, nuint length);
+
+    public static byte ReadByte(nint address)
+    {
+        byte b;
+        Memcpy((nint)(&b), address, 1);
+        return b;
+    }
+
+    public static void WriteByte(nint address, byte value) => Memcpy(address, (nint)(&value), 1);
 }

@@ -35,7 +35,7 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
     private static readonly Type[] Markers =
     [
         typeof(VcpuProtocol.IVcpuMessage), typeof(DeviceProtocol.IDeviceMessage),
-        typeof(VmspaceProtocol.IVmspaceMessage), typeof(VmProtocol.IVmMessage), typeof(ActorVmm.Lapic.VlapicProtocol.IVlapicMessage),
+        typeof(VmspaceProtocol.IVmspaceMessage), typeof(SwapperProtocol.ISwapperMessage), typeof(VmProtocol.IVmMessage), typeof(ActorVmm.Lapic.VlapicProtocol.IVlapicMessage),
         typeof(ActorVmm.Host.Control.ControlProtocol.IControlMessage), typeof(ActorVmm.Host.Control.TraceProtocol.ITraceMessage),
         typeof(FaultProtocol.IFaultMessage),
     ];

@@ -27,4 +27,34 @@ public sealed class PagingConfigTests
         Assert.Contains("resident-limit", Assert.Throws<ConfigException>(() =>
             Parse("actorvmm.vm.paging { enabled = on, resident-limit = 8Q, swap-file = s }")).Message);
     }
+
+    [Fact]
+    public void The_swapper_scans_every_second_by_default_with_a_swap_file_and_not_without_one()
+    {
+        var p = Parse("actorvmm.vm.paging { enabled = on, swap-file = s }").Paging!;
+        Assert.Equal((TimeSpan.FromSeconds(1), 2), (p.ScanInterval, p.ColdScans));
+        p = Parse("actorvmm.vm.paging { enabled = on, swap-file = s, scan-interval = 250ms, cold-scans = 4 }").Paging!;
+        Assert.Equal((TimeSpan.FromMilliseconds(250), 4), (p.ScanInterval, p.ColdScans));
+        Assert.Equal(TimeSpan.Zero, Parse("actorvmm.vm.paging { enabled = on, swap-file = s, scan-interval = 0 }").Paging!.ScanInterval);
+        Assert.Equal(TimeSpan.Zero, Parse("actorvmm.vm.paging { enabled = on }").Paging!.ScanInterval); // nowhere to swap to
+    }
+
+    [Theory]
+    [InlineData("scan-interval = -1s", "scan-interval")]
+    [InlineData("scan-interval = soon", "scan-interval")]
+    [InlineData("scan-interval = 2d", "scan-interval")]
+    [InlineData("cold-scans = 0", "cold-scans")]
+    [InlineData("cold-scans = 300", "cold-scans")]
+    public void Bad_swapper_settings_are_refused_by_name(string setting, string key)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse($"actorvmm.vm.paging {{ enabled = on, swap-file = s, {setting} }}"));
+        Assert.Contains(key, e.Message);
+    }
+
+    [Fact]
+    public void Superpages_are_on_by_default_and_can_be_turned_off()
+    {
+        Assert.True(Parse("").Superpages);
+        Assert.False(Parse("actorvmm.vm.paging.superpages = off").Superpages);
+    }
 }

@@ -283,7 +283,7 @@ public sealed class FaultGuestTests
             var wait = a.CreateLabel();
             a.mov(dx, gatePort);
             a.Label(ref wait);
-            a.@in(al, dx);                   // 0 until the host has armed the failure
+            a.@in(al, dx);                   // 0 until the host has armed the failure and released it
             a.test(al, al);
             a.jz(wait);
             a.mov(rdi, (long)page);
@@ -291,25 +291,16 @@ public sealed class FaultGuestTests
             a.mov(al, 0);
             a.@out(0xF4, al);
         });
-        var gate = new Gate();
+        var gate = new HostGate();
         await using var run = await GuestRun.StartAsync(image, paging: VmspaceOptions.Paged(),
             devices: new DeviceSpec("gate", DeviceProtocol.Space.Port, gatePort, 1, _ => gate));
         await run.FailNestedPageFaultsAsync(1, page);
-        gate.Open();
+        gate.Release(1);
 
         var outcome = await run.WaitAsync(TimeSpan.FromMinutes(2));
 
         Assert.Equal(VmProtocol.OutcomeKind.VcpuError, outcome.Kind);
         Assert.Contains("vmspace failed", outcome.Detail);
         Assert.Contains("0x400000", outcome.Detail);
-    }
-
-    /// <summary>A port that reads 0 until the test opens it: the guest waits for the host.</summary>
-    private sealed class Gate : IBusDevice
-    {
-        private volatile bool _open;
-        public void Open() => _open = true;
-        public ulong Read(ulong offset, int size) => _open ? 1UL : 0UL;
-        public void Write(ulong offset, int size, ulong value) { }
     }
 }

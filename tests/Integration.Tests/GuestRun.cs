@@ -22,6 +22,7 @@ public sealed class GuestRun : IAsyncDisposable
     private readonly SerialConsole _console;
 
     public RunningVm Vm { get; }
+    public ActorSystem System => _system;
     public VmProtocol.Outcome Outcome { get; private set; } = null!;
     public TraceRecorder Trace { get; }
     public string Serial => _console.CapturedText();
@@ -157,5 +158,48 @@ public sealed class RegisterDevice(ulong readBase) : IBusDevice
     public void Write(ulong offset, int size, ulong value)
     {
         lock (_registers) _registers[offset] = value;
+    }
+}
+
+/// <summary>
+/// A test device through which a guest and the test take turns: an OUT of n says "I reached step
+/// n" (the test awaits it with <see cref="ReachedAsync"/>); an IN reads the last step the test
+/// released with <see cref="Release"/>, so a guest spins on IN until the test lets it go on.
+/// </summary>
+public sealed class HostGate : IBusDevice
+{
+    private readonly object _gate = new();
+    private readonly Dictionary<ulong, TaskCompletionSource> _reached = new();
+    private ulong _released;
+
+    public ulong Read(ulong offset, int size)
+    {
+        lock (_gate) return _released;
+    }
+
+    public void Write(ulong offset, int size, ulong value)
+    {
+        lock (_gate) Step(value).TrySetResult();
+    }
+
+    public void Release(ulong step)
+    {
+        lock (_gate) _released = step;
+    }
+
+    /// <summary>Completes when the guest wrote <paramref name="step"/>, or throws if the VM ended first.</summary>
+    public async Task ReachedAsync(ulong step, GuestRun run, TimeSpan? timeout = null)
+    {
+        Task reached;
+        lock (_gate) reached = Step(step).Task;
+        var first = await Task.WhenAny(reached, run.Vm.Ended).WaitAsync(timeout ?? TimeSpan.FromSeconds(120));
+        if (first != reached) throw new InvalidOperationException($"the guest ended before step {step}: {await run.Vm.Ended}");
+    }
+
+    private TaskCompletionSource Step(ulong step)
+    {
+        if (!_reached.TryGetValue(step, out var tcs))
+            _reached[step] = tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        return tcs;
     }
 }

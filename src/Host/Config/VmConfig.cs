@@ -12,7 +12,7 @@ public sealed class ConfigException(string message) : Exception(message);
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -99,16 +99,36 @@ public sealed record VmConfig(
                 var swap = vm.GetString("paging.swap-file", "");
                 if (limit > 0 && string.IsNullOrEmpty(swap))
                     throw new ConfigException("actorvmm.vm.paging.resident-limit needs actorvmm.vm.paging.swap-file");
-                paging = ActorVmm.Memory.VmspaceOptions.Paged(string.IsNullOrEmpty(swap) ? null : swap, limit);
+                var coldText = vm.GetString("paging.cold-scans", "2");
+                if (!int.TryParse(coldText, NumberStyles.None, CultureInfo.InvariantCulture, out var coldScans) || coldScans is < 1 or > 255)
+                    throw new ConfigException($"actorvmm.vm.paging.cold-scans must be a number from 1 to 255, not \"{coldText}\"");
+                var interval = ParseInterval(vm.GetString("paging.scan-interval", "0"), "actorvmm.vm.paging.scan-interval");
+                paging = ActorVmm.Memory.VmspaceOptions.Paged(string.IsNullOrEmpty(swap) ? null : swap, limit, coldScans,
+                    string.IsNullOrEmpty(swap) ? TimeSpan.Zero : interval);
             }
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
-                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false));
+                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
+                vm.GetBoolean("paging.superpages", true));
         }
         catch (ConfigException) { throw; }
         catch (Exception e)
         {
             throw new ConfigException($"bad configuration: {FirstLine(e.Message)}");
         }
+    }
+
+    /// <summary>Parses "0" (off), "250ms", "2s", "1m" (at most a day). Throws <see cref="ConfigException"/>.</summary>
+    public static TimeSpan ParseInterval(string text, string what)
+    {
+        var t = (text ?? "").Trim();
+        if (t == "0") return TimeSpan.Zero;
+        var units = new (string Suffix, double Ms)[] { ("ms", 1), ("s", 1000), ("m", 60_000) };
+        foreach (var (suffix, ms) in units)
+            if (t.EndsWith(suffix, StringComparison.Ordinal) &&
+                double.TryParse(t[..^suffix.Length], NumberStyles.Float, CultureInfo.InvariantCulture, out var n) &&
+                n > 0 && n * ms <= TimeSpan.FromDays(1).TotalMilliseconds && n * ms >= 1)
+                return TimeSpan.FromMilliseconds(n * ms);
+        throw new ConfigException($"{what} must be 0 (off) or a duration like 500ms, 2s or 1m (1 ms to a day), not \"{t}\"");
     }
 
     /// <summary>Parses "64M", "1G", "2048K", "1048576", "2MiB" (at least 1M, at most 1T). Throws <see cref="ConfigException"/>.</summary>

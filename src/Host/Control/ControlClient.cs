@@ -285,7 +285,7 @@ public sealed class ControlClient : IAsyncDisposable
     }
 
     /// <summary>The vmspace's counters: allocated memory and, with demand paging, resident,
-    /// swapped and held pages and faults by kind.</summary>
+    /// swapped, held, accessed and dirty pages and faults by kind.</summary>
     public async Task<string> MemoryAsync(IActorRef vm)
     {
         var s = await Ask<VmspaceProtocol.Stats>(await Child(vm, "vmspace"), VmspaceProtocol.GetStats.Instance, "the vmspace");
@@ -293,6 +293,7 @@ public sealed class ControlClient : IAsyncDisposable
         var sb = new StringBuilder();
         sb.AppendLine($"guest memory   {s.GuestBytes >> 20} MiB, {s.ResidentBytes >> 10} KiB allocated by the host");
         sb.AppendLine($"host accesses  {s.Reads} reads, {s.Writes} writes, {s.Faults} refused");
+        if (p.Superpages.Length > 0) sb.AppendLine($"superpages     {p.Superpages}; {p.SuperpagePages} pages superpage-backed");
         if (!p.Enabled)
         {
             sb.AppendLine($"demand paging  off ({p.Features})");
@@ -300,6 +301,10 @@ public sealed class ControlClient : IAsyncDisposable
         }
         sb.AppendLine($"demand paging  on ({p.Features}), EPT generation {p.EptGeneration}");
         sb.AppendLine($"pages          {p.RamPages} RAM, {p.ResidentPages} resident, {p.SwappedPages} swapped, {p.HeldPages} held");
+        sb.AppendLine($"pmap A/D       {p.AccessedPages} accessed, {p.DirtyPages} dirty (since the last clear)");
+        sb.AppendLine($"resident       peak {p.PeakResidentPages} pages, limit " + (p.ResidentLimitPages == 0 ? "none" : $"{p.ResidentLimitPages} pages"));
+        sb.AppendLine("swapper        " + (p.ScanInterval <= TimeSpan.Zero ? "off"
+            : $"every {p.ScanInterval.TotalMilliseconds:0} ms: {p.AccessedScans} accessed-bit scans, {p.ScanPageOuts} pages swapped out"));
         sb.AppendLine($"faults         {p.MissingFaults} missing, {p.MinorFaults} minor (accessed), {p.WriteProtectFaults} write-protect (dirty)");
         sb.AppendLine($"resolved       {p.ZeroFills} zero fills, {p.SwapIns} swap-ins, {p.SwapOuts} swap-outs, {p.Reclaims} reclaims, {p.Retries} retries");
         if (p.Failure is not null) sb.AppendLine($"FAILED         {p.Failure}");

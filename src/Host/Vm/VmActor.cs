@@ -244,8 +244,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
                 ? (events, state) => rewired(new DeviceContext(events, interrupts, clock), state)
                 : spec.Restore;
             var props = spec.Timed
-                ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self)
-                : DeviceProtocol.Props(spec.Name, factory, restore, Self);
+                ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace)
+                : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace);
             var device = Context.ActorOf(Mailbox(props), spec.Name);
             Context.Watch(device);
             devices.Add((spec, device));

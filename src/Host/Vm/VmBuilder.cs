@@ -79,7 +79,8 @@ public sealed class VmBuilder
         try
         {
             // The image first: a malformed one is reported as such, with or without KVM.
-            memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware);
+            memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware,
+                superpages: _spec.Superpages && _spec.Paging is not { Userfaultfd: true });
             // What a firmware would provide: the MP table and the ACPI MADT describing the vcpus and
             // the IOAPIC. Written first, so an image loaded over the BIOS area wins.
             if (!firmware) PlatformTables.Write(memory, _spec.Cpus, PcPlatform.IoApicId(_spec.Cpus));

@@ -17,9 +17,11 @@ public enum LapicMode
     Assisted,
 }
 
-/// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).</summary>
+/// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).
+/// <see cref="Superpages"/>: back guest RAM with transparent huge pages where the host allows it
+/// (not with demand paging through userfaultfd, which fills 4 KiB pages).</summary>
 public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true)
 {
     public const int MaxCpus = 16;
 }
