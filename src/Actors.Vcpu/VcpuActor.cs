@@ -939,9 +939,12 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             if (mp != KvmMpState.Halted)
             {
                 _kernelHaltReported = false;
+                _eoiFlushed = false;
                 return;
             }
-            if (_kernelHaltReported || (_vcpu.GetRegisters().Rflags & RflagsIf) != 0) return;
+            var interruptsEnabled = (_vcpu.GetRegisters().Rflags & RflagsIf) != 0;
+            if (interruptsEnabled && !_eoiFlushed && Kvm.IsPvm) FlushLostEoi();
+            if (_kernelHaltReported || interruptsEnabled) return;
         }
         catch (KvmException)
         {
@@ -952,6 +955,31 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     }
 
     private const ulong RflagsIf = 1UL << 9;
+
+    /// <summary>This halt was already checked for a lost level EOI.</summary>
+    private bool _eoiFlushed;
+
+    /// <summary>
+    /// kvm_pvm (<see cref="Kvm.IsPvm"/>) can keep a level EOI's exit owed while the vcpu sleeps in
+    /// HLT, leaving the IOAPIC's Remote IRR set and the line dead. When the kernel APIC shows a level
+    /// vector retired (TMR set, neither requested nor in service) during a halt, the vcpu is made
+    /// runnable once: its next entry delivers the owed exit, and the guest's HLT returns early (a
+    /// wake-up any idle loop tolerates). At most once per halt.
+    /// </summary>
+    private void FlushLostEoi()
+    {
+        _eoiFlushed = true;
+        var page = _vcpu.GetLapic();
+        const int isr = 0x100, tmr = 0x180, irr = 0x200;
+        for (var word = 0; word < 8; word++)
+        {
+            var retired = BitConverter.ToUInt32(page, tmr + word * 0x10) &
+                          ~BitConverter.ToUInt32(page, isr + word * 0x10) & ~BitConverter.ToUInt32(page, irr + word * 0x10);
+            if (retired == 0) continue;
+            _vcpu.SetMpState(KvmMpState.Runnable);
+            return;
+        }
+    }
 
     /// <summary>An AP under an in-kernel APIC is started by KVM at its SIPI; the VM learns of it at
     /// the first exit (or probe) that finds it out of wait-for-SIPI. The vector is read back from CS.</summary>

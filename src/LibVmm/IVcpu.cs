@@ -58,6 +58,9 @@ public interface IVcpu : IDisposable
     /// <summary>KVM_GET_MP_STATE (only with an in-kernel local APIC).</summary>
     KvmMpState GetMpState() => throw new NotSupportedException("no in-kernel local APIC: KVM keeps no MP state");
 
+    /// <summary>KVM_SET_MP_STATE (in-kernel local APIC only).</summary>
+    void SetMpState(KvmMpState state) => throw new NotSupportedException("no in-kernel local APIC: KVM keeps no MP state");
+
     /// <summary>KVM_GET_LAPIC: the in-kernel local APIC's 1 KiB register image.</summary>
     byte[] GetLapic() => throw new NotSupportedException("no in-kernel local APIC");
 

@@ -34,6 +34,14 @@ public sealed unsafe class Kvm : IDisposable
     }
 
     /// <summary>Why KVM cannot be used here, or null if /dev/kvm opens and has what we need.</summary>
+    /// <summary>
+    /// This host's KVM is kvm_pvm (software nested virtualization, DESIGN §4), which has quirks the
+    /// VMM works around. One: after an interrupt wakes a vcpu halted in the kernel, the EOI of a
+    /// level-triggered vector (split irqchip) requests KVM_EXIT_IOAPIC_EOI but the request is acted
+    /// on only at the next full guest entry, which a vcpu that halts again never makes.
+    /// </summary>
+    public static bool IsPvm { get; } = Directory.Exists("/sys/module/kvm_pvm");
+
     public static string? Unavailability(string path = DefaultPath)
     {
         if (!File.Exists(path)) return $"{path} does not exist (no KVM on this host)";

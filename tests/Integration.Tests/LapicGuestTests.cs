@@ -1,6 +1,7 @@
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
 using ActorVmm.Testing;
 using Iced.Intel;
 using Xunit;
@@ -221,6 +222,107 @@ public sealed class LapicGuestTests
         });
         await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
         Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 }, run.Outcome.ToString());
+    }
+
+    /// <summary>
+    /// The UART's interrupt through the IOAPIC, edge or level triggered (pin 4 → vector 0x24). With
+    /// a level route the first handler only EOIs, leaving the line asserted: the IOAPIC must deliver
+    /// again once Remote IRR is cleared by that EOI. The second handler clears the source (IIR read,
+    /// IER off) and EOIs; the guest then reads the redirection entry back: Remote IRR (bit 14) must
+    /// be clear. Status 1: two deliveries (level) or one (edge), Remote IRR clear; status 3 otherwise.
+    /// </summary>
+    [KvmTheory]
+    [InlineData(LapicMode.Emulated, false)]
+    [InlineData(LapicMode.Emulated, true)]
+    [InlineData(LapicMode.Assisted, false)]
+    [InlineData(LapicMode.Assisted, true)]
+    public async Task The_uarts_interrupt_reaches_the_guest_through_the_ioapic(LapicMode lapic, bool level)
+    {
+        await using var run = await GuestRun.StartAsync(UartImage(level), 16 << 20, 1, null, lapic);
+        await run.WaitAsync();
+        Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 },
+            $"{run.Outcome}; handler ran {GuestMemoryExtensions.ReadUInt64(run.Vm.Memory, new GuestPhysAddr(UartCounter)) & 0xFFFF_FFFF} times");
+    }
+
+    private const ulong UartCounter = 0x9F910;
+
+    private static LongModeImage UartImage(bool level)
+    {
+        const ulong counter = UartCounter;
+        return Long(a =>
+        {
+            var handler = a.CreateLabel();
+            var wait = a.CreateLabel();
+            var bad = a.CreateLabel();
+            var second = a.CreateLabel();
+            var done = a.CreateLabel();
+            SetGate(a, 0x24, handler);
+            EnableApic(a);
+            InterruptCode.RouteIoApicPin(a, 4, 0x24);
+            if (level)
+            {
+                a.mov(rdi, InterruptCode.IoApicBase);
+                a.mov(__dword_ptr[rdi], 0x10 + 2 * 4);
+                a.mov(__dword_ptr[rdi + 0x10], 0x24 | (1 << 15)); // level-triggered
+            }
+            a.mov(dx, 0x3FC);
+            a.mov(al, 0x08);                                       // MCR.OUT2
+            a.@out(dx, al);
+            a.mov(dx, 0x3F9);
+            a.mov(al, 0x02);                                       // IER: transmitter empty (at once)
+            a.@out(dx, al);
+            a.mov(rsi, (long)counter);
+            a.Label(ref wait);
+            a.sti();
+            a.hlt();
+            a.cli();
+            a.cmp(__dword_ptr[rsi], level ? 2 : 1);
+            a.jb(wait);
+            a.mov(ecx, 5_000);                                     // a late extra delivery would show now
+            a.sti();
+            var linger = a.CreateLabel();
+            a.Label(ref linger);
+            a.pause();
+            a.dec(ecx);
+            a.jnz(linger);
+            a.cli();
+            a.cmp(__dword_ptr[rsi], level ? 2 : 1);
+            a.jne(bad);
+            a.mov(rdi, InterruptCode.IoApicBase);
+            a.mov(__dword_ptr[rdi], 0x10 + 2 * 4);
+            a.mov(eax, __dword_ptr[rdi + 0x10]);
+            a.test(eax, 1 << 14);                                  // Remote IRR
+            a.jnz(bad);
+            a.mov(al, 0);
+            a.@out(0xF4, al);
+            a.Label(ref bad);
+            a.mov(al, 1);
+            a.@out(0xF4, al);
+
+            a.Label(ref handler);
+            a.push(rax);
+            a.push(rdx);
+            a.push(rdi);
+            a.mov(rdi, (long)counter);
+            a.inc(__dword_ptr[rdi]);
+            if (level)
+            {
+                a.cmp(__dword_ptr[rdi], 2);
+                a.jb(done);                                        // the first time: the line stays up
+            }
+            a.Label(ref second);
+            a.mov(dx, 0x3FA);                                      // IIR: clears transmitter-empty
+            a.@in(al, dx);
+            a.mov(dx, 0x3F9);
+            a.xor(al, al);
+            a.@out(dx, al);                                        // IER off
+            a.Label(ref done);
+            InterruptCode.Eoi(a);
+            a.pop(rdi);
+            a.pop(rdx);
+            a.pop(rax);
+            a.iretq();
+        });
     }
 
     /// <summary>The BSP's part: copy the 16-bit <paramref name="trampoline"/> to 0x9000, enable its APIC, INIT then SIPI (vector 0x09).</summary>
