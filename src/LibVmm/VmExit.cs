@@ -60,6 +60,10 @@ public abstract record VmExit
     /// level-triggered IOAPIC route names (the user-space IOAPIC clears its remote IRR).</summary>
     public sealed record IoapicEoi(byte Vector) : VmExit;
 
+    /// <summary>KVM_EXIT_DIRTY_RING_FULL: the vcpu's dirty ring is (softly) full; KVM runs the vcpu
+    /// again only after its entries were harvested and reset (<see cref="VcpuHandle.HarvestDirtyRing"/>).</summary>
+    public sealed record DirtyRingFull : VmExit { public static readonly DirtyRingFull Instance = new(); }
+
     public sealed record Unknown(uint Reason) : VmExit;
 
     /// <summary>Decodes the exit the kvm_run page describes.</summary>
@@ -104,6 +108,7 @@ public abstract record VmExit
                 return new SystemEvent(run.SystemEventType, data);
             }
             case KvmExitReason.IoapicEoi: return new IoapicEoi(run.IoapicEoiVector);
+            case KvmExitReason.DirtyRingFull: return DirtyRingFull.Instance;
             default: return new Unknown((uint)run.ExitReason);
         }
     }
