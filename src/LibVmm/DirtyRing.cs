@@ -12,6 +12,13 @@ namespace ActorVmm.LibVmm;
 /// written (RESET) with release semantics after them — what KVM_CAP_DIRTY_LOG_RING_ACQ_REL asks of
 /// user space (on x86, whose stores are TSO, the plain capability needs no more).</para>
 /// <para>Only the vcpu's own thread harvests: the fetch index is not shared.</para>
+/// <para>A full ring: KVM asks the vcpu to exit (KVM_EXIT_DIRTY_RING_FULL) once the ring is full
+/// but for a reserve of entries, at its next entry into the guest. A vcpu that dirties more pages
+/// than the reserve without re-entering fills the ring, and KVM loses what it pushes after that
+/// (measured on kvm_pvm, whose instruction emulator runs a guest loop without re-entering:
+/// WARN in kvm_dirty_ring_push, the pages written after never reported). A harvest that finds
+/// every entry dirty says so (<see cref="DirtyRingHarvest.RingWasFull"/>): its caller must treat
+/// every page as possibly dirty.</para>
 /// </summary>
 public sealed unsafe class DirtyRing : IDisposable
 {
@@ -67,4 +74,14 @@ public sealed unsafe class DirtyRing : IDisposable
         Native.Munmap((nint)_entries, _bytes);
         _entries = null;
     }
+}
+
+/// <summary>
+/// What one harvest of a vcpu's dirty ring found: guest frame numbers in ring order, and whether
+/// every entry of the ring was dirty — then KVM may have lost writes pushed after it filled, and
+/// the pages the vcpu wrote are not all in <see cref="Gfns"/>.
+/// </summary>
+public readonly record struct DirtyRingHarvest(ulong[] Gfns, bool RingWasFull)
+{
+    public static readonly DirtyRingHarvest Empty = new([], false);
 }

@@ -65,7 +65,7 @@ public interface IVcpu : IDisposable
 
     /// <summary>Harvests and resets this vcpu's dirty ring: the guest frame numbers written since the
     /// last harvest (see <see cref="VcpuHandle.HarvestDirtyRing"/>). Empty without a ring.</summary>
-    ulong[] HarvestDirtyRing() => [];
+    DirtyRingHarvest HarvestDirtyRing() => DirtyRingHarvest.Empty;
 
     /// <summary>Records the calling thread as this vcpu's thread (the kick target).</summary>
     void BindToCurrentThread();

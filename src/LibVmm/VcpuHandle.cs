@@ -267,19 +267,21 @@ public sealed unsafe class VcpuHandle : IVcpu
     /// Harvests this vcpu's dirty ring and resets the harvested entries (KVM_RESET_DIRTY_RINGS, which
     /// write-protects those pages again before this returns): the guest frame numbers the vcpu wrote
     /// since the last harvest, in ring order (a page may appear twice if it was written again after
-    /// an earlier reset). Entries naming a slot the VM no longer has are dropped. Empty without a ring.
+    /// an earlier reset), and whether the ring was full (writes may have gone unreported). Entries
+    /// naming a slot the VM no longer has are dropped. Empty without a ring.
     /// On the vcpu's thread, outside KVM_RUN: leaving KVM_RUN flushes what the processor still buffers.
     /// </summary>
-    public ulong[] HarvestDirtyRing()
+    public DirtyRingHarvest HarvestDirtyRing()
     {
-        if (_dirtyRing is null || _vm is null) return [];
+        if (_dirtyRing is null || _vm is null) return DirtyRingHarvest.Empty;
         _harvest.Clear();
-        if (_dirtyRing.Harvest(_harvest) == 0) return [];
+        var n = _dirtyRing.Harvest(_harvest);
+        if (n == 0) return DirtyRingHarvest.Empty;
         var gfns = new List<ulong>(_harvest.Count);
         foreach (var (slot, offset) in _harvest)
             if (_vm.TryGfn(slot, offset, out var gfn)) gfns.Add(gfn);
         _vm.ResetDirtyRings();
-        return [.. gfns];
+        return new DirtyRingHarvest([.. gfns], RingWasFull: n == _dirtyRing.Entries);
     }
 
     public void BindToCurrentThread() => _tid = KickSignal.CurrentThreadId();
