@@ -93,6 +93,16 @@ public sealed class StructLayoutTests
     }
 
     [Fact]
+    public void Glibc_rlimit_and_stat_mode_match_x86_64()
+    {
+        AssertSize<Native.RLimit>(KernelAbi.RLimitSize);
+        Assert.Equal(KernelAbi.RlimitMemlock, Native.RLIMIT_MEMLOCK);
+        var mode = typeof(SharedMemoryRegion).GetField("StatModeOffset", BindingFlags.NonPublic | BindingFlags.Static);
+        Assert.NotNull(mode);
+        Assert.Equal(KernelAbi.StatMode, (int)mode.GetValue(null)!);
+    }
+
+    [Fact]
     public void Kvm_sregs_offsets_match_the_kernel_header()
     {
         Assert.Equal(0, Offset<KvmSregs>(nameof(KvmSregs.Cs)));
