@@ -84,9 +84,10 @@ internal sealed class PagedVmspace : IAsyncDisposable
     /// guest touches before that would not fault (and the vmspace would find those pages already
     /// resident — correct, but not what a test of faults wants).</summary>
     public static async Task<PagedVmspace> StartAsync(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes = 0, int coldScans = 2,
-        bool userfaultfd = true, Action<GuestMemoryMap>? load = null, PmapType pmapType = PmapType.Ept)
+        bool userfaultfd = true, Action<GuestMemoryMap>? load = null, PmapType pmapType = PmapType.Ept,
+        DirtyTracking dirtyTracking = DirtyTracking.UffdWp)
     {
-        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType);
+        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, dirtyTracking);
         var probe = kit.CreateTestProbe();
         vm.Vmspace.Tell(VmspaceProtocol.GetStats.Instance, probe);
         await probe.ExpectMsgAsync<VmspaceProtocol.Stats>(TimeSpan.FromSeconds(10));
@@ -94,7 +95,7 @@ internal sealed class PagedVmspace : IAsyncDisposable
     }
 
     private PagedVmspace(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes, int coldScans, bool userfaultfd,
-        Action<GuestMemoryMap>? load, PmapType pmapType)
+        Action<GuestMemoryMap>? load, PmapType pmapType, DirtyTracking dirtyTracking)
     {
         _kit = kit;
         Map = VmspaceLayout.Build(ramBytes);
@@ -102,7 +103,7 @@ internal sealed class PagedVmspace : IAsyncDisposable
         load?.Invoke(Map); // a loader writing through the host view before the vmspace starts
         SwapFile = Path.Combine(Path.GetTempPath(), $"actorvmm-test-swap-{Guid.NewGuid():N}");
         Events = kit.CreateTestProbe("events");
-        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans);
+        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans) { DirtyTracking = dirtyTracking };
         Vmspace = kit.Sys.ActorOf(VmspaceProtocol.Props(Map, options, Events), $"vmspace-{Guid.NewGuid():N}");
     }
 

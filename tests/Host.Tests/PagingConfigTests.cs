@@ -1,5 +1,6 @@
 using ActorVmm.Host.Config;
 using Akka.Configuration;
+using ActorVmm.Memory;
 using Xunit;
 
 namespace ActorVmm.Host.Tests;
@@ -26,5 +27,36 @@ public sealed class PagingConfigTests
         Assert.Contains("swap-file", e.Message);
         Assert.Contains("resident-limit", Assert.Throws<ConfigException>(() =>
             Parse("actorvmm.vm.paging { enabled = on, resident-limit = 8Q, swap-file = s }")).Message);
+    }
+
+    [Theory]
+    [InlineData("uffd-wp", false, null)]
+    [InlineData("dirty-log", false, DirtyTracking.DirtyLog)]
+    [InlineData("dirty-ring", false, DirtyTracking.DirtyRing)]
+    [InlineData("dirty-ring", true, DirtyTracking.DirtyRing)]
+    [InlineData("dirty-log", true, DirtyTracking.DirtyLog)]
+    public void Dirty_tracking_is_chosen_by_name_and_KVM_sources_need_no_userfaultfd(string name, bool paging, DirtyTracking? expected)
+    {
+        var p = Parse($"actorvmm.vm.paging {{ enabled = {(paging ? "on" : "off")}, dirty-tracking = {name}, dirty-ring-entries = 512 }}").Paging;
+        if (expected is null && !paging)
+        {
+            Assert.Null(p); // uffd-wp without paging: nothing to configure
+            return;
+        }
+        Assert.NotNull(p);
+        Assert.Equal(expected, p.DirtyTracking);
+        Assert.Equal(paging, p.Userfaultfd);
+        Assert.Equal(512u, p.DirtyRingEntries);
+    }
+
+    [Theory]
+    [InlineData("dirty-tracking = dirty-bitmap", "uffd-wp, dirty-log or dirty-ring")]
+    [InlineData("dirty-ring-entries = 1000", "power of two of at least 256")]
+    [InlineData("dirty-ring-entries = 128", "power of two of at least 256")]
+    [InlineData("dirty-ring-entries = lots", "dirty-ring-entries")]
+    public void A_bad_dirty_tracking_setting_is_refused_by_name(string setting, string reason)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse($"actorvmm.vm.paging {{ {setting} }}"));
+        Assert.Contains(reason, e.Message);
     }
 }

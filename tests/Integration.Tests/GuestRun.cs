@@ -44,11 +44,19 @@ public sealed class GuestRun : IAsyncDisposable
     public static async Task<GuestRun> RunAsync(BootImage boot, ulong memory, int cpus, TimeSpan? timeout,
         ActorVmm.Memory.VmspaceOptions? paging, LapicMode lapic, params DeviceSpec[] devices)
     {
+        var run = await StartAsync(new VmSpec("guest", memory, cpus, boot, Lapic: lapic, Paging: paging), devices);
+        await run.EndAsync(timeout);
+        return run;
+    }
+
+    /// <summary>Starts a guest and returns while it runs (a test talks to it, then <see cref="EndAsync"/>).</summary>
+    public static async Task<GuestRun> StartAsync(VmSpec spec, params DeviceSpec[] devices)
+    {
         KvmRequirement.Check();
         var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
         var console = SerialConsole.Captured();
         var trace = new TraceRecorder();
-        var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot, Lapic: lapic, Paging: paging)).WithStandardDevices(console).WithTrace(trace);
+        var builder = new VmBuilder(system, spec).WithStandardDevices(console).WithTrace(trace);
         foreach (var d in devices) builder.AddDevice(d);
         RunningVm vm;
         try
@@ -57,13 +65,26 @@ public sealed class GuestRun : IAsyncDisposable
         }
         catch
         {
+            console.Dispose();
             await system.Terminate();
             throw;
         }
-        var run = new GuestRun(system, console, vm, trace);
-        run.Outcome = await vm.WaitAsync(timeout ?? DefaultTimeout);
-        console.Flush();
-        return run;
+        return new GuestRun(system, console, vm, trace);
+    }
+
+    /// <summary>Waits for the guest to end (stopping it after the timeout) and records its outcome.</summary>
+    public async Task<VmProtocol.Outcome> EndAsync(TimeSpan? timeout = null)
+    {
+        Outcome = await Vm.WaitAsync(timeout ?? DefaultTimeout);
+        _console.Flush();
+        return Outcome;
+    }
+
+    /// <summary>Asks one of the VM's actors and waits for the answer.</summary>
+    public async Task<T> AskChild<T>(string name, object message)
+    {
+        var actor = await ResolveChild(name);
+        return await actor.Ask<T>(message, TimeSpan.FromSeconds(30));
     }
 
     /// <summary>One of the VM's actors (the VM actor stays alive until disposal).</summary>

@@ -92,6 +92,13 @@ public sealed record VmConfig(
                 _ => throw new ConfigException($"actorvmm.vm.lapic must be emulated or assisted, not \"{lapicText}\""),
             };
             ActorVmm.Memory.VmspaceOptions? paging = null;
+            var trackingText = vm.GetString("paging.dirty-tracking", "uffd-wp");
+            if (!ActorVmm.Memory.DirtyTrackingNames.TryParse(trackingText, out var tracking))
+                throw new ConfigException($"actorvmm.vm.paging.dirty-tracking must be uffd-wp, dirty-log or dirty-ring, not \"{trackingText}\"");
+            var ringText = vm.GetString("paging.dirty-ring-entries", ActorVmm.Memory.VmspaceOptions.DefaultDirtyRingEntries.ToString(CultureInfo.InvariantCulture));
+            if (!uint.TryParse(ringText, NumberStyles.None, CultureInfo.InvariantCulture, out var ringEntries) ||
+                ringEntries < LibVmm.DirtyRing.MinEntries || (ringEntries & (ringEntries - 1)) != 0)
+                throw new ConfigException($"actorvmm.vm.paging.dirty-ring-entries must be a power of two of at least {LibVmm.DirtyRing.MinEntries}, not \"{ringText}\"");
             if (vm.GetBoolean("paging.enabled", false))
             {
                 var limitText = vm.GetString("paging.resident-limit", "0");
@@ -101,6 +108,10 @@ public sealed record VmConfig(
                     throw new ConfigException("actorvmm.vm.paging.resident-limit needs actorvmm.vm.paging.swap-file");
                 paging = ActorVmm.Memory.VmspaceOptions.Paged(string.IsNullOrEmpty(swap) ? null : swap, limit);
             }
+            else if (tracking != ActorVmm.Memory.DirtyTracking.UffdWp)
+                paging = ActorVmm.Memory.VmspaceOptions.Unpaged; // KVM's dirty tracking needs no userfaultfd
+            if (paging is not null) paging = paging with { DirtyTracking = tracking, DirtyRingEntries = ringEntries };
+
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false));
         }
@@ -111,8 +122,9 @@ public sealed record VmConfig(
         }
     }
 
-    /// <summary>Parses "64M", "1G", "2048K", "1048576", "2MiB" (at least 1M, at most 1T). Throws <see cref="ConfigException"/>.</summary>
-    public static ulong ParseSize(string text, string what)
+    /// <summary>Parses "64M", "1G", "2048K", "1048576", "2MiB" (at least <paramref name="minimum"/>, 1M unless
+    /// given, at most 1T). Throws <see cref="ConfigException"/>.</summary>
+    public static ulong ParseSize(string text, string what, ulong minimum = 1UL << 20)
     {
         var t = (text ?? "").Trim(); // a HOCON key without a value reads as null
         ulong multiplier = 1;
@@ -133,7 +145,8 @@ public sealed record VmConfig(
         var bytes = n * multiplier;
         if (bytes / multiplier != n) throw new ConfigException($"{what}: \"{text}\" is too large");
         if (bytes % 4096 != 0) throw new ConfigException($"{what}: \"{text}\" is not a multiple of 4 KiB");
-        if (bytes < (1UL << 20)) throw new ConfigException($"{what}: \"{text}\" is below the minimum of 1M");
+        if (bytes < minimum)
+            throw new ConfigException($"{what}: \"{text}\" is below the minimum of {(minimum >= 1UL << 20 ? $"{minimum >> 20}M" : $"{minimum >> 10}K")}");
         if (bytes > (1UL << 40)) throw new ConfigException($"{what}: \"{text}\" is above the maximum of 1T");
         return bytes;
     }

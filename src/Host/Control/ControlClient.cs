@@ -268,6 +268,10 @@ public sealed class ControlClient : IAsyncDisposable
         var sb = new StringBuilder();
         sb.AppendLine($"guest memory   {s.GuestBytes >> 20} MiB, {s.ResidentBytes >> 10} KiB allocated by the host");
         sb.AppendLine($"host accesses  {s.Reads} reads, {s.Writes} writes, {s.Faults} refused");
+        var d = s.Dirty;
+        sb.AppendLine(d.Tracking == "dirty-ring"
+            ? $"dirty tracking dirty-ring: {d.BarrierHarvests} harvests at the EPT barrier, {d.RingFullHarvests} on a full ring, {d.HarvestedGfns} GFNs"
+            : $"dirty tracking {d.Tracking}");
         if (!p.Enabled)
         {
             sb.AppendLine($"demand paging  off ({p.Features})");

@@ -76,7 +76,16 @@ public sealed class VmBuilder
             var boot = _spec.Boot.Load(memory);
             kvm = Kvm.Open();
             vm = kvm.CreateVm();
-            memory.RegisterWith(vm);
+            var tracking = _spec.Paging?.DirtyTracking ?? DirtyTracking.UffdWp;
+            // Both must be set before any slot logs dirty pages, the ring before the first vcpu.
+            if (tracking == DirtyTracking.DirtyRing) vm.EnableDirtyRing(_spec.Paging!.DirtyRingEntries);
+            if (tracking == DirtyTracking.DirtyLog)
+            {
+                if (kvm.CheckExtension(KvmCap.ManualDirtyLogProtect2) <= 0)
+                    throw new VmBuildException("dirty-tracking = dirty-log needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, which this KVM lacks");
+                vm.EnableManualDirtyLogProtect();
+            }
+            memory.RegisterWith(vm, logDirty: tracking != DirtyTracking.UffdWp);
             var assisted = _spec.Lapic == LapicMode.Assisted;
             // The split irqchip must exist before the first vcpu; its APIC MSRs are then the kernel's.
             if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
@@ -90,7 +99,7 @@ public sealed class VmBuilder
             var kernelApic = assisted ? new KvmApicBus(vm) : null;
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, new MonotonicClock(),
                 kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }),
-                Paging: _spec.Paging, KernelApic: kernelApic);
+                Paging: _spec.Paging, KernelApic: kernelApic, DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null);
             if (_trace is not null)
                 traceRegistration = MessageTraceRegistry.Register(_system, $"/user/{name}", _trace);
             var actor = _system.ActorOf(
@@ -99,14 +108,15 @@ public sealed class VmBuilder
             actor.Tell(VmProtocol.Start.Instance);
             return new RunningVm(_spec.Name, actor, memory, ended.Task, [.. vcpus.Cast<IDisposable>(), memory, vm, kvm], traceRegistration);
         }
-        catch (Exception e) when (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException)
+        catch (Exception e) when (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException
+                                      or VmBuildException)
         {
             traceRegistration?.Dispose();
             foreach (var v in vcpus) v.Dispose();
             memory?.Dispose();
             vm?.Dispose();
             kvm?.Dispose();
-            throw new VmBuildException(e.Message, e);
+            throw e as VmBuildException ?? new VmBuildException(e.Message, e);
         }
     }
 

@@ -153,9 +153,11 @@ public sealed class VmInterrupts
 /// <param name="Clock">the one clock of the VM's timers (PIT, RTC, LAPIC timers); null: a new <see cref="MonotonicClock"/></param>
 /// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
 /// <param name="KernelApic">the in-kernel local APICs (split irqchip), with <see cref="LapicBackends.KvmAssisted"/></param>
+/// <param name="DirtyLog">the VM's KVM dirty log, for a vmspace with <c>dirty-tracking = dirty-log</c></param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
     IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null);
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null,
+    IDirtyLog? DirtyLog = null);
 
 /// <summary>The in-kernel local APICs of one VM, over its KVM fd (KVM_SIGNAL_MSI, KVM_SET_GSI_ROUTING).</summary>
 internal sealed class KvmApicBus(VmHandle vm) : IKernelApicBus
