@@ -59,4 +59,24 @@ public sealed class PagingConfigTests
         var e = Assert.Throws<ConfigException>(() => Parse($"actorvmm.vm.paging {{ {setting} }}"));
         Assert.Contains(reason, e.Message);
     }
+
+    [Fact]
+    public void A_shared_memory_device_is_read_with_its_file_and_size()
+    {
+        Assert.Null(Parse("").SharedMemory);
+        Assert.Equal(new ActorVmm.Host.Vm.SharedMemorySpec("/dev/shm/x", 64UL << 10),
+            Parse("actorvmm.vm.shm { file = \"/dev/shm/x\", size = 64K }").SharedMemory);
+        Assert.Equal(new ActorVmm.Host.Vm.SharedMemorySpec("f", null), Parse("actorvmm.vm.shm.file = f").SharedMemory);
+    }
+
+    [Theory]
+    [InlineData("shm { file = f }\n paging { enabled = on }", "paging.enabled must be off")]
+    [InlineData("shm { file = f, size = 100 }", "not a multiple of 4 KiB")]
+    [InlineData("shm { file = f, size = 512M }", "larger than the shared-memory window")]
+    [InlineData("shm { size = 64K }", "shm.file is empty")]
+    public void A_conflicting_or_bad_shared_memory_setting_is_refused_clearly(string setting, string reason)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse($"actorvmm.vm {{ {setting} }}"));
+        Assert.Contains(reason, e.Message);
+    }
 }

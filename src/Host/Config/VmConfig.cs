@@ -12,7 +12,7 @@ public sealed class ConfigException(string message) : Exception(message);
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, Vm.SharedMemorySpec? SharedMemory = null)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -112,8 +112,23 @@ public sealed record VmConfig(
                 paging = ActorVmm.Memory.VmspaceOptions.Unpaged; // KVM's dirty tracking needs no userfaultfd
             if (paging is not null) paging = paging with { DirtyTracking = tracking, DirtyRingEntries = ringEntries };
 
+            Vm.SharedMemorySpec? shm = null;
+            var shmFile = vm.GetString("shm.file", "");
+            var shmSizeText = vm.GetString("shm.size", "0");
+            if (!string.IsNullOrEmpty(shmFile))
+            {
+                ulong? shmSize = shmSizeText == "0" ? null : ParseSize(shmSizeText, "actorvmm.vm.shm.size", minimum: 4096);
+                if (shmSize > Devices.Platform.SharedMemoryMaxSize)
+                    throw new ConfigException($"actorvmm.vm.shm.size: \"{shmSizeText}\" is larger than the shared-memory window ({Devices.Platform.SharedMemoryMaxSize >> 20}M)");
+                if (paging is { Userfaultfd: true })
+                    throw new ConfigException("actorvmm.vm.shm: a shared-memory (passthru-style) device wires all guest memory, " +
+                                              "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
+                shm = new Vm.SharedMemorySpec(shmFile, shmSize);
+            }
+            else if (shmSizeText != "0")
+                throw new ConfigException("actorvmm.vm.shm.size is set but actorvmm.vm.shm.file is empty");
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
-                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false));
+                string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false), shm);
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

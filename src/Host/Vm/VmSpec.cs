@@ -18,10 +18,26 @@ public enum LapicMode
 }
 
 /// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).</summary>
+/// <param name="SharedMemory">a shared-memory device (passthru-style: its window is host memory
+/// mapped as a memslot); a VM with one wires all guest memory and cannot demand-page</param>
 public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, SharedMemorySpec? SharedMemory = null)
 {
     public const int MaxCpus = 16;
+}
+
+/// <summary>
+/// The shared-memory device (like QEMU's ivshmem, without PCI): <see cref="Size"/> bytes of host
+/// memory at guest-physical <see cref="Platform.SharedMemoryBase"/>, backed by the file at
+/// <see cref="Path"/> (null: an anonymous memfd, reachable only through <see cref="RunningVm.SharedMemory"/>).
+/// <see cref="Size"/> null: the file's own length; otherwise a missing file is created, a shorter one extended.
+/// </summary>
+public sealed record SharedMemorySpec(string? Path, ulong? Size)
+{
+    public static SharedMemorySpec Anonymous(ulong size) => new(null, size);
+
+    internal SharedMemoryRegion Open() =>
+        Path is null ? SharedMemoryRegion.Anonymous("shm", Size ?? 0) : SharedMemoryRegion.OpenFile(Path, Size);
 }
 
 /// <summary>One more bus range of a device, seen by the device at offset <paramref name="Window"/> + (address - base).</summary>
