@@ -53,7 +53,7 @@ public sealed partial class CliGuestTests
         var directory = Path.Combine(_dir, "control");
         var config = Path.Combine(_dir, "vm.conf");
         File.WriteAllText(config, $"actorvmm.control.directory = \"{directory}\"\nactorvmm.vm.serial.input = none\n");
-        var p = Start("run", "--kernel", SharedMemoryKernel(), "--shm", shm + ",64K", "--memory", "16M", "--name", "shmvm",
+        var p = Start("run", "--kernel", SharedMemoryKernel(), "--shm", shm + ",64K", "--memory", "4M", "--name", "shmvm",
             "--serial", serial, "--config", config, "--timeout", "300");
 
         var deadline = DateTime.UtcNow.AddSeconds(300); // a slow machine may take long to start the host process
@@ -66,7 +66,7 @@ public sealed partial class CliGuestTests
 
         var (ctlCode, mem, ctlErr) = await Finish(Start("ctl", "mem", "--vm", "shmvm", "--directory", directory), TimeSpan.FromSeconds(120));
         Assert.True(ctlCode == 0, ctlErr);
-        Assert.Contains("wired          16384 KiB locked in RAM", mem);
+        Assert.Contains("wired          4096 KiB locked in RAM", mem);
         Assert.Contains("demand paging  off", mem);
 
         using (var h = File.OpenHandle(shm, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite))

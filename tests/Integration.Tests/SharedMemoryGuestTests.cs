@@ -26,6 +26,9 @@ public sealed class SharedMemoryGuestTests : IDisposable
     private const ulong GuestHello = 0x0, HostGo = 0x8, GuestPattern = 0x200, HostPattern = 0x100, Echo = 0x300;
     private const ulong Go = 0x600D;
     private const int PatternLength = 16;
+    /// <summary>Guest RAM: wired with the window, it stays below the common 8 MiB RLIMIT_MEMLOCK, so
+    /// the tests need no CAP_IPC_LOCK.</summary>
+    private const ulong Ram = 4 << 20;
 
     private readonly string _dir = Directory.CreateTempSubdirectory("actorvmm-shm-").FullName;
 
@@ -106,7 +109,7 @@ public sealed class SharedMemoryGuestTests : IDisposable
     {
         var path = Path.Combine(_dir, "shm");
         var spec = backing == "file" ? new SharedMemorySpec(path, ShmSize) : SharedMemorySpec.Anonymous(ShmSize);
-        await using var run = await GuestRun.StartAsync(new VmSpec("guest", 16 << 20, 1, PingPongGuest()) { SharedMemory = spec });
+        await using var run = await GuestRun.StartAsync(new VmSpec("guest", Ram, 1, PingPongGuest()) { SharedMemory = spec });
         Assert.NotNull(run.Vm.SharedMemory);
         IHostSide host = backing == "file" ? new FileSide(path) : new MappingSide(run.Vm.SharedMemory);
 
@@ -121,9 +124,9 @@ public sealed class SharedMemoryGuestTests : IDisposable
 
         // The VM with the device is wired: every guest page locked in RAM, no demand paging.
         var stats = await run.AskChild<VmspaceProtocol.Stats>("vmspace", VmspaceProtocol.GetStats.Instance);
-        Assert.Equal(16UL << 20, stats.WiredBytes);
+        Assert.Equal(Ram, stats.WiredBytes);
         Assert.False(stats.Paging.Enabled);
-        Assert.True(LockedBytes() >= (16UL << 20) + ShmSize, $"VmLck is {LockedBytes()} bytes");
+        Assert.True(LockedBytes() >= Ram + ShmSize, $"VmLck is {LockedBytes()} bytes");
 
         host.Write(HostPattern, Pattern(0xA0));
         host.Write(HostGo, BitConverter.GetBytes(Go));
@@ -155,7 +158,7 @@ public sealed class SharedMemoryGuestTests : IDisposable
     [Fact]
     public async Task Demand_paging_with_a_shared_memory_device_is_refused_before_anything_is_built()
     {
-        var spec = new VmSpec("guest", 16 << 20, 1, PingPongGuest(), Paging: VmspaceOptions.Paged()) { SharedMemory = SharedMemorySpec.Anonymous(ShmSize) };
+        var spec = new VmSpec("guest", Ram, 1, PingPongGuest(), Paging: VmspaceOptions.Paged()) { SharedMemory = SharedMemorySpec.Anonymous(ShmSize) };
         var e = await BuildFails(spec);
         Assert.Contains("wires all guest memory", e.Message);
         Assert.Contains("demand paging", e.Message);
@@ -165,10 +168,10 @@ public sealed class SharedMemoryGuestTests : IDisposable
     public async Task A_missing_shared_memory_file_without_a_size_is_reported_clearly()
     {
         var missing = Path.Combine(_dir, "nope");
-        var e = await BuildFails(new VmSpec("guest", 16 << 20, 1, PingPongGuest()) { SharedMemory = new SharedMemorySpec(missing, null) });
+        var e = await BuildFails(new VmSpec("guest", Ram, 1, PingPongGuest()) { SharedMemory = new SharedMemorySpec(missing, null) });
         Assert.Contains($"shared memory file {missing} does not exist", e.Message);
         Assert.False(File.Exists(missing));
-        var dir = await BuildFails(new VmSpec("guest", 16 << 20, 1, PingPongGuest()) { SharedMemory = new SharedMemorySpec(_dir, ShmSize) });
+        var dir = await BuildFails(new VmSpec("guest", Ram, 1, PingPongGuest()) { SharedMemory = new SharedMemorySpec(_dir, ShmSize) });
         Assert.Contains(_dir, dir.Message);
     }
 }
