@@ -23,6 +23,12 @@ public static class Platform
     public const ulong IoApicLength = 0x1000;
     public const int IoApicPins = 24;
 
+    /// <summary>The shared-memory device's window (a passthru-style BAR without a PCI bus): host
+    /// memory mapped into the guest as a memslot at this fixed address, up to
+    /// <see cref="SharedMemoryMaxSize"/> bytes, inside the MMIO hole below the IOAPIC.</summary>
+    public const ulong SharedMemoryBase = 0xE000_0000;
+    public const ulong SharedMemoryMaxSize = 0x1000_0000;
+
     /// <summary>8259 pair: master 0x20-0x21, slave 0xA0-0xA1, ELCR 0x4D0-0x4D1.</summary>
     public const ushort PicMasterPort = 0x20;
     public const ushort PicSlavePort = 0xA0;

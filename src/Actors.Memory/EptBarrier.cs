@@ -67,6 +67,9 @@ internal sealed class EptBarrier
         return g;
     }
 
+    /// <summary>The vcpus <see cref="Invalidate"/> tells (the running ones).</summary>
+    public IReadOnlyList<int> RunningVcpus => [.. _vcpus.Where(v => v.Value.Running).Select(v => v.Key)];
+
     public bool IsComplete(ulong generation) => _vcpus.Values.All(v => !v.Running || v.Acked >= generation);
 
     /// <summary>Runs <paramref name="complete"/> once every running vcpu acked <paramref name="generation"/>

@@ -103,7 +103,7 @@ internal sealed unsafe class GuestPager : IDisposable
                 if ((_uffd.Enabled & UffdFeatures.MissingShmem) == 0)
                     throw new UserfaultfdException($"this kernel cannot demand-page shmem: {_uffd.Describe()}");
                 var mode = UffdRegisterMode.Missing;
-                if ((_uffd.Enabled & UffdFeatures.WpShmem) != 0) mode |= UffdRegisterMode.WriteProtect;
+                if ((_uffd.Enabled & UffdFeatures.WpShmem) != 0 && options.DirtyTracking == DirtyTracking.UffdWp) mode |= UffdRegisterMode.WriteProtect;
                 if ((_uffd.Enabled & UffdFeatures.MinorShmem) != 0) mode |= UffdRegisterMode.Minor;
                 var ioctls = ~UffdRangeIoctls.None;
                 foreach (var r in _ram.Ranges) ioctls &= _uffd.Register(r.GuestView, r.Pages * Page, mode);

@@ -14,6 +14,10 @@ namespace ActorVmm.Memory;
 /// States: Paging (userfaultfd on) or Unpaged (off), and Failed once a paging error is reported
 /// (Paging --uffd/swap error--> Failed: VmspaceFailed sent, userfaultfd unregistered and closed,
 /// memory still readable and writable through the host view).
+/// Dirty tracking (<see cref="VmspaceOptions.DirtyTracking"/>): uffd-wp lives in the pager's pmap;
+/// with dirty-log the vmspace reads and clears KVM's log; with dirty-ring the vcpus harvest their
+/// rings on their own threads and send the GFNs here, with their EPT acks (every vcpu is
+/// registered as running, so every one is asked) and after a ring-full exit.
 /// </summary>
 internal sealed class VmspaceActor : ReceiveActor
 {
@@ -33,19 +37,35 @@ internal sealed class VmspaceActor : ReceiveActor
     private string? _failure;
     private FaultProtocol.FailNestedPageFaults? _failFaults;
     private long _reads, _writes, _faults, _nextHoldId, _accessedScans, _scanPageOuts;
+    private readonly IDirtyLog? _kvmLog;
+    private readonly RamPages _ram;
+    // KVM modes only: pages known dirty as data (ring harvests, host writes); KVM's log (dirty-log).
+    private readonly DirtyPageLog? _knownDirty;
+    private readonly DirtyLogReader? _logReader;
+    private long _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows;
 
-    public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events)
+    public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog)
     {
         _memory = memory;
         _options = options;
         _events = events;
+        _kvmLog = dirtyLog;
+        _ram = new RamPages(memory);
+        if (options.DirtyTracking != DirtyTracking.UffdWp) _knownDirty = new DirtyPageLog(_ram.Total);
+        if (options.DirtyTracking == DirtyTracking.DirtyLog && dirtyLog is not null)
+            _logReader = new DirtyLogReader(dirtyLog, _ram, memory.SlotOf);
 
         Receive<ReadMemory>(OnRead);
         Receive<WriteMemory>(OnWrite);
         Receive<GetLayout>(_ => Sender.Tell(new Layout(
             _memory.Segments.Select(s => new Segment(s.Name, s.Base.Value, s.Size, s.ReadOnly)).ToArray())));
         Receive<GetStats>(_ => Sender.Tell(new Stats(
-            _memory.Segments.Aggregate(0UL, (a, s) => a + s.Size), ResidentBytes(), _reads, _writes, _faults) { Paging = PagingStats() }));
+            _memory.Segments.Aggregate(0UL, (a, s) => a + s.Size), ResidentBytes(), _reads, _writes, _faults)
+        {
+            Paging = PagingStats(),
+            WiredBytes = _memory.LockedBytes,
+            Dirty = new DirtyStats(_options.DirtyTracking.ConfigName(), _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows),
+        }));
 
         Receive<NestedPageFault>(OnNestedPageFault);
         Receive<ReaderFailed>(f => Fail($"userfaultfd reader: {f.Reason}"));
@@ -55,15 +75,29 @@ internal sealed class VmspaceActor : ReceiveActor
             if (!_pager!.ClearAccessed(first, count)) { Refuse(c.Id, $"no accessed-bit emulation: {_pager.Features}"); return; }
             AwaitEptInvalidation(Sender, g => new AccessedCleared(c.Id, g));
         }));
-        Receive<ClearDirty>(c => WithPages(c.Id, c.Gpa, c.Length, needPaging: true, (first, count) =>
+        Receive<ClearDirty>(c => WithPages(c.Id, c.Gpa, c.Length, needPaging: _options.DirtyTracking == DirtyTracking.UffdWp, (first, count) =>
         {
+            if (_options.DirtyTracking != DirtyTracking.UffdWp)
+            {
+                ClearKvmDirty(c.Id, first, count);
+                return;
+            }
             if (!_pager!.ClearDirty(first, count)) { Refuse(c.Id, $"no dirty-bit emulation: {_pager.Features}"); return; }
             AwaitEptInvalidation(Sender, g => new DirtyCleared(c.Id, g));
         }));
         Receive<ScanAccessedDirty>(s => WithPages(s.Id, s.Gpa, s.Length, needPaging: false, (first, count) =>
         {
             _pager!.RefreshUntracked();
-            Sender.Tell(new AccessedDirty(s.Id, _pager.Ram.Gpa(first), _pager.Scan(first, count)));
+            if (_options.DirtyTracking == DirtyTracking.DirtyRing)
+            {
+                // The rings are per vcpu: each running vcpu harvests its own at the barrier.
+                var replyTo = Sender;
+                AwaitEptInvalidation(replyTo, _ => new AccessedDirty(s.Id, _pager.Ram.Gpa(first), ScanKvmDirty(first, count)));
+            }
+            else if (_options.DirtyTracking == DirtyTracking.DirtyLog)
+                Sender.Tell(new AccessedDirty(s.Id, _pager.Ram.Gpa(first), ScanKvmDirty(first, count)));
+            else
+                Sender.Tell(new AccessedDirty(s.Id, _pager.Ram.Gpa(first), _pager.Scan(first, count)));
         }));
         Receive<GetPmap>(p => WithPages(p.Id, p.Gpa, p.Length, needPaging: false, (first, count) =>
         {
@@ -121,8 +155,28 @@ internal sealed class VmspaceActor : ReceiveActor
 
         Receive<RegisterVcpu>(r => _barrier.Register(r.VcpuId, r.Vcpu, r.Running));
         Receive<VcpuRunState>(r => _barrier.SetRunning(r.VcpuId, r.Running));
-        Receive<UnregisterVcpu>(r => _barrier.Unregister(r.VcpuId));
-        Receive<EptInvalidated>(a => _barrier.Ack(a.VcpuId, a.Generation));
+        Receive<UnregisterVcpu>(r =>
+        {
+            _knownDirty?.Forget(r.VcpuId);
+            _barrier.Unregister(r.VcpuId);
+        });
+        Receive<EptInvalidated>(a =>
+        {
+            // Harvested before the ack: applied before it (a clear drops them), and before the
+            // barrier completes (a scan waiting on it sees them).
+            if (a.DirtyGfns is { Length: > 0 } gfns)
+            {
+                _barrierHarvests++;
+                ApplyHarvest(a.VcpuId, gfns, a.RingOverflowed);
+            }
+            _knownDirty?.Acked(a.VcpuId, a.Generation);
+            _barrier.Ack(a.VcpuId, a.Generation);
+        });
+        Receive<DirtyRingHarvested>(h =>
+        {
+            _ringFullHarvests++;
+            ApplyHarvest(h.VcpuId, h.Gfns, h.RingOverflowed);
+        });
         Receive<SyncEpt>(s => AwaitEptInvalidation(Sender, g => new EptSynced(s.Id, g)));
         Receive<FaultProtocol.FailNestedPageFaults>(OnFailFaults);
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason)); // the VM stops, naming the vmspace
@@ -135,6 +189,11 @@ internal sealed class VmspaceActor : ReceiveActor
 
     protected override void PreStart()
     {
+        if (_options.DirtyTracking == DirtyTracking.DirtyLog && _kvmLog is null)
+        {
+            Fail("dirty-tracking = dirty-log, but the vmspace was given no KVM dirty log");
+            return;
+        }
         if (!_options.Userfaultfd) return; // the pager (and its pmap) is built on first use
         try
         {
@@ -200,6 +259,8 @@ internal sealed class VmspaceActor : ReceiveActor
             if (ok) MaybeReclaim();
         }
         else ok = _memory.TryWrite(a, w.Data);
+        if (ok && _knownDirty is not null && w.Data.Length > 0 && _ram.TryPages(w.Address, (ulong)w.Data.Length, out var first, out var count))
+            for (var p = first; p < first + count; p++) _knownDirty.MarkDirty(p); // KVM's logs see only the guest's writes
         if (ok) Sender.Tell(new MemoryWritten(w.Id));
         else Fault(w.Id, w.Address, w.Data.Length, "outside guest memory");
     }
@@ -303,6 +364,64 @@ internal sealed class VmspaceActor : ReceiveActor
         var self = Self;
         var generation = _barrier.Invalidate(self);
         _barrier.WhenComplete(generation, () => replyTo.Tell(reply(generation), self));
+    }
+
+    // ---------------------------------------------------------------- KVM dirty tracking
+
+    /// <summary>What vcpu <paramref name="vcpuId"/> harvested from its ring: GFNs of RAM pages only. A ring
+    /// found full may have lost writes (see <see cref="DirtyRing"/>): every RAM page is then dirty.</summary>
+    private void ApplyHarvest(int vcpuId, ulong[] gfns, bool overflowed)
+    {
+        _harvestedGfns += gfns.Length;
+        if (_knownDirty is null) return; // not in dirty-ring mode: nothing to keep
+        if (overflowed)
+        {
+            _ringOverflows++;
+            _log.Warning("vcpu {0}'s dirty ring was full: KVM may have lost writes, so every guest RAM page is reported dirty " +
+                         "(give the rings more entries: actorvmm.vm.paging.dirty-ring-entries)", vcpuId);
+            for (var p = 0UL; p < _knownDirty.Pages; p++) _knownDirty.MarkDirty(p);
+        }
+        var pages = new List<ulong>(gfns.Length);
+        foreach (var gfn in gfns)
+            if (_ram.TryPage(gfn << 12, out var page)) pages.Add(page);
+        _knownDirty.Harvested(vcpuId, pages);
+    }
+
+    /// <summary>D from KVM (its log, or the harvested rings) and from the host's writes; held pages are
+    /// dirty (a holder writes through the host view, which no log sees). A from the pmap.</summary>
+    private PageAD[] ScanKvmDirty(ulong first, ulong count)
+    {
+        var result = _pager!.Scan(first, count);
+        var logged = _logReader?.Scan(first, count);
+        for (var i = 0UL; i < count; i++)
+        {
+            var p = first + i;
+            var dirty = (logged?[i] ?? false) || _knownDirty!.IsDirty(p) || _pager.Pmap.IsHeld(p);
+            result[i] = (result[i] & PageAD.Accessed) | (dirty ? PageAD.Dirty : PageAD.None);
+        }
+        return result;
+    }
+
+    /// <summary>
+    /// ClearDirty with KVM's tracking. dirty-log: KVM_CLEAR_DIRTY_LOG now (held pages skipped), then the
+    /// barrier. dirty-ring: the vcpus asked by this generation's barrier harvest and reset their rings
+    /// (KVM re-protects what they harvested); until each acks, what it reports in the range is older
+    /// than the clear and dropped.
+    /// </summary>
+    private void ClearKvmDirty(long id, ulong first, ulong count)
+    {
+        if (_options.DirtyTracking == DirtyTracking.DirtyLog)
+        {
+            _logReader!.Clear(first, count, p => _pager!.Pmap.IsHeld(p));
+            _knownDirty!.Clear(_barrier.Generation, first, count, []);
+            AwaitEptInvalidation(Sender, g => new DirtyCleared(id, g));
+            return;
+        }
+        var self = Self;
+        var replyTo = Sender;
+        var generation = _barrier.Invalidate(self);
+        _knownDirty!.Clear(generation, first, count, _barrier.RunningVcpus);
+        _barrier.WhenComplete(generation, () => replyTo.Tell(new DirtyCleared(id, generation), self));
     }
 
     // ---------------------------------------------------------------- helpers

@@ -15,6 +15,10 @@ namespace ActorVmm.Memory;
 /// <para>Without userfaultfd, swap file, resident limit and swapper are ignored, and the pmap (built
 /// on first use, not to cost 8 bytes per page to a VM that never asks) only follows the memfd's
 /// residency (and, where the host backs guest RAM with huge pages, which runs are superpages).</para>
+/// <para><see cref="DirtyTracking"/>: where the A/D API's "dirty" comes from. uffd-wp needs
+/// userfaultfd; dirty-log and dirty-ring work with or without it (the VM builder then logs guest
+/// RAM's memslots and enables KVM's manual dirty-log protection or the dirty rings before the
+/// vcpus exist). With them, userfaultfd registers no write-protect mode (no double tracking).</para>
 /// </summary>
 public sealed record VmspaceOptions(
     bool Userfaultfd = false,
@@ -24,6 +28,14 @@ public sealed record VmspaceOptions(
     int ColdScans = 2,
     TimeSpan ScanInterval = default)
 {
+    public DirtyTracking DirtyTracking { get; init; } = DirtyTracking.UffdWp;
+
+    /// <summary>Entries of each vcpu's dirty ring (dirty-ring only): a power of two, at least 256.</summary>
+    public uint DirtyRingEntries { get; init; } = DefaultDirtyRingEntries;
+
+    /// <summary>4096 entries (64 KiB per vcpu), the size the kernel's documentation recommends at least.</summary>
+    public const uint DefaultDirtyRingEntries = 4096;
+
     public static readonly VmspaceOptions Unpaged = new();
 
     public static VmspaceOptions Paged(string? swapFile = null, ulong residentLimitBytes = 0, int coldScans = 2,

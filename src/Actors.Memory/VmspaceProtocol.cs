@@ -38,6 +38,21 @@ public static class VmspaceProtocol
     public sealed record Stats(ulong GuestBytes, ulong ResidentBytes, long Reads, long Writes, long Faults) : IVmspaceMessage
     {
         public PagingStats Paging { get; init; } = PagingStats.Off;
+
+        /// <summary>Bytes of guest memory locked into RAM (mlock) because the VM has a passthru-style
+        /// device; 0 when not wired. Wired memory is never demand-paged or swapped.</summary>
+        public ulong WiredBytes { get; init; }
+
+        public DirtyStats Dirty { get; init; } = DirtyStats.None;
+    }
+
+    /// <summary>Where the A/D API's dirty bit comes from (uffd-wp, dirty-log, dirty-ring) and, with
+    /// dirty rings, what the vcpus harvested: harvests at the EPT barrier, harvests forced by a full
+    /// ring, the GFNs they carried, and harvests that found a ring full to its last entry (KVM may
+    /// have lost writes: every guest RAM page was then reported dirty).</summary>
+    public sealed record DirtyStats(string Tracking, long BarrierHarvests, long RingFullHarvests, long HarvestedGfns, long RingOverflows = 0)
+    {
+        public static readonly DirtyStats None = new("uffd-wp", 0, 0, 0);
     }
 
     /// <summary>
@@ -93,13 +108,18 @@ public static class VmspaceProtocol
 
     public sealed record AccessedCleared(long Id, ulong Generation) : IVmspaceMessage;
 
-    /// <summary>Clears D over a RAM range (held pages stay dirty): write-protects the guest view,
-    /// the next write is a WP fault. Answered with <see cref="DirtyCleared"/> after the EPT barrier.</summary>
+    /// <summary>Clears D over a RAM range (held pages stay dirty) so that the next write sets it: uffd-wp
+    /// write-protects the guest view (the next write is a WP fault), dirty-log clears KVM's log
+    /// (KVM_CLEAR_DIRTY_LOG re-protects), dirty-ring forgets what the vcpus report for the range up to
+    /// their acks. Answered with <see cref="DirtyCleared"/> after the EPT barrier.</summary>
     public sealed record ClearDirty(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
 
     public sealed record DirtyCleared(long Id, ulong Generation) : IVmspaceMessage;
 
-    /// <summary>Per-page A/D of a RAM range; answered with <see cref="AccessedDirty"/>.</summary>
+    /// <summary>Per-page A/D of a RAM range; answered with <see cref="AccessedDirty"/>. A comes from the
+    /// pmap; D from the vmspace's dirty tracking (<see cref="VmspaceOptions.DirtyTracking"/>): the pmap's
+    /// M (uffd-wp), KVM's dirty log, or the dirty rings (harvested first through the EPT barrier, so the
+    /// answer comes after every running vcpu acked). Held pages and pages the host wrote are dirty in all.</summary>
     public sealed record ScanAccessedDirty(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
 
     /// <summary><paramref name="Pages"/>[i] is the page at <paramref name="Gpa"/> (rounded down) + i × 4 KiB.</summary>
@@ -173,7 +193,14 @@ public static class VmspaceProtocol
     /// work (e.g. harvest its dirty ring) and answers <see cref="EptInvalidated"/>.</summary>
     public sealed record InvalidateEpt(ulong Generation) : IVmspaceMessage;
 
-    public sealed record EptInvalidated(int VcpuId, ulong Generation) : IVmspaceMessage;
+    /// <summary>A vcpu's ack of <paramref name="Generation"/>, with what it harvested from its dirty ring
+    /// just before (guest frame numbers; null or empty without a ring). <paramref name="RingOverflowed"/>:
+    /// the ring was found full, so KVM may have lost some of the vcpu's writes.</summary>
+    public sealed record EptInvalidated(int VcpuId, ulong Generation, ulong[]? DirtyGfns = null, bool RingOverflowed = false) : IVmspaceMessage;
+
+    /// <summary>From a vcpu whose dirty ring filled (KVM_EXIT_DIRTY_RING_FULL): what it harvested before
+    /// it went on running (guest frame numbers), and whether the ring was full to the last entry.</summary>
+    public sealed record DirtyRingHarvested(int VcpuId, ulong[] Gfns, bool RingOverflowed = false) : IVmspaceMessage;
 
     /// <summary>Bumps the generation and waits for every running vcpu; answered with <see cref="EptSynced"/>.</summary>
     public sealed record SyncEpt(long Id) : IVmspaceMessage;
@@ -185,10 +212,12 @@ public static class VmspaceProtocol
 
     /// <summary>A vmspace without demand paging (no userfaultfd).</summary>
     public static Props Props(GuestMemoryMap memory) =>
-        Akka.Actor.Props.Create(() => new VmspaceActor(memory, VmspaceOptions.Unpaged, ActorRefs.Nobody));
+        Akka.Actor.Props.Create(() => new VmspaceActor(memory, VmspaceOptions.Unpaged, ActorRefs.Nobody, null));
 
     /// <summary>A vmspace paging as <paramref name="options"/> say; <see cref="VmspaceFailed"/> goes to
-    /// <paramref name="events"/>. The caller keeps <paramref name="memory"/> alive until the actor stopped.</summary>
-    public static Props Props(GuestMemoryMap memory, VmspaceOptions options, IActorRef events) =>
-        Akka.Actor.Props.Create(() => new VmspaceActor(memory, options, events));
+    /// <paramref name="events"/>. The caller keeps <paramref name="memory"/> alive until the actor stopped.
+    /// <paramref name="dirtyLog"/> is the VM's KVM dirty log, needed for <see cref="DirtyTracking.DirtyLog"/>
+    /// (RAM memslots numbered as <see cref="GuestMemoryMap.RegisterWith"/> does).</summary>
+    public static Props Props(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog = null) =>
+        Akka.Actor.Props.Create(() => new VmspaceActor(memory, options, events, dirtyLog));
 }

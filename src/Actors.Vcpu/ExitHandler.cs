@@ -25,6 +25,9 @@ public enum ExitActionKind : byte
     ApicMsr,
     /// <summary>KVM_EXIT_IOAPIC_EOI (in-kernel local APIC): tell the vlapic the level EOI, re-enter.</summary>
     IoapicEoi,
+    /// <summary>KVM_EXIT_DIRTY_RING_FULL: harvest the vcpu's dirty ring (and reset it), send the GFNs
+    /// to the vmspace, re-enter.</summary>
+    HarvestDirtyRing,
     /// <summary>The vcpu cannot go on: <see cref="ExitAction.StopReason"/>.</summary>
     Stop,
 }
@@ -69,6 +72,8 @@ public static class ExitHandler
                 return new ExitAction(ExitActionKind.Reenter);
             case VmExit.IoapicEoi:
                 return new ExitAction(ExitActionKind.IoapicEoi);
+            case VmExit.DirtyRingFull:
+                return new ExitAction(ExitActionKind.HarvestDirtyRing);
             case VmExit.MsrRead r when apicMsrs && IsApicMsr(r.Index):
                 return new ExitAction(ExitActionKind.ApicMsr);
             case VmExit.MsrWrite w when apicMsrs && IsApicMsr(w.Index):

@@ -14,7 +14,7 @@ internal sealed class ExitStats
     public const int Buckets = 12;
 
     private static readonly string[] Names =
-        ["io-out", "io-in", "mmio-write", "mmio-read", "hlt", "intr", "msr", "other"];
+        ["io-out", "io-in", "mmio-write", "mmio-read", "hlt", "intr", "msr", "dirty-ring-full", "other"];
 
     private readonly long[] _counts = new long[Names.Length];
     private readonly long[,] _latency = new long[Names.Length, Buckets];
@@ -34,7 +34,8 @@ internal sealed class ExitStats
             VmExit.Hlt => 4,
             VmExit.Intr => 5,
             VmExit.MsrRead or VmExit.MsrWrite => 6,
-            _ => 7,
+            VmExit.DirtyRingFull => 7,
+            _ => 8,
         };
         _counts[_pending]++;
     }

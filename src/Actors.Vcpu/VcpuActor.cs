@@ -124,7 +124,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// <summary>
     /// The EPT invalidation barrier (the seed's pmap_invalidate_ept), the same in every state: a
     /// vcpu handling a message is out of the guest, and its next entry sees the vmspace's new
-    /// state, so it acks at once. (Per-vcpu work, such as harvesting a dirty ring, goes here.)
+    /// state, so it acks at once, after its per-vcpu work: with a dirty ring, it harvests and
+    /// resets its ring here, on its own thread, and the GFNs go with the ack.
     /// The mailbox kicked it out of KVM_RUN when the request arrived.
     /// </summary>
     protected override bool AroundReceive(Receive receive, object message)
@@ -132,10 +133,30 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         if (message is Memory.VmspaceProtocol.InvalidateEpt invalidate)
         {
             _eptGeneration = Math.Max(_eptGeneration, invalidate.Generation);
-            Sender.Tell(new Memory.VmspaceProtocol.EptInvalidated(Id, invalidate.Generation));
+            var vmspace = Sender;
+            TryHarvestDirtyRing(out var harvest); // even a vcpu stopped by a failed harvest acks: it is out of the guest
+            vmspace.Tell(new Memory.VmspaceProtocol.EptInvalidated(Id, invalidate.Generation,
+                harvest.Gfns.Length > 0 ? harvest.Gfns : null, harvest.RingWasFull));
             return true;
         }
         return base.AroundReceive(receive, message);
+    }
+
+    /// <summary>Harvests this vcpu's dirty ring (empty without one). A failed harvest stops the vcpu:
+    /// its ring can no longer be trusted, and a full ring would keep it out of the guest.</summary>
+    private bool TryHarvestDirtyRing(out DirtyRingHarvest harvest)
+    {
+        try
+        {
+            harvest = _vcpu.HarvestDirtyRing();
+            return true;
+        }
+        catch (KvmException e)
+        {
+            harvest = DirtyRingHarvest.Empty;
+            StopWith(StopReason.RunFailed, $"vcpu {Id} stopped: harvesting its dirty ring failed: {e.Message}");
+            return false;
+        }
     }
 
     private ulong _eptGeneration;
@@ -674,6 +695,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             case ExitActionKind.IoapicEoi:
                 // The kernel APIC retired a level-triggered vector: the IOAPIC clears Remote IRR.
                 _wiring.Vlapic?.Tell(new VlapicProtocol.EndOfInterrupt(((VmExit.IoapicEoi)exit).Vector), Self);
+                return true;
+            case ExitActionKind.HarvestDirtyRing:
+                // KVM runs the vcpu again only once its full ring is harvested and reset.
+                if (!TryHarvestDirtyRing(out var harvest)) return false;
+                _wiring.Vmspace?.Tell(new Memory.VmspaceProtocol.DirtyRingHarvested(Id, harvest.Gfns, harvest.RingWasFull), Self);
                 return true;
             case ExitActionKind.MsrFault:
                 if (exit is VmExit.MsrRead) _vcpu.CompleteMsrRead(0, fault: true);

@@ -128,8 +128,10 @@ public static class VcpuProtocol
     /// <param name="KernelLapic">the local APIC is KVM's (split irqchip, <c>lapic = assisted</c>): KVM
     /// keeps the MP state (an AP's KVM_RUN sleeps in the kernel until its SIPI), HLT never exits,
     /// so a halted vcpu is found by probing its MP state; EOIs of level vectors exit to the vlapic</param>
+    /// <param name="Vmspace">the vmspace: a vcpu with a dirty ring sends it what it harvests after a
+    /// ring-full exit (<c>VmspaceProtocol.DirtyRingHarvested</c>); null: such harvests are dropped</param>
     public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory,
-        IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false);
+        IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false, IActorRef? Vmspace = null);
 
     public static Props Props(IVcpu vcpu, Wiring wiring) =>
         Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring))

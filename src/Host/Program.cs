@@ -61,7 +61,8 @@ namespace ActorVmm.Host
             var perfetto = new Option<string?>("--perfetto") { Description = "write the message trace to FILE for the Perfetto UI when the VM ends" };
             var traceFilter = new Option<string?>("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
             var lapic = new Option<string?>("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic };
+            var shm = new Option<string?>("--shm") { Description = "FILE[,SIZE]: a shared-memory device at 0xE0000000 backed by FILE (created or extended to SIZE); wires all guest memory" };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, shm };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -78,6 +79,13 @@ namespace ActorVmm.Host
                 Override("perfetto", parse.GetValue(perfetto));
                 Override("trace-filter", parse.GetValue(traceFilter));
                 Override("lapic", parse.GetValue(lapic));
+                if (parse.GetValue(shm) is { } shmText)
+                {
+                    var comma = shmText.LastIndexOf(',');
+                    if (comma == 0 || shmText.Length == 0) throw new ConfigException($"--shm \"{shmText}\": give FILE or FILE,SIZE");
+                    Override("shm.file", comma < 0 ? shmText : shmText[..comma]);
+                    Override("shm.size", comma < 0 ? "0" : shmText[(comma + 1)..]);
+                }
                 var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
 

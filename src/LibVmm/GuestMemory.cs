@@ -147,6 +147,10 @@ public sealed unsafe class MemfdRegion : IDisposable
         }
     }
 
+    /// <summary>Faults in and locks the guest view into RAM (mlock): see <see cref="GuestMemoryMap.Wire"/>.
+    /// The host view maps the same memfd pages, so they are pinned for it too.</summary>
+    public void Lock() => MemoryLock.Lock(GuestView, Size, $"guest memory {Name}");
+
     /// <summary>The host view as a span (for bulk copies by loaders and devices).</summary>
     public Span<byte> HostSpan(ulong offset, int length)
     {
@@ -258,6 +262,33 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
             a += (ulong)n;
         }
         return true;
+    }
+
+    /// <summary>The memslot <see cref="RegisterWith"/> gives <paramref name="segment"/>: its index in map order.</summary>
+    public uint SlotOf(GuestSegment segment)
+    {
+        var i = _segments.IndexOf(segment);
+        if (i < 0) throw new GuestMemoryException($"segment {segment.Name} is not in this map");
+        return (uint)i;
+    }
+
+    /// <summary>Bytes <see cref="Wire"/> locked (0: not wired).</summary>
+    public ulong LockedBytes { get; private set; }
+
+    /// <summary>
+    /// Wires guest memory, as the seed wires a VM with a PCI passthru device: every backing is faulted
+    /// in and locked into RAM (mlock of its guest view), so no guest page is ever missing, paged out
+    /// or swapped. Checks RLIMIT_MEMLOCK (and CAP_IPC_LOCK) first; throws
+    /// <see cref="HostMemoryException"/> saying what to change. Returns the bytes locked.
+    /// </summary>
+    public ulong Wire()
+    {
+        var backings = _segments.Select(s => s.Backing).Distinct().ToList();
+        var total = backings.Aggregate(0UL, (a, b) => a + b.Size);
+        if (MemoryLock.Current().Refusal(total) is { } why) throw new HostMemoryException(why);
+        foreach (var b in backings) b.Lock();
+        LockedBytes = total;
+        return total;
     }
 
     /// <summary>Registers every segment with KVM as a memslot (slot numbers in map order).</summary>

@@ -70,6 +70,13 @@ public interface IVcpu : IDisposable
     /// <summary>KVM_GET_MSRS for the given indices; (index, value) for those KVM knows.</summary>
     KvmMsrEntry[] GetMsrs(params uint[] indices) => [];
 
+    /// <summary>Whether this vcpu has a KVM dirty ring to harvest.</summary>
+    bool HasDirtyRing => false;
+
+    /// <summary>Harvests and resets this vcpu's dirty ring: the guest frame numbers written since the
+    /// last harvest (see <see cref="VcpuHandle.HarvestDirtyRing"/>). Empty without a ring.</summary>
+    DirtyRingHarvest HarvestDirtyRing() => DirtyRingHarvest.Empty;
+
     /// <summary>Records the calling thread as this vcpu's thread (the kick target).</summary>
     void BindToCurrentThread();
 

@@ -31,6 +31,7 @@ internal static class KvmIoctl
     public static readonly nuint X86SetMsrFilter = Iow(0xC6, 392);
     public static readonly nuint SetGsiRouting = Iow(0x6A, 8);
     public static readonly nuint SignalMsi = Iow(0xA5, 32);
+    public static readonly nuint ResetDirtyRings = Io(0xC7);
 
     // Vcpu ioctls.
     public static readonly nuint Run = Io(0x80);
@@ -73,6 +74,10 @@ public enum KvmCap : uint
     IrqRouting = 25,
     SignalMsi = 77,
     ManualDirtyLogProtect2 = 168,
+    /// <summary>Per-vcpu dirty rings; KVM_CHECK_EXTENSION gives the largest ring in bytes.</summary>
+    DirtyLogRing = 192,
+    /// <summary>The same rings, with acquire/release ordering on the entries' flags required of user space.</summary>
+    DirtyLogRingAcqRel = 223,
 }
 
 /// <summary>KVM_EXIT_* reasons.</summary>
@@ -97,6 +102,7 @@ public enum KvmExitReason : uint
     IoapicEoi = 26,
     X86Rdmsr = 29,
     X86Wrmsr = 30,
+    DirtyRingFull = 31,
 }
 
 /// <summary>KVM_MP_STATE_* (kvm_mp_state.mp_state): kept by KVM only with an in-kernel local APIC.</summary>

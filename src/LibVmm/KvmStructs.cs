@@ -98,6 +98,23 @@ public struct KvmClearDirtyLog
     public ulong DirtyBitmap;
 }
 
+/// <summary>
+/// <c>struct kvm_dirty_gfn</c>, 16 bytes: one entry of a vcpu's dirty ring. <see cref="Slot"/> is
+/// as_id &lt;&lt; 16 | slot id, <see cref="Offset"/> the page number inside the slot.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct KvmDirtyGfn
+{
+    public uint Flags;
+    public uint Slot;
+    public ulong Offset;
+
+    /// <summary>KVM_DIRTY_GFN_F_DIRTY: KVM pushed the entry; user space has not harvested it.</summary>
+    public const uint FlagDirty = 0b01;
+    /// <summary>KVM_DIRTY_GFN_F_RESET: harvested; KVM_RESET_DIRTY_RINGS re-protects the page and frees the entry.</summary>
+    public const uint FlagReset = 0b10;
+}
+
 /// <summary><c>struct kvm_cpuid_entry2</c>, 40 bytes.</summary>
 [StructLayout(LayoutKind.Sequential)]
 public struct KvmCpuidEntry2

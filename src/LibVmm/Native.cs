@@ -70,6 +70,25 @@ internal static unsafe partial class Native
     public const int StatSize = 144;
     public const int StatBlocksOffset = 64;
 
+    [LibraryImport(Libc, EntryPoint = "mlock", SetLastError = true)]
+    public static partial int Mlock(nint addr, nuint length);
+
+    [LibraryImport(Libc, EntryPoint = "munlock", SetLastError = true)]
+    public static partial int Munlock(nint addr, nuint length);
+
+    public const int RLIMIT_MEMLOCK = 8;
+    public const ulong RLIM_INFINITY = ulong.MaxValue;
+
+    /// <summary><c>struct rlimit</c> on x86-64: soft and hard limit, 8 bytes each.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct RLimit
+    {
+        public ulong Current, Maximum;
+    }
+
+    [LibraryImport(Libc, EntryPoint = "getrlimit", SetLastError = true)]
+    public static partial int Getrlimit(int resource, RLimit* limit);
+
     [LibraryImport(Libc, EntryPoint = "gettid")]
     public static partial int GetTid();
 

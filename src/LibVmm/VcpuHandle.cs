@@ -9,14 +9,18 @@ public sealed unsafe class VcpuHandle : IVcpu
     private readonly nint _run;
     private readonly int _runSize;
     private volatile int _tid;
+    private readonly VmHandle? _vm;
+    private DirtyRing? _dirtyRing;
+    private readonly List<(uint Slot, ulong Offset)> _harvest = [];
 
     public int Id { get; }
     public int Fd => _fd;
     public KvmRunView RunPage => new((byte*)_run);
 
-    internal VcpuHandle(int id, int fd, int runSize)
+    internal VcpuHandle(int id, int fd, int runSize, VmHandle? vm = null)
     {
         Id = id;
+        _vm = vm;
         _fd = fd;
         _runSize = runSize;
         _run = Native.Mmap(0, (nuint)runSize, Native.PROT_READ | Native.PROT_WRITE, Native.MAP_SHARED, fd, 0);
@@ -278,6 +282,34 @@ public sealed unsafe class VcpuHandle : IVcpu
         return true;
     }
 
+    internal void MapDirtyRing(uint bytes) => _dirtyRing = new DirtyRing(_fd, Id, bytes);
+
+    /// <summary>This vcpu's dirty ring, if its VM enabled one before creating it.</summary>
+    public DirtyRing? DirtyRing => _dirtyRing;
+
+    public bool HasDirtyRing => _dirtyRing is not null;
+
+    /// <summary>
+    /// Harvests this vcpu's dirty ring and resets the harvested entries (KVM_RESET_DIRTY_RINGS, which
+    /// write-protects those pages again before this returns): the guest frame numbers the vcpu wrote
+    /// since the last harvest, in ring order (a page may appear twice if it was written again after
+    /// an earlier reset), and whether the ring was full (writes may have gone unreported). Entries
+    /// naming a slot the VM no longer has are dropped. Empty without a ring.
+    /// On the vcpu's thread, outside KVM_RUN: leaving KVM_RUN flushes what the processor still buffers.
+    /// </summary>
+    public DirtyRingHarvest HarvestDirtyRing()
+    {
+        if (_dirtyRing is null || _vm is null) return DirtyRingHarvest.Empty;
+        _harvest.Clear();
+        var n = _dirtyRing.Harvest(_harvest);
+        if (n == 0) return DirtyRingHarvest.Empty;
+        var gfns = new List<ulong>(_harvest.Count);
+        foreach (var (slot, offset) in _harvest)
+            if (_vm.TryGfn(slot, offset, out var gfn)) gfns.Add(gfn);
+        _vm.ResetDirtyRings();
+        return new DirtyRingHarvest([.. gfns], RingWasFull: n == _dirtyRing.Entries);
+    }
+
     public void BindToCurrentThread() => _tid = KickSignal.CurrentThreadId();
 
     /// <summary>Sets immediate_exit, then signals the vcpu thread (if bound). Safe from any thread;
@@ -294,6 +326,7 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void Dispose()
     {
         if (_fd < 0) return;
+        _dirtyRing?.Dispose();
         Native.Munmap(_run, (nuint)_runSize);
         Native.Close(_fd);
         _fd = -1;

@@ -64,6 +64,10 @@ public abstract record VmExit
     /// priority); <c>kvm_run.cr8</c> holds the new value.</summary>
     public sealed record SetTpr : VmExit { public static readonly SetTpr Instance = new(); }
 
+    /// <summary>KVM_EXIT_DIRTY_RING_FULL: the vcpu's dirty ring is (softly) full; KVM runs the vcpu
+    /// again only after its entries were harvested and reset (<see cref="VcpuHandle.HarvestDirtyRing"/>).</summary>
+    public sealed record DirtyRingFull : VmExit { public static readonly DirtyRingFull Instance = new(); }
+
     public sealed record Unknown(uint Reason) : VmExit;
 
     /// <summary>Decodes the exit the kvm_run page describes.</summary>
@@ -109,6 +113,7 @@ public abstract record VmExit
             }
             case KvmExitReason.IoapicEoi: return new IoapicEoi(run.IoapicEoiVector);
             case KvmExitReason.SetTpr: return SetTpr.Instance;
+            case KvmExitReason.DirtyRingFull: return DirtyRingFull.Instance;
             default: return new Unknown((uint)run.ExitReason);
         }
     }

@@ -1,7 +1,27 @@
 namespace ActorVmm.LibVmm;
 
+/// <summary>
+/// KVM's dirty bitmap of memslots with manual protection (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG):
+/// what the vmspace needs of a VM for <c>dirty-tracking = dirty-log</c>. <see cref="VmHandle"/> is it.
+/// </summary>
+public interface IDirtyLog
+{
+    /// <summary>One bit per page of the slot, set for pages written since they were last cleared.</summary>
+    ulong[] GetDirtyLog(uint slot, ulong pages);
+
+    /// <summary>Clears (and write-protects again) the pages set in <paramref name="bitmap"/>, bit i = page
+    /// <paramref name="firstPage"/> + i; <paramref name="firstPage"/> is a multiple of 64.</summary>
+    void ClearDirtyLog(uint slot, ulong firstPage, uint pages, ulong[] bitmap);
+}
+
+/// <summary>A KVM memslot as this VM registered it.</summary>
+public readonly record struct MemorySlot(uint Slot, GuestPhysAddr Base, ulong Size, bool ReadOnly, bool LogDirty)
+{
+    public bool Contains(GuestPhysAddr a) => a.Value >= Base.Value && a.Value - Base.Value < Size;
+}
+
 /// <summary>One KVM VM: memslots, vcpus and VM-wide settings.</summary>
-public sealed unsafe class VmHandle : IDisposable
+public sealed unsafe class VmHandle : IDirtyLog, IDisposable
 {
     /// <summary>Where KVM's real-mode TSS (3 pages) and identity map page live: just below the
     /// firmware's 4 GiB alias, inside the MMIO hole, never RAM.</summary>
@@ -10,6 +30,9 @@ public sealed unsafe class VmHandle : IDisposable
 
     private readonly Kvm _kvm;
     private int _fd;
+    // Copy-on-write: vcpu threads read it while harvesting their dirty rings.
+    private volatile MemorySlot[] _slots = [];
+    private int _vcpusCreated;
 
     public int Fd => _fd;
     public Kvm System => _kvm;
@@ -40,6 +63,25 @@ public sealed unsafe class VmHandle : IDisposable
         };
         if (Native.Ioctl(_fd, KvmIoctl.SetUserMemoryRegion, &region) < 0)
             throw KvmException.Last($"KVM_SET_USER_MEMORY_REGION(slot {slot}, gpa {guestAddress}, size 0x{size:X})");
+        var slots = _slots.Where(s => s.Slot != slot);
+        _slots = [.. size == 0 ? slots : slots.Append(new MemorySlot(slot, guestAddress, size, readOnly, logDirty))];
+    }
+
+    /// <summary>The memslots registered so far (any thread).</summary>
+    public IReadOnlyList<MemorySlot> Slots => _slots;
+
+    /// <summary>The guest frame number of page <paramref name="offset"/> of memslot <paramref name="slot"/>
+    /// (as a dirty-ring entry names it); false for a slot this VM does not have (or another address space).</summary>
+    public bool TryGfn(uint slot, ulong offset, out ulong gfn)
+    {
+        foreach (var s in _slots)
+            if (s.Slot == slot && offset < s.Size / 4096)
+            {
+                gfn = (s.Base.Value >> 12) + offset;
+                return true;
+            }
+        gfn = 0;
+        return false;
     }
 
     /// <summary>KVM_ENABLE_CAP on the VM.</summary>
@@ -112,6 +154,52 @@ public sealed unsafe class VmHandle : IDisposable
                 word &= word - 1;
             }
         }
+    }
+
+    /// <summary>Bytes of each vcpu's dirty ring (0: no dirty ring). See <see cref="EnableDirtyRing"/>.</summary>
+    public uint DirtyRingBytes { get; private set; }
+
+    /// <summary>
+    /// KVM_CAP_DIRTY_LOG_RING_ACQ_REL (or, if this KVM only offers it, KVM_CAP_DIRTY_LOG_RING): every
+    /// vcpu created from now on gets a dirty ring of <paramref name="entries"/> entries (a power of
+    /// two, at least <see cref="DirtyRing.MinEntries"/>), mapped by <see cref="CreateVcpu"/>. Writes
+    /// to slots registered with logDirty are then reported in the writing vcpu's ring, not in the
+    /// dirty bitmap (KVM_GET_DIRTY_LOG fails). Must come before the first vcpu.
+    /// </summary>
+    /// <exception cref="KvmException">with a message a user can act on</exception>
+    public void EnableDirtyRing(uint entries)
+    {
+        if (_vcpusCreated > 0) throw new KvmException("the dirty ring must be enabled before the first vcpu is created");
+        if (entries < DirtyRing.MinEntries || (entries & (entries - 1)) != 0)
+            throw new KvmException($"a dirty ring of {entries} entries: the size must be a power of two of at least {DirtyRing.MinEntries} entries");
+        var acqRel = _kvm.CheckExtension(KvmCap.DirtyLogRingAcqRel);
+        var plain = _kvm.CheckExtension(KvmCap.DirtyLogRing);
+        var maxBytes = (ulong)Math.Max(acqRel, plain);
+        if (maxBytes == 0) throw new KvmException("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)");
+        var bytes = (ulong)entries * (ulong)sizeof(KvmDirtyGfn);
+        if (bytes > maxBytes)
+            throw new KvmException($"a dirty ring of {entries} entries is larger than this KVM allows ({maxBytes / (ulong)sizeof(KvmDirtyGfn)} entries)");
+        try
+        {
+            EnableCap(acqRel > 0 ? KvmCap.DirtyLogRingAcqRel : KvmCap.DirtyLogRing, bytes);
+        }
+        catch (KvmException e)
+        {
+            throw new KvmException($"{e.Message} (KVM keeps some entries of each ring in reserve: try a larger power of two than {entries})");
+        }
+        DirtyRingBytes = (uint)bytes;
+    }
+
+    /// <summary>
+    /// KVM_RESET_DIRTY_RINGS: the entries every vcpu harvested (marked RESET) are given back to KVM
+    /// and their pages write-protected again, so the next write to each is reported anew. Any thread.
+    /// Returns how many entries were reset.
+    /// </summary>
+    public int ResetDirtyRings()
+    {
+        var n = Native.Ioctl(_fd, KvmIoctl.ResetDirtyRings, 0);
+        if (n < 0) throw KvmException.Last("KVM_RESET_DIRTY_RINGS");
+        return n;
     }
 
     /// <summary>
@@ -188,9 +276,11 @@ public sealed unsafe class VmHandle : IDisposable
     {
         var fd = Native.Ioctl(_fd, KvmIoctl.CreateVcpu, id);
         if (fd < 0) throw KvmException.Last($"KVM_CREATE_VCPU({id})");
-        var vcpu = new VcpuHandle(id, fd, _kvm.VcpuMmapSize);
+        _vcpusCreated++;
+        var vcpu = new VcpuHandle(id, fd, _kvm.VcpuMmapSize, this);
         try
         {
+            if (DirtyRingBytes > 0) vcpu.MapDirtyRing(DirtyRingBytes);
             vcpu.SetCpuid(cpuid.EntriesFor(id));
         }
         catch

@@ -85,9 +85,9 @@ internal sealed class PagedVmspace : IAsyncDisposable
     /// resident — correct, but not what a test of faults wants).</summary>
     public static async Task<PagedVmspace> StartAsync(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes = 0, int coldScans = 2,
         bool userfaultfd = true, Action<GuestMemoryMap>? load = null, PmapType pmapType = PmapType.Ept, TimeSpan scanInterval = default,
-        bool superpages = false)
+        bool superpages = false, DirtyTracking dirtyTracking = DirtyTracking.UffdWp)
     {
-        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, scanInterval, superpages);
+        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, scanInterval, superpages, dirtyTracking);
         var probe = kit.CreateTestProbe();
         vm.Vmspace.Tell(VmspaceProtocol.GetStats.Instance, probe);
         await probe.ExpectMsgAsync<VmspaceProtocol.Stats>(TimeSpan.FromSeconds(10));
@@ -95,7 +95,7 @@ internal sealed class PagedVmspace : IAsyncDisposable
     }
 
     private PagedVmspace(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes, int coldScans, bool userfaultfd,
-        Action<GuestMemoryMap>? load, PmapType pmapType, TimeSpan scanInterval, bool superpages)
+        Action<GuestMemoryMap>? load, PmapType pmapType, TimeSpan scanInterval, bool superpages, DirtyTracking dirtyTracking)
     {
         _kit = kit;
         Map = VmspaceLayout.Build(ramBytes, superpages: superpages);
@@ -103,7 +103,7 @@ internal sealed class PagedVmspace : IAsyncDisposable
         load?.Invoke(Map); // a loader writing through the host view before the vmspace starts
         SwapFile = Path.Combine(Path.GetTempPath(), $"actorvmm-test-swap-{Guid.NewGuid():N}");
         Events = kit.CreateTestProbe("events");
-        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans, scanInterval);
+        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans, scanInterval) { DirtyTracking = dirtyTracking };
         Vmspace = kit.Sys.ActorOf(VmspaceProtocol.Props(Map, options, Events), $"vmspace-{Guid.NewGuid():N}");
     }
 

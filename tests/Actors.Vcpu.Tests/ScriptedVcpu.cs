@@ -247,6 +247,31 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
         return true;
     }
 
+    // ---- dirty ring ----
+
+    private readonly ConcurrentQueue<DirtyRingHarvest> _harvests = new();
+    private string? _harvestThreadName;
+
+    /// <summary>Gives the vcpu a dirty ring whose next harvests return these GFNs, in order (then empty).</summary>
+    public void SupplyHarvest(params ulong[] gfns) => SupplyHarvest(new DirtyRingHarvest(gfns, false));
+
+    public void SupplyHarvest(DirtyRingHarvest harvest)
+    {
+        HasDirtyRing = true;
+        _harvests.Enqueue(harvest);
+    }
+
+    public bool HasDirtyRing { get; private set; }
+
+    /// <summary>The name of the thread that last harvested the ring.</summary>
+    public string? HarvestThreadName { get { lock (_gate) return _harvestThreadName; } }
+
+    public DirtyRingHarvest HarvestDirtyRing()
+    {
+        lock (_gate) _harvestThreadName = Thread.CurrentThread.Name;
+        return _harvests.TryDequeue(out var harvest) ? harvest : DirtyRingHarvest.Empty;
+    }
+
     public void BindToCurrentThread() => Changed(() =>
     {
         _boundThreadName = Thread.CurrentThread.Name;

@@ -1,5 +1,6 @@
 using ActorVmm.Host.Config;
 using Akka.Configuration;
+using ActorVmm.Memory;
 using Xunit;
 
 namespace ActorVmm.Host.Tests;
@@ -56,5 +57,56 @@ public sealed class PagingConfigTests
     {
         Assert.True(Parse("").Superpages);
         Assert.False(Parse("actorvmm.vm.paging.superpages = off").Superpages);
+    }
+
+    [Theory]
+    [InlineData("uffd-wp", false, null)]
+    [InlineData("dirty-log", false, DirtyTracking.DirtyLog)]
+    [InlineData("dirty-ring", false, DirtyTracking.DirtyRing)]
+    [InlineData("dirty-ring", true, DirtyTracking.DirtyRing)]
+    [InlineData("dirty-log", true, DirtyTracking.DirtyLog)]
+    public void Dirty_tracking_is_chosen_by_name_and_KVM_sources_need_no_userfaultfd(string name, bool paging, DirtyTracking? expected)
+    {
+        var p = Parse($"actorvmm.vm.paging {{ enabled = {(paging ? "on" : "off")}, dirty-tracking = {name}, dirty-ring-entries = 512 }}").Paging;
+        if (expected is null && !paging)
+        {
+            Assert.Null(p); // uffd-wp without paging: nothing to configure
+            return;
+        }
+        Assert.NotNull(p);
+        Assert.Equal(expected, p.DirtyTracking);
+        Assert.Equal(paging, p.Userfaultfd);
+        Assert.Equal(512u, p.DirtyRingEntries);
+    }
+
+    [Theory]
+    [InlineData("dirty-tracking = dirty-bitmap", "uffd-wp, dirty-log or dirty-ring")]
+    [InlineData("dirty-ring-entries = 1000", "power of two of at least 256")]
+    [InlineData("dirty-ring-entries = 128", "power of two of at least 256")]
+    [InlineData("dirty-ring-entries = lots", "dirty-ring-entries")]
+    public void A_bad_dirty_tracking_setting_is_refused_by_name(string setting, string reason)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse($"actorvmm.vm.paging {{ {setting} }}"));
+        Assert.Contains(reason, e.Message);
+    }
+
+    [Fact]
+    public void A_shared_memory_device_is_read_with_its_file_and_size()
+    {
+        Assert.Null(Parse("").SharedMemory);
+        Assert.Equal(new ActorVmm.Host.Vm.SharedMemorySpec("/dev/shm/x", 64UL << 10),
+            Parse("actorvmm.vm.shm { file = \"/dev/shm/x\", size = 64K }").SharedMemory);
+        Assert.Equal(new ActorVmm.Host.Vm.SharedMemorySpec("f", null), Parse("actorvmm.vm.shm.file = f").SharedMemory);
+    }
+
+    [Theory]
+    [InlineData("shm { file = f }\n paging { enabled = on }", "paging.enabled must be off")]
+    [InlineData("shm { file = f, size = 100 }", "not a multiple of 4 KiB")]
+    [InlineData("shm { file = f, size = 512M }", "larger than the shared-memory window")]
+    [InlineData("shm { size = 64K }", "shm.file is empty")]
+    public void A_conflicting_or_bad_shared_memory_setting_is_refused_clearly(string setting, string reason)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse($"actorvmm.vm {{ {setting} }}"));
+        Assert.Contains(reason, e.Message);
     }
 }

@@ -57,15 +57,21 @@ public sealed class GuestRun : IAsyncDisposable
     /// and link faults given here); <see cref="WaitAsync"/> gets its outcome. Returns once the VM's
     /// actors exist.
     /// </summary>
-    public static async Task<GuestRun> StartAsync(BootImage boot, ulong memory = 16 << 20, int cpus = 1,
+    public static Task<GuestRun> StartAsync(BootImage boot, ulong memory = 16 << 20, int cpus = 1,
         ActorVmm.Memory.VmspaceOptions? paging = null, LapicMode lapic = LapicMode.Emulated, LinkFaultPlan? linkFaults = null,
-        params DeviceSpec[] devices)
+        params DeviceSpec[] devices) =>
+        StartAsync(new VmSpec("guest", memory, cpus, boot, Lapic: lapic, Paging: paging), linkFaults, devices);
+
+    /// <summary>Starts a guest built from <paramref name="spec"/> and returns while it runs.</summary>
+    public static Task<GuestRun> StartAsync(VmSpec spec, params DeviceSpec[] devices) => StartAsync(spec, null, devices);
+
+    private static async Task<GuestRun> StartAsync(VmSpec spec, LinkFaultPlan? linkFaults, DeviceSpec[] devices)
     {
         KvmRequirement.Check();
         var system = HostRunner.CreateSystem(VmConfig.Load(null), "test");
         var console = SerialConsole.Captured();
         var trace = new TraceRecorder();
-        var builder = new VmBuilder(system, new VmSpec("guest", memory, cpus, boot, Lapic: lapic, Paging: paging)).WithStandardDevices(console).WithTrace(trace);
+        var builder = new VmBuilder(system, spec).WithStandardDevices(console).WithTrace(trace);
         if (linkFaults is not null) builder.WithLinkFaults(linkFaults);
         foreach (var d in devices) builder.AddDevice(d);
         RunningVm vm;
@@ -81,6 +87,16 @@ public sealed class GuestRun : IAsyncDisposable
             throw;
         }
         return new GuestRun(system, console, vm, trace);
+    }
+
+    /// <summary>Waits for the guest to end (stopping it after the timeout) and records its outcome.</summary>
+    public Task<VmProtocol.Outcome> EndAsync(TimeSpan? timeout = null) => WaitAsync(timeout);
+
+    /// <summary>Asks one of the VM's actors and waits for the answer.</summary>
+    public async Task<T> AskChild<T>(string name, object message)
+    {
+        var actor = await ResolveChild(name);
+        return await actor.Ask<T>(message, TimeSpan.FromSeconds(30));
     }
 
     /// <summary>Waits for the guest to end (stopping it after <paramref name="timeout"/>); sets <see cref="Outcome"/>.</summary>

@@ -27,6 +27,17 @@ internal static class KernelAbi
     public const uint ExitInternalError = 17, ExitSystemEvent = 24, ExitX86Rdmsr = 29, ExitX86Wrmsr = 30;
     public const byte ExitIoIn = 0, ExitIoOut = 1;
 
+    public const uint ExitDirtyRingFull = 31;
+
+    // struct kvm_dirty_gfn (16 bytes) and the dirty ring's place in the vcpu mapping
+    public const int DirtyGfnSize = 16, DirtyGfnFlags = 0, DirtyGfnSlot = 4, DirtyGfnOffset = 8;
+    public const uint DirtyGfnFlagDirty = 1, DirtyGfnFlagReset = 2;
+    public const long DirtyLogPageOffset = 64;
+    public const uint CapDirtyLogRing = 192, CapDirtyLogRingAcqRel = 223;
+
+    // glibc x86-64: struct stat's st_mode, struct rlimit, RLIMIT_MEMLOCK
+    public const int StatMode = 24, RLimitSize = 16, RlimitMemlock = 8;
+
     // KVM_MSR_EXIT_REASON_*
     public const uint MsrExitReasonUnknown = 2, MsrExitReasonFilter = 4;
 }

@@ -79,6 +79,30 @@ public sealed class StructLayoutTests
     }
 
     [Fact]
+    public void Kvm_dirty_gfn_and_the_ring_offset_match_the_kernel_header()
+    {
+        AssertSize<KvmDirtyGfn>(KernelAbi.DirtyGfnSize);
+        Assert.Equal(KernelAbi.DirtyGfnFlags, Offset<KvmDirtyGfn>(nameof(KvmDirtyGfn.Flags)));
+        Assert.Equal(KernelAbi.DirtyGfnSlot, Offset<KvmDirtyGfn>(nameof(KvmDirtyGfn.Slot)));
+        Assert.Equal(KernelAbi.DirtyGfnOffset, Offset<KvmDirtyGfn>(nameof(KvmDirtyGfn.Offset)));
+        Assert.Equal(KernelAbi.DirtyGfnFlagDirty, KvmDirtyGfn.FlagDirty);
+        Assert.Equal(KernelAbi.DirtyGfnFlagReset, KvmDirtyGfn.FlagReset);
+        Assert.Equal(KernelAbi.DirtyLogPageOffset, DirtyRing.PageOffset);
+        Assert.Equal(KernelAbi.CapDirtyLogRing, (uint)KvmCap.DirtyLogRing);
+        Assert.Equal(KernelAbi.CapDirtyLogRingAcqRel, (uint)KvmCap.DirtyLogRingAcqRel);
+    }
+
+    [Fact]
+    public void Glibc_rlimit_and_stat_mode_match_x86_64()
+    {
+        AssertSize<Native.RLimit>(KernelAbi.RLimitSize);
+        Assert.Equal(KernelAbi.RlimitMemlock, Native.RLIMIT_MEMLOCK);
+        var mode = typeof(SharedMemoryRegion).GetField("StatModeOffset", BindingFlags.NonPublic | BindingFlags.Static);
+        Assert.NotNull(mode);
+        Assert.Equal(KernelAbi.StatMode, (int)mode.GetValue(null)!);
+    }
+
+    [Fact]
     public void Kvm_sregs_offsets_match_the_kernel_header()
     {
         Assert.Equal(0, Offset<KvmSregs>(nameof(KvmSregs.Cs)));
@@ -139,6 +163,7 @@ public sealed class StructLayoutTests
     [InlineData(nameof(KvmIoctl.GetMsrIndexList), 3221532162ul)]
     [InlineData(nameof(KvmIoctl.GetDirtyLog), 1074835010ul)]
     [InlineData(nameof(KvmIoctl.ClearDirtyLog), 3222843072ul)]
+    [InlineData(nameof(KvmIoctl.ResetDirtyRings), 44743ul)]
     public void Ioctl_number_matches_the_kernel_header(string name, ulong expected)
     {
         var field = typeof(KvmIoctl).GetField(name, BindingFlags.Public | BindingFlags.Static);
@@ -166,6 +191,7 @@ public sealed class StructLayoutTests
     [InlineData(KvmExitReason.SystemEvent, KernelAbi.ExitSystemEvent)]
     [InlineData(KvmExitReason.X86Rdmsr, KernelAbi.ExitX86Rdmsr)]
     [InlineData(KvmExitReason.X86Wrmsr, KernelAbi.ExitX86Wrmsr)]
+    [InlineData(KvmExitReason.DirtyRingFull, KernelAbi.ExitDirtyRingFull)]
     public void Exit_reason_matches_the_kernel_header(KvmExitReason reason, uint expected) =>
         Assert.Equal(expected, (uint)reason);
 }

@@ -193,6 +193,13 @@ public sealed unsafe class VmExitDecodeTests : IDisposable
     }
 
     [Fact]
+    public void Dirty_ring_full_decodes_to_its_own_exit()
+    {
+        Set(KernelAbi.ExitReason, KernelAbi.ExitDirtyRingFull);
+        Assert.Same(VmExit.DirtyRingFull.Instance, Decode());
+    }
+
+    [Fact]
     public void Run_view_reads_and_writes_the_control_bytes_at_kernel_offsets()
     {
         var view = new KvmRunView(_page);

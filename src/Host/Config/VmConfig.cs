@@ -12,7 +12,7 @@ public sealed class ConfigException(string message) : Exception(message);
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -92,6 +92,13 @@ public sealed record VmConfig(
                 _ => throw new ConfigException($"actorvmm.vm.lapic must be emulated or assisted, not \"{lapicText}\""),
             };
             ActorVmm.Memory.VmspaceOptions? paging = null;
+            var trackingText = vm.GetString("paging.dirty-tracking", "uffd-wp");
+            if (!ActorVmm.Memory.DirtyTrackingNames.TryParse(trackingText, out var tracking))
+                throw new ConfigException($"actorvmm.vm.paging.dirty-tracking must be uffd-wp, dirty-log or dirty-ring, not \"{trackingText}\"");
+            var ringText = vm.GetString("paging.dirty-ring-entries", ActorVmm.Memory.VmspaceOptions.DefaultDirtyRingEntries.ToString(CultureInfo.InvariantCulture));
+            if (!uint.TryParse(ringText, NumberStyles.None, CultureInfo.InvariantCulture, out var ringEntries) ||
+                ringEntries < LibVmm.DirtyRing.MinEntries || (ringEntries & (ringEntries - 1)) != 0)
+                throw new ConfigException($"actorvmm.vm.paging.dirty-ring-entries must be a power of two of at least {LibVmm.DirtyRing.MinEntries}, not \"{ringText}\"");
             if (vm.GetBoolean("paging.enabled", false))
             {
                 var limitText = vm.GetString("paging.resident-limit", "0");
@@ -106,9 +113,28 @@ public sealed record VmConfig(
                 paging = ActorVmm.Memory.VmspaceOptions.Paged(string.IsNullOrEmpty(swap) ? null : swap, limit, coldScans,
                     string.IsNullOrEmpty(swap) ? TimeSpan.Zero : interval);
             }
+            else if (tracking != ActorVmm.Memory.DirtyTracking.UffdWp)
+                paging = ActorVmm.Memory.VmspaceOptions.Unpaged; // KVM's dirty tracking needs no userfaultfd
+            if (paging is not null) paging = paging with { DirtyTracking = tracking, DirtyRingEntries = ringEntries };
+
+            Vm.SharedMemorySpec? shm = null;
+            var shmFile = vm.GetString("shm.file", "");
+            var shmSizeText = vm.GetString("shm.size", "0");
+            if (!string.IsNullOrEmpty(shmFile))
+            {
+                ulong? shmSize = shmSizeText == "0" ? null : ParseSize(shmSizeText, "actorvmm.vm.shm.size", minimum: 4096);
+                if (shmSize > Devices.Platform.SharedMemoryMaxSize)
+                    throw new ConfigException($"actorvmm.vm.shm.size: \"{shmSizeText}\" is larger than the shared-memory window ({Devices.Platform.SharedMemoryMaxSize >> 20}M)");
+                if (paging is { Userfaultfd: true })
+                    throw new ConfigException("actorvmm.vm.shm: a shared-memory (passthru-style) device wires all guest memory, " +
+                                              "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
+                shm = new Vm.SharedMemorySpec(shmFile, shmSize);
+            }
+            else if (shmSizeText != "0")
+                throw new ConfigException("actorvmm.vm.shm.size is set but actorvmm.vm.shm.file is empty");
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true));
+                vm.GetBoolean("paging.superpages", true), shm);
         }
         catch (ConfigException) { throw; }
         catch (Exception e)
@@ -131,8 +157,9 @@ public sealed record VmConfig(
         throw new ConfigException($"{what} must be 0 (off) or a duration like 500ms, 2s or 1m (1 ms to a day), not \"{t}\"");
     }
 
-    /// <summary>Parses "64M", "1G", "2048K", "1048576", "2MiB" (at least 1M, at most 1T). Throws <see cref="ConfigException"/>.</summary>
-    public static ulong ParseSize(string text, string what)
+    /// <summary>Parses "64M", "1G", "2048K", "1048576", "2MiB" (at least <paramref name="minimum"/>, 1M unless
+    /// given, at most 1T). Throws <see cref="ConfigException"/>.</summary>
+    public static ulong ParseSize(string text, string what, ulong minimum = 1UL << 20)
     {
         var t = (text ?? "").Trim(); // a HOCON key without a value reads as null
         ulong multiplier = 1;
@@ -153,7 +180,8 @@ public sealed record VmConfig(
         var bytes = n * multiplier;
         if (bytes / multiplier != n) throw new ConfigException($"{what}: \"{text}\" is too large");
         if (bytes % 4096 != 0) throw new ConfigException($"{what}: \"{text}\" is not a multiple of 4 KiB");
-        if (bytes < (1UL << 20)) throw new ConfigException($"{what}: \"{text}\" is below the minimum of 1M");
+        if (bytes < minimum)
+            throw new ConfigException($"{what}: \"{text}\" is below the minimum of {(minimum >= 1UL << 20 ? $"{minimum >> 20}M" : $"{minimum >> 10}K")}");
         if (bytes > (1UL << 40)) throw new ConfigException($"{what}: \"{text}\" is above the maximum of 1T");
         return bytes;
     }

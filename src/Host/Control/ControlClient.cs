@@ -294,6 +294,11 @@ public sealed class ControlClient : IAsyncDisposable
         sb.AppendLine($"guest memory   {s.GuestBytes >> 20} MiB, {s.ResidentBytes >> 10} KiB allocated by the host");
         sb.AppendLine($"host accesses  {s.Reads} reads, {s.Writes} writes, {s.Faults} refused");
         if (p.Superpages.Length > 0) sb.AppendLine($"superpages     {p.Superpages}; {p.SuperpagePages} pages superpage-backed");
+        if (s.WiredBytes > 0) sb.AppendLine($"wired          {s.WiredBytes >> 10} KiB locked in RAM (a passthru-style device): no demand paging, no swap");
+        var d = s.Dirty;
+        sb.AppendLine(d.Tracking == "dirty-ring"
+            ? $"dirty tracking dirty-ring: {d.BarrierHarvests} harvests at the EPT barrier, {d.RingFullHarvests} on a full ring, {d.HarvestedGfns} GFNs"
+            : $"dirty tracking {d.Tracking}");
         if (!p.Enabled)
         {
             sb.AppendLine($"demand paging  off ({p.Features})");

@@ -207,9 +207,13 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
 
         // With demand paging the vmspace resolves nested page faults: it gets a thread of its own
         // (the fault benchmark: a pinned thread answers faster than the thread pool).
-        var vmspaceProps = _resources.Paging is { Userfaultfd: true } paging
-            ? VmspaceProtocol.Props(_resources.Memory, paging, Self).WithDispatcher(VcpuProtocol.DispatcherId)
-            : VmspaceProtocol.Props(_resources.Memory);
+        var vmspaceProps = _resources.Paging switch
+        {
+            { Userfaultfd: true } paging => VmspaceProtocol.Props(_resources.Memory, paging, Self, _resources.DirtyLog)
+                .WithDispatcher(VcpuProtocol.DispatcherId),
+            { } options => VmspaceProtocol.Props(_resources.Memory, options, Self, _resources.DirtyLog),
+            null => VmspaceProtocol.Props(_resources.Memory),
+        };
         var vmspace = Context.ActorOf(Mailbox(vmspaceProps), "vmspace");
         Context.Watch(vmspace);
         _vmspace = vmspace;
@@ -281,7 +285,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
                         waitForWriteAt: offset => offset == VlapicProtocol.TprOffset), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
             }
             var pic = vlapic is not null && !interrupts.Pic.IsNobody() ? interrupts.Pic : null;
-            var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic, kernelLapic && vlapic is not null);
+            var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic, kernelLapic && vlapic is not null,
+                Vmspace: vmspace);
             var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, vcpuWiring), $"vcpu-{vcpu.Id}");
             Context.Watch(actorRef);
             _vcpus.Add(actorRef);

@@ -66,6 +66,7 @@ public sealed class VmBuilder
     public RunningVm Start()
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
+        CheckSharedMemory();
         var firmware = _spec.Boot.Firmware is not null;
         foreach (var controller in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware))
             if (_devices.All(d => d.Name != controller.Name)) _devices.Add(controller);
@@ -74,6 +75,7 @@ public sealed class VmBuilder
         Kvm? kvm = null;
         VmHandle? vm = null;
         GuestMemoryMap? memory = null;
+        SharedMemoryRegion? shm = null;
         var vcpus = new List<VcpuHandle>();
         IDisposable? traceRegistration = null;
         try
@@ -85,9 +87,31 @@ public sealed class VmBuilder
             // the IOAPIC. Written first, so an image loaded over the BIOS area wins.
             if (!firmware) PlatformTables.Write(memory, _spec.Cpus, PcPlatform.IoApicId(_spec.Cpus));
             var boot = _spec.Boot.Load(memory);
+            shm = _spec.SharedMemory?.Open();
+            if (shm is not null && shm.Size > Platform.SharedMemoryMaxSize)
+                throw new VmBuildException($"shared memory {shm.Name} is {shm.Size >> 20} MiB, larger than its window ({Platform.SharedMemoryMaxSize >> 20} MiB)");
             kvm = Kvm.Open();
             vm = kvm.CreateVm();
-            memory.RegisterWith(vm);
+            var tracking = _spec.Paging?.DirtyTracking ?? DirtyTracking.UffdWp;
+            // Both must be set before any slot logs dirty pages, the ring before the first vcpu.
+            if (tracking == DirtyTracking.DirtyRing) vm.EnableDirtyRing(_spec.Paging!.DirtyRingEntries);
+            if (tracking == DirtyTracking.DirtyLog)
+            {
+                if (kvm.CheckExtension(KvmCap.ManualDirtyLogProtect2) <= 0)
+                    throw new VmBuildException("dirty-tracking = dirty-log needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, which this KVM lacks");
+                vm.EnableManualDirtyLogProtect();
+            }
+            memory.RegisterWith(vm, logDirty: tracking != DirtyTracking.UffdWp);
+            if (shm is not null)
+            {
+                // The device's window: host memory as one more memslot, after guest memory's; not
+                // logged (the device's memory, not guest RAM). Set before any vcpu exists: no memslot
+                // changes while vcpus run, so none has to go through the EPT barrier.
+                vm.SetUserMemoryRegion((uint)memory.Segments.Count, new GuestPhysAddr(Platform.SharedMemoryBase), shm.Size, shm.Address);
+                // A passthru-style device wires all guest memory (and its own window): resident and locked.
+                memory.Wire();
+                shm.Lock();
+            }
             var assisted = _spec.Lapic == LapicMode.Assisted;
             // The split irqchip must exist before the first vcpu; its APIC MSRs are then the kernel's.
             if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
@@ -102,7 +126,8 @@ public sealed class VmBuilder
             var clock = new MonotonicClock();
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, clock,
                 kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock)),
-                Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic);
+                Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic,
+                DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null);
             var registrations = new List<IDisposable>();
             traceRegistration = new Registrations(registrations);
             if (_trace is not null) registrations.Add(MessageTraceRegistry.Register(_system, $"/user/{name}", _trace));
@@ -111,17 +136,31 @@ public sealed class VmBuilder
                 _trace is not null || _linkFaults is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);
             actor.Tell(VmProtocol.Start.Instance);
-            return new RunningVm(_spec.Name, actor, memory, ended.Task, [.. vcpus.Cast<IDisposable>(), memory, vm, kvm], traceRegistration);
+            IDisposable[] owned = shm is null ? [.. vcpus, memory, vm, kvm] : [.. vcpus, memory, shm, vm, kvm];
+            return new RunningVm(_spec.Name, actor, memory, ended.Task, owned, traceRegistration) { SharedMemory = shm };
         }
-        catch (Exception e) when (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException)
+        catch (Exception e) when (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException
+                                      or HostMemoryException or VmBuildException)
         {
             traceRegistration?.Dispose();
             foreach (var v in vcpus) v.Dispose();
             memory?.Dispose();
+            shm?.Dispose();
             vm?.Dispose();
             kvm?.Dispose();
-            throw new VmBuildException(e.Message, e);
+            throw e as VmBuildException ?? new VmBuildException(e.Message, e);
         }
+    }
+
+    /// <summary>A passthru-style device and demand paging exclude each other: its VM's memory is
+    /// wired. Refused, not silently turned off: a swap file or resident limit asked for would
+    /// otherwise be ignored without a word.</summary>
+    private void CheckSharedMemory()
+    {
+        if (_spec.SharedMemory is null) return;
+        if (_spec.Paging is { Userfaultfd: true })
+            throw new VmBuildException("a VM with a shared-memory (passthru-style) device wires all guest memory: " +
+                                       "demand paging (actorvmm.vm.paging.enabled) must be off");
     }
 
     /// <summary>
@@ -152,6 +191,9 @@ public sealed class VmBuilder
         {
             // Each vcpu's local APIC page is on its own bus; no device may take its place.
             mmio = mmio.Insert("local APIC", Platform.LocalApicBase, VlapicProtocol.MmioLength);
+            // The shared-memory window is a memslot, not a device, but no device may sit under it.
+            if (_spec.SharedMemory is not null)
+                mmio = mmio.Insert("shared memory", Platform.SharedMemoryBase, Platform.SharedMemoryMaxSize);
             foreach (var d in _devices)
             foreach (var r in d.Ranges)
             {
@@ -221,6 +263,10 @@ public sealed class RunningVm : IAsyncDisposable
 
     /// <summary>Guest memory, readable after the VM ended until disposal (tests check what the guest wrote).</summary>
     public IGuestMemory Memory { get; }
+
+    /// <summary>The shared-memory device's host memory (the guest sees it at <see cref="Platform.SharedMemoryBase"/>);
+    /// null without one. Valid until disposal.</summary>
+    public SharedMemoryRegion? SharedMemory { get; init; }
 
     public Task<VmProtocol.Outcome> Ended { get; }
 

@@ -20,10 +20,26 @@ public enum LapicMode
 /// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).
 /// <see cref="Superpages"/>: back guest RAM with transparent huge pages where the host allows it
 /// (not with demand paging through userfaultfd, which fills 4 KiB pages).</summary>
+/// <param name="SharedMemory">a shared-memory device (passthru-style: its window is host memory
+/// mapped as a memslot); a VM with one wires all guest memory and cannot demand-page</param>
 public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true, SharedMemorySpec? SharedMemory = null)
 {
     public const int MaxCpus = 16;
+}
+
+/// <summary>
+/// The shared-memory device (like QEMU's ivshmem, without PCI): <see cref="Size"/> bytes of host
+/// memory at guest-physical <see cref="Platform.SharedMemoryBase"/>, backed by the file at
+/// <see cref="Path"/> (null: an anonymous memfd, reachable only through <see cref="RunningVm.SharedMemory"/>).
+/// <see cref="Size"/> null: the file's own length; otherwise a missing file is created, a shorter one extended.
+/// </summary>
+public sealed record SharedMemorySpec(string? Path, ulong? Size)
+{
+    public static SharedMemorySpec Anonymous(ulong size) => new(null, size);
+
+    internal SharedMemoryRegion Open() =>
+        Path is null ? SharedMemoryRegion.Anonymous("shm", Size ?? 0) : SharedMemoryRegion.OpenFile(Path, Size);
 }
 
 /// <summary>One more bus range of a device, seen by the device at offset <paramref name="Window"/> + (address - base).</summary>
@@ -155,9 +171,11 @@ public sealed class VmInterrupts
 /// <param name="Clock">the one clock of the VM's timers (PIT, RTC, LAPIC timers); null: a new <see cref="MonotonicClock"/></param>
 /// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
 /// <param name="KernelApic">the in-kernel local APICs (split irqchip), with <see cref="LapicBackends.KvmAssisted"/></param>
+/// <param name="DirtyLog">the VM's KVM dirty log, for a vmspace with <c>dirty-tracking = dirty-log</c></param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
     IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null);
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null,
+    IDirtyLog? DirtyLog = null);
 
 /// <summary>The in-kernel local APICs of one VM, over its KVM fd (KVM_SIGNAL_MSI, KVM_SET_GSI_ROUTING).</summary>
 internal sealed class KvmApicBus(VmHandle vm) : IKernelApicBus

@@ -1,0 +1,187 @@
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+using ActorVmm.Testing;
+using ActorVmm.Vcpu;
+using Iced.Intel;
+using Xunit;
+using static Iced.Intel.AssemblerRegisters;
+using static ActorVmm.Memory.VmspaceProtocol;
+
+namespace ActorVmm.Integration.Tests;
+
+/// <summary>
+/// The vmspace's dirty tracking on real guests, with each source: userfaultfd write-protect, KVM's
+/// dirty log and KVM's dirty rings (harvested by the vcpu actors at the EPT barrier). The same guest
+/// writes the same pages; every source must report the same dirty set, round after round.
+/// </summary>
+public sealed class DirtyTrackingGuestTests
+{
+    private const ulong Code = 0x10_0000;
+    private const ulong Region = 0x40_0000;   // 4 MiB: nothing the loader wrote, no page tables
+    private const ulong RegionPages = 128;
+    private const ulong Mailbox = 0x20_0000;  // guest → host: round 1 done; host → guest (+8): go on
+    private const ulong Page = 4096;
+
+    private static readonly int[] WrittenFirst = [0, 1, 5, 9, 33];
+    private static readonly int[] ReadFirst = [2, 40];
+    private static readonly int[] WrittenSecond = [1, 3, 33, 64, 100];
+    private static readonly int[] ReadSecond = [0, 5];
+
+    /// <summary>Round 1 (writes, reads), tells the host and waits for it; round 2; debug-exit status 1.</summary>
+    private static LongModeImage TwoRoundGuest()
+    {
+        var a = new Assembler(64);
+        void Round(int[] written, int[] read)
+        {
+            foreach (var p in written)
+            {
+                a.mov(rdi, Region + (ulong)p * Page);
+                a.mov(__byte_ptr[rdi + 8], (byte)p);
+            }
+            foreach (var p in read)
+            {
+                a.mov(rdi, Region + (ulong)p * Page);
+                a.mov(al, __byte_ptr[rdi]);
+            }
+        }
+        Round(WrittenFirst, ReadFirst);
+        a.mov(rdi, Mailbox);
+        a.mov(__qword_ptr[rdi], 1);
+        var wait = a.CreateLabel();
+        a.Label(ref wait);
+        a.pause();
+        a.cmp(__qword_ptr[rdi + 8], 0);
+        a.je(wait);
+        Round(WrittenSecond, ReadSecond);
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
+    }
+
+    public static TheoryData<string, bool> Sources => new()
+    {
+        { "uffd-wp", true },
+        { "dirty-log", false },
+        { "dirty-ring", false },
+        { "dirty-ring", true },
+    };
+
+    private static async Task<int[]> DirtyPages(GuestRun run, long id)
+    {
+        var reply = await run.AskChild<object>("vmspace", new ScanAccessedDirty(id, Region, RegionPages * Page));
+        var ad = Assert.IsType<AccessedDirty>(reply);
+        return [.. Enumerable.Range(0, (int)RegionPages).Where(i => (ad.Pages[i] & PageAD.Dirty) != 0)];
+    }
+
+    [KvmTheory]
+    [MemberData(nameof(Sources))]
+    public async Task Every_dirty_tracking_source_reports_the_pages_the_guest_wrote(string source, bool paging)
+    {
+        Assert.True(DirtyTrackingNames.TryParse(source, out var tracking));
+        var options = (paging ? VmspaceOptions.Paged() : VmspaceOptions.Unpaged) with { DirtyTracking = tracking };
+        await using var run = await GuestRun.StartAsync(new VmSpec("guest", 16 << 20, 1, TwoRoundGuest(), Paging: options));
+
+        // Round 1 is done when the guest says so (a deadline only so that a broken guest cannot hang the test).
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while (run.Vm.Memory.ReadUInt64(new GuestPhysAddr(Mailbox)) != 1)
+        {
+            Assert.False(run.Vm.Ended.IsCompleted, $"the guest ended before round 1 was done: {(run.Vm.Ended.IsCompleted ? run.Vm.Ended.Result : null)}");
+            Assert.True(DateTime.UtcNow < deadline, "the guest did not finish round 1");
+            await Task.Delay(10);
+        }
+        Assert.Equal(WrittenFirst, await DirtyPages(run, 1));
+
+        // Clear all but the region's first page (a range KVM's log clears only 64-page aligned: the
+        // vmspace must clear exactly these pages), while the vcpu spins in the guest.
+        Assert.IsType<DirtyCleared>(await run.AskChild<object>("vmspace", new ClearDirty(2, Region + Page, (RegionPages - 1) * Page)));
+        Assert.Equal(new[] { 0 }, await DirtyPages(run, 3));
+
+        Assert.IsType<MemoryWritten>(await run.AskChild<object>("vmspace", new WriteMemory(4, Mailbox + 8, BitConverter.GetBytes(1UL))));
+        var outcome = await run.EndAsync(TimeSpan.FromSeconds(60));
+        Assert.True(outcome.ExitCode == 1, outcome.ToString());
+        Assert.Equal(WrittenSecond.Append(0).Order(), await DirtyPages(run, 5));
+
+        var stats = await run.AskChild<Stats>("vmspace", GetStats.Instance);
+        Assert.Equal(source, stats.Dirty.Tracking);
+        if (tracking == DirtyTracking.DirtyRing)
+            Assert.True(stats.Dirty.BarrierHarvests >= 2, $"the vcpu harvested its ring {stats.Dirty.BarrierHarvests} times at the barrier");
+    }
+
+    /// <summary>Writes <paramref name="pages"/> fresh pages from <see cref="Region"/>; with
+    /// <paramref name="exitEvery"/>, an OUT to an unassigned port after every that many pages.</summary>
+    private static LongModeImage PageWriter(int pages, int exitEvery)
+    {
+        var a = new Assembler(64);
+        var loop = a.CreateLabel();
+        var noExit = a.CreateLabel();
+        a.mov(rdi, Region);
+        a.mov(ecx, pages);
+        a.Label(ref loop);
+        a.mov(__qword_ptr[rdi], rdi);
+        a.add(rdi, (int)Page);
+        if (exitEvery > 0)
+        {
+            a.test(ecx, exitEvery - 1);
+            a.jnz(noExit);
+            a.@out(0x80, al);          // unassigned: the vcpu drops the write and re-enters
+            a.Label(ref noExit);
+        }
+        a.dec(ecx);
+        a.jnz(loop);
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
+    }
+
+    private static async Task<(PageAD[] Pages, DirtyStats Dirty, GuestRun Run)> RunPageWriter(int pages, int exitEvery)
+    {
+        var options = VmspaceOptions.Unpaged with { DirtyTracking = DirtyTracking.DirtyRing, DirtyRingEntries = DirtyRing.MinEntries };
+        var run = await GuestRun.StartAsync(new VmSpec("guest", 16 << 20, 1, PageWriter(pages, exitEvery), Paging: options));
+        var outcome = await run.EndAsync(TimeSpan.FromSeconds(60));
+        Assert.True(outcome.ExitCode == 1, outcome.ToString());
+        var ad = Assert.IsType<AccessedDirty>(await run.AskChild<object>("vmspace", new ScanAccessedDirty(1, 0, 16 << 20)));
+        var stats = await run.AskChild<Stats>("vmspace", GetStats.Instance);
+        return (ad.Pages, stats.Dirty, run);
+    }
+
+    [KvmFact]
+    public async Task A_vcpu_whose_ring_fills_harvests_it_and_runs_on_and_no_page_is_lost()
+    {
+        const int pages = 300; // a 256-entry ring is full (but for KVM's reserve) long before
+        var (ad, dirty, run) = await RunPageWriter(pages, exitEvery: 16);
+        await using var _ = run;
+
+        var first = (int)(Region / Page);
+        Assert.All(ad[first..(first + pages)], p => Assert.Equal(PageAD.Dirty, p & PageAD.Dirty));
+        Assert.Equal(PageAD.None, ad[first + pages] & PageAD.Dirty);
+        Assert.True(dirty.RingFullHarvests >= 1, $"no ring-full harvest reached the vmspace: {dirty}");
+        Assert.Equal(0, dirty.RingOverflows); // KVM's reserve took the writes between two entries
+        var vcpu = await run.AskChild<VcpuProtocol.Stats>("vcpu-0", VcpuProtocol.GetStats.Instance);
+        Assert.True(vcpu.Reasons.Single(r => r.Reason == "dirty-ring-full").Count >= 1);
+        Assert.Equal(Region + 299 * Page, run.Vm.Memory.ReadUInt64(new GuestPhysAddr(Region + 299 * Page)));
+    }
+
+    /// <summary>
+    /// KVM checks for a full ring only when it enters the guest; kvm_pvm runs this loop emulated
+    /// without re-entering, so the ring fills and KVM loses later writes (a WARN in the host log).
+    /// The vmspace must not lose them silently: a harvest that finds the ring full makes every RAM
+    /// page dirty. On a host that exits in time, the ring-full path reports them instead.
+    /// </summary>
+    [KvmFact]
+    public async Task A_ring_that_overflows_without_an_exit_loses_no_dirty_page()
+    {
+        const int pages = 300;
+        var (ad, dirty, run) = await RunPageWriter(pages, exitEvery: 0);
+        await using var _ = run;
+
+        var first = (int)(Region / Page);
+        Assert.All(ad[first..(first + pages)], p => Assert.Equal(PageAD.Dirty, p & PageAD.Dirty));
+        if (dirty.RingOverflows > 0)
+            Assert.All(ad, p => Assert.Equal(PageAD.Dirty, p & PageAD.Dirty));
+        else
+            Assert.True(dirty.RingFullHarvests >= 1, $"300 pages in a 256-entry ring, neither full nor overflowed: {dirty}");
+    }
+}
