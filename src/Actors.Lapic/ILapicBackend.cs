@@ -62,6 +62,11 @@ public interface ILapicBackend : ITimedDevice
     /// <summary>Highest vector the vcpu should take now, or null (vlapic_pending_intr).</summary>
     int? PendingInterrupt();
 
+    /// <summary>Whether a fixed or lowest-priority interrupt would be taken now (the APIC is enabled
+    /// globally and in software, SDM §10.4.7.2): lowest-priority arbitration passes over one that
+    /// would not.</summary>
+    bool AcceptsInterrupts => true;
+
     /// <summary>The TPR, which the vcpu mirrors in the guest's CR8; null when the backend keeps it
     /// where the vcpu need not (an in-kernel APIC: KVM syncs CR8 itself).</summary>
     byte? TaskPriority => null;
@@ -129,6 +134,8 @@ public sealed class EmulatedLapicBackend(LocalApic apic) : ILapicBackend
     public int? PendingInterrupt() => Model.PendingInterrupt();
 
     public byte? TaskPriority => Model.TaskPriority;
+
+    public bool AcceptsInterrupts => Model.Mode != ApicMode.Disabled && Model.SoftwareEnabled;
 
     public void SetTaskPriority(byte tpr) => Model.TaskPriority = tpr;
 

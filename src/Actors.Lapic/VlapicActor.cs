@@ -62,7 +62,8 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         Receive<DeliverToFirstMatch>(d =>
         {
             var to = d.Interrupt.To;
-            if (to is null || _apic.Matches(to.Mode, to.Id))
+            // A matching APIC that would drop it (disabled) passes it on, as the arbitration would skip it.
+            if ((to is null || _apic.Matches(to.Mode, to.Id)) && (_apic.AcceptsInterrupts || d.Rest.Length == 0))
             {
                 _cell.Delivered++;
                 _apic.Deliver(d.Interrupt.Mode, d.Interrupt.Vector, d.Interrupt.Level, d.Interrupt.Trigger);

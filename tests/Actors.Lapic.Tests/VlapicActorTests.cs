@@ -82,6 +82,22 @@ public sealed class VlapicActorTests : TestKit
     }
 
     [Fact]
+    public async Task Lowest_priority_arbitration_must_pass_over_a_matching_apic_that_is_software_disabled()
+    {
+        var disabled = Create(vcpuId: 1, enable: false);
+        var enabled = Create(vcpuId: 2);
+        var interrupt = new DeliverInterrupt(0x61, true, TriggerMode.Edge, DeliveryMode.LowestPriority,
+            new Destination(DestinationMode.Logical, 0xFF)); // flat logical, all: both match
+        Write(disabled, Ldr, 0x0100_0000);
+        Write(enabled, Ldr, 0x0200_0000);
+
+        disabled.Vlapic.Tell(new DeliverToFirstMatch(interrupt, System.Collections.Immutable.ImmutableArray.Create(enabled.Vlapic)));
+
+        Assert.Equal(0x61, (await enabled.Vcpu.ExpectMsgAsync<InterruptPending>()).Vector);
+        await disabled.Vcpu.ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
     public async Task Vlapic_must_report_pending_interrupt_to_its_vcpu()
     {
         var rig = Create(vcpuId: 2);

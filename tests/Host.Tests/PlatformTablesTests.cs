@@ -1,3 +1,4 @@
+using ActorVmm.Devices;
 using System.Buffers.Binary;
 using System.Text;
 using Akka.Configuration;
@@ -149,5 +150,23 @@ public sealed class PlatformTablesTests : IDisposable
         var bad = ConfigurationFactory.ParseString("actorvmm.vm.lapic = kernel").WithFallback(VmConfig.Load(null));
         var e = Assert.Throws<ConfigException>(() => VmConfig.From(bad));
         Assert.Contains("emulated or assisted", e.Message);
+    }
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    [InlineData(16)]
+    public void The_ioapic_id_in_the_tables_is_the_one_its_register_holds(int cpus)
+    {
+        var id = PcPlatform.IoApicId(cpus);
+        var ioapic = new IoApic(new NoApics(), id);
+        ioapic.Write(0x00, 4, 0x00);                           // IOREGSEL: the ID register
+        var register = (byte)((ioapic.Read(0x10, 4) >> 24) & 0xF);
+        Assert.Equal(id, register);
+        Assert.True(cpus < 16 ? id == cpus : id < 16);         // after the CPUs' IDs where 4 bits allow
+    }
+
+    private sealed class NoApics : IApicBus
+    {
+        public void Deliver(ApicMessage m) { }
     }
 }

@@ -16,8 +16,10 @@ public static class PcPlatform
     public const string PitName = "pit";
     public const string RtcName = "rtc";
 
-    /// <summary>The IOAPIC's ID: after the vcpus' APIC IDs (the MP table and MADT say the same).</summary>
-    public static byte IoApicId(int cpus) => (byte)cpus;
+    /// <summary>The IOAPIC's ID: after the vcpus' APIC IDs where its 4-bit register allows (the MP
+    /// table and MADT say the same). With 16 vcpus every 4-bit number is a CPU's: it wraps to 0, as the
+    /// register would; IOAPIC and local APIC IDs have not shared a bus since the xAPIC.</summary>
+    public static byte IoApicId(int cpus) => (byte)(cpus & 0xF);
 
     /// <param name="biosLikePic">initialise the 8259s as a BIOS does (vector bases 0x08/0x70, all
     /// IRQs masked): for images that are not firmware (a firmware does it itself)</param>
