@@ -108,25 +108,9 @@ internal sealed class ApicRouter : ReceiveActor
 
     private void OnIpi(Ipi ipi)
     {
-        var vlapics = _targets.Vlapics;
-        var deliver = new DeliverInterrupt(ipi.Vector, ipi.Level, ipi.TriggerMode, ipi.Mode);
-        switch (ipi.Shorthand)
-        {
-            case Shorthand.Self:
-                if (ipi.SourceId >= 0 && ipi.SourceId < vlapics.Count) vlapics[ipi.SourceId].Tell(deliver, Self);
-                break;
-            case Shorthand.AllIncludingSelf:
-                foreach (var v in vlapics) v.Tell(deliver, Self);
-                break;
-            case Shorthand.AllExcludingSelf:
-                for (var i = 0; i < vlapics.Count; i++)
-                    if (i != ipi.SourceId) vlapics[i].Tell(deliver, Self);
-                break;
-            default:
-                var to = new Destination(ipi.DestinationMode, ipi.Destination);
-                Route(deliver with { To = to }, to);
-                break;
-        }
+        if (ApicRouting.TryDeliverDirectly(ipi, _targets.Vlapics, Self)) return;
+        var to = new Destination(ipi.DestinationMode, ipi.Destination);
+        Route(new DeliverInterrupt(ipi.Vector, ipi.Level, ipi.TriggerMode, ipi.Mode, to), to);
     }
 
     private void Route(DeliverInterrupt deliver, Destination to)
@@ -144,12 +128,51 @@ internal sealed class ApicRouter : ReceiveActor
             first.Tell(new DeliverToFirstMatch(deliver, chain.ToImmutable()), Self);
             return;
         }
+        ApicRouting.ToDestination(deliver, to, vlapics, Self);
+    }
+}
+
+/// <summary>
+/// The stateless part of the APIC bus's rules (see <see cref="ApicRouter"/>): every delivery but
+/// lowest priority, whose round robin lives in the router. Used by the router and by the vlapics
+/// themselves, which send their IPIs straight to the destination vlapics (one hop fewer; DESIGN §2).
+/// </summary>
+internal static class ApicRouting
+{
+    /// <summary>Delivers an IPI that needs no arbitration; false for lowest priority (the router's).</summary>
+    public static bool TryDeliverDirectly(Ipi ipi, IReadOnlyList<IActorRef> vlapics, IActorRef sender)
+    {
+        var deliver = new DeliverInterrupt(ipi.Vector, ipi.Level, ipi.TriggerMode, ipi.Mode);
+        switch (ipi.Shorthand)
+        {
+            case Shorthand.Self:
+                if (ipi.SourceId >= 0 && ipi.SourceId < vlapics.Count) vlapics[ipi.SourceId].Tell(deliver, sender);
+                return true;
+            case Shorthand.AllIncludingSelf:
+                foreach (var v in vlapics) v.Tell(deliver, sender);
+                return true;
+            case Shorthand.AllExcludingSelf:
+                for (var i = 0; i < vlapics.Count; i++)
+                    if (i != ipi.SourceId) vlapics[i].Tell(deliver, sender);
+                return true;
+            default:
+                if (ipi.Mode == DeliveryMode.LowestPriority) return false;
+                var to = new Destination(ipi.DestinationMode, ipi.Destination);
+                ToDestination(deliver with { To = to }, to, vlapics, sender);
+                return true;
+        }
+    }
+
+    /// <summary>A non-arbitrated delivery to a destination: physical → that APIC ID's vlapic (none for
+    /// an unknown ID); broadcast or logical → every vlapic, each matching it itself.</summary>
+    public static void ToDestination(DeliverInterrupt deliver, Destination to, IReadOnlyList<IActorRef> vlapics, IActorRef sender)
+    {
         if (to.Mode == DestinationMode.Physical && to.Id is not (0xFF or 0xFFFF_FFFF))
         {
             // One APIC at most has this ID; an unknown ID matches nobody.
-            if (to.Id < (uint)vlapics.Count) vlapics[(int)to.Id].Tell(deliver, Self);
+            if (to.Id < (uint)vlapics.Count) vlapics[(int)to.Id].Tell(deliver, sender);
             return;
         }
-        foreach (var v in vlapics) v.Tell(deliver, Self);
+        foreach (var v in vlapics) v.Tell(deliver, sender);
     }
 }

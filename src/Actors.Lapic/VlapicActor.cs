@@ -258,6 +258,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         public void SendIpi(Ipi ipi)
         {
             cell.IpisSent++;
+            if (wiring.Peers is { } peers && ApicRouting.TryDeliverDirectly(ipi, peers.Vlapics, self)) return;
             wiring.Router.Tell(ipi, self);
         }
 

@@ -189,7 +189,9 @@ public static class VlapicProtocol
     /// <param name="Vcpu">receives <see cref="IVcpuEvent"/>s</param>
     /// <param name="Router">receives <see cref="Ipi"/>s</param>
     /// <param name="EoiTarget">receives <see cref="LevelEoi"/>s</param>
-    public sealed record Wiring(IActorRef Vcpu, IActorRef Router, IActorRef EoiTarget);
+    /// <param name="Peers">the VM's vlapics: IPIs that need no arbitration go straight to them
+    /// (null: every IPI goes to the router)</param>
+    public sealed record Wiring(IActorRef Vcpu, IActorRef Router, IActorRef EoiTarget, ApicRouterProtocol.Targets? Peers = null);
 
     /// <param name="backend">the VM's choice; null: <see cref="LapicBackends.Emulated"/> with default options</param>
     /// <param name="clock">time for the APIC timer; null: the actor system scheduler's clock

@@ -660,6 +660,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 return PostWrites(exit, action);
             case ExitActionKind.WriteAndWait:
                 WriteAndWait(exit, action);
+                SpinForReply();
                 return false;
             case ExitActionKind.Read:
                 CountAccess(exit);
@@ -691,6 +692,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                     ? new VlapicProtocol.MsrRead(_readId, r.Index)
                     : new VlapicProtocol.MsrWrite(_readId, ((VmExit.MsrWrite)exit).Index, ((VmExit.MsrWrite)exit).Value), Self);
                 Become(WaitingForRead);
+                SpinForReply();
                 return false;
             case ExitActionKind.IoapicEoi:
                 // The kernel APIC retired a level-triggered vector: the IOAPIC clears Remote IRR.

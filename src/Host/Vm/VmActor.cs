@@ -227,7 +227,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             interrupts.Router = router;
             foreach (var vcpu in _resources.Vcpus)
             {
-                var wiring = new VlapicProtocol.Wiring(ActorRefs.Nobody, router, router);
+                var wiring = new VlapicProtocol.Wiring(ActorRefs.Nobody, router, router, targets);
                 var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock)), $"vlapic-{vcpu.Id}");
                 Context.Watch(vlapic);
                 vlapics.Add(vlapic);
