@@ -78,6 +78,20 @@ public sealed class TracingTests(ITestOutputHelper output) : Akka.TestKit.Xunit2
         Assert.Equal([5, 6, 7], recorder.Snapshot().Select(e => ((DeviceProtocol.WriteCredit)e.Message).Count));
     }
 
+    private sealed record WithPendingTask(int N, TaskCompletionSource<double> Done);
+
+    [Fact]
+    public async Task A_message_carrying_an_unfinished_task_is_written_without_waiting_for_it()
+    {
+        var pending = new TaskCompletionSource<double>();
+        var e = new TraceEvent(1, 0, 0, "a", "b", new WithPendingTask(7, pending));
+        var line = await Task.Run(() => TraceRecorder.ToJsonLine(e)).WaitAsync(TimeSpan.FromSeconds(30));
+        using var doc = JsonDocument.Parse(line);
+        Assert.Equal(7, doc.RootElement.GetProperty("msg").GetProperty("N").GetInt32());
+        Assert.StartsWith("<TaskCompletionSource", doc.RootElement.GetProperty("msg").GetProperty("Done").GetString());
+        Assert.False(pending.Task.IsCompleted);
+    }
+
     [Fact]
     public async Task A_recorder_writes_every_event_to_its_file_through_a_bounded_backlog()
     {

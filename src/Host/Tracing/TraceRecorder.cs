@@ -68,7 +68,7 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
 
     public static readonly JsonSerializerOptions JsonOptions = new()
     {
-        Converters = { new ActorRefConverter(), new JsonStringEnumConverter() },
+        Converters = { new ActorRefConverter(), new JsonStringEnumConverter(), new NotDataConverter() },
         NumberHandling = JsonNumberHandling.Strict,
     };
 
@@ -230,6 +230,27 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         if (_channel is null) return;
         _channel.Writer.TryComplete();
         await _writer!;
+    }
+
+    /// <summary>Tasks and task sources in a message are not data: their properties would wait for a
+    /// result (Task.Result) and hold up the trace writer. Written as their type name.</summary>
+    private sealed class NotDataConverter : JsonConverterFactory
+    {
+        public override bool CanConvert(Type t) =>
+            typeof(Task).IsAssignableFrom(t) || (t.IsGenericType && t.GetGenericTypeDefinition() == typeof(TaskCompletionSource<>)) ||
+            t == typeof(TaskCompletionSource) || typeof(CancellationTokenSource).IsAssignableFrom(t);
+
+        public override JsonConverter CreateConverter(Type t, JsonSerializerOptions options) =>
+            (JsonConverter)Activator.CreateInstance(typeof(NameOnly<>).MakeGenericType(t))!;
+
+        private sealed class NameOnly<T> : JsonConverter<T>
+        {
+            public override T Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) =>
+                throw new NotSupportedException("written, not read");
+
+            public override void Write(Utf8JsonWriter writer, T value, JsonSerializerOptions options) =>
+                writer.WriteStringValue($"<{typeof(T).Name}>");
+        }
     }
 
     private sealed class ActorRefConverter : JsonConverter<IActorRef>
