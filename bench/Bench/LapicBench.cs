@@ -152,41 +152,14 @@ internal static class LapicBench
 
     /// <summary>vcpu 1 in real mode: IVT 0x41 → its handler, x2APIC on, ready; the handler EOIs and
     /// sends vector 0x40 to APIC 0 through the x2APIC ICR.</summary>
-    private static byte[] Responder()
-    {
-        byte[] Assemble(ushort handlerOffset, out ushort handlerAt)
+    private static byte[] Responder() => InterruptCode.ApTrampoline(Trampoline, 0x41,
+        a => a.mov(__byte_ptr[ApReady], 1),
+        a =>
         {
-            var a = new Assembler(16);
-            var handler = a.CreateLabel();
-            var sleep = a.CreateLabel();
-            a.cli();
-            a.xor(ax, ax);
-            a.mov(ds, ax);
-            a.mov(ss, ax);
-            a.mov(sp, 0x8E00);
-            a.mov(__word_ptr[0x41 * 4], handlerOffset);
-            a.mov(__word_ptr[0x41 * 4 + 2], (ushort)(Trampoline >> 4));
-            a.mov(ecx, 0x1B);
-            a.rdmsr();
-            a.or(eax, 0xC00);              // EN | EXTD
-            a.wrmsr();
-            a.mov(ecx, 0x80F);             // SVR
-            a.mov(eax, 0x1FF);
-            a.xor(edx, edx);
-            a.wrmsr();
-            a.mov(__byte_ptr[ApReady], 1);
-            a.Label(ref sleep);
-            a.sti();
-            a.hlt();
-            a.jmp(sleep);
-            a.Label(ref handler);
             a.push(eax);
             a.push(ecx);
             a.push(edx);
-            a.mov(ecx, 0x80B);             // EOI
-            a.xor(eax, eax);
-            a.xor(edx, edx);
-            a.wrmsr();
+            InterruptCode.X2ApicEoi(a);
             a.mov(ecx, 0x830);             // ICR: fixed, vector 0x40, to APIC 0 (EDX)
             a.mov(eax, 0x40);
             a.wrmsr();
@@ -194,17 +167,7 @@ internal static class LapicBench
             a.pop(ecx);
             a.pop(eax);
             a.iret();
-            using var stream = new MemoryStream();
-            var result = a.Assemble(new StreamCodeWriter(stream), Trampoline, BlockEncoderOptions.ReturnNewInstructionOffsets);
-            handlerAt = (ushort)(result.GetLabelRIP(handler) - Trampoline);
-            return stream.ToArray();
-        }
-
-        Assemble(0, out var at);
-        var code = Assemble(at, out var again);
-        if (again != at) throw new InvalidOperationException("the responder's handler moved between passes");
-        return code;
-    }
+        });
 
     private static LongModeImage PingPong(int roundTrips)
     {

@@ -402,55 +402,22 @@ public sealed class LapicGuestTests
         Assert.Equal("123", new string(run.Serial.Order().ToArray()));
     }
 
-    /// <summary>
-    /// vcpu 1's code (real mode): IVT vector 0x40 → 0900:<paramref name="handlerOffset"/>, x2APIC on
-    /// (IA32_APIC_BASE.EXTD) so that SVR is reachable by WRMSR 0x80F, then "ready" and sleep with
-    /// interrupts on. The handler ends the VM with debug-exit status (0x21 &lt;&lt; 1) | 1.
-    /// Returns the code and the handler's offset in it.
-    /// </summary>
-    private static (byte[] Code, ushort Handler) IpiTarget(ushort handlerOffset)
-    {
-        var a = new Assembler(16);
-        var handler = a.CreateLabel();
-        var sleep = a.CreateLabel();
-        a.cli();
-        a.xor(ax, ax);
-        a.mov(ds, ax);
-        a.mov(ss, ax);
-        a.mov(sp, 0x8E00);
-        a.mov(__word_ptr[0x40 * 4], handlerOffset);
-        a.mov(__word_ptr[0x40 * 4 + 2], (ushort)(Trampoline >> 4));
-        a.mov(ecx, 0x1B);
-        a.rdmsr();
-        a.or(eax, 0xC00);              // EN | EXTD
-        a.wrmsr();
-        a.mov(ecx, 0x80F);             // x2APIC SVR
-        a.mov(eax, 0x1FF);
-        a.xor(edx, edx);
-        a.wrmsr();
-        a.mov(__byte_ptr[ApReady], 1);
-        a.Label(ref sleep);
-        a.sti();
-        a.hlt();
-        a.jmp(sleep);
-        a.Label(ref handler);
-        a.mov(al, 0x21);
-        a.@out(0xF4, al);
-        a.hlt();
-        using var stream = new MemoryStream();
-        var result = a.Assemble(new StreamCodeWriter(stream), Trampoline, BlockEncoderOptions.ReturnNewInstructionOffsets);
-        return (stream.ToArray(), (ushort)(result.GetLabelRIP(handler) - Trampoline));
-    }
+    /// <summary>vcpu 1's code (real mode, x2APIC): "ready", then sleep; its handler for vector 0x40
+    /// ends the VM with debug-exit status (0x21 &lt;&lt; 1) | 1.</summary>
+    private static byte[] IpiTarget() => InterruptCode.ApTrampoline(Trampoline, 0x40,
+        a => a.mov(__byte_ptr[ApReady], 1),
+        a =>
+        {
+            a.mov(al, 0x21);
+            a.@out(0xF4, al);
+            a.hlt();
+        });
 
     [KvmTheory]
     [MemberData(nameof(LapicModes))]
     public async Task Ipi_from_vcpu0_runs_a_handler_on_vcpu1_that_writes_a_port(LapicMode lapic)
     {
-        // The handler's place does not depend on the immediate that names it: assemble twice.
-        var (_, handler) = IpiTarget(0);
-        var (ap, again) = IpiTarget(handler);
-        Assert.Equal(handler, again);
-
+        var ap = IpiTarget();
         var image = Long(a =>
         {
             var trampoline = a.CreateLabel();
@@ -538,54 +505,30 @@ public sealed class LapicGuestTests
     private const ushort ApsReady = 0x8F10;  // real-mode DS = 0: APs that took their place
     private const ushort Hits = 0x8F14;      // APs whose handler ran
 
-    /// <summary>An AP for a broadcast: its own stack (by APIC ID), IVT 0x40 → a handler that counts
-    /// itself in <see cref="Hits"/> and EOIs through x2APIC; x2APIC on; counted in <see cref="ApsReady"/>; sleeps.</summary>
-    private static (byte[] Code, ushort Handler) BroadcastTarget(ushort handlerOffset)
-    {
-        var a = new Assembler(16);
-        var handler = a.CreateLabel();
-        var sleep = a.CreateLabel();
-        a.cli();
-        a.xor(ax, ax);
-        a.mov(ds, ax);
-        a.mov(ss, ax);
-        a.mov(__word_ptr[0x40 * 4], handlerOffset);
-        a.mov(__word_ptr[0x40 * 4 + 2], (ushort)(Trampoline >> 4));
-        a.mov(ecx, 0x1B);
-        a.rdmsr();
-        a.or(eax, 0xC00);              // EN | EXTD
-        a.wrmsr();
-        a.mov(ecx, 0x802);             // x2APIC ID
-        a.rdmsr();
-        a.shl(ax, 8);
-        a.mov(sp, 0x8E00);
-        a.sub(sp, ax);                 // 256 bytes of stack per APIC ID
-        a.mov(ecx, 0x80F);             // x2APIC SVR
-        a.mov(eax, 0x1FF);
-        a.xor(edx, edx);
-        a.wrmsr();
-        a.@lock.inc(__byte_ptr[ApsReady]);
-        a.Label(ref sleep);
-        a.sti();
-        a.hlt();
-        a.jmp(sleep);
-        a.Label(ref handler);
-        a.push(eax);
-        a.push(ecx);
-        a.push(edx);
-        a.@lock.inc(__byte_ptr[Hits]);
-        a.mov(ecx, 0x80B);             // x2APIC EOI
-        a.xor(eax, eax);
-        a.xor(edx, edx);
-        a.wrmsr();
-        a.pop(edx);
-        a.pop(ecx);
-        a.pop(eax);
-        a.iret();
-        using var stream = new MemoryStream();
-        var result = a.Assemble(new StreamCodeWriter(stream), Trampoline, BlockEncoderOptions.ReturnNewInstructionOffsets);
-        return (stream.ToArray(), (ushort)(result.GetLabelRIP(handler) - Trampoline));
-    }
+    /// <summary>An AP for a broadcast: its own stack (by APIC ID), counted in <see cref="ApsReady"/>;
+    /// its handler for vector 0x40 counts itself in <see cref="Hits"/> and EOIs.</summary>
+    private static byte[] BroadcastTarget() => InterruptCode.ApTrampoline(Trampoline, 0x40,
+        a =>
+        {
+            a.mov(ecx, 0x802);             // x2APIC ID
+            a.rdmsr();
+            a.shl(ax, 8);
+            a.mov(sp, 0x8E00);
+            a.sub(sp, ax);                 // 256 bytes of stack per APIC ID
+            a.@lock.inc(__byte_ptr[ApsReady]);
+        },
+        a =>
+        {
+            a.push(eax);
+            a.push(ecx);
+            a.push(edx);
+            a.@lock.inc(__byte_ptr[Hits]);
+            InterruptCode.X2ApicEoi(a);
+            a.pop(edx);
+            a.pop(ecx);
+            a.pop(eax);
+            a.iret();
+        });
 
     /// <summary>A fixed IPI with the all-excluding-self shorthand reaches every other vcpu once and
     /// not the sender (whose handler for the vector would end the run with status 3).</summary>
@@ -593,9 +536,7 @@ public sealed class LapicGuestTests
     [MemberData(nameof(LapicModes))]
     public async Task A_fixed_broadcast_to_all_excluding_self_reaches_every_other_vcpu_once(LapicMode lapic)
     {
-        var (_, handler) = BroadcastTarget(0);
-        var (ap, again) = BroadcastTarget(handler);
-        Assert.Equal(handler, again);
+        var ap = BroadcastTarget();
         var image = Long(a =>
         {
             var trampoline = a.CreateLabel();

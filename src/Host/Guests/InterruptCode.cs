@@ -69,4 +69,62 @@ public static class InterruptCode
         a.mov(__dword_ptr[rdi], 0x10 + 2 * pin);         // low half
         a.mov(__dword_ptr[rdi + 0x10], vector);          // vector, fixed, edge, unmasked
     }
+
+    /// <summary>
+    /// Real-mode code for an AP that a SIPI starts at <paramref name="origin"/> (a page boundary below
+    /// 1 MiB; CS = origin >> 4, DS = SS = 0): IVT entry <paramref name="vector"/> → its handler, stack at
+    /// 0x8E00, x2APIC on (IA32_APIC_BASE.EXTD, so that its registers are MSRs), SVR = 0x1FF; then
+    /// <paramref name="setup"/> (e.g. announce "ready", move the stack) and sleep with interrupts on.
+    /// <paramref name="handler"/> is the handler's body, ending in <c>iret</c>. The handler's offset is
+    /// found by assembling twice (the IVT entry names it before it is placed).
+    /// </summary>
+    public static byte[] ApTrampoline(ulong origin, byte vector, Action<Assembler> setup, Action<Assembler> handler)
+    {
+        byte[] Assemble(ushort handlerOffset, out ushort handlerAt)
+        {
+            var a = new Assembler(16);
+            var entry = a.CreateLabel();
+            var sleep = a.CreateLabel();
+            a.cli();
+            a.xor(ax, ax);
+            a.mov(ds, ax);
+            a.mov(ss, ax);
+            a.mov(sp, 0x8E00);
+            a.mov(__word_ptr[vector * 4], handlerOffset);
+            a.mov(__word_ptr[vector * 4 + 2], (ushort)(origin >> 4));
+            a.mov(ecx, 0x1B);              // IA32_APIC_BASE
+            a.rdmsr();
+            a.or(eax, 0xC00);              // EN | EXTD
+            a.wrmsr();
+            a.mov(ecx, 0x80F);             // x2APIC SVR
+            a.mov(eax, 0x1FF);
+            a.xor(edx, edx);
+            a.wrmsr();
+            setup(a);
+            a.Label(ref sleep);
+            a.sti();
+            a.hlt();
+            a.jmp(sleep);
+            a.Label(ref entry);
+            handler(a);
+            using var stream = new MemoryStream();
+            var result = a.Assemble(new StreamCodeWriter(stream), origin, BlockEncoderOptions.ReturnNewInstructionOffsets);
+            handlerAt = (ushort)(result.GetLabelRIP(entry) - origin);
+            return stream.ToArray();
+        }
+
+        Assemble(0, out var at);
+        var code = Assemble(at, out var again);
+        if (again != at) throw new InvalidOperationException("the AP's handler moved between the two passes");
+        return code;
+    }
+
+    /// <summary>x2APIC EOI (WRMSR 0x80B ← 0), in real mode. Clobbers EAX, ECX, EDX.</summary>
+    public static void X2ApicEoi(Assembler a)
+    {
+        a.mov(ecx, 0x80B);
+        a.xor(eax, eax);
+        a.xor(edx, edx);
+        a.wrmsr();
+    }
 }
