@@ -1,11 +1,7 @@
-using System.Diagnostics;
-using ActorVmm.Devices;
 using ActorVmm.Host;
 using ActorVmm.Host.Boot;
-using ActorVmm.Host.Config;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
-using ActorVmm.LibVmm;
 using Iced.Intel;
 using static Iced.Intel.AssemblerRegisters;
 
@@ -24,20 +20,14 @@ namespace ActorVmm.Bench;
 /// </summary>
 internal static class LapicBench
 {
-    private const ulong Code = 0x10_0000;
     private const ulong Counter = 0x9F900;
     private const ulong Trampoline = 0x9000;     // SIPI vector 0x09
     private const ushort ApReady = 0x8F08;
     private const long LapicBase = InterruptCode.LapicBase;
-    private const byte MarkPort = 0x10;
 
     public static async Task<int> RunAsync(int roundTrips, int ticks, int periodMicroseconds, int reps)
     {
-        if (Kvm.Unavailability() is { } why)
-        {
-            Console.Error.WriteLine($"actorvmm-bench: KVM unavailable: {why}");
-            return 2;
-        }
+        if (!BenchGuest.KvmAvailable()) return 2;
         HostRunner.ConfigureLogging();
         var modes = new[] { LapicMode.Emulated, LapicMode.Assisted };
         var pingPong = PingPong(roundTrips);
@@ -64,49 +54,8 @@ internal static class LapicBench
     }
 
     /// <summary>Runs the guest and returns the milliseconds between its two marks.</summary>
-    private static async Task<double> Measure(LongModeImage image, int cpus, LapicMode mode)
-    {
-        var system = HostRunner.CreateSystem(VmConfig.Load(null), "bench");
-        try
-        {
-            using var console = SerialConsole.Captured();
-            var marks = new Marks();
-            var builder = new VmBuilder(system, new VmSpec("bench", 16 << 20, cpus, image, mode))
-                .WithStandardDevices(console)
-                .AddDevice(new DeviceSpec("mark", DeviceProtocol.Space.Port, MarkPort, 1, _ => marks));
-            await using var vm = builder.Start();
-            var outcome = await vm.WaitAsync(TimeSpan.FromMinutes(10));
-            if (outcome is not { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 })
-                throw new InvalidOperationException($"{mode} guest ended: {outcome}");
-            return marks.Milliseconds;
-        }
-        finally
-        {
-            await system.Terminate();
-        }
-    }
-
-    private sealed class Marks : IBusDevice
-    {
-        private long _start, _end;
-
-        public double Milliseconds => Stopwatch.GetElapsedTime(_start, _end).TotalMilliseconds;
-
-        public ulong Read(ulong offset, int size) => 0;
-
-        public void Write(ulong offset, int size, ulong value)
-        {
-            if (value == 1) _start = Stopwatch.GetTimestamp();
-            else _end = Stopwatch.GetTimestamp();
-        }
-    }
-
-    private static LongModeImage Long(Action<Assembler> body)
-    {
-        var a = new Assembler(64);
-        body(a);
-        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
-    }
+    private static async Task<double> Measure(LongModeImage image, int cpus, LapicMode mode) =>
+        (await BenchGuest.RunAsync(new VmSpec($"bench-{mode.ToString().ToLowerInvariant()}", 16 << 20, cpus, image, mode))).Milliseconds(1, 2);
 
     private static void SetGate(Assembler a, byte vector, Label handler) => InterruptCode.SetGate(a, vector, handler);
 
@@ -138,18 +87,6 @@ internal static class LapicBench
         a.Label(ref done);
     }
 
-    private static void Mark(Assembler a, byte which)
-    {
-        a.mov(al, which);
-        a.@out(MarkPort, al);
-    }
-
-    private static void ExitOk(Assembler a)
-    {
-        a.mov(al, 0);
-        a.@out(0xF4, al);
-    }
-
     /// <summary>vcpu 1 in real mode: IVT 0x41 → its handler, x2APIC on, ready; the handler EOIs and
     /// sends vector 0x40 to APIC 0 through the x2APIC ICR.</summary>
     private static byte[] Responder() => InterruptCode.ApTrampoline(Trampoline, 0x41,
@@ -172,7 +109,7 @@ internal static class LapicBench
     private static LongModeImage PingPong(int roundTrips)
     {
         var ap = Responder();
-        return Long(a =>
+        return BenchGuest.Long(a =>
         {
             var pong = a.CreateLabel();
             var trampoline = a.CreateLabel();
@@ -193,7 +130,7 @@ internal static class LapicBench
             a.cmp(__byte_ptr[rdi], 1);
             a.jne(ready);
             a.xor(r12d, r12d);
-            Mark(a, 1);
+            BenchGuest.Mark(a, 1);
             a.Label(ref next);
             a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
             a.mov(__dword_ptr[rbx + 0x300], 0x41);                              // ping: fixed 0x41 to APIC 1
@@ -201,15 +138,15 @@ internal static class LapicBench
             SleepUntilCounter(a);                                               // pong: 0x40 counted
             a.cmp(r12d, roundTrips);
             a.jb(next);
-            Mark(a, 2);
-            ExitOk(a);
+            BenchGuest.Mark(a, 2);
+            BenchGuest.ExitOk(a);
             CountingHandler(a, pong);
             a.Label(ref trampoline);
             a.db(ap);
         });
     }
 
-    private static LongModeImage Timer(int ticks, int periodMicroseconds) => Long(a =>
+    private static LongModeImage Timer(int ticks, int periodMicroseconds) => BenchGuest.Long(a =>
     {
         var tick = a.CreateLabel();
         SetGate(a, 0x30, tick);
@@ -217,12 +154,12 @@ internal static class LapicBench
         a.mov(__dword_ptr[rbx + 0x3E0], 0xB);                       // divide by 1: 1 GHz
         a.mov(__dword_ptr[rbx + 0x320], 0x2_0030);                  // periodic, vector 0x30
         a.mov(r12d, ticks);
-        Mark(a, 1);
+        BenchGuest.Mark(a, 1);
         a.mov(__dword_ptr[rbx + 0x380], periodMicroseconds * 1000); // initial count: starts the timer
         SleepUntilCounter(a);
-        Mark(a, 2);
+        BenchGuest.Mark(a, 2);
         a.mov(__dword_ptr[rbx + 0x320], 0x1_0030);                  // masked
-        ExitOk(a);
+        BenchGuest.ExitOk(a);
         CountingHandler(a, tick);
     });
 }

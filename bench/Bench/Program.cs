@@ -1,24 +1,22 @@
 using System.Diagnostics;
+using ActorVmm.Bench;
 using ActorVmm.Devices;
 using ActorVmm.Host;
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Config;
-using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
-using ActorVmm.LibVmm;
-using ActorVmm.Memory;
-using Iced.Intel;
 using static Iced.Intel.AssemblerRegisters;
 
 // Port-I/O exit cost: the same guests run by a raw LibVmm loop (no actors: the limit) and by
 // ActorVmm (vcpu actor + device actor). Each I/O loop is paired with the same loop with the I/O
 // replaced by a nop, so guest instruction time is subtracted: per-exit = (T_io - T_nop) / N.
 // Usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
-//        actorvmm-bench faults [pages] [repetitions] nested page faults (userfaultfd)
+//        actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
 //        actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
 //        actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions]  IPI ping-pong and LAPIC timer, emulated vs assisted
 if (args.Length > 0 && args[0] == "faults")
-    return await ActorVmm.Bench.FaultBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 16_384, args.Length > 2 ? int.Parse(args[2]) : 3);
+    return await ActorVmm.Bench.FaultBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 16_384, args.Length > 2 ? int.Parse(args[2]) : 3,
+        args.Length > 3 ? args[3] : "both");
 if (args.Length > 0 && args[0] == "trace")
     return await ActorVmm.Bench.TraceBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 200_000, args.Length > 2 ? int.Parse(args[2]) : 3,
         args.Length > 3 ? int.Parse(args[3]) : 100_000);
@@ -29,18 +27,12 @@ if (args.Length > 0 && args[0] == "io") args = args[1..];
 var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
 var reps = args.Length > 1 ? int.Parse(args[1]) : 3;
 
-if (Kvm.Unavailability() is { } why)
-{
-    Console.Error.WriteLine($"actorvmm-bench: KVM unavailable: {why}");
-    return 2;
-}
+if (!BenchGuest.KvmAvailable()) return 2;
 
-const ulong code = 0x10_0000;
 const byte port = 0x10;
 
-LongModeImage Guest(string kind)
+LongModeImage Guest(string kind) => BenchGuest.Long(a =>
 {
-    var a = new Assembler(64);
     var loop = a.CreateLabel();
     a.mov(ecx, n);
     a.mov(al, 1);
@@ -55,34 +47,17 @@ LongModeImage Guest(string kind)
     a.jnz(loop);
     a.cli();
     a.hlt();
-    return new LongModeImage(GuestCode.Assemble(a, code), code, code);
-}
+});
 
 double Raw(LongModeImage image)
 {
-    using var kvm = Kvm.Open();
-    using var vm = kvm.CreateVm();
-    using var memory = VmspaceLayout.Build(16 << 20);
-    memory.RegisterWith(vm);
-    var boot = image.Load(memory);
-    using var vcpu = vm.CreateVcpu(0, CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid()));
-    boot.ApplyTo(vcpu);
-    vcpu.BindToCurrentThread();
-    long writes = 0;
+    using var vm = new RawVm(image, 16 << 20);
     var sw = Stopwatch.StartNew();
-    while (true)
+    vm.Run(run =>
     {
-        var reason = vcpu.RunRaw();
-        if (reason == KvmExitReason.Io)
-        {
-            var run = vcpu.RunPage;
-            if (run.IoIsOut) writes++;
-            else run.IoData[0] = 0x42;
-            continue;
-        }
-        if (reason == KvmExitReason.Hlt) break;
-        if (reason != KvmExitReason.Intr) throw new InvalidOperationException($"unexpected exit {reason}");
-    }
+        if (!run.IoIsOut) run.IoData[0] = 0x42;
+        return true;
+    });
     sw.Stop();
     return sw.Elapsed.TotalMilliseconds;
 }

@@ -1,0 +1,168 @@
+using System.Diagnostics;
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Host;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Guests;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+using Iced.Intel;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace ActorVmm.Bench;
+
+/// <summary>
+/// What the guest benchmarks share: 64-bit guests assembled at <see cref="Code"/> that mark the
+/// measured part with writes to <see cref="MarkPort"/> and end through the debug-exit port, and
+/// running such a guest under ActorVmm with a <see cref="Marks"/> device on that port.
+/// </summary>
+internal static class BenchGuest
+{
+    public const ulong Code = 0x10_0000;
+    public const byte MarkPort = 0x10;
+    public const ushort DebugExitPort = 0xF4;
+
+    /// <summary>False, having said why on stderr, when there is no usable /dev/kvm.</summary>
+    public static bool KvmAvailable()
+    {
+        if (Kvm.Unavailability() is not { } why) return true;
+        Console.Error.WriteLine($"actorvmm-bench: KVM unavailable: {why}");
+        return false;
+    }
+
+    public static LongModeImage Long(Action<Assembler> body)
+    {
+        var a = new Assembler(64);
+        body(a);
+        return new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
+    }
+
+    /// <summary>Guest code: write <paramref name="which"/> to the marker port. Clobbers al.</summary>
+    public static void Mark(Assembler a, byte which)
+    {
+        a.mov(al, which);
+        a.@out(MarkPort, al);
+    }
+
+    /// <summary>Guest code: debug-exit with status 0 (the VM's exit code 1).</summary>
+    public static void ExitOk(Assembler a)
+    {
+        a.mov(al, 0);
+        a.@out((byte)DebugExitPort, al);
+    }
+
+    /// <summary>Runs <paramref name="spec"/>'s guest under ActorVmm with a <see cref="Marks"/> device
+    /// on the marker port until it debug-exits with status 0; then, before the VM is torn down,
+    /// <paramref name="after"/> may ask its actors.</summary>
+    public static async Task<(Marks Marks, T After)> RunAsync<T>(VmSpec spec, Func<ActorSystem, RunningVm, Task<T>> after,
+        Akka.Configuration.Config? config = null)
+    {
+        var system = HostRunner.CreateSystem(config ?? VmConfig.Load(null), "bench");
+        try
+        {
+            using var console = SerialConsole.Captured();
+            var marks = new Marks();
+            var builder = new VmBuilder(system, spec)
+                .WithStandardDevices(console)
+                .AddDevice(new DeviceSpec("mark", DeviceProtocol.Space.Port, MarkPort, 1, _ => marks));
+            await using var vm = builder.Start();
+            var outcome = await vm.WaitAsync(TimeSpan.FromMinutes(10));
+            if (outcome is not { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 })
+                throw new InvalidOperationException($"{spec.Name} guest ended: {outcome}");
+            return (marks, await after(system, vm));
+        }
+        finally
+        {
+            await system.Terminate();
+        }
+    }
+
+    public static async Task<Marks> RunAsync(VmSpec spec) =>
+        (await RunAsync(spec, (_, _) => Task.FromResult(0))).Marks;
+}
+
+/// <summary>
+/// The marker device: takes the time of each byte value written to it (the guest's marks), as the
+/// device actor handles the write under ActorVmm or as the raw loop handles the exit.
+/// </summary>
+internal sealed class Marks : IBusDevice
+{
+    private readonly long[] _at = new long[256];
+
+    public ulong Read(ulong offset, int size) => 0;
+
+    public void Write(ulong offset, int size, ulong value) => _at[(byte)value] = Stopwatch.GetTimestamp();
+
+    /// <summary>Milliseconds from mark <paramref name="from"/> to mark <paramref name="to"/>; throws if the guest made either not.</summary>
+    public double Milliseconds(byte from, byte to)
+    {
+        if (_at[from] == 0 || _at[to] == 0) throw new InvalidOperationException($"the guest never marked {(_at[from] == 0 ? from : to)}");
+        return Stopwatch.GetElapsedTime(_at[from], _at[to]).TotalMilliseconds;
+    }
+}
+
+/// <summary>
+/// A VM built with LibVmm only, no actors (the limit the benchmarks compare against): guest RAM
+/// from <see cref="VmspaceLayout.Build"/> registered as memslots, the image loaded, one
+/// vcpu in its boot state. <see cref="Run"/> is the plain KVM_RUN loop.
+/// </summary>
+internal sealed class RawVm : IDisposable
+{
+    private readonly Kvm _kvm;
+    private readonly VmHandle _vm;
+    private readonly GuestMemoryMap _memory;
+    private readonly VcpuHandle _vcpu;
+
+    public GuestMemoryMap Memory => _memory;
+
+    public RawVm(BootImage image, ulong ramBytes)
+    {
+        _kvm = Kvm.Open();
+        try
+        {
+            _vm = _kvm.CreateVm();
+            _memory = VmspaceLayout.Build(ramBytes);
+            _memory.RegisterWith(_vm);
+            var boot = image.Load(_memory);
+            _vcpu = _vm.CreateVcpu(0, CpuidPolicy.ForPlatform(_kvm.GetSupportedCpuid()));
+            boot.ApplyTo(_vcpu);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Runs the vcpu on the calling thread until <paramref name="onIo"/> returns false for a port
+    /// I/O exit (an IN's data is whatever it left in the run page) or the guest halts. Any other
+    /// exit but a signal's throws.
+    /// </summary>
+    public void Run(Func<KvmRunView, bool> onIo)
+    {
+        _vcpu.BindToCurrentThread();
+        while (true)
+        {
+            var reason = _vcpu.RunRaw();
+            if (reason == KvmExitReason.Io)
+            {
+                if (onIo(_vcpu.RunPage)) continue;
+                return;
+            }
+            if (reason == KvmExitReason.Hlt) return;
+            if (reason != KvmExitReason.Intr) throw new InvalidOperationException($"unexpected exit {reason}");
+        }
+    }
+
+    public void Dispose()
+    {
+        // Partly built: what exists is disposed; fields not yet set are null.
+        _vcpu?.Dispose();
+        _memory?.Dispose();
+        _vm?.Dispose();
+        _kvm.Dispose();
+    }
+}
