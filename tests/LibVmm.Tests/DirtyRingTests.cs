@@ -177,7 +177,9 @@ public sealed class DirtyRingTests
 
         Assert.True(fullExits >= 1, "a 256-entry ring took 240 dirty pages without a ring-full exit");
         var expected = Enumerable.Range(first, end - first).Select(p => (ulong)p).ToArray();
-        Assert.Equal(expected, harvested.Order());
+        // Below the data pages only the code's own page may show (kvm_amd reports it dirty after emulating).
+        Assert.All(harvested.Where(g => g < first), g => Assert.Equal(Code / Page, g));
+        Assert.Equal(expected, harvested.Where(g => g >= first).Order());
         var check = new byte[1];
         vm.Memory.Read(new GuestPhysAddr(0xFF * Page + 0x10), check);
         Assert.Equal(0xFF, check[0]); // the last write ran: the vcpu went on after each harvest
