@@ -33,7 +33,7 @@ public sealed class CtlGuestTests
         byte[] code = [.. prefix, 0xEB, 0xFE]; // jmp $
 
         var system = HostRunner.CreateSystem(VmConfig.Load(null), ControlClient.HostSystemName, control: true);
-        await using var client = ControlClient.Create(TimeSpan.FromSeconds(30));
+        await using var client = ControlClient.Create(TimeSpan.FromMinutes(3)); // remoting is slow to start under emulation
         try
         {
             using var console = SerialConsole.Captured();

@@ -90,7 +90,8 @@ public sealed class LapicGuestTests
     }
 
     [KvmTheory]
-    [MemberData(nameof(LapicModes))]
+    [KvmData(LapicMode.Emulated)]
+    [KvmData(LapicMode.Assisted, notInKvmBox: "KVM's TSC-deadline timer never fires for a guest of kvm_amd nested in QEMU's emulated SVM (seen; it fires on kvm_pvm and the emulated APIC's fires in the box)")]
     public async Task Lapic_timer_tsc_deadline_interrupts_the_guest_after_its_own_tsc_passes_the_deadline(LapicMode lapic)
     {
         var image = Long(a =>
@@ -478,7 +479,8 @@ public sealed class LapicGuestTests
     }
 
     [KvmTheory]
-    [MemberData(nameof(LapicModes))]
+    [KvmData(LapicMode.Emulated)]
+    [KvmData(LapicMode.Assisted, notInKvmBox: "an NMI IPI from KVM's local APIC never reaches a guest of kvm_amd nested in QEMU's emulated SVM, and QEMU then aborts (tcg_handle_interrupt assertion), taking the box down (seen; the test passes on kvm_pvm)")]
     public async Task An_nmi_sent_to_its_own_apic_id_runs_the_nmi_handler(LapicMode lapic)
     {
         var image = Long(a =>

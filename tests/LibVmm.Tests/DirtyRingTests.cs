@@ -179,7 +179,8 @@ public sealed class DirtyRingTests
         var expected = Enumerable.Range(first, end - first).Select(p => (ulong)p).ToArray();
         // Below the data pages only the code's own page may show (kvm_amd reports it dirty after emulating).
         Assert.All(harvested.Where(g => g < first), g => Assert.Equal(Code / Page, g));
-        Assert.Equal(expected, harvested.Where(g => g >= first).Order());
+        // Every page, none lost; a page may come twice (kvm_amd can log a GFN again across a reset).
+        Assert.Equal(expected, harvested.Where(g => g >= first).Distinct().Order());
         var check = new byte[1];
         vm.Memory.Read(new GuestPhysAddr(0xFF * Page + 0x10), check);
         Assert.Equal(0xFF, check[0]); // the last write ran: the vcpu went on after each harvest
