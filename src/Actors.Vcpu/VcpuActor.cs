@@ -633,6 +633,10 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private bool RunOnce()
     {
         if (!PrepareEntry()) return false;
+        // PrepareEntry may have told an actor that runs on this thread (the vlapic, on
+        // InterruptAccepted) and it may have answered already: a kick from this thread is no kick
+        // (VcpuHandle.Kick), so look here. What was injected stays queued in KVM for the next entry.
+        if (_mailbox.HasMessages) return true;
         VmExit exit;
         try
         {

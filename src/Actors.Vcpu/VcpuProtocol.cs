@@ -24,7 +24,15 @@ public static class VcpuProtocol
         actorvmm.vcpu-mailbox {
           mailbox-type = "ActorVmm.Vcpu.VcpuMailboxType, ActorVmm.Actors.Vcpu"
         }
+        actorvmm.vlapic-dispatcher {
+          type = "ActorVmm.Devices.Timing.InlineDispatcherConfigurator, ActorVmm.Actors.Devices"
+          throughput = 64
+        }
         """;
+
+    /// <summary>The vlapics' and the APIC router's dispatcher: they run on the sender's thread
+    /// (<see cref="ActorVmm.Devices.Timing.InlineDispatcher"/>).</summary>
+    public const string VlapicDispatcherId = "actorvmm.vlapic-dispatcher";
 
     public interface IVcpuMessage;
 

@@ -142,6 +142,18 @@ namespace ActorVmm.Host
         private static Command CtlCommand()
         {
             var ctl = new Command("ctl", "inspect and control running VMs (the seed's vmmctl)");
+            var wait = new Option<double>("--wait")
+            {
+                Description = "seconds to wait for a host to answer (default 5; more for a slow or loaded machine)",
+                DefaultValueFactory = _ => Control.ControlClient.DefaultTimeout.TotalSeconds,
+                Recursive = true,
+            };
+            wait.Validators.Add(r =>
+            {
+                if (r.GetValueOrDefault<double>() is <= 0 or > 3600) r.AddError("--wait takes 0 to 3600 seconds");
+            });
+            ctl.Add(wait);
+            Control.ControlClient Client(System.CommandLine.ParseResult parse) => Control.ControlClient.Create(TimeSpan.FromSeconds(parse.GetValue(wait)));
             Option<string?> Host() => new("--host") { Description = "a host's control address HOST:PORT (default: every announced host)" };
             Option<string?> Directory() => new("--directory") { Description = "where hosts announce themselves" };
             Option<string> Vm() => new("--vm") { Description = "the VM's name", Required = true };
@@ -156,7 +168,7 @@ namespace ActorVmm.Host
                 foreach (var o in extra) command.Add(o);
                 command.SetAction(async (parse, _) =>
                 {
-                    await using var client = Control.ControlClient.Create();
+                    await using var client = Client(parse);
                     var target = await client.FindVmAsync(parse.GetValue(vm)!,
                         Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)));
                     Console.Out.Write(await action(client, target, parse));
@@ -171,7 +183,7 @@ namespace ActorVmm.Host
                 var list = new Command("list", "list the running VMs") { host, dir };
                 list.SetAction(async (parse, _) =>
                 {
-                    await using var client = Control.ControlClient.Create();
+                    await using var client = Client(parse);
                     foreach (var h in Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)))
                     {
                         var vms = await client.ListAsync(h);
@@ -233,7 +245,7 @@ namespace ActorVmm.Host
                 var trace = new Command("trace", "the message trace of a VM: recent messages, or a live tail") { vm, host, dir, follow, filter, count };
                 trace.SetAction(async (parse, cancel) =>
                 {
-                    await using var client = Control.ControlClient.Create();
+                    await using var client = Client(parse);
                     var entry = await client.FindEntryAsync(parse.GetValue(vm)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)));
                     var text = parse.GetValue(filter) ?? "";
                     if (!parse.GetValue(follow))

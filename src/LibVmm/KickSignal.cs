@@ -55,5 +55,8 @@ public static unsafe class KickSignal
         return Native.Tgkill(Native.GetPid(), tid, _signal) == 0;
     }
 
-    public static int CurrentThreadId() => Native.GetTid();
+    [ThreadStatic] private static int _tid;
+
+    /// <summary>The kernel's id of the calling thread (asked once per thread).</summary>
+    public static int CurrentThreadId() => _tid != 0 ? _tid : _tid = Native.GetTid();
 }

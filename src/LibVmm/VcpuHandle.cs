@@ -313,10 +313,14 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void BindToCurrentThread() => _tid = KickSignal.CurrentThreadId();
 
     /// <summary>Sets immediate_exit, then signals the vcpu thread (if bound). Safe from any thread;
-    /// a message told before the kick is seen by the vcpu before it next enters the guest.</summary>
+    /// a message told before the kick is seen by the vcpu before it next enters the guest.
+    /// From the vcpu's own thread it does nothing: that thread is not in KVM_RUN, and the vcpu
+    /// loop looks at its mailbox before it enters again (an actor that runs on its sender's
+    /// thread, such as a vlapic, tells its vcpu from there).</summary>
     public void Kick()
     {
         if (_fd < 0) return;
+        if (_tid != 0 && _tid == KickSignal.CurrentThreadId()) return;
         var run = RunPage;
         run.ImmediateExit = true;
         var tid = _tid;

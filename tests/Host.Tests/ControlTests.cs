@@ -218,11 +218,21 @@ public sealed class ControlTests : IAsyncLifetime
     [Fact]
     public async Task The_actorvmm_ctl_executable_talks_to_the_host_over_loopback()
     {
-        var (code, stdout, stderr) = await Ctl("list", "--host", _address);
+        var (code, stdout, stderr) = await Ctl("list", "--host", _address, "--wait", "30");
         Assert.True(code == 0, stderr);
         Assert.Contains("guest1", stdout);
         Assert.Contains("Running", stdout);
         Assert.Contains($"host={_address}", stdout);
+    }
+
+    [Fact]
+    public async Task Ctl_refuses_a_wait_out_of_range_clearly()
+    {
+        var (code, stdout, stderr) = await Ctl("stats", "--vm", "guest1", "--host", _address, "--wait", "0");
+        Assert.NotEqual(0, code);
+        Assert.Equal("", stdout);
+        Assert.Contains("--wait takes 0 to 3600 seconds", stderr);
+        Assert.DoesNotContain("   at ", stderr);
     }
 
     [Fact]

@@ -90,7 +90,7 @@ public sealed partial class CliGuestTests : IDisposable
         });
         var serial = Path.Combine(_dir, "serial.txt");
         var (code, _, stderr) = await Finish(
-            Start("run", "--lapic", "assisted", "--flat", image, "--load-address", "0x7C00", "--serial", serial), TimeSpan.FromSeconds(60));
+            Start("run", "--lapic", "assisted", "--flat", image, "--load-address", "0x7C00", "--serial", serial), TimeSpan.FromSeconds(300));
         Assert.True(code == 0, $"exit {code}: {stderr}");
         Assert.Contains("halted with interrupts disabled", stderr);
         Assert.Equal("H", File.ReadAllText(serial));

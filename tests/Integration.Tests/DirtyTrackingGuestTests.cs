@@ -76,6 +76,25 @@ public sealed class DirtyTrackingGuestTests
         return [.. Enumerable.Range(0, (int)RegionPages).Where(i => (ad.Pages[i] & PageAD.Dirty) != 0)];
     }
 
+    /// <summary>
+    /// The pages reported dirty: every page written, and nothing the guest did not touch. Our own
+    /// tracker (uffd-wp) reports exactly the pages written, and so does KVM's log or ring on kvm_pvm;
+    /// kvm_amd in CI's KVM box also reports pages the guest only read (seen: it logs a page when it
+    /// maps it writable, which it may do on a read). A tracker may over-report; it must never miss a write.
+    /// </summary>
+    private static void AssertDirty(DirtyTracking tracking, int[] written, int[] read, int[] reported)
+    {
+        if (tracking == DirtyTracking.UffdWp)
+        {
+            Assert.Equal(written, reported);
+            return;
+        }
+        var missed = written.Except(reported).ToArray();
+        Assert.True(missed.Length == 0, $"written pages not reported dirty: {string.Join(", ", missed)} (reported {string.Join(", ", reported)})");
+        var untouched = reported.Except(written).Except(read).ToArray();
+        Assert.True(untouched.Length == 0, $"pages reported dirty that the guest never touched: {string.Join(", ", untouched)}");
+    }
+
     [KvmTheory]
     [MemberData(nameof(Sources))]
     public async Task Every_dirty_tracking_source_reports_the_pages_the_guest_wrote(string source, bool paging)
@@ -92,7 +111,7 @@ public sealed class DirtyTrackingGuestTests
             Assert.True(DateTime.UtcNow < deadline, "the guest did not finish round 1");
             await Task.Delay(10);
         }
-        Assert.Equal(WrittenFirst, await DirtyPages(run, 1));
+        AssertDirty(tracking, WrittenFirst, ReadFirst, await DirtyPages(run, 1));
 
         // Clear all but the region's first page (a range KVM's log clears only 64-page aligned: the
         // vmspace must clear exactly these pages), while the vcpu spins in the guest.
@@ -102,7 +121,7 @@ public sealed class DirtyTrackingGuestTests
         Assert.IsType<MemoryWritten>(await run.AskChild<object>("vmspace", new WriteMemory(4, Mailbox + 8, BitConverter.GetBytes(1UL))));
         var outcome = await run.EndAsync(TimeSpan.FromSeconds(60));
         Assert.True(outcome.ExitCode == 1, outcome.ToString());
-        Assert.Equal(WrittenSecond.Append(0).Order(), await DirtyPages(run, 5));
+        AssertDirty(tracking, [.. WrittenSecond.Append(0).Order()], ReadSecond, await DirtyPages(run, 5));
 
         var stats = await run.AskChild<Stats>("vmspace", GetStats.Instance);
         Assert.Equal(source, stats.Dirty.Tracking);

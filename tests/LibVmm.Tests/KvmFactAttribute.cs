@@ -80,19 +80,21 @@ public static class KvmBox
     public static bool Inside => Environment.GetEnvironmentVariable(Variable) == "1";
 }
 
-/// <summary>One row of a KVM theory (one argument), skipped with <paramref name="notInKvmBox"/> as
-/// the reason inside CI's KVM box (see <see cref="KvmBox"/>) when that is given.</summary>
+/// <summary>One row of a KVM theory, skipped with <see cref="NotInKvmBox"/> as the reason inside
+/// CI's KVM box (see <see cref="KvmBox"/>) when that is given.</summary>
 [AttributeUsage(AttributeTargets.Method, AllowMultiple = true)]
-public sealed class KvmDataAttribute : Xunit.Sdk.DataAttribute
+public sealed class KvmDataAttribute(params object[] values) : Xunit.Sdk.DataAttribute
 {
-    private readonly object _value;
-
-    public KvmDataAttribute(object value, string? notInKvmBox = null)
+    /// <summary>Why this row cannot run in CI's KVM box (it skips there, saying so).</summary>
+    public string? NotInKvmBox
     {
-        _value = value;
-        if (notInKvmBox is not null && KvmBox.Inside) Skip = $"not in CI's KVM box: {notInKvmBox}";
+        get;
+        set
+        {
+            field = value;
+            if (value is not null && KvmBox.Inside) Skip = $"not in CI's KVM box: {value}";
+        }
     }
 
-    public override IEnumerable<object[]> GetData(System.Reflection.MethodInfo testMethod) => [[_value]];
+    public override IEnumerable<object[]> GetData(System.Reflection.MethodInfo testMethod) => [values];
 }
-

@@ -40,6 +40,11 @@ public static class TraceContext
         _current = id;
     }
 
+    /// <summary>What this thread is handling, to put back after it ran another actor inline.</summary>
+    public static (IActorRef? Owner, long Current) Save() => (_owner, _current);
+
+    public static void Restore((IActorRef? Owner, long Current) saved) => (_owner, _current) = saved;
+
     /// <summary>The parent for a message <paramref name="sender"/> sends now.</summary>
     public static long ParentFor(IActorRef? sender) =>
         sender is not null && _owner is not null && (ReferenceEquals(_owner, sender) || sender.Equals(_owner)) ? _current : 0;

@@ -222,13 +222,16 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var targets = new ApicRouterProtocol.Targets();
         if (_resources.Lapic is { } backend)
         {
-            var router = Context.ActorOf(Mailbox(ApicRouterProtocol.Props(targets, _resources.KernelApic)), "apic-router");
+            // The router and the vlapics run on their senders' threads (actorvmm.vlapic-dispatcher).
+            var router = Context.ActorOf(Mailbox(ApicRouterProtocol.Props(targets, _resources.KernelApic))
+                .WithDispatcher(VcpuProtocol.VlapicDispatcherId), "apic-router");
             Context.Watch(router);
             interrupts.Router = router;
             foreach (var vcpu in _resources.Vcpus)
             {
                 var wiring = new VlapicProtocol.Wiring(ActorRefs.Nobody, router, router, targets);
-                var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock)), $"vlapic-{vcpu.Id}");
+                var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock))
+                    .WithDispatcher(VcpuProtocol.VlapicDispatcherId), $"vlapic-{vcpu.Id}");
                 Context.Watch(vlapic);
                 vlapics.Add(vlapic);
             }
