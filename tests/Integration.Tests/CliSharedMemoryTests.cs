@@ -54,7 +54,7 @@ public sealed partial class CliGuestTests
         var config = Path.Combine(_dir, "vm.conf");
         File.WriteAllText(config, $"actorvmm.control.directory = \"{directory}\"\nactorvmm.vm.serial.input = none\n");
         var p = Start("run", "--kernel", SharedMemoryKernel(), "--shm", shm + ",64K", "--memory", "4M", "--name", "shmvm",
-            "--serial", serial, "--config", config, "--timeout", "300");
+            "--serial", serial, "--config", config, "--timeout", "900");
 
         var deadline = DateTime.UtcNow.AddSeconds(300); // a slow machine may take long to start the host process
         while (DateTime.UtcNow < deadline && !p.HasExited && !(File.Exists(shm) && ReadShared(shm, 0, 1)[0] == 1))
@@ -64,7 +64,7 @@ public sealed partial class CliGuestTests
         Assert.Equal("shm!"u8.ToArray(), ReadShared(shm, 0x200, 4));
         Assert.Equal(64 << 10, new FileInfo(shm).Length);
 
-        var (ctlCode, mem, ctlErr) = await Finish(Start("ctl", "mem", "--vm", "shmvm", "--directory", directory, "--wait", "100"), TimeSpan.FromSeconds(120));
+        var (ctlCode, mem, ctlErr) = await Finish(Start("ctl", "mem", "--vm", "shmvm", "--directory", directory, "--wait", "120"), TimeSpan.FromSeconds(400));
         Assert.True(ctlCode == 0, ctlErr);
         Assert.Contains("wired          4096 KiB locked in RAM", mem);
         Assert.Contains("demand paging  off", mem);
