@@ -57,13 +57,38 @@ public sealed class ControlClient : IAsyncDisposable
         IActorRef directory;
         try
         {
-            directory = await _system.ActorSelection($"{address}/user/{ControlProtocol.DirectoryName}").ResolveOne(_timeout);
+            directory = await ResolveWithRetries(_system.ActorSelection($"{address}/user/{ControlProtocol.DirectoryName}"), _timeout);
         }
         catch (Exception e) when (e is ActorNotFoundException or TimeoutException or AskTimeoutException)
         {
             throw new ControlException($"host {host} does not answer (is an ActorVmm host running there?)");
         }
         return await Ask<ControlProtocol.VmList>(directory, ControlProtocol.ListVms.Instance, $"host {host}");
+    }
+
+    /// <summary>
+    /// Resolves <paramref name="selection"/> within <paramref name="total"/>, asking again after 5 s,
+    /// then 10 s, 20 s, ...: the first Identify of a new remoting association can be lost (a host
+    /// too loaded to finish the handshake in time drops it), and one ask would then wait out all
+    /// of <paramref name="total"/> for nothing. A host that answers "no such actor" is not asked again.
+    /// </summary>
+    private static async Task<IActorRef> ResolveWithRetries(ActorSelection selection, TimeSpan total)
+    {
+        var deadline = DateTime.UtcNow + total;
+        var attempt = TimeSpan.FromSeconds(5);
+        while (true)
+        {
+            var left = deadline - DateTime.UtcNow;
+            var wait = left < attempt ? left : attempt;
+            try
+            {
+                return await selection.ResolveOne(wait > TimeSpan.Zero ? wait : TimeSpan.FromMilliseconds(1));
+            }
+            catch (Exception e) when (e is TimeoutException or AskTimeoutException && DateTime.UtcNow + TimeSpan.FromMilliseconds(100) < deadline)
+            {
+                attempt += attempt;
+            }
+        }
     }
 
     /// <summary>The hosts to ask: the one given, or every announced one.</summary>
