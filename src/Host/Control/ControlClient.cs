@@ -66,6 +66,12 @@ public sealed class ControlClient : IAsyncDisposable
         return await Ask<ControlProtocol.VmList>(directory, ControlProtocol.ListVms.Instance, $"host {host}");
     }
 
+    /// <summary>No answer in time (ResolveOne wraps the ask's timeout in an ActorNotFoundException);
+    /// an ActorNotFoundException of its own is an answer: no such actor.</summary>
+    private static bool NoAnswer(Exception e) =>
+        e is TimeoutException or AskTimeoutException
+        || e is ActorNotFoundException { InnerException: { } inner } && NoAnswer(inner);
+
     /// <summary>
     /// Resolves <paramref name="selection"/> within <paramref name="total"/>, asking again after 5 s,
     /// then 10 s, 20 s, ...: the first Identify of a new remoting association can be lost (a host
@@ -84,7 +90,7 @@ public sealed class ControlClient : IAsyncDisposable
             {
                 return await selection.ResolveOne(wait > TimeSpan.Zero ? wait : TimeSpan.FromMilliseconds(1));
             }
-            catch (Exception e) when (e is TimeoutException or AskTimeoutException && DateTime.UtcNow + TimeSpan.FromMilliseconds(100) < deadline)
+            catch (Exception e) when (NoAnswer(e) && DateTime.UtcNow + TimeSpan.FromMilliseconds(100) < deadline)
             {
                 attempt += attempt;
             }
