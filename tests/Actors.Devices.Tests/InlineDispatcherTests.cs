@@ -103,7 +103,7 @@ public sealed class InlineDispatcherTests : TestKit
             next = chain[i] = Inline(threads[i], next);
             await Started(next);
         }
-        var pooledBefore = InlineDispatcher.Counts.Pooled;
+        var pooledBefore = InlineDispatcher.Pooled;
         var sender = 0;
         var t = new Thread(() =>
         {
@@ -116,7 +116,7 @@ public sealed class InlineDispatcherTests : TestKit
         // The first MaxDepth links ran on the sender's thread; the rest went to the pool.
         for (var i = 0; i < InlineDispatcher.MaxDepth; i++) Assert.Equal([sender], threads[i]);
         Assert.NotEqual(sender, threads[InlineDispatcher.MaxDepth].Single());
-        Assert.True(InlineDispatcher.Counts.Pooled > pooledBefore);
+        Assert.True(InlineDispatcher.Pooled > pooledBefore);
     }
 
     [Fact]

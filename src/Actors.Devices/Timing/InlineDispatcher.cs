@@ -23,10 +23,11 @@ public sealed class InlineDispatcher(MessageDispatcherConfigurator configurator)
 
     [ThreadStatic] private static int _depth;
 
-    private static long _inline, _pooled;
+    private static long _pooled;
 
-    /// <summary>Mailbox runs done on the sender's thread / on the pool (all inline dispatchers).</summary>
-    public static (long Inline, long Pooled) Counts => (Interlocked.Read(ref _inline), Interlocked.Read(ref _pooled));
+    /// <summary>Mailbox runs sent to the pool past the depth limit (all inline dispatchers); inline
+    /// runs are not counted: they are the hot path of every APIC access.</summary>
+    public static long Pooled => Interlocked.Read(ref _pooled);
 
     protected override void ExecuteTask(IRunnable run)
     {
@@ -36,7 +37,6 @@ public sealed class InlineDispatcher(MessageDispatcherConfigurator configurator)
             ThreadPool.UnsafeQueueUserWorkItem(static r => r.Run(), run, preferLocal: false);
             return;
         }
-        Interlocked.Increment(ref _inline);
         var saved = TraceContext.Save();
         _depth++;
         try { run.Run(); }
