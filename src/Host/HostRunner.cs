@@ -38,9 +38,11 @@ public static class HostRunner
         {
             var hostname = config.GetString("actorvmm.control.hostname", "127.0.0.1");
             var port = config.GetInt("actorvmm.control.port", 0);
+            // connection-timeout bounds a new association's handshake: 60 s, not 15, so that a
+            // heavily loaded host (an emulated CI machine) still answers its first `ctl`.
             config = ConfigurationFactory.ParseString($$"""
                 akka.actor.provider = remote
-                akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}} }
+                akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
                 akka.remote.log-remote-lifecycle-events = off
                 """).WithFallback(config);
         }

@@ -64,7 +64,7 @@ public sealed partial class CliGuestTests
         Assert.Equal("shm!"u8.ToArray(), ReadShared(shm, 0x200, 4));
         Assert.Equal(64 << 10, new FileInfo(shm).Length);
 
-        var (ctlCode, mem, ctlErr) = await Finish(Start("ctl", "mem", "--vm", "shmvm", "--directory", directory, "--wait", "120"), TimeSpan.FromSeconds(400));
+        var (ctlCode, mem, ctlErr) = await Finish(Start("ctl", "mem", "--vm", "shmvm", "--directory", directory, "--wait", "300"), TimeSpan.FromSeconds(600));
         Assert.True(ctlCode == 0, ctlErr);
         Assert.Contains("wired          4096 KiB locked in RAM", mem);
         Assert.Contains("demand paging  off", mem);

@@ -37,7 +37,7 @@ public sealed class ControlClient : IAsyncDisposable
             akka.stdout-loglevel = OFF
             akka.log-dead-letters = off
             akka.actor.provider = remote
-            akka.remote.dot-netty.tcp { hostname = "127.0.0.1", port = 0 }
+            akka.remote.dot-netty.tcp { hostname = "127.0.0.1", port = 0, connection-timeout = 60 s }
             akka.remote.log-remote-lifecycle-events = off
             akka.coordinated-shutdown.run-by-clr-shutdown-hook = off
             akka.actor.serializers.hyperion = "Akka.Serialization.HyperionSerializer, Akka.Serialization.Hyperion"
