@@ -10,19 +10,38 @@ using static Iced.Intel.AssemblerRegisters;
 // Port-I/O exit cost: the same guests run by a raw LibVmm loop (no actors: the limit) and by
 // ActorVmm (vcpu actor + device actor). Each I/O loop is paired with the same loop with the I/O
 // replaced by a nop, so guest instruction time is subtracted: per-exit = (T_io - T_nop) / N.
-// Usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
-//        actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
-//        actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
-//        actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions]  IPI ping-pong and LAPIC timer, emulated vs assisted
+const string usage = """
+    usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
+           actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
+           actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
+           actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions]  IPI ping-pong and LAPIC timer, emulated vs assisted
+    """;
+if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
+{
+    Console.WriteLine(usage);
+    return 0;
+}
+// Count arguments: positive whole numbers, or the defaults when absent; anything else is refused.
+var counts = new int?[args.Length];
+for (var i = 0; i < args.Length; i++)
+    counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
+var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "io" ? 1 : 0;
+var last = args.Length > 0 && args[0] == "faults" ? Math.Min(args.Length, 3) : args.Length; // faults' 4th is a mode
+for (var i = first; i < last; i++)
+    if (counts[i] is null)
+    {
+        Console.Error.WriteLine($"actorvmm-bench: '{args[i]}' is not a positive whole number");
+        Console.Error.WriteLine(usage);
+        return 2;
+    }
+int Count(int i, int fallback) => args.Length > i ? counts[i]!.Value : fallback;
+
 if (args.Length > 0 && args[0] == "faults")
-    return await ActorVmm.Bench.FaultBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 16_384, args.Length > 2 ? int.Parse(args[2]) : 3,
-        args.Length > 3 ? args[3] : "both");
+    return await ActorVmm.Bench.FaultBench.RunAsync(Count(1, 16_384), Count(2, 3), args.Length > 3 ? args[3] : "both");
 if (args.Length > 0 && args[0] == "trace")
-    return await ActorVmm.Bench.TraceBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 200_000, args.Length > 2 ? int.Parse(args[2]) : 3,
-        args.Length > 3 ? int.Parse(args[3]) : 100_000);
+    return await ActorVmm.Bench.TraceBench.RunAsync(Count(1, 200_000), Count(2, 3), Count(3, 100_000));
 if (args.Length > 0 && args[0] == "lapic")
-    return await ActorVmm.Bench.LapicBench.RunAsync(args.Length > 1 ? int.Parse(args[1]) : 2_000, args.Length > 2 ? int.Parse(args[2]) : 500,
-        args.Length > 3 ? int.Parse(args[3]) : 1_000, args.Length > 4 ? int.Parse(args[4]) : 3);
+    return await ActorVmm.Bench.LapicBench.RunAsync(Count(1, 2_000), Count(2, 500), Count(3, 1_000), Count(4, 3));
 if (args.Length > 0 && args[0] == "io") args = args[1..];
 var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
 var reps = args.Length > 1 ? int.Parse(args[1]) : 3;
