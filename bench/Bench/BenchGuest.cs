@@ -7,7 +7,9 @@ using ActorVmm.Host.Config;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
 using ActorVmm.LibVmm;
+using ActorVmm.Lapic;
 using ActorVmm.Memory;
+using ActorVmm.Vcpu;
 using Iced.Intel;
 using static Iced.Intel.AssemblerRegisters;
 
@@ -68,7 +70,7 @@ internal static class BenchGuest
                 .WithStandardDevices(console)
                 .AddDevice(new DeviceSpec("mark", DeviceProtocol.Space.Port, MarkPort, 1, _ => marks));
             await using var vm = builder.Start();
-            var outcome = await vm.WaitAsync(TimeSpan.FromMinutes(10));
+            var outcome = await WaitReporting(system, vm, spec, TimeSpan.FromMinutes(10));
             if (outcome is not { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 })
                 throw new InvalidOperationException($"{spec.Name} guest ended: {outcome}");
             return (marks, await after(system, vm));
@@ -76,6 +78,36 @@ internal static class BenchGuest
         finally
         {
             await system.Terminate();
+        }
+    }
+
+    /// <summary>Waits for the guest to end (at most <paramref name="limit"/>); while it runs for
+    /// longer than a bench guest should, says every minute what its vcpus and vlapics are doing.</summary>
+    private static async Task<VmProtocol.Outcome> WaitReporting(ActorSystem system, RunningVm vm, VmSpec spec, TimeSpan limit)
+    {
+        var until = DateTime.UtcNow + limit;
+        while (true)
+        {
+            var left = until - DateTime.UtcNow;
+            var slice = left < TimeSpan.FromMinutes(1) ? left : TimeSpan.FromMinutes(1);
+            if (await Task.WhenAny(vm.Ended, Task.Delay(slice > TimeSpan.Zero ? slice : TimeSpan.Zero)) == vm.Ended || left <= slice)
+                return await vm.WaitAsync(TimeSpan.FromSeconds(1));
+            Console.Error.WriteLine($"bench: {spec.Name} still running after {(limit - (until - DateTime.UtcNow)).TotalSeconds:F0} s:");
+            for (var i = 0; i < spec.Cpus; i++)
+            {
+                try
+                {
+                    var v = await system.ActorSelection(vm.Actor.Path / $"vcpu-{i}").Ask<VcpuProtocol.Stats>(VcpuProtocol.GetStats.Instance, TimeSpan.FromSeconds(5));
+                    Console.Error.WriteLine($"  vcpu {i}: {v.State}, {v.Exits} exits ({v.IoExits} io, {v.MmioExits} mmio, {v.HltExits} hlt, {v.IntrExits} intr), {v.Injected} injected");
+                }
+                catch (Exception e) { Console.Error.WriteLine($"  vcpu {i}: no answer ({e.GetType().Name})"); }
+                try
+                {
+                    var l = await system.ActorSelection(vm.Actor.Path / $"vlapic-{i}").Ask<VlapicProtocol.Stats>(VlapicProtocol.GetStats.Instance, TimeSpan.FromSeconds(5));
+                    Console.Error.WriteLine($"  vlapic {i}: {l.IpisSent} IPIs sent, {l.Delivered} delivered, {l.Accepted} accepted, {l.TimerCallbacks} timer callbacks");
+                }
+                catch (Exception e) { Console.Error.WriteLine($"  vlapic {i}: no answer ({e.GetType().Name})"); }
+            }
         }
     }
 

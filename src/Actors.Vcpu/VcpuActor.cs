@@ -455,6 +455,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
 
     private void EnterRunning()
     {
+        if (_haltedAt != 0) AdaptHaltPoll();
         _state = State.Running;
         Become(Running);
         Self.Tell(Run.Instance);
@@ -633,10 +634,16 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private bool RunOnce()
     {
         if (!PrepareEntry()) return false;
-        // PrepareEntry may have told an actor that runs on this thread (the vlapic, on
-        // InterruptAccepted) and it may have answered already: a kick from this thread is no kick
-        // (VcpuHandle.Kick), so look here. What was injected stays queued in KVM for the next entry.
-        if (_mailbox.HasMessages) return true;
+        // From the announcement on, a kick signals this thread; before it, a kick only sets
+        // immediate_exit, so look for messages after it. This also catches an actor that runs on
+        // this thread (the vlapic, on InterruptAccepted) and answered already: a kick from this
+        // thread is no kick. What was injected stays queued in KVM for the next entry.
+        _vcpu.PrepareToRun();
+        if (_mailbox.HasMessages)
+        {
+            _vcpu.CancelRun();
+            return true;
+        }
         VmExit exit;
         try
         {
@@ -892,7 +899,41 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         // it: the VM decides whether that ends its run.
         EnterHalted();
         _wiring.Vm.Tell(new VcpuHalted(Id, InterruptsDisabled: !_vcpu.InterruptsEnabled));
+        _haltedAt = System.Diagnostics.Stopwatch.GetTimestamp();
+        PollWhileHalted();
         return false;
+    }
+
+    // ---- halt polling (KVM's halt_poll_ns, for the HLTs this vcpu handles itself) ----
+
+    /// <summary>When the guest halted (Stopwatch ticks); 0 when it is not halted.</summary>
+    private long _haltedAt;
+
+    private HaltPollWindow? _haltPoll;
+
+    /// <summary>The window, up to actorvmm.vcpu.halt-poll (0 = never poll).</summary>
+    private HaltPollWindow HaltPoll => _haltPoll ??= new HaltPollWindow(VcpuProtocol.HaltPollTicks(Context.System.Settings.Config));
+
+    /// <summary>
+    /// A guest that sleeps in HLT is often woken within microseconds (an IPI answered, a reply from
+    /// a device). Looking at the mailbox for that long keeps the thread awake, so the wake-up is
+    /// handled at once instead of through a sleep and a wake of the thread (which cost more than
+    /// the wait on a VM host). Returns as soon as a message is in. The window adapts like KVM's:
+    /// see <see cref="HaltPollWindow"/>.
+    /// </summary>
+    private void PollWhileHalted()
+    {
+        var window = HaltPoll.Ticks;
+        if (window <= 0) return;
+        var until = _haltedAt + window;
+        while (!_mailbox.HasMessages && System.Diagnostics.Stopwatch.GetTimestamp() < until) Thread.SpinWait(20);
+    }
+
+    /// <summary>On a wake-up from HLT: the window learns how long this halt lasted.</summary>
+    private void AdaptHaltPoll()
+    {
+        HaltPoll.Woken(System.Diagnostics.Stopwatch.GetTimestamp() - _haltedAt);
+        _haltedAt = 0;
     }
 
     /// <summary>

@@ -24,11 +24,36 @@ public static class VcpuProtocol
         actorvmm.vcpu-mailbox {
           mailbox-type = "ActorVmm.Vcpu.VcpuMailboxType, ActorVmm.Actors.Vcpu"
         }
+        actorvmm.vcpu {
+          halt-poll = 50us
+        }
         actorvmm.vlapic-dispatcher {
           type = "ActorVmm.Devices.Timing.InlineDispatcherConfigurator, ActorVmm.Actors.Devices"
           throughput = 64
         }
         """;
+
+    /// <summary>The longest halt poll, actorvmm.vcpu.halt-poll: "0" (off) or a duration of at most
+    /// 1 ms ("50us", "0.2ms"). A value outside that is refused.</summary>
+    public static TimeSpan HaltPoll(Akka.Configuration.Config config)
+    {
+        var text = (config.GetString("actorvmm.vcpu.halt-poll", "50us") ?? "").Trim();
+        if (text == "0") return TimeSpan.Zero;
+        foreach (var (suffix, us) in new[] { ("us", 1.0), ("µs", 1.0), ("ms", 1000.0) })
+            if (text.EndsWith(suffix, StringComparison.Ordinal) &&
+                double.TryParse(text[..^suffix.Length], System.Globalization.NumberStyles.Float,
+                    System.Globalization.CultureInfo.InvariantCulture, out var n) && n >= 0 && n * us <= 1000)
+                return TimeSpan.FromMicroseconds(n * us);
+        throw new FormatException($"actorvmm.vcpu.halt-poll must be 0 (off) or a duration of at most 1ms like 50us or 0.2ms, not \"{text}\"");
+    }
+
+    /// <summary><see cref="HaltPoll"/> in Stopwatch ticks; an unreadable value means no polling here
+    /// (the configuration is checked, with a clear error, before a VM is built).</summary>
+    internal static long HaltPollTicks(Akka.Configuration.Config config)
+    {
+        try { return (long)(HaltPoll(config).TotalSeconds * System.Diagnostics.Stopwatch.Frequency); }
+        catch (FormatException) { return 0; }
+    }
 
     /// <summary>The vlapics' and the APIC router's dispatcher: they run on the sender's thread
     /// (<see cref="ActorVmm.Devices.Timing.InlineDispatcher"/>).</summary>

@@ -82,4 +82,11 @@ public interface IVcpu : IDisposable
 
     /// <summary>Makes the vcpu leave (or not enter) the guest soon. Any thread; never blocks.</summary>
     void Kick();
+
+    /// <summary>Announces an entry (see <see cref="VcpuHandle.PrepareToRun"/>): call it, then look for
+    /// work, then <see cref="Run"/> or <see cref="CancelRun"/>.</summary>
+    void PrepareToRun() { }
+
+    /// <summary>The announced entry will not happen.</summary>
+    void CancelRun() { }
 }

@@ -9,6 +9,9 @@ public sealed unsafe class VcpuHandle : IVcpu
     private readonly nint _run;
     private readonly int _runSize;
     private volatile int _tid;
+    /// <summary>1 from <see cref="PrepareToRun"/> (or the start of a run) until KVM_RUN returns: only
+    /// then does <see cref="Kick"/> signal the thread (KVM's own IN_GUEST_MODE, for user space).</summary>
+    private int _inRun;
     private readonly VmHandle? _vm;
     private DirtyRing? _dirtyRing;
     private readonly List<(uint Slot, ulong Offset)> _harvest = [];
@@ -38,7 +41,8 @@ public sealed unsafe class VcpuHandle : IVcpu
     /// immediate_exit, so the next call enters the guest.</summary>
     public VmExit Run()
     {
-        if (Native.Ioctl(_fd, KvmIoctl.Run, 0) == 0) return VmExit.Decode(RunPage);
+        var rc = Enter();
+        if (rc == 0) return VmExit.Decode(RunPage);
         var errno = Marshal.GetLastPInvokeError();
         if (errno is Native.EINTR or Native.EAGAIN)
         {
@@ -52,7 +56,7 @@ public sealed unsafe class VcpuHandle : IVcpu
     /// <summary>The raw KVM_RUN without decoding: returns the exit reason (for the raw benchmark loop).</summary>
     public KvmExitReason RunRaw()
     {
-        if (Native.Ioctl(_fd, KvmIoctl.Run, 0) == 0) return RunPage.ExitReason;
+        if (Enter() == 0) return RunPage.ExitReason;
         var errno = Marshal.GetLastPInvokeError();
         if (errno is Native.EINTR or Native.EAGAIN)
         {
@@ -61,6 +65,39 @@ public sealed unsafe class VcpuHandle : IVcpu
             return KvmExitReason.Intr;
         }
         throw new KvmException($"KVM_RUN(vcpu {Id})", errno);
+    }
+
+    /// <summary>
+    /// Announces an entry: from here until KVM_RUN returns, a <see cref="Kick"/> from another thread
+    /// signals this one. The caller then looks for work it must do first and calls <see cref="Run"/>,
+    /// or <see cref="CancelRun"/> when it found some. Clears a stale immediate_exit, so a kick that
+    /// came while the vcpu was out of the guest (and that the caller sees as its work) costs no
+    /// empty KVM_RUN. Ordering: a kicker publishes its work, sets immediate_exit, then reads the
+    /// entry mark; this sets the mark (full fence), then the caller reads the work. Either the kicker
+    /// sees the mark and signals, or the caller sees the work.
+    /// </summary>
+    public void PrepareToRun()
+    {
+        var page = RunPage;
+        page.ImmediateExit = false;
+        Interlocked.Exchange(ref _inRun, 1);
+    }
+
+    /// <summary>The entry announced by <see cref="PrepareToRun"/> will not happen.</summary>
+    public void CancelRun() => Volatile.Write(ref _inRun, 0);
+
+    /// <summary>KVM_RUN with the entry mark set around it.</summary>
+    private int Enter()
+    {
+        Interlocked.Exchange(ref _inRun, 1); // without PrepareToRun: a kick before this leaves immediate_exit set
+        try
+        {
+            return Native.Ioctl(_fd, KvmIoctl.Run, 0);
+        }
+        finally
+        {
+            Volatile.Write(ref _inRun, 0);
+        }
     }
 
     public void CompleteIoIn(int index, ulong value)
@@ -323,6 +360,11 @@ public sealed unsafe class VcpuHandle : IVcpu
         if (_tid != 0 && _tid == KickSignal.CurrentThreadId()) return;
         var run = RunPage;
         run.ImmediateExit = true;
+        Interlocked.MemoryBarrier(); // the caller's work and immediate_exit before the look at the entry mark
+        // Out of KVM_RUN and not about to enter: no signal (it would only wake the thread for
+        // nothing, from a sleep or a device wait). The vcpu looks for work before its next entry,
+        // and immediate_exit makes an entry that raced with this return at once.
+        if (Volatile.Read(ref _inRun) == 0) return;
         var tid = _tid;
         if (tid != 0) KickSignal.SendTo(tid);
     }

@@ -165,3 +165,41 @@ public sealed class VmConfigTests
         Assert.Throws<ConfigException>(() => Cli.ParseEntry("0:0:0"));
     }
 }
+
+public sealed class HaltPollConfigTests
+{
+    private static Akka.Configuration.Config With(string value) =>
+        ConfigurationFactory.ParseString($"actorvmm.vcpu.halt-poll = \"{value}\"").WithFallback(VmConfig.Load(null));
+
+    [Theory]
+    [InlineData("0", 0)]
+    [InlineData("50us", 50)]
+    [InlineData("50µs", 50)]
+    [InlineData("0.2ms", 200)]
+    [InlineData("1ms", 1000)]
+    public void Halt_poll_accepts_off_and_durations_up_to_a_millisecond(string text, double microseconds)
+    {
+        Assert.Equal(TimeSpan.FromMicroseconds(microseconds), Vcpu.VcpuProtocol.HaltPoll(With(text)));
+        VmConfig.From(With(text)); // and the VM's configuration takes it
+    }
+
+    [Fact]
+    public void The_default_halt_poll_is_50us_in_both_defaults()
+    {
+        Assert.Equal(TimeSpan.FromMicroseconds(50), Vcpu.VcpuProtocol.HaltPoll(VmConfig.Load(null)));
+        Assert.Equal(TimeSpan.FromMicroseconds(50),
+            Vcpu.VcpuProtocol.HaltPoll(ConfigurationFactory.ParseString(Vcpu.VcpuProtocol.DefaultConfig)));
+    }
+
+    [Theory]
+    [InlineData("2ms")]
+    [InlineData("-5us")]
+    [InlineData("fast")]
+    [InlineData("50")]
+    public void A_bad_halt_poll_is_refused_with_the_key_and_the_value(string text)
+    {
+        var e = Assert.Throws<ConfigException>(() => VmConfig.From(With(text)));
+        Assert.Contains("actorvmm.vcpu.halt-poll", e.Message);
+        Assert.Contains($"\"{text}\"", e.Message);
+    }
+}

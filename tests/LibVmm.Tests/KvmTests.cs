@@ -191,6 +191,39 @@ public sealed class KvmTests
         Assert.Equal(CodeAddress, guest.Vcpu.GetRegisters().Rip); // still on the jmp
     }
 
+    [KvmFact]
+    public void A_kick_between_runs_is_kept_for_a_plain_run_and_left_to_the_caller_after_PrepareToRun()
+    {
+        KvmRequirement.Check();
+        using var guest = new RealModeGuest();
+        guest.Load(OutThenHlt());
+        guest.Vcpu.BindToCurrentThread(); // this thread is the vcpu's; kicks come from another
+        void KickFromAnotherThread()
+        {
+            var kicker = new Thread(() => guest.Vcpu.Kick());
+            kicker.Start();
+            kicker.Join();
+        }
+
+        // Out of KVM_RUN: the kick leaves immediate_exit set, so a plain Run leaves at once.
+        KickFromAnotherThread();
+        Assert.True(guest.Vcpu.RunPage.ImmediateExit);
+        Assert.IsType<VmExit.Intr>(guest.Vcpu.Run());
+
+        // A caller that announces its entry, then looks for the kicker's work, owns the kick: the
+        // entry after PrepareToRun goes into the guest.
+        KickFromAnotherThread();
+        guest.Vcpu.PrepareToRun();
+        Assert.False(guest.Vcpu.RunPage.ImmediateExit);
+        Assert.Equal(new VmExit.Io(true, OutPort, 1, 1, 0x41, null), guest.Vcpu.Run());
+
+        // A kick after the announcement reaches the entry.
+        guest.Vcpu.PrepareToRun();
+        KickFromAnotherThread();
+        Assert.IsType<VmExit.Intr>(guest.Vcpu.Run());
+        Assert.IsType<VmExit.Hlt>(guest.Vcpu.Run());
+    }
+
     /// <summary>One VM with 64 KiB of RAM at GPA 0 and one vcpu in real mode, CS:IP = 0:0x1000.</summary>
     private sealed class RealModeGuest : IDisposable
     {

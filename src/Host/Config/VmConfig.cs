@@ -67,6 +67,8 @@ public sealed record VmConfig(
         try
         {
             var vm = config.GetConfig("actorvmm.vm") ?? throw new ConfigException("the configuration has no actorvmm.vm section");
+            try { Vcpu.VcpuProtocol.HaltPoll(config); }
+            catch (FormatException e) { throw new ConfigException(e.Message); }
             var name = vm.GetString("name", "vm0");
             if (string.IsNullOrWhiteSpace(name)) throw new ConfigException("actorvmm.vm.name is empty");
             var memory = ParseSize(vm.GetString("memory", "64M"), "actorvmm.vm.memory");
