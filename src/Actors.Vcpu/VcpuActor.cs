@@ -900,7 +900,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         EnterHalted();
         _wiring.Vm.Tell(new VcpuHalted(Id, InterruptsDisabled: !_vcpu.InterruptsEnabled));
         _haltedAt = System.Diagnostics.Stopwatch.GetTimestamp();
-        PollWhileHalted();
+        if (_vcpu.InterruptsEnabled) PollWhileHalted(); // with IF=0 no interrupt wakes it soon
         return false;
     }
 
