@@ -77,6 +77,10 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     /// <summary>Whether the vcpu thread is inside Run now (the guest is "running").</summary>
     public bool InRun { get { lock (_gate) return _inRun; } }
 
+    /// <summary>In Run again after handling the last exit it took, with nothing left to return (a Run
+    /// that has just taken an exit is still in Run until it returns, so InRun alone says less).</summary>
+    public bool IdleInGuest { get { lock (_gate) return _inRun && _exits.Count == 0 && _runs > _takenInRun; } }
+
     public int Kicks => Volatile.Read(ref _kicks);
 
     /// <summary>Name of the thread that last entered Run, read from inside Run.</summary>
@@ -138,7 +142,7 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     /// <summary>Until the vcpu is back in Run with nothing left to return: it handled the last exit
     /// it took (a Run that has just taken an exit is still "in Run" until it returns).</summary>
     public bool WaitUntilIdleInGuest(TimeSpan? timeout = null) =>
-        WaitUntil(v => v._inRun && v._exits.Count == 0 && v._runs > v._takenInRun, timeout);
+        WaitUntil(v => v.IdleInGuest, timeout);
 
     // ---- IVcpu (the actor's thread, except Kick) ----
 

@@ -103,7 +103,7 @@ public sealed class VcpuActorTests : TestKit
 
         for (var i = 0; i < 5; i++)
             Assert.Equal(new DeviceProtocol.Write(0, 1, (ulong)('a' + i)), await rig.Uart.ExpectMsgAsync<DeviceProtocol.Write>());
-        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 5 && v.InRun), "the vcpu waited for a reply to a posted write");
+        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 5 && v.IdleInGuest), "the vcpu waited for a reply to a posted write");
     }
 
     [Fact]
@@ -188,7 +188,7 @@ public sealed class VcpuActorTests : TestKit
         rig.Vcpu.Tell(Resume.Instance);
         ExpectMsg(new Resumed(3));
         rig.Fake.Supply(Out(UartBase, 2), Out(UartBase, 3));
-        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 3 && v.InRun), "the pinned vcpu did not run after resume");
+        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 3 && v.IdleInGuest), "the pinned vcpu did not run after resume");
         Assert.Equal(0, rig.Fake.RunsOffBoundThread);
         Assert.Equal("vcpu-3", rig.Fake.RunThreadName);
     }
@@ -395,7 +395,7 @@ public sealed class VcpuActorTests : TestKit
             Out(0x80, 0x12),
             new VmExit.Mmio(0x1000_0000, true, 4, 0x1234));
 
-        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 6 && v.InRun), "the vcpu waited on an unassigned access");
+        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 6 && v.IdleInGuest), "the vcpu waited on an unassigned access");
         Assert.Equal([(0, 0xFFUL), (0, 0xFFFFUL)], rig.Fake.IoInCompletions);
         Assert.Equal([0xFFFF_FFFFUL, ulong.MaxValue], rig.Fake.MmioReadCompletions);
         await rig.Uart.ExpectNoMsgAsync(Quiet);
@@ -652,7 +652,7 @@ public sealed class VcpuActorTests : TestKit
 
         rig.Fake.Supply(new VmExit.MsrRead(0xC000_0080, 0), new VmExit.MsrWrite(0x1B, 0xFEE0_0900, 0));
 
-        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 2 && v.InRun));
+        Assert.True(rig.Fake.WaitUntil(v => v.Consumed == 2 && v.IdleInGuest));
         Assert.Equal([(0UL, true)], rig.Fake.MsrReadCompletions);
         Assert.Equal([true], rig.Fake.MsrWriteCompletions);
     }
