@@ -41,8 +41,7 @@ public sealed unsafe class VcpuHandle : IVcpu
     /// immediate_exit, so the next call enters the guest.</summary>
     public VmExit Run()
     {
-        var rc = Enter();
-        if (rc == 0) return VmExit.Decode(RunPage);
+        if (Enter() == 0) return VmExit.Decode(RunPage);
         var errno = Marshal.GetLastPInvokeError();
         if (errno is Native.EINTR or Native.EAGAIN)
         {
@@ -89,7 +88,9 @@ public sealed unsafe class VcpuHandle : IVcpu
     /// <summary>KVM_RUN with the entry mark set around it.</summary>
     private int Enter()
     {
-        Interlocked.Exchange(ref _inRun, 1); // without PrepareToRun: a kick before this leaves immediate_exit set
+        // After PrepareToRun the mark is set (with its fence) already; without it, set it here (a
+        // kick before this leaves immediate_exit set).
+        if (Volatile.Read(ref _inRun) == 0) Interlocked.Exchange(ref _inRun, 1);
         try
         {
             return Native.Ioctl(_fd, KvmIoctl.Run, 0);
