@@ -15,6 +15,7 @@ const string usage = """
            actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
            actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
            actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions]  IPI ping-pong and LAPIC timer, emulated vs assisted
+           actorvmm-bench ipipath [round trips] [repetitions]  the host's share of an emulated IPI round trip (no KVM needed)
     """;
 if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 {
@@ -25,7 +26,7 @@ if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 var counts = new int?[args.Length];
 for (var i = 0; i < args.Length; i++)
     counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
-var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "io" ? 1 : 0;
+var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "io" ? 1 : 0;
 var last = args.Length > 0 && args[0] == "faults" ? Math.Min(args.Length, 3) : args.Length; // faults' 4th is a mode
 for (var i = first; i < last; i++)
     if (counts[i] is null)
@@ -42,6 +43,8 @@ if (args.Length > 0 && args[0] == "trace")
     return await ActorVmm.Bench.TraceBench.RunAsync(Count(1, 200_000), Count(2, 3), Count(3, 100_000));
 if (args.Length > 0 && args[0] == "lapic")
     return await ActorVmm.Bench.LapicBench.RunAsync(Count(1, 2_000), Count(2, 500), Count(3, 1_000), Count(4, 3));
+if (args.Length > 0 && args[0] == "ipipath")
+    return await ActorVmm.Bench.IpiPathBench.RunAsync(Count(1, 20_000), Count(2, 3));
 if (args.Length > 0 && args[0] == "io") args = args[1..];
 var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
 var reps = args.Length > 1 ? int.Parse(args[1]) : 3;

@@ -829,10 +829,23 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// awake, so the dispatcher hands it the reply at once instead of waking it from a sleep (which
     /// costs more than the read). Returns as soon as any message is in the mailbox.
     /// </summary>
-    private void SpinForReply()
+    private void SpinForReply() => SpinUntilMessage(System.Diagnostics.Stopwatch.GetTimestamp() + ReplySpinTicks);
+
+    /// <summary>
+    /// Looks at the mailbox until a message is in or <paramref name="until"/> (Stopwatch ticks) has
+    /// passed. Every other turn offers the core to another thread (sched_yield returns at once when
+    /// none wants it, as KVM stops polling when its CPU has other work): on a host with few cores
+    /// the thread that will send the message (a device on the pool, the other vcpu) may be waiting
+    /// for this one's core. On two cores, spinning without it made a round trip through pool
+    /// actors five times slower.
+    /// </summary>
+    private void SpinUntilMessage(long until)
     {
-        var until = System.Diagnostics.Stopwatch.GetTimestamp() + ReplySpinTicks;
-        while (!_mailbox.HasMessages && System.Diagnostics.Stopwatch.GetTimestamp() < until) Thread.SpinWait(20);
+        for (var turn = 0; !_mailbox.HasMessages && System.Diagnostics.Stopwatch.GetTimestamp() < until; turn++)
+        {
+            if ((turn & 1) == 0) Thread.SpinWait(20);
+            else Thread.Yield();
+        }
     }
 
     private void SendRead(ulong offset, int size)
@@ -896,11 +909,17 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             return true;
         }
         // Running --HLT--> Halted. With IF=0 and nothing pending, only an NMI/INIT could wake
-        // it: the VM decides whether that ends its run.
+        // it: the VM decides whether that ends its run. A halt with IF=1 is none of the VM's
+        // business (an idle guest waiting for its next interrupt): no message for it, which on a
+        // busy guest would wake a pool thread on every HLT.
         EnterHalted();
-        _wiring.Vm.Tell(new VcpuHalted(Id, InterruptsDisabled: !_vcpu.InterruptsEnabled));
         _haltedAt = System.Diagnostics.Stopwatch.GetTimestamp();
-        if (_vcpu.InterruptsEnabled) PollWhileHalted(); // with IF=0 no interrupt wakes it soon
+        if (!_vcpu.InterruptsEnabled)
+        {
+            _wiring.Vm.Tell(new VcpuHalted(Id));
+            return false; // with IF=0 no interrupt wakes it soon: no polling
+        }
+        PollWhileHalted();
         return false;
     }
 
@@ -925,14 +944,18 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     {
         var window = HaltPoll.Ticks;
         if (window <= 0) return;
-        var until = _haltedAt + window;
-        while (!_mailbox.HasMessages && System.Diagnostics.Stopwatch.GetTimestamp() < until) Thread.SpinWait(20);
+        SpinUntilMessage(_haltedAt + window);
     }
 
     /// <summary>On a wake-up from HLT: the window learns how long this halt lasted.</summary>
     private void AdaptHaltPoll()
     {
-        HaltPoll.Woken(System.Diagnostics.Stopwatch.GetTimestamp() - _haltedAt);
+        // The halt lasted until the wake-up was sent. A thread that slept through it (the poll
+        // missed) gets to it later, and counting that delay would make the window shrink because
+        // it missed: it would then miss again.
+        var now = System.Diagnostics.Stopwatch.GetTimestamp();
+        var woken = _mailbox is VcpuMessageQueue queue ? queue.LastUrgentTicks : 0;
+        HaltPoll.Woken((woken > _haltedAt && woken <= now ? woken : now) - _haltedAt);
         _haltedAt = 0;
     }
 
@@ -1024,7 +1047,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             return;
         }
         _kernelHaltReported = true;
-        _wiring.Vm.Tell(new VcpuHalted(Id, InterruptsDisabled: true));
+        _wiring.Vm.Tell(new VcpuHalted(Id));
     }
 
     private const ulong RflagsIf = 1UL << 9;

@@ -40,6 +40,12 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
     }
 
     public bool HasMessages => _queue.HasMessages;
+
+    /// <summary>When the last urgent message (one that kicks) arrived, in Stopwatch ticks: when a
+    /// halted vcpu was woken, as opposed to when its thread got round to it.</summary>
+    public long LastUrgentTicks => Volatile.Read(ref _lastUrgent);
+
+    private long _lastUrgent;
     public int Count => _queue.Count;
 
     public void Enqueue(IActorRef receiver, Envelope envelope)
@@ -60,6 +66,7 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
             or Memory.VmspaceProtocol.InvalidateEpt
             or Identify or PoisonPill or Kill)
         {
+            Volatile.Write(ref _lastUrgent, System.Diagnostics.Stopwatch.GetTimestamp());
             var vcpu = _vcpu ??= VcpuKickRegistry.Find(_owner);
             vcpu?.Kick();
         }

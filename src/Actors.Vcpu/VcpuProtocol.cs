@@ -25,7 +25,7 @@ public static class VcpuProtocol
           mailbox-type = "ActorVmm.Vcpu.VcpuMailboxType, ActorVmm.Actors.Vcpu"
         }
         actorvmm.vcpu {
-          halt-poll = 50us
+          halt-poll = 200us
         }
         actorvmm.vlapic-dispatcher {
           type = "ActorVmm.Devices.Timing.InlineDispatcherConfigurator, ActorVmm.Actors.Devices"
@@ -37,7 +37,7 @@ public static class VcpuProtocol
     /// 1 ms ("50us", "0.2ms"). A value outside that is refused.</summary>
     public static TimeSpan HaltPoll(Akka.Configuration.Config config)
     {
-        var text = (config.GetString("actorvmm.vcpu.halt-poll", "50us") ?? "").Trim();
+        var text = (config.GetString("actorvmm.vcpu.halt-poll", "200us") ?? "").Trim();
         if (text == "0") return TimeSpan.Zero;
         foreach (var (suffix, us) in new[] { ("us", 1.0), ("µs", 1.0), ("ms", 1000.0) })
             if (text.EndsWith(suffix, StringComparison.Ordinal) &&
@@ -126,9 +126,10 @@ public static class VcpuProtocol
     /// <summary>Told to the VM when the vcpu stops for good; <see cref="Report"/> is for people.</summary>
     public sealed record Stopped(int VcpuId, StopReason Reason, string Report) : IVcpuMessage;
 
-    /// <summary>Told to the VM on every HLT exit that leaves the vcpu halted. With interrupts
-    /// disabled and nothing pending, the guest is done unless an NMI or INIT comes.</summary>
-    public sealed record VcpuHalted(int VcpuId, bool InterruptsDisabled) : IVcpuMessage;
+    /// <summary>Told to the VM when the vcpu halts with interrupts disabled and nothing pending:
+    /// the guest is done unless an NMI or INIT comes. (A halt with interrupts enabled is the idle
+    /// loop of a guest waiting for its next interrupt: nobody is told.)</summary>
+    public sealed record VcpuHalted(int VcpuId) : IVcpuMessage;
 
     /// <summary>Told to the VM when an AP leaves wait-for-SIPI and starts running at
     /// <paramref name="Vector"/> &lt;&lt; 12 (the VM then counts it among its started vcpus).</summary>

@@ -49,3 +49,22 @@ public sealed class HaltPollWindowTests
         Assert.Equal(0, w.Ticks);
     }
 }
+
+public sealed class VcpuMailboxWakeTimeTests
+{
+    [Fact]
+    public void A_wake_up_is_timed_when_it_arrives_and_a_plain_reply_is_not()
+    {
+        var queue = new VcpuMessageQueue(Akka.Actor.ActorRefs.Nobody);
+        Assert.Equal(0, queue.LastUrgentTicks);
+
+        queue.Enqueue(Akka.Actor.ActorRefs.Nobody, new Akka.Actor.Envelope(new Devices.DeviceProtocol.WriteCredit(1), Akka.Actor.ActorRefs.NoSender));
+        Assert.Equal(0, queue.LastUrgentTicks); // a device's credit wakes nobody
+
+        var before = System.Diagnostics.Stopwatch.GetTimestamp();
+        queue.Enqueue(Akka.Actor.ActorRefs.Nobody, new Akka.Actor.Envelope(new Lapic.VlapicProtocol.InterruptPending(0, 0x41), Akka.Actor.ActorRefs.NoSender));
+        var after = System.Diagnostics.Stopwatch.GetTimestamp();
+        Assert.InRange(queue.LastUrgentTicks, before, after);
+        Assert.Equal(2, queue.Count);
+    }
+}

@@ -184,10 +184,10 @@ public sealed class HaltPollConfigTests
     }
 
     [Fact]
-    public void The_default_halt_poll_is_50us_in_both_defaults()
+    public void The_default_halt_poll_is_200us_in_both_defaults()
     {
-        Assert.Equal(TimeSpan.FromMicroseconds(50), Vcpu.VcpuProtocol.HaltPoll(VmConfig.Load(null)));
-        Assert.Equal(TimeSpan.FromMicroseconds(50),
+        Assert.Equal(TimeSpan.FromMicroseconds(200), Vcpu.VcpuProtocol.HaltPoll(VmConfig.Load(null)));
+        Assert.Equal(TimeSpan.FromMicroseconds(200),
             Vcpu.VcpuProtocol.HaltPoll(ConfigurationFactory.ParseString(Vcpu.VcpuProtocol.DefaultConfig)));
     }
 

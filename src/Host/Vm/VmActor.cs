@@ -80,7 +80,6 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
 
         Receive<VcpuProtocol.VcpuHalted>(h =>
         {
-            if (!h.InterruptsDisabled) return;
             _haltedForever.Add(h.VcpuId);
             if (_started.IsSubsetOf(_haltedForever))
                 End(new Outcome(OutcomeKind.Halted, Outcome.HaltedCode,

@@ -1,0 +1,423 @@
+using System.Diagnostics;
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Host;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
+using ActorVmm.LibVmm;
+using ActorVmm.Memory;
+
+namespace ActorVmm.Bench;
+
+/// <summary>
+/// The host's share of an emulated IPI round trip, measurable without /dev/kvm: the `lapic` bench's
+/// ping-pong with <see cref="PingPongVcpu"/>s in place of KVM. They exit at once with the exits the
+/// real guest makes (vcpu 0: xAPIC ICR writes, HLT, the handler's EOI; vcpu 1: x2APIC EOI and ICR
+/// WRMSRs, HLT), so the time per round trip is the VMM's alone: what the exits cost in KVM is not
+/// in it. Two VMMs handle the same exits:
+/// <list type="bullet">
+/// <item><b>bare</b>: one loop per vcpu thread calling the <see cref="LocalApic"/> models directly
+/// (each under a lock, IPIs delivered after the sender's lock is released), a halted vcpu spinning
+/// until an IPI marks it: the least a user-space local APIC can cost.</item>
+/// <item><b>actors</b>: the VM actor with its vcpu, vlapic and device actors, as configured.</item>
+/// </list>
+/// </summary>
+internal static class IpiPathBench
+{
+    public static async Task<int> RunAsync(int roundTrips, int reps)
+    {
+        HostRunner.ConfigureLogging();
+        var pool = Akka.Configuration.ConfigurationFactory.ParseString("actorvmm.vlapic-dispatcher.type = Dispatcher")
+            .WithFallback(VmConfig.Load(null));
+        PingPongScore? bare = null, actors = null, actorsPool = null;
+        for (var i = 0; i < reps; i++)
+        {
+            bare = PingPongScore.Best(bare, Bare(roundTrips));
+            actors = PingPongScore.Best(actors, await Actors(roundTrips, VmConfig.Load(null)));
+        }
+        // Last: the pool's threads stay awake a while after a run and would take a core from the next.
+        for (var i = 0; i < reps; i++)
+            actorsPool = PingPongScore.Best(actorsPool, await Actors(roundTrips, pool));
+        Console.WriteLine($"IPI round trip, the host's share (no KVM: vcpus that exit at once): {roundTrips} round trips, best of {reps}");
+        Console.WriteLine($"{"",-40}{"µs/round trip",15}{"median",8}{"p99",8}{"ratio",8}");
+        foreach (var (name, score) in new[]
+                 {
+                     ("bare loop (LocalApic models, no actors)", bare!), ("actors", actors!),
+                     ("actors, vlapics on the thread pool", actorsPool!),
+                 })
+            Console.WriteLine($"{name,-40}{score.PerRoundTripMicroseconds,15:F2}{score.Percentile(0.5),8:F1}{score.Percentile(0.99),8:F1}" +
+                              $"{score.PerRoundTripMicroseconds / bare!.PerRoundTripMicroseconds,8:F2}");
+        Console.WriteLine($"actors: {actors!.Exits[0] / (double)roundTrips:F2} + {actors.Exits[1] / (double)roundTrips:F2} exits, " +
+                          $"{actors.Signals[0] / (double)roundTrips:F2} + {actors.Signals[1] / (double)roundTrips:F2} kick signals, " +
+                          $"{actors.AllocatedBytes / (double)roundTrips:F0} bytes allocated per round trip");
+        return 0;
+    }
+
+    /// <summary>The ping-pong under ActorVmm's actors.</summary>
+    private static async Task<PingPongScore> Actors(int roundTrips, Akka.Configuration.Config config)
+    {
+        var system = HostRunner.CreateSystem(config, "bench");
+        try
+        {
+            using var console = SerialConsole.Captured();
+            using var memory = VmspaceLayout.Build(4 << 20);
+            var score = new PingPongScore(roundTrips);
+            IVcpu[] vcpus = [new PingPongVcpu(0, score), new PingPongVcpu(1, score)];
+            var clock = new MonotonicClock();
+            var devices = new List<DeviceSpec> { PcPlatform.Com1(console.Write), PcPlatform.DebugExit() };
+            devices.AddRange(PcPlatform.InterruptControllersAndTimers(2, biosLikePic: true));
+            var resources = new VmResources("ipipath", memory, vcpus, devices, Traced: false, clock,
+                LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
+            var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var vm = system.ActorOf(Props.Create(() => new VmActor(resources, ended)), "ipipath");
+            var allocated = GC.GetTotalAllocatedBytes();
+            vm.Tell(VmProtocol.Start.Instance);
+            var outcome = await ended.Task.WaitAsync(TimeSpan.FromMinutes(5));
+            score.AllocatedBytes = GC.GetTotalAllocatedBytes() - allocated;
+            if (outcome is not { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 })
+                throw new InvalidOperationException($"ipipath VM ended: {outcome}");
+            foreach (var v in vcpus) v.Dispose();
+            return score;
+        }
+        finally
+        {
+            await system.Terminate();
+        }
+    }
+
+    /// <summary>The ping-pong under the bare loop: one thread per vcpu, no actors.</summary>
+    private static PingPongScore Bare(int roundTrips)
+    {
+        var score = new PingPongScore(roundTrips);
+        var clock = new MonotonicClock();
+        var cpus = new BareCpu[2];
+        using var ended = new ManualResetEventSlim();
+        for (var i = 0; i < cpus.Length; i++) cpus[i] = new BareCpu(new PingPongVcpu(i, score), cpus, ended, clock);
+        var threads = cpus.Select(c => new Thread(c.Loop) { IsBackground = true, Name = $"bare-vcpu-{c.Vcpu.Id}" }).ToArray();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads)
+            if (!t.Join(TimeSpan.FromMinutes(1)))
+                throw new TimeoutException("the bare ping-pong did not end: " + string.Join("; ", cpus.Select(c =>
+                    $"vcpu {c.Vcpu.Id}: {score.Exits[c.Vcpu.Id]} exits, {c.Vcpu.State}, failure {c.Failure?.Message ?? "none"}")));
+        foreach (var c in cpus)
+            if (c.Failure is { } e) throw new InvalidOperationException($"bare vcpu {c.Vcpu.Id} failed", e);
+        return score;
+    }
+
+    /// <summary>One vcpu of the bare loop: its exits handled on its own thread by its APIC model.</summary>
+    private sealed class BareCpu : ILapicEvents
+    {
+        private readonly BareCpu[] _all;
+        private readonly ManualResetEventSlim _ended;
+        private readonly object _gate = new();
+        private readonly List<Ipi> _outbox = [];
+        private int _wake;
+        private volatile bool _started;
+
+        public PingPongVcpu Vcpu { get; }
+        public LocalApic Apic { get; }
+        public Exception? Failure { get; private set; }
+
+        public BareCpu(PingPongVcpu vcpu, BareCpu[] all, ManualResetEventSlim ended, IDeviceClock clock)
+        {
+            Vcpu = vcpu;
+            _all = all;
+            _ended = ended;
+            Apic = new LocalApic((uint)vcpu.Id, this, clock, bsp: vcpu.Id == 0);
+            _started = vcpu.Id == 0;
+        }
+
+        public void Loop()
+        {
+            try
+            {
+                Vcpu.BindToCurrentThread();
+                while (!_started) Thread.SpinWait(20);
+                while (true)
+                {
+                    lock (_gate)
+                    {
+                        if (Vcpu.ReadyForInterruptInjection && Apic.PendingInterrupt() is { } vector)
+                        {
+                            Apic.InterruptAccepted((byte)vector);
+                            Vcpu.InjectInterrupt((byte)vector);
+                        }
+                    }
+                    switch (Vcpu.Run())
+                    {
+                        case VmExit.Mmio { IsWrite: true } m:
+                            lock (_gate) Apic.WriteMmio(m.Address - LocalApic.DefaultBaseAddress, m.Length, m.Value);
+                            break;
+                        case VmExit.MsrRead r:
+                            bool read;
+                            ulong value;
+                            lock (_gate) read = Apic.ReadMsr(r.Index, out value);
+                            Vcpu.CompleteMsrRead(value, !read);
+                            break;
+                        case VmExit.MsrWrite w:
+                            bool written;
+                            lock (_gate) written = Apic.WriteMsr(w.Index, w.Value);
+                            Vcpu.CompleteMsrWrite(!written);
+                            break;
+                        case VmExit.Hlt:
+                            while (Interlocked.Exchange(ref _wake, 0) == 0)
+                            {
+                                if (_ended.IsSet) return;
+                                Thread.SpinWait(20);
+                            }
+                            break;
+                        case VmExit.Io { IsOut: true, Port: BenchGuest.DebugExitPort }:
+                            _ended.Set(); // the VM ends: the other vcpu stops too
+                            return;
+                        case VmExit.Intr:
+                            break;
+                        case var other:
+                            throw new InvalidOperationException($"unexpected exit {other}");
+                    }
+                    Flush();
+                }
+            }
+            catch (Exception e)
+            {
+                Failure = e;
+            }
+        }
+
+        /// <summary>IPIs the model sent, delivered with its own lock released (two vcpus sending to
+        /// each other must not take the two locks in opposite orders).</summary>
+        private void Flush()
+        {
+            if (_outbox.Count == 0) return;
+            foreach (var ipi in _outbox)
+            foreach (var target in _all)
+            {
+                if (ipi.Shorthand != Shorthand.None || !target.Apic.MatchesPhysical(ipi.Destination)) continue;
+                lock (target._gate) target.Apic.Deliver(ipi.Mode, ipi.Vector, ipi.Level, ipi.TriggerMode);
+                Volatile.Write(ref target._wake, 1);
+            }
+            _outbox.Clear();
+        }
+
+        public void SendIpi(Ipi ipi) => _outbox.Add(ipi);
+
+        public void LevelEoi(byte vector) { }
+
+        public void VcpuEvent(VcpuEventKind kind, byte vector)
+        {
+            if (kind == VcpuEventKind.StartUp) _started = true;
+        }
+    }
+}
+
+/// <summary>What the two <see cref="PingPongVcpu"/>s of one run share: the AP's "ready", the round
+/// trips, the time of the first ping and of the last pong, and each round trip's time (ping to
+/// ping), whose median and tail tell a slow path from a thread that lost its core.</summary>
+internal sealed class PingPongScore(int roundTrips)
+{
+    public int RoundTrips { get; } = roundTrips;
+    public volatile bool ApReady;
+    public long Start;
+    public long End;
+    public long LastPing;
+    public readonly long[] Trips = new long[roundTrips];
+    public readonly long[] Exits = new long[2];
+    public readonly long[] Signals = new long[2];
+    public long AllocatedBytes;
+
+    public double PerRoundTripMicroseconds =>
+        End == 0 ? throw new InvalidOperationException("the ping-pong did not finish") : Stopwatch.GetElapsedTime(Start, End).TotalMicroseconds / RoundTrips;
+
+    /// <summary>A round trip's time at quantile <paramref name="q"/>, in µs (the first one has no
+    /// ping before it and is left out).</summary>
+    public double Percentile(double q)
+    {
+        var sorted = Trips.AsSpan(1).ToArray();
+        Array.Sort(sorted);
+        return Stopwatch.GetElapsedTime(0, sorted[(int)(q * (sorted.Length - 1))]).TotalMicroseconds;
+    }
+
+    public static PingPongScore Best(PingPongScore? a, PingPongScore b) =>
+        a is null || b.PerRoundTripMicroseconds < a.PerRoundTripMicroseconds ? b : a;
+}
+
+/// <summary>
+/// A vcpu of the IPI ping-pong guest without KVM: <see cref="Run"/> returns at once the exit the
+/// `lapic` bench's guest would make next. vcpu 0 (the BSP, xAPIC) enables its APIC, starts vcpu 1
+/// with INIT-SIPI, waits (running, no exits) until vcpu 1 is ready, then sends vector 0x41 to APIC 1
+/// (ICR high, ICR low) and halts until its handler for 0x40 (EOI) has counted the pong; after the
+/// last one it writes the debug-exit port. vcpu 1 (after the SIPI) turns on x2APIC (RDMSR, WRMSR
+/// IA32_APIC_BASE), writes its SVR, and halts; its handler for 0x41 writes EOI and sends 0x40 to
+/// APIC 0 through the x2APIC ICR. As in the guest, interrupts are open only in HLT (sti; hlt), and an
+/// interrupt queued with <see cref="InjectInterrupt"/> is taken at the next entry. Kicks follow
+/// <see cref="VcpuHandle"/>: immediate_exit, and a signal (counted) only to a vcpu in or entering a run.
+/// </summary>
+internal sealed class PingPongVcpu(int id, PingPongScore score) : IVcpu
+{
+    private const ulong Apic = LocalApic.DefaultBaseAddress;
+    private const uint PingVector = 0x41, PongVector = 0x40;
+    private readonly List<VmExit> _next = [];
+    private int _immediateExit;
+    private int _inRun;
+    private int _boundThread;
+    private byte? _injected;
+    private bool _halted;
+    private bool _booted;
+    private int _sent, _received;
+    private KvmRegs _regs;
+    private KvmSregs _sregs;
+
+    public int Id { get; } = id;
+
+    /// <summary>Where the guest is, for a diagnosis of a run that did not end.</summary>
+    public string State => $"booted {_booted}, sent {_sent}, received {_received}, halted {_halted}, {_next.Count} exits queued";
+
+    public VmExit Run()
+    {
+        if (Volatile.Read(ref _inRun) == 0) Interlocked.Exchange(ref _inRun, 1);
+        try
+        {
+            if (Interlocked.Exchange(ref _immediateExit, 0) != 0) return VmExit.Intr.Instance;
+            if (_injected is { } vector)
+            {
+                _injected = null;
+                TakeInterrupt(vector);
+            }
+            if (_next.Count == 0 && !Continue()) return VmExit.Intr.Instance;
+            var exit = _next[0];
+            _next.RemoveAt(0);
+            if (Id == 0 && exit is VmExit.Mmio { Value: PingVector })
+            {
+                var now = Stopwatch.GetTimestamp();
+                if (score.LastPing != 0) score.Trips[_sent - 1] = now - score.LastPing;
+                score.LastPing = now;
+            }
+            _halted = exit is VmExit.Hlt;
+            score.Exits[Id]++;
+            return exit;
+        }
+        finally
+        {
+            Volatile.Write(ref _inRun, 0);
+        }
+    }
+
+    /// <summary>The guest's straight-line code after the last exit; false when a kick ended a wait
+    /// that makes no exit (vcpu 0 spinning for the AP).</summary>
+    private bool Continue()
+    {
+        if (!_booted)
+        {
+            _booted = true;
+            if (Id == 0)
+                Queue(MmioWrite(ApicOffsets.Svr, 0x1FF), MmioWrite(ApicOffsets.IcrHigh, 1u << 24),
+                    MmioWrite(ApicOffsets.IcrLow, 0x4500), MmioWrite(ApicOffsets.IcrLow, 0x4609));
+            else
+                Queue(new VmExit.MsrRead(ApicMsrs.ApicBase, 0)); // its completion queues the rest
+            return true;
+        }
+        if (Id == 1)
+        {
+            score.ApReady = true;
+            Queue(VmExit.Hlt.Instance);
+            return true;
+        }
+        if (_sent == 0)
+        {
+            while (!score.ApReady)
+            {
+                if (Volatile.Read(ref _immediateExit) != 0) return false;
+                Thread.SpinWait(20);
+            }
+            score.Start = Stopwatch.GetTimestamp();
+        }
+        if (_received < _sent) Queue(VmExit.Hlt.Instance);
+        else if (_sent < score.RoundTrips)
+        {
+            _sent++;
+            Queue(MmioWrite(ApicOffsets.IcrHigh, 1u << 24), MmioWrite(ApicOffsets.IcrLow, PingVector));
+        }
+        else
+        {
+            score.End = Stopwatch.GetTimestamp();
+            Queue(new VmExit.Io(IsOut: true, BenchGuest.DebugExitPort, 1, 1, 0, null));
+        }
+        return true;
+    }
+
+    /// <summary>The handler runs before what was left of the interrupted code.</summary>
+    private void TakeInterrupt(byte vector)
+    {
+        _halted = false;
+        if (Id == 0 && vector == PongVector)
+        {
+            _received++;
+            _next.Insert(0, MmioWrite(ApicOffsets.Eoi, 0));
+        }
+        else if (Id == 1 && vector == PingVector)
+        {
+            _next.InsertRange(0, [new VmExit.MsrWrite(0x80B, 0, 0), new VmExit.MsrWrite(0x830, PongVector, 0)]);
+        }
+        else throw new InvalidOperationException($"vcpu {Id} got unexpected vector {vector:x2}");
+    }
+
+    private void Queue(params VmExit[] exits) => _next.AddRange(exits);
+
+    private static VmExit.Mmio MmioWrite(int offset, uint value) => new(Apic + (ulong)offset, IsWrite: true, 4, value);
+
+    public void CompleteIoIn(int index, ulong value) { }
+
+    public void CompleteMmioRead(ulong value) { }
+
+    public void CompleteMsrRead(ulong value, bool fault)
+    {
+        if (fault) throw new InvalidOperationException("RDMSR IA32_APIC_BASE faulted");
+        Queue(new VmExit.MsrWrite(ApicMsrs.ApicBase, value | 0xC00, 0), new VmExit.MsrWrite(0x80F, 0x1FF, 0));
+    }
+
+    public void CompleteMsrWrite(bool fault)
+    {
+        if (fault) throw new InvalidOperationException($"vcpu {Id}: a WRMSR faulted");
+    }
+
+    public KvmRegs GetRegisters() => _regs;
+    public void SetRegisters(in KvmRegs regs) => _regs = regs;
+    public KvmSregs GetSpecialRegisters() => _sregs;
+    public void SetSpecialRegisters(in KvmSregs sregs) => _sregs = sregs;
+
+    /// <summary>sti; hlt: interrupts are open only while the guest sleeps.</summary>
+    public bool InterruptsEnabled => _halted;
+    public bool ReadyForInterruptInjection => _halted && _injected is null;
+    public bool RequestInterruptWindow { set { } }
+
+    public void InjectInterrupt(byte vector) => _injected = vector;
+
+    public void InjectNmi() => throw new InvalidOperationException("the ping-pong sends no NMI");
+
+    public bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical)
+    {
+        physical = default;
+        return false;
+    }
+
+    public void BindToCurrentThread() => _boundThread = Environment.CurrentManagedThreadId;
+
+    public void Kick()
+    {
+        if (_boundThread == Environment.CurrentManagedThreadId) return;
+        Volatile.Write(ref _immediateExit, 1);
+        Interlocked.MemoryBarrier();
+        if (Volatile.Read(ref _inRun) == 0) return;
+        Interlocked.Increment(ref score.Signals[Id]);
+    }
+
+    public void PrepareToRun()
+    {
+        Volatile.Write(ref _immediateExit, 0);
+        Interlocked.Exchange(ref _inRun, 1);
+    }
+
+    public void CancelRun() => Volatile.Write(ref _inRun, 0);
+
+    public void Dispose() { }
+}
