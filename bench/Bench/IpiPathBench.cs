@@ -25,32 +25,41 @@ namespace ActorVmm.Bench;
 /// </summary>
 internal static class IpiPathBench
 {
-    public static async Task<int> RunAsync(int roundTrips, int reps)
+    public static async Task<int> RunAsync(int roundTrips, int reps, string only)
     {
+        if (only is not ("all" or "bare" or "actors" or "pool"))
+        {
+            Console.Error.WriteLine($"ipipath: the variant is bare, actors, pool or all, not \"{only}\"");
+            return 2;
+        }
         HostRunner.ConfigureLogging();
         var pool = Akka.Configuration.ConfigurationFactory.ParseString("actorvmm.vlapic-dispatcher.type = Dispatcher")
             .WithFallback(VmConfig.Load(null));
         PingPongScore? bare = null, actors = null, actorsPool = null;
         for (var i = 0; i < reps; i++)
         {
-            bare = PingPongScore.Best(bare, Bare(roundTrips));
-            actors = PingPongScore.Best(actors, await Actors(roundTrips, VmConfig.Load(null)));
+            if (only is "all" or "bare") bare = PingPongScore.Best(bare, Bare(roundTrips));
+            if (only is "all" or "actors") actors = PingPongScore.Best(actors, await Actors(roundTrips, VmConfig.Load(null)));
         }
         // Last: the pool's threads stay awake a while after a run and would take a core from the next.
-        for (var i = 0; i < reps; i++)
-            actorsPool = PingPongScore.Best(actorsPool, await Actors(roundTrips, pool));
+        if (only is "all" or "pool")
+            for (var i = 0; i < reps; i++)
+                actorsPool = PingPongScore.Best(actorsPool, await Actors(roundTrips, pool));
         Console.WriteLine($"IPI round trip, the host's share (no KVM: vcpus that exit at once): {roundTrips} round trips, best of {reps}");
         Console.WriteLine($"{"",-40}{"µs/round trip",15}{"median",8}{"p99",8}{"ratio",8}");
         foreach (var (name, score) in new[]
                  {
-                     ("bare loop (LocalApic models, no actors)", bare!), ("actors", actors!),
-                     ("actors, vlapics on the thread pool", actorsPool!),
+                     ("bare loop (LocalApic models, no actors)", bare), ("actors", actors),
+                     ("actors, vlapics on the thread pool", actorsPool),
                  })
-            Console.WriteLine($"{name,-40}{score.PerRoundTripMicroseconds,15:F2}{score.Percentile(0.5),8:F1}{score.Percentile(0.99),8:F1}" +
-                              $"{score.PerRoundTripMicroseconds / bare!.PerRoundTripMicroseconds,8:F2}");
-        Console.WriteLine($"actors: {actors!.Exits[0] / (double)roundTrips:F2} + {actors.Exits[1] / (double)roundTrips:F2} exits, " +
-                          $"{actors.Signals[0] / (double)roundTrips:F2} + {actors.Signals[1] / (double)roundTrips:F2} kick signals, " +
-                          $"{actors.AllocatedBytes / (double)roundTrips:F0} bytes allocated per round trip");
+            if (score is not null)
+                Console.WriteLine($"{name,-40}{score.PerRoundTripMicroseconds,15:F2}{score.Percentile(0.5),8:F1}{score.Percentile(0.99),8:F1}" +
+                                  (bare is null ? "" : $"{score.PerRoundTripMicroseconds / bare.PerRoundTripMicroseconds,8:F2}"));
+        foreach (var (name, score) in new[] { ("actors", actors), ("actors, vlapics on the thread pool", actorsPool) })
+            if (score is not null)
+                Console.WriteLine($"{name}: {score.Exits[0] / (double)roundTrips:F2} + {score.Exits[1] / (double)roundTrips:F2} exits, " +
+                                  $"{score.Signals[0] / (double)roundTrips:F2} + {score.Signals[1] / (double)roundTrips:F2} kick signals, " +
+                                  $"{score.AllocatedBytes / (double)roundTrips:F0} bytes allocated per round trip");
         return 0;
     }
 

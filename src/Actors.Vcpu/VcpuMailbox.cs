@@ -26,17 +26,15 @@ public sealed class VcpuMailboxType(Settings settings, Config config)
 public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
     private readonly IActorRef _owner;
-    private readonly IMessageQueue _queue;
-    private readonly bool _plain;
+    private readonly TracedMessageQueue _queue;
     private IVcpu? _vcpu;
 
     public VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null, LinkFaultPlan? faults = null)
     {
         _owner = owner;
-        // Tracing and fault injection off: Akka's deque, nothing else on the hot path. On: the
-        // traced deque, which kicks (through its arrival callback) when a message really arrives.
-        _plain = trace is null && faults is null;
-        _queue = _plain ? new UnboundedDequeMessageQueue() : new TracedMessageQueue(owner, trace, faults, KickIfUrgent);
+        // The traced deque (with tracing and fault injection off it only queues): it kicks, through
+        // its arrival callback, when a message really arrives, and lets the actor peek at its head.
+        _queue = new TracedMessageQueue(owner, trace, faults, KickIfUrgent);
     }
 
     public bool HasMessages => _queue.HasMessages;
@@ -48,11 +46,10 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
     private long _lastUrgent;
     public int Count => _queue.Count;
 
-    public void Enqueue(IActorRef receiver, Envelope envelope)
-    {
-        _queue.Enqueue(receiver, envelope);
-        if (_plain) KickIfUrgent(envelope);
-    }
+    public void Enqueue(IActorRef receiver, Envelope envelope) => _queue.Enqueue(receiver, envelope);
+
+    /// <summary>The message first in line, left there; only the owner's thread may ask.</summary>
+    public bool TryPeek([System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out object? message) => _queue.TryPeek(out message);
 
     // Akka's own Identify (ActorSelection.ResolveOne), PoisonPill and Kill must be seen
     // promptly too, or a vcpu spinning in the guest would never answer them. The vlapic's
@@ -72,7 +69,7 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
         }
     }
 
-    public void EnqueueFirst(Envelope envelope) => ((IDequeBasedMessageQueueSemantics)_queue).EnqueueFirst(envelope);
+    public void EnqueueFirst(Envelope envelope) => _queue.EnqueueFirst(envelope);
     public bool TryDequeue(out Envelope envelope) => _queue.TryDequeue(out envelope);
     public void CleanUp(IActorRef owner, IMessageQueue deadletters) => _queue.CleanUp(owner, deadletters);
 }

@@ -176,6 +176,49 @@ public sealed class VcpuInterruptTests : TestKit
         Assert.Empty(rig.Fake.Injected);
     }
 
+    /// <summary>A vlapic stand-in that answers on the sender's thread (the real one's dispatcher),
+    /// first with a stale answer when <paramref name="staleFirst"/>: MSR 0x802 reads as 0x5000 + its
+    /// request id, a write is refused when its value is odd.</summary>
+    private sealed class AnsweringVlapic : ReceiveActor
+    {
+        public AnsweringVlapic(bool staleFirst)
+        {
+            Receive<VlapicProtocol.MsrRead>(r =>
+            {
+                if (staleFirst) Sender.Tell(new VlapicProtocol.MsrReadResult(r.Id - 1, true, 0xBAD));
+                Sender.Tell(new VlapicProtocol.MsrReadResult(r.Id, r.Msr == 0x802, 0x5000 + (ulong)r.Id));
+            });
+            Receive<VlapicProtocol.MsrWrite>(w =>
+            {
+                if (staleFirst) Sender.Tell(new VlapicProtocol.MsrWriteResult(w.Id - 1, true));
+                Sender.Tell(new VlapicProtocol.MsrWriteResult(w.Id, w.Value % 2 == 0));
+            });
+        }
+    }
+
+    [Theory]
+    [InlineData(false)] // the answer is first in line when Tell returns: taken at once
+    [InlineData(true)] // a stale answer is first: the vcpu waits for its own as for a device read
+    public void Apic_msr_exits_must_complete_with_an_answer_given_on_the_vcpus_own_thread(bool staleFirst)
+    {
+        var fake = new ScriptedVcpu(0);
+        var vlapic = Sys.ActorOf(Akka.Actor.Props.Create(() => new AnsweringVlapic(staleFirst)).WithDispatcher(VcpuProtocol.VlapicDispatcherId));
+        var wiring = new Wiring(AddressBus<DeviceRoute>.Empty, AddressBus<DeviceRoute>.Empty, CreateTestProbe("vm").Ref,
+            null, vlapic, CreateTestProbe("pic").Ref);
+        var actor = Sys.ActorOf(PropsForTest(fake, wiring), "vcpu-0");
+        _started.Add((actor, fake));
+        actor.Tell(Start.Instance);
+        Assert.True(fake.WaitUntilIdleInGuest());
+
+        fake.Supply(new VmExit.MsrRead(0x802, 0), new VmExit.MsrWrite(0x80B, 0, 0), new VmExit.MsrWrite(0x830, 0x41, 0),
+            new VmExit.MsrRead(0x803, 0));
+
+        Assert.True(fake.WaitUntil(f => f.MsrReadCompletions.Count == 2 && f.MsrWriteCompletions.Count == 2 && f.IdleInGuest));
+        Assert.Equal((0x5001UL, false), fake.MsrReadCompletions[0]); // the first request's own answer, not the stale one
+        Assert.True(fake.MsrReadCompletions[1].Fault); // 0x803 refused: #GP
+        Assert.Equal([false, true], fake.MsrWriteCompletions); // even value written, odd one refused
+    }
+
     [Fact]
     public async Task Apic_msr_exits_must_wait_for_the_vlapics_answer()
     {

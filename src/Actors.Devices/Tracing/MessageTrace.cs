@@ -171,6 +171,24 @@ public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink, LinkFa
 
     public void EnqueueFirst(Envelope envelope) => _prepended.Push(envelope);
 
+    /// <summary>The message <see cref="TryDequeue"/> would take next, left in place (the owner's
+    /// thread only: it alone dequeues, so what it saw is what it takes).</summary>
+    public bool TryPeek([System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out object? message)
+    {
+        if (_prepended.TryPeek(out var prepended))
+        {
+            message = prepended.Message;
+            return true;
+        }
+        if (_queue.TryPeek(out var entry))
+        {
+            message = entry.Envelope.Message;
+            return true;
+        }
+        message = null;
+        return false;
+    }
+
     public bool TryDequeue(out Envelope envelope)
     {
         if (_prepended.TryPop(out envelope))
