@@ -458,7 +458,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         if (_haltedAt != 0) AdaptHaltPoll();
         _state = State.Running;
         Become(Running);
-        Self.Tell(Run.Instance);
+        // With nothing else waiting, run the guest now rather than through a Run message (a wake-up
+        // or an answer from the vlapic costs one mailbox turn less); otherwise what came first is
+        // handled first.
+        if (_mailbox.HasMessages) Self.Tell(Run.Instance);
+        else Step();
     }
 
     private void EnterHalted()
