@@ -45,9 +45,9 @@ if (args.Length > 0 && args[0] == "lapic")
     return await ActorVmm.Bench.LapicBench.RunAsync(Count(1, 2_000), Count(2, 500), Count(3, 1_000), Count(4, 3));
 if (args.Length > 0 && args[0] == "ipipath")
     return await ActorVmm.Bench.IpiPathBench.RunAsync(Count(1, 20_000), Count(2, 3), args.Length > 3 ? args[3] : "all");
-if (args.Length > 0 && args[0] == "io") args = args[1..];
-var n = args.Length > 0 ? int.Parse(args[0]) : 100_000;
-var reps = args.Length > 1 ? int.Parse(args[1]) : 3;
+var at = args.Length > 0 && args[0] == "io" ? 1 : 0; // "io" may be named or not
+var n = Count(at, 100_000);
+var reps = Count(at + 1, 3);
 
 if (!BenchGuest.KvmAvailable()) return 2;
 

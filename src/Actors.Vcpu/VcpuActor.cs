@@ -456,6 +456,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private void EnterRunning()
     {
         if (_haltedAt != 0) AdaptHaltPoll();
+        if (_haltReported)
+        {
+            _haltReported = false;
+            _wiring.Vm.Tell(new VcpuWoken(Id));
+        }
         _state = State.Running;
         Become(Running);
         // With nothing else waiting, run the guest now rather than through a Run message (a wake-up
@@ -947,6 +952,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         _haltedAt = System.Diagnostics.Stopwatch.GetTimestamp();
         if (!_vcpu.InterruptsEnabled)
         {
+            _haltReported = true;
             _wiring.Vm.Tell(new VcpuHalted(Id));
             return false; // with IF=0 no interrupt wakes it soon: no polling
         }
@@ -955,6 +961,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     }
 
     // ---- halt polling (KVM's halt_poll_ns, for the HLTs this vcpu handles itself) ----
+
+    /// <summary>The VM was told this halt (IF=0) may be the vcpu's last: it is told when the vcpu runs again.</summary>
+    private bool _haltReported;
 
     /// <summary>When the guest halted (Stopwatch ticks); 0 when it is not halted.</summary>
     private long _haltedAt;
@@ -1065,6 +1074,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             if (!_kernelStarted) NoteKernelStart(mp);
             if (mp != KvmMpState.Halted)
             {
+                if (_kernelHaltReported) _wiring.Vm.Tell(new VcpuWoken(Id));
                 _kernelHaltReported = false;
                 _eoiFlushed = false;
                 return;

@@ -131,6 +131,10 @@ public static class VcpuProtocol
     /// loop of a guest waiting for its next interrupt: nobody is told.)</summary>
     public sealed record VcpuHalted(int VcpuId) : IVcpuMessage;
 
+    /// <summary>Told to the VM when a vcpu it was told of with <see cref="VcpuHalted"/> runs again
+    /// (an NMI or INIT woke it): the VM no longer counts it as halted for good.</summary>
+    public sealed record VcpuWoken(int VcpuId) : IVcpuMessage;
+
     /// <summary>Told to the VM when an AP leaves wait-for-SIPI and starts running at
     /// <paramref name="Vector"/> &lt;&lt; 12 (the VM then counts it among its started vcpus).</summary>
     public sealed record StartedBySipi(int VcpuId, byte Vector) : IVcpuMessage;

@@ -424,6 +424,22 @@ public sealed class VcpuActorTests : TestKit
     }
 
     [Fact]
+    public async Task Vcpu_must_tell_the_vm_when_an_nmi_wakes_it_from_a_hlt_with_interrupts_disabled()
+    {
+        var rig = Create();
+        rig.Fake.InterruptsEnabled = false;
+        rig.Fake.Supply(VmExit.Hlt.Instance);
+        Assert.Equal(new VcpuHalted(0), await rig.Vm.ExpectMsgAsync<VcpuHalted>());
+
+        rig.Vcpu.Tell(new ActorVmm.Lapic.VlapicProtocol.NmiPending(0));
+
+        Assert.Equal(new VcpuWoken(0), await rig.Vm.ExpectMsgAsync<VcpuWoken>());
+        Assert.True(rig.Fake.WaitUntil(f => f.NmisInjected == 1 && f.InRun));
+        rig.Fake.Supply(VmExit.Hlt.Instance); // halts again: told again
+        Assert.Equal(new VcpuHalted(0), await rig.Vm.ExpectMsgAsync<VcpuHalted>());
+    }
+
+    [Fact]
     public async Task Vcpu_must_stay_halted_until_notified()
     {
         var rig = Create();

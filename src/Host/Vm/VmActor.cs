@@ -97,6 +97,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             if (outcome is not null) End(outcome);
             TryFinish();
         });
+        Receive<VcpuProtocol.VcpuWoken>(w => _haltedForever.Remove(w.VcpuId)); // an NMI or INIT woke it
         Receive<VcpuProtocol.StartedBySipi>(s =>
         {
             // An AP brought up by INIT-SIPI counts among the vcpus whose halt ends the VM.
