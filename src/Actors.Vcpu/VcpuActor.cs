@@ -835,11 +835,6 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private static readonly long ReplySpinTicks = System.Diagnostics.Stopwatch.Frequency / 50_000; // 20 µs
 
     /// <summary>
-    /// A device usually answers a read within microseconds: spinning that long keeps the vcpu thread
-    /// awake, so the dispatcher hands it the reply at once instead of waking it from a sleep (which
-    /// costs more than the read). Returns as soon as any message is in the mailbox.
-    /// </summary>
-    /// <summary>
     /// The vlapic runs on this thread (InlineDispatcher), so its answer to an MSR access is usually
     /// in the mailbox before Tell returns. Taken at once when it is first in line, it spares the
     /// vcpu a turn of its mailbox and a Run message: the guest goes on in this same Step. With
@@ -865,6 +860,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         return true;
     }
 
+    /// <summary>
+    /// A device usually answers a read within microseconds: spinning that long keeps the vcpu thread
+    /// awake, so the dispatcher hands it the reply at once instead of waking it from a sleep (which
+    /// costs more than the read). Returns as soon as any message is in the mailbox.
+    /// </summary>
     private void SpinForReply() => SpinUntilMessage(System.Diagnostics.Stopwatch.GetTimestamp() + ReplySpinTicks);
 
     /// <summary>

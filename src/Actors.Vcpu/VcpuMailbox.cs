@@ -28,6 +28,7 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
     private readonly IActorRef _owner;
     private readonly TracedMessageQueue _queue;
     private IVcpu? _vcpu;
+    private long _lastUrgent;
 
     public VcpuMessageQueue(IActorRef owner, ITraceSink? trace = null, LinkFaultPlan? faults = null)
     {
@@ -43,7 +44,6 @@ public sealed class VcpuMessageQueue : IMessageQueue, IUnboundedDequeBasedMessag
     /// halted vcpu was woken, as opposed to when its thread got round to it.</summary>
     public long LastUrgentTicks => Volatile.Read(ref _lastUrgent);
 
-    private long _lastUrgent;
     public int Count => _queue.Count;
 
     public void Enqueue(IActorRef receiver, Envelope envelope) => _queue.Enqueue(receiver, envelope);
