@@ -30,7 +30,10 @@ public sealed class FaultInjectionTests : ScriptedVmTestKit
         var rig = Vms.Start(cpus: 2);
         var vmspace = await this.ActorAsync(rig.Vm, "vmspace");
 
-        var stall = this.StallAsync(rig.Vm, "vcpu-0", TimeSpan.FromMilliseconds(600), "test");
+        // Resolved first: resolving kicks the vcpu out of the guest too, which must not pass for the stall.
+        var vcpu = await this.ActorAsync(rig.Vm, "vcpu-0");
+        Assert.True(rig.Vcpus[0].WaitUntilIdleInGuest(), "the vcpu goes back into the guest after it was resolved");
+        var stall = ActorVmm.Testing.VmFaults.StallAsync(vcpu, TimeSpan.FromMilliseconds(600), "test");
         Assert.True(rig.Vcpus[0].WaitUntil(v => !v.InRun, Wait), "the vcpu must be kicked out of the guest to stall");
         vmspace.Tell(new VmspaceProtocol.SyncEpt(1));
         await ExpectNoMsgAsync(TimeSpan.FromMilliseconds(250)); // the stalled vcpu has not acked

@@ -106,6 +106,32 @@ public sealed class InterruptWiringTests : ScriptedVmTestKit
     }
 
     [Fact]
+    public async Task A_vcpu_an_nmi_wakes_from_a_halt_with_interrupts_disabled_keeps_the_vm_running()
+    {
+        var rig = Start(cpus: 2);
+        // vcpu 1 brought up by INIT-SIPI (so the VM counts it among its started vcpus).
+        rig.Vcpus[0].Supply(EnableApic(), MmioWrite(Lapic + 0x310, 1u << 24), MmioWrite(Lapic + 0x300, 0x0000_4500),
+            MmioWrite(Lapic + 0x300, 0x0000_4608));
+        Assert.True(rig.Vcpus[1].WaitUntilIdleInGuest(Wait), "the AP did not start after SIPI");
+        rig.Vcpus[1].InterruptsEnabled = false;
+        rig.Vcpus[1].Supply(EnableApic(), VmExit.Hlt.Instance); // cli; hlt: done, unless an NMI comes
+
+        Assert.True(rig.Vcpus[1].WaitUntil(v => v.Consumed == 2 && !v.InRun, Wait));
+        rig.Vcpus[0].Supply(MmioWrite(Lapic + 0x300, 0x0000_0400)); // NMI to APIC 1
+        Assert.True(rig.Vcpus[1].WaitUntil(v => v.NmisInjected == 1 && v.IdleInGuest, Wait), "the NMI did not wake vcpu 1");
+
+        rig.Vcpus[0].InterruptsEnabled = false;
+        rig.Vcpus[0].Supply(VmExit.Hlt.Instance);
+        Assert.True(rig.Vcpus[0].WaitUntil(v => !v.InRun && v.Consumed == 6, Wait));
+        await Task.Delay(300); // the VM has had VcpuHalted(0) by now: it must not end, vcpu 1 runs
+        Assert.False(rig.Ended.IsCompleted, $"the VM ended while vcpu 1 ran: {(rig.Ended.IsCompleted ? rig.Ended.Result : null)}");
+
+        rig.Vcpus[1].Supply(VmExit.Hlt.Instance);
+        var outcome = await rig.Ended.WaitAsync(Wait);
+        Assert.Equal(VmProtocol.OutcomeKind.Halted, outcome.Kind);
+    }
+
+    [Fact]
     public async Task Init_then_sipi_must_start_the_ap_at_the_vector_address_in_real_mode()
     {
         var rig = Start(cpus: 2);

@@ -24,9 +24,13 @@ public static class VmFaults
         (await ActorAsync(system, vm, path)).Tell(new FaultProtocol.Crash(reason));
 
     /// <summary>Stalls the actor's thread; the task ends with the stall.</summary>
-    public static async Task<string> StallAsync(ActorSystem system, IActorRef vm, string path, TimeSpan duration, string reason)
+    public static async Task<string> StallAsync(ActorSystem system, IActorRef vm, string path, TimeSpan duration, string reason) =>
+        await StallAsync(await ActorAsync(system, vm, path), duration, reason);
+
+    /// <summary>Stalls an actor already resolved. (Resolving a vcpu kicks it out of the guest: a
+    /// test that watches for the stall's kick resolves first.)</summary>
+    public static async Task<string> StallAsync(IActorRef actor, TimeSpan duration, string reason)
     {
-        var actor = await ActorAsync(system, vm, path);
         var reply = await actor.Ask<FaultProtocol.Injected>(new FaultProtocol.Stall(duration, reason), duration + Resolve);
         return reply.What;
     }
