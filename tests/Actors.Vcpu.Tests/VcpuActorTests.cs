@@ -413,22 +413,13 @@ public sealed class VcpuActorTests : TestKit
     // ---- HLT ----
 
     [Fact]
-    public async Task Vcpu_must_report_hlt_with_interrupts_disabled()
+    public async Task Vcpu_must_report_hlt_with_interrupts_disabled_and_tell_the_vm_when_an_nmi_wakes_it()
     {
         var rig = Create();
         rig.Fake.InterruptsEnabled = false;
 
         rig.Fake.Supply(VmExit.Hlt.Instance);
 
-        Assert.Equal(new VcpuHalted(0), await rig.Vm.ExpectMsgAsync<VcpuHalted>());
-    }
-
-    [Fact]
-    public async Task Vcpu_must_tell_the_vm_when_an_nmi_wakes_it_from_a_hlt_with_interrupts_disabled()
-    {
-        var rig = Create();
-        rig.Fake.InterruptsEnabled = false;
-        rig.Fake.Supply(VmExit.Hlt.Instance);
         Assert.Equal(new VcpuHalted(0), await rig.Vm.ExpectMsgAsync<VcpuHalted>());
 
         rig.Vcpu.Tell(new ActorVmm.Lapic.VlapicProtocol.NmiPending(0));
