@@ -4,18 +4,19 @@ namespace ActorVmm.Memory;
 
 /// <summary>
 /// The seed's <c>pmap_invalidate_ept()</c>: a generation number per vmspace and the vcpus that must
-/// acknowledge it. A change running vcpus must see bumps the generation and sends
-/// <see cref="VmspaceProtocol.InvalidateEpt"/> to every running vcpu; the change is complete once
-/// every registered vcpu that is running has acked that generation (or a later one). Paused or
-/// halted vcpus ack at once: they will see the new state when they next enter the guest.
-/// Kicking a vcpu spinning in the guest is the vcpu side's job (its mailbox kicks on this message).
+/// acknowledge it. A change vcpus must see bumps the generation and sends
+/// <see cref="VmspaceProtocol.InvalidateEpt"/> to every registered vcpu; the change is complete once
+/// each has acked that generation (or a later one). There is no "not running, acks at once"
+/// shortcut here: a paused or halted vcpu acks from its own thread as soon as the request arrives
+/// (it is out of the guest), and only that thread can harvest its dirty ring first, which a
+/// shortcut would skip. Kicking a vcpu spinning in the guest is the vcpu side's job (its mailbox
+/// kicks on this message).
 /// </summary>
 internal sealed class EptBarrier
 {
-    private sealed class Vcpu(IActorRef actor, bool running, ulong acked)
+    private sealed class Vcpu(IActorRef actor, ulong acked)
     {
-        public IActorRef Actor { get; set; } = actor;
-        public bool Running { get; set; } = running;
+        public IActorRef Actor { get; } = actor;
         public ulong Acked { get; set; } = acked;
     }
 
@@ -27,24 +28,15 @@ internal sealed class EptBarrier
     public int Waiting => _waiting.Count;
 
     /// <summary>A vcpu joins; it has nothing stale (it will enter with the current state).</summary>
-    public void Register(int vcpuId, IActorRef vcpu, bool running)
+    public void Register(int vcpuId, IActorRef vcpu)
     {
-        _vcpus[vcpuId] = new Vcpu(vcpu, running, Generation);
+        _vcpus[vcpuId] = new Vcpu(vcpu, Generation);
         CompleteSatisfied();
     }
 
     public void Unregister(int vcpuId)
     {
         _vcpus.Remove(vcpuId);
-        CompleteSatisfied();
-    }
-
-    /// <summary>Running --Pause/Halt--> not running: acks everything so far at once.</summary>
-    public void SetRunning(int vcpuId, bool running)
-    {
-        if (!_vcpus.TryGetValue(vcpuId, out var v)) return;
-        v.Running = running;
-        if (!running) v.Acked = Generation;
         CompleteSatisfied();
     }
 
@@ -55,24 +47,20 @@ internal sealed class EptBarrier
         CompleteSatisfied();
     }
 
-    /// <summary>Bumps the generation and tells every running vcpu; returns the new generation.</summary>
+    /// <summary>Bumps the generation and tells every vcpu; returns the new generation.</summary>
     public ulong Invalidate(IActorRef self)
     {
         var g = ++Generation;
-        foreach (var (_, v) in _vcpus)
-        {
-            if (v.Running) v.Actor.Tell(new VmspaceProtocol.InvalidateEpt(g), self);
-            else v.Acked = g;
-        }
+        foreach (var (_, v) in _vcpus) v.Actor.Tell(new VmspaceProtocol.InvalidateEpt(g), self);
         return g;
     }
 
-    /// <summary>The vcpus <see cref="Invalidate"/> tells (the running ones).</summary>
-    public IReadOnlyList<int> RunningVcpus => [.. _vcpus.Where(v => v.Value.Running).Select(v => v.Key)];
+    /// <summary>The vcpus <see cref="Invalidate"/> tells.</summary>
+    public IReadOnlyList<int> VcpuIds => [.. _vcpus.Keys];
 
-    public bool IsComplete(ulong generation) => _vcpus.Values.All(v => !v.Running || v.Acked >= generation);
+    public bool IsComplete(ulong generation) => _vcpus.Values.All(v => v.Acked >= generation);
 
-    /// <summary>Runs <paramref name="complete"/> once every running vcpu acked <paramref name="generation"/>
+    /// <summary>Runs <paramref name="complete"/> once every vcpu acked <paramref name="generation"/>
     /// (now, if they already have).</summary>
     public void WhenComplete(ulong generation, Action complete)
     {

@@ -16,8 +16,8 @@ namespace ActorVmm.Memory;
 /// memory still readable and writable through the host view).
 /// Dirty tracking (<see cref="VmspaceOptions.DirtyTracking"/>): uffd-wp lives in the pager's pmap;
 /// with dirty-log the vmspace reads and clears KVM's log; with dirty-ring the vcpus harvest their
-/// rings on their own threads and send the GFNs here, with their EPT acks (every vcpu is
-/// registered as running, so every one is asked) and after a ring-full exit.
+/// rings on their own threads and send the GFNs here, with their EPT acks (every
+/// vcpu is asked, whatever its state) and after a ring-full exit.
 /// </summary>
 internal sealed class VmspaceActor : ReceiveActor
 {
@@ -90,7 +90,7 @@ internal sealed class VmspaceActor : ReceiveActor
             _pager!.RefreshUntracked();
             if (_options.DirtyTracking == DirtyTracking.DirtyRing)
             {
-                // The rings are per vcpu: each running vcpu harvests its own at the barrier.
+                // The rings are per vcpu: each vcpu harvests its own at the barrier.
                 var replyTo = Sender;
                 AwaitEptInvalidation(replyTo, _ => new AccessedDirty(s.Id, _pager.Ram.Gpa(first), ScanKvmDirty(first, count)));
             }
@@ -153,8 +153,7 @@ internal sealed class VmspaceActor : ReceiveActor
             ReleaseHoldsOf(t.ActorRef);
         });
 
-        Receive<RegisterVcpu>(r => _barrier.Register(r.VcpuId, r.Vcpu, r.Running));
-        Receive<VcpuRunState>(r => _barrier.SetRunning(r.VcpuId, r.Running));
+        Receive<RegisterVcpu>(r => _barrier.Register(r.VcpuId, r.Vcpu));
         Receive<UnregisterVcpu>(r =>
         {
             _knownDirty?.Forget(r.VcpuId);
@@ -325,7 +324,22 @@ internal sealed class VmspaceActor : ReceiveActor
 
     // ---------------------------------------------------------------- holds
 
-    private void OnHold(Hold h) => WithPages(h.Id, h.Gpa, h.Length, needPaging: false, (first, count) =>
+    private void OnHold(Hold h)
+    {
+        // A hold lasts as long as its holder: the temporary actor of an Ask dies with the answer,
+        // so its hold would be gone before the asker could use it.
+        if (IsTemporary(Sender))
+        {
+            Refuse(h.Id, "a hold needs a holder that lives on: send Hold from an actor (Tell), not with Ask, whose temporary sender dies with the answer and would release it at once");
+            return;
+        }
+        GrantHold(h);
+    }
+
+    private static bool IsTemporary(IActorRef actor) =>
+        !actor.IsNobody() && actor.Path.Elements is [ "temp", .. ];
+
+    private void GrantHold(Hold h) => WithPages(h.Id, h.Gpa, h.Length, needPaging: false, (first, count) =>
     {
         if (!Try(() => { _pager!.Hold(first, count); return true; }, "hold", out _)) { Refuse(h.Id, _failure!); return; }
         var lease = new GpaHold(++_nextHoldId, h.Gpa, h.Length);
@@ -353,9 +367,9 @@ internal sealed class VmspaceActor : ReceiveActor
     // ---------------------------------------------------------------- EPT barrier
 
     /// <summary>
-    /// The EPT-generation barrier (issue item 5, the seed's pmap_invalidate_ept): a change running
+    /// The EPT-generation barrier (issue item 5, the seed's pmap_invalidate_ept): a change the
     /// vcpus must see (write-protect, unmap for A/D or swap) is reported complete only after the
-    /// generation was bumped, <see cref="InvalidateEpt"/> went to every running vcpu, and all of
+    /// generation was bumped, <see cref="InvalidateEpt"/> went to every registered vcpu, and all of
     /// them acked. The kernel change itself is already done (with KVM, mmu notifiers have zapped
     /// the EPT entries); what waits here is the per-vcpu work (e.g. a dirty-ring harvest).
     /// </summary>
@@ -420,7 +434,7 @@ internal sealed class VmspaceActor : ReceiveActor
         var self = Self;
         var replyTo = Sender;
         var generation = _barrier.Invalidate(self);
-        _knownDirty!.Clear(generation, first, count, _barrier.RunningVcpus);
+        _knownDirty!.Clear(generation, first, count, _barrier.VcpuIds);
         _barrier.WhenComplete(generation, () => replyTo.Tell(new DirtyCleared(id, generation), self));
     }
 

@@ -119,7 +119,7 @@ public static class VmspaceProtocol
     /// <summary>Per-page A/D of a RAM range; answered with <see cref="AccessedDirty"/>. A comes from the
     /// pmap; D from the vmspace's dirty tracking (<see cref="VmspaceOptions.DirtyTracking"/>): the pmap's
     /// M (uffd-wp), KVM's dirty log, or the dirty rings (harvested first through the EPT barrier, so the
-    /// answer comes after every running vcpu acked). Held pages and pages the host wrote are dirty in all.</summary>
+    /// answer comes after every vcpu acked). Held pages and pages the host wrote are dirty in all.</summary>
     public sealed record ScanAccessedDirty(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
 
     /// <summary><paramref name="Pages"/>[i] is the page at <paramref name="Gpa"/> (rounded down) + i × 4 KiB.</summary>
@@ -162,8 +162,9 @@ public static class VmspaceProtocol
     public sealed record SwappedOut(long Id, int Pages, ulong Generation) : IVmspaceMessage;
 
     /// <summary>vm_gpa_hold: pins a RAM range for host-side access (resident, never swapped or
-    /// write-protected, counted dirty) until released or the holder stops. Answered with
-    /// <see cref="HoldGranted"/> or <see cref="Refused"/>.</summary>
+    /// write-protected, counted dirty) until released or the holder (the sender) stops. Answered
+    /// with <see cref="HoldGranted"/> or <see cref="Refused"/>; refused from Ask's temporary
+    /// sender, which stops with the answer.</summary>
     public sealed record Hold(long Id, ulong Gpa, ulong Length) : IVmspaceMessage;
 
     /// <summary>A lease on guest pages; give <see cref="HoldId"/> back with <see cref="Release"/>.</summary>
@@ -181,15 +182,13 @@ public static class VmspaceProtocol
 
     // ---- EPT generation and invalidation ------------------------------------------------
 
-    /// <summary>A vcpu joins the invalidation barrier; a vcpu not running acks every generation at once.</summary>
-    public sealed record RegisterVcpu(int VcpuId, IActorRef Vcpu, bool Running) : IVmspaceMessage;
-
-    /// <summary>Running --Pause/Halt--> not running (acks at once) and back.</summary>
-    public sealed record VcpuRunState(int VcpuId, bool Running) : IVmspaceMessage;
+    /// <summary>A vcpu joins the invalidation barrier: every later generation waits for its ack,
+    /// whatever state it is in (out of the guest, it acks as soon as the request arrives).</summary>
+    public sealed record RegisterVcpu(int VcpuId, IActorRef Vcpu) : IVmspaceMessage;
 
     public sealed record UnregisterVcpu(int VcpuId) : IVmspaceMessage;
 
-    /// <summary>To a running vcpu (which should be kicked): on its next entry it does its per-vcpu
+    /// <summary>To every registered vcpu (one in the guest is kicked): on its next entry it does its per-vcpu
     /// work (e.g. harvest its dirty ring) and answers <see cref="EptInvalidated"/>.</summary>
     public sealed record InvalidateEpt(ulong Generation) : IVmspaceMessage;
 
@@ -202,7 +201,7 @@ public static class VmspaceProtocol
     /// it went on running (guest frame numbers), and whether the ring was full to the last entry.</summary>
     public sealed record DirtyRingHarvested(int VcpuId, ulong[] Gfns, bool RingOverflowed = false) : IVmspaceMessage;
 
-    /// <summary>Bumps the generation and waits for every running vcpu; answered with <see cref="EptSynced"/>.</summary>
+    /// <summary>Bumps the generation and waits for every vcpu; answered with <see cref="EptSynced"/>.</summary>
     public sealed record SyncEpt(long Id) : IVmspaceMessage;
 
     public sealed record EptSynced(long Id, ulong Generation) : IVmspaceMessage;

@@ -71,4 +71,18 @@ public sealed class DeviceHoldTests : TestKit
         var (held, entry, bits) = await HoldState(vm, 0x20000);
         Assert.Equal((1UL, true), (held, (entry & bits.Held) != 0));
     }
+
+    [Fact]
+    public async Task A_hold_asked_for_with_Ask_is_refused_clearly_and_pins_nothing()
+    {
+        await using var vm = await PagedVmspace.StartAsync(this, 1 << 20);
+        const ulong p = 0x30000;
+        await vm.Guest(() => GuestAccess.Write(vm.Gva(p), [5]));
+        var answer = await vm.Vmspace.Ask<object>(new Hold(1, p, Page), Wait);
+
+        var refused = Assert.IsType<Refused>(answer);
+        Assert.Contains("not with Ask", refused.Reason);
+        Assert.Equal(0UL, (await HoldState(vm, p)).Held);
+        Assert.Equal(1, (await vm.Ask<SwappedOut>(new SwapOut(2, p, Page))).Pages); // nothing pins it
+    }
 }

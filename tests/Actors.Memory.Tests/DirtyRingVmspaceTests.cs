@@ -28,8 +28,8 @@ public sealed class DirtyRingVmspaceTests : TestKit
         await using var vm = await RingVmspace(this);
         var v0 = CreateTestProbe("vcpu0");
         var v1 = CreateTestProbe("vcpu1");
-        vm.Vmspace.Tell(new RegisterVcpu(0, v0, Running: true));
-        vm.Vmspace.Tell(new RegisterVcpu(1, v1, Running: true));
+        vm.Vmspace.Tell(new RegisterVcpu(0, v0));
+        vm.Vmspace.Tell(new RegisterVcpu(1, v1));
 
         vm.Vmspace.Tell(new ScanAccessedDirty(1, Base, 4 * Page), TestActor);
         var g = (await v0.ExpectMsgAsync<InvalidateEpt>(Wait)).Generation;
@@ -49,7 +49,7 @@ public sealed class DirtyRingVmspaceTests : TestKit
     {
         await using var vm = await RingVmspace(this);
         var v0 = CreateTestProbe("vcpu0");
-        vm.Vmspace.Tell(new RegisterVcpu(0, v0, Running: true));
+        vm.Vmspace.Tell(new RegisterVcpu(0, v0));
         vm.Vmspace.Tell(new DirtyRingHarvested(0, [Gfn(0), Gfn(1)])); // a full ring, before any clear
 
         vm.Vmspace.Tell(new ClearDirty(1, Base, 2 * Page), TestActor);  // pages 0 and 1

@@ -296,7 +296,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             vlapic?.Tell(new VlapicProtocol.AttachVcpu(actorRef));
             // Every vcpu takes part in the EPT barrier; even a paused or halted one acks promptly
             // (it handles messages), so all are registered as running.
-            vmspace.Tell(new VmspaceProtocol.RegisterVcpu(vcpu.Id, actorRef, Running: true));
+            vmspace.Tell(new VmspaceProtocol.RegisterVcpu(vcpu.Id, actorRef));
         }
     }
 
