@@ -63,7 +63,7 @@ internal sealed class SwapperActor : ReceiveActor, IWithTimers
             if (_refusal is null) _log.Warning("swapper: the vmspace refused a scan: {0}", r.Reason);
             _refusal = r.Reason;
         });
-        Receive<GetStats>(_ => Sender.Tell(new Stats(_scans, _skipped, _requested, _pagedOut, _lastVictims, _refusal)));
+        Receive<GetStats>(_ => Sender.Tell(new Stats(_scans, _skipped, _requested, _pagedOut, _lastVictims, _refusal, _inFlight != 0)));
     }
 
     protected override void PreStart() =>

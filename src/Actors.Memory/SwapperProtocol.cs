@@ -25,7 +25,8 @@ public static class SwapperProtocol
     /// <param name="Requested">pages asked to be swapped out</param>
     /// <param name="PagedOut">pages the vmspace swapped out (the rest were touched in between)</param>
     /// <param name="LastVictims">victims of the last scan</param>
-    public sealed record Stats(long Scans, long Skipped, long Requested, long PagedOut, int LastVictims, string? Refusal) : ISwapperMessage;
+    /// <param name="Busy">a scan is in flight (sampling or paging out): a tick now would be skipped</param>
+    public sealed record Stats(long Scans, long Skipped, long Requested, long PagedOut, int LastVictims, string? Refusal, bool Busy) : ISwapperMessage;
 
     /// <summary>Scans every <paramref name="Interval"/>; a page not accessed for <paramref name="ColdScans"/> scans is swapped out.</summary>
     public sealed record Options(TimeSpan Interval, int ColdScans);
