@@ -156,7 +156,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
         Receive<FaultProtocol.Stall>(s =>
         {
-            var slept = FaultProtocol.StallHere(s);
+            var slept = FaultProtocol.StallHere(s, Context);
             Sender.Tell(new FaultProtocol.Injected($"{_name} stalled for {slept.TotalMilliseconds:0} ms"));
         });
         Receive<DeadlineReached>(_ =>

@@ -35,10 +35,19 @@ public static class FaultProtocol
 
     public sealed record NotInjected(string Why) : IFaultMessage;
 
-    /// <summary>Runs a stall on the calling thread: the clamped duration actually slept.</summary>
-    public static TimeSpan StallHere(Stall stall)
+    /// <summary>Published on the actor system's event stream as a stall begins (the actor's thread is
+    /// stopped from now on, for <paramref name="Duration"/>): a watcher knows the fault is in effect.</summary>
+    /// <param name="Actor">the stalled actor's path, without address</param>
+    /// <param name="Timestamp">when its thread stopped (<see cref="System.Diagnostics.Stopwatch.GetTimestamp"/>)</param>
+    public sealed record StallStarted(string Actor, TimeSpan Duration, string Reason, long Timestamp);
+
+    /// <summary>Runs a stall on the calling thread (the actor's, <paramref name="context"/>), after
+    /// publishing <see cref="StallStarted"/>: the clamped duration actually slept.</summary>
+    public static TimeSpan StallHere(Stall stall, Akka.Actor.IActorContext context)
     {
         var duration = stall.Duration < TimeSpan.Zero ? TimeSpan.Zero : stall.Duration > MaxStall ? MaxStall : stall.Duration;
+        context.System.EventStream.Publish(new StallStarted(context.Self.Path.ToStringWithoutAddress(), duration, stall.Reason,
+            System.Diagnostics.Stopwatch.GetTimestamp()));
         Thread.Sleep(duration);
         return duration;
     }

@@ -181,7 +181,7 @@ internal sealed class VmspaceActor : ReceiveActor
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason)); // the VM stops, naming the vmspace
         Receive<FaultProtocol.Stall>(s =>
         {
-            var slept = FaultProtocol.StallHere(s);
+            var slept = FaultProtocol.StallHere(s, Context);
             Sender.Tell(new FaultProtocol.Injected($"vmspace stalled for {slept.TotalMilliseconds:0} ms"));
         });
     }

@@ -433,7 +433,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 // The vcpu thread itself stops, as a descheduled host thread would: no guest time,
                 // no messages, no EPT acks until it is over. Then the state it was in goes on.
                 Context.GetLogger().Warning("vcpu {0} stalled for {1} ms: {2}", Id, stall.Duration.TotalMilliseconds, stall.Reason);
-                var slept = FaultProtocol.StallHere(stall);
+                var slept = FaultProtocol.StallHere(stall, Context);
                 Sender.Tell(new FaultProtocol.Injected($"vcpu {Id} stalled for {slept.TotalMilliseconds:0} ms"));
                 break;
             case VlapicProtocol.ReadKernelLapic:

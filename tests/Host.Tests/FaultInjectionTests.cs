@@ -50,7 +50,8 @@ public sealed class FaultInjectionTests : ScriptedVmTestKit
     public async Task A_stalled_device_answers_a_read_after_the_stall()
     {
         var rig = Vms.Start();
-        var stall = this.StallAsync(rig.Vm, "uart0", TimeSpan.FromMilliseconds(300), "test");
+        var uart = await this.ActorAsync(rig.Vm, "uart0");
+        var (_, stall) = await ActorVmm.Testing.VmFaults.StallStartedAsync(Sys, uart, TimeSpan.FromMilliseconds(300), "test");
         // The guest reads the line status register while the UART is stalled.
         rig.Vcpus[0].Supply(new LibVmm.VmExit.Io(false, (ushort)(Platform.Com1Port + 5), 1, 1, 0, null));
         Assert.Equal("uart0 stalled for 300 ms", await stall);

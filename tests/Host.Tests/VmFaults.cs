@@ -11,9 +11,6 @@ internal static class TestKitVmFaults
 
     public static Task CrashAsync(this TestKitBase kit, IActorRef vm, string path, string reason) => VmFaults.CrashAsync(kit.Sys, vm, path, reason);
 
-    public static Task<string> StallAsync(this TestKitBase kit, IActorRef vm, string path, TimeSpan duration, string reason) =>
-        VmFaults.StallAsync(kit.Sys, vm, path, duration, reason);
-
     public static Task<string> FailNestedPageFaultsAsync(this TestKitBase kit, IActorRef vm, int count, ulong? gpa, string reason) =>
         VmFaults.FailNestedPageFaultsAsync(kit.Sys, vm, count, gpa, reason);
 }

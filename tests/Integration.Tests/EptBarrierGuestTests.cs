@@ -83,11 +83,9 @@ public sealed class EptBarrierGuestTests
         Assert.Equal([0, 1], acks.Keys.Order());
 
         // vcpu 1's thread stops for a while: the next change waits for its ack, which comes after the stall.
-        // The vcpu is resolved first and the stall is in its mailbox before the change starts (Ask
-        // enqueues before it returns): resolving it during the change let the invalidation reach
-        // vcpu 1 before the stall did, on a slow host, and vcpu 1 acked first.
-        var vcpu1 = await run.ResolveChild("vcpu-1");
-        var stall = VmFaults.StallAsync(vcpu1, TimeSpan.FromMilliseconds(500), "test");
+        // The change starts once vcpu 1 is inside its stall (resolving it while the change ran let
+        // the invalidation reach vcpu 1 before the stall did, on a slow host, and it acked first).
+        var (_, stall) = await run.StallStartedAsync("vcpu-1", TimeSpan.FromMilliseconds(500));
         var second = await SyncAsync(vmspace, 2);
         var stalled = await stall;
         Assert.Contains("vcpu 1 stalled", stalled);

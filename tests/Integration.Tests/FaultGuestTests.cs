@@ -261,16 +261,20 @@ public sealed class FaultGuestTests
         await using var run = await GuestRun.StartAsync(Printer(bytes));
         Assert.True(await run.WaitForSerialAsync(500));
 
-        var stall = run.StallAsync("vcpu-0", TimeSpan.FromMilliseconds(600));
-        await Task.Delay(250); // inside the stall now (a byte posted just before it has reached the UART)
-        var during = run.SerialBytes;
-        await Task.Delay(200);
-        Assert.Equal(during, run.SerialBytes); // its thread is stopped: no guest instruction ran
-        Assert.Contains("vcpu 0 stalled", await stall);
-
+        var (started, ended) = await run.StallStartedAsync("vcpu-0", TimeSpan.FromMilliseconds(600));
+        Assert.Contains("vcpu 0 stalled", await ended);
         var outcome = await run.WaitAsync(TimeSpan.FromMinutes(5));
         Assert.Equal((VmProtocol.OutcomeKind.DebugExit, 1), (outcome.Kind, outcome.ExitCode));
         Assert.Equal(Expected(bytes), run.SerialBytesWritten);
+
+        // The vcpu's own messages (its LSR reads and THR writes, recorded by its thread as it sends
+        // them) stop while its thread is stopped, and go on after: no guest instruction ran meanwhile.
+        var from = run.Trace.Nanoseconds(started.Timestamp);
+        var to = from + (long)started.Duration.TotalNanoseconds;
+        var sent = run.Trace.Snapshot().Where(e => e is { Sender: "vcpu-0", Receiver: "uart0" }).Select(e => e.Nanoseconds).ToList();
+        Assert.Contains(sent, t => t < from);
+        Assert.DoesNotContain(sent, t => t > from && t < to);
+        Assert.Contains(sent, t => t >= to);
     }
 
     [KvmFact]

@@ -56,7 +56,7 @@ public sealed class GuestRun : IAsyncDisposable
 
     /// <summary>
     /// Starts a guest and returns while it runs (with the test library's fault injection:
-    /// <see cref="CrashAsync"/>, <see cref="StallAsync"/>, <see cref="FailNestedPageFaultsAsync"/>,
+    /// <see cref="CrashAsync"/>, <see cref="StallStartedAsync"/>, <see cref="FailNestedPageFaultsAsync"/>,
     /// and link faults given here); <see cref="WaitAsync"/> gets its outcome. Returns once the VM's
     /// actors exist.
     /// </summary>
@@ -125,8 +125,12 @@ public sealed class GuestRun : IAsyncDisposable
 
     public Task CrashAsync(string path, string reason = "test") => VmFaults.CrashAsync(_system, Vm.Actor, path, reason);
 
-    public Task<string> StallAsync(string path, TimeSpan duration, string reason = "test") =>
-        VmFaults.StallAsync(_system, Vm.Actor, path, duration, reason);
+    /// <summary>Stalls one of the VM's actors; returns once its thread is inside the stall, with
+    /// when it stopped and the task that ends with it. (The actor is resolved first: resolving
+    /// kicks a vcpu too.)</summary>
+    public async Task<(FaultProtocol.StallStarted Started, Task<string> Ended)> StallStartedAsync(string path, TimeSpan duration,
+        string reason = "test") =>
+        await VmFaults.StallStartedAsync(_system, await ResolveChild(path), duration, reason);
 
     public Task<string> FailNestedPageFaultsAsync(int count, ulong? gpa = null, string reason = "test") =>
         VmFaults.FailNestedPageFaultsAsync(_system, Vm.Actor, count, gpa, reason);

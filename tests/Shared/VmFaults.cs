@@ -23,16 +23,40 @@ public static class VmFaults
     public static async Task CrashAsync(ActorSystem system, IActorRef vm, string path, string reason) =>
         (await ActorAsync(system, vm, path)).Tell(new FaultProtocol.Crash(reason));
 
-    /// <summary>Stalls the actor's thread; the task ends with the stall.</summary>
-    public static async Task<string> StallAsync(ActorSystem system, IActorRef vm, string path, TimeSpan duration, string reason) =>
-        await StallAsync(await ActorAsync(system, vm, path), duration, reason);
-
-    /// <summary>Stalls an actor already resolved. (Resolving a vcpu kicks it out of the guest: a
-    /// test that watches for the stall's kick resolves first.)</summary>
+    /// <summary>Stalls an actor already resolved; the task ends with the stall. (Resolving a vcpu
+    /// kicks it out of the guest: a test that watches for the stall's kick resolves first.)</summary>
     public static async Task<string> StallAsync(IActorRef actor, TimeSpan duration, string reason)
     {
         var reply = await actor.Ask<FaultProtocol.Injected>(new FaultProtocol.Stall(duration, reason), duration + Resolve);
         return reply.What;
+    }
+
+    /// <summary>Stalls an actor already resolved and returns once its thread is inside the stall
+    /// (it published <see cref="FaultProtocol.StallStarted"/>, which says when it stopped), not
+    /// merely once the message was sent; <c>Ended</c> ends with the stall.</summary>
+    public static async Task<(FaultProtocol.StallStarted Started, Task<string> Ended)> StallStartedAsync(
+        ActorSystem system, IActorRef actor, TimeSpan duration, string reason)
+    {
+        var started = new TaskCompletionSource<FaultProtocol.StallStarted>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var watcher = system.ActorOf(Props.Create(() => new StallWatcher(actor.Path.ToStringWithoutAddress(), started)));
+        system.EventStream.Subscribe(watcher, typeof(FaultProtocol.StallStarted)); // before the stall is sent
+        try
+        {
+            var ended = StallAsync(actor, duration, reason);
+            return (await started.Task.WaitAsync(Resolve + duration), ended);
+        }
+        finally
+        {
+            system.Stop(watcher);
+        }
+    }
+
+    private sealed class StallWatcher : ReceiveActor
+    {
+        public StallWatcher(string actor, TaskCompletionSource<FaultProtocol.StallStarted> started) =>
+            Receive<FaultProtocol.StallStarted>(s => { if (s.Actor == actor) started.TrySetResult(s); });
+
+        protected override void PostStop() => Context.System.EventStream.Unsubscribe(Self);
     }
 
     /// <summary>Arms the failure of the vmspace's next <paramref name="count"/> nested page faults

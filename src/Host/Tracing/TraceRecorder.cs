@@ -133,6 +133,10 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         Live?.Invoke(e);
     }
 
+    /// <summary>The trace time (<see cref="TraceEvent.Nanoseconds"/>) of a Stopwatch timestamp taken
+    /// elsewhere in this process: lines up an outside event with the messages.</summary>
+    public long Nanoseconds(long stopwatchTimestamp) => (long)Stopwatch.GetElapsedTime(_start, stopwatchTimestamp).TotalNanoseconds;
+
     /// <summary>The recorded events still in the ring, oldest first.</summary>
     public IReadOnlyList<TraceEvent> Snapshot()
     {
