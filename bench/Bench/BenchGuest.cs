@@ -107,6 +107,16 @@ internal static class BenchGuest
                     Console.Error.WriteLine($"  vlapic {i}: {l.IpisSent} IPIs sent, {l.Delivered} delivered, {l.Accepted} accepted, {l.TimerCallbacks} timer callbacks");
                 }
                 catch (Exception e) { Console.Error.WriteLine($"  vlapic {i}: no answer ({e.GetType().Name})"); }
+                // Where the guest is and what its APIC holds (KVM's own APIC under lapic = assisted):
+                // tells a lost IPI (nothing in IRR) from one never taken (in IRR, IF or PPR in the way).
+                try
+                {
+                    var r = await system.ActorSelection(vm.Actor.Path / $"vcpu-{i}").Ask<VcpuProtocol.Registers>(VcpuProtocol.GetRegisters.Instance, TimeSpan.FromSeconds(5));
+                    Console.Error.WriteLine($"  vcpu {i}: RIP={r.General.Rip:X} RFLAGS={r.General.Rflags:X} (IF={(r.General.Rflags >> 9) & 1}) CS={r.Special.Cs.Selector:X4}");
+                    var l = await system.ActorSelection(vm.Actor.Path / $"vlapic-{i}").Ask<object>(VlapicProtocol.GetState.Instance, TimeSpan.FromSeconds(5));
+                    Console.Error.Write(l is VlapicProtocol.StateReply state ? LapicDump.Format(i, state.State) : $"  vlapic {i}: state not read ({l.GetType().Name})\n");
+                }
+                catch (Exception e) { Console.Error.WriteLine($"  vcpu {i}: registers or APIC state not read ({e.GetType().Name}: {e.Message})"); }
             }
         }
     }
