@@ -131,15 +131,28 @@ public sealed class KvmAssistedLapicBackend : ILapicBackend
     /// A snapshot of an in-kernel APIC in the Apic Page form: KVM's 1 KiB register image has the
     /// page's offsets (SDM Table 10-1); the rest of the 4 KiB page is zero. The timer runs in the
     /// kernel: its Current Count is in the image, and no user-space timer state exists.
+    /// KVM's image holds the APIC ID in bits 31:24 even in x2APIC mode (ActorVmm does not enable
+    /// KVM_X2APIC_API_USE_32BIT_IDS); the page holds it as the guest reads it, the 32-bit x2APIC ID
+    /// in x2APIC mode (§10.12.5.1), so it is moved here and back in <see cref="KernelImage"/>.
     /// </summary>
     public static LapicState StateFromKernel(ReadOnlySpan<byte> registers, ulong apicBase, ulong tscDeadline)
     {
         var page = new byte[LocalApic.PageSize];
         registers[..Math.Min(registers.Length, page.Length)].CopyTo(page);
-        var id = BinaryPrimitives.ReadUInt32LittleEndian(page.AsSpan(ApicOffsets.Id));
-        var x2 = (apicBase & LocalApic.BaseExtd) != 0;
-        return new LapicState(ImmutableArray.Create(page), x2 ? id : id >> 24, apicBase, EsrPending: 0,
+        var id = BinaryPrimitives.ReadUInt32LittleEndian(page.AsSpan(ApicOffsets.Id)) >> 24;
+        if ((apicBase & LocalApic.BaseExtd) != 0) BinaryPrimitives.WriteUInt32LittleEndian(page.AsSpan(ApicOffsets.Id), id);
+        return new LapicState(ImmutableArray.Create(page), id, apicBase, EsrPending: 0,
             TimerArmed: false, TimerStart: TimeSpan.Zero, TimerCountOffset: 0, TimerPeriods: 0, tscDeadline,
             Lint0Level: false, Lint1Level: false);
+    }
+
+    /// <summary>The first <paramref name="size"/> bytes of the page in KVM's form (KVM_SET_LAPIC): the
+    /// APIC ID back in bits 31:24 for an x2APIC-mode state (see <see cref="StateFromKernel"/>).</summary>
+    public static byte[] KernelImage(LapicState state, int size)
+    {
+        var image = state.ApicPage.AsSpan(0, size).ToArray();
+        if ((state.ApicBase & LocalApic.BaseExtd) != 0)
+            BinaryPrimitives.WriteUInt32LittleEndian(image.AsSpan(ApicOffsets.Id), state.ApicId << 24);
+        return image;
     }
 }

@@ -1156,7 +1156,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     {
         try
         {
-            _vcpu.SetLapic(state.ApicPage.AsSpan()[..VcpuHandle.LapicStateSize]);
+            _vcpu.SetLapic(KvmAssistedLapicBackend.KernelImage(state, VcpuHandle.LapicStateSize));
             Sender.Tell(new VlapicProtocol.StateRestored(Id));
         }
         catch (Exception e) when (e is KvmException or NotSupportedException)

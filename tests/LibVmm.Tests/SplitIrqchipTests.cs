@@ -65,4 +65,27 @@ public sealed class SplitIrqchipTests
         var e = Assert.Throws<KvmException>(() => late.EnableSplitIrqchip(24));
         Assert.Contains("SPLIT", e.Message.ToUpperInvariant());
     }
+
+    /// <summary>What the snapshot code relies on (KvmAssistedLapicBackend.StateFromKernel): without
+    /// KVM_X2APIC_API_USE_32BIT_IDS, KVM's register image keeps the APIC ID in bits 31:24 in x2APIC
+    /// mode too, where the guest reads the 32-bit x2APIC ID (RDMSR 0x802 = 1 for vcpu 1).</summary>
+    [KvmFact]
+    public void In_x2apic_mode_the_kernel_image_still_holds_the_apic_id_in_bits_31_to_24()
+    {
+        KvmRequirement.Check();
+        using var kvm = Kvm.Open();
+        using var vm = kvm.CreateVm();
+        vm.EnableSplitIrqchip(24);
+        var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
+        using var bsp = vm.CreateVcpu(0, cpuid);
+        using var ap = vm.CreateVcpu(1, cpuid);
+        const uint apicBaseMsr = 0x1B;
+        const ulong enable = 1UL << 11, extd = 1UL << 10;
+
+        ap.SetMsrs(new KvmMsrEntry { Index = apicBaseMsr, Data = 0xFEE0_0000UL | enable | extd });
+
+        Assert.Equal(0xFEE0_0000UL | enable | extd, ap.GetMsrs(apicBaseMsr)[0].Data);
+        Assert.Equal(1u << 24, Reg(ap.GetLapic(), Id));
+        Assert.Equal(0x2u, Reg(ap.GetLapic(), 0xD0)); // LDR: cluster 0, bit 1 (SDM §10.12.10.2), from the 32-bit ID 1
+    }
 }
