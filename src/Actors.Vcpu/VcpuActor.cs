@@ -85,6 +85,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     public IStash Stash { get; set; } = null!;
 
     private Akka.Dispatch.MessageQueues.IMessageQueue _mailbox = null!;
+    /// <summary><see cref="_mailbox"/> when it is the vcpu mailbox (peek, wake-up time); null under another.</summary>
+    private VcpuMessageQueue? _vcpuQueue;
     private ITraceSink? _trace;
 
     public VcpuActor(IVcpu vcpu, Wiring wiring)
@@ -104,6 +106,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         catch (InvalidOperationException) { /* a pooled thread in unit tests may already be named */ }
         VcpuKickRegistry.Register(Self, _vcpu);
         _mailbox = ((ActorCell)Context).Mailbox.MessageQueue;
+        _vcpuQueue = _mailbox as VcpuMessageQueue;
         _trace = MessageTraceRegistry.SinkFor(Context.System, Self);
     }
 
@@ -842,7 +845,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// </summary>
     private bool TryTakeMsrReply()
     {
-        if (_mailbox is not VcpuMessageQueue queue || !queue.TryPeek(out var first)) return false;
+        if (_vcpuQueue is not { } queue || !queue.TryPeek(out var first)) return false;
         switch (first)
         {
             case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
@@ -994,7 +997,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         // missed) gets to it later, and counting that delay would make the window shrink because
         // it missed: it would then miss again.
         var now = System.Diagnostics.Stopwatch.GetTimestamp();
-        var woken = _mailbox is VcpuMessageQueue queue ? queue.LastUrgentTicks : 0;
+        var woken = _vcpuQueue?.LastUrgentTicks ?? 0;
         HaltPoll.Woken((woken > _haltedAt && woken <= now ? woken : now) - _haltedAt);
         _haltedAt = 0;
     }

@@ -14,7 +14,10 @@ public static class VcpuProtocol
     public const string DispatcherId = "actorvmm.vcpu-dispatcher";
     public const string MailboxId = "actorvmm.vcpu-mailbox";
 
-    public const string DefaultConfig = """
+    /// <summary>actorvmm.vcpu.halt-poll when the configuration does not say (KVM's halt_poll_ns default).</summary>
+    public const string DefaultHaltPoll = "200us";
+
+    public const string DefaultConfig = $$"""
         actorvmm.vcpu-dispatcher {
           type = PinnedDispatcher
           executor = thread-pool-executor
@@ -25,7 +28,7 @@ public static class VcpuProtocol
           mailbox-type = "ActorVmm.Vcpu.VcpuMailboxType, ActorVmm.Actors.Vcpu"
         }
         actorvmm.vcpu {
-          halt-poll = 200us
+          halt-poll = {{DefaultHaltPoll}}
         }
         actorvmm.vlapic-dispatcher {
           type = "ActorVmm.Devices.Timing.InlineDispatcherConfigurator, ActorVmm.Actors.Devices"
@@ -37,7 +40,7 @@ public static class VcpuProtocol
     /// 1 ms ("50us", "0.2ms"). A value outside that is refused.</summary>
     public static TimeSpan HaltPoll(Akka.Configuration.Config config)
     {
-        var text = (config.GetString("actorvmm.vcpu.halt-poll", "200us") ?? "").Trim();
+        var text = (config.GetString("actorvmm.vcpu.halt-poll", DefaultHaltPoll) ?? "").Trim();
         if (text == "0") return TimeSpan.Zero;
         foreach (var (suffix, us) in new[] { ("us", 1.0), ("µs", 1.0), ("ms", 1000.0) })
             if (text.EndsWith(suffix, StringComparison.Ordinal) &&

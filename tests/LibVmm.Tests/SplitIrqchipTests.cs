@@ -10,13 +10,28 @@ public sealed class SplitIrqchipTests
 
     private static uint Reg(byte[] image, int offset) => BitConverter.ToUInt32(image, offset);
 
+    /// <summary>A VM with the split irqchip (24 IOAPIC routes), before any vcpu exists.</summary>
+    private static VmHandle SplitVm(Kvm kvm)
+    {
+        var vm = kvm.CreateVm();
+        try
+        {
+            vm.EnableSplitIrqchip(24);
+            return vm;
+        }
+        catch
+        {
+            vm.Dispose();
+            throw;
+        }
+    }
+
     [KvmFact]
     public void An_msi_sets_the_vector_in_the_irr_of_the_addressed_kernel_apic_only()
     {
         KvmRequirement.Check();
         using var kvm = Kvm.Open();
-        using var vm = kvm.CreateVm();
-        vm.EnableSplitIrqchip(24);
+        using var vm = SplitVm(kvm);
         Assert.True(vm.SplitIrqchip);
         var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
         using var bsp = vm.CreateVcpu(0, cpuid);
@@ -52,8 +67,7 @@ public sealed class SplitIrqchipTests
     {
         KvmRequirement.Check();
         using var kvm = Kvm.Open();
-        using var vm = kvm.CreateVm();
-        vm.EnableSplitIrqchip(24);
+        using var vm = SplitVm(kvm);
         var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
         using var bsp = vm.CreateVcpu(0, cpuid);
 
@@ -74,8 +88,7 @@ public sealed class SplitIrqchipTests
     {
         KvmRequirement.Check();
         using var kvm = Kvm.Open();
-        using var vm = kvm.CreateVm();
-        vm.EnableSplitIrqchip(24);
+        using var vm = SplitVm(kvm);
         var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
         using var bsp = vm.CreateVcpu(0, cpuid);
         using var ap = vm.CreateVcpu(1, cpuid);

@@ -295,7 +295,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             _vcpus.Add(actorRef);
             vlapic?.Tell(new VlapicProtocol.AttachVcpu(actorRef));
             // Every vcpu takes part in the EPT barrier; even a paused or halted one acks promptly
-            // (it handles messages), so all are registered as running.
+            // (it handles messages, and harvests its dirty ring first).
             vmspace.Tell(new VmspaceProtocol.RegisterVcpu(vcpu.Id, actorRef));
         }
     }
