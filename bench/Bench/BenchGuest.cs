@@ -147,19 +147,24 @@ internal sealed class Marks : IBusDevice
 
 /// <summary>
 /// A VM built with LibVmm only, no actors (the limit the benchmarks compare against): guest RAM
-/// from <see cref="VmspaceLayout.Build"/> registered as memslots, the image loaded, one
-/// vcpu in its boot state. <see cref="Run"/> is the plain KVM_RUN loop.
+/// from <see cref="VmspaceLayout.Build"/> registered as memslots, the image loaded, its vcpus
+/// created (vcpu 0 in its boot state). <see cref="Run"/> is the plain KVM_RUN loop of one vcpu;
+/// <see cref="BareApicLoop"/> runs several with user-space local APICs.
 /// </summary>
 internal sealed class RawVm : IDisposable
 {
     private readonly Kvm _kvm;
     private readonly VmHandle _vm;
     private readonly GuestMemoryMap _memory;
-    private readonly VcpuHandle _vcpu;
+    private readonly List<VcpuHandle> _vcpus = [];
+    private VcpuHandle Bsp => _vcpus[0];
 
     public GuestMemoryMap Memory => _memory;
+    public IReadOnlyList<VcpuHandle> Vcpus => _vcpus;
 
-    public RawVm(BootImage image, ulong ramBytes)
+    /// <param name="userSpaceApic">the local APIC's MSRs exit to user space, as under lapic = emulated
+    /// (for <see cref="BareApicLoop"/>); there is never an in-kernel APIC</param>
+    public RawVm(BootImage image, ulong ramBytes, int cpus = 1, bool userSpaceApic = false)
     {
         _kvm = Kvm.Open();
         try
@@ -168,8 +173,10 @@ internal sealed class RawVm : IDisposable
             _memory = VmspaceLayout.Build(ramBytes);
             _memory.RegisterWith(_vm);
             var boot = image.Load(_memory);
-            _vcpu = _vm.CreateVcpu(0, CpuidPolicy.ForPlatform(_kvm.GetSupportedCpuid()));
-            boot.ApplyTo(_vcpu);
+            if (userSpaceApic) VmBuilder.EmulateApicMsrs(_vm);
+            var cpuid = CpuidPolicy.ForPlatform(_kvm.GetSupportedCpuid());
+            for (var i = 0; i < cpus; i++) _vcpus.Add(_vm.CreateVcpu(i, cpuid));
+            boot.ApplyTo(Bsp);
         }
         catch
         {
@@ -185,13 +192,13 @@ internal sealed class RawVm : IDisposable
     /// </summary>
     public void Run(Func<KvmRunView, bool> onIo)
     {
-        _vcpu.BindToCurrentThread();
+        Bsp.BindToCurrentThread();
         while (true)
         {
-            var reason = _vcpu.RunRaw();
+            var reason = Bsp.RunRaw();
             if (reason == KvmExitReason.Io)
             {
-                if (onIo(_vcpu.RunPage)) continue;
+                if (onIo(Bsp.RunPage)) continue;
                 return;
             }
             if (reason == KvmExitReason.Hlt) return;
@@ -202,7 +209,7 @@ internal sealed class RawVm : IDisposable
     public void Dispose()
     {
         // Partly built: what exists is disposed; fields not yet set are null.
-        _vcpu?.Dispose();
+        foreach (var v in _vcpus) v.Dispose();
         _memory?.Dispose();
         _vm?.Dispose();
         _kvm.Dispose();

@@ -17,9 +17,8 @@ namespace ActorVmm.Bench;
 /// WRMSRs, HLT), so the time per round trip is the VMM's alone: what the exits cost in KVM is not
 /// in it. Two VMMs handle the same exits (the second in two configurations):
 /// <list type="bullet">
-/// <item><b>bare</b>: one loop per vcpu thread calling the <see cref="LocalApic"/> models directly
-/// (each under a lock, IPIs delivered after the sender's lock is released), a halted vcpu spinning
-/// until an IPI marks it: the least a user-space local APIC can cost.</item>
+/// <item><b>bare</b>: <see cref="BareApicLoop"/>, one loop per vcpu thread calling the
+/// <see cref="LocalApic"/> models directly: the least a user-space local APIC can cost.</item>
 /// <item><b>actors</b>: the VM actor with its vcpu, vlapic and device actors, as configured; and
 /// <b>pool</b>: the same with the vlapics on the thread pool.</item>
 /// </list>
@@ -100,123 +99,9 @@ internal static class IpiPathBench
     private static PingPongScore Bare(int roundTrips)
     {
         var score = new PingPongScore(roundTrips);
-        var clock = new MonotonicClock();
-        var cpus = new BareCpu[2];
-        using var ended = new ManualResetEventSlim();
-        for (var i = 0; i < cpus.Length; i++) cpus[i] = new BareCpu(new PingPongVcpu(i, score), cpus, ended, clock);
-        var threads = cpus.Select(c => new Thread(c.Loop) { IsBackground = true, Name = $"bare-vcpu-{c.Vcpu.Id}" }).ToArray();
-        foreach (var t in threads) t.Start();
-        foreach (var t in threads)
-            if (!t.Join(TimeSpan.FromMinutes(1)))
-                throw new TimeoutException("the bare ping-pong did not end: " + string.Join("; ", cpus.Select(c =>
-                    $"vcpu {c.Vcpu.Id}: {score.Exits[c.Vcpu.Id]} exits, {c.Vcpu.State}, failure {c.Failure?.Message ?? "none"}")));
-        foreach (var c in cpus)
-            if (c.Failure is { } e) throw new InvalidOperationException($"bare vcpu {c.Vcpu.Id} failed", e);
+        PingPongVcpu[] vcpus = [new PingPongVcpu(0, score), new PingPongVcpu(1, score)];
+        new BareApicLoop(vcpus).Run(TimeSpan.FromMinutes(1), id => vcpus[id].State);
         return score;
-    }
-
-    /// <summary>One vcpu of the bare loop: its exits handled on its own thread by its APIC model.</summary>
-    private sealed class BareCpu : ILapicEvents
-    {
-        private readonly BareCpu[] _all;
-        private readonly ManualResetEventSlim _ended;
-        private readonly object _gate = new();
-        private readonly List<Ipi> _outbox = [];
-        private int _wake;
-        private volatile bool _started;
-
-        public PingPongVcpu Vcpu { get; }
-        public LocalApic Apic { get; }
-        public Exception? Failure { get; private set; }
-
-        public BareCpu(PingPongVcpu vcpu, BareCpu[] all, ManualResetEventSlim ended, IDeviceClock clock)
-        {
-            Vcpu = vcpu;
-            _all = all;
-            _ended = ended;
-            Apic = new LocalApic((uint)vcpu.Id, this, clock, bsp: vcpu.Id == 0);
-            _started = vcpu.Id == 0;
-        }
-
-        public void Loop()
-        {
-            try
-            {
-                Vcpu.BindToCurrentThread();
-                while (!_started) Thread.SpinWait(20);
-                while (true)
-                {
-                    lock (_gate)
-                    {
-                        if (Vcpu.ReadyForInterruptInjection && Apic.PendingInterrupt() is { } vector)
-                        {
-                            Apic.InterruptAccepted((byte)vector);
-                            Vcpu.InjectInterrupt((byte)vector);
-                        }
-                    }
-                    switch (Vcpu.Run())
-                    {
-                        case VmExit.Mmio { IsWrite: true } m:
-                            lock (_gate) Apic.WriteMmio(m.Address - LocalApic.DefaultBaseAddress, m.Length, m.Value);
-                            break;
-                        case VmExit.MsrRead r:
-                            bool read;
-                            ulong value;
-                            lock (_gate) read = Apic.ReadMsr(r.Index, out value);
-                            Vcpu.CompleteMsrRead(value, !read);
-                            break;
-                        case VmExit.MsrWrite w:
-                            bool written;
-                            lock (_gate) written = Apic.WriteMsr(w.Index, w.Value);
-                            Vcpu.CompleteMsrWrite(!written);
-                            break;
-                        case VmExit.Hlt:
-                            while (Interlocked.Exchange(ref _wake, 0) == 0)
-                            {
-                                if (_ended.IsSet) return;
-                                Thread.SpinWait(20);
-                            }
-                            break;
-                        case VmExit.Io { IsOut: true, Port: BenchGuest.DebugExitPort }:
-                            _ended.Set(); // the VM ends: the other vcpu stops too
-                            return;
-                        case VmExit.Intr:
-                            break;
-                        case var other:
-                            throw new InvalidOperationException($"unexpected exit {other}");
-                    }
-                    Flush();
-                }
-            }
-            catch (Exception e)
-            {
-                Failure = e;
-            }
-        }
-
-        /// <summary>IPIs the model sent, delivered with its own lock released (two vcpus sending to
-        /// each other must not take the two locks in opposite orders).</summary>
-        private void Flush()
-        {
-            if (_outbox.Count == 0) return;
-            foreach (var ipi in _outbox)
-            foreach (var target in _all)
-            {
-                if (ipi.Shorthand != Shorthand.None || !target.Apic.MatchesPhysical(ipi.Destination)) continue;
-                lock (target._gate) target.Apic.Deliver(ipi.Mode, ipi.Vector, ipi.Level, ipi.TriggerMode);
-                Volatile.Write(ref target._wake, 1);
-            }
-            _outbox.Clear();
-        }
-
-        public void SendIpi(Ipi ipi) => _outbox.Add(ipi);
-
-        public void LevelEoi(byte vector) { }
-
-        public void VcpuEvent(VcpuEventKind kind, byte vector)
-        {
-            if (kind == VcpuEventKind.StartUp) _started = true;
-        }
     }
 }
 

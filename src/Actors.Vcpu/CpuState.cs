@@ -91,3 +91,42 @@ public sealed record SpecialRegisterState(
     /// <summary>Code size of the current CS: 16, 32 or 64 bits (for disassembly).</summary>
     public int CodeBitness => LongMode ? 64 : ProtectedMode && Cs.DefaultBig ? 32 : 16;
 }
+
+/// <summary>
+/// What INIT and a start-up IPI do to a vcpu's registers when user space holds its MP state (no
+/// in-kernel irqchip): the vcpu actor's INIT and SIPI, and any other loop that runs vcpus with the
+/// <c>LocalApic</c> model. Both throw <see cref="KvmException"/> when KVM refuses the registers.
+/// </summary>
+public static class ProcessorInit
+{
+    /// <summary>The processor state after INIT (SDM Vol 3A Table 9-1): real mode at F000:FFF0, caches
+    /// disabled (CR0 = 0x60000010), paging and long mode off; IA32_APIC_BASE is the local APIC's business.</summary>
+    public static void ApplyInit(IVcpu vcpu)
+    {
+        var sregs = vcpu.GetSpecialRegisters();
+        var data = SegmentState.RealMode(0, code: false).ToKvm();
+        sregs.Cs = new SegmentState(0xF000, 0xFFFF_0000, 0xFFFF, 0xB, true, 0, false, true, false, false, false).ToKvm();
+        sregs.Ds = data; sregs.Es = data; sregs.Fs = data; sregs.Gs = data; sregs.Ss = data;
+        sregs.Tr = new SegmentState(0, 0, 0xFFFF, 0xB, true, 0, false, false, false, false, false).ToKvm();
+        sregs.Ldt = new SegmentState(0, 0, 0xFFFF, 0x2, true, 0, false, false, false, false, false).ToKvm();
+        sregs.Gdt = new KvmDtable { Base = 0, Limit = 0xFFFF };
+        sregs.Idt = new KvmDtable { Base = 0, Limit = 0xFFFF };
+        sregs.Cr0 = 0x6000_0010;
+        sregs.Cr2 = 0; sregs.Cr3 = 0; sregs.Cr4 = 0; sregs.Cr8 = 0; sregs.Efer = 0;
+        vcpu.SetSpecialRegisters(sregs);
+        vcpu.SetRegisters(RegisterState.Reset.ToKvm());
+    }
+
+    /// <summary>SIPI (SDM Vol 3A §8.4.4.1): real mode at CS = vector &lt;&lt; 8 (base vector &lt;&lt; 12), IP = 0.</summary>
+    public static void ApplyStartup(IVcpu vcpu, byte vector)
+    {
+        var sregs = vcpu.GetSpecialRegisters();
+        sregs.Cs = new SegmentState((ushort)(vector << 8), (ulong)vector << 12, 0xFFFF, 0xB, true, 0,
+            false, true, false, false, false).ToKvm();
+        vcpu.SetSpecialRegisters(sregs);
+        var regs = vcpu.GetRegisters();
+        regs.Rip = 0;
+        regs.Rflags = 0x2;
+        vcpu.SetRegisters(regs);
+    }
+}

@@ -574,14 +574,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         if (!waiting) return; // SDM §8.4.4.1: a SIPI outside wait-for-SIPI is ignored
         try
         {
-            var sregs = _vcpu.GetSpecialRegisters();
-            sregs.Cs = new SegmentState((ushort)(vector << 8), (ulong)vector << 12, 0xFFFF, 0xB, true, 0,
-                false, true, false, false, false).ToKvm();
-            _vcpu.SetSpecialRegisters(sregs);
-            var regs = _vcpu.GetRegisters();
-            regs.Rip = 0;
-            regs.Rflags = 0x2;
-            _vcpu.SetRegisters(regs);
+            ProcessorInit.ApplyStartup(_vcpu, vector);
         }
         catch (KvmException e)
         {
@@ -599,24 +592,12 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         EnterRunning();
     }
 
-    /// <summary>The processor state after INIT (SDM Vol 3A Table 9-1): real mode at F000:FFF0, caches
-    /// disabled (CR0 = 0x60000010), paging and long mode off; IA32_APIC_BASE is the vlapic's business.</summary>
+    /// <summary>INIT's register state (<see cref="ProcessorInit.ApplyInit"/>).</summary>
     private void SetInitRegisters()
     {
         try
         {
-            var sregs = _vcpu.GetSpecialRegisters();
-            var data = SegmentState.RealMode(0, code: false).ToKvm();
-            sregs.Cs = new SegmentState(0xF000, 0xFFFF_0000, 0xFFFF, 0xB, true, 0, false, true, false, false, false).ToKvm();
-            sregs.Ds = data; sregs.Es = data; sregs.Fs = data; sregs.Gs = data; sregs.Ss = data;
-            sregs.Tr = new SegmentState(0, 0, 0xFFFF, 0xB, true, 0, false, false, false, false, false).ToKvm();
-            sregs.Ldt = new SegmentState(0, 0, 0xFFFF, 0x2, true, 0, false, false, false, false, false).ToKvm();
-            sregs.Gdt = new KvmDtable { Base = 0, Limit = 0xFFFF };
-            sregs.Idt = new KvmDtable { Base = 0, Limit = 0xFFFF };
-            sregs.Cr0 = 0x6000_0010;
-            sregs.Cr2 = 0; sregs.Cr3 = 0; sregs.Cr4 = 0; sregs.Cr8 = 0; sregs.Efer = 0;
-            _vcpu.SetSpecialRegisters(sregs);
-            _vcpu.SetRegisters(RegisterState.Reset.ToKvm());
+            ProcessorInit.ApplyInit(_vcpu);
         }
         catch (KvmException e)
         {

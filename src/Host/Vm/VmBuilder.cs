@@ -170,7 +170,7 @@ public sealed class VmBuilder
     /// A KVM without these capabilities runs the VM anyway: its guests get #GP on those MSRs
     /// (xAPIC MMIO still works).
     /// </summary>
-    private static void EmulateApicMsrs(VmHandle vm)
+    internal static void EmulateApicMsrs(VmHandle vm)
     {
         if (vm.System.CheckExtension(KvmCap.X86UserSpaceMsr) <= 0 || vm.System.CheckExtension(KvmCap.X86MsrFilter) <= 0) return;
         vm.EnableUserSpaceMsrExits(MsrExitReasons.Filter | MsrExitReasons.Unknown | MsrExitReasons.Invalid);
@@ -216,7 +216,7 @@ public sealed class VmBuilder
     /// they take its frequency from KVM and pair its value with the VM clock (the guest's RDTSC is
     /// KVM's IA32_TSC: offset from the host's on most hosts, the host's own on kvm_pvm).
     /// </summary>
-    private static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock)
+    internal static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock)
     {
         var options = new LapicOptions { BspLint0ExtInt = true };
         long khz;

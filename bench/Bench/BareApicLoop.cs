@@ -1,0 +1,229 @@
+using ActorVmm.Devices;
+using ActorVmm.Lapic;
+using ActorVmm.LibVmm;
+using ActorVmm.Vcpu;
+
+namespace ActorVmm.Bench;
+
+/// <summary>
+/// The least a user-space local APIC can cost, the limit the emulated backend is compared with: one
+/// plain loop per vcpu thread, no actors, each vcpu's exits handled on its own thread by its
+/// <see cref="LocalApic"/> model (under a lock; IPIs delivered after the sender's lock is released).
+/// A halted vcpu spins until an IPI marks it; a vcpu in the guest is kicked, as the vcpu actor's is.
+/// The same loop runs stand-in vcpus (ipipath: the host's share alone) and real KVM vcpus (lapic:
+/// the whole round trip, exits included). It knows what the benchmark guests do: xAPIC MMIO, x2APIC
+/// and APIC-base MSRs, HLT, INIT-SIPI, the marker port and the debug-exit port; anything else ends
+/// the run with an error. There is no LAPIC timer service (no deadline ever fires) and no CR8 sync.
+/// </summary>
+internal sealed class BareApicLoop
+{
+    private readonly BareCpu[] _cpus;
+    private readonly ManualResetEventSlim _ended = new();
+
+    /// <param name="vcpus">vcpu 0 is the BSP and runs first; the others wait for INIT-SIPI</param>
+    /// <param name="marks">takes the guest's writes to the marker port, if it makes any</param>
+    /// <param name="options">the local APICs' options (the emulated backend's, for a real VM)</param>
+    public BareApicLoop(IReadOnlyList<IVcpu> vcpus, Marks? marks = null, LapicOptions? options = null)
+    {
+        var clock = new MonotonicClock();
+        _cpus = new BareCpu[vcpus.Count];
+        for (var i = 0; i < vcpus.Count; i++) _cpus[i] = new BareCpu(vcpus[i], _cpus, _ended, clock, marks, options);
+    }
+
+    /// <summary>Runs until a vcpu writes the debug-exit port; throws when a vcpu failed or the run
+    /// outlasted <paramref name="limit"/> (saying where each vcpu was, with <paramref name="describe"/>).</summary>
+    public void Run(TimeSpan limit, Func<int, string>? describe = null)
+    {
+        var threads = _cpus.Select(c => new Thread(c.Loop) { IsBackground = true, Name = $"bare-vcpu-{c.Vcpu.Id}" }).ToArray();
+        foreach (var t in threads) t.Start();
+        var until = DateTime.UtcNow + limit;
+        foreach (var t in threads)
+        {
+            var left = until - DateTime.UtcNow;
+            if (t.Join(left > TimeSpan.Zero ? left : TimeSpan.Zero)) continue;
+            // Stop them all (a halted vcpu sees _ended, one in the guest is kicked out), so that
+            // the vcpus can be asked where they were: KVM answers no register read during KVM_RUN.
+            var halted = _cpus.Select(c => c.Halted).ToArray();
+            _ended.Set();
+            foreach (var c in _cpus) c.Vcpu.Kick();
+            var stopped = threads.Select(x => x.Join(TimeSpan.FromSeconds(5))).ToArray();
+            throw new TimeoutException($"the bare loop did not end within {limit.TotalSeconds:F0} s: " + string.Join("; ", _cpus.Select((c, i) =>
+                $"vcpu {c.Vcpu.Id}: {c.Exits} exits, {(halted[i] ? "halted" : "not halted")}" +
+                (describe is null ? "" : ", " + (stopped[i] ? describe(c.Vcpu.Id) : "did not leave the guest")))));
+        }
+        foreach (var c in _cpus)
+            if (c.Failure is { } e) throw new InvalidOperationException($"bare vcpu {c.Vcpu.Id} failed: {e.Message}", e);
+    }
+
+    /// <summary>One vcpu of the loop and its local APIC model.</summary>
+    private sealed class BareCpu : ILapicEvents
+    {
+        private readonly BareCpu[] _all;
+        private readonly ManualResetEventSlim _ended;
+        private readonly Marks? _marks;
+        private readonly object _gate = new();
+        private readonly List<Ipi> _outbox = [];
+        private int _wake;
+        private volatile bool _halted;
+        private volatile bool _started;
+        private bool _initReceived;
+        private int _startupVector = -1;
+
+        public IVcpu Vcpu { get; }
+        public LocalApic Apic { get; }
+        public long Exits { get; private set; }
+        public bool Halted => _halted;
+        public Exception? Failure { get; private set; }
+
+        public BareCpu(IVcpu vcpu, BareCpu[] all, ManualResetEventSlim ended, IDeviceClock clock, Marks? marks, LapicOptions? options)
+        {
+            Vcpu = vcpu;
+            _all = all;
+            _ended = ended;
+            _marks = marks;
+            Apic = new LocalApic((uint)vcpu.Id, this, clock, options, bsp: vcpu.Id == 0);
+            _started = vcpu.Id == 0;
+        }
+
+        public void Loop()
+        {
+            try
+            {
+                Vcpu.BindToCurrentThread();
+                if (!WaitForStartup()) return;
+                while (true)
+                {
+                    // Announce the entry first: an IPI delivered after the look below kicks this vcpu.
+                    Vcpu.PrepareToRun();
+                    lock (_gate)
+                    {
+                        var pending = Apic.PendingInterrupt();
+                        if (pending is { } vector && Vcpu.ReadyForInterruptInjection)
+                        {
+                            Apic.InterruptAccepted((byte)vector);
+                            Vcpu.InjectInterrupt((byte)vector);
+                            pending = Apic.PendingInterrupt();
+                        }
+                        Vcpu.RequestInterruptWindow = pending is not null;
+                    }
+                    var exit = Vcpu.Run();
+                    Exits++;
+                    if (!Handle(exit)) return;
+                    Flush();
+                }
+            }
+            catch (Exception e)
+            {
+                Failure = e;
+                _ended.Set();
+            }
+        }
+
+        /// <summary>An AP waits for its SIPI (after INIT), then starts in real mode at the vector's page.</summary>
+        private bool WaitForStartup()
+        {
+            while (!_started)
+            {
+                if (_ended.IsSet) return false;
+                Thread.SpinWait(20);
+            }
+            if (Vcpu.Id == 0) return true;
+            lock (_gate)
+            {
+                if (_initReceived) ProcessorInit.ApplyInit(Vcpu);
+                ProcessorInit.ApplyStartup(Vcpu, (byte)_startupVector);
+            }
+            return true;
+        }
+
+        /// <summary>False when the VM ends (the debug-exit port, or another vcpu ended it).</summary>
+        private bool Handle(VmExit exit)
+        {
+            switch (exit)
+            {
+                case VmExit.Mmio m when m.Address - LocalApic.DefaultBaseAddress < 0x1000:
+                    lock (_gate)
+                    {
+                        if (m.IsWrite) Apic.WriteMmio(m.Address - LocalApic.DefaultBaseAddress, m.Length, m.Value);
+                        else Vcpu.CompleteMmioRead(Apic.ReadMmio(m.Address - LocalApic.DefaultBaseAddress, m.Length));
+                    }
+                    return true;
+                case VmExit.MsrRead r:
+                    bool read;
+                    ulong value;
+                    lock (_gate) read = Apic.ReadMsr(r.Index, out value);
+                    Vcpu.CompleteMsrRead(value, !read);
+                    return true;
+                case VmExit.MsrWrite w:
+                    bool written;
+                    lock (_gate) written = Apic.WriteMsr(w.Index, w.Value);
+                    Vcpu.CompleteMsrWrite(!written);
+                    return true;
+                case VmExit.Hlt:
+                    _halted = true;
+                    try
+                    {
+                        while (Interlocked.Exchange(ref _wake, 0) == 0)
+                        {
+                            if (_ended.IsSet) return false;
+                            Thread.SpinWait(20);
+                        }
+                    }
+                    finally
+                    {
+                        _halted = false;
+                    }
+                    return true;
+                case VmExit.Io { IsOut: true, Port: BenchGuest.MarkPort } io:
+                    _marks?.Write(0, io.Size, io.Value);
+                    return true;
+                case VmExit.Io { IsOut: true, Port: BenchGuest.DebugExitPort }:
+                    _ended.Set(); // the VM ends: the other vcpus stop, halted or kicked out of the guest
+                    foreach (var other in _all)
+                        if (other != this) other.Vcpu.Kick();
+                    return false;
+                case VmExit.IrqWindowOpen:
+                    return true; // the loop injects before the next entry
+                case VmExit.Intr:
+                    return !_ended.IsSet;
+                default:
+                    throw new InvalidOperationException($"vcpu {Vcpu.Id}: unexpected exit {exit}");
+            }
+        }
+
+        /// <summary>IPIs the model sent, delivered with its own lock released (two vcpus sending to
+        /// each other must not take the two locks in opposite orders).</summary>
+        private void Flush()
+        {
+            if (_outbox.Count == 0) return;
+            foreach (var ipi in _outbox)
+            foreach (var target in _all)
+            {
+                if (ipi.Shorthand != Shorthand.None || !target.Apic.MatchesPhysical(ipi.Destination)) continue;
+                lock (target._gate) target.Apic.Deliver(ipi.Mode, ipi.Vector, ipi.Level, ipi.TriggerMode);
+                Volatile.Write(ref target._wake, 1);
+                if (!target._halted) target.Vcpu.Kick(); // a halted vcpu sees _wake; one in the guest must exit
+            }
+            _outbox.Clear();
+        }
+
+        public void SendIpi(Ipi ipi) => _outbox.Add(ipi);
+
+        public void LevelEoi(byte vector) { }
+
+        /// <summary>Runs under this vcpu's lock (a sender delivering INIT or SIPI).</summary>
+        public void VcpuEvent(VcpuEventKind kind, byte vector)
+        {
+            switch (kind)
+            {
+                case VcpuEventKind.Init when Vcpu.Id != 0 && !_started:
+                    _initReceived = true;
+                    break;
+                case VcpuEventKind.StartUp when Vcpu.Id != 0 && !_started:
+                    _startupVector = vector;
+                    _started = true;
+                    break;
+            }
+        }
+    }
+}
