@@ -59,7 +59,7 @@ internal static class BenchGuest
     /// on the marker port until it debug-exits with status 0; then, before the VM is torn down,
     /// <paramref name="after"/> may ask its actors.</summary>
     public static async Task<(Marks Marks, T After)> RunAsync<T>(VmSpec spec, Func<ActorSystem, RunningVm, Task<T>> after,
-        Akka.Configuration.Config? config = null)
+        Akka.Configuration.Config? config = null, Func<RunningVm, string>? guestState = null)
     {
         var system = HostRunner.CreateSystem(config ?? VmConfig.Load(null), "bench");
         try
@@ -70,7 +70,7 @@ internal static class BenchGuest
                 .WithStandardDevices(console)
                 .AddDevice(new DeviceSpec("mark", DeviceProtocol.Space.Port, MarkPort, 1, _ => marks));
             await using var vm = builder.Start();
-            var outcome = await WaitReporting(system, vm, spec, TimeSpan.FromMinutes(10));
+            var outcome = await WaitReporting(system, vm, spec, TimeSpan.FromMinutes(10), guestState);
             if (outcome is not { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 })
                 throw new InvalidOperationException($"{spec.Name} guest ended: {outcome}");
             return (marks, await after(system, vm));
@@ -82,8 +82,10 @@ internal static class BenchGuest
     }
 
     /// <summary>Waits for the guest to end (at most <paramref name="limit"/>); while it runs for
-    /// longer than a bench guest should, says every minute what its vcpus and vlapics are doing.</summary>
-    private static async Task<VmProtocol.Outcome> WaitReporting(ActorSystem system, RunningVm vm, VmSpec spec, TimeSpan limit)
+    /// longer than a bench guest should, says every minute what its vcpus and vlapics are doing,
+    /// and what <paramref name="guestState"/> reads of the guest's own state.</summary>
+    private static async Task<VmProtocol.Outcome> WaitReporting(ActorSystem system, RunningVm vm, VmSpec spec, TimeSpan limit,
+        Func<RunningVm, string>? guestState)
     {
         var until = DateTime.UtcNow + limit;
         while (true)
@@ -93,6 +95,11 @@ internal static class BenchGuest
             if (await Task.WhenAny(vm.Ended, Task.Delay(slice > TimeSpan.Zero ? slice : TimeSpan.Zero)) == vm.Ended || left <= slice)
                 return await vm.WaitAsync(TimeSpan.FromSeconds(1));
             Console.Error.WriteLine($"bench: {spec.Name} still running after {(limit - (until - DateTime.UtcNow)).TotalSeconds:F0} s:");
+            if (guestState is not null)
+            {
+                try { Console.Error.WriteLine($"  {guestState(vm)}"); }
+                catch (Exception e) when (e is GuestMemoryException or ArgumentException) { Console.Error.WriteLine($"  guest state not read: {e.Message}"); }
+            }
             for (var i = 0; i < spec.Cpus; i++)
             {
                 try
@@ -112,7 +119,7 @@ internal static class BenchGuest
                 try
                 {
                     var r = await system.ActorSelection(vm.Actor.Path / $"vcpu-{i}").Ask<VcpuProtocol.Registers>(VcpuProtocol.GetRegisters.Instance, TimeSpan.FromSeconds(5));
-                    Console.Error.WriteLine($"  vcpu {i}: RIP={r.General.Rip:X} RFLAGS={r.General.Rflags:X} (IF={(r.General.Rflags >> 9) & 1}) CS={r.Special.Cs.Selector:X4}");
+                    Console.Error.WriteLine($"  vcpu {i}: RIP={r.General.Rip:X} RFLAGS={r.General.Rflags:X} (IF={(r.General.Rflags >> 9) & 1}) CS={r.Special.Cs.Selector:X4} R12={r.General.R12:X}");
                     var l = await system.ActorSelection(vm.Actor.Path / $"vlapic-{i}").Ask<object>(VlapicProtocol.GetState.Instance, TimeSpan.FromSeconds(5));
                     Console.Error.Write(l is VlapicProtocol.StateReply state ? LapicDump.Format(i, state.State) : $"  vlapic {i}: state not read ({l.GetType().Name})\n");
                 }

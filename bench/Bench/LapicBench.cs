@@ -5,6 +5,7 @@ using ActorVmm.Host.Boot;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
 using ActorVmm.Devices;
+using ActorVmm.LibVmm;
 using Iced.Intel;
 using static Iced.Intel.AssemblerRegisters;
 
@@ -31,52 +32,71 @@ internal static class LapicBench
     private const ushort ApReady = 0x8F08;
     private const long LapicBase = InterruptCode.LapicBase;
 
-    /// <summary>A backend, and where the vlapic actors run: on their senders' threads (the
-    /// default, actorvmm.vlapic-dispatcher) or on the thread pool (for comparison).</summary>
-    private sealed record Variant(string Name, LapicMode Mode, bool OnPool)
+    /// <summary>A row: a backend and where the vlapic actors run (on their senders' threads, the
+    /// default actorvmm.vlapic-dispatcher, or on the thread pool, for comparison); or, with no
+    /// backend, the raw loop.</summary>
+    private sealed record Variant(string Key, string Name, LapicMode? Mode, bool OnPool)
     {
         public Akka.Configuration.Config Config => OnPool
             ? ConfigurationFactory.ParseString("actorvmm.vlapic-dispatcher.type = Dispatcher").WithFallback(VmConfig.Load(null))
             : VmConfig.Load(null);
     }
 
-    public static async Task<int> RunAsync(int roundTrips, int ticks, int periodMicroseconds, int reps)
+    private static readonly Variant[] Variants =
+    [
+        new("raw", "raw loop, LocalApic models, no actors", null, OnPool: false),
+        new("emulated", "emulated", LapicMode.Emulated, OnPool: false),
+        new("pool", "emulated, vlapics on the thread pool", LapicMode.Emulated, OnPool: true),
+        new("assisted", "assisted", LapicMode.Assisted, OnPool: false),
+    ];
+
+    /// <summary>The bench's rows from "all" or a comma-separated list of raw, emulated, pool, assisted.</summary>
+    public static IReadOnlyList<string>? ParseRows(string text)
     {
+        if (text == "all") return [.. Variants.Select(v => v.Key)];
+        var keys = text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        return keys.Length > 0 && keys.All(k => Variants.Any(v => v.Key == k)) ? keys : null;
+    }
+
+    public static async Task<int> RunAsync(int roundTrips, int ticks, int periodMicroseconds, int reps, string rows = "all")
+    {
+        if (ParseRows(rows) is not { } keys)
+        {
+            Console.Error.WriteLine($"lapic: the rows are all or a comma-separated list of {string.Join(", ", Variants.Select(v => v.Key))}, not \"{rows}\"");
+            return 2;
+        }
         if (!BenchGuest.KvmAvailable()) return 2;
         HostRunner.ConfigureLogging();
-        Variant[] variants =
-        [
-            new("emulated", LapicMode.Emulated, OnPool: false),
-            new("emulated, vlapics on the thread pool", LapicMode.Emulated, OnPool: true),
-            new("assisted", LapicMode.Assisted, OnPool: false),
-        ];
+        var variants = Variants.Where(v => keys.Contains(v.Key)).ToArray();
         var pingPong = PingPong(roundTrips);
         var timer = Timer(ticks, periodMicroseconds);
-        var ipi = new Dictionary<Variant, double>();
-        var rate = new Dictionary<Variant, double>();
-        var raw = double.MaxValue;
-        for (var i = 0; i < reps; i++) raw = Math.Min(raw, RawPingPong(pingPong));
+        var ipi = new Dictionary<string, double>();
+        var rate = new Dictionary<string, double>();
         foreach (var variant in variants)
         {
-            ipi[variant] = double.MaxValue;
-            rate[variant] = 0;
+            ipi[variant.Key] = double.MaxValue;
             for (var i = 0; i < reps; i++)
             {
-                ipi[variant] = Math.Min(ipi[variant], await Measure(pingPong, 2, variant));
-                rate[variant] = Math.Max(rate[variant], ticks / (await Measure(timer, 1, variant) / 1000));
+                if (variant.Mode is not { } mode)
+                {
+                    ipi[variant.Key] = Math.Min(ipi[variant.Key], RawPingPong(pingPong));
+                    continue;
+                }
+                ipi[variant.Key] = Math.Min(ipi[variant.Key], await Measure(pingPong, 2, mode, variant.Config, PingPongState));
+                rate[variant.Key] = Math.Max(rate.GetValueOrDefault(variant.Key), ticks / (await Measure(timer, 1, mode, variant.Config) / 1000));
             }
         }
         Console.WriteLine($"local APIC: {roundTrips} IPI round trips between 2 vcpus; {ticks} periodic timer interrupts " +
                           $"every {periodMicroseconds} µs ({1e6 / periodMicroseconds:F0}/s programmed); best of {reps}");
         Console.WriteLine($"{"",-38}{"µs/round trip",15}{"timer irq/s",13}");
-        Console.WriteLine($"{"raw loop, LocalApic models, no actors",-38}{raw * 1000 / roundTrips,15:F2}{"-",13}");
         foreach (var variant in variants)
-            Console.WriteLine($"{variant.Name,-38}{ipi[variant] * 1000 / roundTrips,15:F2}{rate[variant],13:F0}");
-        var assisted = ipi[variants[2]];
-        Console.WriteLine($"IPI round trip, emulated / assisted: {ipi[variants[0]] / assisted:F2}   goal: <= 2" +
-                          $"   (vlapics on the thread pool: {ipi[variants[1]] / assisted:F2})");
-        Console.WriteLine($"  raw loop / assisted: {raw / assisted:F2} (the least a user-space local APIC costs on this host)" +
-                          $"   emulated / raw loop: {ipi[variants[0]] / raw:F2} (what the actors add)");
+            Console.WriteLine($"{variant.Name,-38}{ipi[variant.Key] * 1000 / roundTrips,15:F2}" +
+                              (rate.TryGetValue(variant.Key, out var r) ? $"{r,13:F0}" : $"{"-",13}"));
+        string Ratio(string a, string b) => ipi.TryGetValue(a, out var x) && ipi.TryGetValue(b, out var y) ? $"{x / y:F2}" : "-";
+        Console.WriteLine($"IPI round trip, emulated / assisted: {Ratio("emulated", "assisted")}   goal: <= 2" +
+                          $"   (vlapics on the thread pool: {Ratio("pool", "assisted")})");
+        Console.WriteLine($"  raw loop / assisted: {Ratio("raw", "assisted")} (the least a user-space local APIC costs on this host)" +
+                          $"   emulated / raw loop: {Ratio("emulated", "raw")} (what the actors add)");
         return 0;
     }
 
@@ -95,9 +115,18 @@ internal static class LapicBench
     }
 
     /// <summary>Runs the guest and returns the milliseconds between its two marks.</summary>
-    private static async Task<double> Measure(LongModeImage image, int cpus, Variant variant) =>
-        (await BenchGuest.RunAsync(new VmSpec($"bench-{variant.Mode.ToString().ToLowerInvariant()}", 16 << 20, cpus, image, variant.Mode),
-            (_, _) => Task.FromResult(0), variant.Config)).Marks.Milliseconds(1, 2);
+    private static async Task<double> Measure(LongModeImage image, int cpus, LapicMode mode, Akka.Configuration.Config config,
+        Func<RunningVm, string>? guestState = null) =>
+        (await BenchGuest.RunAsync(new VmSpec($"bench-{mode.ToString().ToLowerInvariant()}", 16 << 20, cpus, image, mode),
+            (_, _) => Task.FromResult(0), config, guestState)).Marks.Milliseconds(1, 2);
+
+    /// <summary>For the watchdog of a ping-pong that does not end: how far the guest got.</summary>
+    private static string PingPongState(RunningVm vm)
+    {
+        var pongs = (uint)vm.Memory.ReadUInt64(new GuestPhysAddr(Counter));
+        var ready = (byte)vm.Memory.ReadUInt64(new GuestPhysAddr(ApReady));
+        return $"guest: {pongs} pongs taken (its counter; vcpu 0's R12 counts the pings sent), AP ready {ready}";
+    }
 
     private static void SetGate(Assembler a, byte vector, Label handler) => InterruptCode.SetGate(a, vector, handler);
 

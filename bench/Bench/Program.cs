@@ -14,7 +14,7 @@ const string usage = """
     usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
            actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
            actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
-           actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions]  IPI ping-pong and LAPIC timer, emulated vs assisted
+           actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions] [all|raw,emulated,pool,assisted]  IPI ping-pong and LAPIC timer, emulated vs assisted
            actorvmm-bench ipipath [round trips] [repetitions] [bare|actors|pool|all]  the host's share of an emulated IPI round trip (no KVM needed)
     """;
 if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
@@ -27,7 +27,8 @@ var counts = new int?[args.Length];
 for (var i = 0; i < args.Length; i++)
     counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
 var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "io" ? 1 : 0;
-var last = args.Length > 0 && args[0] is "faults" or "ipipath" ? Math.Min(args.Length, 3) : args.Length; // their 4th is a mode
+var last = args.Length > 0 && args[0] is "faults" or "ipipath" ? Math.Min(args.Length, 3)
+    : args.Length > 0 && args[0] is "lapic" ? Math.Min(args.Length, 5) : args.Length; // what follows the counts is a mode
 for (var i = first; i < last; i++)
     if (counts[i] is null)
     {
@@ -42,7 +43,7 @@ if (args.Length > 0 && args[0] == "faults")
 if (args.Length > 0 && args[0] == "trace")
     return await ActorVmm.Bench.TraceBench.RunAsync(Count(1, 200_000), Count(2, 3), Count(3, 100_000));
 if (args.Length > 0 && args[0] == "lapic")
-    return await ActorVmm.Bench.LapicBench.RunAsync(Count(1, 2_000), Count(2, 500), Count(3, 1_000), Count(4, 3));
+    return await ActorVmm.Bench.LapicBench.RunAsync(Count(1, 2_000), Count(2, 500), Count(3, 1_000), Count(4, 3), args.Length > 5 ? args[5] : "all");
 if (args.Length > 0 && args[0] == "ipipath")
     return await ActorVmm.Bench.IpiPathBench.RunAsync(Count(1, 20_000), Count(2, 3), args.Length > 3 ? args[3] : "all");
 var at = args.Length > 0 && args[0] == "io" ? 1 : 0; // "io" may be named or not
