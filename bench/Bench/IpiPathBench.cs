@@ -7,6 +7,8 @@ using ActorVmm.Host.Vm;
 using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
+using ActorVmm.Host.Tracing;
+using ActorVmm.Devices.Tracing;
 
 namespace ActorVmm.Bench;
 
@@ -27,12 +29,13 @@ internal static class IpiPathBench
 {
     public static async Task<int> RunAsync(int roundTrips, int reps, string only)
     {
-        if (only is not ("all" or "bare" or "actors" or "pool"))
+        if (only is not ("all" or "bare" or "actors" or "pool" or "trace"))
         {
-            Console.Error.WriteLine($"ipipath: the variant is bare, actors, pool or all, not \"{only}\"");
+            Console.Error.WriteLine($"ipipath: the variant is bare, actors, pool, all or trace, not \"{only}\"");
             return 2;
         }
         HostRunner.ConfigureLogging();
+        if (only == "trace") return await TraceAsync(roundTrips);
         var pool = Akka.Configuration.ConfigurationFactory.ParseString("actorvmm.vlapic-dispatcher.type = Dispatcher")
             .WithFallback(VmConfig.Load(null));
         PingPongScore? bare = null, actors = null, actorsPool = null;
@@ -63,8 +66,29 @@ internal static class IpiPathBench
         return 0;
     }
 
-    /// <summary>The ping-pong under ActorVmm's actors.</summary>
-    private static async Task<PingPongScore> Actors(int roundTrips, Akka.Configuration.Config config)
+    /// <summary>
+    /// The messages of a round trip: the ping-pong once under the actors with the message trace on
+    /// (which costs time: nothing is timed), then each kind of message (sender, receiver, type)
+    /// with how many times it was sent per round trip. The guest's exits are trace events too.
+    /// </summary>
+    private static async Task<int> TraceAsync(int roundTrips)
+    {
+        await using var recorder = new TraceRecorder(capacity: Math.Max(100_000, roundTrips * 40));
+        await Actors(roundTrips, VmConfig.Load(null), recorder);
+        var events = recorder.Snapshot();
+        if (recorder.Count > events.Count)
+            Console.WriteLine($"(the ring kept the latest {events.Count} of {recorder.Count} events: start-up is left out)");
+        Console.WriteLine($"IPI round trip under the actors, traced: {roundTrips} round trips; messages per round trip");
+        foreach (var kind in events.GroupBy(e => (e.Sender, e.Receiver, e.Type))
+                     .Select(g => (g.Key, PerTrip: g.Count() / (double)roundTrips))
+                     .Where(k => k.PerTrip >= 0.01)
+                     .OrderByDescending(k => k.PerTrip))
+            Console.WriteLine($"{kind.PerTrip,8:F2}  {kind.Key.Sender} -> {kind.Key.Receiver}: {kind.Key.Type}");
+        return 0;
+    }
+
+    /// <summary>The ping-pong under ActorVmm's actors (traced into <paramref name="trace"/> if given).</summary>
+    private static async Task<PingPongScore> Actors(int roundTrips, Akka.Configuration.Config config, TraceRecorder? trace = null)
     {
         var system = HostRunner.CreateSystem(config, "bench");
         try
@@ -76,7 +100,8 @@ internal static class IpiPathBench
             var clock = new MonotonicClock();
             var devices = new List<DeviceSpec> { PcPlatform.Com1(console.Write), PcPlatform.DebugExit() };
             devices.AddRange(PcPlatform.InterruptControllersAndTimers(2, biosLikePic: true));
-            var resources = new VmResources("ipipath", memory, vcpus, devices, Traced: false, clock,
+            using var registration = trace is not null ? MessageTraceRegistry.Register(system, "/user/ipipath", trace) : null;
+            var resources = new VmResources("ipipath", memory, vcpus, devices, Traced: trace is not null, clock,
                 LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
             var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
             var vm = system.ActorOf(Props.Create(() => new VmActor(resources, ended)), "ipipath");

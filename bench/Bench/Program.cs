@@ -15,7 +15,7 @@ const string usage = """
            actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
            actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
            actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions] [all|raw,emulated,pool,assisted]  IPI ping-pong and LAPIC timer, emulated vs assisted
-           actorvmm-bench ipipath [round trips] [repetitions] [bare|actors|pool|all]  the host's share of an emulated IPI round trip (no KVM needed)
+           actorvmm-bench ipipath [round trips] [repetitions] [bare|actors|pool|all|trace]  the host's share of an emulated IPI round trip (no KVM needed); trace: its messages
     """;
 if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 {
