@@ -53,7 +53,7 @@ internal static class LapicBench
     ];
 
     /// <summary>The bench's rows from "all" or a comma-separated list of raw, emulated, pool, assisted.</summary>
-    public static IReadOnlyList<string>? ParseRows(string text)
+    private static IReadOnlyList<string>? ParseRows(string text)
     {
         if (text == "all") return [.. Variants.Select(v => v.Key)];
         var keys = text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
@@ -112,7 +112,8 @@ internal static class LapicBench
     /// <summary>
     /// The ping-pong guest in a VM built with LibVmm only, its two vcpus run by
     /// <see cref="BareApicLoop"/> with the emulated backend's APIC options: the same exits as under
-    /// lapic = emulated, handled without actors. Returns the milliseconds between the guest's marks.
+    /// lapic = emulated, handled without actors. Returns the milliseconds between the guest's marks
+    /// and the interrupts it took inside STI's shadow.
     /// </summary>
     private static (double Ms, uint InShadow) RawPingPong(LongModeImage image)
     {
