@@ -115,7 +115,7 @@ internal sealed class BareApicLoop
             catch (Exception e)
             {
                 Failure = e;
-                _ended.Set();
+                EndAll();
             }
         }
 
@@ -178,9 +178,7 @@ internal sealed class BareApicLoop
                     _marks?.Write(0, io.Size, io.Value);
                     return true;
                 case VmExit.Io { IsOut: true, Port: BenchGuest.DebugExitPort }:
-                    _ended.Set(); // the VM ends: the other vcpus stop, halted or kicked out of the guest
-                    foreach (var other in _all)
-                        if (other != this) other.Vcpu.Kick();
+                    EndAll();
                     return false;
                 case VmExit.IrqWindowOpen:
                     return true; // the loop injects before the next entry
@@ -189,6 +187,14 @@ internal sealed class BareApicLoop
                 default:
                     throw new InvalidOperationException($"vcpu {Vcpu.Id}: unexpected exit {exit}");
             }
+        }
+
+        /// <summary>The VM ends: the other vcpus stop, halted or kicked out of the guest.</summary>
+        private void EndAll()
+        {
+            _ended.Set();
+            foreach (var other in _all)
+                if (other != this) other.Vcpu.Kick();
         }
 
         /// <summary>IPIs the model sent, delivered with its own lock released (two vcpus sending to
