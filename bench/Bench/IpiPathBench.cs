@@ -79,11 +79,8 @@ internal static class IpiPathBench
         if (recorder.Count > events.Count)
             Console.WriteLine($"(the ring kept the latest {events.Count} of {recorder.Count} events: start-up is left out)");
         Console.WriteLine($"IPI round trip under the actors, traced: {roundTrips} round trips; messages per round trip");
-        foreach (var kind in events.GroupBy(e => (e.Sender, e.Receiver, e.Type))
-                     .Select(g => (g.Key, PerTrip: g.Count() / (double)roundTrips))
-                     .Where(k => k.PerTrip >= 0.01)
-                     .OrderByDescending(k => k.PerTrip))
-            Console.WriteLine($"{kind.PerTrip,8:F2}  {kind.Key.Sender} -> {kind.Key.Receiver}: {kind.Key.Type}");
+        foreach (var k in TraceRecorder.CountByKind(events).Where(k => k.Count >= roundTrips / 100.0))
+            Console.WriteLine($"{k.Count / (double)roundTrips,8:F2}  {k.Sender} -> {k.Receiver}: {k.Type}");
         return 0;
     }
 

@@ -240,7 +240,7 @@ public static class HostRunner
             foreach (var e in chain) output.WriteLine(TraceRecorder.ToText(e));
         }
         output.WriteLine("--- messages by type ---");
-        foreach (var g in events.GroupBy(e => (e.Sender, e.Receiver, e.Type)).OrderByDescending(g => g.Count()))
-            output.WriteLine($"{g.Count(),8}  {g.Key.Sender} -> {g.Key.Receiver}  {g.Key.Type}");
+        foreach (var k in TraceRecorder.CountByKind(events))
+            output.WriteLine($"{k.Count,8}  {k.Sender} -> {k.Receiver}  {k.Type}");
     }
 }

@@ -192,6 +192,12 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
     }
 
     /// <summary>A line for people: "  12.345 ms  #12 <- #10  vcpu-0 -> uart0  Write { Offset = 0, ... }".</summary>
+    /// <summary>How many events of each kind (sender, receiver, message type), most frequent first.</summary>
+    public static IEnumerable<(string Sender, string Receiver, string Type, int Count)> CountByKind(IEnumerable<TraceEvent> events) =>
+        events.GroupBy(e => (e.Sender, e.Receiver, e.Type))
+            .Select(g => (g.Key.Sender, g.Key.Receiver, g.Key.Type, Count: g.Count()))
+            .OrderByDescending(k => k.Count);
+
     public static string ToText(TraceEvent e) =>
         $"{e.Nanoseconds / 1e6,10:F3} ms  #{e.Id,-6} {(e.ParentId == 0 ? "" : "<- #" + e.ParentId),-10} {e.Sender,-14} -> {e.Receiver,-14} {e.Message}";
 
