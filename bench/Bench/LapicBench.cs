@@ -155,18 +155,11 @@ internal static class LapicBench
     /// </summary>
     private static void CountingHandler(Assembler a, Label handler, Label hlt)
     {
-        var onTime = a.CreateLabel();
         a.Label(ref handler);
+        InterruptCode.ReturnPastInterruptedHlt(a, hlt, ShadowCounter);
         a.push(rdi);
         a.mov(rdi, (long)Counter);
         a.inc(__dword_ptr[rdi]);
-        a.lea(rdi, __[hlt]);
-        a.cmp(__qword_ptr[rsp + 8], rdi); // the interrupted RIP
-        a.jne(onTime);
-        a.inc(__qword_ptr[rsp + 8]);      // return past the hlt (one byte)
-        a.mov(rdi, (long)ShadowCounter);
-        a.inc(__dword_ptr[rdi]);
-        a.Label(ref onTime);
         InterruptCode.Eoi(a);
         a.pop(rdi);
         a.iretq();
@@ -182,9 +175,7 @@ internal static class LapicBench
         a.Label(ref check);
         a.cmp(__dword_ptr[rdi], r12d);
         a.jae(done);
-        a.sti();
-        a.Label(ref hlt);
-        a.hlt();
+        InterruptCode.SleepWithInterruptsOn(a, hlt);
         a.cli();
         a.jmp(check);
         a.Label(ref done);

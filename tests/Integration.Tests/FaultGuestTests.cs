@@ -81,16 +81,17 @@ public sealed class FaultGuestTests
         a.mov(__dword_ptr[rbx + InterruptCode.LapicTimerDivide], 0b1011);     // divide by 1
         a.mov(__dword_ptr[rbx + InterruptCode.LapicLvtTimer], 0x2_0030);      // periodic, vector 0x30
         a.mov(__dword_ptr[rbx + InterruptCode.LapicTimerInitial], 2_000_000); // 2 ms at 1 GHz
+        var hlt = a.CreateLabel();
         a.mov(rsi, (long)Counter);
         a.Label(ref wait);
-        a.sti();
-        a.hlt();
+        InterruptCode.SleepWithInterruptsOn(a, hlt);
         a.cli();
         a.cmp(__dword_ptr[rsi], ticks);
         a.jb(wait);
         a.mov(al, 0);
         a.@out(0xF4, al);
         a.Label(ref tick);
+        InterruptCode.ReturnPastInterruptedHlt(a, hlt);
         a.push(rax);
         a.push(rdx);
         a.push(rdi);
@@ -116,6 +117,7 @@ public sealed class FaultGuestTests
         var wait = a.CreateLabel();
         var linger = a.CreateLabel();
         var bad = a.CreateLabel();
+        var hlt = a.CreateLabel();
         InterruptCode.SetGate(a, 0x42, handler);
         InterruptCode.EnableLocalApic(a);
         a.mov(rsi, (long)Counter);
@@ -124,8 +126,7 @@ public sealed class FaultGuestTests
         a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrLow], 0x4_0042);       // fixed, vector 0x42, to self
         a.inc(r12d);
         a.Label(ref wait);
-        a.sti();
-        a.hlt();
+        InterruptCode.SleepWithInterruptsOn(a, hlt);
         a.cli();
         a.cmp(__dword_ptr[rsi], r12d);
         a.jb(wait);
@@ -146,6 +147,7 @@ public sealed class FaultGuestTests
         a.mov(al, 1);
         a.@out(0xF4, al);
         a.Label(ref handler);
+        InterruptCode.ReturnPastInterruptedHlt(a, hlt);
         a.push(rdi);
         a.mov(rdi, (long)Counter);
         a.inc(__dword_ptr[rdi]);

@@ -42,10 +42,12 @@ public sealed class LapicGuestTests
     /// <summary>RBX = the local APIC page; SVR = 0x1FF (software enabled).</summary>
     private static void EnableApic(Assembler a) => InterruptCode.EnableLocalApic(a);
 
-    /// <summary>A handler that sets <see cref="Flag"/>, EOIs and returns.</summary>
-    private static void FlagHandler(Assembler a, Label handler)
+    /// <summary>A handler that sets <see cref="Flag"/>, EOIs and returns; past <paramref name="hlt"/>
+    /// (of <see cref="WaitFlagThenExit"/>) if it interrupted that hlt (see <see cref="InterruptCode.ReturnPastInterruptedHlt"/>).</summary>
+    private static void FlagHandler(Assembler a, Label handler, Label? hlt = null)
     {
         a.Label(ref handler);
+        if (hlt is { } sleep) InterruptCode.ReturnPastInterruptedHlt(a, sleep);
         a.push(rdi);
         a.mov(rdi, (long)Flag);
         a.mov(__byte_ptr[rdi], 1);
@@ -55,18 +57,20 @@ public sealed class LapicGuestTests
         a.iretq();
     }
 
-    /// <summary>Sleeps (sti; hlt) until <see cref="Flag"/> is set, then exits through debug-exit with status 1.</summary>
-    private static void WaitFlagThenExit(Assembler a)
+    /// <summary>Sleeps (sti; hlt) until <see cref="Flag"/> is set, then exits through debug-exit with
+    /// status 1. Returns the label of its hlt, for the handlers that wake it.</summary>
+    private static Label WaitFlagThenExit(Assembler a)
     {
         var wait = a.CreateLabel();
+        var hlt = a.CreateLabel();
         a.mov(rdi, (long)Flag);
         a.Label(ref wait);
-        a.sti();
-        a.hlt();
+        InterruptCode.SleepWithInterruptsOn(a, hlt);
         a.cmp(__byte_ptr[rdi], 1);
         a.jne(wait);
         a.mov(al, 0);
         a.@out(0xF4, al);
+        return hlt;
     }
 
     [KvmTheory]
@@ -81,8 +85,8 @@ public sealed class LapicGuestTests
             a.mov(__dword_ptr[rbx + 0x3E0], 0b1011);  // divide by 1
             a.mov(__dword_ptr[rbx + 0x320], 0x41);    // LVT timer: one-shot, vector 0x41, unmasked
             a.mov(__dword_ptr[rbx + 0x380], 100_000); // initial count: 100 µs at 1 GHz
-            WaitFlagThenExit(a);
-            FlagHandler(a, handler);
+            var hlt = WaitFlagThenExit(a);
+            FlagHandler(a, handler, hlt);
         });
         await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
         Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
@@ -111,9 +115,10 @@ public sealed class LapicGuestTests
             a.shr(rdx, 32);
             a.mov(ecx, 0x6E0);                            // IA32_TSC_DEADLINE
             a.wrmsr();
-            WaitFlagThenExitOr(a, bad);
+            var hlt = WaitFlagThenExitOr(a, bad);
             // The handler ran: the TSC must have reached the deadline by then.
             a.Label(ref handler);
+            InterruptCode.ReturnPastInterruptedHlt(a, hlt);
             a.push(rax);
             a.push(rdx);
             a.push(rdi);
@@ -138,19 +143,83 @@ public sealed class LapicGuestTests
         Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 }, run.Outcome.ToString());
     }
 
-    /// <summary>Sleeps until <see cref="Flag"/> is set, then exits with status 1; <paramref name="bad"/> is the caller's.</summary>
-    private static void WaitFlagThenExitOr(Assembler a, Label bad)
+    /// <summary>Sleeps until <see cref="Flag"/> is set, then exits with status 1; <paramref name="bad"/> is
+    /// the caller's. Returns the label of its hlt.</summary>
+    private static Label WaitFlagThenExitOr(Assembler a, Label bad)
     {
         var wait = a.CreateLabel();
+        var hlt = a.CreateLabel();
         a.mov(rdi, (long)Flag);
         a.Label(ref wait);
-        a.sti();
-        a.hlt();
+        InterruptCode.SleepWithInterruptsOn(a, hlt);
         a.cli();
         a.cmp(__byte_ptr[rdi], 1);
         a.jne(wait);
         a.mov(al, 0);
         a.@out(0xF4, al);
+        return hlt;
+    }
+
+    /// <summary>
+    /// <see cref="InterruptCode.ReturnPastInterruptedHlt"/> on a processor, which never interrupts
+    /// inside STI's shadow: the guest enters a handler through interrupt frames it pushes itself
+    /// (SS, RSP, RFLAGS with IF=0, CS, RIP), as a processor would push them. With RIP elsewhere the
+    /// handler must return there and count nothing; with RIP on the <c>hlt</c> of
+    /// <see cref="InterruptCode.SleepWithInterruptsOn"/> it must return past it and count one. Status
+    /// 1: both; status 3: a wrong count; a return to the <c>hlt</c> would halt the VM with
+    /// interrupts off.
+    /// </summary>
+    [KvmFact]
+    public async Task A_handler_that_interrupted_the_hlt_of_sti_hlt_returns_past_it_and_counts_it()
+    {
+        const ulong counter = 0x9F930;
+        var image = Long(a =>
+        {
+            var hlt = a.CreateLabel();
+            var handler = a.CreateLabel();
+            var elsewhere = a.CreateLabel();
+            var start = a.CreateLabel();
+            var bad = a.CreateLabel();
+            void EnterHandlerAsIfInterruptedAt(Label rip)
+            {
+                a.mov(rax, rsp);
+                a.mov(cx, ss);
+                a.push(rcx);
+                a.push(rax);
+                a.pushfq();
+                a.mov(cx, cs);
+                a.push(rcx);
+                a.lea(rax, __[rip]);
+                a.push(rax);
+                a.jmp(handler);
+            }
+
+            a.jmp(start);
+            InterruptCode.SleepWithInterruptsOn(a, hlt); // reached only through a frame
+            a.mov(rdi, (long)counter);
+            a.cmp(__dword_ptr[rdi], 1);
+            a.jne(bad);
+            a.mov(al, 0);
+            a.@out(0xF4, al);
+            a.Label(ref start);
+            a.mov(rdi, (long)counter);
+            a.mov(__dword_ptr[rdi], 0);
+            EnterHandlerAsIfInterruptedAt(elsewhere);
+            a.Label(ref elsewhere);
+            a.mov(rdi, (long)counter);
+            a.cmp(__dword_ptr[rdi], 0);
+            a.jne(bad);
+            EnterHandlerAsIfInterruptedAt(hlt);
+            a.Label(ref bad);
+            a.mov(al, 1);
+            a.@out(0xF4, al);
+            a.Label(ref handler);
+            InterruptCode.ReturnPastInterruptedHlt(a, hlt, counter);
+            a.iretq();
+        });
+        await using var run = await GuestRun.RunAsync(image, 16 << 20, 1);
+        Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 }, run.Outcome.ToString());
+        Assert.Equal(1UL, GuestMemoryExtensions.ReadUInt64(run.Vm.Memory, new GuestPhysAddr(counter)) & 0xFFFF_FFFF);
     }
 
     [KvmTheory]
@@ -163,8 +232,8 @@ public sealed class LapicGuestTests
             SetGate(a, 0x42, handler);
             EnableApic(a);
             a.mov(__dword_ptr[rbx + 0x300], 0x0004_0042); // ICR: fixed, vector 0x42, shorthand self
-            WaitFlagThenExit(a);
-            FlagHandler(a, handler);
+            var hlt = WaitFlagThenExit(a);
+            FlagHandler(a, handler, hlt);
         });
         await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
         Assert.Equal(VmProtocol.OutcomeKind.DebugExit, run.Outcome.Kind);
@@ -215,11 +284,11 @@ public sealed class LapicGuestTests
                 a.xor(eax, eax);
                 a.mov(cr8, rax);
             }
-            WaitFlagThenExit(a);
+            var hlt = WaitFlagThenExit(a);
             a.Label(ref bad);
             a.mov(al, 1);
             a.@out(0xF4, al);
-            FlagHandler(a, handler);
+            FlagHandler(a, handler, hlt);
         });
         await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
         Assert.True(run.Outcome is { Kind: VmProtocol.OutcomeKind.DebugExit, ExitCode: 1 }, run.Outcome.ToString());
@@ -272,10 +341,10 @@ public sealed class LapicGuestTests
             a.mov(dx, 0x3F9);
             a.mov(al, 0x02);                                       // IER: transmitter empty (at once)
             a.@out(dx, al);
+            var hlt = a.CreateLabel();
             a.mov(rsi, (long)counter);
             a.Label(ref wait);
-            a.sti();
-            a.hlt();
+            InterruptCode.SleepWithInterruptsOn(a, hlt);
             a.cli();
             a.cmp(__dword_ptr[rsi], level ? 2 : 1);
             a.jb(wait);
@@ -301,6 +370,7 @@ public sealed class LapicGuestTests
             a.@out(0xF4, al);
 
             a.Label(ref handler);
+            InterruptCode.ReturnPastInterruptedHlt(a, hlt);
             a.push(rax);
             a.push(rdx);
             a.push(rdi);
@@ -455,10 +525,10 @@ public sealed class LapicGuestTests
             a.mov(__dword_ptr[rbx + 0x3E0], 0b1011);    // divide by 1
             a.mov(__dword_ptr[rbx + 0x320], 0x2_0041);  // LVT timer: periodic, vector 0x41
             a.mov(__dword_ptr[rbx + 0x380], 500_000);   // every 500 µs at 1 GHz
+            var hlt = a.CreateLabel();
             a.mov(rsi, (long)Flag);
             a.Label(ref wait);
-            a.sti();
-            a.hlt();
+            InterruptCode.SleepWithInterruptsOn(a, hlt);
             a.cli();
             a.cmp(__dword_ptr[rsi], 5);                 // five expiries, each taken in a handler
             a.jb(wait);
@@ -466,6 +536,7 @@ public sealed class LapicGuestTests
             a.mov(al, 0);
             a.@out(0xF4, al);
             a.Label(ref handler);
+            InterruptCode.ReturnPastInterruptedHlt(a, hlt);
             a.push(rdi);
             a.mov(rdi, (long)Flag);
             a.inc(__dword_ptr[rdi]);
@@ -492,8 +563,9 @@ public sealed class LapicGuestTests
             // takes fixed only: SDM Vol 3A Table 10-3.)
             a.mov(__dword_ptr[rbx + 0x310], 0);
             a.mov(__dword_ptr[rbx + 0x300], 0x0000_0400);
-            WaitFlagThenExit(a);                             // (an NMI comes even with IF=0)
+            var hlt = WaitFlagThenExit(a);                   // (an NMI comes even with IF=0)
             a.Label(ref nmi);
+            InterruptCode.ReturnPastInterruptedHlt(a, hlt);
             a.push(rdi);
             a.mov(rdi, (long)Flag);
             a.mov(__byte_ptr[rdi], 1);

@@ -29,6 +29,7 @@ public static class DemoGuest
         var second = a.CreateLabel();
         var handler = a.CreateLabel();
         var wait = a.CreateLabel();
+        var hlt = a.CreateLabel();
 
         InterruptCode.SetGate(a, UartVector, handler);
         InterruptCode.EnableLocalApic(a);
@@ -45,8 +46,7 @@ public static class DemoGuest
         a.@out(dx, al);
         a.mov(rdi, (long)Flag);
         a.Label(ref wait);
-        a.sti();
-        a.hlt();
+        InterruptCode.SleepWithInterruptsOn(a, hlt);
         a.cli();
         a.cmp(__byte_ptr[rdi], 1);
         a.jne(wait);
@@ -57,6 +57,7 @@ public static class DemoGuest
         a.hlt();
 
         a.Label(ref handler);
+        InterruptCode.ReturnPastInterruptedHlt(a, hlt);
         a.push(rax);
         a.push(rdx);
         a.push(rdi);

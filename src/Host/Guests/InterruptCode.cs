@@ -52,6 +52,46 @@ public static class InterruptCode
         a.mov(__dword_ptr[rbx + LapicSvr], 0x1FF);
     }
 
+    /// <summary>
+    /// <c>sti; hlt</c>, with <paramref name="hlt"/> placed on the <c>hlt</c>: sleep until an
+    /// interrupt, with interrupts open only for that sleep. A processor takes no interrupt between
+    /// the two (STI's interrupt shadow covers the <c>hlt</c>), so an interrupt already pending at the
+    /// <c>sti</c> wakes the <c>hlt</c> at once. Handlers that may end such a sleep start with
+    /// <see cref="ReturnPastInterruptedHlt"/> for guests that run where the shadow can be lost.
+    /// </summary>
+    public static void SleepWithInterruptsOn(Assembler a, Label hlt)
+    {
+        a.sti();
+        a.Label(ref hlt);
+        a.hlt();
+    }
+
+    /// <summary>
+    /// A handler's first instructions (nothing pushed yet, no error code): if the interrupted RIP is
+    /// the <c>hlt</c> of <see cref="SleepWithInterruptsOn"/>, the interrupt came inside STI's shadow,
+    /// where no processor delivers one; returning to that <c>hlt</c> would sleep with nothing left to
+    /// wake it, so the handler returns past it (the one byte of <c>hlt</c>), as if the interrupt had
+    /// woken it. If <paramref name="counter"/> is given, the 32-bit count there is raised each time.
+    /// On a processor this never fires; the KVM box's emulated SVM loses the shadow now and then
+    /// (README, the box's limits). Keeps every register; the flags it changes come back with <c>iretq</c>.
+    /// </summary>
+    public static void ReturnPastInterruptedHlt(Assembler a, Label hlt, ulong? counter = null)
+    {
+        var onTime = a.CreateLabel();
+        a.push(rdi);
+        a.lea(rdi, __[hlt]);
+        a.cmp(__qword_ptr[rsp + 8], rdi);   // the interrupted RIP
+        a.jne(onTime);
+        a.inc(__qword_ptr[rsp + 8]);
+        if (counter is { } count)
+        {
+            a.mov(rdi, (long)count);
+            a.inc(__dword_ptr[rdi]);
+        }
+        a.Label(ref onTime);
+        a.pop(rdi);
+    }
+
     /// <summary>End of interrupt to the local APIC. Clobbers RDI.</summary>
     public static void Eoi(Assembler a)
     {
