@@ -59,8 +59,17 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     /// <summary>Queues exits for the vcpu's next runs, in order.</summary>
     public void Supply(params VmExit[] exits)
     {
-        foreach (var exit in exits) _exits.Add(exit);
+        foreach (var exit in exits)
+        {
+            lock (_gate) _untaken++;
+            _exits.Add(exit);
+        }
     }
+
+    /// <summary>Supplied exits not yet returned by a Run, under <see cref="_gate"/>: unlike the
+    /// collection's count, it drops in the same step as <c>_takenInRun</c> is set, so
+    /// <see cref="IdleInGuest"/> never sees a Run that took the last exit and has not returned it.</summary>
+    private int _untaken;
 
     /// <summary>Supplied exits not yet taken by a run.</summary>
     public int Pending => _exits.Count;
@@ -79,7 +88,7 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
 
     /// <summary>In Run again after handling the last exit it took, with nothing left to return (a Run
     /// that has just taken an exit is still in Run until it returns, so InRun alone says less).</summary>
-    public bool IdleInGuest { get { lock (_gate) return _inRun && _exits.Count == 0 && _runs > _takenInRun; } }
+    public bool IdleInGuest { get { lock (_gate) return _inRun && _untaken == 0 && _runs > _takenInRun; } }
 
     public int Kicks => Volatile.Read(ref _kicks);
 
@@ -138,7 +147,6 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
         }
     }
 
-    /// <summary>Waits until the vcpu is inside Run with every supplied exit handled.</summary>
     /// <summary>Until the vcpu is back in Run with nothing left to return: it handled the last exit
     /// it took (a Run that has just taken an exit is still "in Run" until it returns).</summary>
     public bool WaitUntilIdleInGuest(TimeSpan? timeout = null) =>
@@ -171,7 +179,7 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
             }
             else
             {
-                Changed(() => { _consumed++; _takenInRun = _runs; });
+                Changed(() => { _consumed++; _untaken--; _takenInRun = _runs; });
             }
             return exit;
         }
