@@ -57,6 +57,16 @@ public sealed class LapicGuestTests
         a.iretq();
     }
 
+    /// <summary>Debug-exit status 1 here; at <paramref name="bad"/>, placed right after, status 3.</summary>
+    private static void ExitPassedElseAt(Assembler a, Label bad)
+    {
+        a.mov(al, 0);
+        a.@out(0xF4, al);
+        a.Label(ref bad);
+        a.mov(al, 1);
+        a.@out(0xF4, al);
+    }
+
     /// <summary>Sleeps (sti; hlt) until <see cref="Flag"/> is set, then exits through debug-exit with
     /// status 1. Returns the label of its hlt, for the handlers that wake it.</summary>
     private static Label WaitFlagThenExit(Assembler a)
@@ -260,11 +270,7 @@ public sealed class LapicGuestTests
             a.mov(rdi, (long)replays);
             a.cmp(__dword_ptr[rdi], 2);
             a.jne(bad);
-            a.mov(al, 0);
-            a.@out(0xF4, al);
-            a.Label(ref bad);
-            a.mov(al, 1);
-            a.@out(0xF4, al);
+            ExitPassedElseAt(a, bad);
 
             a.Label(ref handler);
             InterruptCode.ReturnPastInterruptedHlt(a, hlt);
@@ -440,11 +446,7 @@ public sealed class LapicGuestTests
             a.mov(eax, __dword_ptr[rdi + 0x10]);
             a.test(eax, 1 << 14);                                  // Remote IRR
             a.jnz(bad);
-            a.mov(al, 0);
-            a.@out(0xF4, al);
-            a.Label(ref bad);
-            a.mov(al, 1);
-            a.@out(0xF4, al);
+            ExitPassedElseAt(a, bad);
 
             a.Label(ref handler);
             InterruptCode.ReturnPastInterruptedHlt(a, hlt);
@@ -717,11 +719,7 @@ public sealed class LapicGuestTests
             a.jnz(linger);
             a.cmp(__byte_ptr[Hits], 2);
             a.jne(bad);
-            a.mov(al, 0);
-            a.@out(0xF4, al);
-            a.Label(ref bad);
-            a.mov(al, 1);
-            a.@out(0xF4, al);
+            ExitPassedElseAt(a, bad);
             a.Label(ref self);                              // the sender took its own broadcast
             a.mov(al, 1);
             a.@out(0xF4, al);
@@ -771,11 +769,7 @@ public sealed class LapicGuestTests
             a.mov(rdi, (long)Flag);
             a.cmp(__byte_ptr[rdi], 0);
             a.jne(bad);
-            a.mov(al, 0);
-            a.@out(0xF4, al);
-            a.Label(ref bad);
-            a.mov(al, 1);
-            a.@out(0xF4, al);
+            ExitPassedElseAt(a, bad);
             FlagHandler(a, handler);
         });
         await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
