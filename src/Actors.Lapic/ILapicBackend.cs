@@ -71,6 +71,11 @@ public interface ILapicBackend : ITimedDevice
     /// where the vcpu need not (an in-kernel APIC: KVM syncs CR8 itself).</summary>
     byte? TaskPriority => null;
 
+    /// <summary>IA32_APIC_BASE, which the vcpu mirrors: it decodes the xAPIC page where the base
+    /// names it, and tells KVM, whose CPUID.01H:EDX.APIC follows its EN bit; null when the backend
+    /// keeps it where the vcpu need not (an in-kernel APIC: KVM sees the guest's writes itself).</summary>
+    ulong? ApicBase => null;
+
     /// <summary>The guest wrote CR8 (TPR = CR8 &lt;&lt; 4), seen by the vcpu at an exit.</summary>
     void SetTaskPriority(byte tpr) { }
 
@@ -134,6 +139,8 @@ public sealed class EmulatedLapicBackend(LocalApic apic) : ILapicBackend
     public int? PendingInterrupt() => Model.PendingInterrupt();
 
     public byte? TaskPriority => Model.TaskPriority;
+
+    public ulong? ApicBase => Model.ApicBase;
 
     public bool AcceptsInterrupts => Model.Mode != ApicMode.Disabled && Model.SoftwareEnabled;
 

@@ -94,7 +94,7 @@ public sealed class LocalApic : ITimedDevice
         _events = events;
         _clock = clock;
         _options = options ?? LapicOptions.Default;
-        _apicBase = DefaultBaseAddress | BaseEnable | (bsp ? BaseBsp : 0);
+        _apicBase = ResetBase(bsp);
         Lint0 = new LintLine(this, 0);
         Lint1 = new LintLine(this, 1);
         ResetRegisters();
@@ -109,7 +109,19 @@ public sealed class LocalApic : ITimedDevice
 
     public uint ApicId => _id;
 
+    /// <summary>IA32_APIC_BASE (MSR 0x1B). Its base address field (bits MAXPHYADDR-1:12) places the
+    /// xAPIC register page (SDM Vol 3A §10.4.4, "Relocating the Local APIC Registers").</summary>
     public ulong ApicBase => _apicBase;
+
+    /// <summary>IA32_APIC_BASE after power-up or reset (SDM Vol 3A §10.4.4): the page at 0xFEE00000,
+    /// the APIC enabled in xAPIC mode, BSP set on the bootstrap processor only.</summary>
+    public static ulong ResetBase(bool bsp) => DefaultBaseAddress | BaseEnable | (bsp ? BaseBsp : 0);
+
+    /// <summary>The physical address of the xAPIC register page named by IA32_APIC_BASE
+    /// <paramref name="apicBase"/>, or null when the page is not decoded: the APIC is disabled
+    /// globally or in x2APIC mode (SDM Vol 3A §10.4.3, §10.12.2).</summary>
+    public static ulong? XApicPage(ulong apicBase) =>
+        (apicBase & (BaseEnable | BaseExtd)) == BaseEnable ? apicBase & ~(ulong)(PageSize - 1) & ((1UL << 52) - 1) : null;
 
     public ApicMode Mode => (_apicBase & BaseEnable) == 0 ? ApicMode.Disabled
         : (_apicBase & BaseExtd) != 0 ? ApicMode.X2Apic : ApicMode.XApic;

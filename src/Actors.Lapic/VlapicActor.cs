@@ -34,6 +34,9 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>The TPR the vcpu mirrors in CR8 (it starts at 0; unknown after a restart).</summary>
     private byte? _vcpuTpr = 0;
 
+    /// <summary>The IA32_APIC_BASE the vcpu mirrors (it starts at the reset value; unknown after a restart).</summary>
+    private ulong? _vcpuApicBase;
+
     /// <summary>The deadline the timer is armed for.</summary>
     private TimeSpan? _armed;
 
@@ -46,12 +49,14 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         _cell = cell;
         _clock = clock ?? new SchedulerClock(Context.System.Scheduler);
         _apic = backend(vcpuId, new EventsToActors(vcpuId, wiring, cell, Self), _clock);
+        _vcpuApicBase = _apic.ApicBase;
         if (cell.State is { } saved)
         {
             // A restart: continue from the state the failed incarnation saved.
             _apic.Restore(saved);
             _reported = cell.Reported;
             _vcpuTpr = null;
+            _vcpuApicBase = null;
             cell.State = null;
             cell.Reported = null;
         }
@@ -109,12 +114,16 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         });
         Receive<MsrWrite>(m =>
         {
-            Sender.Tell(new MsrWriteResult(m.Id, _apic.WriteMsr(m.Msr, m.Value)));
+            var ok = _apic.WriteMsr(m.Msr, m.Value);
+            TellApicBase(); // before the answer: the vcpu takes it in before the guest's next instruction
+            Sender.Tell(new MsrWriteResult(m.Id, ok));
             Changed();
         });
         Receive<SetApicBase>(m =>
         {
-            Sender.Tell(new MsrWriteResult(m.Id, _apic.WriteMsr(ApicMsrs.ApicBase, m.Value)));
+            var ok = _apic.WriteMsr(ApicMsrs.ApicBase, m.Value);
+            TellApicBase();
+            Sender.Tell(new MsrWriteResult(m.Id, ok));
             Changed();
         });
         Receive<DeliverInterrupt>(d =>
@@ -225,6 +234,8 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             _cell.Vcpu.Tell(new TaskPriorityChanged(_vcpuId, tpr), Self);
         }
 
+        TellApicBase();
+
         var deadline = _apic.NextDeadline;
         if (deadline == _armed) return;
         _armed = deadline;
@@ -236,6 +247,14 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         var delay = deadline.Value - _clock.Now;
         delay = delay < TimeSpan.Zero ? TimeSpan.Zero : delay > MaxTimerDelay ? MaxTimerDelay : delay;
         Timers.StartSingleTimer(TimerKey, TimerTick.Instance, delay);
+    }
+
+    /// <summary>Tells the vcpu IA32_APIC_BASE when it is not the value the vcpu mirrors.</summary>
+    private void TellApicBase()
+    {
+        if (_apic.ApicBase is not { } apicBase || apicBase == _vcpuApicBase) return;
+        _vcpuApicBase = apicBase;
+        _cell.Vcpu.Tell(new ApicBaseChanged(_vcpuId, apicBase), Self);
     }
 
     private void Credit(IActorRef sender)

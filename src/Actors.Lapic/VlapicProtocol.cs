@@ -6,8 +6,9 @@ namespace ActorVmm.Lapic;
 /// <summary>
 /// The vlapic actor's protocol: one actor per vcpu, owning that vcpu's local APIC backend.
 ///
-/// It is a device on its vcpu's MMIO bus at <see cref="MmioBase"/> (<see cref="DeviceProtocol.Read"/> /
-/// <see cref="DeviceProtocol.Write"/>, offsets inside the page, write credits as any device), and
+/// It answers its vcpu's xAPIC register page, at <see cref="MmioBase"/> from reset and then where
+/// IA32_APIC_BASE puts it (<see cref="ApicBaseChanged"/>): <see cref="DeviceProtocol.Read"/> /
+/// <see cref="DeviceProtocol.Write"/>, offsets inside the page, write credits as any device; and
 /// answers the vcpu's APIC MSR exits (<see cref="MsrRead"/> / <see cref="MsrWrite"/>, synchronous
 /// because a refused access is a #GP). It tells the vcpu <see cref="IVcpuEvent"/>s and the vcpu
 /// answers <see cref="InterruptAccepted"/>. Outgoing IPIs (<see cref="Ipi"/>) go to the router;
@@ -57,6 +58,16 @@ public static class VlapicProtocol
     /// <summary>The TPR changed through the APIC page or an x2APIC MSR: the vcpu loads
     /// <c>Tpr &gt;&gt; 4</c> into the guest's CR8 before its next entry (CR8 aliases TPR[7:4]).</summary>
     public sealed record TaskPriorityChanged(int VcpuId, byte Tpr) : IVcpuEvent
+    {
+        public bool LapicInterrupt => false;
+    }
+
+    /// <summary>IA32_APIC_BASE changed (a guest WRMSR, a restored state): the vcpu decodes the
+    /// xAPIC page at the new base while the APIC is in xAPIC mode, and nowhere otherwise (SDM Vol 3A
+    /// §10.4.4-10.4.5), and tells KVM the value, so that CPUID.01H:EDX.APIC follows
+    /// IA32_APIC_BASE.EN as on a processor (§10.4.3). Sent while the vcpu waits for its WRMSR's
+    /// answer, so it takes effect before the guest's next instruction.</summary>
+    public sealed record ApicBaseChanged(int VcpuId, ulong ApicBase) : IVcpuEvent
     {
         public bool LapicInterrupt => false;
     }

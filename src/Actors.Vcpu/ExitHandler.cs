@@ -42,6 +42,18 @@ public readonly record struct ExitAction(
     DeviceProtocol.Space Space = DeviceProtocol.Space.Port);
 
 /// <summary>
+/// The vcpu's xAPIC register page: <see cref="Route"/> (its vlapic) answers the 4 KiB at
+/// <see cref="Base"/>, in front of every device on the MMIO bus, as a processor's local APIC
+/// claims its page before the access reaches the system bus (SDM Vol 3A §10.4.1).
+/// </summary>
+public readonly record struct ApicPage(ulong Base, DeviceRoute Route)
+{
+    public const ulong Length = 0x1000;
+
+    public bool Contains(ulong address) => address - Base < Length;
+}
+
+/// <summary>
 /// Exit handling as a pure function (no thread, no actor): which bus, which device, which offset,
 /// or which stop. Anything not named here is handled as "stop with an unhandled exit".
 /// </summary>
@@ -52,7 +64,13 @@ public static class ExitHandler
 
     /// <param name="apicMsrs">the vcpu has a vlapic: IA32_APIC_BASE, IA32_TSC_DEADLINE and the
     /// x2APIC range go to it (<see cref="ExitActionKind.ApicMsr"/>)</param>
-    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs)
+    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs) =>
+        Decide(exit, ports, mmio, apicMsrs, apicPage: null);
+
+    /// <param name="apicPage">the vcpu's xAPIC page where it is decoded now; null: nowhere (no
+    /// emulated APIC, or the APIC is disabled or in x2APIC mode)</param>
+    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs,
+        ApicPage? apicPage)
     {
         switch (exit)
         {
@@ -60,6 +78,10 @@ public static class ExitHandler
                 if (ports.TryResolve(io.Port, out var pr, out var po))
                     return new ExitAction(io.IsOut ? WriteKind(pr, pr.Window + po) : ExitActionKind.Read, pr, pr.Window + po, io.Size);
                 return new ExitAction(io.IsOut ? ExitActionKind.UnassignedWrite : ExitActionKind.UnassignedRead, Size: io.Size);
+            case VmExit.Mmio m when apicPage is { } page && page.Contains(m.Address):
+                var ao = m.Address - page.Base;
+                return new ExitAction(m.IsWrite ? WriteKind(page.Route, ao) : ExitActionKind.Read, page.Route, ao, m.Length,
+                    Space: DeviceProtocol.Space.Mmio);
             case VmExit.Mmio m:
                 if (mmio.TryResolve(m.Address, out var mr, out var mo))
                     return new ExitAction(m.IsWrite ? WriteKind(mr, mr.Window + mo) : ExitActionKind.Read, mr, mr.Window + mo, m.Length,

@@ -38,6 +38,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         public static readonly Run Instance = new();
     }
 
+    /// <summary>At most this many NMIs are kept for one entry: one taken, one latched (SDM Vol 3A §6.7.1).</summary>
+    private const int MaxNmisPerEntry = 2;
+
     /// <summary>In-kernel local APIC: look whether the guest sleeps in HLT with IF=0 (HLT never
     /// exits then). Kicks, like every message that needs the vcpu between two runs.</summary>
     private sealed record ProbeHalt : VcpuProtocol.IKicking, INotTraced
@@ -57,9 +60,17 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private byte? _lapicVector;
     /// <summary>The newest <see cref="VlapicProtocol.InterruptPending.Seq"/> seen.</summary>
     private long _lapicSeq;
+    /// <summary>Where the xAPIC page of an emulated APIC is decoded now (IA32_APIC_BASE); null: nowhere.</summary>
+    private ApicPage? _apicPage;
     /// <summary>The guest's CR8 (TPR[7:4]) with an emulated local APIC, as of the last exit.</summary>
     private byte _cr8;
-    private bool _nmiPending;
+    /// <summary>NMIs the vlapic delivered since the last entry. Each becomes one KVM_NMI, and KVM
+    /// keeps what the SDM does of them (Vol 3A §6.7.1): with NMIs not blocked, one is injected and
+    /// one more held until the handler's IRET; with NMIs blocked, one held; the rest are lost, as
+    /// NMIs arriving while one is already latched are on a processor. NMIs that arrive together here
+    /// would on a processor have come one after the other, the first taken at once: merging them
+    /// into one pending flag would lose the second.</summary>
+    private int _nmisPending;
     private bool _extIntPending;
     /// <summary>A KVM_INTERRUPT was issued since the last exit: KVM takes one per entry.</summary>
     private bool _injectionQueued;
@@ -95,6 +106,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         _wiring = wiring;
         foreach (var (_, _, route) in wiring.Ports.Entries) _routesByDevice[route.Device] = route;
         foreach (var (_, _, route) in wiring.Mmio.Entries) _routesByDevice[route.Device] = route;
+        if (wiring.ApicPage is { } page)
+        {
+            _routesByDevice[page.Device] = page;
+            _apicPage = new ApicPage(LocalApic.DefaultBaseAddress, page);
+        }
         Become(Created);
     }
 
@@ -506,8 +522,11 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _lapicSeq = n.Seq;
                 _lapicVector = null; // not injected yet: the guest does not get it
                 break;
+            case VlapicProtocol.ApicBaseChanged b:
+                OnApicBaseChanged(b.ApicBase);
+                break;
             case VlapicProtocol.NmiPending:
-                _nmiPending = true;
+                _nmisPending = Math.Min(_nmisPending + 1, MaxNmisPerEntry);
                 Wake();
                 break;
             case VlapicProtocol.ExtIntPending:
@@ -523,6 +542,27 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 break;
             default:
                 break; // SMI: no SMM in this VMM
+        }
+    }
+
+    /// <summary>
+    /// IA32_APIC_BASE changed in the vlapic: the xAPIC page moves where the base names it, or is
+    /// decoded nowhere outside xAPIC mode (SDM Vol 3A §10.4.4-10.4.5); and KVM is told the value
+    /// (KVM_SET_MSRS, host-initiated: KVM never sees the guest's WRMSR, which exits to the vlapic),
+    /// so that the CPUID.01H:EDX.APIC bit it reports follows IA32_APIC_BASE.EN (§10.4.3).
+    /// </summary>
+    private void OnApicBaseChanged(ulong apicBase)
+    {
+        if (_wiring.ApicPage is { } page)
+            _apicPage = LocalApic.XApicPage(apicBase) is { } at ? new ApicPage(at, page) : null;
+        try
+        {
+            _vcpu.SetMsrs(new KvmMsrEntry { Index = ApicMsrs.ApicBase, Data = apicBase });
+        }
+        catch (Exception e) when (e is KvmException or NotSupportedException)
+        {
+            Context.GetLogger().Warning("vcpu {0}: KVM did not take IA32_APIC_BASE 0x{1:X} ({2}); CPUID.01H:EDX.APIC may not follow it",
+                Id, apicBase, e.Message);
         }
     }
 
@@ -552,7 +592,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private void OnInit()
     {
         _lapicVector = null;
-        _nmiPending = false;
+        _nmisPending = 0;
         _extIntPending = false;
         _pendingVectors.Clear();
         _wakePending = false;
@@ -654,7 +694,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         if (_wiring.Vlapic is not null && !_wiring.KernelLapic) SyncCr8();
         if (_trace is not null) TraceExit(exit);
         if (!_kernelStarted && _wiring.KernelLapic) NoteKernelStart();
-        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, apicMsrs: _wiring.Vlapic is not null && !_wiring.KernelLapic);
+        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, apicMsrs: _wiring.Vlapic is not null && !_wiring.KernelLapic,
+            _apicPage);
         switch (action.Kind)
         {
             case ExitActionKind.Reenter:
@@ -923,7 +964,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// <summary>True when the vcpu should run on (an event is pending); false when it halts.</summary>
     private bool OnHalt()
     {
-        if (_pendingVectors.Count > 0 || _wakePending || _lapicVector is not null || _nmiPending || _extIntPending)
+        if (_pendingVectors.Count > 0 || _wakePending || _lapicVector is not null || _nmisPending > 0 || _extIntPending)
         {
             _wakePending = false;
             return true;
@@ -990,11 +1031,10 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// </summary>
     private bool PrepareEntry()
     {
-        if (_nmiPending)
+        for (; _nmisPending > 0; _nmisPending--)
         {
-            _nmiPending = false;
             try { _vcpu.InjectNmi(); }
-            catch (KvmException) { /* an NMI KVM refuses is lost, as one arriving while NMIs are blocked twice */ }
+            catch (KvmException) { /* an NMI KVM refuses is lost, as one arriving while another is latched */ }
         }
         if (!_injectionQueued && _vcpu.ReadyForInterruptInjection)
         {

@@ -171,8 +171,13 @@ public static class VcpuProtocol
     /// so a halted vcpu is found by probing its MP state; EOIs of level vectors exit to the vlapic</param>
     /// <param name="Vmspace">the vmspace: a vcpu with a dirty ring sends it what it harvests after a
     /// ring-full exit (<c>VmspaceProtocol.DirtyRingHarvested</c>); null: such harvests are dropped</param>
+    /// <param name="ApicPage">the route to <paramref name="Vlapic"/>'s xAPIC register page (an emulated
+    /// APIC): decoded at 0xFEE00000 from reset, then where IA32_APIC_BASE puts it
+    /// (<c>VlapicProtocol.ApicBaseChanged</c>), in front of the MMIO bus; null: no page (none, or
+    /// KVM's APIC answers it)</param>
     public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory,
-        IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false, IActorRef? Vmspace = null);
+        IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false, IActorRef? Vmspace = null,
+        DeviceRoute? ApicPage = null);
 
     public static Props Props(IVcpu vcpu, Wiring wiring) =>
         Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring))

@@ -61,8 +61,9 @@ namespace ActorVmm.Host
             var perfetto = new Option<string?>("--perfetto") { Description = "write the message trace to FILE for the Perfetto UI when the VM ends" };
             var traceFilter = new Option<string?>("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
             var lapic = new Option<string?>("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
+            var cpu = new Option<string?>("--cpu") { Description = "CPU model: host[,+feature|-feature...], e.g. host,-x2apic,-pcid,-tsc-deadline (QEMU's -cpu syntax)" };
             var shm = new Option<string?>("--shm") { Description = "FILE[,SIZE]: a shared-memory device at 0xE0000000 backed by FILE (created or extended to SIZE); wires all guest memory" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, shm };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -79,6 +80,7 @@ namespace ActorVmm.Host
                 Override("perfetto", parse.GetValue(perfetto));
                 Override("trace-filter", parse.GetValue(traceFilter));
                 Override("lapic", parse.GetValue(lapic));
+                Override("cpu", parse.GetValue(cpu));
                 if (parse.GetValue(shm) is { } shmText)
                 {
                     var comma = shmText.LastIndexOf(',');

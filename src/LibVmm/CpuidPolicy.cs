@@ -71,6 +71,38 @@ public sealed class CpuidPolicy
 
     public static CpuidPolicy ForPlatform(IEnumerable<KvmCpuidEntry2> supported) => new(supported, PlatformDefaults);
 
+    /// <summary>
+    /// The policy of CPU model <paramref name="model"/>: the platform's defaults, less what the model
+    /// adds back, plus what it removes. Throws <see cref="ArgumentException"/> naming a feature the
+    /// model adds that KVM on this host does not support.
+    /// </summary>
+    public static CpuidPolicy ForModel(IEnumerable<KvmCpuidEntry2> supported, CpuModel model)
+    {
+        var entries = supported.ToArray();
+        var missing = model.Added.Where(f => !Has(entries, f)).Select(f => f.Name).ToArray();
+        if (missing.Length > 0)
+            throw new ArgumentException($"CPU model {model}: KVM on this host cannot provide {string.Join(", ", missing)}");
+        uint AddedBack(Clear c) => model.Added
+            .Where(f => f.Leaf == c.Leaf && f.Register == c.Register && (c.Subleaf is null || f.Subleaf == c.Subleaf))
+            .Aggregate(0u, (mask, f) => mask | f.Mask);
+        var clears = PlatformDefaults.Select(c => c with { Mask = c.Mask & ~AddedBack(c) }).Where(c => c.Mask != 0)
+            .Concat(model.Removed.Select(f => new Clear(f.Leaf, f.Subleaf, f.Register, f.Mask, f.Name)));
+        return new CpuidPolicy(entries, clears);
+    }
+
+    /// <summary>Whether the vcpus see <paramref name="feature"/> (before per-vcpu topology).</summary>
+    public bool Has(CpuFeature feature) => Has(_base, feature);
+
+    private static bool Has(IEnumerable<KvmCpuidEntry2> entries, CpuFeature feature) => entries.Any(e =>
+        e.Function == feature.Leaf && (feature.Subleaf is not { } sub || e.Index == sub) &&
+        (feature.Register switch
+        {
+            Reg.Eax => e.Eax,
+            Reg.Ebx => e.Ebx,
+            Reg.Ecx => e.Ecx,
+            _ => e.Edx,
+        } & feature.Mask) != 0);
+
     /// <summary>The entries for one vcpu: its initial APIC id in leaf 1 EBX[31:24] and leaf 0xB EDX,
     /// the hypervisor bit set.</summary>
     public KvmCpuidEntry2[] EntriesFor(int vcpuId)

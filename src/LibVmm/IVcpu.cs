@@ -70,6 +70,9 @@ public interface IVcpu : IDisposable
     /// <summary>KVM_GET_MSRS for the given indices; (index, value) for those KVM knows.</summary>
     KvmMsrEntry[] GetMsrs(params uint[] indices) => [];
 
+    /// <summary>KVM_SET_MSRS, host-initiated; throws if KVM does not take every entry.</summary>
+    void SetMsrs(params KvmMsrEntry[] msrs) => throw new NotSupportedException("this vcpu has no KVM MSRs");
+
     /// <summary>Whether this vcpu has a KVM dirty ring to harvest.</summary>
     bool HasDirtyRing => false;
 

@@ -72,6 +72,30 @@ public sealed class VlapicActorTests : TestKit
         await rig.Vcpu.ExpectNoMsgAsync(Quiet);
     }
 
+    /// <summary>
+    /// A WRMSR of IA32_APIC_BASE that the APIC takes is told to the vcpu before the WRMSR's answer
+    /// (so the page moves, and KVM's CPUID bit follows EN, before the guest's next instruction); a
+    /// refused one (#GP) or one that changes nothing tells nothing.
+    /// </summary>
+    [Fact]
+    public async Task Vlapic_must_tell_its_vcpu_a_new_apic_base_before_answering_the_wrmsr()
+    {
+        var rig = Create();
+        rig.Vlapic.Tell(new MsrWrite(1, ApicMsrs.ApicBase, 0xBC00_0900), rig.Bus); // relocate (EN | BSP)
+        Assert.Equal(new ApicBaseChanged(0, 0xBC00_0900), await rig.Vcpu.ExpectMsgAsync<ApicBaseChanged>());
+        Assert.Equal(new MsrWriteResult(1, true), await rig.Bus.ExpectMsgAsync<MsrWriteResult>());
+
+        rig.Vlapic.Tell(new MsrWrite(2, ApicMsrs.ApicBase, 0xBC00_0901), rig.Bus); // reserved bit 0: #GP
+        Assert.Equal(new MsrWriteResult(2, false), await rig.Bus.ExpectMsgAsync<MsrWriteResult>());
+        rig.Vlapic.Tell(new MsrWrite(3, ApicMsrs.ApicBase, 0xBC00_0900), rig.Bus); // the same value again
+        Assert.Equal(new MsrWriteResult(3, true), await rig.Bus.ExpectMsgAsync<MsrWriteResult>());
+        await rig.Vcpu.ExpectNoMsgAsync(Quiet);
+
+        rig.Vlapic.Tell(new MsrWrite(4, ApicMsrs.ApicBase, 0xBC00_0100), rig.Bus); // EN clear: disabled globally
+        Assert.Equal(new ApicBaseChanged(0, 0xBC00_0100), await rig.Vcpu.ExpectMsgAsync<ApicBaseChanged>());
+        Assert.Equal(new MsrWriteResult(4, true), await rig.Bus.ExpectMsgAsync<MsrWriteResult>());
+    }
+
     [Fact]
     public async Task Vlapic_must_ignore_an_acceptance_of_a_vector_it_did_not_request()
     {
@@ -162,6 +186,7 @@ public sealed class VlapicActorTests : TestKit
         Assert.Equal(new MsrReadResult(1, false, 0), await rig.Vcpu.ExpectMsgAsync<MsrReadResult>()); // #GP in xAPIC mode
 
         rig.Vlapic.Tell(new SetApicBase(2, LocalApic.DefaultBaseAddress | LocalApic.BaseEnable | LocalApic.BaseExtd), rig.Vcpu);
+        Assert.Equal(new ApicBaseChanged(3, 0xFEE0_0C00), await rig.Vcpu.ExpectMsgAsync<ApicBaseChanged>());
         Assert.Equal(new MsrWriteResult(2, true), await rig.Vcpu.ExpectMsgAsync<MsrWriteResult>());
         rig.Vlapic.Tell(new MsrRead(3, 0x802), rig.Vcpu);
         Assert.Equal(new MsrReadResult(3, true, 3), await rig.Vcpu.ExpectMsgAsync<MsrReadResult>());
@@ -182,6 +207,7 @@ public sealed class VlapicActorTests : TestKit
     {
         var rig = Create();
         rig.Vlapic.Tell(new SetApicBase(1, LocalApic.DefaultBaseAddress | LocalApic.BaseEnable | LocalApic.BaseExtd), rig.Vcpu);
+        Assert.Equal(new ApicBaseChanged(0, 0xFEE0_0D00), await rig.Vcpu.ExpectMsgAsync<ApicBaseChanged>()); // BSP kept
         await rig.Vcpu.ExpectMsgAsync<MsrWriteResult>();
         rig.Vlapic.Tell(new MsrWrite(2, ApicMsrs.X2ApicSelfIpi, 0x77), rig.Vcpu);
 

@@ -252,6 +252,13 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
 
     public void InjectNmi() => Changed(() => _nmis++);
 
+    private readonly List<KvmMsrEntry> _msrsSet = [];
+
+    /// <summary>Every entry the actor gave KVM_SET_MSRS, in order.</summary>
+    public KvmMsrEntry[] MsrsSet { get { lock (_gate) return [.. _msrsSet]; } }
+
+    public void SetMsrs(params KvmMsrEntry[] msrs) => Changed(() => _msrsSet.AddRange(msrs));
+
     /// <summary>Identity: linear = physical.</summary>
     public bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical)
     {

@@ -176,6 +176,79 @@ public sealed class VcpuInterruptTests : TestKit
         Assert.Empty(rig.Fake.Injected);
     }
 
+    /// <summary>
+    /// NMIs that reach the vcpu between two entries are not merged (SDM Vol 3A §6.7.1: one is
+    /// taken, one more is latched until the handler's IRET): each is one KVM_NMI, at most two per
+    /// entry, since a processor latches no more than one while another is delivered.
+    /// </summary>
+    [Fact]
+    public async Task Nmis_arriving_between_two_entries_must_each_be_queued_up_to_one_taken_and_one_latched()
+    {
+        var rig = Create();
+        var probe = CreateTestProbe();
+        rig.Vcpu.Tell(Pause.Instance, probe.Ref);
+        await probe.ExpectMsgAsync<Paused>();
+        rig.Vcpu.Tell(new VlapicProtocol.NmiPending(0));
+        rig.Vcpu.Tell(new VlapicProtocol.NmiPending(0));
+        rig.Vcpu.Tell(new VlapicProtocol.NmiPending(0));
+        rig.Vcpu.Tell(Resume.Instance, probe.Ref);
+        await probe.ExpectMsgAsync<Resumed>();
+        Assert.True(rig.Fake.WaitUntil(f => f.NmisInjected == 2 && f.InRun));
+        await Task.Delay(Quiet);
+        Assert.Equal(2, rig.Fake.NmisInjected);
+    }
+
+    /// <summary>
+    /// The xAPIC page follows IA32_APIC_BASE (SDM Vol 3A §10.4.4-10.4.5): decoded at 0xFEE00000
+    /// from reset, at the new base after the vlapic reports a relocation (the old address is then
+    /// an unassigned one, all-ones), nowhere in x2APIC mode; and every value reported goes to KVM
+    /// (CPUID.01H:EDX.APIC follows its EN bit there).
+    /// </summary>
+    [Fact]
+    public async Task The_apic_page_must_move_with_ia32_apic_base_and_kvm_must_be_told_each_value()
+    {
+        var fake = new ScriptedVcpu(0);
+        var vlapic = CreateTestProbe("vlapic");
+        var page = new DeviceRoute("vlapic", vlapic.Ref);
+        var wiring = new Wiring(AddressBus<DeviceRoute>.Empty, AddressBus<DeviceRoute>.Empty, CreateTestProbe("vm").Ref, null,
+            vlapic.Ref, ApicPage: page);
+        var actor = Sys.ActorOf(PropsForTest(fake, wiring), "vcpu-0");
+        _started.Add((actor, fake));
+        actor.Tell(Start.Instance);
+        Assert.True(fake.WaitUntilIdleInGuest());
+
+        async Task ReadReachesTheVlapicAt(ulong address)
+        {
+            fake.Supply(new VmExit.Mmio(address, false, 4, 0));
+            var read = await vlapic.ExpectMsgAsync<DeviceProtocol.Read>();
+            Assert.Equal(0x30UL, read.Offset);
+            actor.Tell(new DeviceProtocol.ReadResult(read.Id, 0x14), vlapic.Ref);
+            Assert.True(fake.WaitUntil(f => f.MmioReadCompletions.Count > 0 && f.MmioReadCompletions[^1] == 0x14 && f.IdleInGuest));
+        }
+
+        async Task ReadIsUnassignedAt(ulong address)
+        {
+            var before = fake.MmioReadCompletions.Count;
+            fake.Supply(new VmExit.Mmio(address, false, 4, 0));
+            Assert.True(fake.WaitUntil(f => f.MmioReadCompletions.Count == before + 1 && f.IdleInGuest));
+            Assert.Equal(0xFFFF_FFFFUL, fake.MmioReadCompletions[^1]);
+            await vlapic.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(50));
+        }
+
+        await ReadReachesTheVlapicAt(0xFEE0_0030);
+
+        actor.Tell(new VlapicProtocol.ApicBaseChanged(0, 0xBC00_0900)); // EN | BSP, page at 0xBC000000
+        Assert.True(fake.WaitUntil(f => f.MsrsSet.Length == 1));
+        Assert.Equal((0x1BU, 0xBC00_0900UL), (fake.MsrsSet[0].Index, fake.MsrsSet[0].Data));
+        await ReadReachesTheVlapicAt(0xBC00_0030);
+        await ReadIsUnassignedAt(0xFEE0_0030);
+
+        actor.Tell(new VlapicProtocol.ApicBaseChanged(0, 0xFEE0_0D00)); // EN | EXTD: x2APIC, no page
+        Assert.True(fake.WaitUntil(f => f.MsrsSet.Length == 2));
+        await ReadIsUnassignedAt(0xFEE0_0030);
+        await ReadIsUnassignedAt(0xBC00_0030);
+    }
+
     /// <summary>A vlapic stand-in that answers on the sender's thread (the real one's dispatcher),
     /// first with a stale answer when <paramref name="staleFirst"/>: MSR 0x802 reads as 0x5000 + its
     /// request id, a write is refused when its value is odd.</summary>

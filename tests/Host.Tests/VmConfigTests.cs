@@ -89,11 +89,21 @@ public sealed class VmConfigTests
     [InlineData("timeout = -1", "actorvmm.vm.timeout")]
     [InlineData("timeout = soon", "actorvmm.vm.timeout")]
     [InlineData("name = \"  \"", "actorvmm.vm.name")]
+    [InlineData("cpu = \"host,-nosuchthing\"", "actorvmm.vm.cpu")]
+    [InlineData("cpu = pentium", "actorvmm.vm.cpu")]
     public void Bad_values_are_config_exceptions_naming_the_key(string setting, string key)
     {
         var config = ConfigurationFactory.ParseString($"actorvmm.vm {{ {setting} }}").WithFallback(VmConfig.Load(null));
         var e = Assert.Throws<ConfigException>(() => VmConfig.From(config));
         Assert.Contains(key, e.Message);
+    }
+
+    [Fact]
+    public void The_cpu_model_is_read_from_actorvmm_vm_cpu_and_defaults_to_host()
+    {
+        Assert.Same(ActorVmm.LibVmm.CpuModel.Host, VmConfig.From(VmConfig.Load(null)).Cpu);
+        var config = ConfigurationFactory.ParseString("actorvmm.vm.cpu = \"host,-x2apic,-pcid\"").WithFallback(VmConfig.Load(null));
+        Assert.Equal("host,-x2apic,-pcid", VmConfig.From(config).Cpu.ToString());
     }
 
     [Fact]

@@ -152,3 +152,80 @@ public sealed class CpuidPolicyTests
         Assert.Null(policy.Find(0x4000_0000));
     }
 }
+
+/// <summary><see cref="CpuModel"/>: QEMU's -cpu syntax, and the policy it gives over a synthetic KVM answer.</summary>
+public sealed class CpuModelTests
+{
+    private static KvmCpuidEntry2 E(uint leaf, uint subleaf, uint flags, uint eax, uint ebx, uint ecx, uint edx) =>
+        new() { Function = leaf, Index = subleaf, Flags = flags, Eax = eax, Ebx = ebx, Ecx = ecx, Edx = edx };
+
+    private const uint Pcid = 1u << 17, X2Apic = 1u << 21, TscDeadline = 1u << 24, Sse3 = 1u << 0;
+
+    /// <summary>KVM supports x2APIC, PCID, TSC-deadline, SSE3 and XSAVE, not AVX; leaf 7 has SMEP.</summary>
+    private static KvmCpuidEntry2[] Supported() =>
+    [
+        E(1, 0, 0, 0x906EA, 0, Sse3 | Pcid | X2Apic | TscDeadline | CpuidPolicy.Leaf1EcxXsave, 1u << 9),
+        E(7, 0, KvmCpuidEntry2.SignificantIndex, 0, 1u << 7, 0, 0),
+        E(0xD, 0, KvmCpuidEntry2.SignificantIndex, 7, 0x340, 0x340, 0),
+    ];
+
+    private static uint Leaf1Ecx(CpuModel model) => CpuidPolicy.ForModel(Supported(), model).Find(1)!.Value.Ecx;
+
+    [Fact]
+    public void Host_is_the_platform_policy()
+    {
+        Assert.Same(CpuModel.Host, CpuModel.Parse("host"));
+        Assert.Equal(CpuidPolicy.ForPlatform(Supported()).EntriesFor(0), CpuidPolicy.ForModel(Supported(), CpuModel.Host).EntriesFor(0));
+    }
+
+    [Theory]
+    [InlineData("host,-x2apic,-pcid,-tsc-deadline")]
+    [InlineData("HOST, x2apic=off ,-PCID,tsc_deadline_timer=off")]
+    [InlineData("host,+x2apic,-x2apic,-pcid,-tsc-deadline")]
+    public void Removed_features_are_hidden_and_the_rest_kept(string spec)
+    {
+        var model = CpuModel.Parse(spec);
+
+        Assert.Equal("host,-x2apic,-pcid,-tsc-deadline", model.ToString());
+        Assert.True(model.Hides("x2apic") && model.Hides("tsc_deadline") && model.Hides("pcid"));
+        Assert.Equal(Sse3 | CpuidPolicy.Leaf1EcxHypervisor, Leaf1Ecx(model) | CpuidPolicy.Leaf1EcxHypervisor);
+        Assert.False(CpuidPolicy.ForModel(Supported(), model).Has(CpuModel.Feature("x2apic")));
+        Assert.True(CpuidPolicy.ForModel(Supported(), model).Has(CpuModel.Feature("pni")));
+    }
+
+    [Fact]
+    public void A_later_item_wins()
+    {
+        var model = CpuModel.Parse("host,-pcid,+pcid");
+        Assert.NotEqual(0u, Leaf1Ecx(model) & Pcid);
+        Assert.Equal("host,+pcid", model.ToString());
+    }
+
+    [Fact]
+    public void Adding_a_feature_the_platform_hides_by_default_shows_it_when_kvm_supports_it()
+    {
+        Assert.Equal(0u, Leaf1Ecx(CpuModel.Host) & CpuidPolicy.Leaf1EcxXsave);
+        var policy = CpuidPolicy.ForModel(Supported(), CpuModel.Parse("host,+xsave"));
+
+        Assert.NotEqual(0u, policy.Find(1)!.Value.Ecx & CpuidPolicy.Leaf1EcxXsave);
+        Assert.NotNull(policy.Find(0xD)); // the XSAVE leaf comes back with it
+    }
+
+    [Fact]
+    public void Adding_a_feature_kvm_cannot_provide_is_refused_naming_it()
+    {
+        var e = Assert.Throws<ArgumentException>(() => CpuidPolicy.ForModel(Supported(), CpuModel.Parse("host,+avx,+smep,+rdrand")));
+        Assert.EndsWith("cannot provide avx, rdrand", e.Message);
+    }
+
+    [Theory]
+    [InlineData("", "starts with its base model")]
+    [InlineData("skylake", "unknown base CPU model \"skylake\"")]
+    [InlineData("host,-frobnicate", "unknown CPU feature \"frobnicate\" (known: fpu")]
+    [InlineData("host,x2apic", "write +feature, -feature")]
+    [InlineData("host,,-pcid", "an empty item")]
+    [InlineData("host,-apic", "follows IA32_APIC_BASE.EN")]
+    [InlineData("host,-hypervisor", "always set")]
+    public void A_bad_model_is_refused_saying_why(string spec, string why) =>
+        Assert.Contains(why, Assert.Throws<FormatException>(() => CpuModel.Parse(spec)).Message);
+}

@@ -14,6 +14,9 @@ public sealed record VmConfig(
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
     ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null)
 {
+    /// <summary>actorvmm.vm.cpu: the CPUID features the vcpus see.</summary>
+    public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
+
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
     {
@@ -134,9 +137,13 @@ public sealed record VmConfig(
             }
             else if (shmSizeText != "0")
                 throw new ConfigException("actorvmm.vm.shm.size is set but actorvmm.vm.shm.file is empty");
+            var cpuText = vm.GetString("cpu", LibVmm.CpuModel.HostBase);
+            LibVmm.CpuModel cpu;
+            try { cpu = LibVmm.CpuModel.Parse(cpuText); }
+            catch (FormatException e) { throw new ConfigException($"actorvmm.vm.cpu: {e.Message}"); }
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm);
+                vm.GetBoolean("paging.superpages", true), shm) { Cpu = cpu };
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

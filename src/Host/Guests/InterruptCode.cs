@@ -94,17 +94,19 @@ public static class InterruptCode
 
     /// <summary>
     /// A handler's first instructions (after <see cref="ReturnPastInterruptedHlt"/>, if any), for
-    /// guests that count their interrupts exactly: an entry that no processor makes is counted at
-    /// <paramref name="replays"/> (32 bits) and returned from at once, with no EOI. No processor
-    /// enters the handler of fixed <paramref name="vector"/> while that handler runs (the vector is
-    /// in service, which holds it back, and the gate cleared IF; <paramref name="busy"/>, a byte,
-    /// marks a running handler), nor with the vector not in service (the local APIC's ISR: taking a
-    /// fixed interrupt sets its bit until the EOI). The KVM box's emulated SVM now and then delivers
-    /// an interrupt a second time after KVM acknowledged it once, in the middle of its handler
-    /// (README, the box's limits); that is what this catches. The handler must end with
-    /// <see cref="LeaveReplayGuard"/> just before its <c>iretq</c>. xAPIC mode (the ISR read is MMIO).
+    /// guests that count their interrupts exactly: an entry into the handler while that handler
+    /// runs is counted at <paramref name="replays"/> (32 bits) and returned from at once, with no
+    /// EOI. No processor makes such an entry: the handler is reached through an interrupt gate (IF
+    /// cleared until its <c>iretq</c>), and its fixed vector stays in service until the EOI, which
+    /// holds back every vector of its priority class (SDM Vol 3A §10.8.3.1, §6.8.1).
+    /// <paramref name="busy"/>, a byte, marks a running handler. The KVM box's emulated SVM now and
+    /// then delivers an interrupt a second time after KVM acknowledged it once, in the middle of
+    /// its handler (docs/kvm-hosts.md); that is what this catches. The check reads guest memory
+    /// only: the ISR as the handler reads it is not a usable witness, since on kvm_pvm with KVM's
+    /// local APIC a genuine handler reads its vector's ISR bit as 0. The handler must end with
+    /// <see cref="LeaveReplayGuard"/> just before its <c>iretq</c>. Keeps every register.
     /// </summary>
-    public static void ReturnIfReplayed(Assembler a, byte vector, ulong busy, ulong replays)
+    public static void ReturnIfReplayed(Assembler a, ulong busy, ulong replays)
     {
         var replayed = a.CreateLabel();
         var genuine = a.CreateLabel();
@@ -112,10 +114,6 @@ public static class InterruptCode
         a.mov(rdi, (long)busy);
         a.cmp(__byte_ptr[rdi], 0);
         a.jne(replayed);
-        a.mov(rdi, LapicBase);
-        a.test(__dword_ptr[rdi + LapicIsr + vector / 32 * 0x10], 1 << (vector % 32));
-        a.jz(replayed);
-        a.mov(rdi, (long)busy);
         a.mov(__byte_ptr[rdi], 1);
         a.pop(rdi);
         a.jmp(genuine);
@@ -202,6 +200,25 @@ public static class InterruptCode
         var code = Assemble(at, out var again);
         if (again != at) throw new InvalidOperationException("the AP's handler moved between the two passes");
         return code;
+    }
+
+    /// <summary>
+    /// The BSP's part of bringing up APs (SDM Vol 3A §8.4.4.1): copies <paramref name="length"/> bytes
+    /// of 16-bit code from <paramref name="trampoline"/> to <paramref name="origin"/> (a page below
+    /// 1 MiB), enables its local APIC (RBX = the page), then sends INIT (level assert) and a SIPI
+    /// with vector origin >> 12 to <paramref name="destination"/> (physical APIC ID) or by
+    /// <paramref name="shorthand"/> (ICR bits 19:18, in place). Clobbers RCX, RSI, RDI.
+    /// </summary>
+    public static void StartAps(Assembler a, Label trampoline, int length, ulong origin, uint destination, uint shorthand)
+    {
+        a.lea(rsi, __[trampoline]);
+        a.mov(rdi, (long)origin);
+        a.mov(ecx, length);
+        a.rep.movsb();
+        EnableLocalApic(a);
+        a.mov(__dword_ptr[rbx + LapicIcrHigh], destination << 24);
+        a.mov(__dword_ptr[rbx + LapicIcrLow], shorthand | 0x4500);                     // INIT, level assert
+        a.mov(__dword_ptr[rbx + LapicIcrLow], shorthand | 0x4600 | (uint)(origin >> 12)); // SIPI
     }
 
     /// <summary>x2APIC EOI (WRMSR 0x80B ← 0), in real mode. Clobbers EAX, ECX, EDX.</summary>

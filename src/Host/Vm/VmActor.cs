@@ -195,7 +195,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     /// Creation order follows the interrupt paths, so every ref exists before a message can need
     /// it: the router, the vlapics (vcpu attached later), the IOAPIC and the PIC, the other
     /// devices (their IRQ lines name the IOAPIC and the PIC), then the vcpus, each with its own
-    /// buses: its vlapic's page at 0xFEE00000 is on its MMIO bus only.
+    /// buses, and its vlapic's xAPIC page (decoded where its IA32_APIC_BASE puts it).
     /// </summary>
     protected override void PreStart()
     {
@@ -278,18 +278,18 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
                 }
             }
             IActorRef? vlapic = null;
+            DeviceRoute? apicPage = null;
             var kernelLapic = _resources.KernelApic is not null;
             if (vcpu.Id < vlapics.Count)
             {
                 vlapic = vlapics[vcpu.Id];
                 // An in-kernel APIC answers its page itself: no exit ever reaches user space for it.
                 if (!kernelLapic)
-                    mmio = mmio.Insert(new DeviceRoute($"vlapic-{vcpu.Id}", vlapic,
-                        waitForWriteAt: offset => offset == VlapicProtocol.TprOffset), VlapicProtocol.MmioBase, VlapicProtocol.MmioLength);
+                    apicPage = new DeviceRoute($"vlapic-{vcpu.Id}", vlapic, waitForWriteAt: offset => offset == VlapicProtocol.TprOffset);
             }
             var pic = vlapic is not null && !interrupts.Pic.IsNobody() ? interrupts.Pic : null;
             var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic, kernelLapic && vlapic is not null,
-                Vmspace: vmspace);
+                Vmspace: vmspace, ApicPage: apicPage);
             var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, vcpuWiring), $"vcpu-{vcpu.Id}");
             Context.Watch(actorRef);
             _vcpus.Add(actorRef);

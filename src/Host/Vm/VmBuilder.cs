@@ -116,8 +116,15 @@ public sealed class VmBuilder
             // The split irqchip must exist before the first vcpu; its APIC MSRs are then the kernel's.
             if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
             else EmulateApicMsrs(vm);
-            var cpuid = CpuidPolicy.ForPlatform(kvm.GetSupportedCpuid());
-            for (var i = 0; i < _spec.Cpus; i++) vcpus.Add(vm.CreateVcpu(i, cpuid));
+            var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), _spec.Cpu);
+            for (var i = 0; i < _spec.Cpus; i++)
+            {
+                var vcpu = vm.CreateVcpu(i, cpuid);
+                vcpus.Add(vcpu);
+                // KVM's copy of IA32_APIC_BASE drives CPUID.01H:EDX.APIC; the vlapic keeps the real
+                // one and tells the vcpu each change, which passes it on (VcpuActor.OnApicBaseChanged).
+                if (!assisted) vcpu.SetMsrs(new KvmMsrEntry { Index = ApicMsrs.ApicBase, Data = LocalApic.ResetBase(bsp: i == 0) });
+            }
             boot.ApplyTo(vcpus[0]);
 
             var name = SafeName(_spec.Name);
@@ -125,7 +132,7 @@ public sealed class VmBuilder
             var kernelApic = assisted ? new KvmApicBus(vm) : null;
             var clock = new MonotonicClock();
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, clock,
-                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock)),
+                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock, cpuid)),
                 Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic,
                 DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null);
             var registrations = new List<IDisposable>();
@@ -214,11 +221,17 @@ public sealed class VmBuilder
     /// <summary>
     /// The emulated local APICs' options: their TSC-deadline timers count in the guest's TSC, so
     /// they take its frequency from KVM and pair its value with the VM clock (the guest's RDTSC is
-    /// KVM's IA32_TSC: offset from the host's on most hosts, the host's own on kvm_pvm).
+    /// KVM's IA32_TSC: offset from the host's on most hosts, the host's own on kvm_pvm). The modes
+    /// they offer are those <paramref name="cpuid"/> shows (x2APIC, the TSC-deadline timer; null: both).
     /// </summary>
-    internal static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock)
+    internal static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock, CpuidPolicy? cpuid = null)
     {
-        var options = new LapicOptions { BspLint0ExtInt = true };
+        var options = new LapicOptions
+        {
+            BspLint0ExtInt = true,
+            X2ApicSupported = cpuid?.Has(CpuModel.Feature("x2apic")) ?? true,
+            TscDeadlineSupported = cpuid?.Has(CpuModel.Feature("tsc-deadline")) ?? true,
+        };
         long khz;
         try { khz = vcpu.GetTscKhz(); }
         catch (KvmException) { return options; } // a KVM without KVM_GET_TSC_KHZ: deadlines in a nominal 1 GHz TSC

@@ -26,6 +26,9 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
     ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true, SharedMemorySpec? SharedMemory = null)
 {
     public const int MaxCpus = 16;
+
+    /// <summary>The CPUID features the vcpus see (<c>--cpu</c>, <c>actorvmm.vm.cpu</c>).</summary>
+    public CpuModel Cpu { get; init; } = CpuModel.Host;
 }
 
 /// <summary>
