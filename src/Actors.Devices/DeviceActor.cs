@@ -11,7 +11,7 @@ namespace ActorVmm.Devices;
 /// that is an <see cref="ITimedDevice"/>: set for its next deadline after every message, calling
 /// <see cref="ITimedDevice.OnDeadline"/> when it fires.
 /// </summary>
-internal sealed class DeviceActor : ReceiveActor, IWithTimers
+internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedStash
 {
     /// <summary>Host input held for a guest that is not reading, at most.</summary>
     public const int MaxPendingInput = 64 * 1024;
@@ -33,6 +33,8 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
     private TimeSpan? _armedFor;
 
     public ITimerScheduler Timers { get; set; } = null!;
+
+    public IStash Stash { get; set; } = null!;
 
     public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
         Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell)
@@ -154,11 +156,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
         Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));
         Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
-        Receive<FaultProtocol.Stall>(s =>
-        {
-            var slept = FaultProtocol.StallHere(s, Context);
-            Sender.Tell(new FaultProtocol.Injected($"{_name} stalled for {slept.TotalMilliseconds:0} ms"));
-        });
+        Receive<FaultProtocol.Stall>(StartStall);
         Receive<DeadlineReached>(_ =>
         {
             _armedFor = null;
@@ -167,12 +165,42 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers
         });
     }
 
+    /// <summary>
+    /// A stall: the device handles nothing for its duration, as a device whose thread the host
+    /// descheduled (what arrives meanwhile, its timer's deadline included, waits and is handled
+    /// after, in order; a vcpu reading it waits). It blocks no thread: the actor may run on whatever
+    /// thread sent to it (InlineDispatcher), which must not sleep in its place.
+    /// </summary>
+    private void StartStall(FaultProtocol.Stall stall)
+    {
+        var duration = FaultProtocol.Clamp(stall.Duration);
+        var asker = Sender;
+        Context.System.EventStream.Publish(new FaultProtocol.StallStarted(Self.Path.ToStringWithoutAddress(), duration, stall.Reason,
+            System.Diagnostics.Stopwatch.GetTimestamp()));
+        Timers.StartSingleTimer(StallOver.Instance, StallOver.Instance, duration);
+        BecomeStacked(() =>
+        {
+            Receive<StallOver>(_ =>
+            {
+                UnbecomeStacked();
+                Stash.UnstashAll();
+                asker.Tell(new FaultProtocol.Injected($"{_name} stalled for {duration.TotalMilliseconds:0} ms"));
+            });
+            ReceiveAny(_ => Stash.Stash());
+        });
+    }
+
+    private sealed class StallOver : INotTraced
+    {
+        public static readonly StallOver Instance = new();
+    }
+
     /// <summary>A model restored from a state record may have a deadline already.</summary>
     protected override void PreStart() => Rearm();
 
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks. The
-    /// guest pages this incarnation held are released too (issue 4 item 6): the vmspace watches
-    /// holders for Terminated, which a restart (same ref) never sends.</summary>
+    /// guest pages this incarnation held are released too: the vmspace watches holders for
+    /// Terminated, which a restart (same ref) never sends.</summary>
     protected override void PreRestart(Exception reason, object message)
     {
         _cell.Restarts++;

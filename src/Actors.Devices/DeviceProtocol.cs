@@ -14,6 +14,12 @@ namespace ActorVmm.Devices;
 /// </summary>
 public static class DeviceProtocol
 {
+    /// <summary>The device actors' dispatcher (hocon/default.conf): an
+    /// <see cref="Timing.InlineDispatcher"/>, so a device runs on the thread that sends to it when it
+    /// is idle (a vcpu's port or MMIO access is handled on the vcpu's thread, as bhyve's device
+    /// emulation runs in its vcpu's context), still one message at a time.</summary>
+    public const string DispatcherId = "actorvmm.device-dispatcher";
+
     public const int WriteWindow = 1024;
     public const int CreditBatch = 64;
 

@@ -41,11 +41,16 @@ public static class FaultProtocol
     /// <param name="Timestamp">when its thread stopped (<see cref="System.Diagnostics.Stopwatch.GetTimestamp"/>)</param>
     public sealed record StallStarted(string Actor, TimeSpan Duration, string Reason, long Timestamp);
 
+    /// <summary>A stall's duration within 0 to <see cref="MaxStall"/>.</summary>
+    public static TimeSpan Clamp(TimeSpan duration) =>
+        duration < TimeSpan.Zero ? TimeSpan.Zero : duration > MaxStall ? MaxStall : duration;
+
     /// <summary>Runs a stall on the calling thread (the actor's, <paramref name="context"/>), after
-    /// publishing <see cref="StallStarted"/>: the clamped duration actually slept.</summary>
+    /// publishing <see cref="StallStarted"/>: the clamped duration actually slept. For actors with
+    /// a thread of their own (a vcpu, the vmspace).</summary>
     public static TimeSpan StallHere(Stall stall, Akka.Actor.IActorContext context)
     {
-        var duration = stall.Duration < TimeSpan.Zero ? TimeSpan.Zero : stall.Duration > MaxStall ? MaxStall : stall.Duration;
+        var duration = Clamp(stall.Duration);
         context.System.EventStream.Publish(new StallStarted(context.Self.Path.ToStringWithoutAddress(), duration, stall.Reason,
             System.Diagnostics.Stopwatch.GetTimestamp()));
         Thread.Sleep(duration);

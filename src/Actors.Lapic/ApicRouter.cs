@@ -142,7 +142,7 @@ internal static class ApicRouting
     /// <summary>Delivers an IPI that needs no arbitration; false for lowest priority (the router's).</summary>
     public static bool TryDeliverDirectly(Ipi ipi, IReadOnlyList<IActorRef> vlapics, IActorRef sender)
     {
-        var deliver = new DeliverInterrupt(ipi.Vector, ipi.Level, ipi.TriggerMode, ipi.Mode);
+        var deliver = DeliverInterrupt.For(ipi.Vector, ipi.Level, ipi.TriggerMode, ipi.Mode);
         switch (ipi.Shorthand)
         {
             case Shorthand.Self:
@@ -157,17 +157,27 @@ internal static class ApicRouting
                 return true;
             default:
                 if (ipi.Mode == DeliveryMode.LowestPriority) return false;
+                if (IsOneApic(ipi.DestinationMode, ipi.Destination))
+                {
+                    // APIC ID = index, and the ID register is read-only: the vlapic at that index
+                    // is the one the destination names, with no need to check it again.
+                    if (ipi.Destination < (uint)vlapics.Count) vlapics[(int)ipi.Destination].Tell(deliver, sender);
+                    return true;
+                }
                 var to = new Destination(ipi.DestinationMode, ipi.Destination);
                 ToDestination(deliver with { To = to }, to, vlapics, sender);
                 return true;
         }
     }
 
+    /// <summary>A physical destination other than a broadcast: one APIC at most has that ID (SDM Vol 3A §10.6.2.1).</summary>
+    private static bool IsOneApic(DestinationMode mode, uint id) => mode == DestinationMode.Physical && id is not (0xFF or 0xFFFF_FFFF);
+
     /// <summary>A non-arbitrated delivery to a destination: physical → that APIC ID's vlapic (none for
     /// an unknown ID); broadcast or logical → every vlapic, each matching it itself.</summary>
     public static void ToDestination(DeliverInterrupt deliver, Destination to, IReadOnlyList<IActorRef> vlapics, IActorRef sender)
     {
-        if (to.Mode == DestinationMode.Physical && to.Id is not (0xFF or 0xFFFF_FFFF))
+        if (IsOneApic(to.Mode, to.Id))
         {
             // One APIC at most has this ID; an unknown ID matches nobody.
             if (to.Id < (uint)vlapics.Count) vlapics[(int)to.Id].Tell(deliver, sender);

@@ -103,7 +103,14 @@ public static class VlapicProtocol
     // ---- From the vcpu -------------------------------------------------------------------------
 
     /// <summary>The vcpu injected <paramref name="Vector"/> (IRR → ISR).</summary>
-    public sealed record InterruptAccepted(byte Vector) : IVlapicMessage;
+    public sealed record InterruptAccepted(byte Vector) : IVlapicMessage
+    {
+        private static readonly InterruptAccepted[] ByVector = [.. Enumerable.Range(0, 256).Select(v => new InterruptAccepted((byte)v))];
+
+        /// <summary>The one instance for <paramref name="vector"/> (the message is immutable): sent on
+        /// every injection, it costs no allocation.</summary>
+        public static InterruptAccepted Of(byte vector) => ByVector[vector];
+    }
 
     /// <summary>An EOI that did not go through the register page (an assisted backend's EOI exit).</summary>
     public sealed record EndOfInterrupt(byte Vector) : IVlapicMessage;
@@ -130,7 +137,16 @@ public static class VlapicProtocol
 
     /// <summary>An interrupt message from the IOAPIC, an MSI, or another vlapic's IPI.</summary>
     public sealed record DeliverInterrupt(byte Vector, bool Level, TriggerMode Trigger, DeliveryMode Mode, Destination? To = null)
-        : IVlapicMessage;
+        : IVlapicMessage
+    {
+        private static readonly DeliverInterrupt[] FixedEdge =
+            [.. Enumerable.Range(0, 256).Select(v => new DeliverInterrupt((byte)v, true, TriggerMode.Edge, DeliveryMode.Fixed))];
+
+        /// <summary>A message for this APIC (no destination to check); the common fixed, edge-triggered
+        /// ones (every ordinary IPI) are shared instances: the message is immutable.</summary>
+        public static DeliverInterrupt For(byte vector, bool level, TriggerMode trigger, DeliveryMode mode) =>
+            level && trigger == TriggerMode.Edge && mode == DeliveryMode.Fixed ? FixedEdge[vector] : new(vector, level, trigger, mode);
+    }
 
     /// <summary>
     /// Lowest-priority arbitration by a chain: this APIC takes <paramref name="Interrupt"/> if its

@@ -60,6 +60,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private byte? _lapicVector;
     /// <summary>The newest <see cref="VlapicProtocol.InterruptPending.Seq"/> seen.</summary>
     private long _lapicSeq;
+    /// <summary>The trace id of the report that set <see cref="_lapicVector"/>: the causal parent of
+    /// its acceptance, which goes out at a later entry (0 when untraced).</summary>
+    private long _lapicVectorCause;
     /// <summary>Where the xAPIC page of an emulated APIC is decoded now (IA32_APIC_BASE); null: nowhere.</summary>
     private ApicPage? _apicPage;
     /// <summary>The guest's CR8 (TPR[7:4]) with an emulated local APIC, as of the last exit.</summary>
@@ -104,6 +107,15 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     {
         _vcpu = vcpu;
         _wiring = wiring;
+        _created = Handling(Created);
+        _paused = Handling(Paused);
+        _running = Handling(Running);
+        _halted = Handling(Halted);
+        _waitingForSipi = Handling(WaitingForSipi);
+        _waitingForRead = Handling(WaitingForRead);
+        _waitingForCredit = Handling(WaitingForCredit);
+        _ending = Handling(Ending);
+        _stopped = Handling(Stopped);
         foreach (var (_, _, route) in wiring.Ports.Entries) _routesByDevice[route.Device] = route;
         foreach (var (_, _, route) in wiring.Mmio.Entries) _routesByDevice[route.Device] = route;
         if (wiring.ApicPage is { } page)
@@ -111,8 +123,27 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             _routesByDevice[page.Device] = page;
             _apicPage = new ApicPage(LocalApic.DefaultBaseAddress, page);
         }
-        Become(Created);
+        Switch(_created);
     }
+
+    // The behaviours as delegates made once: Become with a method group would allocate two
+    // delegates per state change, several times per exit.
+    private readonly Receive _created, _paused, _running, _halted, _waitingForSipi, _waitingForRead, _waitingForCredit, _ending, _stopped;
+    private Receive? _behaviour;
+
+    /// <summary>Handles the next messages with <paramref name="behaviour"/> (nothing to do if it already does).</summary>
+    private void Switch(Receive behaviour)
+    {
+        if (ReferenceEquals(_behaviour, behaviour)) return;
+        _behaviour = behaviour;
+        Context.Become(behaviour);
+    }
+
+    private static Receive Handling(Action<object> handler) => message =>
+    {
+        handler(message);
+        return true;
+    };
 
     private int Id => _vcpu.Id;
 
@@ -267,7 +298,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 if (_resumeTo == State.Running) EnterRunning();
                 else if (_resumeTo == State.Halted) EnterHalted();
                 else if (_resumeTo == State.WaitingForSipi) EnterWaitingForSipi();
-                else { _state = State.Created; Become(Created); }
+                else { _state = State.Created; Switch(_created); }
                 break;
             case Notify:
                 if (_resumeTo == State.Halted) _resumeTo = State.Running;
@@ -336,12 +367,21 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         switch (message)
         {
             case DeviceProtocol.ReadResult result when result.Id == _readId:
-                CompleteRead(result.Value);
+                if (ApplyRead(result.Value)) EndWait();
                 break;
             case DeviceProtocol.ReadResult:
                 break; // a stale reply
             case DeviceProtocol.WriteDone done when done.Id >= _writeWaitFirst && done.Id <= _readId && _readRoute is not null:
-                CompleteWrite(done);
+                switch (ApplyWriteDone(done))
+                {
+                    case WriteWait.Done:
+                        EndWait();
+                        break;
+                    case WriteWait.MachineEnding:
+                        Stash.UnstashAll();
+                        EnterEnding();
+                        break;
+                }
                 break;
             case DeviceProtocol.WriteDone:
                 break; // stale
@@ -410,7 +450,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 // Running|Halted|Created --Pause--> Paused
                 _resumeTo = _state;
                 _state = State.Paused;
-                Become(Paused);
+                Switch(_paused);
                 Sender.Tell(new VcpuProtocol.Paused(Id));
                 break;
             case Resume:
@@ -481,7 +521,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             _wiring.Vm.Tell(new VcpuWoken(Id));
         }
         _state = State.Running;
-        Become(Running);
+        Switch(_running);
         // With nothing else waiting, run the guest now rather than through a Run message (a wake-up
         // or an answer from the vlapic costs one mailbox turn less); otherwise what came first is
         // handled first.
@@ -492,13 +532,13 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     private void EnterHalted()
     {
         _state = State.Halted;
-        Become(Halted);
+        Switch(_halted);
     }
 
     private void EnterWaitingForSipi()
     {
         _state = State.WaitingForSipi;
-        Become(WaitingForSipi);
+        Switch(_waitingForSipi);
     }
 
     // ---- the vlapic's events (vcpu_notify_event) ----
@@ -511,6 +551,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 if (p.Seq != 0 && p.Seq <= _lapicSeq) break; // a duplicate, or older than what came since
                 if (p.Seq != 0) _lapicSeq = p.Seq;
                 _lapicVector = p.Vector;
+                if (_trace is not null) _lapicVectorCause = TraceContext.Save().Current;
                 Wake();
                 break;
             case VlapicProtocol.TaskPriorityChanged t:
@@ -705,6 +746,15 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 return PostWrites(exit, action);
             case ExitActionKind.WriteAndWait:
                 WriteAndWait(exit, action);
+                switch (TakeRepliesInLine())
+                {
+                    case Replies.Complete:
+                        return true;
+                    case Replies.MachineEnding:
+                        EnterEnding();
+                        return false;
+                }
+                Switch(_waitingForRead);
                 SpinForReply();
                 return false;
             case ExitActionKind.Read:
@@ -713,7 +763,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _readExit = exit;
                 _readIndex = 0;
                 SendRead(action.Offset, action.Size);
-                Become(WaitingForRead);
+                if (TakeRepliesInLine() == Replies.Complete) return true;
+                Switch(_waitingForRead);
                 SpinForReply();
                 return false;
             case ExitActionKind.UnassignedRead:
@@ -736,8 +787,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _wiring.Vlapic!.Tell(exit is VmExit.MsrRead r
                     ? new VlapicProtocol.MsrRead(_readId, r.Index)
                     : new VlapicProtocol.MsrWrite(_readId, ((VmExit.MsrWrite)exit).Index, ((VmExit.MsrWrite)exit).Value), Self);
-                if (TryTakeMsrReply()) return true;
-                Become(WaitingForRead);
+                if (TakeRepliesInLine() == Replies.Complete) return true;
+                Switch(_waitingForRead);
                 SpinForReply();
                 return false;
             case ExitActionKind.IoapicEoi:
@@ -804,7 +855,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         {
             // Running --window full--> waiting for credit (a flooding guest waits here).
             _blockedOn = route;
-            Become(WaitingForCredit);
+            Switch(_waitingForCredit);
             return false;
         }
         return true;
@@ -835,54 +886,79 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             _readId = ++_nextReadId;
             route.Device.Tell(new DeviceProtocol.WriteAndWait(_readId, action.Offset, action.Size, value), Self);
         }
-        Become(WaitingForRead);
     }
 
-    private void CompleteWrite(DeviceProtocol.WriteDone done)
+    private enum WriteWait : byte { Pending, Done, MachineEnding }
+
+    /// <summary>One <see cref="DeviceProtocol.WriteDone"/> of the write the vcpu waits for: done with
+    /// the last element, and whether any element ended the machine.</summary>
+    private WriteWait ApplyWriteDone(DeviceProtocol.WriteDone done)
     {
         if (done.MachineEnding) _machineEnding = true;
-        if (done.Id != _readId) return; // more elements of a string OUT to come
+        if (done.Id != _readId) return WriteWait.Pending; // more elements of a string OUT to come
         _readRoute!.InFlight = 0; // the reply acknowledges every earlier write (FIFO)
         _readExit = null;
         _readRoute = null;
-        Stash.UnstashAll();
-        if (!_machineEnding)
-        {
-            EnterRunning();
-            return;
-        }
-        // Running --machine-ending write--> Ending: no further guest instruction runs here.
+        return _machineEnding ? WriteWait.MachineEnding : WriteWait.Done;
+    }
+
+    /// <summary>Running --machine-ending write--> Ending: no further guest instruction runs here.</summary>
+    private void EnterEnding()
+    {
         _state = State.Ending;
-        Become(Ending);
+        Switch(_ending);
     }
 
     /// <summary>How long a vcpu that sent a read spins for the reply before its thread may sleep.</summary>
     private static readonly long ReplySpinTicks = System.Diagnostics.Stopwatch.Frequency / 50_000; // 20 µs
 
+    private enum Replies : byte { Pending, Complete, MachineEnding }
+
     /// <summary>
-    /// The vlapic runs on this thread (InlineDispatcher), so its answer to an MSR access is usually
-    /// in the mailbox before Tell returns. Taken at once when it is first in line, it spares the
-    /// vcpu a turn of its mailbox and a Run message: the guest goes on in this same Step. With
-    /// anything else first in line (or no answer yet) the vcpu waits for it as for a device read.
+    /// Devices and vlapics run on the thread that sends to them when they are idle (InlineDispatcher,
+    /// as bhyve handles a vcpu's port, MMIO and APIC accesses in the vcpu's context), so the answer to
+    /// a read, an APIC MSR access or a write the vcpu waits for is usually in the mailbox before Tell
+    /// returns. Taken at once while first in line (the next element of a string IN is asked for and
+    /// taken the same way), it spares the vcpu a turn of its mailbox and a Run message: the guest
+    /// goes on in this same Step. With anything else first in line, or no answer yet (the device was
+    /// busy on another thread), the vcpu waits for it in <see cref="WaitingForRead"/>.
     /// </summary>
-    private bool TryTakeMsrReply()
+    private Replies TakeRepliesInLine()
     {
-        if (_vcpuQueue is not { } queue || !queue.TryPeek(out var first)) return false;
-        switch (first)
+        if (_vcpuQueue is not { } queue) return Replies.Pending;
+        while (queue.TryPeek(out var first))
         {
-            case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
-                queue.TryDequeue(out _);
-                _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
-                break;
-            case VlapicProtocol.MsrWriteResult w when w.Id == _readId && _readExit is VmExit.MsrWrite:
-                queue.TryDequeue(out _);
-                _vcpu.CompleteMsrWrite(fault: !w.Ok);
-                break;
-            default:
-                return false;
+            switch (first)
+            {
+                case DeviceProtocol.ReadResult r when r.Id == _readId && _readExit is VmExit.Io or VmExit.Mmio:
+                    queue.TryDequeue(out _);
+                    if (!ApplyRead(r.Value)) continue; // the next element's read was sent
+                    _readExit = null;
+                    _readRoute = null;
+                    return Replies.Complete;
+                case DeviceProtocol.WriteDone w when w.Id >= _writeWaitFirst && w.Id <= _readId && _readRoute is not null:
+                    queue.TryDequeue(out _);
+                    switch (ApplyWriteDone(w))
+                    {
+                        case WriteWait.Done: return Replies.Complete;
+                        case WriteWait.MachineEnding: return Replies.MachineEnding;
+                    }
+                    continue;
+                case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
+                    queue.TryDequeue(out _);
+                    _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
+                    _readExit = null;
+                    return Replies.Complete;
+                case VlapicProtocol.MsrWriteResult w when w.Id == _readId && _readExit is VmExit.MsrWrite:
+                    queue.TryDequeue(out _);
+                    _vcpu.CompleteMsrWrite(fault: !w.Ok);
+                    _readExit = null;
+                    return Replies.Complete;
+                default:
+                    return Replies.Pending;
+            }
         }
-        _readExit = null;
-        return true;
+        return Replies.Pending;
     }
 
     /// <summary>
@@ -915,7 +991,9 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         _readRoute!.Device.Tell(new DeviceProtocol.Read(_readId, offset, size), Self);
     }
 
-    private void CompleteRead(ulong value)
+    /// <summary>One element of the read in flight is in: true when it was the last (the exit is
+    /// complete); false when the next element's read was sent (a string IN).</summary>
+    private bool ApplyRead(ulong value)
     {
         var route = _readRoute!;
         route.InFlight = 0; // the reply acknowledges every earlier write (FIFO)
@@ -927,14 +1005,14 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 {
                     _wiring.Ports.TryResolve(io.Port, out var again, out var offset);
                     SendRead(again.Window + offset, io.Size);
-                    return;
+                    return false;
                 }
                 break;
             case VmExit.Mmio:
                 _vcpu.CompleteMmioRead(value);
                 break;
         }
-        EndWait();
+        return true;
     }
 
     /// <summary>The reply the vcpu waited for is in: back to running, with what arrived meanwhile.</summary>
@@ -1046,7 +1124,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
             {
                 _lapicVector = null;
                 InjectNow(vector);
-                _wiring.Vlapic?.Tell(new VlapicProtocol.InterruptAccepted(vector), Self);
+                AcceptLapicVector(vector);
             }
             else if (_extIntPending && _wiring.Pic is { } pic)
             {
@@ -1054,7 +1132,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _readId = ++_nextReadId;
                 _intaInFlight = true;
                 pic.Tell(new DeviceProtocol.Acknowledge(_readId), Self);
-                Become(WaitingForRead);
+                Switch(_waitingForRead);
                 return false;
             }
         }
@@ -1062,6 +1140,21 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
         // (A vector CR8 holds back waits for the exit that lowers CR8: no window for it.)
         _vcpu.RequestInterruptWindow = _pendingVectors.Count > 0 || _lapicVector is { } v && v >> 4 > _cr8 || _extIntPending;
         return true;
+    }
+
+    /// <summary>Tells the vlapic the vector went in (vlapic_intr_accepted); in a trace, as caused by
+    /// the report that made it pending, not by whatever the vcpu handled last.</summary>
+    private void AcceptLapicVector(byte vector)
+    {
+        if (_trace is null)
+        {
+            _wiring.Vlapic?.Tell(VlapicProtocol.InterruptAccepted.Of(vector), Self);
+            return;
+        }
+        var saved = TraceContext.Save();
+        TraceContext.Enter(Self, _lapicVectorCause);
+        _wiring.Vlapic?.Tell(VlapicProtocol.InterruptAccepted.Of(vector), Self);
+        TraceContext.Restore(saved);
     }
 
     /// <summary>The guest may have written CR8 without an exit (raising it never exits; lowering it
@@ -1193,7 +1286,7 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     {
         // any --Stop/fatal--> Stopped
         _state = State.Stopped;
-        Become(Stopped);
+        Switch(_stopped);
         Stash.UnstashAll();
         var stopped = new VcpuProtocol.Stopped(Id, reason, report);
         _wiring.Vm.Tell(stopped);

@@ -34,6 +34,10 @@ public static class VcpuProtocol
           type = "ActorVmm.Devices.Timing.InlineDispatcherConfigurator, ActorVmm.Actors.Devices"
           throughput = 64
         }
+        actorvmm.device-dispatcher {
+          type = "ActorVmm.Devices.Timing.InlineDispatcherConfigurator, ActorVmm.Actors.Devices"
+          throughput = 64
+        }
         """;
 
     /// <summary>The longest halt poll, actorvmm.vcpu.halt-poll: "0" (off) or a duration of at most

@@ -73,12 +73,27 @@ public sealed class CpuidPolicy
 
     /// <summary>
     /// The policy of CPU model <paramref name="model"/>: the platform's defaults, less what the model
-    /// adds back, plus what it removes. Throws <see cref="ArgumentException"/> naming a feature the
-    /// model adds that KVM on this host does not support.
+    /// adds back, plus what it removes. <paramref name="provided"/> are features the VMM provides
+    /// itself whatever KVM_GET_SUPPORTED_CPUID says (the TSC-deadline timer of a user-space local
+    /// APIC, or of KVM's when KVM_CAP_TSC_DEADLINE_TIMER says so, which that ioctl never reports);
+    /// they are shown unless the model removes them. Throws <see cref="ArgumentException"/> naming a
+    /// feature the model adds that neither KVM nor the VMM provides.
     /// </summary>
-    public static CpuidPolicy ForModel(IEnumerable<KvmCpuidEntry2> supported, CpuModel model)
+    public static CpuidPolicy ForModel(IEnumerable<KvmCpuidEntry2> supported, CpuModel model, IEnumerable<CpuFeature>? provided = null)
     {
         var entries = supported.ToArray();
+        foreach (var f in provided ?? [])
+            for (var i = 0; i < entries.Length; i++)
+            {
+                if (entries[i].Function != f.Leaf || f.Subleaf is { } sub && entries[i].Index != sub) continue;
+                switch (f.Register)
+                {
+                    case Reg.Eax: entries[i].Eax |= f.Mask; break;
+                    case Reg.Ebx: entries[i].Ebx |= f.Mask; break;
+                    case Reg.Ecx: entries[i].Ecx |= f.Mask; break;
+                    case Reg.Edx: entries[i].Edx |= f.Mask; break;
+                }
+            }
         var missing = model.Added.Where(f => !Has(entries, f)).Select(f => f.Name).ToArray();
         if (missing.Length > 0)
             throw new ArgumentException($"CPU model {model}: KVM on this host cannot provide {string.Join(", ", missing)}");

@@ -71,6 +71,8 @@ public enum KvmCap : uint
     MaxVcpus = 66,
     ReadonlyMem = 81,
     SplitIrqchip = 121,
+    /// <summary>KVM's local APIC has the TSC-deadline timer mode (user space sets CPUID.01H:ECX[24] itself).</summary>
+    TscDeadlineTimer = 72,
     IrqRouting = 25,
     SignalMsi = 77,
     ManualDirtyLogProtect2 = 168,

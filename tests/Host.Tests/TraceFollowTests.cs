@@ -64,8 +64,9 @@ public sealed class TraceFollowTests : IAsyncLifetime
         var entry = await _client.FindEntryAsync("traced", [_address]);
         var lines = new List<TraceProtocol.TraceLine>();
         using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(20));
-        var following = _client.FollowTraceAsync(entry, "type=Write", 3, lines.Add, timeout.Token);
-        await Task.Delay(500); // the subscription reaches the hub before the guest writes
+        var subscribed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var following = _client.FollowTraceAsync(entry, "type=Write", 3, lines.Add, timeout.Token, subscribed.SetResult);
+        await subscribed.Task.WaitAsync(timeout.Token); // the hub streams to us before the guest writes
         _vcpu.Supply(new VmExit.Io(true, 0x3F8, 1, 1, 'a', null), new VmExit.Io(true, 0x3F8, 1, 1, 'b', null),
             new VmExit.Io(true, 0x3F8, 1, 1, 'c', null));
 

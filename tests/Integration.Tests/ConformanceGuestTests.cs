@@ -363,10 +363,10 @@ public sealed class ConformanceGuestTests
             var gp = a.CreateLabel();
             var bad = a.CreateLabel();
             InterruptCode.SetGate(a, 13, gp);
-            InterruptCode.EnableLocalApic(a);
             a.mov(eax, 1);
             a.cpuid();
             a.mov(r12d, ecx);
+            InterruptCode.EnableLocalApic(a);          // RBX = the APIC page (after CPUID, which writes EBX)
             a.test(r12d, 1 << 21);                     // x2APIC
             if (hidden) a.jnz(bad);
             else a.jz(bad);

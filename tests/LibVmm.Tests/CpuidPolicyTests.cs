@@ -229,3 +229,23 @@ public sealed class CpuModelTests
     public void A_bad_model_is_refused_saying_why(string spec, string why) =>
         Assert.Contains(why, Assert.Throws<FormatException>(() => CpuModel.Parse(spec)).Message);
 }
+
+/// <summary>Features the VMM provides itself, beyond what KVM reports.</summary>
+public sealed class ProvidedCpuFeatureTests
+{
+    private static KvmCpuidEntry2[] Supported() =>
+    [
+        new() { Function = 1, Ecx = 1u << 0 }, // SSE3 only: no TSC-deadline (KVM never reports it)
+    ];
+
+    [Fact]
+    public void A_provided_feature_is_shown_and_may_be_removed_or_added_by_the_model()
+    {
+        var tscDeadline = CpuModel.Feature("tsc-deadline");
+        Assert.False(CpuidPolicy.ForModel(Supported(), CpuModel.Host).Has(tscDeadline));
+        Assert.True(CpuidPolicy.ForModel(Supported(), CpuModel.Host, [tscDeadline]).Has(tscDeadline));
+        Assert.False(CpuidPolicy.ForModel(Supported(), CpuModel.Parse("host,-tsc-deadline"), [tscDeadline]).Has(tscDeadline));
+        Assert.True(CpuidPolicy.ForModel(Supported(), CpuModel.Parse("host,+tsc-deadline"), [tscDeadline]).Has(tscDeadline));
+        Assert.Throws<ArgumentException>(() => CpuidPolicy.ForModel(Supported(), CpuModel.Parse("host,+tsc-deadline")));
+    }
+}

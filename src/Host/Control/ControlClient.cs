@@ -236,9 +236,10 @@ public sealed class ControlClient : IAsyncDisposable
         };
 
     /// <summary>Follows a VM's trace: each new line goes to <paramref name="onLine"/> until
-    /// <paramref name="cancel"/>, <paramref name="count"/> lines, or the VM's trace ends.</summary>
+    /// <paramref name="cancel"/>, <paramref name="count"/> lines, or the VM's trace ends.
+    /// <paramref name="onSubscribed"/> is called once the VM's trace hub streams to this client.</summary>
     public async Task<int> FollowTraceAsync(ControlProtocol.VmEntry vm, string filter, int count, Action<TraceProtocol.TraceLine> onLine,
-        CancellationToken cancel)
+        CancellationToken cancel, Action? onSubscribed = null)
     {
         var hub = TraceOf(vm);
         var lines = System.Threading.Channels.Channel.CreateUnbounded<TraceProtocol.TraceLine?>();
@@ -247,6 +248,7 @@ public sealed class ControlClient : IAsyncDisposable
         {
             var reply = await Ask<object>(hub, new TraceProtocol.Subscribe(follower, filter), $"the trace of {vm.Name}");
             if (reply is TraceProtocol.Refused refused) throw new ControlException(refused.Why);
+            onSubscribed?.Invoke(); // from here on, every message the VM records reaches onLine
             var seen = 0;
             await foreach (var line in lines.Reader.ReadAllAsync(cancel))
             {

@@ -253,7 +253,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             var props = spec.Timed
                 ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace)
                 : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace);
-            var device = Context.ActorOf(Mailbox(props), spec.Name);
+            var device = Context.ActorOf(Mailbox(props).WithDispatcher(DeviceProtocol.DispatcherId), spec.Name);
             Context.Watch(device);
             devices.Add((spec, device));
             _devices.Add(device);

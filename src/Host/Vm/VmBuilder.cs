@@ -116,7 +116,7 @@ public sealed class VmBuilder
             // The split irqchip must exist before the first vcpu; its APIC MSRs are then the kernel's.
             if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
             else EmulateApicMsrs(vm);
-            var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), _spec.Cpu);
+            var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), _spec.Cpu, ProvidedFeatures(kvm, assisted));
             for (var i = 0; i < _spec.Cpus; i++)
             {
                 var vcpu = vm.CreateVcpu(i, cpuid);
@@ -216,6 +216,17 @@ public sealed class VmBuilder
         {
             throw new VmBuildException($"device wiring: {e.Message}", e);
         }
+    }
+
+    /// <summary>
+    /// CPUID features the platform provides beyond what KVM_GET_SUPPORTED_CPUID reports: the local
+    /// APIC's x2APIC and TSC-deadline modes, which an emulated APIC implements, and which KVM's
+    /// implements (x2APIC always; TSC-deadline where it reports KVM_CAP_TSC_DEADLINE_TIMER).
+    /// </summary>
+    private static IEnumerable<CpuFeature> ProvidedFeatures(Kvm kvm, bool assisted)
+    {
+        yield return CpuModel.Feature("x2apic");
+        if (!assisted || kvm.CheckExtension(KvmCap.TscDeadlineTimer) > 0) yield return CpuModel.Feature("tsc-deadline");
     }
 
     /// <summary>
