@@ -6,8 +6,9 @@ namespace ActorVmm.Host.Vm;
 /// The interrupt controllers and timers of the ActorVmm PC (addresses in <see cref="Platform"/>):
 /// IOAPIC (MMIO 0xFEC00000, its output on the APIC bus), the 8259 pair (0x20, 0xA0, ELCR 0x4D0:
 /// one actor, three offset windows), the 8254 PIT (0x40-0x43 and port 0x61: one actor, two
-/// windows; IRQ 0) and the CMOS RTC (0x70-0x71, IRQ 8). The VM actor finds the IOAPIC and the
-/// PIC by their names, <see cref="IoApicName"/> and <see cref="PicName"/>.
+/// windows; IRQ 0) and the CMOS RTC (0x70-0x71, IRQ 8); the reset and power registers (port 0x92,
+/// 0xCF9, the ACPI PM block at 0x600). The VM actor finds the IOAPIC and the PIC by their names,
+/// <see cref="IoApicName"/> and <see cref="PicName"/>.
 /// </summary>
 public static class PcPlatform
 {
