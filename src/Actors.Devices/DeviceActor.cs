@@ -266,7 +266,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
 
     private sealed class EventsToActor(string device, IActorRef target) : IPlatformEvents
     {
-        /// <summary>Exit and reset requests made since the actor last cleared it.</summary>
+        /// <summary>Exit, reset and power-off requests made since the actor last cleared it.</summary>
         public int Requests;
 
         public void RequestExit(int status, string reason)
@@ -279,6 +279,12 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         {
             Requests++;
             target.Tell(new GuestResetRequested(device, reason));
+        }
+
+        public void RequestPowerOff(string reason)
+        {
+            Requests++;
+            target.Tell(new GuestPowerOffRequested(device, reason));
         }
     }
 }

@@ -43,7 +43,7 @@ public static class DeviceProtocol
     /// </summary>
     public sealed record WriteAndWait(long Id, ulong Offset, int Size, ulong Value) : IDeviceMessage;
 
-    /// <param name="MachineEnding">the write asked the VM to exit or reset: the vcpu stays out of
+    /// <param name="MachineEnding">the write asked the VM to exit, reset or power off: the vcpu stays out of
     /// the guest until the VM stops it</param>
     public sealed record WriteDone(long Id, bool MachineEnding) : IDeviceMessage;
 
@@ -58,6 +58,9 @@ public static class DeviceProtocol
 
     /// <summary>Sent by a device to the VM's event target: the guest asked for a reset.</summary>
     public sealed record GuestResetRequested(string Device, string Reason) : IDeviceMessage;
+
+    /// <summary>Sent by a device to the VM's event target: the guest turned the machine off (ACPI S5).</summary>
+    public sealed record GuestPowerOffRequested(string Device, string Reason) : IDeviceMessage;
 
     /// <summary>Drives interrupt input <paramref name="Line"/> of an <see cref="IInterruptInputs"/>
     /// model (IOAPIC pin, 8259 IRQ) to <paramref name="Level"/>. Posted; no credit is returned.</summary>
@@ -103,7 +106,7 @@ public static class DeviceProtocol
 
     /// <param name="name">device name used in messages and traces ("uart0")</param>
     /// <param name="factory">builds the model; called once per actor incarnation</param>
-    /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/>; may be Nobody</param>
+    /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory, IActorRef events) =>
         Props(name, factory, null, events);
 

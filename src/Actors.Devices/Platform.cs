@@ -46,6 +46,34 @@ public static class Platform
     public const ushort RtcPort = 0x70;
     public const ushort RtcLength = 2;
 
+    /// <summary>System Control Port A (PS/2 "port 92"): bit 0 fast reset, bit 1 alternate A20 gate.</summary>
+    public const ushort SystemControlPortA = 0x92;
+    public const ushort SystemControlPortALength = 1;
+
+    /// <summary>The reset control register (Intel chipsets' RST_CNT), one byte at 0xCF9: the only
+    /// byte of 0xCF8-0xCFF taken today. The rest is kept for PCI configuration mechanism #1
+    /// (PCI Local Bus 3.0 §3.2.2.3.2): CONFIG_ADDRESS, a dword at <see cref="PciConfigAddressPort"/>
+    /// (whose dword accesses start at 0xCF8, so they never reach the reset register), and
+    /// CONFIG_DATA at <see cref="PciConfigDataPort"/>-0xCFF.</summary>
+    public const ushort ResetControlPort = 0xCF9;
+    public const ushort ResetControlLength = 1;
+    public const ushort PciConfigAddressPort = 0xCF8;
+    public const ushort PciConfigDataPort = 0xCFC;
+
+    /// <summary>The ACPI PM register block (ACPI 6.x §4.8), laid out as Intel's ICH9 and QEMU's
+    /// q35 lay out theirs: PM1a_EVT_BLK (status, enable: 4 bytes) at the base, PM1a_CNT_BLK
+    /// (2 bytes) at +4, PM_TMR_BLK (4 bytes) at +8. No PM1b, PM2 or GPE blocks. The FADT points
+    /// here; its SCI is ISA IRQ <see cref="AcpiSciIrq"/>.</summary>
+    public const ushort AcpiPmBase = 0x600;
+    public const ushort AcpiPm1EventBlock = AcpiPmBase;
+    public const ushort AcpiPm1EventLength = 4;
+    public const ushort AcpiPm1ControlBlock = AcpiPmBase + 4;
+    public const ushort AcpiPm1ControlLength = 2;
+    public const ushort AcpiPmTimerBlock = AcpiPmBase + 8;
+    public const ushort AcpiPmTimerLength = 4;
+    public const ushort AcpiPmLength = 12;
+    public const int AcpiSciIrq = 9;
+
     /// <summary>ISA IRQs (8259 inputs). On the IOAPIC, IRQ 0 is pin 2 (an interrupt source override); the others are identity-mapped.</summary>
     public const int PitIrq = 0;
     public const int RtcIrq = 8;

@@ -19,7 +19,7 @@ public static class TimedDeviceProtocol
     /// not an <see cref="ITimedDevice"/> simply gets no timer.</param>
     /// <param name="restore">builds the model from the state record its last incarnation saved
     /// (<see cref="IStatefulDevice"/>); null = restart from power-on</param>
-    /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/>; may be Nobody</param>
+    /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
     /// <param name="memory">the owner of guest memory (the vmspace), told <see cref="DeviceRestarting"/>
     /// when the device restarts; null = none</param>
     public static Props Props(string name, IDeviceClock clock, Func<IPlatformEvents, IBusDevice> factory,

@@ -203,6 +203,7 @@ public static class HostRunner
         VmProtocol.OutcomeKind.Halted => $"guest halted ({outcome.Detail})",
         VmProtocol.OutcomeKind.DebugExit => $"guest exited through debug-exit ({outcome.Detail})",
         VmProtocol.OutcomeKind.Reset => outcome.Detail,
+        VmProtocol.OutcomeKind.PowerOff => outcome.Detail,
         VmProtocol.OutcomeKind.TripleFault => $"guest triple-faulted: {outcome.Detail}",
         VmProtocol.OutcomeKind.VcpuError => $"VM stopped on a vcpu error: {outcome.Detail}",
         _ => $"VM stopped: {outcome.Detail}",

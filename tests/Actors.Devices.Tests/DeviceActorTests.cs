@@ -167,6 +167,19 @@ public sealed class DeviceActorTests : TestKit
     }
 
     [Fact]
+    public async Task DeviceActor_must_report_an_acpi_power_off_and_answer_its_write_as_machine_ending()
+    {
+        var events = CreateTestProbe();
+        var actor = Sys.ActorOf(Props("acpi-pm", e => new AcpiPm(new ManualClock(), e), events.Ref));
+
+        actor.Tell(new WriteAndWait(1, AcpiPm.ControlOffset, 2, AcpiPm.SleepEnable | (AcpiPm.SleepTypeS5 << AcpiPm.SleepTypeShift)), TestActor);
+
+        Assert.Equal(new GuestPowerOffRequested("acpi-pm", "ACPI S5: PM1a_CNT SLP_TYP 7 with SLP_EN"),
+            await events.ExpectMsgAsync<GuestPowerOffRequested>());
+        Assert.Equal(new WriteDone(1, MachineEnding: true), await ExpectMsgAsync<WriteDone>());
+    }
+
+    [Fact]
     public async Task DeviceActor_must_report_i8042_reset_to_the_events_target()
     {
         var events = CreateTestProbe();

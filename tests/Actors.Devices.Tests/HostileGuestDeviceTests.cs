@@ -60,6 +60,13 @@ public sealed class HostileGuestDeviceTests
 
         var kbc = new I8042(new RecordingEvents());
         yield return new Target("i8042", kbc, 5, _ => { }, kbc, null);
+
+        var port92 = new SystemControlPortA(new RecordingEvents());
+        yield return new Target("port 0x92", port92, SystemControlPortA.Length, _ => { }, port92, null);
+        var rcr = new ResetControl(new RecordingEvents());
+        yield return new Target("port 0xcf9", rcr, ResetControl.Length, _ => { }, rcr, null);
+        var pm = new AcpiPm(clock, new RecordingEvents());
+        yield return new Target("acpi pm", pm, AcpiPm.Length, _ => { }, pm, null);
     }
 
     private static void Toggle(IInterruptLine? line, Random r)

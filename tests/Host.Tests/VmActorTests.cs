@@ -96,6 +96,35 @@ public sealed class VmActorTests : ScriptedVmTestKit
     }
 
     [Fact]
+    public async Task Vm_must_end_as_a_power_off_with_code_0_when_the_guest_enters_s5_and_run_nothing_after()
+    {
+        var rig = Start(1, [.. PcPlatform.ResetAndPowerManagement()]);
+        rig.Vcpus[0].InterruptsEnabled = false;
+        const ushort s5 = AcpiPm.SleepEnable | (AcpiPm.SleepTypeS5 << AcpiPm.SleepTypeShift);
+        rig.Vcpus[0].Supply(new VmExit.Io(true, Platform.AcpiPm1ControlBlock, 2, 1, s5, null), VmExit.Hlt.Instance);
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.PowerOff, outcome.Kind);
+        Assert.Equal(Outcome.PowerOffCode, outcome.ExitCode);
+        Assert.Equal(0, outcome.ExitCode);
+        Assert.Contains("S5", outcome.Detail);
+        Assert.Equal(1, rig.Vcpus[0].Pending); // the HLT after the write never ran
+    }
+
+    [Theory]
+    [InlineData(Platform.ResetControlPort, 0x06)]
+    [InlineData(Platform.SystemControlPortA, 0x01)]
+    public async Task Vm_must_end_as_a_reset_when_the_guest_writes_a_reset_port(ushort port, byte value)
+    {
+        var rig = Start(1, [.. PcPlatform.ResetAndPowerManagement()]);
+        rig.Vcpus[0].InterruptsEnabled = false;
+        rig.Vcpus[0].Supply(Out(port, value), VmExit.Hlt.Instance);
+        var outcome = await Ends(rig);
+        Assert.Equal(OutcomeKind.Reset, outcome.Kind);
+        Assert.Equal(Outcome.ResetCode, outcome.ExitCode);
+        Assert.Equal(1, rig.Vcpus[0].Pending);
+    }
+
+    [Fact]
     public async Task Vm_must_end_with_the_debug_exit_status_and_stop_every_vcpu()
     {
         var rig = Start();

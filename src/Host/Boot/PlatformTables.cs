@@ -17,8 +17,16 @@ namespace ActorVmm.Host.Boot;
 /// IRQ 2 (IRQ 0 → INTIN 2, others identity; conforming polarity and trigger), and the local
 /// interrupt entries ExtINT → LINT0, NMI → LINT1 of every local APIC (virtual wire).</item>
 /// <item>0xF0800: RSDP "RSD PTR " revision 2 (16-byte aligned, inside 0xE0000-0xFFFFF), then
-/// RSDT, XSDT and the MADT "APIC": one Processor Local APIC entry per vcpu, one I/O APIC entry
-/// (GSI base 0), an interrupt source override ISA IRQ 0 → GSI 2, and a local APIC NMI on LINT1.</item>
+/// RSDT and XSDT (each listing the MADT and the FADT), the MADT "APIC": one Processor Local APIC
+/// entry per vcpu, one I/O APIC entry (GSI base 0), interrupt source overrides ISA IRQ 0 → GSI 2
+/// and the SCI (IRQ 9, level, active high), and a local APIC NMI on LINT1.</item>
+/// <item>0xF0A00: the FADT "FACP" (§5.2.9, revision 6.5): the ACPI PM block at
+/// <see cref="Platform.AcpiPmBase"/> (PM1a event and control, 24-bit PM timer) in both its 32-bit
+/// and its Generic Address (X_) fields, SCI on IRQ 9, no SMI command port (always in ACPI mode),
+/// the reset register (I/O 0xCF9, value 0x06), the 8042 and legacy devices, no VGA.</item>
+/// <item>0xF0B40: the FACS (§5.2.10), 64-byte aligned: no waking vector, no global lock owner.</item>
+/// <item>0xF0B80: the DSDT (§5.2.11.1): the header and one AML object, <c>\_S5</c>, the S5 sleep
+/// type the PM block powers off on.</item>
 /// </list>
 /// Every checksum makes its structure sum to zero (mod 256).
 /// </summary>
@@ -31,6 +39,9 @@ public static class PlatformTables
     public const ulong Rsdt = Rsdp + 0x40;
     public const ulong Xsdt = Rsdp + 0x80;
     public const ulong Madt = Rsdp + 0x100;
+    public const ulong Fadt = Rsdp + 0x200;
+    public const ulong Facs = Rsdp + 0x340;
+    public const ulong Dsdt = Rsdp + 0x380;
     public const ulong End = Base + 0x1000;
 
     public const byte LocalApicVersion = 0x14;
@@ -49,8 +60,11 @@ public static class PlatformTables
         memory.Write(new GuestPhysAddr(MpConfigTable), MpConfiguration(cpus, ioApicId));
         memory.Write(new GuestPhysAddr(MpFloatingPointer), MpFloating((uint)MpConfigTable));
         memory.Write(new GuestPhysAddr(Madt), MadtTable(cpus, ioApicId));
-        memory.Write(new GuestPhysAddr(Rsdt), RsdtTable([(uint)Madt]));
-        memory.Write(new GuestPhysAddr(Xsdt), XsdtTable([Madt]));
+        memory.Write(new GuestPhysAddr(Dsdt), DsdtTable());
+        memory.Write(new GuestPhysAddr(Facs), FacsStructure());
+        memory.Write(new GuestPhysAddr(Fadt), FadtTable(Facs, Dsdt));
+        memory.Write(new GuestPhysAddr(Rsdt), RsdtTable([(uint)Madt, (uint)Fadt]));
+        memory.Write(new GuestPhysAddr(Xsdt), XsdtTable([Madt, Fadt]));
         memory.Write(new GuestPhysAddr(Rsdp), RsdpStructure((uint)Rsdt, Xsdt));
     }
 
@@ -196,14 +210,10 @@ public static class PlatformTables
         U32(ioapic, 8, 0); // GSI base
         entries.Add(ioapic);
 
-        var over = new byte[10];
-        over[0] = MadtSourceOverride;
-        over[1] = 10;
-        over[2] = 0; // bus: ISA
-        over[3] = Platform.PitIrq;
-        U32(over, 4, Platform.PitGsi);
-        U16(over, 8, 0); // conforms to the bus
-        entries.Add(over);
+        entries.Add(SourceOverride(Platform.PitIrq, Platform.PitGsi, flags: 0)); // conforms to the bus
+        // The SCI is level-triggered; without an override an OS takes it as active low (§5.2.12.5),
+        // which the IOAPIC would see asserted while the line is idle. The line here is active high.
+        entries.Add(SourceOverride(Platform.AcpiSciIrq, Platform.AcpiSciIrq, flags: MpsActiveHigh | MpsLevel));
 
         // Local APIC NMI (§5.2.12.7): every processor (UID 0xFF), flags conforming, LINT1.
         entries.Add([MadtLocalApicNmi, 6, 0xFF, 0, 0, 1]);
@@ -220,6 +230,146 @@ public static class PlatformTables
         }
         t[9] = Checksum(t);
         return t;
+    }
+
+    /// <summary>MPS INTI flags of an interrupt source override (§5.2.12.5): polarity bits 1:0, trigger mode bits 3:2.</summary>
+    public const ushort MpsActiveHigh = 0b01, MpsLevel = 0b11 << 2;
+
+    /// <summary>Interrupt Source Override (§5.2.12.5): ISA <paramref name="irq"/> is GSI <paramref name="gsi"/>.</summary>
+    private static byte[] SourceOverride(int irq, uint gsi, ushort flags)
+    {
+        var over = new byte[10];
+        over[0] = MadtSourceOverride;
+        over[1] = 10;
+        over[2] = 0; // bus: ISA
+        over[3] = (byte)irq;
+        U32(over, 4, gsi);
+        U16(over, 8, flags);
+        return over;
+    }
+
+    // FADT layout (ACPI 6.5 §5.2.9): byte offsets of the fields written here.
+    public const int FadtLength = 276;
+    public const byte FadtRevision = 6, FadtMinorRevision = 5;
+    public const int FadtFirmwareCtrl = 36, FadtDsdt = 40, FadtSciInt = 46, FadtSmiCmd = 48;
+    public const int FadtPm1aEvtBlk = 56, FadtPm1aCntBlk = 64, FadtPmTmrBlk = 76, FadtGpe0Blk = 80;
+    public const int FadtPm1EvtLen = 88, FadtPm1CntLen = 89, FadtPmTmrLen = 91;
+    public const int FadtPLvl2Lat = 96, FadtPLvl3Lat = 98, FadtCentury = 108, FadtIapcBootArch = 109, FadtFlags = 112;
+    public const int FadtResetReg = 116, FadtResetValue = 128, FadtMinorVersion = 131;
+    public const int FadtXFirmwareCtrl = 132, FadtXDsdt = 140, FadtXPm1aEvtBlk = 148, FadtXPm1aCntBlk = 172, FadtXPmTmrBlk = 208;
+
+    // IAPC_BOOT_ARCH (§5.2.9.3): legacy (ISA) devices, an 8042, no VGA.
+    public const ushort BootArchLegacyDevices = 0b0001, BootArch8042 = 0b0010, BootArchVgaNotPresent = 0b0100;
+
+    // FADT fixed feature flags (§5.2.9, "Fixed ACPI Description Table Fixed Feature Flags").
+    public const uint FadtWbinvd = 1u << 0, FadtProcC1 = 1u << 2, FadtPowerButton = 1u << 4, FadtSleepButton = 1u << 5,
+        FadtFixRtc = 1u << 6, FadtTmrValExt = 1u << 8, FadtResetRegSup = 1u << 10;
+
+    // Generic Address Structure (§5.2.3.2): address space, access size.
+    public const byte GasSystemIo = 1, GasByteAccess = 1, GasWordAccess = 2, GasDwordAccess = 3;
+
+    /// <summary>The value written to RESET_REG (0xCF9) to reset: SYS_RST | RST_CPU, a hard reset.</summary>
+    public const byte ResetValue = 0x06;
+
+    /// <summary>
+    /// The FADT (ACPI 6.5 §5.2.9), revision 6.5, 276 bytes. Both the 32-bit fields (FIRMWARE_CTRL,
+    /// DSDT, the *_BLK ports) and their 64-bit forms (X_FIRMWARE_CTRL, X_DSDT, the X_*_BLK Generic
+    /// Addresses) are filled with the same addresses: an OS that can use an X_ field ignores the
+    /// 32-bit one (§5.2.9), and one that reads only the 32-bit fields (ACPI 1.0 OSes, simple test
+    /// kernels) finds everything too. SMI_CMD, ACPI_ENABLE/DISABLE are 0: no SMM, always
+    /// in ACPI mode. C2/C3 latencies above their limits: only C1 (HLT). CENTURY is the RTC's
+    /// century register. The power and sleep buttons are not fixed hardware (none exist), RTC wake
+    /// status is not in PM1 (FIX_RTC), the PM timer is 24 bits.
+    /// </summary>
+    public static byte[] FadtTable(ulong facs, ulong dsdt)
+    {
+        var t = Header("FACP", FadtLength, FadtRevision);
+        U32(t, FadtFirmwareCtrl, (uint)facs);
+        U32(t, FadtDsdt, (uint)dsdt);
+        // 44: reserved; 45: Preferred_PM_Profile 0 (unspecified).
+        U16(t, FadtSciInt, Platform.AcpiSciIrq);
+        U32(t, FadtSmiCmd, 0);
+        U32(t, FadtPm1aEvtBlk, Platform.AcpiPm1EventBlock);
+        U32(t, FadtPm1aCntBlk, Platform.AcpiPm1ControlBlock);
+        U32(t, FadtPmTmrBlk, Platform.AcpiPmTimerBlock);
+        t[FadtPm1EvtLen] = (byte)Platform.AcpiPm1EventLength;
+        t[FadtPm1CntLen] = (byte)Platform.AcpiPm1ControlLength;
+        t[FadtPmTmrLen] = (byte)Platform.AcpiPmTimerLength;
+        U16(t, FadtPLvl2Lat, 101);  // > 100 µs: no C2
+        U16(t, FadtPLvl3Lat, 1001); // > 1000 µs: no C3
+        t[FadtCentury] = CmosRtc.Century;
+        U16(t, FadtIapcBootArch, BootArchLegacyDevices | BootArch8042 | BootArchVgaNotPresent);
+        U32(t, FadtFlags, FadtWbinvd | FadtProcC1 | FadtPowerButton | FadtSleepButton | FadtFixRtc | FadtResetRegSup);
+        Gas(t, FadtResetReg, GasSystemIo, 8, GasByteAccess, Platform.ResetControlPort);
+        t[FadtResetValue] = ResetValue;
+        t[FadtMinorVersion] = FadtMinorRevision;
+        U64(t, FadtXFirmwareCtrl, facs);
+        U64(t, FadtXDsdt, dsdt);
+        // PM1 status and enable are 16-bit registers (word access); the timer a dword.
+        Gas(t, FadtXPm1aEvtBlk, GasSystemIo, Platform.AcpiPm1EventLength * 8, GasWordAccess, Platform.AcpiPm1EventBlock);
+        Gas(t, FadtXPm1aCntBlk, GasSystemIo, Platform.AcpiPm1ControlLength * 8, GasWordAccess, Platform.AcpiPm1ControlBlock);
+        Gas(t, FadtXPmTmrBlk, GasSystemIo, Platform.AcpiPmTimerLength * 8, GasDwordAccess, Platform.AcpiPmTimerBlock);
+        t[9] = Checksum(t);
+        return t;
+    }
+
+    /// <summary>Generic Address Structure (§5.2.3.2), 12 bytes at <paramref name="at"/>.</summary>
+    private static void Gas(byte[] t, int at, byte space, int bitWidth, byte accessSize, ulong address)
+    {
+        t[at] = space;
+        t[at + 1] = (byte)bitWidth;
+        t[at + 2] = 0; // bit offset
+        t[at + 3] = accessSize;
+        U64(t, at + 4, address);
+    }
+
+    public const int FacsLength = 64;
+    public const byte FacsVersion = 2;
+
+    /// <summary>
+    /// The FACS (§5.2.10), 64 bytes, no checksum: hardware signature 0, no firmware waking vector
+    /// (no sleep state to wake from), the global lock free, no S4BIOS, no 64-bit wake.
+    /// </summary>
+    public static byte[] FacsStructure()
+    {
+        var b = new byte[FacsLength];
+        Ascii(b, 0, "FACS");
+        U32(b, 4, FacsLength);
+        b[32] = FacsVersion;
+        return b;
+    }
+
+    public const byte DsdtRevision = 2; // 64-bit AML integers (§5.2.11.1)
+
+    /// <summary>
+    /// The DSDT (§5.2.11.1): the header and an AML body (ACPI §20) holding one object,
+    /// <c>Name (\_S5, Package (4) { SLP_TYP, SLP_TYP, 0, 0 })</c>: the PM1a and PM1b SLP_TYP values
+    /// of S5 and two reserved bytes (§7.4.2 "\_Sx (System States)").
+    /// </summary>
+    public static byte[] DsdtTable()
+    {
+        byte[] aml = S5Aml(AcpiPm.SleepTypeS5);
+        var t = Header("DSDT", 36 + aml.Length, DsdtRevision);
+        aml.CopyTo(t, 36);
+        t[9] = Checksum(t);
+        return t;
+    }
+
+    // AML opcodes (ACPI §20.3).
+    public const byte AmlNameOp = 0x08, AmlPackageOp = 0x12, AmlBytePrefix = 0x0A, AmlZeroOp = 0x00, AmlRootChar = (byte)'\\';
+
+    /// <summary><c>Name (\_S5, Package (4) { s5, s5, Zero, Zero })</c> in AML: NameOp, the rooted
+    /// NameString "\_S5_", PackageOp with a one-byte PkgLength (it counts itself) and NumElements,
+    /// then the elements (ByteConst for the type, ZeroOp for the reserved ones).</summary>
+    public static byte[] S5Aml(byte s5)
+    {
+        byte[] elements = [AmlBytePrefix, s5, AmlBytePrefix, s5, AmlZeroOp, AmlZeroOp];
+        var package = new byte[2 + 1 + elements.Length];
+        package[0] = AmlPackageOp;
+        package[1] = (byte)(package.Length - 1); // PkgLength: itself, NumElements and the elements (< 64: one byte)
+        package[2] = 4;                          // NumElements
+        elements.CopyTo(package, 3);
+        return [AmlNameOp, AmlRootChar, (byte)'_', (byte)'S', (byte)'5', (byte)'_', .. package];
     }
 
     /// <summary>The 36-byte system description table header (ACPI §5.2.6); checksum at 9 left 0.</summary>

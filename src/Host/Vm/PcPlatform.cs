@@ -6,8 +6,9 @@ namespace ActorVmm.Host.Vm;
 /// The interrupt controllers and timers of the ActorVmm PC (addresses in <see cref="Platform"/>):
 /// IOAPIC (MMIO 0xFEC00000, its output on the APIC bus), the 8259 pair (0x20, 0xA0, ELCR 0x4D0:
 /// one actor, three offset windows), the 8254 PIT (0x40-0x43 and port 0x61: one actor, two
-/// windows; IRQ 0) and the CMOS RTC (0x70-0x71, IRQ 8). The VM actor finds the IOAPIC and the
-/// PIC by their names, <see cref="IoApicName"/> and <see cref="PicName"/>.
+/// windows; IRQ 0) and the CMOS RTC (0x70-0x71, IRQ 8); the reset and power registers (port 0x92,
+/// 0xCF9, the ACPI PM block at 0x600). The VM actor finds the IOAPIC and the PIC by their names,
+/// <see cref="IoApicName"/> and <see cref="PicName"/>.
 /// </summary>
 public static class PcPlatform
 {
@@ -15,6 +16,9 @@ public static class PcPlatform
     public const string PicName = "pic";
     public const string PitName = "pit";
     public const string RtcName = "rtc";
+    public const string Port92Name = "port92";
+    public const string ResetControlName = "reset-control";
+    public const string AcpiPmName = "acpi-pm";
 
     /// <summary>The IOAPIC's ID: after the vcpus' APIC IDs where its 4-bit register allows (the MP
     /// table and MADT say the same). With 16 vcpus every 4-bit number is a CPU's: it wraps to 0, as the
@@ -63,7 +67,37 @@ public static class PcPlatform
         };
     }
 
-    /// <summary>COM1 with its interrupt on ISA IRQ 4.</summary>
+    /// <summary>
+    /// The chipset's reset and power registers, part of every PC (addresses in <see cref="Platform"/>):
+    /// System Control Port A (0x92: fast reset, A20), the reset control register (0xCF9: the FADT's
+    /// RESET_REG) and the ACPI PM block (0x600-0x60B: PM1a event and control, PM timer) that the FADT
+    /// describes. Each can end the machine with a write (reset, S5 power-off), so vcpus wait for
+    /// their writes; reads (the PM timer's loop) are not held up by that.
+    /// </summary>
+    public static IEnumerable<DeviceSpec> ResetAndPowerManagement()
+    {
+        yield return new DeviceSpec(Port92Name, DeviceProtocol.Space.Port, Platform.SystemControlPortA, Platform.SystemControlPortALength,
+            events => new SystemControlPortA(events),
+            (events, state) => SystemControlPortA.FromState((SystemControlPortAState)state, events))
+        {
+            WaitForWrites = true,
+        };
+
+        yield return new DeviceSpec(ResetControlName, DeviceProtocol.Space.Port, Platform.ResetControlPort, Platform.ResetControlLength,
+            events => new ResetControl(events),
+            (events, state) => ResetControl.FromState((ResetControlState)state, events))
+        {
+            WaitForWrites = true,
+        };
+
+        yield return DeviceSpec.Wired(AcpiPmName, DeviceProtocol.Space.Port, Platform.AcpiPmBase, Platform.AcpiPmLength,
+            c => new AcpiPm(c.Clock, c.Events),
+            (c, state) => AcpiPm.FromState((AcpiPmState)state, c.Clock, c.Events)) with
+        {
+            WaitForWrites = true,
+        };
+    }
+
     /// <summary>The QEMU-convention debug-exit port. Its writes end the machine, so vcpus wait for them.</summary>
     public static DeviceSpec DebugExit() =>
         new("debug-exit", DeviceProtocol.Space.Port, Platform.DebugExitPort, Platform.DebugExitLength, events => new DebugExit(events))
@@ -83,6 +117,7 @@ public static class PcPlatform
             WaitForWrites = true,
         };
 
+    /// <summary>COM1 with its interrupt on ISA IRQ 4.</summary>
     public static DeviceSpec Com1(Action<byte> output) =>
         DeviceSpec.Wired("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
             c => new Uart16550(c.IsaIrq((int)Platform.Com1Gsi), output),

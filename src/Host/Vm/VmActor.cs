@@ -77,6 +77,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             End(new Outcome(OutcomeKind.DebugExit, e.Status, $"guest wrote {e.Status >> 1} to {e.Device}: exit status {e.Status}")));
         Receive<DeviceProtocol.GuestResetRequested>(e =>
             End(new Outcome(OutcomeKind.Reset, Outcome.ResetCode, $"guest requested a reset ({e.Reason})")));
+        Receive<DeviceProtocol.GuestPowerOffRequested>(e =>
+            End(new Outcome(OutcomeKind.PowerOff, Outcome.PowerOffCode, $"guest powered off ({e.Reason})")));
 
         Receive<VcpuProtocol.VcpuHalted>(h =>
         {

@@ -29,8 +29,8 @@ public sealed class VmBuilder
     }
 
     /// <summary>The standard PC devices: COM1 UART (console, IRQ 4), debug-exit, i8042. The
-    /// interrupt controllers and timers (IOAPIC, 8259 pair, PIT, RTC) come with every VM that has
-    /// local APICs (<see cref="Start"/>).</summary>
+    /// interrupt controllers and timers (IOAPIC, 8259 pair, PIT, RTC) and the reset and power
+    /// registers (port 0x92, 0xCF9, the ACPI PM block) come with every VM (<see cref="Start"/>).</summary>
     public VmBuilder WithStandardDevices(SerialConsole console)
     {
         AddDevice(PcPlatform.Com1(console.Write));
@@ -68,8 +68,9 @@ public sealed class VmBuilder
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
         CheckSharedMemory();
         var firmware = _spec.Boot.Firmware is not null;
-        foreach (var controller in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware))
-            if (_devices.All(d => d.Name != controller.Name)) _devices.Add(controller);
+        foreach (var chip in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware)
+                     .Concat(PcPlatform.ResetAndPowerManagement()))
+            if (_devices.All(d => d.Name != chip.Name)) _devices.Add(chip);
         CheckBuses();
 
         Kvm? kvm = null;
@@ -83,8 +84,9 @@ public sealed class VmBuilder
             // The image first: a malformed one is reported as such, with or without KVM.
             memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware,
                 superpages: _spec.Superpages && _spec.Paging is not { Userfaultfd: true });
-            // What a firmware would provide: the MP table and the ACPI MADT describing the vcpus and
-            // the IOAPIC. Written first, so an image loaded over the BIOS area wins.
+            // What a firmware would provide: the MP table and the ACPI tables (MADT: the vcpus and the
+            // IOAPIC; FADT, FACS, DSDT: the PM block, reset register and S5). Written first, so an
+            // image loaded over the BIOS area wins.
             if (!firmware) PlatformTables.Write(memory, _spec.Cpus, PcPlatform.IoApicId(_spec.Cpus));
             var boot = _spec.Boot.Load(memory);
             shm = _spec.SharedMemory?.Open();

@@ -40,7 +40,7 @@ public static class VmProtocol
         Halted,
         /// <summary>The guest wrote the debug-exit port.</summary>
         DebugExit,
-        /// <summary>The guest asked for a reset (i8042).</summary>
+        /// <summary>The guest asked for a reset (i8042 command 0xFE, port 0x92 bit 0, port 0xCF9 RST_CPU).</summary>
         Reset,
         /// <summary>A vcpu triple-faulted.</summary>
         TripleFault,
@@ -48,13 +48,17 @@ public static class VmProtocol
         VcpuError,
         /// <summary>Stopped from outside.</summary>
         Stopped,
+        /// <summary>The guest turned the machine off: ACPI S5 (SLP_EN with the \_S5 SLP_TYP in PM1a_CNT).</summary>
+        PowerOff,
     }
 
     /// <summary>How the VM ended; <see cref="ExitCode"/> is what `actorvmm run` exits with.</summary>
     public sealed record Outcome(OutcomeKind Kind, int ExitCode, string Detail)
     {
-        // Even codes (debug-exit statuses are always odd): see README "Exit codes".
+        // Even codes (debug-exit statuses are always odd): see README "Exit codes". A guest that
+        // powers itself off ended as normally as one that halted: both are 0.
         public const int HaltedCode = 0;
+        public const int PowerOffCode = 0;
         public const int HostErrorCode = 2;
         public const int VcpuErrorCode = 4;
         public const int TripleFaultCode = 6;
