@@ -125,7 +125,12 @@ public sealed class VmBuilder
                 vcpus.Add(vcpu);
                 // KVM's copy of IA32_APIC_BASE drives CPUID.01H:EDX.APIC; the vlapic keeps the real
                 // one and tells the vcpu each change, which passes it on (VcpuActor.OnApicBaseChanged).
-                if (!assisted) vcpu.SetMsrs(new KvmMsrEntry { Index = ApicMsrs.ApicBase, Data = LocalApic.ResetBase(bsp: i == 0) });
+                // KVM sets the same reset value itself; a KVM that refused the write would keep it.
+                if (!assisted)
+                {
+                    try { vcpu.SetMsrs(new KvmMsrEntry { Index = ApicMsrs.ApicBase, Data = LocalApic.ResetBase(bsp: i == 0) }); }
+                    catch (KvmException) { }
+                }
             }
             boot.ApplyTo(vcpus[0]);
 
