@@ -77,7 +77,7 @@ public static class HostRunner
         TraceRecorder? trace = null;
         var control = config.GetBoolean("actorvmm.control.enabled", false);
         ActorSystem system;
-        try { system = CreateSystem(config, control: control); }
+        try { system = CreateSystem(config, control: control); StartupTimes.Mark("actor system"); }
         catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
                                       or Akka.Configuration.ConfigurationException)
         {
@@ -106,7 +106,7 @@ public static class HostRunner
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, interrupt.Handle);
 
             RunningVm running;
-            try { running = builder.Start(); }
+            try { running = builder.Start(); StartupTimes.Mark("vm built"); }
             catch (VmBuildException e)
             {
                 await stderr.WriteLineAsync($"actorvmm: error: {e.Message}");
@@ -125,6 +125,7 @@ public static class HostRunner
                     Log.Warning("cannot announce the control address ({Reason}); use ctl --host {Address}", e.Message, ControlAddress(system));
                 }
             }
+            StartupTimes.Mark("announced");
             using var withdraw = announcement;
             await using (running)
             {
@@ -134,6 +135,7 @@ public static class HostRunner
                 var outcome = vm.TimeoutSeconds > 0
                     ? await running.WaitAsync(TimeSpan.FromSeconds(vm.TimeoutSeconds))
                     : await running.Ended;
+                StartupTimes.Mark("guest ended");
                 console.Flush();
                 if (options.PrintTrace && trace is not null) PrintTrace(trace, Console.Out);
                 if (vm.PerfettoPath is not null && trace is not null)
@@ -156,6 +158,7 @@ public static class HostRunner
         {
             console.Dispose();
             await system.Terminate();
+            StartupTimes.Mark("system stopped");
             if (trace is not null)
             {
                 await trace.DisposeAsync();

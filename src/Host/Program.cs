@@ -8,6 +8,7 @@ using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
 using Akka.Configuration;
 
+StartupTimes.Mark("main");
 return await Cli.MainAsync(args);
 
 namespace ActorVmm.Host
@@ -23,6 +24,7 @@ namespace ActorVmm.Host
             root.Add(CtlCommand());
 
             var parse = root.Parse(args);
+            StartupTimes.Mark("parsed");
             if (parse.Errors.Count > 0)
             {
                 foreach (var error in parse.Errors) await Console.Error.WriteLineAsync($"actorvmm: error: {error.Message}");
@@ -40,6 +42,7 @@ namespace ActorVmm.Host
                 await Console.Error.WriteLineAsync($"actorvmm: error: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
             }
+            finally { StartupTimes.Write(Console.Error); }
         }
 
         private static Command RunCommand()
@@ -90,6 +93,7 @@ namespace ActorVmm.Host
                 }
                 var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
+                StartupTimes.Mark("config");
 
                 var firmwarePath = parse.GetValue(firmware);
                 var flatPath = parse.GetValue(flat);
@@ -116,7 +120,9 @@ namespace ActorVmm.Host
                 }
                 else throw new ConfigException("nothing to boot: give --kernel FILE, --firmware FILE or --flat FILE (or try 'actorvmm demo')");
 
+                StartupTimes.Mark("image");
                 HostRunner.ConfigureLogging();
+                StartupTimes.Mark("logging");
                 return await HostRunner.RunAsync(hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
             });
             return command;
