@@ -19,15 +19,15 @@ public static class HostRunner
     /// <summary>Options that come from the command line only.</summary>
     public sealed record RunOptions(bool PrintTrace = false, bool TraceToStdout = false);
 
-    public static void ConfigureLogging(LogEventLevel level = LogEventLevel.Warning)
-    {
-        // Logs go to stderr: stdout is the guest's console.
-        Log.Logger = new LoggerConfiguration()
+    public static void ConfigureLogging(LogEventLevel level = LogEventLevel.Warning) => Log.Logger = CreateLogger(level);
+
+    /// <summary>The host's logger: to stderr (stdout is the guest's console), from <paramref name="level"/> up.</summary>
+    public static ILogger CreateLogger(LogEventLevel level = LogEventLevel.Warning) =>
+        new LoggerConfiguration()
             .MinimumLevel.Is(level)
             .WriteTo.Console(standardErrorFromLevel: LogEventLevel.Verbose,
                 outputTemplate: "[{Timestamp:HH:mm:ss.fff} {Level:u3}] {Message:lj}{NewLine}{Exception}")
             .CreateLogger();
-    }
 
     /// <summary>The actor system for VMs: the given configuration over the built-in defaults. With
     /// <paramref name="control"/>, remoting listens on actorvmm.control.hostname:port (127.0.0.1 by
@@ -60,33 +60,49 @@ public static class HostRunner
         return $"{address.Host}:{address.Port}";
     }
 
-    public static async Task<int> RunAsync(Akka.Configuration.Config config, VmConfig vm, BootImage boot, RunOptions options,
-        TextWriter stderr)
+    /// <summary>
+    /// Starts <see cref="CreateSystem"/> on a thread of its own, with the control endpoint when
+    /// actorvmm.control.enabled is on. Creating the actor system is the slowest step of a host's
+    /// start (Akka's settings and loggers, remoting's listener) and needs nothing of the VM, so the
+    /// caller reads the VM's settings and image, opens KVM and loads guest memory meanwhile. The
+    /// thread is a background one: a process that ends on a configuration error before it needs the
+    /// system does not wait for it.
+    /// </summary>
+    public static Task<ActorSystem> StartSystem(Akka.Configuration.Config config)
     {
-        SerialConsole console;
-        try
-        {
-            console = vm.SerialOutput == "stdout" ? SerialConsole.ToStdout() : SerialConsole.ToFile(vm.SerialOutput);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            await stderr.WriteLineAsync($"actorvmm: error: cannot open serial output {vm.SerialOutput}: {e.Message}");
-            return VmProtocol.Outcome.HostErrorCode;
-        }
-
-        TraceRecorder? trace = null;
         var control = config.GetBoolean("actorvmm.control.enabled", false);
-        ActorSystem system;
-        try { system = CreateSystem(config, control: control); StartupTimes.Mark("actor system"); }
-        catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
-                                      or Akka.Configuration.ConfigurationException)
+        var started = new TaskCompletionSource<ActorSystem>(TaskCreationOptions.RunContinuationsAsynchronously);
+        new Thread(() =>
         {
-            console.Dispose();
-            await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
-            return VmProtocol.Outcome.HostErrorCode;
-        }
+            try
+            {
+                started.SetResult(CreateSystem(config, control: control));
+                StartupTimes.Mark("actor system");
+            }
+            catch (Exception e) { started.SetException(e); }
+        }) { IsBackground = true, Name = "actor-system-start" }.Start();
+        return started.Task;
+    }
+
+    /// <summary>Runs the VM in the actor system <paramref name="starting"/> (from <see cref="StartSystem"/>,
+    /// with the same <paramref name="config"/>), then terminates the system.</summary>
+    public static async Task<int> RunAsync(Task<ActorSystem> starting, Akka.Configuration.Config config, VmConfig vm, BootImage boot,
+        RunOptions options, TextWriter stderr)
+    {
+        var control = config.GetBoolean("actorvmm.control.enabled", false);
+        SerialConsole? console = null;
+        TraceRecorder? trace = null;
         try
         {
+            try
+            {
+                console = vm.SerialOutput == "stdout" ? SerialConsole.ToStdout() : SerialConsole.ToFile(vm.SerialOutput);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                await stderr.WriteLineAsync($"actorvmm: error: cannot open serial output {vm.SerialOutput}: {e.Message}");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
             if (vm.TracePath is not null || vm.PerfettoPath is not null || options.PrintTrace || vm.TraceLive)
             {
                 try { trace = new TraceRecorder(vm.TracePath, filter: TraceFilter.Parse(vm.TraceFilter)); }
@@ -96,7 +112,7 @@ public static class HostRunner
                     return VmProtocol.Outcome.HostErrorCode;
                 }
             }
-            var builder = new VmBuilder(system, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory) { Cpu = vm.Cpu }).WithStandardDevices(console);
+            var builder = new VmBuilder(starting, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory) { Cpu = vm.Cpu }).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
 
             // Signals are caught from before the VM starts: a Ctrl-C that comes while it is being
@@ -112,6 +128,13 @@ public static class HostRunner
                 await stderr.WriteLineAsync($"actorvmm: error: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
             }
+            catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
+                                          or Akka.Configuration.ConfigurationException)
+            {
+                await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
+            var system = starting.Result; // up: the VM's actors are in it
 
             IDisposable? announcement = null;
             if (control)
@@ -125,7 +148,6 @@ public static class HostRunner
                     Log.Warning("cannot announce the control address ({Reason}); use ctl --host {Address}", e.Message, ControlAddress(system));
                 }
             }
-            StartupTimes.Mark("announced");
             using var withdraw = announcement;
             await using (running)
             {
@@ -156,9 +178,14 @@ public static class HostRunner
         }
         finally
         {
-            console.Dispose();
-            await system.Terminate();
-            StartupTimes.Mark("system stopped");
+            console?.Dispose();
+            // Also when the VM could not be built: the system may have come up meanwhile. Its own
+            // failure to start was reported above, unless the VM's came first.
+            ActorSystem? system = null;
+            try { system = await starting; }
+            catch (Exception) { }
+            if (system is not null) await system.Terminate();
+            StartupTimes.Mark("stopped");
             if (trace is not null)
             {
                 await trace.DisposeAsync();

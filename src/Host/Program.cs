@@ -18,13 +18,22 @@ namespace ActorVmm.Host
     {
         public static async Task<int> MainAsync(string[] args)
         {
+            // What a command that runs a VM needs and no argument changes, prepared on the thread
+            // pool while the command line is parsed: the built-in defaults and the logger.
+            var runs = args.Length > 0 && args[0] is "run" or "demo";
+            var defaults = runs ? Task.Run(VmConfig.ParseDefaults) : null;
+            var logger = runs ? Task.Run(() => HostRunner.CreateLogger()) : null;
+            // Akka's HOCON reads each duration through a compiled regular expression, which is built
+            // and compiled (tens of ms) at its first use: by the actor system's settings, on the
+            // critical path of the start. Its first use is here instead, beside the command line.
+            if (runs) _ = Task.Run(() => ConfigurationFactory.ParseString("d = 1s").GetTimeSpan("d"));
+
             var root = new RootCommand("ActorVmm: a virtual machine monitor for Linux KVM built from Akka.NET actors");
-            root.Add(RunCommand());
-            root.Add(DemoCommand());
+            root.Add(RunCommand(defaults, logger));
+            root.Add(DemoCommand(defaults, logger));
             root.Add(CtlCommand());
 
             var parse = root.Parse(args);
-            StartupTimes.Mark("parsed");
             if (parse.Errors.Count > 0)
             {
                 foreach (var error in parse.Errors) await Console.Error.WriteLineAsync($"actorvmm: error: {error.Message}");
@@ -45,7 +54,7 @@ namespace ActorVmm.Host
             finally { StartupTimes.Write(Console.Error); }
         }
 
-        private static Command RunCommand()
+        private static Command RunCommand(Task<Akka.Configuration.Config>? defaults, Task<Serilog.ILogger>? logger)
         {
             var config = new Option<string?>("--config") { Description = "a HOCON VM file (see hocon/vms/example.conf)" };
             var memory = new Option<string?>("--memory", "-m") { Description = "guest RAM, e.g. 64M, 1G" };
@@ -91,9 +100,9 @@ namespace ActorVmm.Host
                     Override("shm.file", comma < 0 ? shmText : shmText[..comma]);
                     Override("shm.size", comma < 0 ? "0" : shmText[(comma + 1)..]);
                 }
-                var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
+                var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides))
+                    .WithFallback(VmConfig.Load(parse.GetValue(config), defaults is null ? VmConfig.ParseDefaults() : await defaults));
                 var vm = VmConfig.From(hocon);
-                StartupTimes.Mark("config");
 
                 var firmwarePath = parse.GetValue(firmware);
                 var flatPath = parse.GetValue(flat);
@@ -120,15 +129,14 @@ namespace ActorVmm.Host
                 }
                 else throw new ConfigException("nothing to boot: give --kernel FILE, --firmware FILE or --flat FILE (or try 'actorvmm demo')");
 
-                StartupTimes.Mark("image");
-                HostRunner.ConfigureLogging();
-                StartupTimes.Mark("logging");
-                return await HostRunner.RunAsync(hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
+                StartupTimes.Mark("config");
+                Serilog.Log.Logger = logger is null ? HostRunner.CreateLogger() : await logger;
+                return await HostRunner.RunAsync(HostRunner.StartSystem(hocon), hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
             });
             return command;
         }
 
-        private static Command DemoCommand()
+        private static Command DemoCommand(Task<Akka.Configuration.Config>? defaults, Task<Serilog.ILogger>? logger)
         {
             var trace = new Option<string?>("--trace") { Description = "also write the message trace to FILE as JSON lines" };
             var perfetto = new Option<string?>("--perfetto") { Description = "also write the trace to FILE for the Perfetto UI" };
@@ -137,11 +145,12 @@ namespace ActorVmm.Host
             {
                 var overrides = $"actorvmm.vm {{ name = demo, memory = 16M, serial.input = none, timeout = 30, " +
                                 $"trace = {Quote(parse.GetValue(trace) ?? "")}, perfetto = {Quote(parse.GetValue(perfetto) ?? "")} }}";
-                var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(VmConfig.Load(null));
+                var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(defaults is null ? VmConfig.ParseDefaults() : await defaults);
                 var vm = VmConfig.From(hocon);
-                HostRunner.ConfigureLogging();
+                Serilog.Log.Logger = logger is null ? HostRunner.CreateLogger() : await logger;
+                var system = HostRunner.StartSystem(hocon);
                 Console.Error.WriteLine("actorvmm demo: booting a 64-bit guest assembled at run time; it prints on COM1 and halts.");
-                return await HostRunner.RunAsync(hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);
+                return await HostRunner.RunAsync(system, hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);
             });
             return command;
         }
