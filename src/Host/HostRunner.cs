@@ -19,15 +19,15 @@ public static class HostRunner
     /// <summary>Options that come from the command line only.</summary>
     public sealed record RunOptions(bool PrintTrace = false, bool TraceToStdout = false);
 
-    public static void ConfigureLogging(LogEventLevel level = LogEventLevel.Warning) => Log.Logger = CreateLogger(level);
-
-    /// <summary>The host's logger: to stderr (stdout is the guest's console), from <paramref name="level"/> up.</summary>
-    public static ILogger CreateLogger(LogEventLevel level = LogEventLevel.Warning) =>
-        new LoggerConfiguration()
+    public static void ConfigureLogging(LogEventLevel level = LogEventLevel.Warning)
+    {
+        // Logs go to stderr: stdout is the guest's console.
+        Log.Logger = new LoggerConfiguration()
             .MinimumLevel.Is(level)
             .WriteTo.Console(standardErrorFromLevel: LogEventLevel.Verbose,
                 outputTemplate: "[{Timestamp:HH:mm:ss.fff} {Level:u3}] {Message:lj}{NewLine}{Exception}")
             .CreateLogger();
+    }
 
     /// <summary>The actor system for VMs: the given configuration over the built-in defaults. With
     /// <paramref name="control"/>, remoting listens on actorvmm.control.hostname:port (127.0.0.1 by
@@ -45,6 +45,7 @@ public static class HostRunner
                 akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
                 akka.remote.log-remote-lifecycle-events = off
                 """).WithFallback(config);
+            RemotingTransport.WithoutDotNettyLogging();
         }
         var system = ActorSystem.Create(name, config
             .WithFallback(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig))

@@ -18,19 +18,21 @@ namespace ActorVmm.Host
     {
         public static async Task<int> MainAsync(string[] args)
         {
-            // What a command that runs a VM needs and no argument changes, prepared on the thread
-            // pool while the command line is parsed: the built-in defaults and the logger.
-            var runs = args.Length > 0 && args[0] is "run" or "demo";
-            var defaults = runs ? Task.Run(VmConfig.ParseDefaults) : null;
-            var logger = runs ? Task.Run(() => HostRunner.CreateLogger()) : null;
-            // Akka's HOCON reads each duration through a compiled regular expression, which is built
-            // and compiled (tens of ms) at its first use: by the actor system's settings, on the
-            // critical path of the start. Its first use is here instead, beside the command line.
-            if (runs) _ = Task.Run(() => ConfigurationFactory.ParseString("d = 1s").GetTimeSpan("d"));
+            // First uses that are slow and would otherwise come on the actor system's start, the
+            // critical path of a run, made on the thread pool while the command line is parsed:
+            // Akka's HOCON reads each duration through a compiled regular expression, built and
+            // compiled (tens of ms) at its first use; Akka seeds its actors' uids from the system's
+            // random number generator, which loads OpenSSL at its first use.
+            if (args.Length > 0 && args[0] is "run" or "demo")
+                _ = Task.Run(() =>
+                {
+                    _ = ConfigurationFactory.ParseString("d = 1s").GetTimeSpan("d");
+                    _ = System.Security.Cryptography.RandomNumberGenerator.GetInt32(int.MaxValue);
+                });
 
             var root = new RootCommand("ActorVmm: a virtual machine monitor for Linux KVM built from Akka.NET actors");
-            root.Add(RunCommand(defaults, logger));
-            root.Add(DemoCommand(defaults, logger));
+            root.Add(RunCommand());
+            root.Add(DemoCommand());
             root.Add(CtlCommand());
 
             var parse = root.Parse(args);
@@ -54,7 +56,7 @@ namespace ActorVmm.Host
             finally { StartupTimes.Write(Console.Error); }
         }
 
-        private static Command RunCommand(Task<Akka.Configuration.Config>? defaults, Task<Serilog.ILogger>? logger)
+        private static Command RunCommand()
         {
             var config = new Option<string?>("--config") { Description = "a HOCON VM file (see hocon/vms/example.conf)" };
             var memory = new Option<string?>("--memory", "-m") { Description = "guest RAM, e.g. 64M, 1G" };
@@ -100,8 +102,7 @@ namespace ActorVmm.Host
                     Override("shm.file", comma < 0 ? shmText : shmText[..comma]);
                     Override("shm.size", comma < 0 ? "0" : shmText[(comma + 1)..]);
                 }
-                var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides))
-                    .WithFallback(VmConfig.Load(parse.GetValue(config), defaults is null ? VmConfig.ParseDefaults() : await defaults));
+                var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
 
                 var firmwarePath = parse.GetValue(firmware);
@@ -130,13 +131,13 @@ namespace ActorVmm.Host
                 else throw new ConfigException("nothing to boot: give --kernel FILE, --firmware FILE or --flat FILE (or try 'actorvmm demo')");
 
                 StartupTimes.Mark("config");
-                Serilog.Log.Logger = logger is null ? HostRunner.CreateLogger() : await logger;
+                HostRunner.ConfigureLogging();
                 return await HostRunner.RunAsync(HostRunner.StartSystem(hocon), hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
             });
             return command;
         }
 
-        private static Command DemoCommand(Task<Akka.Configuration.Config>? defaults, Task<Serilog.ILogger>? logger)
+        private static Command DemoCommand()
         {
             var trace = new Option<string?>("--trace") { Description = "also write the message trace to FILE as JSON lines" };
             var perfetto = new Option<string?>("--perfetto") { Description = "also write the trace to FILE for the Perfetto UI" };
@@ -145,9 +146,9 @@ namespace ActorVmm.Host
             {
                 var overrides = $"actorvmm.vm {{ name = demo, memory = 16M, serial.input = none, timeout = 30, " +
                                 $"trace = {Quote(parse.GetValue(trace) ?? "")}, perfetto = {Quote(parse.GetValue(perfetto) ?? "")} }}";
-                var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(defaults is null ? VmConfig.ParseDefaults() : await defaults);
+                var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(VmConfig.Load(null));
                 var vm = VmConfig.From(hocon);
-                Serilog.Log.Logger = logger is null ? HostRunner.CreateLogger() : await logger;
+                HostRunner.ConfigureLogging();
                 var system = HostRunner.StartSystem(hocon);
                 Console.Error.WriteLine("actorvmm demo: booting a 64-bit guest assembled at run time; it prints on COM1 and halts.");
                 return await HostRunner.RunAsync(system, hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);

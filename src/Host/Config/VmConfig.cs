@@ -26,15 +26,10 @@ public sealed record VmConfig(
         return r.ReadToEnd();
     }
 
-    /// <summary>hocon/default.conf, parsed.</summary>
-    public static Akka.Configuration.Config ParseDefaults() => ConfigurationFactory.ParseString(DefaultHocon());
-
     /// <summary>The defaults with <paramref name="vmFile"/> (if any) on top. Throws <see cref="ConfigException"/>.</summary>
-    public static Akka.Configuration.Config Load(string? vmFile) => Load(vmFile, ParseDefaults());
-
-    /// <summary><see cref="Load(string?)"/> on <paramref name="defaults"/> parsed beforehand (<see cref="ParseDefaults"/>).</summary>
-    public static Akka.Configuration.Config Load(string? vmFile, Akka.Configuration.Config defaults)
+    public static Akka.Configuration.Config Load(string? vmFile)
     {
+        var defaults = ConfigurationFactory.ParseString(DefaultHocon());
         if (vmFile is null) return defaults;
         if (!File.Exists(vmFile)) throw new ConfigException($"config file {vmFile} does not exist");
         string text;
