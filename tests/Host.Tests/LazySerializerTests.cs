@@ -9,15 +9,16 @@ namespace ActorVmm.Host.Tests;
 /// <summary>
 /// What a host sends over remoting goes through Hyperion built at its first use, not when the actor
 /// system starts; on the wire it is Hyperion itself, so a `ctl` client using Hyperion directly
-/// reads what the host writes and the other way round.
+/// reads what the host writes and the other way round. Akka's JSON serializer, bound to nothing,
+/// is built only if something uses it.
 /// </summary>
-public sealed class LazyHyperionSerializerTests : IAsyncLifetime
+public sealed class LazySerializerTests : IAsyncLifetime
 {
     private ActorSystem _system = null!;
 
     public Task InitializeAsync()
     {
-        _system = HostRunner.CreateSystem(VmConfig.Load(null), "lazy-hyperion");
+        _system = HostRunner.CreateSystem(VmConfig.Load(null), "lazy-serializers");
         return Task.CompletedTask;
     }
 
@@ -52,5 +53,21 @@ public sealed class LazyHyperionSerializerTests : IAsyncLifetime
         Assert.Equal(plain.IncludeManifest, host.IncludeManifest);
         AssertSame(Sample(), plain.FromBinary(host.ToBinary(Sample()), typeof(VmProtocol.Status)));
         AssertSame(Sample(), host.FromBinary(plain.ToBinary(Sample()), typeof(VmProtocol.Status)));
+    }
+
+    [Fact]
+    public void Akkas_json_serializer_is_built_at_its_first_use_and_keeps_its_identifier_and_format()
+    {
+        var outcome = new VmProtocol.Outcome(VmProtocol.OutcomeKind.Halted, 0, "vcpu 0 halted");
+        var plain = new NewtonSoftJsonSerializer((ExtendedActorSystem)_system);
+        Assert.Equal(LazyJsonSerializer.JsonIdentifier, plain.Identifier);
+        // The system's serializer with that identifier (the lazy one) reads what Akka's own writes.
+        Assert.Equal(outcome, _system.Serialization.Deserialize(plain.ToBinary(outcome), plain.Identifier, typeof(VmProtocol.Outcome)));
+
+        var json = new LazyJsonSerializer((ExtendedActorSystem)_system);
+        Assert.False(json.Created);
+        Assert.Equal(plain.IncludeManifest, json.IncludeManifest);
+        Assert.Equal(outcome, plain.FromBinary(json.ToBinary(outcome), typeof(VmProtocol.Outcome)));
+        Assert.True(json.Created);
     }
 }
