@@ -64,10 +64,10 @@ public static class HostRunner
     /// <summary>
     /// Starts <see cref="CreateSystem"/> on a thread of its own, with the control endpoint when
     /// actorvmm.control.enabled is on. Creating the actor system is the slowest step of a host's
-    /// start (Akka's settings and loggers, remoting's listener) and needs nothing of the VM, so the
-    /// caller reads the VM's settings and image, opens KVM and loads guest memory meanwhile. The
-    /// thread is a background one: a process that ends on a configuration error before it needs the
-    /// system does not wait for it.
+    /// start (Akka's settings and loggers, remoting's listener) and needs nothing of the VM, so
+    /// <see cref="RunAsync"/> opens KVM and lays out and loads guest memory meanwhile (the VM's
+    /// actors, which need the system, come after). Configure logging first: the system logs
+    /// through Serilog's logger from its start.
     /// </summary>
     public static Task<ActorSystem> StartSystem(Akka.Configuration.Config config)
     {
@@ -77,8 +77,9 @@ public static class HostRunner
         {
             try
             {
-                started.SetResult(CreateSystem(config, control: control));
+                var system = CreateSystem(config, control: control);
                 StartupTimes.Mark("actor system");
+                started.SetResult(system);
             }
             catch (Exception e) { started.SetException(e); }
         }) { IsBackground = true, Name = "actor-system-start" }.Start();
