@@ -45,6 +45,7 @@ public static class HostRunner
                 akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
                 akka.remote.log-remote-lifecycle-events = off
                 """).WithFallback(config);
+            RemotingTransport.WithoutDotNettyLogging();
         }
         var system = ActorSystem.Create(name, config
             .WithFallback(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig))
@@ -60,33 +61,50 @@ public static class HostRunner
         return $"{address.Host}:{address.Port}";
     }
 
-    public static async Task<int> RunAsync(Akka.Configuration.Config config, VmConfig vm, BootImage boot, RunOptions options,
-        TextWriter stderr)
+    /// <summary>
+    /// Starts <see cref="CreateSystem"/> on a thread of its own, with the control endpoint when
+    /// actorvmm.control.enabled is on. Creating the actor system is the slowest step of a host's
+    /// start (Akka's settings and loggers, remoting's listener) and needs nothing of the VM, so
+    /// <see cref="RunAsync"/> opens KVM and lays out and loads guest memory meanwhile (the VM's
+    /// actors, which need the system, come after). Configure logging first: the system logs
+    /// through Serilog's logger from its start.
+    /// </summary>
+    public static Task<ActorSystem> StartSystem(Akka.Configuration.Config config)
     {
-        SerialConsole console;
-        try
-        {
-            console = vm.SerialOutput == "stdout" ? SerialConsole.ToStdout() : SerialConsole.ToFile(vm.SerialOutput);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            await stderr.WriteLineAsync($"actorvmm: error: cannot open serial output {vm.SerialOutput}: {e.Message}");
-            return VmProtocol.Outcome.HostErrorCode;
-        }
-
-        TraceRecorder? trace = null;
         var control = config.GetBoolean("actorvmm.control.enabled", false);
-        ActorSystem system;
-        try { system = CreateSystem(config, control: control); }
-        catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
-                                      or Akka.Configuration.ConfigurationException)
+        var started = new TaskCompletionSource<ActorSystem>(TaskCreationOptions.RunContinuationsAsynchronously);
+        new Thread(() =>
         {
-            console.Dispose();
-            await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
-            return VmProtocol.Outcome.HostErrorCode;
-        }
+            try
+            {
+                var system = CreateSystem(config, control: control);
+                StartupTimes.Mark("actor system");
+                started.SetResult(system);
+            }
+            catch (Exception e) { started.SetException(e); }
+        }) { IsBackground = true, Name = "actor-system-start" }.Start();
+        return started.Task;
+    }
+
+    /// <summary>Runs the VM in the actor system <paramref name="starting"/> (from <see cref="StartSystem"/>,
+    /// with the same <paramref name="config"/>), then terminates the system.</summary>
+    public static async Task<int> RunAsync(Task<ActorSystem> starting, Akka.Configuration.Config config, VmConfig vm, BootImage boot,
+        RunOptions options, TextWriter stderr)
+    {
+        var control = config.GetBoolean("actorvmm.control.enabled", false);
+        SerialConsole? console = null;
+        TraceRecorder? trace = null;
         try
         {
+            try
+            {
+                console = vm.SerialOutput == "stdout" ? SerialConsole.ToStdout() : SerialConsole.ToFile(vm.SerialOutput);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                await stderr.WriteLineAsync($"actorvmm: error: cannot open serial output {vm.SerialOutput}: {e.Message}");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
             if (vm.TracePath is not null || vm.PerfettoPath is not null || options.PrintTrace || vm.TraceLive)
             {
                 try { trace = new TraceRecorder(vm.TracePath, filter: TraceFilter.Parse(vm.TraceFilter)); }
@@ -96,7 +114,7 @@ public static class HostRunner
                     return VmProtocol.Outcome.HostErrorCode;
                 }
             }
-            var builder = new VmBuilder(system, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory) { Cpu = vm.Cpu }).WithStandardDevices(console);
+            var builder = new VmBuilder(starting, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory) { Cpu = vm.Cpu }).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
 
             // Signals are caught from before the VM starts: a Ctrl-C that comes while it is being
@@ -106,12 +124,19 @@ public static class HostRunner
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, interrupt.Handle);
 
             RunningVm running;
-            try { running = builder.Start(); }
+            try { running = builder.Start(); StartupTimes.Mark("vm built"); }
             catch (VmBuildException e)
             {
                 await stderr.WriteLineAsync($"actorvmm: error: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
             }
+            catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
+                                          or Akka.Configuration.ConfigurationException)
+            {
+                await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
+                return VmProtocol.Outcome.HostErrorCode;
+            }
+            var system = starting.Result; // up: the VM's actors are in it
 
             IDisposable? announcement = null;
             if (control)
@@ -134,6 +159,7 @@ public static class HostRunner
                 var outcome = vm.TimeoutSeconds > 0
                     ? await running.WaitAsync(TimeSpan.FromSeconds(vm.TimeoutSeconds))
                     : await running.Ended;
+                StartupTimes.Mark("guest ended");
                 console.Flush();
                 if (options.PrintTrace && trace is not null) PrintTrace(trace, Console.Out);
                 if (vm.PerfettoPath is not null && trace is not null)
@@ -154,8 +180,14 @@ public static class HostRunner
         }
         finally
         {
-            console.Dispose();
-            await system.Terminate();
+            console?.Dispose();
+            // Also when the VM could not be built: the system may have come up meanwhile. Its own
+            // failure to start was reported above, unless the VM's came first.
+            ActorSystem? system = null;
+            try { system = await starting; }
+            catch (Exception) { }
+            if (system is not null) await system.Terminate();
+            StartupTimes.Mark("stopped");
             if (trace is not null)
             {
                 await trace.DisposeAsync();

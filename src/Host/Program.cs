@@ -8,6 +8,7 @@ using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
 using Akka.Configuration;
 
+StartupTimes.Mark("main");
 return await Cli.MainAsync(args);
 
 namespace ActorVmm.Host
@@ -17,6 +18,18 @@ namespace ActorVmm.Host
     {
         public static async Task<int> MainAsync(string[] args)
         {
+            // First uses that are slow and would otherwise come on the actor system's start, the
+            // critical path of a run, made on the thread pool while the command line is parsed:
+            // Akka's HOCON reads each duration through a compiled regular expression, built and
+            // compiled (tens of ms) at its first use; Akka seeds its actors' uids from the system's
+            // random number generator, which loads OpenSSL at its first use.
+            if (args.Length > 0 && args[0] is "run" or "demo")
+                _ = Task.Run(() =>
+                {
+                    _ = ConfigurationFactory.ParseString("d = 1s").GetTimeSpan("d");
+                    _ = System.Security.Cryptography.RandomNumberGenerator.GetInt32(int.MaxValue);
+                });
+
             var root = new RootCommand("ActorVmm: a virtual machine monitor for Linux KVM built from Akka.NET actors");
             root.Add(RunCommand());
             root.Add(DemoCommand());
@@ -40,6 +53,7 @@ namespace ActorVmm.Host
                 await Console.Error.WriteLineAsync($"actorvmm: error: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
             }
+            finally { StartupTimes.Write(Console.Error); }
         }
 
         private static Command RunCommand()
@@ -116,8 +130,9 @@ namespace ActorVmm.Host
                 }
                 else throw new ConfigException("nothing to boot: give --kernel FILE, --firmware FILE or --flat FILE (or try 'actorvmm demo')");
 
+                StartupTimes.Mark("config");
                 HostRunner.ConfigureLogging();
-                return await HostRunner.RunAsync(hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
+                return await HostRunner.RunAsync(HostRunner.StartSystem(hocon), hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
             });
             return command;
         }
@@ -134,8 +149,9 @@ namespace ActorVmm.Host
                 var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(VmConfig.Load(null));
                 var vm = VmConfig.From(hocon);
                 HostRunner.ConfigureLogging();
+                var system = HostRunner.StartSystem(hocon);
                 Console.Error.WriteLine("actorvmm demo: booting a 64-bit guest assembled at run time; it prints on COM1 and halts.");
-                return await HostRunner.RunAsync(hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);
+                return await HostRunner.RunAsync(system, hocon, vm, DemoGuest.Build(), new HostRunner.RunOptions(PrintTrace: true), Console.Error);
             });
             return command;
         }

@@ -20,7 +20,9 @@ public sealed class CliProcessTests : IDisposable
         public override string ToString() => $"exit {ExitCode}\n--- stdout ---\n{Stdout}\n--- stderr ---\n{Stderr}";
     }
 
-    private static async Task<Result> Run(params string[] args)
+    private static Task<Result> Run(params string[] args) => Run(new Dictionary<string, string>(), args);
+
+    private static async Task<Result> Run(IReadOnlyDictionary<string, string> environment, params string[] args)
     {
         var dll = Path.Combine(AppContext.BaseDirectory, "actorvmm.dll");
         Assert.True(File.Exists(dll), $"{dll} is missing: the Host project output should be copied next to the tests");
@@ -32,6 +34,7 @@ public sealed class CliProcessTests : IDisposable
             UseShellExecute = false,
             WorkingDirectory = AppContext.BaseDirectory,
         };
+        foreach (var (name, value) in environment) start.Environment[name] = value;
         start.ArgumentList.Add(dll);
         foreach (var a in args) start.ArgumentList.Add(a);
         using var process = Process.Start(start)!;
@@ -70,6 +73,33 @@ public sealed class CliProcessTests : IDisposable
     }
 
     private string OneByteImage() => _dir.Write("one.bin", [0xF4]);
+
+    [Fact]
+    public async Task Run_writes_where_its_start_went_when_asked()
+    {
+        // The guest halts at once; without KVM the run ends at the VM's build, after the actor system came up.
+        var r = await Run(new Dictionary<string, string> { [StartupTimes.Variable] = "1" }, "run", "--flat", OneByteImage());
+        AssertNoStackTrace(r);
+        var line = r.ErrorLines.Last();
+        Assert.True(line.StartsWith(StartupTimes.LinePrefix, StringComparison.Ordinal), r.ToString());
+        var at = line[StartupTimes.LinePrefix.Length..].Split(", ")
+            .Select(m => m.Split(' '))
+            .ToDictionary(m => string.Join(' ', m[..^2]), m => double.Parse(m[^2], System.Globalization.CultureInfo.InvariantCulture));
+        string[] order = File.Exists("/dev/kvm")
+            ? ["main", "config", "vm prepared", "vm built", "guest ended", "stopped"]
+            : ["main", "config", "stopped"];
+        foreach (var name in order.Append("actor system")) Assert.True(at.ContainsKey(name), $"no {name} in {line}");
+        for (var i = 1; i < order.Length; i++) Assert.True(at[order[i - 1]] <= at[order[i]], $"{order[i - 1]} after {order[i]}: {line}");
+        Assert.True(at["actor system"] <= at["stopped"], line);
+        Assert.True(r.ExitCode == (File.Exists("/dev/kvm") ? 0 : 2), r.ToString());
+    }
+
+    [Fact]
+    public async Task Run_writes_nothing_of_its_start_unless_asked()
+    {
+        var r = await Run("run", "--flat", OneByteImage());
+        Assert.DoesNotContain(StartupTimes.LinePrefix, r.Stderr);
+    }
 
     [Fact]
     public async Task Run_with_missing_flat_image_says_it_does_not_exist()

@@ -21,7 +21,9 @@ public sealed partial class CliGuestTests : IDisposable
 
     private const int Sigint = 2;
 
-    private static Process Start(params string[] args)
+    private static Process Start(params string[] args) => Start(new Dictionary<string, string>(), args);
+
+    private static Process Start(IReadOnlyDictionary<string, string> environment, params string[] args)
     {
         var start = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet")
         {
@@ -30,6 +32,7 @@ public sealed partial class CliGuestTests : IDisposable
             RedirectStandardError = true,
             UseShellExecute = false,
         };
+        foreach (var (name, value) in environment) start.Environment[name] = value;
         start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "actorvmm.dll"));
         foreach (var a in args) start.ArgumentList.Add(a);
         var p = Process.Start(start)!;

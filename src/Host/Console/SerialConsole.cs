@@ -43,6 +43,7 @@ public sealed class SerialConsole : IDisposable
 
     public void Write(byte value)
     {
+        StartupTimes.Mark("first output");
         lock (_gate)
         {
             BytesWritten++;

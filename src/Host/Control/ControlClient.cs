@@ -43,6 +43,7 @@ public sealed class ControlClient : IAsyncDisposable
             akka.actor.serializers.hyperion = "Akka.Serialization.HyperionSerializer, Akka.Serialization.Hyperion"
             akka.actor.serialization-bindings { "System.Object" = hyperion }
             """);
+        RemotingTransport.WithoutDotNettyLogging();
         return new ControlClient(ActorSystem.Create("actorvmm-ctl", config), timeout ?? DefaultTimeout);
     }
 

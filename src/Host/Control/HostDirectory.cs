@@ -1,4 +1,5 @@
 using System.Text.Json;
+using System.Text.Json.Serialization;
 
 namespace ActorVmm.Host.Control;
 
@@ -24,7 +25,7 @@ public static class HostDirectory
     {
         Directory.CreateDirectory(directory);
         var path = Path.Combine(directory, $"{Environment.ProcessId}.json");
-        File.WriteAllText(path, JsonSerializer.Serialize(new Entry(Environment.ProcessId, address, vms)));
+        File.WriteAllText(path, JsonSerializer.Serialize(new Entry(Environment.ProcessId, address, vms), HostDirectoryJson.Default.Entry));
         return new Withdraw(path);
     }
 
@@ -37,7 +38,7 @@ public static class HostDirectory
         {
             try
             {
-                var entry = JsonSerializer.Deserialize<Entry>(File.ReadAllText(file));
+                var entry = JsonSerializer.Deserialize(File.ReadAllText(file), HostDirectoryJson.Default.Entry);
                 if (entry is null) continue;
                 if (!Directory.Exists($"/proc/{entry.Pid}"))
                 {
@@ -63,3 +64,8 @@ public static class HostDirectory
         }
     }
 }
+
+/// <summary>The directory's JSON, generated at build time: a host announces itself while its guest
+/// starts, and reflection-based serialization would first build its converters at run time.</summary>
+[JsonSerializable(typeof(HostDirectory.Entry))]
+internal sealed partial class HostDirectoryJson : JsonSerializerContext;

@@ -16,13 +16,19 @@ namespace ActorVmm.Host.Vm;
 /// </summary>
 public sealed class VmBuilder
 {
-    private readonly ActorSystem _system;
+    private readonly Task<ActorSystem> _system;
     private readonly VmSpec _spec;
     private readonly List<DeviceSpec> _devices = [];
     private ITraceSink? _trace;
     private LinkFaultPlan? _linkFaults;
 
-    public VmBuilder(ActorSystem system, VmSpec spec)
+    public VmBuilder(ActorSystem system, VmSpec spec) : this(Task.FromResult(system), spec) { }
+
+    /// <summary>A builder for an actor system that may still be starting: <see cref="Start"/> opens
+    /// KVM and lays out and loads guest memory meanwhile, and waits for the system only to create the
+    /// VM's actors. If the system fails to start, <see cref="Start"/> releases what it opened and
+    /// throws the system's exception.</summary>
+    public VmBuilder(Task<ActorSystem> system, VmSpec spec)
     {
         _system = system;
         _spec = spec;
@@ -142,19 +148,20 @@ public sealed class VmBuilder
                 kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock, cpuid)),
                 Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic,
                 DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null);
+            StartupTimes.Mark("vm prepared");
+            var system = _system.GetAwaiter().GetResult();
             var registrations = new List<IDisposable>();
             traceRegistration = new Registrations(registrations);
-            if (_trace is not null) registrations.Add(MessageTraceRegistry.Register(_system, $"/user/{name}", _trace));
-            if (_linkFaults is not null) registrations.Add(LinkFaultRegistry.Register(_system, $"/user/{name}", _linkFaults));
-            var actor = _system.ActorOf(
+            if (_trace is not null) registrations.Add(MessageTraceRegistry.Register(system, $"/user/{name}", _trace));
+            if (_linkFaults is not null) registrations.Add(LinkFaultRegistry.Register(system, $"/user/{name}", _linkFaults));
+            var actor = system.ActorOf(
                 _trace is not null || _linkFaults is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);
             actor.Tell(VmProtocol.Start.Instance);
             IDisposable[] owned = shm is null ? [.. vcpus, memory, vm, kvm] : [.. vcpus, memory, shm, vm, kvm];
             return new RunningVm(_spec.Name, actor, memory, ended.Task, owned, traceRegistration) { SharedMemory = shm };
         }
-        catch (Exception e) when (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException
-                                      or HostMemoryException or VmBuildException)
+        catch (Exception e)
         {
             traceRegistration?.Dispose();
             foreach (var v in vcpus) v.Dispose();
@@ -162,7 +169,9 @@ public sealed class VmBuilder
             shm?.Dispose();
             vm?.Dispose();
             kvm?.Dispose();
-            throw e as VmBuildException ?? new VmBuildException(e.Message, e);
+            if (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException or HostMemoryException)
+                throw new VmBuildException(e.Message, e);
+            throw; // a VmBuildException, or the actor system's failure to start
         }
     }
 
