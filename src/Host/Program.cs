@@ -62,7 +62,11 @@ namespace ActorVmm.Host
             var traceFilter = new Option<string?>("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
             var lapic = new Option<string?>("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
             var shm = new Option<string?>("--shm") { Description = "FILE[,SIZE]: a shared-memory device at 0xE0000000 backed by FILE (created or extended to SIZE); wires all guest memory" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, shm };
+            var testDevices = new Option<bool>("--test-devices")
+            {
+                Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
+            };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, shm, testDevices };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -79,6 +83,7 @@ namespace ActorVmm.Host
                 Override("perfetto", parse.GetValue(perfetto));
                 Override("trace-filter", parse.GetValue(traceFilter));
                 Override("lapic", parse.GetValue(lapic));
+                if (parse.GetValue(testDevices)) Override("test-devices", "on");
                 if (parse.GetValue(shm) is { } shmText)
                 {
                     var comma = shmText.LastIndexOf(',');

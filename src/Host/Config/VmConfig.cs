@@ -12,7 +12,8 @@ public sealed class ConfigException(string message) : Exception(message);
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null,
+    bool TestDevices = false)
 {
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -134,9 +135,16 @@ public sealed record VmConfig(
             }
             else if (shmSizeText != "0")
                 throw new ConfigException("actorvmm.vm.shm.size is set but actorvmm.vm.shm.file is empty");
+            var testDevicesText = vm.GetString("test-devices", "off");
+            var testDevices = testDevicesText switch
+            {
+                "on" or "true" or "yes" => true,
+                "off" or "false" or "no" => false,
+                _ => throw new ConfigException($"actorvmm.vm.test-devices must be on or off, not \"{testDevicesText}\""),
+            };
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm);
+                vm.GetBoolean("paging.superpages", true), shm, testDevices);
         }
         catch (ConfigException) { throw; }
         catch (Exception e)
