@@ -27,7 +27,8 @@ public interface IPlatformEvents
 public interface IDeviceRequests
 {
     /// <summary>Tells <paramref name="target"/> the request built from a new id, as the device
-    /// actor; <paramref name="target"/> answers <see cref="DeviceProtocol.Completed"/> with that id.</summary>
+    /// actor; <paramref name="target"/> answers <see cref="DeviceProtocol.Completed"/> with that id.
+    /// Nobody (a controller the VM lacks) is not asked: no answer would ever come.</summary>
     void Send(Akka.Actor.IActorRef target, Func<long, object> request);
 }
 
