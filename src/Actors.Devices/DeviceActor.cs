@@ -10,6 +10,10 @@ namespace ActorVmm.Devices;
 /// Built with a clock (<see cref="TimedDeviceProtocol"/>), it also keeps one timer for a model
 /// that is an <see cref="ITimedDevice"/>: set for its next deadline after every message, calling
 /// <see cref="ITimedDevice.OnDeadline"/> when it fires.
+/// Requests to other actors (<see cref="IDeviceRequests"/>: a page flush, a barrier behind an
+/// interrupt line's change) are counted until answered; a waited write's <see cref="WriteDone"/>
+/// is held until every request made up to it is answered, so the guest's next instruction runs
+/// after their effect, as it would after the write on hardware.
 /// </summary>
 internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedStash
 {
@@ -26,6 +30,11 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
     private readonly StateCell _cell;
     private readonly EventsToActor _platform;
     private readonly IActorRef? _memory;
+
+    // Requests to other actors not yet answered, and the waited writes whose answer waits for them
+    // (in order: each with the last request id made before it was answered).
+    private readonly HashSet<long> _outstanding = [];
+    private readonly Queue<(IActorRef Writer, WriteDone Done, long LastRequest)> _heldWrites = new();
 
     // Timed models only: the clock their deadlines are in, and the deadline the timer is set for.
     private readonly ITimedDevice? _timed;
@@ -51,7 +60,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         _name = name;
         _cell = cell;
         _memory = memory;
-        var platform = new EventsToActor(name, events);
+        var platform = new EventsToActor(name, events, memory, Self, cell, _outstanding);
         _platform = platform;
         if (cell.State is { } saved && restore is not null)
         {
@@ -90,10 +99,18 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
                 Sender.Tell(new WriteDone(w.Id, _platform.Requests > 0)); // never leave the vcpu waiting
                 throw;
             }
-            Sender.Tell(new WriteDone(w.Id, _platform.Requests > 0));
+            var done = new WriteDone(w.Id, _platform.Requests > 0);
+            if (_outstanding.Count == 0 && _heldWrites.Count == 0) Sender.Tell(done);
+            else _heldWrites.Enqueue((Sender, done, _cell.LastRequestId)); // answered with its requests
             DrainInput();
             Rearm();
         });
+        Receive<Completed>(c =>
+        {
+            if (!_outstanding.Remove(c.Id)) return; // an answer to a past incarnation
+            ReleaseHeldWrites();
+        });
+        Receive<Sync>(s => Sender.Tell(new Completed(s.Id)));
         Receive<Read>(r =>
         {
             _reads++;
@@ -213,7 +230,21 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         foreach (var (sender, n) in _uncredited)
             if (n > 0) sender.Tell(new WriteCredit(n));
         _uncredited.Clear();
+        // Never leave a vcpu waiting: the answers to this incarnation's requests will find nobody.
+        while (_heldWrites.TryDequeue(out var held)) held.Writer.Tell(held.Done);
+        _outstanding.Clear();
         base.PreRestart(reason, message);
+    }
+
+    /// <summary>Answers the held writes, oldest first, whose requests have all been answered.</summary>
+    private void ReleaseHeldWrites()
+    {
+        var oldestOutstanding = _outstanding.Count == 0 ? long.MaxValue : _outstanding.Min();
+        while (_heldWrites.TryPeek(out var held) && held.LastRequest < oldestOutstanding)
+        {
+            _heldWrites.Dequeue();
+            held.Writer.Tell(held.Done);
+        }
     }
 
     private static bool IsValidSize(int size) => size is 1 or 2 or 4 or 8;
@@ -264,10 +295,27 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         public static readonly DeadlineReached Instance = new();
     }
 
-    private sealed class EventsToActor(string device, IActorRef target) : IPlatformEvents
+    /// <param name="memory">the owner of guest memory (page flushes go there); null: none, flushes are ignored</param>
+    /// <param name="outstanding">the actor's requests not yet answered; ids come from <paramref name="cell"/></param>
+    private sealed class EventsToActor(string device, IActorRef target, IActorRef? memory, IActorRef self, StateCell cell,
+        HashSet<long> outstanding) : IPlatformEvents, IDeviceRequests
     {
         /// <summary>Exit, reset and power-off requests made since the actor last cleared it.</summary>
         public int Requests;
+
+        public void RequestPageFlush(ulong gpa)
+        {
+            if (memory is null || memory.IsNobody()) return;
+            Send(memory, id => new FlushGuestPage(device, id, gpa));
+        }
+
+        public void Send(IActorRef to, Func<long, object> request)
+        {
+            if (to.IsNobody()) return; // no one would ever answer
+            var id = ++cell.LastRequestId;
+            outstanding.Add(id);
+            to.Tell(request(id), self);
+        }
 
         public void RequestExit(int status, string reason)
         {

@@ -79,6 +79,22 @@ public static class DeviceProtocol
     /// <param name="StillRequested">the INTR output is still asserted after this acknowledge</param>
     public sealed record Acknowledged(long Id, int? Vector, bool StillRequested) : IDeviceMessage;
 
+    /// <summary>
+    /// From a device actor to the owner of guest memory it was built with (the vmspace), for a model's
+    /// <see cref="IPlatformEvents.RequestPageFlush"/>: drop the hypervisor's mapping of the guest RAM
+    /// page holding <paramref name="Gpa"/> (its contents stay), so the guest's next access to it faults
+    /// in again. An address outside guest RAM is ignored. Answered <see cref="Completed"/> once done.
+    /// </summary>
+    public sealed record FlushGuestPage(string Device, long Id, ulong Gpa) : IDeviceMessage;
+
+    /// <summary>A barrier: a device actor answers <see cref="Completed"/> with the same id, after
+    /// everything the same sender told it before (mailbox order). A device whose write drives another
+    /// device's input (an interrupt line) sends it after the change, to learn when it took effect.</summary>
+    public sealed record Sync(long Id) : IDeviceMessage;
+
+    /// <summary>The answer to a device actor's request (<see cref="FlushGuestPage"/>, <see cref="Sync"/>).</summary>
+    public sealed record Completed(long Id) : IDeviceMessage;
+
     /// <summary>Asks a device for its access counters; answered with <see cref="Stats"/>.</summary>
     public sealed record GetStats : IDeviceMessage
     {
@@ -102,6 +118,9 @@ public static class DeviceProtocol
         public object? State;
         public int Restarts;
         public int Restored;
+        /// <summary>The last id of a request to another actor (<see cref="IDeviceRequests"/>): ids are
+        /// never reused, so a late answer to a past incarnation completes nothing of the next one.</summary>
+        public long LastRequestId;
     }
 
     /// <param name="name">device name used in messages and traces ("uart0")</param>

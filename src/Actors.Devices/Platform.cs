@@ -79,4 +79,16 @@ public static class Platform
     public const int RtcIrq = 8;
     public const uint PitGsi = 2;
     public const uint RtcGsi = 8;
+
+    /// <summary>QEMU's pc-testdev (behind the test-devices switch, off by default): a 32-bit scratch
+    /// register at 0xE0-0xE3 (any access size) and again at 0xE8-0xEB (byte-wide), the flush-page
+    /// port at 0xE4-0xE7, 24 interrupt lines at 0x2000-0x2017 and 64 KiB of MMIO RAM at 0xFF000000.</summary>
+    public const ushort TestDevScratchPort = 0xE0;
+    public const ushort TestDevFlushPort = 0xE4;
+    public const ushort TestDevByteScratchPort = 0xE8;
+    public const ushort TestDevPortLength = 4;
+    public const ushort TestDevIrqPort = 0x2000;
+    public const ushort TestDevIrqLines = 24;
+    public const ulong TestDevIomemBase = 0xFF00_0000;
+    public const ulong TestDevIomemLength = 0x1_0000;
 }

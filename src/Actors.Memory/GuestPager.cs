@@ -369,6 +369,24 @@ internal sealed unsafe class GuestPager : IDisposable
         return true;
     }
 
+    /// <summary>
+    /// Drops the guest view's mapping of one RAM page and keeps its contents (pc-testdev's flush):
+    /// KVM's MMU notifier zaps the page's EPT entry before madvise returns, so the guest's next touch
+    /// faults it in again. With accessed-bit emulation that touch is a MINOR fault (A is clear, as
+    /// after <see cref="ClearAccessed"/>); without it the kernel maps the page again from the memfd
+    /// by itself. A page that is not resident is mapped nowhere: nothing to drop.
+    /// </summary>
+    public void Flush(ulong page)
+    {
+        if (!_pmap.IsValid(page)) return;
+        if (TracksAccessed)
+        {
+            ClearAccessed(page, 1);
+            return;
+        }
+        _ram.RangeOf(page).Backing.DropGuestMappings(_ram.MemfdOffset(page), Page);
+    }
+
     /// <summary>Clears M: write-protects the guest view so the next write is a WP fault. Held pages
     /// are skipped (never write-protected under a holder; they stay dirty). False if dirty-bit
     /// emulation is unavailable.</summary>

@@ -36,7 +36,7 @@ internal sealed class VmspaceActor : ReceiveActor
     private GuestPager? _pager;
     private string? _failure;
     private FaultProtocol.FailNestedPageFaults? _failFaults;
-    private long _reads, _writes, _faults, _nextHoldId, _accessedScans, _scanPageOuts;
+    private long _reads, _writes, _faults, _nextHoldId, _accessedScans, _scanPageOuts, _flushedPages;
     private readonly IDirtyLog? _kvmLog;
     private readonly RamPages _ram;
     // KVM modes only: pages known dirty as data (ring harvests, host writes); KVM's log (dirty-log).
@@ -64,9 +64,11 @@ internal sealed class VmspaceActor : ReceiveActor
         {
             Paging = PagingStats(),
             WiredBytes = _memory.LockedBytes,
+            FlushedPages = _flushedPages,
             Dirty = new DirtyStats(_options.DirtyTracking.ConfigName(), _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows),
         }));
 
+        Receive<DeviceProtocol.FlushGuestPage>(OnFlushPage);
         Receive<NestedPageFault>(OnNestedPageFault);
         Receive<ReaderFailed>(f => Fail($"userfaultfd reader: {f.Reason}"));
 
@@ -262,6 +264,27 @@ internal sealed class VmspaceActor : ReceiveActor
             for (var p = first; p < first + count; p++) _knownDirty.MarkDirty(p); // KVM's logs see only the guest's writes
         if (ok) Sender.Tell(new MemoryWritten(w.Id));
         else Fault(w.Id, w.Address, w.Data.Length, "outside guest memory");
+    }
+
+    /// <summary>
+    /// A device's page flush (pc-testdev, port 0xE4): the guest view's mapping of the RAM page goes
+    /// (MADV_DONTNEED; the memfd and the host view keep the page), which makes KVM's MMU notifier zap
+    /// its EPT entry before madvise returns, so the guest's next access faults it in again; with
+    /// demand paging the pager does it (<see cref="GuestPager.Flush"/>). Answered when done; an address
+    /// outside guest RAM is ignored (and answered too).
+    /// </summary>
+    private void OnFlushPage(DeviceProtocol.FlushGuestPage f)
+    {
+        if (_ram.TryPage(f.Gpa, out var page) && Try(() => FlushPage(page), $"flush of gpa 0x{f.Gpa:X} for {f.Device}", out _))
+            _flushedPages++;
+        Sender.Tell(new DeviceProtocol.Completed(f.Id));
+    }
+
+    private bool FlushPage(ulong page)
+    {
+        if (Paging) _pager!.Flush(page);
+        else _ram.RangeOf(page).Backing.DropGuestMappings(_ram.MemfdOffset(page), RamPages.PageSize);
+        return true;
     }
 
     private bool IsReadOnly(GuestPhysAddr a, ulong length) =>

@@ -43,6 +43,10 @@ public static class VmspaceProtocol
         /// device; 0 when not wired. Wired memory is never demand-paged or swapped.</summary>
         public ulong WiredBytes { get; init; }
 
+        /// <summary>Guest RAM pages whose hypervisor mapping a device dropped (pc-testdev's flush port);
+        /// flushes of addresses outside guest RAM are not counted.</summary>
+        public long FlushedPages { get; init; }
+
         public DirtyStats Dirty { get; init; } = DirtyStats.None;
     }
 

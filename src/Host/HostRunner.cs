@@ -114,7 +114,7 @@ public static class HostRunner
                     return VmProtocol.Outcome.HostErrorCode;
                 }
             }
-            var builder = new VmBuilder(starting, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory) { Cpu = vm.Cpu }).WithStandardDevices(console);
+            var builder = new VmBuilder(starting, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu }).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
 
             // Signals are caught from before the VM starts: a Ctrl-C that comes while it is being

@@ -77,7 +77,11 @@ namespace ActorVmm.Host
             var lapic = new Option<string?>("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
             var cpu = new Option<string?>("--cpu") { Description = "CPU model: host[,+feature|-feature...], e.g. host,-x2apic,-pcid,-tsc-deadline (QEMU's -cpu syntax)" };
             var shm = new Option<string?>("--shm") { Description = "FILE[,SIZE]: a shared-memory device at 0xE0000000 backed by FILE (created or extended to SIZE); wires all guest memory" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm };
+            var testDevices = new Option<bool>("--test-devices")
+            {
+                Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
+            };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<string>();
@@ -95,6 +99,7 @@ namespace ActorVmm.Host
                 Override("trace-filter", parse.GetValue(traceFilter));
                 Override("lapic", parse.GetValue(lapic));
                 Override("cpu", parse.GetValue(cpu));
+                if (parse.GetValue(testDevices)) Override("test-devices", "on");
                 if (parse.GetValue(shm) is { } shmText)
                 {
                     var comma = shmText.LastIndexOf(',');

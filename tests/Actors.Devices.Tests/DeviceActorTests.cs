@@ -226,4 +226,104 @@ public sealed class DeviceActorTests : TestKit
 
         Assert.Equal(new Stats("uart0", 1, 1), await ExpectMsgAsync<Stats>());
     }
+
+    /// <summary>Flushes the page a write names (pc-testdev's flush port, reduced to that).</summary>
+    private sealed class FlushingDevice(IPlatformEvents events) : IBusDevice
+    {
+        public ulong Read(ulong offset, int size) => 0;
+        public void Write(ulong offset, int size, ulong value) => events.RequestPageFlush(value);
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_a_waited_write_only_after_the_memory_owner_completed_its_page_flush()
+    {
+        var memory = CreateTestProbe();
+        var actor = Sys.ActorOf(DeviceProtocol.Props("flusher", e => new FlushingDevice(e), null, ActorRefs.Nobody, memory.Ref));
+
+        actor.Tell(new WriteAndWait(1, 0, 4, 0x5000), TestActor);
+        var flush = await memory.ExpectMsgAsync<FlushGuestPage>();
+        Assert.Equal(("flusher", 0x5000UL), (flush.Device, flush.Gpa));
+        await ExpectNoMsgAsync(Quiet); // the guest must not go on before the page is flushed
+
+        memory.Reply(new Completed(flush.Id));
+        Assert.Equal(new WriteDone(1, MachineEnding: false), await ExpectMsgAsync<WriteDone>());
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_a_waited_write_at_once_when_it_has_no_memory_owner()
+    {
+        var actor = Sys.ActorOf(DeviceProtocol.Props("flusher", e => new FlushingDevice(e), ActorRefs.Nobody));
+
+        actor.Tell(new WriteAndWait(1, 0, 4, 0x5000), TestActor);
+
+        Assert.Equal(new WriteDone(1, MachineEnding: false), await ExpectMsgAsync<WriteDone>());
+    }
+
+    /// <summary>Sends a barrier to each of <paramref name="targets"/> on every write, as the host's
+    /// synced interrupt lines do after a change.</summary>
+    private sealed class SyncingDevice(IPlatformEvents events, IActorRef[] targets) : IBusDevice
+    {
+        public ulong Read(ulong offset, int size) => 0;
+
+        public void Write(ulong offset, int size, ulong value)
+        {
+            foreach (var t in targets) ((IDeviceRequests)events).Send(t, id => new Sync(id));
+        }
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_hold_waited_writes_in_order_until_every_earlier_request_is_answered()
+    {
+        var a = CreateTestProbe();
+        var b = CreateTestProbe();
+        var actor = Sys.ActorOf(DeviceProtocol.Props("lines", e => new SyncingDevice(e, [a.Ref, b.Ref]), ActorRefs.Nobody));
+
+        actor.Tell(new WriteAndWait(1, 0, 1, 1), TestActor);
+        actor.Tell(new WriteAndWait(2, 0, 1, 0), TestActor);
+        var a1 = await a.ExpectMsgAsync<Sync>();
+        var b1 = await b.ExpectMsgAsync<Sync>();
+        var a2 = await a.ExpectMsgAsync<Sync>();
+        var b2 = await b.ExpectMsgAsync<Sync>();
+
+        b.Reply(new Completed(b2.Id));
+        b.Reply(new Completed(b1.Id));
+        a.Reply(new Completed(a2.Id));
+        await ExpectNoMsgAsync(Quiet); // write 1 still waits for a's first answer, and write 2 behind it
+        a.Reply(new Completed(a1.Id));
+        Assert.Equal(new WriteDone(1, false), await ExpectMsgAsync<WriteDone>());
+        Assert.Equal(new WriteDone(2, false), await ExpectMsgAsync<WriteDone>());
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_a_sync_after_what_the_sender_told_it_before()
+    {
+        var actor = Uart(out var model);
+
+        actor.Tell(new Write(3, 1, 0x03), TestActor); // LCR: 8 data bits
+        actor.Tell(new Sync(42), TestActor);
+
+        Assert.Equal(new Completed(42), await ExpectMsgAsync<Completed>());
+        Assert.Equal(0x03UL, model.Read(3, 1));
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_answer_its_held_writes_when_it_restarts()
+    {
+        var memory = CreateTestProbe();
+        var actor = Sys.ActorOf(DeviceProtocol.Props("flusher", e => new FlushingDevice(e), null, ActorRefs.Nobody, memory.Ref));
+        actor.Tell(new WriteAndWait(1, 0, 4, 0x5000), TestActor);
+        var flush = await memory.ExpectMsgAsync<FlushGuestPage>();
+
+        actor.Tell(new FaultProtocol.Crash("test"));
+
+        Assert.Equal(new WriteDone(1, false), await ExpectMsgAsync<WriteDone>()); // never left waiting
+        await memory.ExpectMsgAsync<DeviceRestarting>();
+        memory.Reply(new Completed(flush.Id)); // late: completes nothing of the new incarnation
+        actor.Tell(new WriteAndWait(2, 0, 4, 0x6000), TestActor);
+        var next = await memory.ExpectMsgAsync<FlushGuestPage>();
+        Assert.NotEqual(flush.Id, next.Id);
+        await ExpectNoMsgAsync(Quiet);
+        memory.Reply(new Completed(next.Id));
+        Assert.Equal(new WriteDone(2, false), await ExpectMsgAsync<WriteDone>());
+    }
 }

@@ -67,6 +67,22 @@ public sealed class HostileGuestDeviceTests
         yield return new Target("port 0xcf9", rcr, ResetControl.Length, _ => { }, rcr, null);
         var pm = new AcpiPm(clock, new RecordingEvents());
         yield return new Target("acpi pm", pm, AcpiPm.Length, _ => { }, pm, null);
+        var lines = Enumerable.Range(0, PcTestDevice.Lines).Select(_ => new CountingInterruptLine()).ToArray();
+        var testdev = new PcTestDevice(new RecordingEvents(), lines);
+        foreach (var (window, length) in new[]
+                 {
+                     (PcTestDevice.ScratchWindow, 4UL), (PcTestDevice.FlushWindow, 4UL), (PcTestDevice.ByteScratchWindow, 4UL),
+                     (PcTestDevice.IrqWindow, (ulong)PcTestDevice.Lines), (PcTestDevice.IomemWindow, (ulong)PcTestDevice.IomemLength),
+                 })
+            yield return new Target($"pc-testdev window 0x{window:X}", new WindowView(testdev, window), length, _ => { }, testdev, null,
+                window == PcTestDevice.IrqWindow ? lines[0] : null);
+    }
+
+    /// <summary>One window of a multi-window model, seen from offset 0 as the bus would show it.</summary>
+    private sealed class WindowView(IBusDevice device, ulong window) : IBusDevice
+    {
+        public ulong Read(ulong offset, int size) => device.Read(window + offset, size);
+        public void Write(ulong offset, int size, ulong value) => device.Write(window + offset, size, value);
     }
 
     private static void Toggle(IInterruptLine? line, Random r)
@@ -134,6 +150,6 @@ public sealed class HostileGuestDeviceTests
         Assert.True(failures.Count == 0, $"{failures.Count} device run(s) threw: {string.Join("; ", failures.Take(8))}");
         // The random guest got the devices somewhere: each one with an interrupt line raised it.
         Assert.All(raised, d => Assert.True(d.Value > 0, $"{d.Key} never raised its interrupt"));
-        Assert.Equal(4, raised.Count); // pic, pit, rtc, uart
+        Assert.Equal(5, raised.Count); // pic, pit, rtc, uart, pc-testdev's line 0
     }
 }

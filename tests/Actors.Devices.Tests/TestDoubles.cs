@@ -32,8 +32,10 @@ internal sealed class RecordingEvents : IPlatformEvents
     public List<(int Status, string Reason)> Exits { get; } = [];
     public List<string> Resets { get; } = [];
     public List<string> PowerOffs { get; } = [];
+    public List<ulong> PageFlushes { get; } = [];
 
     public void RequestExit(int status, string reason) => Exits.Add((status, reason));
     public void RequestReset(string reason) => Resets.Add(reason);
     public void RequestPowerOff(string reason) => PowerOffs.Add(reason);
+    public void RequestPageFlush(ulong gpa) => PageFlushes.Add(gpa);
 }

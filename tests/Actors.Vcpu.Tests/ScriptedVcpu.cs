@@ -50,6 +50,7 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     private readonly List<(ulong Value, bool Fault)> _msrReads = [];
     private readonly List<bool> _msrWrites = [];
     private readonly List<byte> _injected = [];
+    private readonly List<(byte Vector, int Consumed, int IntrReturned)> _injectedAt = [];
     private int _nmis;
 
     public int Id { get; } = id;
@@ -106,6 +107,10 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
     public IReadOnlyList<(ulong Value, bool Fault)> MsrReadCompletions { get { lock (_gate) return _msrReads.ToArray(); } }
     public IReadOnlyList<bool> MsrWriteCompletions { get { lock (_gate) return _msrWrites.ToArray(); } }
     public IReadOnlyList<byte> Injected { get { lock (_gate) return _injected.ToArray(); } }
+
+    /// <summary>Each injected vector with the scripted exits taken and the kicks returned before it:
+    /// when it went in.</summary>
+    public IReadOnlyList<(byte Vector, int Consumed, int IntrReturned)> InjectedAt { get { lock (_gate) return _injectedAt.ToArray(); } }
 
     /// <summary>KVM_NMI calls.</summary>
     public int NmisInjected { get { lock (_gate) return _nmis; } }
@@ -248,7 +253,11 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
         set => Changed(() => _cr8 = value);
     }
 
-    public void InjectInterrupt(byte vector) => Changed(() => _injected.Add(vector));
+    public void InjectInterrupt(byte vector) => Changed(() =>
+    {
+        _injected.Add(vector);
+        _injectedAt.Add((vector, _consumed, _intrReturned));
+    });
 
     public void InjectNmi() => Changed(() => _nmis++);
 

@@ -132,6 +132,20 @@ public sealed class CliProcessTests : IDisposable
         AssertUserError(await Run("run", "--firmware", image, "--flat", image), "one of");
     }
 
+    /// <summary>--test-devices reaches the VM: with it, a 16 MiB firmware image (right-aligned below
+    /// 4 GiB, so down to 0xFF000000) would cover the test devices' MMIO RAM and is refused before
+    /// anything is built; without it the same image gets past that check.</summary>
+    [Fact]
+    public async Task Test_devices_refuse_a_firmware_image_over_their_mmio_ram()
+    {
+        var firmware = _dir.Write("big.bin", new byte[16 << 20]);
+
+        AssertUserError(await Run("run", "--test-devices", "--firmware", firmware), "test devices' MMIO RAM at 0xFF000000", "16320 KiB");
+        var without = await Run("run", "--firmware", firmware, "--timeout", "1");
+        AssertNoStackTrace(without);
+        Assert.DoesNotContain("test devices", without.Stderr);
+    }
+
     [Fact]
     public async Task A_kernel_that_is_elf_without_a_multiboot_header_is_refused()
     {

@@ -270,4 +270,54 @@ public sealed class InterruptWiringTests : ScriptedVmTestKit
         pic.Tell(DeviceProtocol.GetStats.Instance);
         Assert.Equal(3, (await ExpectMsgAsync<DeviceProtocol.Stats>()).Reads);
     }
+
+    /// <summary>The PC interrupt platform and QEMU's pc-testdev (its line block at 0x2000), with the
+    /// line changes from pc-testdev to <paramref name="slowController"/> held back on the way for 100 ms
+    /// (a busy controller), so that an OUT that returned before the change took effect would show.</summary>
+    private ScriptedVm StartWithTestDevice(string slowController)
+    {
+        var faults = new LinkFaultPlan();
+        faults.Add(new LinkFault(PcPlatform.TestDeviceName, slowController, nameof(DeviceProtocol.SetIrqLevel), LinkFaultKind.Delay,
+            TimeSpan.FromMilliseconds(100)));
+        return Vms.Start(1, extra: [PcPlatform.TestDevice()], interruptPlatform: true, faults: faults,
+            lapic: LapicBackends.Emulated(new LapicOptions { BspLint0ExtInt = true }));
+    }
+
+    /// <summary>
+    /// An OUT to pc-testdev's line block completes only once the change has reached the controllers
+    /// and the interrupt is pending at the vcpu (as on QEMU, where the OUT returns after
+    /// qemu_set_irq), however long the controller takes: the vector goes in at the very next entry,
+    /// with no kick in between.
+    /// </summary>
+    [Fact]
+    public void An_out_to_the_test_devices_line_block_returns_with_the_ioapic_interrupt_pending()
+    {
+        var rig = StartWithTestDevice(PcPlatform.IoApicName);
+        var vcpu = rig.Vcpus[0];
+        vcpu.Supply([EnableApic(), .. Redirect(14, 0x3E, level: false)]);
+        Assert.True(vcpu.WaitUntilIdleInGuest(Wait));
+        var (consumed, kicks) = (vcpu.Consumed, vcpu.IntrReturned);
+
+        vcpu.Supply(Out(0x2000 + 14, 1));
+
+        Assert.True(vcpu.WaitUntil(v => v.Injected.Count > 0, Wait), "line 14 never reached the vcpu");
+        Assert.Equal(new[] { ((byte)0x3E, consumed + 1, kicks) }, vcpu.InjectedAt);
+    }
+
+    /// <summary>The same through the 8259 (ExtINT on LINT0, then INTA): IRQ 11 raised by the real-mode
+    /// suite's 32-bit OUT to port 0x200B, with IRQ 2 and IRQ 11 unmasked (slave vector base 0x70).</summary>
+    [Fact]
+    public void An_out_to_the_test_devices_line_block_returns_with_the_pic_interrupt_pending()
+    {
+        var rig = StartWithTestDevice(PcPlatform.PicName);
+        var vcpu = rig.Vcpus[0];
+        vcpu.Supply(Out(0x21, 0b1111_1011), Out(0xA1, 0b1111_0111));
+        Assert.True(vcpu.WaitUntilIdleInGuest(Wait));
+        var (consumed, kicks) = (vcpu.Consumed, vcpu.IntrReturned);
+
+        vcpu.Supply(new VmExit.Io(true, 0x200B, 4, 1, 1, null));
+
+        Assert.True(vcpu.WaitUntil(v => v.Injected.Count > 0, Wait), "IRQ 11 never reached the vcpu");
+        Assert.Equal(new[] { ((byte)0x73, consumed + 1, kicks) }, vcpu.InjectedAt);
+    }
 }

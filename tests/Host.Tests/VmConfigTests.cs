@@ -91,6 +91,7 @@ public sealed class VmConfigTests
     [InlineData("name = \"  \"", "actorvmm.vm.name")]
     [InlineData("cpu = \"host,-nosuchthing\"", "actorvmm.vm.cpu")]
     [InlineData("cpu = pentium", "actorvmm.vm.cpu")]
+    [InlineData("test-devices = maybe", "actorvmm.vm.test-devices")]
     public void Bad_values_are_config_exceptions_naming_the_key(string setting, string key)
     {
         var config = ConfigurationFactory.ParseString($"actorvmm.vm {{ {setting} }}").WithFallback(VmConfig.Load(null));
@@ -173,6 +174,23 @@ public sealed class VmConfigTests
         Assert.Throws<ConfigException>(() => Cli.ParseEntry("zz"));
         Assert.Throws<ConfigException>(() => Cli.ParseEntry("10000:0"));
         Assert.Throws<ConfigException>(() => Cli.ParseEntry("0:0:0"));
+    }
+
+    [Fact]
+    public void Test_devices_are_off_by_default()
+    {
+        Assert.False(VmConfig.From(VmConfig.Load(null)).TestDevices);
+    }
+
+    [Theory]
+    [InlineData("on", true)]
+    [InlineData("true", true)]
+    [InlineData("off", false)]
+    [InlineData("false", false)]
+    public void Test_devices_follow_the_vm_setting(string value, bool on)
+    {
+        var config = ConfigurationFactory.ParseString($"actorvmm.vm.test-devices = {value}").WithFallback(VmConfig.Load(null));
+        Assert.Equal(new VmConfig("vm0", 64 * MiB, 1, "stdout", "stdin", null, 0) { TestDevices = on }, VmConfig.From(config));
     }
 }
 

@@ -77,6 +77,32 @@ public sealed partial class CliGuestTests : IDisposable
         Assert.Contains("uart0", stdout);
     }
 
+    /// <summary>
+    /// `run --test-devices` gives the guest QEMU's pc-testdev: its scratch register at port 0xE0 reads
+    /// back what the guest wrote, which the guest hands to debug-exit (status (0x2A &lt;&lt; 1) | 1 = 85).
+    /// Without the switch the port is unassigned and reads all ones (status (0xFF &lt;&lt; 1) | 1).
+    /// </summary>
+    [KvmFact]
+    public async Task Run_with_test_devices_gives_the_guest_the_scratch_register()
+    {
+        KvmRequirement.Check();
+        var image = Flat(a =>
+        {
+            a.mov(eax, 0x2A);
+            a.@out(0xE0, eax);
+            a.mov(eax, 0);
+            a.@in(eax, 0xE0);
+            a.@out(0xF4, al);
+            a.cli();
+            a.hlt();
+        });
+        var (on, _, onErr) = await Finish(Start("run", "--test-devices", "--flat", image, "--serial", Path.Combine(_dir, "on.txt")),
+            TimeSpan.FromSeconds(300));
+        Assert.True(on == 85, $"exit {on}: {onErr}");
+        var (off, _, offErr) = await Finish(Start("run", "--flat", image, "--serial", Path.Combine(_dir, "off.txt")), TimeSpan.FromSeconds(300));
+        Assert.True(offErr.Contains("exit status 511", StringComparison.Ordinal), $"exit {off}: {offErr}");
+    }
+
     [KvmFact]
     public async Task Run_with_an_assisted_lapic_ends_with_code_0_when_the_guest_halts_with_interrupts_off()
     {

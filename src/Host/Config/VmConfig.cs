@@ -12,7 +12,8 @@ public sealed class ConfigException(string message) : Exception(message);
 public sealed record VmConfig(
     string Name, ulong MemoryBytes, int Cpus, string SerialOutput, string SerialInput, string? TracePath,
     double TimeoutSeconds, string? PerfettoPath = null, string TraceFilter = "", Vm.LapicMode Lapic = Vm.LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null,
+    bool TestDevices = false)
 {
     /// <summary>actorvmm.vm.cpu: the CPUID features the vcpus see.</summary>
     public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
@@ -141,9 +142,16 @@ public sealed record VmConfig(
             LibVmm.CpuModel cpu;
             try { cpu = LibVmm.CpuModel.Parse(cpuText); }
             catch (FormatException e) { throw new ConfigException($"actorvmm.vm.cpu: {e.Message}"); }
+            var testDevicesText = vm.GetString("test-devices", "off");
+            var testDevices = testDevicesText switch
+            {
+                "on" or "true" or "yes" => true,
+                "off" or "false" or "no" => false,
+                _ => throw new ConfigException($"actorvmm.vm.test-devices must be on or off, not \"{testDevicesText}\""),
+            };
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm) { Cpu = cpu };
+                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu };
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

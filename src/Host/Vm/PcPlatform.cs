@@ -117,6 +117,39 @@ public static class PcPlatform
             WaitForWrites = true,
         };
 
+    /// <summary>
+    /// QEMU's pc-testdev (<see cref="PcTestDevice"/>), for standard x86 conformance suites: the scratch
+    /// register at 0xE0 and 0xE8, the flush-page port 0xE4, the interrupt lines at 0x2000 (0-15: ISA
+    /// IRQs to the IOAPIC and the 8259, as <see cref="DeviceContext.IsaIrq"/>; 16-23: IOAPIC pins only)
+    /// and 64 KiB of MMIO RAM at 0xFF000000. Writes to the lines and the flush port are waited for
+    /// and answered once the controllers or the vmspace have handled them; the others are posted.
+    /// </summary>
+    public static DeviceSpec TestDevice() =>
+        DeviceSpec.Wired(TestDeviceName, DeviceProtocol.Space.Port, Platform.TestDevScratchPort, Platform.TestDevPortLength,
+            c => new PcTestDevice(c.Events, TestDeviceLines(c)),
+            (c, state) => PcTestDevice.FromState((PcTestDeviceState)state, c.Events, TestDeviceLines(c))) with
+        {
+            Window = PcTestDevice.ScratchWindow,
+            MoreRanges =
+            [
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.TestDevFlushPort, Platform.TestDevPortLength, PcTestDevice.FlushWindow),
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.TestDevByteScratchPort, Platform.TestDevPortLength,
+                    PcTestDevice.ByteScratchWindow),
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.TestDevIrqPort, Platform.TestDevIrqLines, PcTestDevice.IrqWindow),
+                new DeviceRange(DeviceProtocol.Space.Mmio, Platform.TestDevIomemBase, Platform.TestDevIomemLength, PcTestDevice.IomemWindow),
+            ],
+            WaitForWriteAt = PcTestDevice.ActsBeyondTheDevice,
+        };
+
+    public const string TestDeviceName = "pc-testdev";
+
+    /// <summary>Lines 0-15: ISA IRQs; 16-23: IOAPIC pins 16-23.</summary>
+    private static IInterruptLine[] TestDeviceLines(DeviceContext c) =>
+    [
+        .. Enumerable.Range(0, 16).Select(c.SyncedIsaIrq),
+        .. Enumerable.Range(16, PcTestDevice.Lines - 16).Select(c.SyncedIoApicPin),
+    ];
+
     /// <summary>COM1 with its interrupt on ISA IRQ 4.</summary>
     public static DeviceSpec Com1(Action<byte> output) =>
         DeviceSpec.Wired("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,

@@ -271,7 +271,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             var mmio = AddressBus<DeviceRoute>.Empty;
             foreach (var (spec, actor) in devices)
             {
-                var route = new DeviceRoute(spec.Name, actor, spec.WaitForWrites);
+                var route = new DeviceRoute(spec.Name, actor, spec.WaitForWrites, spec.WaitForWriteAt);
                 foreach (var range in spec.Ranges)
                 {
                     var windowed = route.WithWindow(range.Window); // every window shares the route's write window

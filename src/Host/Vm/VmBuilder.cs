@@ -73,11 +73,17 @@ public sealed class VmBuilder
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
         CheckSharedMemory();
-        var firmware = _spec.Boot.Firmware is not null;
+        var firmwareImage = _spec.Boot.Firmware;
+        var firmware = firmwareImage is not null;
         foreach (var chip in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware)
                      .Concat(PcPlatform.ResetAndPowerManagement()))
             if (_devices.All(d => d.Name != chip.Name)) _devices.Add(chip);
-        CheckBuses();
+        if (_spec.TestDevices)
+        {
+            CheckTestDevices(firmwareImage);
+            if (_devices.All(d => d.Name != PcPlatform.TestDeviceName)) _devices.Add(PcPlatform.TestDevice());
+        }
+        CheckBuses((ulong)(firmwareImage?.Length ?? 0));
 
         Kvm? kvm = null;
         VmHandle? vm = null;
@@ -206,12 +212,33 @@ public sealed class VmBuilder
         ]);
     }
 
-    private void CheckBuses()
+    /// <summary>The test devices' MMIO RAM must stay MMIO (suites run the instruction emulator on it):
+    /// a firmware image, right-aligned below 4 GiB as a memslot, that reaches down to it is refused.</summary>
+    private static void CheckTestDevices(byte[]? firmware)
+    {
+        if (firmware is null) return;
+        var size = VmspaceLayout.AlignUp((ulong)firmware.Length);
+        var iomemEnd = Platform.TestDevIomemBase + Platform.TestDevIomemLength;
+        if (VmspaceLayout.FourGiB - size < iomemEnd)
+            throw new VmBuildException(
+                $"the firmware image ({firmware.Length} bytes, mapped at 0x{VmspaceLayout.FourGiB - size:X}-0xFFFFFFFF) overlaps the " +
+                $"test devices' MMIO RAM at 0x{Platform.TestDevIomemBase:X}-0x{iomemEnd - 1:X}: with test devices on, a firmware image " +
+                $"may be at most {(VmspaceLayout.FourGiB - iomemEnd) >> 10} KiB");
+    }
+
+    /// <param name="firmwareBytes">the firmware image's length (0: none), for the memslots' places</param>
+    private void CheckBuses(ulong firmwareBytes)
     {
         var ports = AddressBus<string>.Empty;
         var mmio = AddressBus<string>.Empty;
         try
         {
+            // Guest memory is memslots: no device may sit under any (its accesses would never exit).
+            // A size the layout refuses is reported when memory is built.
+            IReadOnlyList<LayoutRange> memslots;
+            try { memslots = VmspaceLayout.Plan(_spec.MemoryBytes, firmwareBytes); }
+            catch (ArgumentException) { memslots = []; }
+            foreach (var slot in memslots) mmio = mmio.Insert($"guest memory ({slot.Name})", slot.Base.Value, slot.Size);
             // Each vcpu's local APIC page is on its own bus; no device may take its place.
             mmio = mmio.Insert("local APIC", Platform.LocalApicBase, VlapicProtocol.MmioLength);
             // The shared-memory window is a memslot, not a device, but no device may sit under it.

@@ -22,8 +22,11 @@ public enum LapicMode
 /// (not with demand paging through userfaultfd, which fills 4 KiB pages).</summary>
 /// <param name="SharedMemory">a shared-memory device (passthru-style: its window is host memory
 /// mapped as a memslot); a VM with one wires all guest memory and cannot demand-page</param>
+/// <param name="TestDevices">QEMU's test devices for conformance suites (<see cref="PcPlatform.TestDevice"/>,
+/// next to the debug-exit port every VM has); off by default</param>
 public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated,
-    ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true, SharedMemorySpec? SharedMemory = null)
+    ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true, SharedMemorySpec? SharedMemory = null,
+    bool TestDevices = false)
 {
     public const int MaxCpus = 16;
 
@@ -72,6 +75,11 @@ public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong B
     /// <summary>When set, rebuilds the model after a crash instead of <see cref="Restore"/>.</summary>
     public Func<DeviceContext, object, IBusDevice>? WiredRestore { get; init; }
 
+    /// <summary>Offsets (window included) whose writes the vcpus wait for even though
+    /// <see cref="WaitForWrites"/> is off: writes whose effect beyond the device must precede the
+    /// guest's next instruction.</summary>
+    public Func<ulong, bool>? WaitForWriteAt { get; init; }
+
     /// <summary>The model is an <see cref="ITimedDevice"/> on the VM's clock.</summary>
     public bool Timed { get; init; }
 
@@ -103,6 +111,21 @@ public sealed class DeviceContext(IPlatformEvents events, VmInterrupts interrupt
     /// interrupt source override) and 8259 input irq (none for the cascade IRQ 2).</summary>
     public IInterruptLine IsaIrq(int irq) => interrupts.IsaIrq(irq);
 
+    /// <summary>
+    /// <see cref="IsaIrq"/> for a device whose writes to it the vcpus wait for
+    /// (<see cref="DeviceSpec.WaitForWriteAt"/>): each change is followed by a barrier
+    /// (<see cref="DeviceProtocol.Sync"/>) to the IOAPIC and the 8259, and the waited write is answered
+    /// only once both have handled the change. Their outputs reach the local APICs on their own thread
+    /// (the vlapics and the router run on their senders' threads, KVM's APICs take an MSI in the
+    /// ioctl), so by then the interrupt is normally pending at the vcpu, as it is at the end of an OUT
+    /// on QEMU.
+    /// </summary>
+    public IInterruptLine SyncedIsaIrq(int irq) => interrupts.IsaIrq(irq, Events as IDeviceRequests);
+
+    /// <summary>IOAPIC pin <paramref name="pin"/> (0-23) alone, with no 8259 input (the PCI-style pins
+    /// 16-23), synced like <see cref="SyncedIsaIrq"/>.</summary>
+    public IInterruptLine SyncedIoApicPin(int pin) => interrupts.IoApicInput(pin, Events as IDeviceRequests);
+
     public IApicBus ApicBus => interrupts.ApicBus;
 
     public IInterruptLine PicIntr => interrupts.PicIntr;
@@ -128,25 +151,63 @@ public sealed class VmInterrupts
     /// <summary>IOAPIC pin of ISA IRQ <paramref name="irq"/>: identity, except IRQ 0 → pin 2.</summary>
     public static int IoApicPin(int irq) => irq == Platform.PitIrq ? (int)Platform.PitGsi : irq;
 
-    public IInterruptLine IsaIrq(int irq)
+    /// <param name="requests">the driving device actor's requests, when its writes wait for the
+    /// change (see <see cref="DeviceContext.SyncedIsaIrq"/>): each change is followed by a
+    /// <see cref="DeviceProtocol.Sync"/> to both controllers; null: changes are only told</param>
+    public IInterruptLine IsaIrq(int irq, IDeviceRequests? requests = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(irq);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(irq, 16);
         var pin = IoApicPin(irq);
         return new DelegateInterruptLine(
-            () => Level(pin, irq, true),
-            () => Level(pin, irq, false),
+            () => Level(pin, irq, true, requests),
+            () => Level(pin, irq, false, requests),
             () =>
             {
                 IoApic.Tell(new DeviceProtocol.PulseIrq(pin), Sender);
                 Pic.Tell(new DeviceProtocol.PulseIrq(irq), Sender);
+                SyncWith(requests, IoApic);
+                SyncWith(requests, Pic);
             });
     }
 
-    private void Level(int pin, int irq, bool level)
+    /// <summary>IOAPIC pin <paramref name="pin"/> (0-23) alone, with no 8259 input: for sources wired
+    /// to the IOAPIC only, as PCI interrupts are to pins 16-23.</summary>
+    /// <param name="requests">as for <see cref="IsaIrq"/></param>
+    public IInterruptLine IoApicInput(int pin, IDeviceRequests? requests = null)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(pin);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(pin, Platform.IoApicPins);
+        return new DelegateInterruptLine(
+            () => PinLevel(pin, true, requests),
+            () => PinLevel(pin, false, requests),
+            () =>
+            {
+                IoApic.Tell(new DeviceProtocol.PulseIrq(pin), Sender);
+                SyncWith(requests, IoApic);
+            });
+    }
+
+    private void Level(int pin, int irq, bool level, IDeviceRequests? requests)
     {
         IoApic.Tell(new DeviceProtocol.SetIrqLevel(pin, level), Sender);
         Pic.Tell(new DeviceProtocol.SetIrqLevel(irq, level), Sender);
+        SyncWith(requests, IoApic);
+        SyncWith(requests, Pic);
+    }
+
+    private void PinLevel(int pin, bool level, IDeviceRequests? requests)
+    {
+        IoApic.Tell(new DeviceProtocol.SetIrqLevel(pin, level), Sender);
+        SyncWith(requests, IoApic);
+    }
+
+    /// <summary>A barrier behind the change just told to <paramref name="controller"/> (same sender, so
+    /// mailbox order puts it after); none to a controller the VM does not have.</summary>
+    private static void SyncWith(IDeviceRequests? requests, IActorRef controller)
+    {
+        if (requests is null || controller.IsNobody()) return;
+        requests.Send(controller, id => new DeviceProtocol.Sync(id));
     }
 
     /// <summary>The actor whose model raises a line or sends an APIC message now (these run inside
