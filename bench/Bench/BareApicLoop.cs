@@ -13,7 +13,13 @@ namespace ActorVmm.Bench;
 /// The same loop runs stand-in vcpus (ipipath: the host's share alone) and real KVM vcpus (lapic:
 /// the whole round trip, exits included). It knows what the benchmark guests do: xAPIC MMIO, x2APIC
 /// and APIC-base MSRs, HLT, INIT-SIPI, the marker port and the debug-exit port; anything else ends
-/// the run with an error. There is no LAPIC timer service (no deadline ever fires) and no CR8 sync.
+/// the run with an error. There is no CR8 sync.
+/// Timer service: a deadline that has passed fires before the vcpu's next entry and while it spins
+/// halted; one still to come is set on a <see cref="Timer"/> that kicks the vcpu out of the guest
+/// then (as the vlapic actor's scheduled timer ends in a kick; to the millisecond, rounded up), so
+/// a vcpu that spins in the guest takes its timer interrupt too. A deadline already passed when the
+/// guest writes it (a TSC-deadline write) fires inside the model's register write, as it does under
+/// the vlapic actor.
 /// </summary>
 internal sealed class BareApicLoop
 {
@@ -23,9 +29,11 @@ internal sealed class BareApicLoop
     /// <param name="vcpus">vcpu 0 is the BSP and runs first; the others wait for INIT-SIPI</param>
     /// <param name="marks">takes the guest's writes to the marker port, if it makes any</param>
     /// <param name="options">the local APICs' options (the emulated backend's, for a real VM)</param>
-    public BareApicLoop(IReadOnlyList<IVcpu> vcpus, Marks? marks = null, LapicOptions? options = null)
+    /// <param name="clock">the local APICs' time; the clock <paramref name="options"/> paired with the
+    /// guest's TSC, when they did (a TSC deadline is compared with the TSC it computes from it)</param>
+    public BareApicLoop(IReadOnlyList<IVcpu> vcpus, Marks? marks = null, LapicOptions? options = null, IDeviceClock? clock = null)
     {
-        var clock = new MonotonicClock();
+        clock ??= new MonotonicClock();
         _cpus = new BareCpu[vcpus.Count];
         for (var i = 0; i < vcpus.Count; i++) _cpus[i] = new BareCpu(vcpus[i], _cpus, _ended, clock, marks, options);
     }
@@ -61,6 +69,8 @@ internal sealed class BareApicLoop
         private readonly BareCpu[] _all;
         private readonly ManualResetEventSlim _ended;
         private readonly Marks? _marks;
+        private readonly IDeviceClock _clock;
+        private readonly Timer _alarm;
         private readonly object _gate = new();
         private readonly List<Ipi> _outbox = [];
         private int _wake;
@@ -68,6 +78,15 @@ internal sealed class BareApicLoop
         private volatile bool _started;
         private bool _initReceived;
         private int _startupVector = -1;
+        /// <summary>The deadline the alarm is set for (null: none); only this vcpu's thread sets it.</summary>
+        private TimeSpan? _armed;
+        /// <summary><see cref="_armed"/> in clock ticks, <see cref="long.MaxValue"/> for none: what the
+        /// loop looks at without the lock.</summary>
+        private long _dueTicks = long.MaxValue;
+        /// <summary>The alarm's rings so far (counted on the timer's thread), and as of its last setting:
+        /// a ring before the deadline (the model's time and the timer's disagree) sets it again.</summary>
+        private int _rings;
+        private int _ringsSeen;
 
         public IVcpu Vcpu { get; }
         public LocalApic Apic { get; }
@@ -81,6 +100,12 @@ internal sealed class BareApicLoop
             _all = all;
             _ended = ended;
             _marks = marks;
+            _clock = clock;
+            _alarm = new Timer(_ =>
+            {
+                Interlocked.Increment(ref _rings);
+                Vcpu.Kick();
+            });
             Apic = new LocalApic((uint)vcpu.Id, this, clock, options, bsp: vcpu.Id == 0);
             _started = vcpu.Id == 0;
         }
@@ -97,6 +122,7 @@ internal sealed class BareApicLoop
                     Vcpu.PrepareToRun();
                     lock (_gate)
                     {
+                        ServeTimer();
                         var pending = Apic.PendingInterrupt();
                         if (pending is { } vector && Vcpu.ReadyForInterruptInjection)
                         {
@@ -116,6 +142,55 @@ internal sealed class BareApicLoop
             {
                 Failure = e;
                 EndAll();
+            }
+            finally
+            {
+                // No kick after this: the vcpu is disposed once the run is over.
+                using var disposed = new ManualResetEvent(false);
+                if (_alarm.Dispose(disposed)) disposed.WaitOne();
+            }
+        }
+
+        /// <summary>Under the lock: fires the model's timer if its deadline has passed (SDM Vol 3A
+        /// §10.5.4), then sets the alarm for the next one.</summary>
+        private void ServeTimer()
+        {
+            var deadline = Apic.NextDeadline;
+            if (deadline is { } due && due <= _clock.Now)
+            {
+                Apic.OnDeadline();
+                deadline = Apic.NextDeadline;
+            }
+            ArmAlarm(deadline);
+        }
+
+        /// <summary>Sets the alarm for <paramref name="deadline"/>, if that changed or the alarm rang since
+        /// it was set (whole milliseconds, rounded up: a <see cref="Timer"/>'s unit).</summary>
+        private void ArmAlarm(TimeSpan? deadline)
+        {
+            var rings = Volatile.Read(ref _rings);
+            if (deadline == _armed && rings == _ringsSeen) return;
+            _armed = deadline;
+            _ringsSeen = rings;
+            Volatile.Write(ref _dueTicks, deadline?.Ticks ?? long.MaxValue);
+            if (deadline is not { } due)
+            {
+                _alarm.Change(Timeout.Infinite, Timeout.Infinite);
+                return;
+            }
+            var delay = (due - _clock.Now).TotalMilliseconds;
+            _alarm.Change(delay > 0 ? (long)Math.Ceiling(delay) : 0, Timeout.Infinite);
+        }
+
+        /// <summary>While halted: fires a deadline that has passed; true when that left an interrupt to take.</summary>
+        private bool TimerWakes()
+        {
+            var due = Volatile.Read(ref _dueTicks);
+            if (due == long.MaxValue || due > _clock.Now.Ticks) return false;
+            lock (_gate)
+            {
+                ServeTimer();
+                return Apic.PendingInterrupt() is not null;
             }
         }
 
@@ -166,6 +241,7 @@ internal sealed class BareApicLoop
                         while (Interlocked.Exchange(ref _wake, 0) == 0)
                         {
                             if (_ended.IsSet) return false;
+                            if (TimerWakes()) break;
                             Thread.SpinWait(20);
                         }
                     }

@@ -168,6 +168,9 @@ internal sealed class RawVm : IDisposable
 
     public GuestMemoryMap Memory => _memory;
     public IReadOnlyList<VcpuHandle> Vcpus => _vcpus;
+    /// <summary>The CPUID its vcpus see: that of a VM of the default CPU model, with a user-space local
+    /// APIC's x2APIC and TSC-deadline modes when <c>userSpaceApic</c> (as under lapic = emulated).</summary>
+    public CpuidPolicy Cpuid { get; } = null!;
 
     /// <param name="userSpaceApic">the local APIC's MSRs exit to user space, as under lapic = emulated
     /// (for <see cref="BareApicLoop"/>); there is never an in-kernel APIC</param>
@@ -181,8 +184,9 @@ internal sealed class RawVm : IDisposable
             _memory.RegisterWith(_vm);
             var boot = image.Load(_memory);
             if (userSpaceApic) VmBuilder.EmulateApicMsrs(_vm);
-            var cpuid = CpuidPolicy.ForPlatform(_kvm.GetSupportedCpuid());
-            for (var i = 0; i < cpus; i++) _vcpus.Add(_vm.CreateVcpu(i, cpuid));
+            Cpuid = CpuidPolicy.ForModel(_kvm.GetSupportedCpuid(), CpuModel.Host,
+                userSpaceApic ? [CpuModel.Feature("x2apic"), CpuModel.Feature("tsc-deadline")] : null);
+            for (var i = 0; i < cpus; i++) _vcpus.Add(_vm.CreateVcpu(i, Cpuid));
             boot.ApplyTo(Bsp);
         }
         catch

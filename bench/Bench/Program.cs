@@ -14,7 +14,7 @@ const string usage = """
     usage: actorvmm-bench [io] [N] [repetitions]     port I/O exits (needs /dev/kvm)
            actorvmm-bench faults [pages] [repetitions] [host|guest|both]  nested page faults (userfaultfd): a host thread, a guest
            actorvmm-bench trace [N] [repetitions] [ring capacity]  what message tracing costs on a device round trip
-           actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions] [all|raw,emulated,pool,assisted]  IPI ping-pong and LAPIC timer, emulated vs assisted
+           actorvmm-bench lapic [round trips] [timer ticks] [period µs] [repetitions] [all|raw,emulated,pool,assisted]  IPI ping-pong, LAPIC timer, IPI to a halted vcpu and TSC-deadline writes already passed (round trips each), timer EOIs (ticks); emulated vs assisted vs a raw loop
            actorvmm-bench ipipath [round trips] [repetitions] [bare|actors|pool|all|trace|alloc]  the host's share of an emulated IPI round trip (no KVM needed); trace: its messages; alloc: its allocations by type
            actorvmm-bench iopath [exits] [repetitions]  the host's share of a port I/O exit, devices inline vs on the thread pool (no KVM needed)
            actorvmm-bench startup [runs]     process start to exit of `actorvmm run` and of QEMU for a trivial guest, and where ActorVmm's time goes
