@@ -42,9 +42,9 @@ public sealed class AddressBus<T>
         var end = @base + length;
         var i = LowerBound(@base);
         if (i > 0 && _ends[i - 1] > @base)
-            throw new BusException($"range 0x{@base:X}-0x{end - 1:X} overlaps 0x{_bases[i - 1]:X}-0x{_ends[i - 1] - 1:X}");
+            throw new BusException($"{device} at 0x{@base:X}-0x{end - 1:X} overlaps {_devices[i - 1]} at 0x{_bases[i - 1]:X}-0x{_ends[i - 1] - 1:X}");
         if (i < _bases.Length && _bases[i] < end)
-            throw new BusException($"range 0x{@base:X}-0x{end - 1:X} overlaps 0x{_bases[i]:X}-0x{_ends[i] - 1:X}");
+            throw new BusException($"{device} at 0x{@base:X}-0x{end - 1:X} overlaps {_devices[i]} at 0x{_bases[i]:X}-0x{_ends[i] - 1:X}");
         return new AddressBus<T>(InsertAt(_bases, i, @base), InsertAt(_ends, i, end), InsertAt(_devices, i, device));
     }
 

@@ -23,7 +23,9 @@ public sealed class AddressBusTests
     [InlineData(0x3F0, 32)] // covers it
     public void Overlap_is_rejected_on_either_side(int @base, int length)
     {
-        Assert.Throws<BusException>(() => Bus().Insert("other", (ulong)@base, (ulong)length));
+        var e = Assert.Throws<BusException>(() => Bus().Insert("other", (ulong)@base, (ulong)length));
+        Assert.Contains("other at 0x", e.Message);
+        Assert.EndsWith("overlaps uart at 0x3F8-0x3FF", e.Message); // both named, for the user who wired them
     }
 
     [Fact]

@@ -191,6 +191,26 @@ public sealed class RegisterDevice(ulong readBase) : IBusDevice
 /// </summary>
 public sealed class HostGate : IBusDevice
 {
+    /// <summary>A port no device of the platform uses, for a 4-byte gate (<see cref="Device"/>).</summary>
+    public const ushort Port = 0x700;
+
+    /// <summary>This gate as a 4-byte device at <paramref name="port"/>.</summary>
+    public DeviceSpec Device(ushort port = Port) => new("gate", DeviceProtocol.Space.Port, port, 4, _ => this);
+
+    /// <summary>Guest code: tell the host "step <paramref name="step"/> reached" (a 32-bit OUT to
+    /// <paramref name="port"/>) and spin on IN until the host released that step. Clobbers EAX, EDX.</summary>
+    public static void SignalAndWait(Iced.Intel.Assembler a, uint step, ushort port = Port)
+    {
+        var wait = a.CreateLabel();
+        a.mov(Iced.Intel.AssemblerRegisters.eax, step);
+        a.mov(Iced.Intel.AssemblerRegisters.dx, port);
+        a.@out(Iced.Intel.AssemblerRegisters.dx, Iced.Intel.AssemblerRegisters.eax);
+        a.Label(ref wait);
+        a.@in(Iced.Intel.AssemblerRegisters.eax, Iced.Intel.AssemblerRegisters.dx);
+        a.cmp(Iced.Intel.AssemblerRegisters.eax, step);
+        a.jb(wait);
+    }
+
     private readonly object _gate = new();
     private readonly Dictionary<ulong, TaskCompletionSource> _reached = new();
     private ulong _released;

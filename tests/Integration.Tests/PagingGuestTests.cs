@@ -16,7 +16,6 @@ namespace ActorVmm.Integration.Tests;
 public sealed class PagingGuestTests
 {
     private const ulong Code = 0x10_0000;
-    private const ushort GatePort = 0x700;
     private const ulong Page = 4096;
     private static readonly TimeSpan Ask = TimeSpan.FromSeconds(10);
 
@@ -26,21 +25,7 @@ public sealed class PagingGuestTests
         return (await vmspace.Ask<VmspaceProtocol.Stats>(VmspaceProtocol.GetStats.Instance, Ask)).Paging;
     }
 
-    private static DeviceSpec Gate(HostGate gate) => new("gate", DeviceProtocol.Space.Port, GatePort, 4, _ => gate);
 
-    /// <summary>Guest code: tell the host "step <paramref name="step"/> reached" (OUT) and spin on IN
-    /// until the host released that step. Clobbers eax, edx.</summary>
-    private static void SignalAndWait(Assembler a, uint step)
-    {
-        var wait = a.CreateLabel();
-        a.mov(eax, step);
-        a.mov(dx, GatePort);
-        a.@out(dx, eax);
-        a.Label(ref wait);
-        a.@in(eax, dx);
-        a.cmp(eax, step);
-        a.jb(wait);
-    }
 
     /// <summary>Guest code: debug-exit with status <paramref name="value"/> (exit code 2 × value + 1).</summary>
     private static void Exit(Assembler a, byte value)
@@ -184,7 +169,7 @@ public sealed class PagingGuestTests
         a.add(rsi, 4096);
         a.dec(ecx);
         a.jnz(write);
-        SignalAndWait(a, 1);                          // idle while the host watches the swapper
+        HostGate.SignalAndWait(a, 1);                          // idle while the host watches the swapper
         a.mov(rsi, start);
         a.mov(ecx, pages);
         a.Label(ref check);
@@ -201,7 +186,7 @@ public sealed class PagingGuestTests
         var swap = SwapFile();
 
         await using var run = await GuestRun.StartAsync(image, ram, 1,
-            VmspaceOptions.Paged(swap, limit, coldScans: 2, scanInterval: TimeSpan.FromMilliseconds(100)), LapicMode.Emulated, devices: Gate(gate));
+            VmspaceOptions.Paged(swap, limit, coldScans: 2, scanInterval: TimeSpan.FromMilliseconds(100)), LapicMode.Emulated, devices: gate.Device());
         await gate.ReachedAsync(1, run, TimeSpan.FromMinutes(5));
         var written = await Paging(run);
         Assert.True(written.PeakResidentPages <= limit / Page, $"peak {written.PeakResidentPages} pages resident");
@@ -234,13 +219,13 @@ public sealed class PagingGuestTests
             a.mov(rax, __qword_ptr[rdi]);              // read A
             a.mov(rdi, pageB);
             a.mov(__qword_ptr[rdi], (int)round);       // write B
-            SignalAndWait(a, round);
+            HostGate.SignalAndWait(a, round);
         }
         Exit(a, 0);
         var image = new LongModeImage(GuestCode.Assemble(a, Code), Code, Code);
         var gate = new HostGate();
 
-        await using var run = await GuestRun.StartAsync(image, 16 << 20, 1, VmspaceOptions.Paged(), LapicMode.Emulated, devices: Gate(gate));
+        await using var run = await GuestRun.StartAsync(image, 16 << 20, 1, VmspaceOptions.Paged(), LapicMode.Emulated, devices: gate.Device());
         var vmspace = await run.ResolveChild("vmspace");
         async Task<PageAD[]> Scan() =>
             (await vmspace.Ask<VmspaceProtocol.AccessedDirty>(new VmspaceProtocol.ScanAccessedDirty(1, pageA, 2 * Page), Ask)).Pages;
@@ -310,7 +295,7 @@ public sealed class PagingGuestTests
         a.mov(rdi, held);
         a.mov(rax, 0x1234_5678_9ABC_DEF0UL);
         a.mov(__qword_ptr[rdi], rax);
-        SignalAndWait(a, 1);                              // the host holds the page
+        HostGate.SignalAndWait(a, 1);                              // the host holds the page
         a.mov(rsi, others);
         a.mov(ecx, pages);
         a.Label(ref press);
@@ -318,7 +303,7 @@ public sealed class PagingGuestTests
         a.add(rsi, 4096);
         a.dec(ecx);
         a.jnz(press);
-        SignalAndWait(a, 2);                              // the host checks, releases, lets it go
+        HostGate.SignalAndWait(a, 2);                              // the host checks, releases, lets it go
         a.mov(rdi, held);
         a.mov(rax, 0x1234_5678_9ABC_DEF0UL);
         a.cmp(__qword_ptr[rdi], rax);                     // back from swap, intact
@@ -330,7 +315,7 @@ public sealed class PagingGuestTests
         var gate = new HostGate();
 
         await using var run = await GuestRun.StartAsync(image, 16 << 20, 1,
-            VmspaceOptions.Paged(SwapFile(), limit, coldScans: 2, scanInterval: TimeSpan.FromMilliseconds(50)), LapicMode.Emulated, devices: Gate(gate));
+            VmspaceOptions.Paged(SwapFile(), limit, coldScans: 2, scanInterval: TimeSpan.FromMilliseconds(50)), LapicMode.Emulated, devices: gate.Device());
         var vmspace = await run.ResolveChild("vmspace");
         await gate.ReachedAsync(1, run);
         // The holder must outlive the hold (the vmspace releases the holds of a holder that stops,

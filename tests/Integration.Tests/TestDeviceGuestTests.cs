@@ -489,21 +489,7 @@ public sealed class TestDeviceGuestTests
 
     // ---------------------------------------------------------------- flush port
 
-    private const ushort GatePort = 0x600;
 
-    /// <summary>Guest code: tell the host "step <paramref name="step"/> reached" and spin until the
-    /// host released it (<see cref="HostGate"/>). Clobbers EAX, EDX.</summary>
-    private static void SignalAndWait(Assembler a, uint step)
-    {
-        var wait = a.CreateLabel();
-        a.mov(eax, step);
-        a.mov(dx, GatePort);
-        a.@out(dx, eax);
-        a.Label(ref wait);
-        a.@in(eax, dx);
-        a.cmp(eax, step);
-        a.jb(wait);
-    }
 
     /// <summary>Whether this process maps guest RAM page <paramref name="gpa"/> in the guest view (the
     /// mapping KVM's memslots point at) now: /proc/self/pagemap, bit 63 "present".</summary>
@@ -539,14 +525,14 @@ public sealed class TestDeviceGuestTests
             a.mov(rdi, (long)page + 0x80);
             a.mov(rax, 0x0DDC_0FFE_EBAD_F00D);
             a.mov(__qword_ptr[rdi], rax);
-            SignalAndWait(a, 1);
+            HostGate.SignalAndWait(a, 1);
             a.mov(eax, (int)page + 0x80);                  // any address in the page
             a.@out(0xE4, eax);
-            SignalAndWait(a, 2);
+            HostGate.SignalAndWait(a, 2);
             a.mov(rdi, (long)page + 0x80);
             a.mov(rax, __qword_ptr[rdi]);
             a.mov(rsi, rax);
-            SignalAndWait(a, 3);
+            HostGate.SignalAndWait(a, 3);
             Step(a, 1);
             a.mov(rax, 0x0DDC_0FFE_EBAD_F00D);
             a.cmp(rsi, rax);
@@ -556,7 +542,7 @@ public sealed class TestDeviceGuestTests
         });
         var gate = new HostGate();
         var spec = new VmSpec("guest", 16 << 20, 1, image, Paging: demandPaging ? VmspaceOptions.Paged() : null) { TestDevices = true };
-        await using var run = await GuestRun.StartAsync(spec, new DeviceSpec("gate", DeviceProtocol.Space.Port, GatePort, 4, _ => gate));
+        await using var run = await GuestRun.StartAsync(spec, gate.Device());
         var vmspace = await run.ResolveChild("vmspace");
         async Task<VmspaceProtocol.Stats> Stats() =>
             await vmspace.Ask<VmspaceProtocol.Stats>(VmspaceProtocol.GetStats.Instance, TimeSpan.FromSeconds(10));
