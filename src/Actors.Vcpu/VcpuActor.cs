@@ -364,35 +364,20 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// <summary>A read is in flight: only its reply (and credits, and Stop) are handled.</summary>
     private void WaitingForRead(object message)
     {
+        switch (TakeReply(message))
+        {
+            case Replies.Complete:
+                EndWait();
+                return;
+            case Replies.MachineEnding:
+                Stash.UnstashAll();
+                EnterEnding();
+                return;
+            case Replies.More:
+                return;
+        }
         switch (message)
         {
-            case DeviceProtocol.ReadResult result when result.Id == _readId:
-                if (ApplyRead(result.Value)) EndWait();
-                break;
-            case DeviceProtocol.ReadResult:
-                break; // a stale reply
-            case DeviceProtocol.WriteDone done when done.Id >= _writeWaitFirst && done.Id <= _readId && _readRoute is not null:
-                switch (ApplyWriteDone(done))
-                {
-                    case WriteWait.Done:
-                        EndWait();
-                        break;
-                    case WriteWait.MachineEnding:
-                        Stash.UnstashAll();
-                        EnterEnding();
-                        break;
-                }
-                break;
-            case DeviceProtocol.WriteDone:
-                break; // stale
-            case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
-                _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
-                EndWait();
-                break;
-            case VlapicProtocol.MsrWriteResult w when w.Id == _readId && _readExit is VmExit.MsrWrite:
-                _vcpu.CompleteMsrWrite(fault: !w.Ok);
-                EndWait();
-                break;
             case DeviceProtocol.Acknowledged a when a.Id == _readId && _intaInFlight:
                 _intaInFlight = false;
                 if (a.Vector is { } vector) InjectNow((byte)vector);
@@ -400,7 +385,8 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
                 _extIntPending = a.StillRequested && a.Vector is not null;
                 EndWait();
                 break;
-            case VlapicProtocol.MsrReadResult or VlapicProtocol.MsrWriteResult or DeviceProtocol.Acknowledged:
+            case DeviceProtocol.ReadResult or DeviceProtocol.WriteDone or VlapicProtocol.MsrReadResult or VlapicProtocol.MsrWriteResult
+                or DeviceProtocol.Acknowledged:
                 break; // stale
             case DeviceProtocol.WriteCredit credit:
                 ApplyCredit(credit);
@@ -912,7 +898,43 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// <summary>How long a vcpu that sent a read spins for the reply before its thread may sleep.</summary>
     private static readonly long ReplySpinTicks = System.Diagnostics.Stopwatch.Frequency / 50_000; // 20 µs
 
-    private enum Replies : byte { Pending, Complete, MachineEnding }
+    /// <summary>What a message did to the reply the vcpu waits for: nothing (not its reply), one
+    /// element of several in (the next one asked for), the whole of it, or the whole of a write that
+    /// ended the machine.</summary>
+    private enum Replies : byte { None, More, Complete, MachineEnding }
+
+    /// <summary>
+    /// Takes <paramref name="message"/> in if it answers the read, waited write or APIC MSR access in
+    /// flight: completes the exit in kvm_run (or asks for the next element of a string IN).
+    /// </summary>
+    private Replies TakeReply(object message)
+    {
+        switch (message)
+        {
+            case DeviceProtocol.ReadResult r when r.Id == _readId && _readExit is VmExit.Io or VmExit.Mmio:
+                if (!ApplyRead(r.Value)) return Replies.More;
+                _readExit = null;
+                _readRoute = null;
+                return Replies.Complete;
+            case DeviceProtocol.WriteDone w when w.Id >= _writeWaitFirst && w.Id <= _readId && _readRoute is not null:
+                return ApplyWriteDone(w) switch
+                {
+                    WriteWait.Done => Replies.Complete,
+                    WriteWait.MachineEnding => Replies.MachineEnding,
+                    _ => Replies.More,
+                };
+            case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
+                _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
+                _readExit = null;
+                return Replies.Complete;
+            case VlapicProtocol.MsrWriteResult w when w.Id == _readId && _readExit is VmExit.MsrWrite:
+                _vcpu.CompleteMsrWrite(fault: !w.Ok);
+                _readExit = null;
+                return Replies.Complete;
+            default:
+                return Replies.None;
+        }
+    }
 
     /// <summary>
     /// Devices and vlapics run on the thread that sends to them when they are idle (InlineDispatcher,
@@ -921,44 +943,20 @@ internal sealed class VcpuActor : UntypedActor, IWithUnboundedStash
     /// returns. Taken at once while first in line (the next element of a string IN is asked for and
     /// taken the same way), it spares the vcpu a turn of its mailbox and a Run message: the guest
     /// goes on in this same Step. With anything else first in line, or no answer yet (the device was
-    /// busy on another thread), the vcpu waits for it in <see cref="WaitingForRead"/>.
+    /// busy on another thread), the vcpu waits for it in <see cref="WaitingForRead"/> (None).
+    /// Only this thread takes from the mailbox, so the message peeked at is still first once taken in.
     /// </summary>
     private Replies TakeRepliesInLine()
     {
-        if (_vcpuQueue is not { } queue) return Replies.Pending;
+        if (_vcpuQueue is not { } queue) return Replies.None;
         while (queue.TryPeek(out var first))
         {
-            switch (first)
-            {
-                case DeviceProtocol.ReadResult r when r.Id == _readId && _readExit is VmExit.Io or VmExit.Mmio:
-                    queue.TryDequeue(out _);
-                    if (!ApplyRead(r.Value)) continue; // the next element's read was sent
-                    _readExit = null;
-                    _readRoute = null;
-                    return Replies.Complete;
-                case DeviceProtocol.WriteDone w when w.Id >= _writeWaitFirst && w.Id <= _readId && _readRoute is not null:
-                    queue.TryDequeue(out _);
-                    switch (ApplyWriteDone(w))
-                    {
-                        case WriteWait.Done: return Replies.Complete;
-                        case WriteWait.MachineEnding: return Replies.MachineEnding;
-                    }
-                    continue;
-                case VlapicProtocol.MsrReadResult r when r.Id == _readId && _readExit is VmExit.MsrRead:
-                    queue.TryDequeue(out _);
-                    _vcpu.CompleteMsrRead(r.Value, fault: !r.Ok);
-                    _readExit = null;
-                    return Replies.Complete;
-                case VlapicProtocol.MsrWriteResult w when w.Id == _readId && _readExit is VmExit.MsrWrite:
-                    queue.TryDequeue(out _);
-                    _vcpu.CompleteMsrWrite(fault: !w.Ok);
-                    _readExit = null;
-                    return Replies.Complete;
-                default:
-                    return Replies.Pending;
-            }
+            var taken = TakeReply(first);
+            if (taken == Replies.None) return Replies.None;
+            queue.TryDequeue(out _);
+            if (taken != Replies.More) return taken;
         }
-        return Replies.Pending;
+        return Replies.None;
     }
 
     /// <summary>

@@ -30,9 +30,6 @@ public sealed class ConformanceGuestTests
 
     public static TheoryData<LapicMode> LapicModes => new() { LapicMode.Emulated, LapicMode.Assisted };
 
-    private const string NoNmiIpiInBox = "an NMI IPI from KVM's local APIC never reaches a guest of kvm_amd nested in QEMU's " +
-                                         "emulated SVM, and QEMU then aborts (tcg_handle_interrupt assertion), taking the box down " +
-                                         "(seen; NMIs work on kvm_pvm)";
 
     private static LongModeImage Long(Action<Assembler> body)
     {
@@ -211,7 +208,7 @@ public sealed class ConformanceGuestTests
     /// </summary>
     [KvmTheory]
     [KvmData(LapicMode.Emulated)]
-    [KvmData(LapicMode.Assisted, NotInKvmBox = NoNmiIpiInBox)]
+    [KvmData(LapicMode.Assisted, NotInKvmBox = BoxLimits.NmiIpiFromKvmApic)]
     public async Task An_nmi_that_arrives_inside_the_nmi_handler_is_held_until_its_iret(LapicMode lapic)
     {
         var image = Long(a =>

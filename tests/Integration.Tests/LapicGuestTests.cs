@@ -317,9 +317,9 @@ public sealed class LapicGuestTests
     /// </summary>
     [KvmTheory]
     [KvmData(LapicMode.Emulated, "tpr")]
-    [KvmData(LapicMode.Emulated, "cr8", NotInKvmBox = "QEMU's emulated SVM aborts (tcg_handle_interrupt assertion: its CR8 write helper raises the virtual interrupt without holding its lock) when a nested guest writes CR8 while KVM asks for an interrupt window, taking the box down (seen with QEMU 7.2 and 10.0; the test passes on kvm_pvm)")]
+    [KvmData(LapicMode.Emulated, "cr8", NotInKvmBox = BoxLimits.Cr8WithInterruptWindow)]
     [KvmData(LapicMode.Assisted, "tpr")]
-    [KvmData(LapicMode.Assisted, "cr8", NotInKvmBox = "QEMU's emulated SVM aborts (tcg_handle_interrupt assertion: its CR8 write helper raises the virtual interrupt without holding its lock) when a nested guest writes CR8 while KVM asks for an interrupt window, taking the box down (seen with QEMU 7.2 and 10.0; the test passes on kvm_pvm)")]
+    [KvmData(LapicMode.Assisted, "cr8", NotInKvmBox = BoxLimits.Cr8WithInterruptWindow)]
     public async Task A_raised_task_priority_holds_back_a_pending_lower_vector_until_lowered(LapicMode lapic, string how)
     {
         var image = Long(a =>
@@ -401,19 +401,12 @@ public sealed class LapicGuestTests
         return Long(a =>
         {
             var handler = a.CreateLabel();
-            var wait = a.CreateLabel();
             var bad = a.CreateLabel();
             var second = a.CreateLabel();
             var done = a.CreateLabel();
             SetGate(a, 0x24, handler);
             EnableApic(a);
-            InterruptCode.RouteIoApicPin(a, 4, 0x24);
-            if (level)
-            {
-                a.mov(rdi, InterruptCode.IoApicBase);
-                a.mov(__dword_ptr[rdi], 0x10 + 2 * 4);
-                a.mov(__dword_ptr[rdi + 0x10], 0x24 | (1 << 15)); // level-triggered
-            }
+            InterruptCode.RouteIoApicPin(a, 4, 0x24, levelTriggered: level);
             a.mov(dx, 0x3FC);
             a.mov(al, 0x08);                                       // MCR.OUT2
             a.@out(dx, al);
@@ -422,26 +415,10 @@ public sealed class LapicGuestTests
             a.@out(dx, al);
             var hlt = a.CreateLabel();
             a.mov(rsi, (long)counter);
-            a.Label(ref wait);
-            InterruptCode.SleepWithInterruptsOn(a, hlt);
-            a.cli();
-            a.cmp(__dword_ptr[rsi], level ? 2 : 1);
-            a.jb(wait);
-            a.mov(ecx, 5_000);                                     // a late extra delivery would show now
-            a.sti();
-            var linger = a.CreateLabel();
-            a.Label(ref linger);
-            a.pause();
-            a.dec(ecx);
-            a.jnz(linger);
-            a.cli();
+            InterruptCode.SleepUntilCountThenLinger(a, level ? 2 : 1, hlt);
             a.cmp(__dword_ptr[rsi], level ? 2 : 1);
             a.jne(bad);
-            a.mov(rdi, InterruptCode.IoApicBase);
-            a.mov(__dword_ptr[rdi], 0x10 + 2 * 4);
-            a.mov(eax, __dword_ptr[rdi + 0x10]);
-            a.test(eax, 1 << 14);                                  // Remote IRR
-            a.jnz(bad);
+            InterruptCode.JumpIfRemoteIrr(a, 4, bad);
             ExitPassedElseAt(a, bad);
 
             a.Label(ref handler);
@@ -619,7 +596,7 @@ public sealed class LapicGuestTests
 
     [KvmTheory]
     [KvmData(LapicMode.Emulated)]
-    [KvmData(LapicMode.Assisted, NotInKvmBox = "an NMI IPI from KVM's local APIC never reaches a guest of kvm_amd nested in QEMU's emulated SVM, and QEMU then aborts (tcg_handle_interrupt assertion), taking the box down (seen; the test passes on kvm_pvm)")]
+    [KvmData(LapicMode.Assisted, NotInKvmBox = BoxLimits.NmiIpiFromKvmApic)]
     public async Task An_nmi_sent_to_its_own_apic_id_runs_the_nmi_handler(LapicMode lapic)
     {
         var image = Long(a =>

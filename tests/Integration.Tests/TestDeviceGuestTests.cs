@@ -88,20 +88,12 @@ public sealed class TestDeviceGuestTests
         var image = Long(a =>
         {
             var handler = a.CreateLabel();
-            var wait = a.CreateLabel();
-            var linger = a.CreateLabel();
             var done = a.CreateLabel();
             var hlt = a.CreateLabel();
             var failed = a.CreateLabel();
             InterruptCode.SetGate(a, vector, handler);
             InterruptCode.EnableLocalApic(a);
-            InterruptCode.RouteIoApicPin(a, line, vector);
-            if (level)
-            {
-                a.mov(rdi, InterruptCode.IoApicBase);
-                a.mov(__dword_ptr[rdi], 0x10 + 2 * line);
-                a.mov(__dword_ptr[rdi + 0x10], vector | (1 << 15));    // level-triggered, active high
-            }
+            InterruptCode.RouteIoApicPin(a, line, vector, levelTriggered: level);
             a.mov(rsi, (long)Counter);
             a.mov(__dword_ptr[rsi], 0);
             a.mov(dx, (ushort)(Platform.TestDevIrqPort + line));
@@ -113,27 +105,12 @@ public sealed class TestDeviceGuestTests
                 a.@out(dx, al);                                        // and down: one edge
             }
             Step(a, 1);
-            a.Label(ref wait);
-            InterruptCode.SleepWithInterruptsOn(a, hlt);
-            a.cli();
-            a.cmp(__dword_ptr[rsi], expected);
-            a.jb(wait);
-            a.mov(ecx, 5_000);
-            a.sti();
-            a.Label(ref linger);
-            a.pause();
-            a.dec(ecx);
-            a.jnz(linger);
-            a.cli();
+            InterruptCode.SleepUntilCountThenLinger(a, expected, hlt);
             Step(a, 2);
             a.cmp(__dword_ptr[rsi], expected);
             a.jne(failed);
             Step(a, 3);
-            a.mov(rdi, InterruptCode.IoApicBase);
-            a.mov(__dword_ptr[rdi], 0x10 + 2 * line);
-            a.mov(eax, __dword_ptr[rdi + 0x10]);
-            a.test(eax, 1 << 14);                                      // Remote IRR
-            a.jnz(failed);
+            InterruptCode.JumpIfRemoteIrr(a, line, failed);
             ExitPassed(a);
             FailedStep(a, failed);
 

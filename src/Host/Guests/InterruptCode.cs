@@ -143,14 +143,49 @@ public static class InterruptCode
     }
 
     /// <summary>IOAPIC pin <paramref name="pin"/> → <paramref name="vector"/>: fixed delivery, physical
-    /// destination APIC 0, edge-triggered, active high, unmasked. Clobbers RDI.</summary>
-    public static void RouteIoApicPin(Assembler a, int pin, byte vector)
+    /// destination APIC 0, edge- or <paramref name="levelTriggered"/>, active high, unmasked. Clobbers RDI.</summary>
+    public static void RouteIoApicPin(Assembler a, int pin, byte vector, bool levelTriggered = false)
     {
         a.mov(rdi, IoApicBase);
         a.mov(__dword_ptr[rdi], 0x10 + 2 * pin + 1);     // IOREGSEL: high half of the entry
         a.mov(__dword_ptr[rdi + 0x10], 0);               // IOWIN: destination APIC 0
         a.mov(__dword_ptr[rdi], 0x10 + 2 * pin);         // low half
-        a.mov(__dword_ptr[rdi + 0x10], vector);          // vector, fixed, edge, unmasked
+        a.mov(__dword_ptr[rdi + 0x10], vector | (levelTriggered ? 1 << 15 : 0)); // vector, fixed, unmasked
+    }
+
+    /// <summary>Jumps to <paramref name="target"/> if the Remote IRR bit (14) of IOAPIC pin
+    /// <paramref name="pin"/>'s redirection entry is set. Clobbers EAX and RDI.</summary>
+    public static void JumpIfRemoteIrr(Assembler a, int pin, Label target)
+    {
+        a.mov(rdi, IoApicBase);
+        a.mov(__dword_ptr[rdi], 0x10 + 2 * pin);
+        a.mov(eax, __dword_ptr[rdi + 0x10]);
+        a.test(eax, 1 << 14);
+        a.jnz(target);
+    }
+
+    /// <summary>
+    /// Sleeps (<see cref="SleepWithInterruptsOn"/>, its <c>hlt</c> at <paramref name="hlt"/>) until the
+    /// 32-bit count at [RSI] is at least <paramref name="expected"/>, then keeps interrupts on for
+    /// <paramref name="iterations"/> pauses, so that a late extra delivery would show, and returns
+    /// with interrupts off. Clobbers ECX.
+    /// </summary>
+    public static void SleepUntilCountThenLinger(Assembler a, int expected, Label hlt, int iterations = 5_000)
+    {
+        var wait = a.CreateLabel();
+        var linger = a.CreateLabel();
+        a.Label(ref wait);
+        SleepWithInterruptsOn(a, hlt);
+        a.cli();
+        a.cmp(__dword_ptr[rsi], expected);
+        a.jb(wait);
+        a.mov(ecx, iterations);
+        a.sti();
+        a.Label(ref linger);
+        a.pause();
+        a.dec(ecx);
+        a.jnz(linger);
+        a.cli();
     }
 
     /// <summary>
