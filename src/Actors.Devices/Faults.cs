@@ -6,7 +6,7 @@ namespace ActorVmm.Devices;
 /// </summary>
 public static class FaultProtocol
 {
-    public interface IFaultMessage;
+    public interface IFaultMessage : IVcpuNotify;
 
     /// <summary>Makes the receiving actor throw <see cref="InjectedFaultException"/> (its supervisor decides).</summary>
     public sealed record Crash(string Reason) : IFaultMessage;

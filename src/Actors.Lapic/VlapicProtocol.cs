@@ -26,15 +26,11 @@ public static class VlapicProtocol
 
     // ---- To the vcpu ---------------------------------------------------------------------------
 
-    /// <summary>
-    /// An event for the vcpu. <see cref="LapicInterrupt"/> is the seed's vcpu_notify_event flag: the
-    /// host's adapter turns each event into the vcpu's message plus a kick
-    /// (<c>VcpuProtocol.Notify(LapicInterrupt)</c>).
-    /// </summary>
-    public interface IVcpuEvent : IVlapicMessage
+    /// <summary>An event for the vcpu (the seed's vcpu_notify_event: the vcpu's mailbox kicks it out
+    /// of the guest, see <see cref="ActorVmm.Devices.IVcpuNotify"/>).</summary>
+    public interface IVcpuEvent : IVlapicMessage, ActorVmm.Devices.IVcpuNotify
     {
         int VcpuId { get; }
-        bool LapicInterrupt { get; }
     }
 
     /// <summary>The highest vector the vcpu should take now. Supersedes an earlier one; the vcpu
@@ -42,63 +38,36 @@ public static class VlapicProtocol
     /// <paramref name="Seq"/> numbers the vlapic's reports (from 1; kept across its restarts): the
     /// vcpu ignores a report not newer than the last it saw, so a duplicated or late one cannot
     /// inject a vector twice. 0 = unnumbered (taken as new).</summary>
-    public sealed record InterruptPending(int VcpuId, byte Vector, long Seq = 0) : IVcpuEvent
-    {
-        public bool LapicInterrupt => true;
-    }
+    public sealed record InterruptPending(int VcpuId, byte Vector, long Seq = 0) : IVcpuEvent;
 
     /// <summary>The vector reported last is no longer deliverable (the guest raised its TPR, or
     /// masked or retargeted the source): the vcpu drops it unless it was already injected (then its
     /// <see cref="InterruptAccepted"/> is on the way, as on hardware once the core took it).</summary>
-    public sealed record NoInterruptPending(int VcpuId, long Seq) : IVcpuEvent
-    {
-        public bool LapicInterrupt => true;
-    }
+    public sealed record NoInterruptPending(int VcpuId, long Seq) : IVcpuEvent;
 
     /// <summary>The TPR changed through the APIC page or an x2APIC MSR: the vcpu loads
     /// <c>Tpr &gt;&gt; 4</c> into the guest's CR8 before its next entry (CR8 aliases TPR[7:4]).</summary>
-    public sealed record TaskPriorityChanged(int VcpuId, byte Tpr) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record TaskPriorityChanged(int VcpuId, byte Tpr) : IVcpuEvent;
 
     /// <summary>IA32_APIC_BASE changed (a guest WRMSR, a restored state): the vcpu decodes the
     /// xAPIC page at the new base while the APIC is in xAPIC mode, and nowhere otherwise (SDM Vol 3A
     /// §10.4.4-10.4.5), and tells KVM the value, so that CPUID.01H:EDX.APIC follows
     /// IA32_APIC_BASE.EN as on a processor (§10.4.3). Sent while the vcpu waits for its WRMSR's
     /// answer, so it takes effect before the guest's next instruction.</summary>
-    public sealed record ApicBaseChanged(int VcpuId, ulong ApicBase) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record ApicBaseChanged(int VcpuId, ulong ApicBase) : IVcpuEvent;
 
-    public sealed record NmiPending(int VcpuId) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record NmiPending(int VcpuId) : IVcpuEvent;
 
-    public sealed record SmiPending(int VcpuId) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record SmiPending(int VcpuId) : IVcpuEvent;
 
     /// <summary>Take the vector from the 8259 (INTA) when the guest can take an interrupt.</summary>
-    public sealed record ExtIntPending(int VcpuId) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record ExtIntPending(int VcpuId) : IVcpuEvent;
 
     /// <summary>INIT: the APIC has reset itself; an AP enters wait-for-SIPI.</summary>
-    public sealed record InitReceived(int VcpuId) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record InitReceived(int VcpuId) : IVcpuEvent;
 
     /// <summary>SIPI: an AP in wait-for-SIPI starts at CS = Vector &lt;&lt; 8, IP = 0.</summary>
-    public sealed record StartupReceived(int VcpuId, byte Vector) : IVcpuEvent
-    {
-        public bool LapicInterrupt => false;
-    }
+    public sealed record StartupReceived(int VcpuId, byte Vector) : IVcpuEvent;
 
     // ---- From the vcpu -------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ public static class VmspaceProtocol
 
     /// <summary>To every registered vcpu (one in the guest is kicked): on its next entry it does its per-vcpu
     /// work (e.g. harvest its dirty ring) and answers <see cref="EptInvalidated"/>.</summary>
-    public sealed record InvalidateEpt(ulong Generation) : IVmspaceMessage;
+    public sealed record InvalidateEpt(ulong Generation) : IVmspaceMessage, Devices.IVcpuNotify;
 
     /// <summary>A vcpu's ack of <paramref name="Generation"/>, with what it harvested from its dirty ring
     /// just before (guest frame numbers; null or empty without a ring). <paramref name="RingOverflowed"/>:

@@ -21,10 +21,29 @@ internal sealed class ExitStats
     private int _pending = -1;
     private long _exitedAt;
 
+    /// <summary>Exits in all; port and MMIO accesses handled (an unassigned one included, a string
+    /// I/O counted once); HLT and interrupt exits; accesses no device answers.</summary>
+    public long Exits, IoExits, MmioExits, HltExits, IntrExits, UnassignedReads, UnassignedWrites;
+
+    /// <summary>Counts an access exit as port or MMIO.</summary>
+    public void Access(VmExit exit)
+    {
+        if (exit is VmExit.Io) IoExits++;
+        else MmioExits++;
+    }
+
+    /// <summary>The counts for <see cref="VcpuProtocol.GetStats"/>.</summary>
+    public VcpuProtocol.Stats Report(int vcpuId, VcpuProtocol.State state, long injected) =>
+        new(vcpuId, state, Exits, IoExits, MmioExits, HltExits, IntrExits, UnassignedReads, UnassignedWrites, injected)
+        {
+            Reasons = Snapshot(),
+        };
+
     /// <summary>The vcpu left the guest with <paramref name="exit"/>.</summary>
     public void Exited(VmExit exit)
     {
         _exitedAt = Stopwatch.GetTimestamp();
+        Exits++;
         _pending = exit switch
         {
             VmExit.Io { IsOut: true } => 0,

@@ -5,8 +5,8 @@ using ActorVmm.LibVmm;
 namespace ActorVmm.Vcpu;
 
 /// <summary>
-/// The vcpu actor's protocol. Messages marked <see cref="IKicking"/> make the vcpu's mailbox kick
-/// the vcpu thread out of KVM_RUN, so they are handled before the guest runs again.
+/// The vcpu actor's protocol. Requests are <see cref="IVcpuNotify"/>: the vcpu's mailbox kicks the
+/// vcpu thread out of KVM_RUN for them, so they are handled before the guest runs again.
 /// </summary>
 public static class VcpuProtocol
 {
@@ -68,13 +68,33 @@ public static class VcpuProtocol
 
     public interface IVcpuMessage;
 
-    /// <summary>A message that must reach the vcpu promptly: the mailbox kicks it on enqueue.</summary>
-    public interface IKicking : IVcpuMessage;
+    /// <summary>A request to the vcpu: it needs the vcpu between two runs, so it kicks.</summary>
+    public interface IVcpuRequest : IVcpuMessage, IVcpuNotify;
 
-    /// <summary><see cref="WaitingForSipi"/>: an AP after INIT, until a SIPI sets CS:IP.</summary>
-    /// <summary><see cref="Ending"/>: the guest wrote to a device that ends the machine (debug-exit,
-    /// reset); the vcpu runs no more guest code and waits for the VM to stop it.</summary>
-    public enum State { Created, Running, Paused, Halted, Stopped, WaitingForSipi, Ending }
+    /// <summary>Every state of a vcpu (the actor's one state variable).</summary>
+    public enum State
+    {
+        /// <summary>Built, not started.</summary>
+        Created,
+        /// <summary>In the guest, or between two runs with nothing to wait for.</summary>
+        Running,
+        /// <summary>Out of the guest on request, until <see cref="Resume"/>.</summary>
+        Paused,
+        /// <summary>In HLT (an emulated local APIC), until an interrupt, NMI or INIT.</summary>
+        Halted,
+        /// <summary>For good: no more guest code, only reads of its state.</summary>
+        Stopped,
+        /// <summary>An AP after INIT, until a SIPI sets CS:IP (SDM Vol 3A §8.4.1).</summary>
+        WaitingForSipi,
+        /// <summary>The guest wrote to a device that ends the machine (debug-exit, reset): no more guest
+        /// code; the VM is about to stop the vcpu.</summary>
+        Ending,
+        /// <summary>Out of the guest until a reply is in: a device read, a write that may end the
+        /// machine, the vlapic's answer to an APIC MSR access, the 8259's INTA vector.</summary>
+        WaitingForReply,
+        /// <summary>Out of the guest until a device whose write window is full credits writes back.</summary>
+        WaitingForCredit,
+    }
 
     public enum StopReason
     {
@@ -97,29 +117,25 @@ public static class VcpuProtocol
     }
 
     /// <summary>Created → Running: the vcpu thread binds itself and enters the guest.</summary>
-    public sealed record Start : IKicking { public static readonly Start Instance = new(); }
+    public sealed record Start : IVcpuRequest { public static readonly Start Instance = new(); }
 
     /// <summary>Running/Halted → Paused; answered with <see cref="Paused"/> once out of the guest.</summary>
-    public sealed record Pause : IKicking { public static readonly Pause Instance = new(); }
+    public sealed record Pause : IVcpuRequest { public static readonly Pause Instance = new(); }
 
     /// <summary>Paused → the state before the pause.</summary>
-    public sealed record Resume : IKicking { public static readonly Resume Instance = new(); }
+    public sealed record Resume : IVcpuRequest { public static readonly Resume Instance = new(); }
 
     /// <summary>Any → Stopped. Answered with <see cref="Stopped"/> to the VM.</summary>
-    public sealed record Stop : IKicking { public static readonly Stop Instance = new(); }
-
-    /// <summary>The seed's vcpu_notify_event: wakes a halted vcpu; <see cref="LapicInterrupt"/>
-    /// says the event is an interrupt from the local APIC.</summary>
-    public sealed record Notify(bool LapicInterrupt) : IKicking;
+    public sealed record Stop : IVcpuRequest { public static readonly Stop Instance = new(); }
 
     /// <summary>Injects an external interrupt (vector) as soon as the guest can take it.</summary>
-    public sealed record InjectInterrupt(byte Vector) : IKicking;
+    public sealed record InjectInterrupt(byte Vector) : IVcpuRequest;
 
-    public sealed record GetRegisters : IKicking { public static readonly GetRegisters Instance = new(); }
+    public sealed record GetRegisters : IVcpuRequest { public static readonly GetRegisters Instance = new(); }
 
-    public sealed record SetRegisters(RegisterState? Registers, SpecialRegisterState? Special) : IKicking;
+    public sealed record SetRegisters(RegisterState? Registers, SpecialRegisterState? Special) : IVcpuRequest;
 
-    public sealed record GetStats : IKicking { public static readonly GetStats Instance = new(); }
+    public sealed record GetStats : IVcpuRequest { public static readonly GetStats Instance = new(); }
 
     // Replies and events.
     public sealed record Paused(int VcpuId) : IVcpuMessage;

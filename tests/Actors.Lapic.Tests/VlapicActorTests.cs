@@ -129,7 +129,6 @@ public sealed class VlapicActorTests : TestKit
 
         var pending = await rig.Vcpu.ExpectMsgAsync<InterruptPending>();
         Assert.Equal(new InterruptPending(2, 0x40), pending with { Seq = 0 });
-        Assert.True(pending.LapicInterrupt);
 
         rig.Vlapic.Tell(new DeliverInterrupt(0x40, true, TriggerMode.Edge, DeliveryMode.Fixed));
         await rig.Vcpu.ExpectNoMsgAsync(Quiet); // already reported, not yet accepted
@@ -241,7 +240,7 @@ public sealed class VlapicActorTests : TestKit
 
         Assert.Equal(new InitReceived(1), await rig.Vcpu.ExpectMsgAsync<InitReceived>());
         Assert.Equal(new StartupReceived(1, 0x9A), await rig.Vcpu.ExpectMsgAsync<StartupReceived>());
-        Assert.False((await rig.Vcpu.ExpectMsgAsync<NmiPending>()).LapicInterrupt);
+        Assert.Equal(new NmiPending(1), await rig.Vcpu.ExpectMsgAsync<NmiPending>());
         Assert.Equal(new ExtIntPending(1), await rig.Vcpu.ExpectMsgAsync<ExtIntPending>());
         Assert.Equal(0xFFu, await ReadAsync(rig, Svr)); // INIT left the APIC software disabled
     }

@@ -3,6 +3,7 @@ using Akka.TestKit;
 using Akka.TestKit.Xunit2;
 using ActorVmm.Devices;
 using ActorVmm.LibVmm;
+using ActorVmm.Lapic;
 using Xunit.Abstractions;
 using static ActorVmm.Vcpu.VcpuProtocol;
 
@@ -150,7 +151,7 @@ public sealed class VcpuActorTests : TestKit
 
         var registers = await rig.Vcpu.Ask<Registers>(GetRegisters.Instance, TimeSpan.FromSeconds(5));
         Assert.Equal(State.Ending, registers.State);
-        rig.Vcpu.Tell(new Notify(LapicInterrupt: true)); // nothing wakes it into the guest
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x30)); // nothing wakes it into the guest
         await rig.Uart.ExpectNoMsgAsync(Quiet);
         Assert.Equal(runs, rig.Fake.Runs);
         Assert.Equal(1, rig.Fake.Pending); // the UART write was never executed
@@ -445,7 +446,7 @@ public sealed class VcpuActorTests : TestKit
         rig.Vcpu.Tell(GetStats.Instance);
         Assert.Equal(State.Halted, (await ExpectMsgAsync<Stats>()).State);
 
-        rig.Vcpu.Tell(new Notify(LapicInterrupt: false));
+        rig.Vcpu.Tell(new VlapicProtocol.NmiPending(0));
 
         Assert.Equal(new DeviceProtocol.Write(0, 1, 7), await rig.Uart.ExpectMsgAsync<DeviceProtocol.Write>());
         Assert.True(rig.Fake.WaitUntilIdleInGuest());
@@ -478,7 +479,7 @@ public sealed class VcpuActorTests : TestKit
         rig.Fake.InterruptsEnabled = true;
 
         // The notify reaches the running vcpu (kick → Intr exit) before the guest's HLT exit.
-        rig.Vcpu.Tell(new Notify(LapicInterrupt: true));
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x30));
         Assert.True(rig.Fake.WaitUntilIdleInGuest());
         rig.Fake.Supply(VmExit.Hlt.Instance, Out(UartBase, 5));
 
@@ -504,7 +505,7 @@ public sealed class VcpuActorTests : TestKit
 
         rig.Vcpu.Tell(Pause.Instance);
         await ExpectMsgAsync(new Paused(0));
-        rig.Vcpu.Tell(new Notify(LapicInterrupt: true));
+        rig.Vcpu.Tell(new VlapicProtocol.InterruptPending(0, 0x30));
         rig.Fake.Supply(Out(UartBase, 9));
         await rig.Uart.ExpectNoMsgAsync(Quiet);
         rig.Vcpu.Tell(Resume.Instance);
