@@ -141,6 +141,8 @@ public sealed unsafe class MemfdRegion : IDisposable
     {
         get
         {
+            // SAFETY: stat is StatSize bytes, the kernel's struct stat, alive for the call; st_blocks
+            // is read at its offset inside it.
             var stat = stackalloc byte[Native.StatSize];
             if (_fd < 0 || Native.Fstat(_fd, stat) != 0) return 0;
             return *(ulong*)(stat + Native.StatBlocksOffset) * 512;
@@ -293,6 +295,7 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
 
     /// <summary>Registers every segment with KVM as a memslot (slot numbers in map order).</summary>
     /// <param name="logDirty">KVM logs guest writes to the writable slots (<see cref="VmHandle.GetDirtyLog"/>)</param>
+    /// <param name="vm">the VM whose memslots these become</param>
     public void RegisterWith(VmHandle vm, bool logDirty = false)
     {
         for (var i = 0; i < _segments.Count; i++)
