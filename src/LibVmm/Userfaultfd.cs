@@ -110,9 +110,9 @@ public sealed class UserfaultfdException : Exception
 /// <para>
 /// Never touch a registered range from managed code. A thread blocked in a userfaultfd fault while
 /// executing managed code is in cooperative GC mode: a GC waits for it forever, while the thread
-/// that would resolve the fault (managed too) is suspended by that GC — a deadlock (seen in the
-/// tests before they went through libc memcpy). Vcpus fault inside KVM_RUN, a P/Invoke (preemptive
-/// mode); devices and loaders use the host view, which is not registered.
+/// that would resolve the fault (managed too) is suspended by that GC — a deadlock. Code that must
+/// touch a registered range does it inside a P/Invoke (libc memcpy), in preemptive mode, as vcpus
+/// fault inside KVM_RUN; devices and loaders use the host view, which is not registered.
 /// </para>
 /// <para>
 /// Measured on this machine (kernel 6.18, shmem memfd mapped MAP_SHARED, by the gcc program

@@ -110,7 +110,7 @@ public sealed unsafe class VcpuHandle : IVcpu
         var data = run.IoData;
         var at = index * size;
         if (at < 0 || at + size > data.Length) return;
-        for (var i = 0; i < size; i++) data[at + i] = (byte)(value >> (8 * i));
+        VmExit.WriteLittle(data.Slice(at, size), value);
     }
 
     public void CompleteMmioRead(ulong value)
@@ -118,7 +118,7 @@ public sealed unsafe class VcpuHandle : IVcpu
         var run = RunPage;
         var data = run.MmioData;
         var len = (int)Math.Min(run.MmioLen, 8u);
-        for (var i = 0; i < len; i++) data[i] = (byte)(value >> (8 * i));
+        VmExit.WriteLittle(data[..len], value);
     }
 
     public void CompleteMsrRead(ulong value, bool fault)
