@@ -188,12 +188,9 @@ public sealed class LocalApic : ITimedDevice
                 // §10.5.4.1: reads 0 outside TSC-deadline mode and once the deadline has passed.
                 value = Mode != ApicMode.Disabled && CurrentTimerMode == TimerMode.TscDeadline ? _tscDeadline : 0;
                 return true;
-            case < ApicMsrs.X2ApicFirst or > ApicMsrs.X2ApicLast:
-                return false;
         }
-        if (Mode != ApicMode.X2Apic) return false;
+        if (X2ApicRegister(msr) is not { } reg) return false;
         CatchUpTimer();
-        var reg = (int)(msr - ApicMsrs.X2ApicFirst) << 4;
         if (reg == IcrLow)
         {
             value = ((ulong)Reg(IcrHigh) << 32) | Reg(IcrLow);
@@ -220,12 +217,9 @@ public sealed class LocalApic : ITimedDevice
                     CatchUpTimer();       // a deadline already passed fires at once
                 }
                 return true;
-            case < ApicMsrs.X2ApicFirst or > ApicMsrs.X2ApicLast:
-                return false;
         }
-        if (Mode != ApicMode.X2Apic) return false;
+        if (X2ApicRegister(msr) is not { } reg) return false;
         CatchUpTimer();
-        var reg = (int)(msr - ApicMsrs.X2ApicFirst) << 4;
         if (reg == IcrLow)
         {
             // §10.12.9: one 64-bit write, destination in 63:32; delivery status is gone (reserved).
@@ -239,6 +233,14 @@ public sealed class LocalApic : ITimedDevice
         if (value >> 32 != 0) return false;
         return WriteRegister(reg, (uint)value, x2: true);
     }
+
+    /// <summary>The register an x2APIC MSR names (offset = (MSR - 800H) &lt;&lt; 4, §10.12.1.2, Table
+    /// 10-6), or null: not an x2APIC MSR, or the APIC is not in x2APIC mode, and the access is a #GP.
+    /// Which registers exist and which accesses they take is the register's own check.</summary>
+    private int? X2ApicRegister(uint msr) =>
+        Mode == ApicMode.X2Apic && msr is >= ApicMsrs.X2ApicFirst and <= ApicMsrs.X2ApicLast
+            ? (int)(msr - ApicMsrs.X2ApicFirst) << 4
+            : null;
 
     /// <summary>WRMSR IA32_APIC_BASE (§10.4.4, §10.12.5). False (#GP): reserved bits, EN=0 with
     /// EXTD=1, or a transition Figure 10-27 forbids (disabled→x2APIC, x2APIC→xAPIC).</summary>
