@@ -69,8 +69,9 @@ public sealed class Vlapic : ITimedDevice
         _events = events;
     }
 
-    /// <summary>No assist: every verb after the generic checks is <paramref name="model"/>'s.</summary>
-    public static Vlapic Emulated(LocalApic model, ILapicEvents events) => new(model, null, events);
+    /// <summary>No assist: every verb after the generic checks is <paramref name="model"/>'s (which
+    /// sends its own events).</summary>
+    public static Vlapic Emulated(LocalApic model) => new(model, null, NullLapicEvents.Instance);
 
     /// <summary>The registers are <paramref name="assist"/>'s; <paramref name="events"/> takes what it hands back.</summary>
     public static Vlapic Assisted(ILapicAssist assist, ILapicEvents events) => new(null, assist, events);
@@ -197,7 +198,7 @@ public static class LapicBackends
 {
     /// <summary>Emulated local APICs: APIC ID = vcpu id, vcpu 0 is the BSP.</summary>
     public static LapicBackendFactory Emulated(LapicOptions? options = null) =>
-        (vcpuId, events, clock) => Vlapic.Emulated(new LocalApic((uint)vcpuId, events, clock, options, bsp: vcpuId == 0), events);
+        (vcpuId, events, clock) => Vlapic.Emulated(new LocalApic((uint)vcpuId, events, clock, options, bsp: vcpuId == 0));
 
     /// <summary>Local APICs in the kernel (KVM split irqchip), reached through <paramref name="bus"/>.</summary>
     public static LapicBackendFactory KvmAssisted(IKernelApicBus bus) =>
