@@ -5,6 +5,7 @@ using ActorVmm.Host.Boot;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
 using ActorVmm.Devices;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using Iced.Intel;
 using static Iced.Intel.AssemblerRegisters;
@@ -419,9 +420,9 @@ internal static class LapicBench
             a.mov(ecx, ap.Length);
             a.rep.movsb();
             InterruptCode.EnableLocalApic(a);
-            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
-            a.mov(__dword_ptr[rbx + 0x300], 0x4500);                            // INIT
-            a.mov(__dword_ptr[rbx + 0x300], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 1 << 24);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4500);                            // INIT
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
             a.mov(rdi, (long)ApReady);
             a.Label(ref ready);
             a.pause();
@@ -430,8 +431,8 @@ internal static class LapicBench
             a.xor(r12d, r12d);
             BenchGuest.Mark(a, 1);
             a.Label(ref next);
-            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
-            a.mov(__dword_ptr[rbx + 0x300], 0x41);                              // ping: fixed 0x41 to APIC 1
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 1 << 24);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x41);                              // ping: fixed 0x41 to APIC 1
             a.inc(r12d);
             SleepUntilCounter(a, hlt);                                          // pong: 0x40 counted
             a.cmp(r12d, roundTrips);
@@ -450,14 +451,14 @@ internal static class LapicBench
         var hlt = a.CreateLabel();
         SetGate(a, 0x30, tick);
         InterruptCode.EnableLocalApic(a);
-        a.mov(__dword_ptr[rbx + 0x3E0], 0xB);                       // divide by 1: 1 GHz
-        a.mov(__dword_ptr[rbx + 0x320], 0x2_0030);                  // periodic, vector 0x30
+        a.mov(__dword_ptr[rbx + ApicOffsets.TimerDivide], 0xB);                       // divide by 1: 1 GHz
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x2_0030);                  // periodic, vector 0x30
         a.mov(r12d, ticks);
         BenchGuest.Mark(a, 1);
-        a.mov(__dword_ptr[rbx + 0x380], periodMicroseconds * 1000); // initial count: starts the timer
+        a.mov(__dword_ptr[rbx + ApicOffsets.TimerInitialCount], periodMicroseconds * 1000); // initial count: starts the timer
         SleepUntilCounter(a, hlt);
         BenchGuest.Mark(a, 2);
-        a.mov(__dword_ptr[rbx + 0x320], 0x1_0030);                  // masked
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x1_0030);                  // masked
         BenchGuest.ExitOk(a);
         CountingHandler(a, tick, hlt);
     });
@@ -599,9 +600,9 @@ internal static class LapicBench
             a.mov(ecx, target.Length);
             a.rep.movsb();
             InterruptCode.EnableLocalApic(a);
-            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);                           // to APIC 1, from here on
-            a.mov(__dword_ptr[rbx + 0x300], 0x4500);                            // INIT
-            a.mov(__dword_ptr[rbx + 0x300], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 1 << 24);                           // to APIC 1, from here on
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4500);                            // INIT
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
             a.mov(r9, (long)Answers);                                           // [r9]: answers, [r9 + 4]: announced
             a.mov(r13, (long)(Samples - (ulong)warmUp * 8));
             a.mov(r14, settleTicks);
@@ -629,7 +630,7 @@ internal static class LapicBench
             a.jb(settle);
             ReadTsc(a);
             a.mov(r10, rax);                                                    // the clock starts
-            a.mov(__dword_ptr[rbx + 0x300], 0x41);                              // fixed, vector 0x41
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x41);                              // fixed, vector 0x41
             a.Label(ref waitAnswer);
             a.cmp(__dword_ptr[r9], r8d);
             a.jne(answered);
@@ -678,7 +679,7 @@ internal static class LapicBench
         a.jnc(noTimer);
         SetGate(a, 0x30, handler);
         InterruptCode.EnableLocalApic(a);
-        a.mov(__dword_ptr[rbx + 0x320], 0x4_0030);       // LVT timer: TSC-deadline mode (10b), vector 0x30
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x4_0030);       // LVT timer: TSC-deadline mode (10b), vector 0x30
         a.mov(r9, (long)Counter);
         a.mov(r13, (long)(Samples - (ulong)warmUp * 8));
         a.mov(r15, giveUpTicks);
@@ -707,7 +708,7 @@ internal static class LapicBench
         a.jb(write);
         a.Label(ref end);
         a.cli();
-        a.mov(__dword_ptr[rbx + 0x320], 0x5_0030);       // masked
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x5_0030);       // masked
         a.Label(ref exit);
         BenchGuest.ExitOk(a);
         Stalled(a, noInterrupt, Stall.NoDeadlineInterrupt, end);
@@ -746,9 +747,9 @@ internal static class LapicBench
         a.mov(r9, (long)Counter);
         a.mov(r13, (long)(Samples - (ulong)warmUp * 8));
         a.mov(r15, giveUpTicks);
-        a.mov(__dword_ptr[rbx + 0x3E0], 0xB);                       // divide by 1: 1 GHz
-        a.mov(__dword_ptr[rbx + 0x320], 0x2_0030);                  // periodic, vector 0x30
-        a.mov(__dword_ptr[rbx + 0x380], periodMicroseconds * 1000); // initial count: starts the timer
+        a.mov(__dword_ptr[rbx + ApicOffsets.TimerDivide], 0xB);                       // divide by 1: 1 GHz
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x2_0030);                  // periodic, vector 0x30
+        a.mov(__dword_ptr[rbx + ApicOffsets.TimerInitialCount], periodMicroseconds * 1000); // initial count: starts the timer
         a.sti();
         a.Label(ref next);
         a.mov(r12d, __dword_ptr[r9]);                               // interrupts taken so far
@@ -764,7 +765,7 @@ internal static class LapicBench
         a.jmp(wait);
         a.Label(ref end);
         a.cli();
-        a.mov(__dword_ptr[rbx + 0x320], 0x1_0030);                  // masked
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x1_0030);                  // masked
         BenchGuest.ExitOk(a);
         Stalled(a, noInterrupt, Stall.NoTimerInterrupt, end);
         a.Label(ref tick);
@@ -776,7 +777,7 @@ internal static class LapicBench
         ReadTsc(a);
         a.mov(rcx, rax);
         a.mov(rdi, LapicBase);
-        a.mov(__dword_ptr[rdi + InterruptCode.LapicEoi], 0);        // the EOI
+        a.mov(__dword_ptr[rdi + ApicOffsets.Eoi], 0);        // the EOI
         a.mfence();
         a.lfence();
         ReadTsc(a);

@@ -12,7 +12,7 @@ public sealed class DebugExit(IPlatformEvents events) : IBusDevice
 
     public void Write(ulong offset, int size, ulong value)
     {
-        var v = size >= 8 ? value : value & ((1UL << (size * 8)) - 1);
+        var v = AccessSize.Mask(value, size);
         events.RequestExit(unchecked((int)((v << 1) | 1)), "debug-exit");
     }
 }

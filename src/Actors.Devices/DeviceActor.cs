@@ -22,7 +22,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
 
     private readonly string _name;
     private readonly IBusDevice _model;
-    private readonly Dictionary<IActorRef, int> _uncredited = new();
+    private readonly WriteCredits _credits = new();
     private byte[] _pendingInput = [];
     private long _reads;
     private long _writes;
@@ -53,6 +53,12 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
 
     /// <param name="memory">the owner of guest memory (the vmspace): on a restart it is told
     /// <see cref="DeviceRestarting"/> and releases this device's page holds</param>
+    /// <param name="name">device name used in messages and traces ("uart0")</param>
+    /// <param name="factory">builds the model; called once per incarnation without a saved state</param>
+    /// <param name="restore">builds the model from the state its last incarnation saved; null: from power-on</param>
+    /// <param name="events">receives the guest's exit, reset and power-off requests</param>
+    /// <param name="cell">what outlives an incarnation: the saved state, restart counts, request ids</param>
+    /// <param name="clock">the clock of a timed model's deadlines; null: its deadlines are not armed</param>
     public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
         Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell, IDeviceClock? clock,
         IActorRef? memory)
@@ -79,20 +85,19 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         Receive<Write>(w =>
         {
             _writes++;
-            // Counted before the model runs: if it throws, PreRestart credits it back.
-            Credit(Sender);
-            if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
+            _credits.Posted(Sender);
+            if (AccessSize.IsValid(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
             DrainInput();
             Rearm();
         });
         Receive<WriteAndWait>(w =>
         {
             _writes++;
-            _uncredited.Remove(Sender); // the reply acknowledges every earlier write (FIFO)
+            _credits.Replied(Sender);
             _platform.Requests = 0;
             try
             {
-                if (IsValidSize(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
+                if (AccessSize.IsValid(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
             }
             catch
             {
@@ -117,18 +122,17 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
             ulong value;
             try
             {
-                value = IsValidSize(r.Size) ? _model.Read(r.Offset, r.Size) : ulong.MaxValue;
+                value = AccessSize.IsValid(r.Size) ? _model.Read(r.Offset, r.Size) : ulong.MaxValue;
             }
             catch
             {
                 // A failing model must not leave the vcpu waiting: it reads all-ones (as from an
                 // absent device), then the supervisor restarts this actor.
-                Sender.Tell(new ReadResult(r.Id, Mask(ulong.MaxValue, r.Size)));
+                Sender.Tell(new ReadResult(r.Id, AccessSize.AllOnes(r.Size)));
                 throw;
             }
-            // The reply acknowledges every earlier write of this sender (FIFO mailbox).
-            _uncredited.Remove(Sender);
-            Sender.Tell(new ReadResult(r.Id, Mask(value, r.Size)));
+            _credits.Replied(Sender);
+            Sender.Tell(new ReadResult(r.Id, AccessSize.Mask(value, r.Size)));
             DrainInput();
             Rearm();
         });
@@ -172,44 +176,17 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         });
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
         Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));
-        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
-        Receive<FaultProtocol.Stall>(StartStall);
+        Receive<FaultProtocol.Crash>(Faults.Crash);
+        // A stall blocks no thread: this actor may run on whatever thread sent to it (InlineDispatcher).
+        // What arrives meanwhile, its timer's deadline included, waits and is handled after, in
+        // order, as by a device whose thread the host descheduled; a vcpu reading it waits.
+        Receive<FaultProtocol.Stall>(s => Faults.StallStashing(s, Context, Stash, Timers, _name));
         Receive<DeadlineReached>(_ =>
         {
             _armedFor = null;
             _timed?.OnDeadline();
             Rearm();
         });
-    }
-
-    /// <summary>
-    /// A stall: the device handles nothing for its duration, as a device whose thread the host
-    /// descheduled (what arrives meanwhile, its timer's deadline included, waits and is handled
-    /// after, in order; a vcpu reading it waits). It blocks no thread: the actor may run on whatever
-    /// thread sent to it (InlineDispatcher), which must not sleep in its place.
-    /// </summary>
-    private void StartStall(FaultProtocol.Stall stall)
-    {
-        var duration = FaultProtocol.Clamp(stall.Duration);
-        var asker = Sender;
-        Context.System.EventStream.Publish(new FaultProtocol.StallStarted(Self.Path.ToStringWithoutAddress(), duration, stall.Reason,
-            System.Diagnostics.Stopwatch.GetTimestamp()));
-        Timers.StartSingleTimer(StallOver.Instance, StallOver.Instance, duration);
-        BecomeStacked(() =>
-        {
-            Receive<StallOver>(_ =>
-            {
-                UnbecomeStacked();
-                Stash.UnstashAll();
-                asker.Tell(new FaultProtocol.Injected($"{_name} stalled for {duration.TotalMilliseconds:0} ms"));
-            });
-            ReceiveAny(_ => Stash.Stash());
-        });
-    }
-
-    private sealed class StallOver : INotTraced
-    {
-        public static readonly StallOver Instance = new();
     }
 
     /// <summary>A model restored from a state record may have a deadline already.</summary>
@@ -227,9 +204,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
             try { _cell.State = stateful.SaveState(); }
             catch (Exception) { _cell.State = null; } // a model too broken to save restarts from power-on
         }
-        foreach (var (sender, n) in _uncredited)
-            if (n > 0) sender.Tell(new WriteCredit(n));
-        _uncredited.Clear();
+        _credits.ReturnAll();
         // Never leave a vcpu waiting: the answers to this incarnation's requests will find nobody.
         while (_heldWrites.TryDequeue(out var held)) held.Writer.Tell(held.Done);
         _outstanding.Clear();
@@ -246,8 +221,6 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
             held.Writer.Tell(held.Done);
         }
     }
-
-    private static bool IsValidSize(int size) => size is 1 or 2 or 4 or 8;
 
     /// <summary>
     /// One timer for the model's next deadline, reset only when the deadline moved; a deadline
@@ -268,20 +241,6 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         Timers.StartSingleTimer(DeadlineReached.Instance, DeadlineReached.Instance, delay > TimeSpan.Zero ? delay : TimeSpan.Zero);
     }
 
-    private static ulong Mask(ulong value, int size) =>
-        size >= 8 ? value : value & ((1UL << (size * 8)) - 1);
-
-    private void Credit(IActorRef sender)
-    {
-        _uncredited.TryGetValue(sender, out var n);
-        if (++n >= CreditBatch)
-        {
-            sender.Tell(new WriteCredit(n));
-            n = 0;
-        }
-        _uncredited[sender] = n;
-    }
-
     /// <summary>Host input waits here (bounded by the host's reader) until the model has room.</summary>
     private void DrainInput()
     {
@@ -297,6 +256,10 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
 
     /// <param name="memory">the owner of guest memory (page flushes go there); null: none, flushes are ignored</param>
     /// <param name="outstanding">the actor's requests not yet answered; ids come from <paramref name="cell"/></param>
+/// <param name="device">the device's name, in its requests</param>
+/// <param name="target">receives the exit, reset and power-off requests</param>
+/// <param name="self">the device actor, the sender of its requests</param>
+/// <param name="cell">where request ids come from</param>
     private sealed class EventsToActor(string device, IActorRef target, IActorRef? memory, IActorRef self, StateCell cell,
         HashSet<long> outstanding) : IPlatformEvents, IDeviceRequests
     {

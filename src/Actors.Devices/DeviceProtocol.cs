@@ -45,6 +45,7 @@ public static class DeviceProtocol
 
     /// <param name="MachineEnding">the write asked the VM to exit, reset or power off: the vcpu stays out of
     /// the guest until the VM stops it</param>
+    /// <param name="Id">the <see cref="WriteAndWait"/>'s id</param>
     public sealed record WriteDone(long Id, bool MachineEnding) : IDeviceMessage;
 
     /// <summary>The device has handled <paramref name="Count"/> more posted writes of the receiver.</summary>
@@ -77,6 +78,7 @@ public static class DeviceProtocol
 
     /// <param name="Vector">null: no vector (controller not initialised, or not a controller)</param>
     /// <param name="StillRequested">the INTR output is still asserted after this acknowledge</param>
+    /// <param name="Id">the <see cref="Acknowledge"/>'s id</param>
     public sealed record Acknowledged(long Id, int? Vector, bool StillRequested) : IDeviceMessage;
 
     /// <summary>
@@ -133,6 +135,9 @@ public static class DeviceProtocol
     /// (models implementing <see cref="IStatefulDevice"/>); null = restart from power-on</param>
     /// <param name="memory">the owner of the guest memory the device may hold pages of (the
     /// vmspace): told <see cref="DeviceRestarting"/> when the device restarts; null = none</param>
+/// <param name="name">device name used in messages and traces ("uart0")</param>
+/// <param name="factory">builds the model; called once per actor incarnation without a saved state</param>
+/// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory,
         Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null)
     {

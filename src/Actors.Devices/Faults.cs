@@ -1,3 +1,5 @@
+using Akka.Actor;
+
 namespace ActorVmm.Devices;
 
 /// <summary>
@@ -38,6 +40,8 @@ public static class FaultProtocol
     /// <summary>Published on the actor system's event stream as a stall begins (the actor's thread is
     /// stopped from now on, for <paramref name="Duration"/>): a watcher knows the fault is in effect.</summary>
     /// <param name="Actor">the stalled actor's path, without address</param>
+    /// <param name="Duration">how long it stays stalled</param>
+    /// <param name="Reason">why, as the injector gave it</param>
     /// <param name="Timestamp">when its thread stopped (<see cref="System.Diagnostics.Stopwatch.GetTimestamp"/>)</param>
     public sealed record StallStarted(string Actor, TimeSpan Duration, string Reason, long Timestamp);
 
@@ -48,13 +52,80 @@ public static class FaultProtocol
     /// <summary>Runs a stall on the calling thread (the actor's, <paramref name="context"/>), after
     /// publishing <see cref="StallStarted"/>: the clamped duration actually slept. For actors with
     /// a thread of their own (a vcpu, the vmspace).</summary>
-    public static TimeSpan StallHere(Stall stall, Akka.Actor.IActorContext context)
+    public static TimeSpan StallHere(Stall stall, IActorContext context)
     {
         var duration = Clamp(stall.Duration);
         context.System.EventStream.Publish(new StallStarted(context.Self.Path.ToStringWithoutAddress(), duration, stall.Reason,
             System.Diagnostics.Stopwatch.GetTimestamp()));
         Thread.Sleep(duration);
         return duration;
+    }
+}
+
+/// <summary>
+/// What a VM actor does with the fault messages, in one place: <see cref="FaultProtocol.Crash"/>
+/// throws <see cref="InjectedFaultException"/> (the actor's supervisor decides);
+/// <see cref="FaultProtocol.Stall"/> stops the actor for the stall's duration (at most
+/// <see cref="FaultProtocol.MaxStall"/>), publishes <see cref="FaultProtocol.StallStarted"/> as it
+/// begins and answers <see cref="FaultProtocol.Injected"/> to the asker when it is over.
+/// </summary>
+public static class Faults
+{
+    /// <summary>The handler of <see cref="FaultProtocol.Crash"/>: never returns.</summary>
+    [System.Diagnostics.CodeAnalysis.DoesNotReturn]
+    public static void Crash(FaultProtocol.Crash crash) => throw new InjectedFaultException(crash.Reason);
+
+    /// <summary>
+    /// A stall on the calling thread, for an actor with a thread of its own (a vcpu, the vmspace):
+    /// the thread sleeps, so nothing of the actor runs until it is over; then the sender of the
+    /// message being handled is answered <c>Injected("{who} stalled for N ms")</c>.
+    /// </summary>
+    /// <param name="stall">the message</param>
+    /// <param name="context">the actor's context, inside its handling of <paramref name="stall"/></param>
+    /// <param name="who">how the answer names the actor ("vcpu 0", "vmspace")</param>
+    public static void StallThread(FaultProtocol.Stall stall, IActorContext context, string who)
+    {
+        var asker = context.Sender;
+        var slept = FaultProtocol.StallHere(stall, context);
+        asker.Tell(new FaultProtocol.Injected($"{who} stalled for {slept.TotalMilliseconds:0} ms"), context.Self);
+    }
+
+    /// <summary>
+    /// A stall that blocks no thread, for an actor that may run on whatever thread sent to it (an
+    /// InlineDispatcher, which must not sleep in its place): the actor stashes everything it is sent
+    /// (its own timers' messages included) for the stall's duration, then unstashes it, in order,
+    /// and answers the asker as <see cref="StallThread"/> does. The actor needs a stash and timers.
+    /// </summary>
+    /// <param name="stall">the message</param>
+    /// <param name="context">the actor's context, inside its handling of <paramref name="stall"/></param>
+    /// <param name="stash">the actor's stash</param>
+    /// <param name="timers">the actor's timers (the end of the stall is one of them)</param>
+    /// <param name="who">how the answer names the actor</param>
+    public static void StallStashing(FaultProtocol.Stall stall, IActorContext context, IStash stash, ITimerScheduler timers, string who)
+    {
+        var duration = FaultProtocol.Clamp(stall.Duration);
+        var asker = context.Sender;
+        context.System.EventStream.Publish(new FaultProtocol.StallStarted(context.Self.Path.ToStringWithoutAddress(), duration,
+            stall.Reason, System.Diagnostics.Stopwatch.GetTimestamp()));
+        timers.StartSingleTimer(StallOver.Instance, StallOver.Instance, duration);
+        context.BecomeStacked(message =>
+        {
+            if (message is not StallOver)
+            {
+                stash.Stash();
+                return true;
+            }
+            context.UnbecomeStacked();
+            stash.UnstashAll();
+            asker.Tell(new FaultProtocol.Injected($"{who} stalled for {duration.TotalMilliseconds:0} ms"), context.Self);
+            return true;
+        });
+    }
+
+    /// <summary>The end of a <see cref="StallStashing"/> stall (not traced: the actor's own timer).</summary>
+    private sealed class StallOver : Tracing.INotTraced
+    {
+        public static readonly StallOver Instance = new();
     }
 }
 

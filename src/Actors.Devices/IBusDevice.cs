@@ -12,3 +12,17 @@ public interface IBusDevice
 
     void Write(ulong offset, int size, ulong value);
 }
+
+/// <summary>The width of a bus access: 1, 2, 4 or 8 bytes (an I/O port access or an MMIO access).</summary>
+public static class AccessSize
+{
+    /// <summary>Whether a bus can make an access of <paramref name="size"/> bytes.</summary>
+    public static bool IsValid(int size) => size is 1 or 2 or 4 or 8;
+
+    /// <summary>All ones in the low <paramref name="size"/> bytes (what a read from no device
+    /// returns); 0 for a size of 0 or less, all 64 bits for 8 or more.</summary>
+    public static ulong AllOnes(int size) => size >= 8 ? ulong.MaxValue : size <= 0 ? 0 : (1UL << (size * 8)) - 1;
+
+    /// <summary><paramref name="value"/> cut to its low <paramref name="size"/> bytes.</summary>
+    public static ulong Mask(ulong value, int size) => value & AllOnes(size);
+}

@@ -12,6 +12,21 @@ public interface IInterruptLine
     void Pulse();
 }
 
+/// <summary>A line into a model's input whose level <paramref name="setLevel"/> sets (true: high);
+/// a pulse is the level high, then low.</summary>
+public sealed class LevelInput(Action<bool> setLevel) : IInterruptLine
+{
+    public void Assert() => setLevel(true);
+
+    public void Deassert() => setLevel(false);
+
+    public void Pulse()
+    {
+        setLevel(true);
+        setLevel(false);
+    }
+}
+
 /// <summary>A line that goes nowhere (an unwired device pin). Counts what it is told, for stats.</summary>
 public sealed class NullInterruptLine : IInterruptLine
 {

@@ -2,16 +2,18 @@ using System.Collections.Immutable;
 
 namespace ActorVmm.Devices;
 
-/// <summary>APIC delivery modes (Intel SDM Vol 3A §10.11.2, 82093AA datasheet §3.2.4 bits 10:8).</summary>
-public enum ApicDeliveryMode : byte
+/// <summary>Delivery mode of an interrupt message, ICR bits 10:8 and LVT bits 10:8 (SDM Vol 3A §10.6.1), and of an IOAPIC redirection entry (82093AA
+/// datasheet §3.2.4).
+/// 0b011 is reserved everywhere; <see cref="ExtInt"/> is reserved in the ICR.</summary>
+public enum DeliveryMode : byte
 {
-    Fixed = 0,
-    LowestPriority = 1,
-    Smi = 2,
-    Nmi = 4,
-    Init = 5,
-    StartUp = 6,
-    ExtInt = 7,
+    Fixed = 0b000,
+    LowestPriority = 0b001,
+    Smi = 0b010,
+    Nmi = 0b100,
+    Init = 0b101,
+    StartUp = 0b110,
+    ExtInt = 0b111,
 }
 
 /// <summary>
@@ -23,7 +25,7 @@ public enum ApicDeliveryMode : byte
 /// </summary>
 public sealed record ApicMessage(
     byte Vector,
-    ApicDeliveryMode Mode,
+    DeliveryMode Mode,
     bool LogicalDestination,
     uint Destination,
     bool Level,
@@ -114,7 +116,7 @@ public sealed class IoApic : IStatefulDevice, IInterruptInputs, IEndOfInterrupt
 
     private readonly IApicBus _bus;
     private readonly ulong[] _rte = new ulong[Pins];
-    private readonly PinLine[] _lines = new PinLine[Pins];
+    private readonly LevelInput[] _lines = new LevelInput[Pins];
     private uint _levels; // electrical level of each input pin
     private byte _id;
     private byte _select;
@@ -124,7 +126,11 @@ public sealed class IoApic : IStatefulDevice, IInterruptInputs, IEndOfInterrupt
         _bus = bus;
         _id = (byte)(id & 0x0F);
         Array.Fill(_rte, RteReset);
-        for (var i = 0; i < Pins; i++) _lines[i] = new PinLine(this, i);
+        for (var i = 0; i < Pins; i++)
+        {
+            var pin = i;
+            _lines[i] = new LevelInput(high => SetLevel(pin, high));
+        }
     }
 
     /// <summary>The input line of pin <paramref name="n"/> (0–23); Assert drives it high.</summary>
@@ -279,21 +285,9 @@ public sealed class IoApic : IStatefulDevice, IInterruptInputs, IEndOfInterrupt
 
     private void Deliver(ulong rte) => _bus.Deliver(new ApicMessage(
         Vector: (byte)(rte & RteVector),
-        Mode: (ApicDeliveryMode)((rte & RteDeliveryMode) >> 8),
+        Mode: (DeliveryMode)((rte & RteDeliveryMode) >> 8),
         LogicalDestination: (rte & RteLogical) != 0,
         Destination: (uint)((rte & RteDestination) >> RteDestinationShift),
         Level: true,
         LevelTriggered: (rte & RteLevel) != 0));
-
-    private sealed class PinLine(IoApic ioapic, int pin) : IInterruptLine
-    {
-        public void Assert() => ioapic.SetLevel(pin, true);
-        public void Deassert() => ioapic.SetLevel(pin, false);
-
-        public void Pulse()
-        {
-            ioapic.SetLevel(pin, true);
-            ioapic.SetLevel(pin, false);
-        }
-    }
 }

@@ -67,6 +67,7 @@ public sealed class PcTestDevice : IStatefulDevice
     private uint _scratch;
 
     /// <param name="lines">interrupt lines 0-23 (<see cref="Lines"/> of them), in order</param>
+    /// <param name="platform">takes the flush port's page flushes</param>
     public PcTestDevice(IPlatformEvents platform, IReadOnlyList<IInterruptLine> lines)
     {
         if (lines.Count != Lines) throw new ArgumentException($"pc-testdev has {Lines} interrupt lines, not {lines.Count}", nameof(lines));
@@ -98,9 +99,9 @@ public sealed class PcTestDevice : IStatefulDevice
         return (offset & ~PortWindowMask) switch
         {
             ScratchWindow or ByteScratchWindow => ReadScratch(within, size),
-            FlushWindow => within < FlushLength ? 0 : AllOnes(size),
-            IrqWindow => within < Lines ? 0 : AllOnes(size),
-            _ => AllOnes(size),
+            FlushWindow => within < FlushLength ? 0 : AccessSize.AllOnes(size),
+            IrqWindow => within < Lines ? 0 : AccessSize.AllOnes(size),
+            _ => AccessSize.AllOnes(size),
         };
     }
 
@@ -134,8 +135,6 @@ public sealed class PcTestDevice : IStatefulDevice
 
     /// <summary>The bytes an access of <paramref name="size"/> covers (a model may be handed any size).</summary>
     private static int Bytes(int size) => Math.Clamp(size, 0, 8);
-
-    private static ulong AllOnes(int size) => Bytes(size) >= 8 ? ulong.MaxValue : (1UL << (8 * Bytes(size))) - 1;
 
     private ulong ReadScratch(ulong within, int size)
     {

@@ -65,13 +65,17 @@ public sealed class Pic8259Pair
     private readonly IInterruptLine _intr;
     private readonly Chip _master = new(isMaster: true);
     private readonly Chip _slave = new(isMaster: false);
-    private readonly IrqLine[] _lines = new IrqLine[16];
+    private readonly LevelInput[] _lines = new LevelInput[16];
     private bool _intrLevel;
 
     public Pic8259Pair(IInterruptLine intr)
     {
         _intr = intr;
-        for (var i = 0; i < _lines.Length; i++) _lines[i] = new IrqLine(this, i);
+        for (var i = 0; i < _lines.Length; i++)
+        {
+            var irq = i;
+            _lines[i] = new LevelInput(high => SetIrq(irq, high));
+        }
         Master = new ChipPort(this, _master);
         Slave = new ChipPort(this, _slave);
         Elcr = new ElcrPort(this);
@@ -520,18 +524,6 @@ public sealed class Pic8259Pair
                 }
                 pair.Update();
             }
-        }
-    }
-
-    private sealed class IrqLine(Pic8259Pair pair, int irq) : IInterruptLine
-    {
-        public void Assert() => pair.SetIrq(irq, true);
-        public void Deassert() => pair.SetIrq(irq, false);
-
-        public void Pulse()
-        {
-            pair.SetIrq(irq, true);
-            pair.SetIrq(irq, false);
         }
     }
 }

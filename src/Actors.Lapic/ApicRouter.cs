@@ -30,6 +30,7 @@ public static class ApicRouterProtocol
 
     /// <param name="kernel">with in-kernel local APICs (KvmAssisted): the IOAPIC's messages go there
     /// as MSIs instead of to the vlapic actors</param>
+    /// <param name="targets">the vlapics and the IOAPIC, filled in by the VM builder</param>
     public static Props Props(Targets targets, IKernelApicBus? kernel = null) =>
         Akka.Actor.Props.Create(() => new ApicRouter(targets, kernel));
 }
@@ -65,7 +66,7 @@ internal sealed class ApicRouter : ReceiveActor
         _targets = targets;
         _kernel = kernel;
         Receive<Ipi>(OnIpi);
-        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason)); // restarted: level routes are made again as level messages come
+        Receive<FaultProtocol.Crash>(Faults.Crash); // restarted: level routes are made again as level messages come
         Receive<ApicMessage>(m =>
         {
             if (_kernel is not null)
@@ -75,7 +76,7 @@ internal sealed class ApicRouter : ReceiveActor
             }
             var to = new Destination(m.LogicalDestination ? DestinationMode.Logical : DestinationMode.Physical, m.Destination);
             var deliver = new DeliverInterrupt(m.Vector, m.Level, m.LevelTriggered ? TriggerMode.Level : TriggerMode.Edge,
-                (DeliveryMode)m.Mode, to);
+                m.Mode, to);
             Route(deliver, to);
         });
         Receive<LevelEoi>(e => _targets.IoApic.Tell(new DeviceProtocol.EndOfInterrupt(e.Vector), Self));
@@ -95,7 +96,7 @@ internal sealed class ApicRouter : ReceiveActor
         var address = MsiEncoding.Address(m.Destination, mode);
         if (m.LevelTriggered)
         {
-            var route = (address, MsiEncoding.Data(m.Vector, (DeliveryMode)m.Mode, level: true, trigger));
+            var route = (address, MsiEncoding.Data(m.Vector, m.Mode, level: true, trigger));
             if (!_levelRoutes.Contains(route))
             {
                 if (_levelRoutes.Count == MsiEncoding.IoApicRoutes) _levelRoutes.RemoveAt(0);
@@ -103,7 +104,7 @@ internal sealed class ApicRouter : ReceiveActor
                 _kernel!.SetLevelRoutes(_levelRoutes);
             }
         }
-        _kernel!.SignalMsi(address, MsiEncoding.Data(m.Vector, (DeliveryMode)m.Mode, m.Level, trigger));
+        _kernel!.SignalMsi(address, MsiEncoding.Data(m.Vector, m.Mode, m.Level, trigger));
     }
 
     private void OnIpi(Ipi ipi)

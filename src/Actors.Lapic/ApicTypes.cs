@@ -1,17 +1,6 @@
-namespace ActorVmm.Lapic;
+using ActorVmm.Devices;
 
-/// <summary>Delivery mode of an interrupt message, ICR bits 10:8 and LVT bits 10:8 (SDM Vol 3A §10.6.1).
-/// 0b011 is reserved everywhere; <see cref="ExtInt"/> is reserved in the ICR.</summary>
-public enum DeliveryMode : byte
-{
-    Fixed = 0b000,
-    LowestPriority = 0b001,
-    Smi = 0b010,
-    Nmi = 0b100,
-    Init = 0b101,
-    StartUp = 0b110,
-    ExtInt = 0b111,
-}
+namespace ActorVmm.Lapic;
 
 public enum DestinationMode : byte { Physical = 0, Logical = 1 }
 

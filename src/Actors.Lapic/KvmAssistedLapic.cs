@@ -37,86 +37,40 @@ public static class MsiEncoding
 }
 
 /// <summary>
-/// A vcpu's local APIC in the kernel (KVM split irqchip): registers, timer, priorities, IPIs and
-/// INIT/SIPI are KVM's; what stays in user space is what the kernel hands back. Guest MMIO and MSR
-/// accesses to the APIC never exit, so the access verbs are not used; <see cref="Deliver"/> is an
-/// MSI to this APIC; the kernel injects by itself (no <c>InterruptPending</c>, no kick: the
-/// posted-interrupt style); <see cref="Eoi"/> (a KVM_EXIT_IOAPIC_EOI) becomes a level EOI for the
-/// IOAPIC; LINT0 asks the vcpu to fetch the 8259's vector (ExtINT goes in with KVM_INTERRUPT, which
-/// KVM accepts only while the kernel APIC's LVT LINT0 lets ExtINT through) and LINT1 is an NMI.
-/// The state lives in the kernel: the vlapic actor asks its vcpu, which alone may issue
-/// KVM_GET_LAPIC between two runs (<see cref="VlapicProtocol.ReadKernelLapic"/>).
+/// The hardware assist of a vcpu's local APIC in the kernel (KVM split irqchip): registers, timer,
+/// priorities, IPIs and INIT/SIPI are KVM's; what stays in user space is what the kernel hands
+/// back. A delivery is an MSI to this APIC; the kernel injects by itself (no <c>InterruptPending</c>,
+/// no kick: the posted-interrupt style); LINT0 asks the vcpu to fetch the 8259's vector (ExtINT
+/// goes in with KVM_INTERRUPT, which KVM accepts only while the kernel APIC's LVT LINT0 lets ExtINT
+/// through) and LINT1 is an NMI. The state lives in the kernel: the vlapic actor asks its vcpu,
+/// which alone may issue KVM_GET_LAPIC between two runs (<see cref="VlapicProtocol.ReadKernelLapic"/>),
+/// and converts it with <see cref="StateFromKernel"/> and <see cref="KernelImage"/>.
 /// </summary>
-public sealed class KvmAssistedLapicBackend : ILapicBackend
+public sealed class KvmAssistedLapicBackend : ILapicAssist
 {
-    private readonly uint _apicId;
     private readonly IKernelApicBus _bus;
-    private readonly ILapicEvents _events;
     private readonly IInterruptLine _lint0;
     private readonly IInterruptLine _lint1;
 
     public KvmAssistedLapicBackend(int vcpuId, IKernelApicBus bus, ILapicEvents events)
     {
-        _apicId = (uint)vcpuId;
+        ApicId = (uint)vcpuId;
         _bus = bus;
-        _events = events;
-        _lint0 = new LintLine(() => _events.VcpuEvent(VcpuEventKind.ExtInt, 0));
-        _lint1 = new LintLine(() => _events.VcpuEvent(VcpuEventKind.Nmi, 0));
+        _lint0 = new EdgeEventLine(() => events.VcpuEvent(VcpuEventKind.ExtInt, 0));
+        _lint1 = new EdgeEventLine(() => events.VcpuEvent(VcpuEventKind.Nmi, 0));
     }
 
-    public LapicBackendKind Kind => LapicBackendKind.KvmAssisted;
+    public uint ApicId { get; }
 
-    /// <summary>The timer is the kernel's.</summary>
-    public TimeSpan? NextDeadline => null;
-
-    public void OnDeadline()
-    {
-    }
-
-    /// <summary>Not reached: the kernel answers the APIC page. A stray access reads 0.</summary>
-    public ulong ReadMmio(ulong offset, int size) => 0;
-
-    public void WriteMmio(ulong offset, int size, ulong value)
-    {
-    }
-
-    /// <summary>Not reached: the kernel owns the APIC MSRs. A stray access is a #GP.</summary>
-    public bool ReadMsr(uint msr, out ulong value)
-    {
-        value = 0;
-        return false;
-    }
-
-    public bool WriteMsr(uint msr, ulong value) => false;
-
-    /// <summary>Physical: this APIC's ID or the broadcast. Logical destinations are the kernel's to
-    /// match (it alone knows LDR/DFR): every APIC says yes and the kernel filters the MSI.</summary>
-    public bool Matches(DestinationMode mode, uint destination) =>
-        mode == DestinationMode.Logical || destination == _apicId || destination is 0xFF or 0xFFFF_FFFF;
-
-    public void Deliver(DeliveryMode mode, byte vector, bool level, TriggerMode trigger) =>
-        _bus.SignalMsi(MsiEncoding.Address(_apicId, DestinationMode.Physical), MsiEncoding.Data(vector, mode, level, trigger));
-
-    /// <summary>A KVM_EXIT_IOAPIC_EOI: the kernel APIC retired a level-triggered vector.</summary>
-    public void Eoi(byte vector) => _events.LevelEoi(vector);
-
-    public int? PendingInterrupt() => null;
-
-    public void InterruptAccepted(byte vector)
-    {
-    }
+    /// <summary>KVM_SIGNAL_MSI, physical destination: this APIC.</summary>
+    public void SetIntrReady(DeliveryMode mode, byte vector, bool level, TriggerMode trigger) =>
+        _bus.SignalMsi(MsiEncoding.Address(ApicId, DestinationMode.Physical), MsiEncoding.Data(vector, mode, level, trigger));
 
     public IInterruptLine Lint(int pin) => pin == 0 ? _lint0 : _lint1;
 
-    public LapicState State() =>
-        throw new InvalidOperationException("the in-kernel local APIC's state is read by its vcpu (KVM_GET_LAPIC)");
-
-    public void Restore(LapicState state) =>
-        throw new InvalidOperationException("the in-kernel local APIC's state is written by its vcpu (KVM_SET_LAPIC)");
-
     /// <summary>An edge on a LINT pin raises its event; the vcpu's INTA finds out whether the 8259
     /// still requests, so a deassert needs nothing.</summary>
-    private sealed class LintLine(Action raise) : IInterruptLine
+    private sealed class EdgeEventLine(Action raise) : IInterruptLine
     {
         public void Assert() => raise();
 

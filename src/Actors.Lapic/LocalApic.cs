@@ -88,6 +88,9 @@ public sealed class LocalApic : ITimedDevice
 
     /// <param name="apicId">the initial APIC ID (CPUID.01H:EBX[31:24] / CPUID.0BH:EDX)</param>
     /// <param name="bsp">IA32_APIC_BASE.BSP; guest writes cannot change it</param>
+    /// <param name="events">takes what leaves the APIC (IPIs, level EOIs, vcpu events)</param>
+    /// <param name="clock">the timer's time</param>
+    /// <param name="options">timer and TSC frequencies, CPUID-dependent features; null: <see cref="LapicOptions.Default"/></param>
     public LocalApic(uint apicId, ILapicEvents events, IDeviceClock clock, LapicOptions? options = null, bool bsp = false)
     {
         _id = apicId;
@@ -95,8 +98,8 @@ public sealed class LocalApic : ITimedDevice
         _clock = clock;
         _options = options ?? LapicOptions.Default;
         _apicBase = ResetBase(bsp);
-        Lint0 = new LintLine(this, 0);
-        Lint1 = new LintLine(this, 1);
+        Lint0 = new LevelInput(high => SetLint(0, high));
+        Lint1 = new LevelInput(high => SetLint(1, high));
         ResetRegisters();
     }
 
@@ -149,7 +152,7 @@ public sealed class LocalApic : ITimedDevice
     /// decoded (§10.4.3, §10.12.2) and reads as no device (all ones).</summary>
     public ulong ReadMmio(ulong offset, int size)
     {
-        var ones = size >= 8 ? ulong.MaxValue : (1UL << (size * 8)) - 1;
+        var ones = AccessSize.AllOnes(size);
         if (Mode != ApicMode.XApic) return ones;
         var within = (int)(offset & 0xF);
         if (offset >= PageSize || size is not (1 or 2 or 4) || within + size > 4) return 0;
@@ -185,12 +188,9 @@ public sealed class LocalApic : ITimedDevice
                 // §10.5.4.1: reads 0 outside TSC-deadline mode and once the deadline has passed.
                 value = Mode != ApicMode.Disabled && CurrentTimerMode == TimerMode.TscDeadline ? _tscDeadline : 0;
                 return true;
-            case < ApicMsrs.X2ApicFirst or > ApicMsrs.X2ApicLast:
-                return false;
         }
-        if (Mode != ApicMode.X2Apic) return false;
+        if (X2ApicRegister(msr) is not { } reg) return false;
         CatchUpTimer();
-        var reg = (int)(msr - ApicMsrs.X2ApicFirst) << 4;
         if (reg == IcrLow)
         {
             value = ((ulong)Reg(IcrHigh) << 32) | Reg(IcrLow);
@@ -217,12 +217,9 @@ public sealed class LocalApic : ITimedDevice
                     CatchUpTimer();       // a deadline already passed fires at once
                 }
                 return true;
-            case < ApicMsrs.X2ApicFirst or > ApicMsrs.X2ApicLast:
-                return false;
         }
-        if (Mode != ApicMode.X2Apic) return false;
+        if (X2ApicRegister(msr) is not { } reg) return false;
         CatchUpTimer();
-        var reg = (int)(msr - ApicMsrs.X2ApicFirst) << 4;
         if (reg == IcrLow)
         {
             // §10.12.9: one 64-bit write, destination in 63:32; delivery status is gone (reserved).
@@ -236,6 +233,14 @@ public sealed class LocalApic : ITimedDevice
         if (value >> 32 != 0) return false;
         return WriteRegister(reg, (uint)value, x2: true);
     }
+
+    /// <summary>The register an x2APIC MSR names (offset = (MSR - 800H) &lt;&lt; 4, §10.12.1.2, Table
+    /// 10-6), or null: not an x2APIC MSR, or the APIC is not in x2APIC mode, and the access is a #GP.
+    /// Which registers exist and which accesses they take is the register's own check.</summary>
+    private int? X2ApicRegister(uint msr) =>
+        Mode == ApicMode.X2Apic && msr is >= ApicMsrs.X2ApicFirst and <= ApicMsrs.X2ApicLast
+            ? (int)(msr - ApicMsrs.X2ApicFirst) << 4
+            : null;
 
     /// <summary>WRMSR IA32_APIC_BASE (§10.4.4, §10.12.5). False (#GP): reserved bits, EN=0 with
     /// EXTD=1, or a transition Figure 10-27 forbids (disabled→x2APIC, x2APIC→xAPIC).</summary>
@@ -277,13 +282,13 @@ public sealed class LocalApic : ITimedDevice
     /// <summary>
     /// Accepts a fixed or lowest-priority interrupt into IRR and sets (level) or clears (edge) its
     /// TMR bit (§10.8.4). Returns false when nothing was accepted: APIC disabled (globally or by
-    /// software), a level-triggered de-assert message, or an illegal vector 0-15 (sets ESR
-    /// "received illegal vector", §10.5.3). Repeated edges before service coalesce in IRR.
+    /// software), or an illegal vector 0-15 (sets ESR "received illegal vector", §10.5.3).
+    /// Repeated edges before service coalesce in IRR. A level-triggered de-assert message never
+    /// reaches here: <see cref="Vlapic.Deliver"/> drops it.
     /// </summary>
     public bool Accept(byte vector, bool level, TriggerMode trigger)
     {
         if (Mode == ApicMode.Disabled || !SoftwareEnabled) return false;
-        if (trigger == TriggerMode.Level && !level) return false;
         if (vector < 16)
         {
             SetError(ApicError.ReceivedIllegalVector);
@@ -296,8 +301,10 @@ public sealed class LocalApic : ITimedDevice
     /// <summary>
     /// Delivers an interrupt message already routed to this APIC. Fixed and lowest-priority go to
     /// <see cref="Accept"/>; NMI, SMI, SIPI and ExtINT go to <see cref="ILapicEvents.VcpuEvent"/>;
-    /// INIT resets the APIC (<see cref="InitReset"/>) first. INIT level de-assert does nothing
-    /// (it only re-synchronised arbitration IDs on P6). Returns whether the message had an effect.
+    /// INIT resets the APIC (<see cref="InitReset"/>) first. The message is one the APIC bus
+    /// defines (<see cref="Vlapic.Deliver"/> drops the others and the level-triggered de-asserts,
+    /// such as INIT level de-assert, which only re-synchronised arbitration IDs on P6). Returns
+    /// whether the message had an effect.
     /// </summary>
     public bool Deliver(DeliveryMode mode, byte vector, bool level, TriggerMode trigger)
     {
@@ -319,7 +326,6 @@ public sealed class LocalApic : ITimedDevice
                 _events.VcpuEvent(VcpuEventKind.StartUp, vector);
                 return true;
             case DeliveryMode.Init:
-                if (trigger == TriggerMode.Level && !level) return false;
                 InitReset();
                 _events.VcpuEvent(VcpuEventKind.Init, 0);
                 return true;
@@ -918,17 +924,5 @@ public sealed class LocalApic : ITimedDevice
             if (word != 0) return i * 32 + 31 - System.Numerics.BitOperations.LeadingZeroCount(word);
         }
         return -1;
-    }
-
-    private sealed class LintLine(LocalApic apic, int pin) : IInterruptLine
-    {
-        public void Assert() => apic.SetLint(pin, true);
-        public void Deassert() => apic.SetLint(pin, false);
-
-        public void Pulse()
-        {
-            apic.SetLint(pin, true);
-            apic.SetLint(pin, false);
-        }
     }
 }

@@ -5,7 +5,7 @@ using static ActorVmm.Lapic.VlapicProtocol;
 namespace ActorVmm.Lapic;
 
 /// <summary>
-/// The thin actor around one vcpu's <see cref="ILapicBackend"/>: delegates every message, then
+/// The thin actor around one vcpu's <see cref="Vlapic"/>: delegates every message, then
 /// (1) tells the vcpu the pending vector if it changed, (2) re-arms one timer for the backend's
 /// next deadline. No register logic here.
 /// </summary>
@@ -24,8 +24,8 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     private readonly int _vcpuId;
     private readonly Wiring _wiring;
     private readonly IDeviceClock _clock;
-    private readonly ILapicBackend _apic;
-    private readonly Dictionary<IActorRef, int> _uncredited = new();
+    private readonly Vlapic _apic;
+    private readonly WriteCredits _credits = new();
     private readonly VlapicCell _cell;
 
     /// <summary>The vector last told to the vcpu and not yet accepted; null when none is.</summary>
@@ -63,7 +63,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
 
         Receive<AttachVcpu>(a => _cell.Vcpu = a.Vcpu);
         // Fault injection: the vlapic fails; its supervisor restarts it from the state it saves.
-        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason));
+        Receive<FaultProtocol.Crash>(Faults.Crash);
         Receive<DeliverToFirstMatch>(d =>
         {
             var to = d.Interrupt.To;
@@ -82,13 +82,13 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
 
         Receive<DeviceProtocol.Write>(w =>
         {
-            Credit(Sender);
+            _credits.Posted(Sender);
             _apic.WriteMmio(w.Offset, w.Size, w.Value);
             Changed();
         });
         Receive<DeviceProtocol.WriteAndWait>(w =>
         {
-            _uncredited.Remove(Sender); // the reply acknowledges every earlier write (FIFO)
+            _credits.Replied(Sender);
             try
             {
                 _apic.WriteMmio(w.Offset, w.Size, w.Value);
@@ -102,8 +102,8 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         Receive<DeviceProtocol.Read>(r =>
         {
             var value = _apic.ReadMmio(r.Offset, r.Size);
-            _uncredited.Remove(Sender); // the reply acknowledges every earlier write (FIFO)
-            Sender.Tell(new DeviceProtocol.ReadResult(r.Id, Mask(value, r.Size)));
+            _credits.Replied(Sender);
+            Sender.Tell(new DeviceProtocol.ReadResult(r.Id, AccessSize.Mask(value, r.Size)));
             Changed();
         });
         Receive<MsrRead>(m =>
@@ -135,8 +135,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         });
         Receive<Lint>(l =>
         {
-            if (l.Pin is not (0 or 1)) return; // there are two LINT pins
-            var line = _apic.Lint(l.Pin);
+            if (_apic.Lint(l.Pin) is not { } line) return; // there are two LINT pins
             switch (l.Change)
             {
                 case PinChange.Assert: line.Assert(); break;
@@ -205,9 +204,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         catch (Exception) { _cell.State = null; } // a model too broken to save restarts from reset
         _cell.Reported = _cell.State is null ? null : _reported;
 
-        foreach (var (sender, n) in _uncredited)
-            if (n > 0) sender.Tell(new DeviceProtocol.WriteCredit(n));
-        _uncredited.Clear();
+        _credits.ReturnAll();
         base.PreRestart(reason, message);
     }
 
@@ -256,20 +253,6 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         _vcpuApicBase = apicBase;
         _cell.Vcpu.Tell(new ApicBaseChanged(_vcpuId, apicBase), Self);
     }
-
-    private void Credit(IActorRef sender)
-    {
-        _uncredited.TryGetValue(sender, out var n);
-        if (++n >= DeviceProtocol.CreditBatch)
-        {
-            sender.Tell(new DeviceProtocol.WriteCredit(n));
-            n = 0;
-        }
-        _uncredited[sender] = n;
-    }
-
-    private static ulong Mask(ulong value, int size) =>
-        size >= 8 ? value : size <= 0 ? 0 : value & ((1UL << (size * 8)) - 1);
 
     /// <summary>The model's outputs as messages. Called inside this actor's message handling.</summary>
     private sealed class EventsToActors(int vcpuId, Wiring wiring, VlapicCell cell, IActorRef self) : ILapicEvents

@@ -193,6 +193,8 @@ public static class VlapicProtocol
     /// <param name="clock">time for the APIC timer; null: the actor system scheduler's clock
     /// (<see cref="SchedulerClock"/>, virtual under TestKit's TestScheduler). A VM passes its one
     /// shared device clock so that all timers agree.</param>
+    /// <param name="vcpuId">the vcpu (and APIC ID) this vlapic belongs to</param>
+    /// <param name="wiring">its vcpu, router and EOI target</param>
     public static Props Props(int vcpuId, Wiring wiring, LapicBackendFactory? backend = null, IDeviceClock? clock = null)
     {
         var cell = new VlapicCell { Vcpu = wiring.Vcpu };

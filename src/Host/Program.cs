@@ -84,10 +84,10 @@ namespace ActorVmm.Host
             var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices };
             command.SetAction(async (parse, _) =>
             {
-                var overrides = new List<string>();
+                var overrides = new List<KeyValuePair<string, string>>();
                 void Override(string key, string? value)
                 {
-                    if (value is not null) overrides.Add($"actorvmm.vm.{key} = {Quote(value)}");
+                    if (value is not null) overrides.Add(new($"actorvmm.vm.{key}", value));
                 }
                 Override("memory", parse.GetValue(memory));
                 Override("cpus", parse.GetValue(cpus));
@@ -107,7 +107,7 @@ namespace ActorVmm.Host
                     Override("shm.file", comma < 0 ? shmText : shmText[..comma]);
                     Override("shm.size", comma < 0 ? "0" : shmText[(comma + 1)..]);
                 }
-                var hocon = ConfigurationFactory.ParseString(string.Join('\n', overrides)).WithFallback(VmConfig.Load(parse.GetValue(config)));
+                var hocon = ConfigValues.From(overrides).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
 
                 var firmwarePath = parse.GetValue(firmware);
@@ -149,9 +149,15 @@ namespace ActorVmm.Host
             var command = new Command("demo", "boot the built-in guest and show its message trace") { trace, perfetto };
             command.SetAction(async (parse, _) =>
             {
-                var overrides = $"actorvmm.vm {{ name = demo, memory = 16M, serial.input = none, timeout = 30, " +
-                                $"trace = {Quote(parse.GetValue(trace) ?? "")}, perfetto = {Quote(parse.GetValue(perfetto) ?? "")} }}";
-                var hocon = ConfigurationFactory.ParseString(overrides).WithFallback(VmConfig.Load(null));
+                var hocon = ConfigValues.From(new Dictionary<string, string>
+                {
+                    ["actorvmm.vm.name"] = "demo",
+                    ["actorvmm.vm.memory"] = "16M",
+                    ["actorvmm.vm.serial.input"] = "none",
+                    ["actorvmm.vm.timeout"] = "30",
+                    ["actorvmm.vm.trace"] = parse.GetValue(trace) ?? "",
+                    ["actorvmm.vm.perfetto"] = parse.GetValue(perfetto) ?? "",
+                }).WithFallback(VmConfig.Load(null));
                 var vm = VmConfig.From(hocon);
                 HostRunner.ConfigureLogging();
                 var system = HostRunner.StartSystem(hocon);
@@ -322,8 +328,5 @@ namespace ActorVmm.Host
                 return (cs, ip);
             throw new ConfigException($"--entry: \"{text}\" is not CS:IP in hex (e.g. 0000:7C00)");
         }
-
-        private static string Quote(string value) =>
-            "\"" + value.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
     }
 }

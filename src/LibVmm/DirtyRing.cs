@@ -42,6 +42,8 @@ public sealed unsafe class DirtyRing : IDisposable
         _bytes = bytes;
         var p = Native.Mmap(0, _bytes, Native.PROT_READ | Native.PROT_WRITE, Native.MAP_SHARED, vcpuFd, PageOffset * 4096);
         if (p == Native.MAP_FAILED) throw KvmException.Last($"mmap(dirty ring of vcpu {vcpuId}, {bytes} bytes)");
+        // SAFETY: p maps Entries whole kvm_dirty_gfn records (bytes is a multiple of their size, as
+        // KVM_CAP_DIRTY_LOG_RING requires); the mapping lives until Dispose.
         _entries = (KvmDirtyGfn*)p;
     }
 

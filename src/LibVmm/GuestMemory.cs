@@ -1,3 +1,5 @@
+using System.Buffers.Binary;
+
 namespace ActorVmm.LibVmm;
 
 /// <summary>An access to guest memory outside every segment, or a write to a read-only one.</summary>
@@ -43,15 +45,21 @@ public static class GuestMemoryExtensions
             throw new GuestMemoryException($"write of {source.Length} bytes at {address} is outside guest memory");
     }
 
+    /// <summary>A 64-bit value in guest memory, little-endian (x86's byte order).</summary>
     public static ulong ReadUInt64(this IGuestMemory memory, GuestPhysAddr address)
     {
         Span<byte> b = stackalloc byte[8];
         memory.Read(address, b);
-        return BitConverter.ToUInt64(b);
+        return BinaryPrimitives.ReadUInt64LittleEndian(b);
     }
 
-    public static void WriteUInt64(this IGuestMemory memory, GuestPhysAddr address, ulong value) =>
-        memory.Write(address, BitConverter.GetBytes(value));
+    /// <summary>Writes a 64-bit value to guest memory, little-endian (x86's byte order).</summary>
+    public static void WriteUInt64(this IGuestMemory memory, GuestPhysAddr address, ulong value)
+    {
+        Span<byte> b = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(b, value);
+        memory.Write(address, b);
+    }
 }
 
 /// <summary>
@@ -141,6 +149,8 @@ public sealed unsafe class MemfdRegion : IDisposable
     {
         get
         {
+            // SAFETY: stat is StatSize bytes, the kernel's struct stat, alive for the call; st_blocks
+            // is read at its offset inside it.
             var stat = stackalloc byte[Native.StatSize];
             if (_fd < 0 || Native.Fstat(_fd, stat) != 0) return 0;
             return *(ulong*)(stat + Native.StatBlocksOffset) * 512;
@@ -293,6 +303,7 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
 
     /// <summary>Registers every segment with KVM as a memslot (slot numbers in map order).</summary>
     /// <param name="logDirty">KVM logs guest writes to the writable slots (<see cref="VmHandle.GetDirtyLog"/>)</param>
+    /// <param name="vm">the VM whose memslots these become</param>
     public void RegisterWith(VmHandle vm, bool logDirty = false)
     {
         for (var i = 0; i < _segments.Count; i++)

@@ -106,6 +106,8 @@ public sealed unsafe class SharedMemoryRegion : IDisposable
         using (handle)
         {
             var fd = (int)handle.DangerousGetHandle();
+            // SAFETY: stat is StatSize bytes, the kernel's struct stat, alive for the call; st_mode is
+            // read at its offset inside it.
             var stat = stackalloc byte[Native.StatSize];
             // SAFETY: stat has the kernel's struct stat size; fd is open for the duration of the call.
             if (Native.Fstat(fd, stat) != 0) throw new HostMemoryException($"shared memory file {path}: fstat failed");

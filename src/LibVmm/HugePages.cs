@@ -109,6 +109,8 @@ public static unsafe class HugeMappings
         }
         try
         {
+            // SAFETY: RegionBatch page_region records on this frame; PAGEMAP_SCAN is told VecLen =
+            // RegionBatch and writes no more.
             var regions = stackalloc PageRegion[RegionBatch];
             var end = (ulong)start + length;
             var at = (ulong)start;

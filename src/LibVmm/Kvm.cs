@@ -103,6 +103,9 @@ public sealed unsafe class Kvm : IDisposable
         {
             var bytes = 8 + n * sizeof(KvmCpuidEntry2);
             var buffer = new byte[bytes];
+            // SAFETY: buffer is pinned for the block and holds struct kvm_cpuid2: the count (nent) in
+            // its first 4 bytes, then n entries; KVM writes at most nent entries and reports their
+            // number in nent, which never exceeds n.
             fixed (byte* p = buffer)
             {
                 *(uint*)p = (uint)n;

@@ -65,6 +65,9 @@ public readonly unsafe struct KvmRunView
 
     public bool IsNull => _p == null;
 
+    // SAFETY (every access below): _p is the vcpu's mapped kvm_run page, which lives as long as its
+    // VcpuHandle (the view's contract), and every offset is a field of struct kvm_run inside its first
+    // page; the data spans (IoData, MmioData) are the lengths KVM gave for the current exit.
     private T Get<T>(int offset) where T : unmanaged => Unsafe.ReadUnaligned<T>(_p + offset);
     private void Set<T>(int offset, T value) where T : unmanaged => Unsafe.WriteUnaligned(_p + offset, value);
 

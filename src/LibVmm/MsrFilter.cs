@@ -65,6 +65,9 @@ public static unsafe class MsrFilter
         var filter = new byte[FilterSize];
         try
         {
+            // SAFETY: filter is pinned for the block and is FilterSize bytes, struct kvm_msr_filter;
+            // each range is written inside it (i < MaxRanges); the bitmaps it points to stay pinned by
+            // their GCHandles until after the ioctl.
             fixed (byte* f = filter)
             {
                 *(uint*)f = DefaultAllow;

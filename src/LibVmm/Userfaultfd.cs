@@ -110,9 +110,9 @@ public sealed class UserfaultfdException : Exception
 /// <para>
 /// Never touch a registered range from managed code. A thread blocked in a userfaultfd fault while
 /// executing managed code is in cooperative GC mode: a GC waits for it forever, while the thread
-/// that would resolve the fault (managed too) is suspended by that GC — a deadlock (seen in the
-/// tests before they went through libc memcpy). Vcpus fault inside KVM_RUN, a P/Invoke (preemptive
-/// mode); devices and loaders use the host view, which is not registered.
+/// that would resolve the fault (managed too) is suspended by that GC — a deadlock. Code that must
+/// touch a registered range does it inside a P/Invoke (libc memcpy), in preemptive mode, as vcpus
+/// fault inside KVM_RUN; devices and loaders use the host view, which is not registered.
 /// </para>
 /// <para>
 /// Measured on this machine (kernel 6.18, shmem memfd mapped MAP_SHARED, by the gcc program
@@ -251,6 +251,8 @@ public sealed unsafe class Userfaultfd : IDisposable
     {
         CheckRange(start, length);
         var reg = new NativeMemory.UffdioRegister { Range = new() { Start = (ulong)start, Len = length }, Mode = (ulong)mode };
+        // SAFETY: reg is a local with the layout of the kernel's struct uffdio_register, alive for the
+        // whole call; the ioctl reads and writes only that struct.
         var err = Ioctl(NativeMemory.UFFDIO_REGISTER, &reg);
         if (err != 0) throw new UserfaultfdException($"UFFDIO_REGISTER(0x{(ulong)start:X}+0x{length:X}, {mode})", err);
         return (UffdRangeIoctls)reg.Ioctls;
@@ -261,6 +263,8 @@ public sealed unsafe class Userfaultfd : IDisposable
     {
         CheckRange(start, length);
         var range = new NativeMemory.UffdioRange { Start = (ulong)start, Len = length };
+        // SAFETY: range is a local with the layout of the kernel's struct uffdio_range, alive for the
+        // whole call; the ioctl reads and writes only that struct.
         var err = Ioctl(NativeMemory.UFFDIO_UNREGISTER, &range);
         if (err != 0) throw new UserfaultfdException($"UFFDIO_UNREGISTER(0x{(ulong)start:X}+0x{length:X})", err);
     }
@@ -275,6 +279,8 @@ public sealed unsafe class Userfaultfd : IDisposable
     {
         CheckRange(destination, (ulong)source.Length);
         var mode = (writeProtect ? NativeMemory.UFFDIO_COPY_MODE_WP : 0) | (wake ? 0 : NativeMemory.UFFDIO_COPY_MODE_DONTWAKE);
+        // SAFETY: source is pinned for the whole block, so the kernel reads its bytes at a fixed
+        // address.
         fixed (byte* src = source)
         {
             ulong done = 0, length = (ulong)source.Length;
@@ -309,6 +315,8 @@ public sealed unsafe class Userfaultfd : IDisposable
             Range = new() { Start = (ulong)destination, Len = length },
             Mode = wake ? 0 : NativeMemory.UFFDIO_ZEROPAGE_MODE_DONTWAKE,
         };
+        // SAFETY: zp is a local with the layout of the kernel's struct uffdio_zeropage, alive for the
+        // whole call; the ioctl reads and writes only that struct.
         var err = Ioctl(NativeMemory.UFFDIO_ZEROPAGE, &zp);
         return err switch
         {
@@ -331,6 +339,8 @@ public sealed unsafe class Userfaultfd : IDisposable
             Range = new() { Start = (ulong)start, Len = length },
             Mode = (writeProtect ? NativeMemory.UFFDIO_CONTINUE_MODE_WP : 0) | (wake ? 0 : NativeMemory.UFFDIO_CONTINUE_MODE_DONTWAKE),
         };
+        // SAFETY: c is a local with the layout of the kernel's struct uffdio_continue, alive for the
+        // whole call; the ioctl reads and writes only that struct.
         var err = Ioctl(NativeMemory.UFFDIO_CONTINUE, &c);
         return err switch
         {
@@ -357,6 +367,8 @@ public sealed unsafe class Userfaultfd : IDisposable
                 Range = new() { Start = (ulong)start, Len = length },
                 Mode = (protect ? NativeMemory.UFFDIO_WRITEPROTECT_MODE_WP : 0) | (wake ? 0 : NativeMemory.UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
             };
+            // SAFETY: wp is a local with the layout of the kernel's struct uffdio_writeprotect, alive
+            // for the whole call; the ioctl reads and writes only that struct.
             var err = Ioctl(NativeMemory.UFFDIO_WRITEPROTECT, &wp);
             if (err == 0) return;
             if (err == NativeMemory.EAGAIN && attempt < 100) continue;
@@ -369,6 +381,8 @@ public sealed unsafe class Userfaultfd : IDisposable
     {
         CheckRange(start, length);
         var range = new NativeMemory.UffdioRange { Start = (ulong)start, Len = length };
+        // SAFETY: range is a local with the layout of the kernel's struct uffdio_range, alive for the
+        // whole call; the ioctl reads and writes only that struct.
         var err = Ioctl(NativeMemory.UFFDIO_WAKE, &range);
         if (err != 0) throw new UserfaultfdException($"UFFDIO_WAKE(0x{(ulong)start:X}+0x{length:X})", err);
     }
@@ -380,6 +394,7 @@ public sealed unsafe class Userfaultfd : IDisposable
     public int ReadFaults(Span<UffdFault> into, int timeoutMs)
     {
         var pfd = new NativeMemory.PollFd { Fd = _fd, Events = NativeMemory.POLLIN };
+        // SAFETY: pfd is one local struct pollfd, alive for the call, and poll is told nfds = 1.
         var r = NativeMemory.Poll(&pfd, 1, timeoutMs);
         if (r < 0)
         {
@@ -418,6 +433,8 @@ public sealed unsafe class Userfaultfd : IDisposable
         for (var p = buffer; p < buffer + n; p += NativeMemory.UffdMsgSize)
         {
             if (p[0] != NativeMemory.UFFD_EVENT_PAGEFAULT) { ignored++; continue; }
+            // SAFETY: p walks whole uffd_msg records inside the n bytes read (n is a multiple of their
+            // size); flags, address and ptid are fields of the record at p.
             var flags = *(ulong*)(p + NativeMemory.UffdMsgFlagsOffset);
             var kind = (flags & NativeMemory.UFFD_PAGEFAULT_FLAG_WP) != 0 ? FaultKind.WriteProtect
                 : (flags & NativeMemory.UFFD_PAGEFAULT_FLAG_MINOR) != 0 ? FaultKind.Minor
@@ -467,6 +484,8 @@ public sealed unsafe class UffdReader : IDisposable
 
     private void Loop()
     {
+        // SAFETY: pfds is two struct pollfd on this thread's frame, which the loop never leaves while
+        // it polls; poll is told nfds = 2.
         Span<UffdFault> faults = stackalloc UffdFault[64];
         var pfds = stackalloc NativeMemory.PollFd[2];
         try

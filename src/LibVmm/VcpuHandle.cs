@@ -18,6 +18,8 @@ public sealed unsafe class VcpuHandle : IVcpu
 
     public int Id { get; }
     public int Fd => _fd;
+    // SAFETY: _run maps the vcpu's kvm_run area (_runSize bytes) from construction until Dispose; a view is
+    // used only while its handle lives (KvmRunView's contract).
     public KvmRunView RunPage => new((byte*)_run);
 
     internal VcpuHandle(int id, int fd, int runSize, VmHandle? vm = null)
@@ -108,7 +110,7 @@ public sealed unsafe class VcpuHandle : IVcpu
         var data = run.IoData;
         var at = index * size;
         if (at < 0 || at + size > data.Length) return;
-        for (var i = 0; i < size; i++) data[at + i] = (byte)(value >> (8 * i));
+        VmExit.WriteLittle(data.Slice(at, size), value);
     }
 
     public void CompleteMmioRead(ulong value)
@@ -116,7 +118,7 @@ public sealed unsafe class VcpuHandle : IVcpu
         var run = RunPage;
         var data = run.MmioData;
         var len = (int)Math.Min(run.MmioLen, 8u);
-        for (var i = 0; i < len; i++) data[i] = (byte)(value >> (8 * i));
+        VmExit.WriteLittle(data[..len], value);
     }
 
     public void CompleteMsrRead(ulong value, bool fault)
@@ -135,12 +137,18 @@ public sealed unsafe class VcpuHandle : IVcpu
     public KvmRegs GetRegisters()
     {
         KvmRegs regs;
+        // SAFETY: regs is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_regs, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         if (Native.Ioctl(_fd, KvmIoctl.GetRegs, &regs) < 0) throw KvmException.Last($"KVM_GET_REGS(vcpu {Id})");
         return regs;
     }
 
     public void SetRegisters(in KvmRegs regs)
     {
+        // SAFETY: regs is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_regs, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         fixed (KvmRegs* p = &regs)
             if (Native.Ioctl(_fd, KvmIoctl.SetRegs, p) < 0) throw KvmException.Last($"KVM_SET_REGS(vcpu {Id})");
     }
@@ -148,12 +156,18 @@ public sealed unsafe class VcpuHandle : IVcpu
     public KvmSregs GetSpecialRegisters()
     {
         KvmSregs sregs;
+        // SAFETY: sregs is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_sregs, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         if (Native.Ioctl(_fd, KvmIoctl.GetSregs, &sregs) < 0) throw KvmException.Last($"KVM_GET_SREGS(vcpu {Id})");
         return sregs;
     }
 
     public void SetSpecialRegisters(in KvmSregs sregs)
     {
+        // SAFETY: sregs is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_sregs, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         fixed (KvmSregs* p = &sregs)
             if (Native.Ioctl(_fd, KvmIoctl.SetSregs, p) < 0) throw KvmException.Last($"KVM_SET_SREGS(vcpu {Id})");
     }
@@ -161,12 +175,18 @@ public sealed unsafe class VcpuHandle : IVcpu
     public KvmFpu GetFpu()
     {
         KvmFpu fpu;
+        // SAFETY: fpu is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_fpu, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         if (Native.Ioctl(_fd, KvmIoctl.GetFpu, &fpu) < 0) throw KvmException.Last($"KVM_GET_FPU(vcpu {Id})");
         return fpu;
     }
 
     public void SetFpu(in KvmFpu fpu)
     {
+        // SAFETY: fpu is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_fpu, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         fixed (KvmFpu* p = &fpu)
             if (Native.Ioctl(_fd, KvmIoctl.SetFpu, p) < 0) throw KvmException.Last($"KVM_SET_FPU(vcpu {Id})");
     }
@@ -175,6 +195,8 @@ public sealed unsafe class VcpuHandle : IVcpu
     public KvmMsrEntry[] GetMsrs(params uint[] indices)
     {
         var buffer = new byte[8 + 16 * indices.Length];
+        // SAFETY: buffer is pinned for the block and holds struct kvm_msrs: nmsrs in its first 4 bytes,
+        // then indices.Length 16-byte kvm_msr_entry records; KVM touches no more than nmsrs entries.
         fixed (byte* p = buffer)
         {
             *(uint*)p = (uint)indices.Length;
@@ -192,6 +214,8 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void SetMsrs(params KvmMsrEntry[] msrs)
     {
         var buffer = new byte[8 + 16 * msrs.Length];
+        // SAFETY: buffer is pinned for the block and holds struct kvm_msrs: nmsrs in its first 4 bytes,
+        // then msrs.Length 16-byte kvm_msr_entry records; KVM reads no more than nmsrs entries.
         fixed (byte* p = buffer)
         {
             *(uint*)p = (uint)msrs.Length;
@@ -207,6 +231,8 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void SetCpuid(KvmCpuidEntry2[] entries)
     {
         var buffer = new byte[8 + sizeof(KvmCpuidEntry2) * entries.Length];
+        // SAFETY: buffer is pinned for the block and holds struct kvm_cpuid2: nent in its first 4
+        // bytes, then entries.Length kvm_cpuid_entry2 records; KVM reads no more than nent entries.
         fixed (byte* p = buffer)
         {
             *(uint*)p = (uint)entries.Length;
@@ -241,6 +267,9 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void InjectInterrupt(byte vector)
     {
         uint irq = vector;
+        // SAFETY: irq is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_interrupt (one 32-bit vector), alive for the whole call; the ioctl reads
+        // or writes only that struct.
         if (Native.Ioctl(_fd, KvmIoctl.Interrupt, &irq) < 0) throw KvmException.Last($"KVM_INTERRUPT(vcpu {Id}, vector {vector})");
     }
 
@@ -252,6 +281,8 @@ public sealed unsafe class VcpuHandle : IVcpu
     public byte[] GetLapic()
     {
         var state = new byte[LapicStateSize];
+        // SAFETY: state is pinned for the call and is LapicStateSize bytes, struct kvm_lapic_state, all
+        // KVM writes.
         fixed (byte* p = state)
             if (Native.Ioctl(_fd, KvmIoctl.GetLapic, p) < 0) throw KvmException.Last($"KVM_GET_LAPIC(vcpu {Id})");
         return state;
@@ -261,6 +292,8 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void SetLapic(ReadOnlySpan<byte> state)
     {
         if (state.Length != LapicStateSize) throw new ArgumentException($"a local APIC image is {LapicStateSize} bytes, not {state.Length}", nameof(state));
+        // SAFETY: state is pinned for the call and is LapicStateSize bytes (checked above), struct
+        // kvm_lapic_state, all KVM reads.
         fixed (byte* p = state)
             if (Native.Ioctl(_fd, KvmIoctl.SetLapic, p) < 0) throw KvmException.Last($"KVM_SET_LAPIC(vcpu {Id})");
     }
@@ -285,6 +318,9 @@ public sealed unsafe class VcpuHandle : IVcpu
     public KvmMpState GetMpState()
     {
         uint state;
+        // SAFETY: state is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_mp_state, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         if (Native.Ioctl(_fd, KvmIoctl.GetMpState, &state) < 0) throw KvmException.Last($"KVM_GET_MP_STATE(vcpu {Id})");
         return (KvmMpState)state;
     }
@@ -292,6 +328,9 @@ public sealed unsafe class VcpuHandle : IVcpu
     public void SetMpState(KvmMpState state)
     {
         var value = (uint)state;
+        // SAFETY: value is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_mp_state, alive for the whole call; the ioctl reads or writes only that
+        // struct.
         if (Native.Ioctl(_fd, KvmIoctl.SetMpState, &value) < 0) throw KvmException.Last($"KVM_SET_MP_STATE(vcpu {Id}, {state})");
     }
 
@@ -311,6 +350,9 @@ public sealed unsafe class VcpuHandle : IVcpu
     public bool TryTranslate(ulong linearAddress, out GuestPhysAddr physical)
     {
         var t = new KvmTranslation { LinearAddress = linearAddress };
+        // SAFETY: t is a local (or a readonly reference pinned by fixed) with the layout of the
+        // kernel's struct kvm_translation, alive for the whole call; the ioctl reads or writes only
+        // that struct.
         if (Native.Ioctl(_fd, KvmIoctl.Translate, &t) < 0 || t.Valid == 0)
         {
             physical = default;

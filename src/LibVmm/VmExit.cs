@@ -1,3 +1,5 @@
+using System.Buffers.Binary;
+
 namespace ActorVmm.LibVmm;
 
 /// <summary>
@@ -118,10 +120,22 @@ public abstract record VmExit
         }
     }
 
+    /// <summary>The first <paramref name="size"/> bytes of <paramref name="data"/> (at most 8) as a
+    /// little-endian value, x86's byte order; 0 for none.</summary>
     internal static ulong ReadLittle(ReadOnlySpan<byte> data, int size)
     {
-        ulong v = 0;
-        for (var i = Math.Min(size, Math.Min(8, data.Length)) - 1; i >= 0; i--) v = (v << 8) | data[i];
-        return v;
+        Span<byte> value = stackalloc byte[8];
+        value.Clear();
+        data[..Math.Clamp(Math.Min(size, data.Length), 0, 8)].CopyTo(value);
+        return BinaryPrimitives.ReadUInt64LittleEndian(value);
+    }
+
+    /// <summary>Writes the low bytes of <paramref name="value"/>, little-endian, over all of
+    /// <paramref name="data"/> (at most 8 bytes).</summary>
+    internal static void WriteLittle(Span<byte> data, ulong value)
+    {
+        Span<byte> bytes = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(bytes, value);
+        bytes[..Math.Min(data.Length, 8)].CopyTo(data);
     }
 }

@@ -44,12 +44,18 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
         if (Native.Ioctl(fd, KvmIoctl.SetTssAddr, unchecked((nint)TssAddress)) < 0) throw KvmException.Last("KVM_SET_TSS_ADDR");
         var map = IdentityMapAddress;
         if (_kvm.CheckExtension(KvmCap.SetIdentityMapAddr) > 0 &&
+            // SAFETY: map is a local 64-bit address, alive for the call; KVM reads those 8 bytes.
             Native.Ioctl(fd, KvmIoctl.SetIdentityMapAddr, &map) < 0)
             throw KvmException.Last("KVM_SET_IDENTITY_MAP_ADDR");
     }
 
     /// <summary>KVM_SET_USER_MEMORY_REGION. A size of 0 deletes the slot.</summary>
     /// <param name="logDirty">KVM logs the guest's writes to the slot (read with <see cref="GetDirtyLog"/>)</param>
+    /// <param name="slot">the memslot number</param>
+    /// <param name="guestAddress">where the slot starts in the guest's physical address space</param>
+    /// <param name="size">its length in bytes (a multiple of 4 KiB); 0 deletes the slot</param>
+    /// <param name="hostAddress">the host mapping that backs it</param>
+    /// <param name="readOnly">guest writes exit as MMIO instead of writing</param>
     public void SetUserMemoryRegion(uint slot, GuestPhysAddr guestAddress, ulong size, nint hostAddress, bool readOnly = false,
         bool logDirty = false)
     {
@@ -61,6 +67,9 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
             MemorySize = size,
             UserspaceAddr = (ulong)hostAddress,
         };
+        // SAFETY: region is a local with the layout of the kernel's struct kvm_userspace_memory_region,
+        // alive for the whole call; the ioctl reads and writes only that struct. The host range it
+        // names is the caller's to keep mapped while the slot exists.
         if (Native.Ioctl(_fd, KvmIoctl.SetUserMemoryRegion, &region) < 0)
             throw KvmException.Last($"KVM_SET_USER_MEMORY_REGION(slot {slot}, gpa {guestAddress}, size 0x{size:X})");
         var slots = _slots.Where(s => s.Slot != slot);
@@ -89,6 +98,8 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
     {
         var c = new KvmEnableCap { Cap = (uint)cap };
         c.Args[0] = arg0;
+        // SAFETY: c is a local with the layout of the kernel's struct kvm_enable_cap, alive for the
+        // whole call; the ioctl reads and writes only that struct.
         if (Native.Ioctl(_fd, KvmIoctl.EnableCap, &c) < 0) throw KvmException.Last($"KVM_ENABLE_CAP({cap})");
     }
 
@@ -117,6 +128,8 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
     public ulong[] GetDirtyLog(uint slot, ulong pages)
     {
         var bitmap = new ulong[(pages + 63) / 64];
+        // SAFETY: bitmap is pinned for the block and has one bit for each of the slot's pages, as many
+        // as KVM writes; log is a local struct kvm_dirty_log.
         fixed (ulong* p = bitmap)
         {
             var log = new KvmDirtyLog { Slot = slot, DirtyBitmap = (ulong)p };
@@ -133,6 +146,8 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
     public void ClearDirtyLog(uint slot, ulong firstPage, uint pages, ulong[] bitmap)
     {
         if ((ulong)bitmap.Length * 64 < pages) throw new ArgumentException($"a bitmap of {bitmap.Length} words is short of {pages} pages", nameof(bitmap));
+        // SAFETY: bitmap is pinned for the block and covers pages bits (checked above), all KVM reads;
+        // clear is a local struct kvm_clear_dirty_log.
         fixed (ulong* p = bitmap)
         {
             var clear = new KvmClearDirtyLog { Slot = slot, FirstPage = firstPage, NumPages = pages, DirtyBitmap = (ulong)p };
@@ -234,6 +249,8 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
     public bool SignalMsi(ulong address, uint data)
     {
         var msi = new KvmMsi { AddressLo = (uint)address, AddressHi = (uint)(address >> 32), Data = data };
+        // SAFETY: msi is a local with the layout of the kernel's struct kvm_msi, alive for the whole
+        // call; the ioctl reads and writes only that struct.
         var n = Native.Ioctl(_fd, KvmIoctl.SignalMsi, &msi);
         if (n < 0) throw KvmException.Last($"KVM_SIGNAL_MSI(address 0x{address:X}, data 0x{data:X})");
         return n > 0;
@@ -257,6 +274,9 @@ public sealed unsafe class VmHandle : IDirtyLog, IDisposable
         const uint routingMsi = 2;
         var size = 8 + sizeof(KvmIrqRoutingEntry) * routes.Count;
         var buffer = new byte[size];
+        // SAFETY: buffer is pinned for the block and holds struct kvm_irq_routing: nr in its first 4
+        // bytes (and 4 of flags), then routes.Count kvm_irq_routing_entry records; KVM reads no more
+        // than nr.
         fixed (byte* p = buffer)
         {
             *(uint*)p = (uint)routes.Count;

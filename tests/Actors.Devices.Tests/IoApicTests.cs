@@ -103,7 +103,7 @@ public sealed class IoApicTests
         pin.Deassert();
         pin.Pulse();
         Assert.Equal(3, _bus.Messages.Count);
-        Assert.All(_bus.Messages, m => Assert.Equal(new ApicMessage(0x31, ApicDeliveryMode.Fixed, false, 1, true, false), m));
+        Assert.All(_bus.Messages, m => Assert.Equal(new ApicMessage(0x31, DeliveryMode.Fixed, false, 1, true, false), m));
     }
 
     [Fact]
@@ -223,7 +223,7 @@ public sealed class IoApicTests
 
         _ioapic.Pin(12).Pulse();
 
-        Assert.Equal(new ApicMessage(0xA7, ApicDeliveryMode.LowestPriority, true, 0x0F, true, false), Assert.Single(_bus.Messages));
+        Assert.Equal(new ApicMessage(0xA7, DeliveryMode.LowestPriority, true, 0x0F, true, false), Assert.Single(_bus.Messages));
     }
 
     [Fact]
@@ -233,7 +233,7 @@ public sealed class IoApicTests
 
         _ioapic.Pin(0).Pulse();
 
-        Assert.Equal(new ApicMessage(0, ApicDeliveryMode.ExtInt, false, 2, true, false), Assert.Single(_bus.Messages));
+        Assert.Equal(new ApicMessage(0, DeliveryMode.ExtInt, false, 2, true, false), Assert.Single(_bus.Messages));
     }
 
     [Fact]
@@ -278,6 +278,6 @@ public sealed class IoApicTests
         Assert.Equal(state, restored.State());
         Assert.Empty(bus.Messages); // nothing delivered by the restore
         restored.EndOfInterrupt(0x49); // still asserted: delivers again
-        Assert.Equal(new ApicMessage(0x49, ApicDeliveryMode.Fixed, false, 4, true, true), Assert.Single(bus.Messages));
+        Assert.Equal(new ApicMessage(0x49, DeliveryMode.Fixed, false, 4, true, true), Assert.Single(bus.Messages));
     }
 }

@@ -1,3 +1,4 @@
+using ActorVmm.Devices;
 using static ActorVmm.Lapic.ApicOffsets;
 
 namespace ActorVmm.Lapic.Tests;
@@ -223,7 +224,7 @@ public sealed class LocalApicRegisterTests
     public void A_level_triggered_deassert_message_carries_no_interrupt()
     {
         var rig = new Rig();
-        Assert.False(rig.Apic.Accept(0x70, level: false, TriggerMode.Level));
+        rig.Vlapic.Deliver(DeliveryMode.Fixed, 0x70, level: false, TriggerMode.Level);
         Assert.False(rig.InIrr(0x70));
     }
 
@@ -430,7 +431,7 @@ public sealed class LocalApicRegisterTests
     {
         var rig = new Rig();
         rig.Write(Tpr, 0x20);
-        Assert.False(rig.Apic.Deliver(DeliveryMode.Init, 0, level: false, TriggerMode.Level));
+        rig.Vlapic.Deliver(DeliveryMode.Init, 0, level: false, TriggerMode.Level);
         Assert.Equal(0x20u, rig.Read(Tpr));
         Assert.Empty(rig.Events.VcpuEvents);
     }

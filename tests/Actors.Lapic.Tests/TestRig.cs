@@ -25,6 +25,9 @@ internal sealed class Rig
     public ManualClock Clock { get; } = new();
     public LocalApic Apic { get; }
 
+    /// <summary>The vlapic around <see cref="Apic"/> (no assist): its generic checks, then the model.</summary>
+    public Vlapic Vlapic => Vlapic.Emulated(Apic);
+
     public Rig(uint id = 0, bool bsp = true, LapicOptions? options = null, bool enabled = true)
     {
         Apic = new LocalApic(id, Events, Clock, options ?? TickOptions, bsp);

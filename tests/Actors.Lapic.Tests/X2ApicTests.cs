@@ -1,3 +1,4 @@
+using ActorVmm.Devices;
 using static ActorVmm.Lapic.ApicOffsets;
 
 namespace ActorVmm.Lapic.Tests;

@@ -70,6 +70,24 @@ public sealed class VmConfigTests
     }
 
     [Fact]
+    public void Command_line_values_override_as_values_and_are_taken_verbatim()
+    {
+        // Characters that HOCON text would read as syntax: quotes, a substitution, braces, a comment.
+        const string name = "web \"1\" ${x} { y } // z";
+        var config = ConfigValues.From(new Dictionary<string, string>
+        {
+            ["actorvmm.vm.name"] = name,
+            ["actorvmm.vm.memory"] = "1G",
+            ["actorvmm.vm.serial.input"] = "none",
+        }).WithFallback(VmConfig.Load(null));
+        var vm = VmConfig.From(config);
+        Assert.Equal(name, vm.Name);
+        Assert.Equal(GiB, vm.MemoryBytes);
+        Assert.Equal("none", vm.SerialInput);
+        Assert.Equal("stdout", vm.SerialOutput); // a sibling of serial.input, from the defaults
+    }
+
+    [Fact]
     public void A_vm_file_is_layered_over_the_defaults()
     {
         using var dir = new TempDir();

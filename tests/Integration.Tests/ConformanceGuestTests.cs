@@ -2,6 +2,7 @@ using ActorVmm.Devices;
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using ActorVmm.Testing;
 using Iced.Intel;
@@ -217,15 +218,15 @@ public sealed class ConformanceGuestTests
             var bad = a.CreateLabel();
             InterruptCode.SetGate(a, 2, nmi);
             InterruptCode.EnableLocalApic(a);
-            a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrHigh], 0);
-            a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrLow], 0x400); // NMI to physical APIC 0: itself
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 0);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x400); // NMI to physical APIC 0: itself
             ExpectNmis(a, 2, bad);
             ExitPassedElseAt(a, bad);
             NmiHandler(a, nmi, first =>
             {
                 first.mov(rdi, InterruptCode.LapicBase);
-                first.mov(__dword_ptr[rdi + InterruptCode.LapicIcrLow], 0x400);
-                first.mov(__dword_ptr[rdi + InterruptCode.LapicIcrLow], 0x400);
+                first.mov(__dword_ptr[rdi + ApicOffsets.IcrLow], 0x400);
+                first.mov(__dword_ptr[rdi + ApicOffsets.IcrLow], 0x400);
             });
         });
         await using var run = await GuestRun.RunAsync(image, 16 << 20, 1, null, null, lapic);
@@ -377,8 +378,8 @@ public sealed class ConformanceGuestTests
                     f.or(eax, 1 << 17);                // CR4.PCIDE
                     f.mov(cr4, rax);
                 });
-                a.mov(__dword_ptr[rbx + InterruptCode.LapicLvtTimer], 0x5_0041); // TSC-deadline mode, masked
-                a.test(__dword_ptr[rbx + InterruptCode.LapicLvtTimer], 1 << 18);
+                a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x5_0041); // TSC-deadline mode, masked
+                a.test(__dword_ptr[rbx + ApicOffsets.LvtTimer], 1 << 18);
                 a.jnz(bad);
             }
             Expect(a, gp: hidden, bad, f =>

@@ -3,6 +3,7 @@ using ActorVmm.Host.Boot;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Tracing;
 using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
 using ActorVmm.Memory;
 using ActorVmm.Testing;
 using ActorVmm.Vcpu;
@@ -44,9 +45,9 @@ public sealed class EptBarrierGuestTests
         a.mov(ecx, apCode.Length);
         a.rep.movsb();
         InterruptCode.EnableLocalApic(a);
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrHigh], 1 << 24);
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrLow], 0x4500);                            // INIT to APIC 1
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrLow], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 1 << 24);
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4500);                            // INIT to APIC 1
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4600 | (uint)(Trampoline >> 12)); // SIPI
         a.Label(ref wait);
         a.pause();
         a.cmp(__byte_ptr[ApReady], 1);

@@ -5,6 +5,7 @@ using ActorVmm.Host.Boot;
 using ActorVmm.LibVmm;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
 using ActorVmm.Memory;
 using ActorVmm.Testing;
 using Iced.Intel;
@@ -78,9 +79,9 @@ public sealed class FaultGuestTests
         var wait = a.CreateLabel();
         InterruptCode.SetGate(a, 0x30, tick);
         InterruptCode.EnableLocalApic(a);
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicTimerDivide], 0b1011);     // divide by 1
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicLvtTimer], 0x2_0030);      // periodic, vector 0x30
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicTimerInitial], 2_000_000); // 2 ms at 1 GHz
+        a.mov(__dword_ptr[rbx + ApicOffsets.TimerDivide], 0b1011);     // divide by 1
+        a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x2_0030);      // periodic, vector 0x30
+        a.mov(__dword_ptr[rbx + ApicOffsets.TimerInitialCount], 2_000_000); // 2 ms at 1 GHz
         var hlt = a.CreateLabel();
         a.mov(rsi, (long)Counter);
         a.Label(ref wait);
@@ -123,7 +124,7 @@ public sealed class FaultGuestTests
         a.mov(rsi, (long)Counter);
         a.xor(r12d, r12d);
         a.Label(ref next);
-        a.mov(__dword_ptr[rbx + InterruptCode.LapicIcrLow], 0x4_0042);       // fixed, vector 0x42, to self
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x4_0042);       // fixed, vector 0x42, to self
         a.inc(r12d);
         a.Label(ref wait);
         InterruptCode.SleepWithInterruptsOn(a, hlt);

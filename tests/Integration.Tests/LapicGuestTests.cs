@@ -1,6 +1,7 @@
 using ActorVmm.Host.Boot;
 using ActorVmm.Host.Guests;
 using ActorVmm.Host.Vm;
+using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using ActorVmm.Testing;
 using Iced.Intel;
@@ -92,9 +93,9 @@ public sealed class LapicGuestTests
             var handler = a.CreateLabel();
             SetGate(a, 0x41, handler);
             EnableApic(a);
-            a.mov(__dword_ptr[rbx + 0x3E0], 0b1011);  // divide by 1
-            a.mov(__dword_ptr[rbx + 0x320], 0x41);    // LVT timer: one-shot, vector 0x41, unmasked
-            a.mov(__dword_ptr[rbx + 0x380], 100_000); // initial count: 100 µs at 1 GHz
+            a.mov(__dword_ptr[rbx + ApicOffsets.TimerDivide], 0b1011);  // divide by 1
+            a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x41);    // LVT timer: one-shot, vector 0x41, unmasked
+            a.mov(__dword_ptr[rbx + ApicOffsets.TimerInitialCount], 100_000); // initial count: 100 µs at 1 GHz
             var hlt = WaitFlagThenExit(a);
             FlagHandler(a, handler, hlt);
         });
@@ -113,7 +114,7 @@ public sealed class LapicGuestTests
             var bad = a.CreateLabel();
             SetGate(a, 0x41, handler);
             EnableApic(a);
-            a.mov(__dword_ptr[rbx + 0x320], 0x4_0041);    // LVT timer: TSC-deadline mode (10b), vector 0x41
+            a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x4_0041);    // LVT timer: TSC-deadline mode (10b), vector 0x41
             a.rdtsc();
             a.shl(rdx, 32);
             a.or(rax, rdx);
@@ -254,7 +255,7 @@ public sealed class LapicGuestTests
             var bad = a.CreateLabel();
             SetGate(a, 0x42, handler);
             EnableApic(a);
-            a.mov(__dword_ptr[rbx + 0x300], 0x0004_0042);   // self-IPI, vector 0x42
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x0004_0042);   // self-IPI, vector 0x42
             a.mov(rdi, (long)genuine);
             a.Label(ref wait);
             InterruptCode.SleepWithInterruptsOn(a, hlt);
@@ -300,7 +301,7 @@ public sealed class LapicGuestTests
             var handler = a.CreateLabel();
             SetGate(a, 0x42, handler);
             EnableApic(a);
-            a.mov(__dword_ptr[rbx + 0x300], 0x0004_0042); // ICR: fixed, vector 0x42, shorthand self
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x0004_0042); // ICR: fixed, vector 0x42, shorthand self
             var hlt = WaitFlagThenExit(a);
             FlagHandler(a, handler, hlt);
         });
@@ -330,7 +331,7 @@ public sealed class LapicGuestTests
             SetGate(a, 0x42, handler);
             EnableApic(a);
             a.cli();
-            a.mov(__dword_ptr[rbx + 0x300], 0x0004_0042);     // self-IPI, vector 0x42 (class 4): pending
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x0004_0042);     // self-IPI, vector 0x42 (class 4): pending
             if (how == "tpr") a.mov(__dword_ptr[rbx + 0x80], 0x50); // TPR class 5
             else
             {
@@ -545,8 +546,8 @@ public sealed class LapicGuestTests
             a.pause();
             a.cmp(__byte_ptr[rdi], 1);
             a.jne(wait);
-            a.mov(__dword_ptr[rbx + 0x310], 1 << 24);
-            a.mov(__dword_ptr[rbx + 0x300], 0x40); // fixed, vector 0x40, physical APIC 1
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 1 << 24);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x40); // fixed, vector 0x40, physical APIC 1
             a.Label(ref spin);
             a.pause();
             a.jmp(spin);
@@ -567,9 +568,9 @@ public sealed class LapicGuestTests
             var wait = a.CreateLabel();
             SetGate(a, 0x41, handler);
             EnableApic(a);
-            a.mov(__dword_ptr[rbx + 0x3E0], 0b1011);    // divide by 1
-            a.mov(__dword_ptr[rbx + 0x320], 0x2_0041);  // LVT timer: periodic, vector 0x41
-            a.mov(__dword_ptr[rbx + 0x380], 500_000);   // every 500 µs at 1 GHz
+            a.mov(__dword_ptr[rbx + ApicOffsets.TimerDivide], 0b1011);    // divide by 1
+            a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x2_0041);  // LVT timer: periodic, vector 0x41
+            a.mov(__dword_ptr[rbx + ApicOffsets.TimerInitialCount], 500_000);   // every 500 µs at 1 GHz
             var hlt = a.CreateLabel();
             a.mov(rsi, (long)Flag);
             a.Label(ref wait);
@@ -577,7 +578,7 @@ public sealed class LapicGuestTests
             a.cli();
             a.cmp(__dword_ptr[rsi], 5);                 // five expiries, each taken in a handler
             a.jb(wait);
-            a.mov(__dword_ptr[rbx + 0x320], 0x1_0041);  // masked
+            a.mov(__dword_ptr[rbx + ApicOffsets.LvtTimer], 0x1_0041);  // masked
             a.mov(al, 0);
             a.@out(0xF4, al);
             a.Label(ref handler);
@@ -606,8 +607,8 @@ public sealed class LapicGuestTests
             EnableApic(a);
             // ICR: delivery mode NMI to physical APIC 0, itself. (Not with the self shorthand, which
             // takes fixed only: SDM Vol 3A Table 10-3.)
-            a.mov(__dword_ptr[rbx + 0x310], 0);
-            a.mov(__dword_ptr[rbx + 0x300], 0x0000_0400);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 0);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x0000_0400);
             var hlt = WaitFlagThenExit(a);                   // (an NMI comes even with IF=0)
             a.Label(ref nmi);
             InterruptCode.ReturnPastInterruptedHlt(a, hlt);
@@ -670,7 +671,7 @@ public sealed class LapicGuestTests
             a.pause();
             a.cmp(__byte_ptr[ApsReady], 2);
             a.jb(ready);
-            a.mov(__dword_ptr[rbx + 0x300], 0xC_0040);     // fixed, vector 0x40, all excluding self
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0xC_0040);     // fixed, vector 0x40, all excluding self
             a.sti();
             a.Label(ref hit);
             a.pause();
@@ -713,11 +714,11 @@ public sealed class LapicGuestTests
             SetGate(a, 0x05, handler);
             SetGate(a, 0x50, handler);
             EnableApic(a);
-            a.mov(__dword_ptr[rbx + 0x280], 0);              // ESR: latch (and clear) what came before
-            a.mov(__dword_ptr[rbx + 0x310], 0);
-            a.mov(__dword_ptr[rbx + 0x300], 0x05);           // fixed, vector 5 (illegal), to APIC 0
-            a.mov(__dword_ptr[rbx + 0x310], 7 << 24);
-            a.mov(__dword_ptr[rbx + 0x300], 0x50);           // fixed, vector 0x50, to APIC 7: nobody
+            a.mov(__dword_ptr[rbx + ApicOffsets.Esr], 0);              // ESR: latch (and clear) what came before
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 0);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x05);           // fixed, vector 5 (illegal), to APIC 0
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], 7 << 24);
+            a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], 0x50);           // fixed, vector 0x50, to APIC 7: nobody
             a.mov(__dword_ptr[rbx + 0x3F0], 0x1234);         // a reserved offset
             a.mov(ecx, 5_000);
             a.sti();
@@ -726,8 +727,8 @@ public sealed class LapicGuestTests
             a.dec(ecx);
             a.jnz(linger);
             a.cli();
-            a.mov(__dword_ptr[rbx + 0x280], 0);              // ESR: latch the errors since the last write
-            a.mov(eax, __dword_ptr[rbx + 0x280]);
+            a.mov(__dword_ptr[rbx + ApicOffsets.Esr], 0);              // ESR: latch the errors since the last write
+            a.mov(eax, __dword_ptr[rbx + ApicOffsets.Esr]);
             a.mov(rdi, (long)esrOut);
             a.mov(__dword_ptr[rdi], eax);
             a.mov(rdi, (long)Flag);

@@ -16,6 +16,9 @@ public interface ITraceSink
     /// <param name="id">this message's trace id (unique in the process)</param>
     /// <param name="parentId">the id of the message whose handling sent this one; 0 if none
     /// (sent from outside the actors, or by an untraced actor)</param>
+    /// <param name="sender">the sending actor; null when sent from outside the actors</param>
+    /// <param name="receiver">the actor whose mailbox takes it</param>
+    /// <param name="message">the message itself (not to be kept past the call if the sink copies nothing)</param>
     void Record(long id, long parentId, IActorRef? sender, IActorRef receiver, object message);
 }
 
@@ -76,6 +79,8 @@ public static class MessageTraceRegistry
     private static readonly PathRegistry<ITraceSink> Sinks = new();
 
     /// <param name="pathPrefix">an actor path without address, e.g. "/user/vm-demo"</param>
+    /// <param name="system">the actor system whose actors are traced</param>
+    /// <param name="sink">receives their messages; disposing the result unregisters it</param>
     public static IDisposable Register(ActorSystem system, string pathPrefix, ITraceSink sink) => Sinks.Register(system, pathPrefix, sink);
 
     public static ITraceSink? SinkFor(ActorSystem system, IActorRef owner) => Sinks.Find(system, owner);
@@ -135,6 +140,9 @@ public sealed class TracedMailboxType(Settings settings, Config config)
 /// </summary>
 /// <param name="arrived">called after a message is in the queue (a vcpu's mailbox kicks there, so a
 /// delayed message kicks when it arrives, not when it was sent)</param>
+/// <param name="owner">the actor whose mailbox this is</param>
+/// <param name="sink">records each message on enqueue; null: nothing is recorded</param>
+/// <param name="faults">link faults (drops, delays) applied on enqueue; null: none</param>
 public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink, LinkFaultPlan? faults = null, Action<Envelope>? arrived = null)
     : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {

@@ -306,6 +306,9 @@ public sealed class ControlClient : IAsyncDisposable
     /// <summary>Fault injection that answers (a stall once it is over, a page fault failure once
     /// armed): the answer as text.</summary>
     /// <param name="lasts">how long the fault itself takes before it answers</param>
+    /// <param name="vm">the VM actor</param>
+    /// <param name="actorPath">the target actor, relative to the VM (e.g. "uart0", "vcpu-0")</param>
+    /// <param name="fault">the fault message, which the target answers</param>
     public async Task<string> InjectAsync(IActorRef vm, string actorPath, FaultProtocol.IFaultMessage fault, TimeSpan lasts)
     {
         var target = await Child(vm, actorPath);
@@ -350,7 +353,7 @@ public sealed class ControlClient : IAsyncDisposable
         return sb.ToString();
     }
 
-    /// <summary>"<1:12 1-2:3 ... >=1024:0", non-empty buckets only.</summary>
+    /// <summary>"&lt;1:12 1-2:3 ... &gt;=1024:0", non-empty buckets only.</summary>
     public static string Histogram(long[] buckets)
     {
         var parts = new List<string>();

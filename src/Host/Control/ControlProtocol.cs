@@ -13,6 +13,8 @@ public static class ControlProtocol
     public interface IControlMessage;
 
     /// <param name="Trace">the VM's trace hub (see TraceProtocol), or Nobody when it is not traced</param>
+    /// <param name="Vm">the VM's name</param>
+    /// <param name="Actor">the VM actor</param>
     public sealed record Register(string Vm, IActorRef Actor, IActorRef Trace) : IControlMessage;
 
     public sealed record ListVms : IControlMessage { public static readonly ListVms Instance = new(); }

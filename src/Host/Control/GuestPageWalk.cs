@@ -1,3 +1,4 @@
+using System.Buffers.Binary;
 using ActorVmm.Vcpu;
 
 namespace ActorVmm.Host.Control;
@@ -76,8 +77,8 @@ public static class GuestPageWalk
     }
 
     private static async Task<ulong?> Entry64(PhysicalReader read, ulong address) =>
-        await read(address, 8) is { Length: 8 } b ? BitConverter.ToUInt64(b) : null;
+        await read(address, 8) is { Length: 8 } b ? BinaryPrimitives.ReadUInt64LittleEndian(b) : null;
 
     private static async Task<ulong?> Entry32(PhysicalReader read, ulong address) =>
-        await read(address, 4) is { Length: 4 } b ? BitConverter.ToUInt32(b) : null;
+        await read(address, 4) is { Length: 4 } b ? BinaryPrimitives.ReadUInt32LittleEndian(b) : null;
 }

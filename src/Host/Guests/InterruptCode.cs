@@ -1,5 +1,6 @@
 using ActorVmm.Devices;
 using ActorVmm.Host.Boot;
+using ActorVmm.Lapic;
 using Iced.Intel;
 using static Iced.Intel.AssemblerRegisters;
 
@@ -19,10 +20,6 @@ public static class InterruptCode
     public const ulong Idtr = 0x9F800;
     public const long LapicBase = (long)Platform.LocalApicBase;
     public const long IoApicBase = (long)Platform.IoApicBase;
-
-    // Local APIC registers (offsets in its page; Intel SDM Vol 3A Table 11-1).
-    public const int LapicEoi = 0xB0, LapicSvr = 0xF0, LapicIsr = 0x100, LapicIcrLow = 0x300, LapicIcrHigh = 0x310;
-    public const int LapicLvtTimer = 0x320, LapicTimerInitial = 0x380, LapicTimerDivide = 0x3E0;
 
     /// <summary>IDT gate <paramref name="vector"/> → <paramref name="handler"/> (64-bit interrupt
     /// gate, the image's code selector), then lidt. Clobbers RAX and RDI.</summary>
@@ -49,7 +46,7 @@ public static class InterruptCode
     public static void EnableLocalApic(Assembler a)
     {
         a.mov(rbx, LapicBase);
-        a.mov(__dword_ptr[rbx + LapicSvr], 0x1FF);
+        a.mov(__dword_ptr[rbx + ApicOffsets.Svr], 0x1FF);
     }
 
     /// <summary>
@@ -139,7 +136,7 @@ public static class InterruptCode
     public static void Eoi(Assembler a)
     {
         a.mov(rdi, LapicBase);
-        a.mov(__dword_ptr[rdi + LapicEoi], 0);
+        a.mov(__dword_ptr[rdi + ApicOffsets.Eoi], 0);
     }
 
     /// <summary>IOAPIC pin <paramref name="pin"/> → <paramref name="vector"/>: fixed delivery, physical
@@ -251,9 +248,9 @@ public static class InterruptCode
         a.mov(ecx, length);
         a.rep.movsb();
         EnableLocalApic(a);
-        a.mov(__dword_ptr[rbx + LapicIcrHigh], destination << 24);
-        a.mov(__dword_ptr[rbx + LapicIcrLow], shorthand | 0x4500);                     // INIT, level assert
-        a.mov(__dword_ptr[rbx + LapicIcrLow], shorthand | 0x4600 | (uint)(origin >> 12)); // SIPI
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrHigh], destination << 24);
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], shorthand | 0x4500);                     // INIT, level assert
+        a.mov(__dword_ptr[rbx + ApicOffsets.IcrLow], shorthand | 0x4600 | (uint)(origin >> 12)); // SIPI
     }
 
     /// <summary>x2APIC EOI (WRMSR 0x80B ← 0), in real mode. Clobbers EAX, ECX, EDX.</summary>

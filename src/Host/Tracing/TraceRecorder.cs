@@ -77,6 +77,7 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
 
     /// <param name="jsonLinesPath">stream every kept event to this file as JSON lines</param>
     /// <param name="capacity">the ring's bound: the latest events kept in memory</param>
+    /// <param name="filter">which events are kept; null: all</param>
     public TraceRecorder(string? jsonLinesPath = null, int capacity = 100_000, TraceFilter? filter = null)
     {
         if (capacity < 1) throw new ArgumentOutOfRangeException(nameof(capacity));
@@ -191,13 +192,13 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         return sb.ToString();
     }
 
-    /// <summary>A line for people: "  12.345 ms  #12 <- #10  vcpu-0 -> uart0  Write { Offset = 0, ... }".</summary>
     /// <summary>How many events of each kind (sender, receiver, message type), most frequent first.</summary>
     public static IEnumerable<(string Sender, string Receiver, string Type, int Count)> CountByKind(IEnumerable<TraceEvent> events) =>
         events.GroupBy(e => (e.Sender, e.Receiver, e.Type))
             .Select(g => (g.Key.Sender, g.Key.Receiver, g.Key.Type, Count: g.Count()))
             .OrderByDescending(k => k.Count);
 
+    /// <summary>A line for people: "  12.345 ms  #12 &lt;- #10  vcpu-0 -&gt; uart0  Write { Offset = 0, ... }".</summary>
     public static string ToText(TraceEvent e) =>
         $"{e.Nanoseconds / 1e6,10:F3} ms  #{e.Id,-6} {(e.ParentId == 0 ? "" : "<- #" + e.ParentId),-10} {e.Sender,-14} -> {e.Receiver,-14} {e.Message}";
 

@@ -27,6 +27,7 @@ public static class PcPlatform
 
     /// <param name="biosLikePic">initialise the 8259s as a BIOS does (vector bases 0x08/0x70, all
     /// IRQs masked): for images that are not firmware (a firmware does it itself)</param>
+    /// <param name="cpus">the number of vcpus (the IOAPIC's ID follows their APIC IDs)</param>
     public static IEnumerable<DeviceSpec> InterruptControllersAndTimers(int cpus, bool biosLikePic)
     {
         var ioapicId = IoApicId(cpus);

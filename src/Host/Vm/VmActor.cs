@@ -207,8 +207,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var clock = _resources.Clock ?? new MonotonicClock();
         var interrupts = new VmInterrupts();
 
-        // With demand paging the vmspace resolves nested page faults: it gets a thread of its own
-        // (the fault benchmark: a pinned thread answers faster than the thread pool).
+        // With demand paging the vmspace resolves nested page faults while a vcpu waits in the
+        // kernel: it gets a thread of its own, which answers without waiting for a pool thread.
         var vmspaceProps = _resources.Paging switch
         {
             { Userfaultfd: true } paging => VmspaceProtocol.Props(_resources.Memory, paging, Self, _resources.DirtyLog)

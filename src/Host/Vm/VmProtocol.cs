@@ -30,6 +30,10 @@ public static class VmProtocol
 
     /// <param name="Devices">the names of its device actors (uart0, ioapic, ...), in creation order</param>
     /// <param name="Restarts">its children restarted after a failure, oldest first ("uart0: cause"; the last 100)</param>
+    /// <param name="Vm">the VM's name</param>
+    /// <param name="Phase">where the VM is in its life</param>
+    /// <param name="Vcpus">its number of vcpus</param>
+    /// <param name="Outcome">how it ended; null while it runs</param>
     public sealed record Status(string Vm, Phase Phase, int Vcpus, Outcome? Outcome, string[]? Devices = null, string[]? Restarts = null) : IVmMessage;
 
     public enum Phase { Created, Running, Paused, Ending, Ended }

@@ -17,13 +17,18 @@ public enum LapicMode
     Assisted,
 }
 
-/// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).
-/// <see cref="Superpages"/>: back guest RAM with transparent huge pages where the host allows it
-/// (not with demand paging through userfaultfd, which fills 4 KiB pages).</summary>
+/// <summary>Everything needed to build one VM, already validated (see <see cref="Config.VmConfig"/>).</summary>
 /// <param name="SharedMemory">a shared-memory device (passthru-style: its window is host memory
 /// mapped as a memslot); a VM with one wires all guest memory and cannot demand-page</param>
 /// <param name="TestDevices">QEMU's test devices for conformance suites (<see cref="PcPlatform.TestDevice"/>,
 /// next to the debug-exit port every VM has); off by default</param>
+/// <param name="Name">the VM's name</param>
+/// <param name="MemoryBytes">guest RAM</param>
+/// <param name="Cpus">the number of vcpus; vcpu 0 boots</param>
+/// <param name="Boot">what the VM boots</param>
+/// <param name="Lapic">where the local APICs live</param>
+/// <param name="Paging">the vmspace's paging; null: guest RAM all resident, no userfaultfd</param>
+/// <param name="Superpages">back guest RAM with transparent huge pages where the host allows it (not with demand paging through userfaultfd, which fills 4 KiB pages)</param>
 public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage Boot, LapicMode Lapic = LapicMode.Emulated,
     ActorVmm.Memory.VmspaceOptions? Paging = null, bool Superpages = true, SharedMemorySpec? SharedMemory = null,
     bool TestDevices = false)
@@ -154,6 +159,7 @@ public sealed class VmInterrupts
     /// <param name="requests">the driving device actor's requests, when its writes wait for the
     /// change (see <see cref="DeviceContext.SyncedIsaIrq"/>): each change is followed by a
     /// <see cref="DeviceProtocol.Sync"/> to both controllers; null: changes are only told</param>
+    /// <param name="irq">ISA IRQ 0-15</param>
     public IInterruptLine IsaIrq(int irq, IDeviceRequests? requests = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(irq);
@@ -174,6 +180,7 @@ public sealed class VmInterrupts
     /// <summary>IOAPIC pin <paramref name="pin"/> (0-23) alone, with no 8259 input: for sources wired
     /// to the IOAPIC only, as PCI interrupts are to pins 16-23.</summary>
     /// <param name="requests">as for <see cref="IsaIrq"/></param>
+    /// <param name="pin">IOAPIC input 0-23</param>
     public IInterruptLine IoApicInput(int pin, IDeviceRequests? requests = null)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(pin);
@@ -236,6 +243,13 @@ public sealed class VmInterrupts
 /// <param name="Lapic">the local APIC backend of every vcpu; null: no local APICs (no vlapic actors, no router)</param>
 /// <param name="KernelApic">the in-kernel local APICs (split irqchip), with <see cref="LapicBackends.KvmAssisted"/></param>
 /// <param name="DirtyLog">the VM's KVM dirty log, for a vmspace with <c>dirty-tracking = dirty-log</c></param>
+/// <param name="Name">the VM's name</param>
+/// <param name="Memory">guest RAM, mapped and registered</param>
+/// <param name="Vcpus">the KVM vcpus, index = vcpu id</param>
+/// <param name="Devices">the devices and where they sit on the buses</param>
+/// <param name="Traced">record the message trace</param>
+/// <param name="Paging">the vmspace's paging; null: none</param>
+/// <param name="FaultInjection">the VM takes fault-injection messages (ctl fault, tests)</param>
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
     IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
     ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null,

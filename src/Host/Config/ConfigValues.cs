@@ -1,0 +1,33 @@
+using Akka.Configuration.Hocon;
+
+namespace ActorVmm.Host.Config;
+
+/// <summary>
+/// Settings given as values (the command line's options) rather than as HOCON text: each becomes
+/// a string value at its dotted path, so no option's value is ever parsed as configuration syntax.
+/// Put the result in front of the file's configuration with <c>WithFallback</c>.
+/// </summary>
+public static class ConfigValues
+{
+    /// <summary>A configuration holding <paramref name="values"/>: each key a dotted path
+    /// ("actorvmm.vm.memory"), each value a string; a later value for the same path wins.</summary>
+    public static Akka.Configuration.Config From(IEnumerable<KeyValuePair<string, string>> values)
+    {
+        var top = new HoconObject();
+        foreach (var (path, value) in values)
+        {
+            var keys = path.Split('.');
+            var at = top;
+            foreach (var key in keys[..^1])
+            {
+                var child = at.GetOrCreateKey(key);
+                if (child.Values.Count == 0) child.AppendValue(new HoconObject());
+                at = child.GetObject();
+            }
+            at.GetOrCreateKey(keys[^1]).NewValue(new HoconLiteral { Value = value });
+        }
+        var root = new HoconValue();
+        root.AppendValue(top);
+        return new Akka.Configuration.Config(new HoconRoot(root));
+    }
+}
