@@ -155,7 +155,7 @@ internal sealed class DeviceAccess(IVcpu vcpu, IActorRef self, ExitStats stats, 
     {
         stats.Access(exit);
         stats.UnassignedReads++;
-        var ones = ExitHandler.AllOnes(size);
+        var ones = AccessSize.AllOnes(size);
         if (exit is VmExit.Io io)
             for (var i = 0; i < io.Count; i++) vcpu.CompleteIoIn(i, ones);
         else

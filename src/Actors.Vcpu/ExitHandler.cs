@@ -59,18 +59,16 @@ public readonly record struct ApicPage(ulong Base, DeviceRoute Route)
 /// </summary>
 public static class ExitHandler
 {
-    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio) =>
-        Decide(exit, ports, mmio, apicMsrs: false);
-
-    /// <param name="apicMsrs">the vcpu has a vlapic: IA32_APIC_BASE, IA32_TSC_DEADLINE and the
-    /// x2APIC range go to it (<see cref="ExitActionKind.ApicMsr"/>)</param>
-    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs) =>
-        Decide(exit, ports, mmio, apicMsrs, apicPage: null);
-
+    /// <summary>What the vcpu does with <paramref name="exit"/>.</summary>
+    /// <param name="exit">the exit KVM_RUN returned</param>
+    /// <param name="ports">the port bus: port I/O goes to the device whose range holds the port</param>
+    /// <param name="mmio">the MMIO bus: an MMIO exit goes to the device whose range holds the address</param>
+    /// <param name="apicMsrs">the vcpu has an emulated vlapic: IA32_APIC_BASE, IA32_TSC_DEADLINE and
+    /// the x2APIC range go to it (<see cref="ExitActionKind.ApicMsr"/>)</param>
     /// <param name="apicPage">the vcpu's xAPIC page where it is decoded now; null: nowhere (no
     /// emulated APIC, or the APIC is disabled or in x2APIC mode)</param>
-    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs,
-        ApicPage? apicPage)
+    public static ExitAction Decide(VmExit exit, AddressBus<DeviceRoute> ports, AddressBus<DeviceRoute> mmio, bool apicMsrs = false,
+        ApicPage? apicPage = null)
     {
         switch (exit)
         {
@@ -123,7 +121,4 @@ public static class ExitHandler
         route.WaitsForWriteAt(offset) ? ExitActionKind.WriteAndWait : ExitActionKind.PostWrite;
 
     private static ExitAction Stop(VcpuProtocol.StopReason reason) => new(ExitActionKind.Stop, StopReason: reason);
-
-    /// <summary>All-ones of <paramref name="size"/> bytes: what an unassigned read returns.</summary>
-    public static ulong AllOnes(int size) => size >= 8 ? ulong.MaxValue : (1UL << (size * 8)) - 1;
 }

@@ -307,13 +307,13 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
                 _devices.Credit(Sender, credit);
                 break;
             case FaultProtocol.Crash crash:
-                throw new InjectedFaultException(crash.Reason);
+                Faults.Crash(crash);
+                break;
             case FaultProtocol.Stall stall:
                 // The vcpu thread itself stops, as a descheduled host thread would: no guest time,
                 // no messages, no EPT acks until it is over. Then the state it was in goes on.
                 Context.GetLogger().Warning("vcpu {0} stalled for {1} ms: {2}", Id, stall.Duration.TotalMilliseconds, stall.Reason);
-                var slept = FaultProtocol.StallHere(stall, Context);
-                Sender.Tell(new FaultProtocol.Injected($"vcpu {Id} stalled for {slept.TotalMilliseconds:0} ms"));
+                Faults.StallThread(stall, Context, $"vcpu {Id}");
                 break;
             case VlapicProtocol.ReadKernelLapic:
                 Sender.Tell(VcpuRequests.ReadKernelLapic(_vcpu)); // forwarded by the vlapic: the reply goes to the asker

@@ -181,6 +181,10 @@ public static class VcpuProtocol
     public sealed record ExitReasonStats(string Reason, long Count, long[] LatencyBuckets);
 
     /// <summary>Everything the vcpu needs from the VM it belongs to. Local wiring, not a message.</summary>
+    /// <param name="Ports">the port bus: which device actor answers which ports</param>
+    /// <param name="Mmio">the MMIO bus: which device actor answers which guest-physical ranges</param>
+    /// <param name="Vm">the VM actor: told when the vcpu stops, halts for good, wakes or starts by SIPI</param>
+    /// <param name="Memory">guest memory, for the report of a vcpu that cannot go on (the code at RIP); null: none</param>
     /// <param name="Vlapic">this vcpu's local APIC actor (null: no APIC; APIC MSR exits #GP as any
     /// other). It sends the vcpu <c>VlapicProtocol.IVcpuEvent</c>s, answers <c>MsrRead</c>/<c>MsrWrite</c>
     /// and is told <c>InterruptAccepted</c>; its MMIO page is an ordinary route on <paramref name="Mmio"/>.</param>
@@ -224,6 +228,8 @@ public sealed class DeviceRoute
 
     private readonly Flow _flow;
 
+    /// <param name="name">the device's name, in reports and traces</param>
+    /// <param name="device">the device actor</param>
     /// <param name="waitForWrites">the vcpu waits for each write (<see cref="DeviceProtocol.WriteAndWait"/>):
     /// for devices whose writes can end the machine</param>
     /// <param name="waitForWriteAt">offsets (device offsets, window included) whose writes the vcpu

@@ -95,7 +95,7 @@ public sealed class ExitHandlerTests
     [InlineData(4, 0xFFFF_FFFFUL)]
     [InlineData(8, ulong.MaxValue)]
     public void AllOnes_must_fill_the_access_size(int size, ulong expected) =>
-        Assert.Equal(expected, ExitHandler.AllOnes(size));
+        Assert.Equal(expected, AccessSize.AllOnes(size));
 }
 
 public sealed class FailureReportTests
