@@ -53,6 +53,7 @@ internal sealed class VmspaceActor : ReceiveActor
         Receive<WriteMemory>(OnWrite);
         Receive<GetLayout>(_ => Sender.Tell(new Layout(
             _memory.Segments.Select(s => new Segment(s.Name, s.Base.Value, s.Size, s.ReadOnly)).ToArray())));
+        Receive<AwaitReady>(_ => Sender.Tell(Ready.Instance)); // PreStart registered guest RAM
         Receive<GetStats>(_ => Sender.Tell(new Stats(
             _memory.Segments.Aggregate(0UL, (a, s) => a + s.Size), ResidentBytes(), _reads, _writes, _faults)
         {
