@@ -1,7 +1,7 @@
 namespace ActorVmm.Devices;
 
 /// <summary>An error in wiring a bus: an overlap, an empty range or a range past the end.</summary>
-public sealed class BusException(string message) : Exception(message);
+public sealed class BusException(string message) : ActorVmm.LibVmm.VmmException(message);
 
 /// <summary>
 /// A sorted set of non-overlapping ranges (base, length) each owned by one device. Used for the

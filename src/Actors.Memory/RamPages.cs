@@ -13,11 +13,18 @@ internal sealed class RamPages
 
     public sealed record Range(GuestSegment Segment, ulong FirstPage, ulong Pages)
     {
-        public ulong Gpa => Segment.Base.Value;
+        public GuestPhysAddr Gpa => Segment.Base;
         public MemfdRegion Backing => Segment.Backing;
         /// <summary>Start of this segment in the guest view (what userfaultfd registers).</summary>
         public nint GuestView => Segment.Backing.GuestView + (nint)Segment.BackingOffset;
         public bool Contains(ulong page) => page >= FirstPage && page - FirstPage < Pages;
+        /// <summary>Offset of <paramref name="page"/> (of this range) in the backing memfd.</summary>
+        public ulong MemfdOffset(ulong page) => Segment.BackingOffset + (page - FirstPage) * PageSize;
+        /// <summary>Address of <paramref name="page"/> (of this range) in the guest view.</summary>
+        public nint GuestAddress(ulong page) => GuestView + (nint)((page - FirstPage) * PageSize);
+        /// <summary>Drops the guest view's mappings of <paramref name="count"/> pages from
+        /// <paramref name="page"/> (MADV_DONTNEED; the memfd keeps the contents).</summary>
+        public void DropGuestMappings(ulong page, ulong count) => Backing.DropGuestMappings(MemfdOffset(page), count * PageSize);
     }
 
     public IReadOnlyList<Range> Ranges { get; }
@@ -36,10 +43,10 @@ internal sealed class RamPages
         Total = next;
     }
 
-    public bool TryPage(ulong gpa, out ulong page)
+    public bool TryPage(GuestPhysAddr gpa, out ulong page)
     {
         foreach (var r in Ranges)
-            if (gpa >= r.Gpa && gpa - r.Gpa < r.Pages * PageSize)
+            if (gpa.Value >= r.Gpa.Value && gpa - r.Gpa < r.Pages * PageSize)
             {
                 page = r.FirstPage + (gpa - r.Gpa) / PageSize;
                 return true;
@@ -52,12 +59,12 @@ internal sealed class RamPages
     /// The pages covering [gpa, gpa+length) (rounded out to pages), if all of them are RAM and
     /// contiguous in guest-physical space.
     /// </summary>
-    public bool TryPages(ulong gpa, ulong length, out ulong first, out ulong count)
+    public bool TryPages(GuestPhysAddr gpa, ulong length, out ulong first, out ulong count)
     {
         first = count = 0;
-        if (length == 0 || gpa + length < gpa) return false;
-        var start = gpa & ~(PageSize - 1);
-        var last = (gpa + length - 1) & ~(PageSize - 1);
+        if (length == 0 || gpa.Value + length < gpa.Value) return false;
+        var start = new GuestPhysAddr(gpa.Value & ~(PageSize - 1));
+        var last = new GuestPhysAddr((gpa.Value + length - 1) & ~(PageSize - 1));
         if (!TryPage(start, out first) || !TryPage(last, out var lastPage)) return false;
         count = lastPage - first + 1;
         return lastPage >= first && Gpa(lastPage) - Gpa(first) == (count - 1) * PageSize;
@@ -70,26 +77,18 @@ internal sealed class RamPages
         throw new ArgumentOutOfRangeException(nameof(page), $"page {page} is not guest RAM");
     }
 
-    public ulong Gpa(ulong page)
+    public GuestPhysAddr Gpa(ulong page)
     {
         var r = RangeOf(page);
         return r.Gpa + (page - r.FirstPage) * PageSize;
     }
 
-    public nint GuestAddress(ulong page)
-    {
-        var r = RangeOf(page);
-        return r.GuestView + (nint)((page - r.FirstPage) * PageSize);
-    }
+    public nint GuestAddress(ulong page) => RangeOf(page).GuestAddress(page);
 
-    public ulong MemfdOffset(ulong page)
-    {
-        var r = RangeOf(page);
-        return r.Segment.BackingOffset + (page - r.FirstPage) * PageSize;
-    }
+    public ulong MemfdOffset(ulong page) => RangeOf(page).MemfdOffset(page);
 
     /// <summary>Guest-view address → guest-physical address (for the uffd reader).</summary>
-    public bool TryGpaOfGuestAddress(ulong address, out ulong gpa)
+    public bool TryGpaOfGuestAddress(ulong address, out GuestPhysAddr gpa)
     {
         foreach (var r in Ranges)
         {
@@ -100,7 +99,7 @@ internal sealed class RamPages
                 return true;
             }
         }
-        gpa = 0;
+        gpa = default;
         return false;
     }
 

@@ -3,7 +3,7 @@ using Akka.Actor;
 namespace ActorVmm.Memory;
 
 /// <summary>
-/// The swapper (issue 4 item 7; FreeBSD's pageout daemon, Linux's kswapd): a child of the vmspace
+/// The swapper (FreeBSD's pageout daemon, Linux's kswapd): a child of the vmspace
 /// that, on a timer, asks the vmspace for an A-bit scan (<see cref="VmspaceProtocol.SampleAccessed"/>),
 /// ages the pages in a <see cref="PageAging"/>, and asks the vmspace to swap out the pages not
 /// accessed for N scans, plus the least recently accessed ones while residency is above the

@@ -7,17 +7,17 @@ using static ActorVmm.Memory.VmspaceProtocol;
 namespace ActorVmm.Memory;
 
 /// <summary>
-/// The vmspace actor: thin around <see cref="GuestPager"/> (paging, pmap, swap, holds) and
-/// <see cref="EptBarrier"/> (generation + acks). Nested page faults arrive as messages from the
+/// The vmspace actor: thin around <see cref="GuestPager"/> (paging, pmap, swap, holds),
+/// <see cref="EptBarrier"/> (generation + acks) and an <see cref="IDirtyTracker"/>. Nested page faults arrive as messages from the
 /// userfaultfd reader thread and are resolved in mailbox order with everything else, so a fault
 /// never races an A/D clear or a swap-out of the same page inside the vmspace.
 /// States: Paging (userfaultfd on) or Unpaged (off), and Failed once a paging error is reported
 /// (Paging --uffd/swap error--> Failed: VmspaceFailed sent, userfaultfd unregistered and closed,
 /// memory still readable and writable through the host view).
-/// Dirty tracking (<see cref="VmspaceOptions.DirtyTracking"/>): uffd-wp lives in the pager's pmap;
-/// with dirty-log the vmspace reads and clears KVM's log; with dirty-ring the vcpus harvest their
-/// rings on their own threads and send the GFNs here, with their EPT acks (every
-/// vcpu is asked, whatever its state) and after a ring-full exit.
+/// Dirty tracking (<see cref="VmspaceOptions.DirtyTracking"/>) is the tracker's: uffd-wp lives in
+/// the pager's pmap; with dirty-log it reads and clears KVM's log; with dirty-ring the vcpus harvest
+/// their rings on their own threads and send the GFNs here, with their EPT acks (every vcpu is
+/// asked, whatever its state) and after a ring-full exit.
 /// </summary>
 internal sealed class VmspaceActor : ReceiveActor
 {
@@ -37,11 +37,8 @@ internal sealed class VmspaceActor : ReceiveActor
     private string? _failure;
     private FaultProtocol.FailNestedPageFaults? _failFaults;
     private long _reads, _writes, _faults, _nextHoldId, _accessedScans, _scanPageOuts, _flushedPages;
-    private readonly IDirtyLog? _kvmLog;
     private readonly RamPages _ram;
-    // KVM modes only: pages known dirty as data (ring harvests, host writes); KVM's log (dirty-log).
-    private readonly DirtyPageLog? _knownDirty;
-    private readonly DirtyLogReader? _logReader;
+    private readonly IDirtyTracker _dirty;
     private long _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows;
 
     public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog)
@@ -49,84 +46,74 @@ internal sealed class VmspaceActor : ReceiveActor
         _memory = memory;
         _options = options;
         _events = events;
-        _kvmLog = dirtyLog;
         _ram = new RamPages(memory);
-        if (options.DirtyTracking != DirtyTracking.UffdWp) _knownDirty = new DirtyPageLog(_ram.Total);
-        if (options.DirtyTracking == DirtyTracking.DirtyLog && dirtyLog is not null)
-            _logReader = new DirtyLogReader(dirtyLog, _ram, memory.SlotOf);
+        _dirty = DirtyTrackers.Create(options.DirtyTracking, memory, dirtyLog);
 
         Receive<ReadMemory>(OnRead);
         Receive<WriteMemory>(OnWrite);
         Receive<GetLayout>(_ => Sender.Tell(new Layout(
             _memory.Segments.Select(s => new Segment(s.Name, s.Base.Value, s.Size, s.ReadOnly)).ToArray())));
+        Receive<AwaitReady>(_ => Sender.Tell(Ready.Instance)); // PreStart registered guest RAM
         Receive<GetStats>(_ => Sender.Tell(new Stats(
             _memory.Segments.Aggregate(0UL, (a, s) => a + s.Size), ResidentBytes(), _reads, _writes, _faults)
         {
             Paging = PagingStats(),
             WiredBytes = _memory.LockedBytes,
             FlushedPages = _flushedPages,
-            Dirty = new DirtyStats(_options.DirtyTracking.ConfigName(), _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows),
+            Dirty = new DirtyStats(_dirty.Mode.ConfigName(), _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows),
         }));
 
         Receive<DeviceProtocol.FlushGuestPage>(OnFlushPage);
         Receive<NestedPageFault>(OnNestedPageFault);
         Receive<ReaderFailed>(f => Fail($"userfaultfd reader: {f.Reason}"));
 
-        Receive<ClearAccessed>(c => WithPages(c.Id, c.Gpa, c.Length, needPaging: true, (first, count) =>
+        Receive<ClearAccessed>(c => WithPages(c.Id, new GuestPhysAddr(c.Gpa), c.Length, needPaging: true, (pager, first, count) =>
         {
-            if (!_pager!.ClearAccessed(first, count)) { Refuse(c.Id, $"no accessed-bit emulation: {_pager.Features}"); return; }
+            if (!pager.AccessedDirty.ClearAccessed(first, count)) { Refuse(c.Id, $"no accessed-bit emulation: {pager.Features}"); return; }
             AwaitEptInvalidation(Sender, g => new AccessedCleared(c.Id, g));
         }));
-        Receive<ClearDirty>(c => WithPages(c.Id, c.Gpa, c.Length, needPaging: _options.DirtyTracking == DirtyTracking.UffdWp, (first, count) =>
+        Receive<ClearDirty>(c => WithPages(c.Id, new GuestPhysAddr(c.Gpa), c.Length, needPaging: _dirty.NeedsPaging, (pager, first, count) =>
         {
-            if (_options.DirtyTracking != DirtyTracking.UffdWp)
-            {
-                ClearKvmDirty(c.Id, first, count);
-                return;
-            }
-            if (!_pager!.ClearDirty(first, count)) { Refuse(c.Id, $"no dirty-bit emulation: {_pager.Features}"); return; }
-            AwaitEptInvalidation(Sender, g => new DirtyCleared(c.Id, g));
+            if (_dirty.CannotClear(pager) is { } why) { Refuse(c.Id, why); return; }
+            var replyTo = Sender;
+            var generation = _barrier.Invalidate(Self);
+            _dirty.Clear(pager, first, count, generation, _barrier.VcpuIds);
+            AwaitGeneration(generation, replyTo, new DirtyCleared(c.Id, generation));
         }));
-        Receive<ScanAccessedDirty>(s => WithPages(s.Id, s.Gpa, s.Length, needPaging: false, (first, count) =>
+        Receive<ScanAccessedDirty>(s => WithPages(s.Id, new GuestPhysAddr(s.Gpa), s.Length, needPaging: false, (pager, first, count) =>
         {
-            _pager!.RefreshUntracked();
-            if (_options.DirtyTracking == DirtyTracking.DirtyRing)
-            {
-                // The rings are per vcpu: each vcpu harvests its own at the barrier.
-                var replyTo = Sender;
-                AwaitEptInvalidation(replyTo, _ => new AccessedDirty(s.Id, _pager.Ram.Gpa(first), ScanKvmDirty(first, count)));
-            }
-            else if (_options.DirtyTracking == DirtyTracking.DirtyLog)
-                Sender.Tell(new AccessedDirty(s.Id, _pager.Ram.Gpa(first), ScanKvmDirty(first, count)));
-            else
-                Sender.Tell(new AccessedDirty(s.Id, _pager.Ram.Gpa(first), _pager.Scan(first, count)));
+            pager.RefreshUntracked();
+            var gpa = pager.Ram.Gpa(first).Value;
+            if (_dirty.ScanWaitsForVcpus) AwaitEptInvalidation(Sender, _ => new AccessedDirty(s.Id, gpa, _dirty.Scan(pager, first, count)));
+            else Sender.Tell(new AccessedDirty(s.Id, gpa, _dirty.Scan(pager, first, count)));
         }));
-        Receive<GetPmap>(p => WithPages(p.Id, p.Gpa, p.Length, needPaging: false, (first, count) =>
+        Receive<GetPmap>(p => WithPages(p.Id, new GuestPhysAddr(p.Gpa), p.Length, needPaging: false, (pager, first, count) =>
         {
-            _pager!.RefreshUntracked();
-            var pmap = _pager.Pmap;
-            Sender.Tell(new PmapEntries(p.Id, _pager.Ram.Gpa(first), pmap.Type, pmap.Flags, pmap.Snapshot(first, count)));
+            pager.RefreshUntracked();
+            var pmap = pager.Pmap;
+            Sender.Tell(new PmapEntries(p.Id, pager.Ram.Gpa(first).Value, pmap.Type, pmap.Flags, pmap.Snapshot(first, count)));
         }));
-        Receive<SwapOut>(s => WithPages(s.Id, s.Gpa, s.Length, needPaging: true, (first, count) =>
+        Receive<SwapOut>(s => WithPages(s.Id, new GuestPhysAddr(s.Gpa), s.Length, needPaging: true, (pager, first, count) =>
         {
-            if (!_pager!.CanSwap) { Refuse(s.Id, "no swap file configured"); return; }
-            var n = _pager.SwapOut(first, count);
+            if (!pager.CanSwap) { Refuse(s.Id, "no swap file configured"); return; }
+            var n = pager.Reclaimer.SwapOut(first, count);
             AwaitEptInvalidation(Sender, g => new SwappedOut(s.Id, n, g));
         }));
 
         Receive<SampleAccessed>(s => WithPaging(s.Id, () =>
         {
-            var sample = _pager!.SampleAccessed(out var cleared);
+            var sample = _pager!.Reclaimer.SampleAccessed(out var cleared);
             _accessedScans++;
             var pmap = _pager.Pmap;
-            Func<ulong, object> reply = g => new AccessedSample(s.Id, sample, pmap.ResidentPages, _pager.ReclaimTargetPages, g);
+            var target = _pager.Reclaimer.ReclaimTargetPages;
+            Func<ulong, object> reply = g => new AccessedSample(s.Id, sample, pmap.ResidentPages, target, g);
             if (cleared) AwaitEptInvalidation(Sender, reply);
             else Sender.Tell(reply(_barrier.Generation));
         }));
         Receive<PageOut>(o => WithPaging(o.Id, () =>
         {
             if (!_pager!.CanSwap) { Refuse(o.Id, "no swap file configured"); return; }
-            var n = _pager.PageOut(o.Pages);
+            var n = _pager.Reclaimer.PageOut(o.Pages);
             _scanPageOuts += n;
             if (n > 0) AwaitEptInvalidation(Sender, g => new PagedOut(o.Id, n, g));
             else Sender.Tell(new PagedOut(o.Id, 0, _barrier.Generation));
@@ -158,7 +145,7 @@ internal sealed class VmspaceActor : ReceiveActor
         Receive<RegisterVcpu>(r => _barrier.Register(r.VcpuId, r.Vcpu));
         Receive<UnregisterVcpu>(r =>
         {
-            _knownDirty?.Forget(r.VcpuId);
+            _dirty.Forget(r.VcpuId);
             _barrier.Unregister(r.VcpuId);
         });
         Receive<EptInvalidated>(a =>
@@ -170,7 +157,7 @@ internal sealed class VmspaceActor : ReceiveActor
                 _barrierHarvests++;
                 ApplyHarvest(a.VcpuId, gfns, a.RingOverflowed);
             }
-            _knownDirty?.Acked(a.VcpuId, a.Generation);
+            _dirty.Acked(a.VcpuId, a.Generation);
             _barrier.Ack(a.VcpuId, a.Generation);
         });
         Receive<DirtyRingHarvested>(h =>
@@ -190,9 +177,9 @@ internal sealed class VmspaceActor : ReceiveActor
 
     protected override void PreStart()
     {
-        if (_options.DirtyTracking == DirtyTracking.DirtyLog && _kvmLog is null)
+        if (_dirty.Unusable is { } why)
         {
-            Fail("dirty-tracking = dirty-log, but the vmspace was given no KVM dirty log");
+            Fail(why);
             return;
         }
         if (!_options.Userfaultfd) return; // the pager (and its pmap) is built on first use
@@ -208,7 +195,7 @@ internal sealed class VmspaceActor : ReceiveActor
         _log.Info("vmspace paging: {0}", _pager.Features);
         var self = Self;
         _pager.StartReader(
-            (gpa, kind, write) => self.Tell(new NestedPageFault(gpa, kind, write), ActorRefs.NoSender),
+            (gpa, kind, write) => self.Tell(new NestedPageFault(gpa.Value, kind, write), ActorRefs.NoSender),
             e => self.Tell(new ReaderFailed(e.Message), ActorRefs.NoSender));
         if (_options.ScanInterval > TimeSpan.Zero)
         {
@@ -240,7 +227,7 @@ internal sealed class VmspaceActor : ReceiveActor
         bool ok;
         if (Paging)
         {
-            if (!Try(() => _pager!.TryRead(r.Address, data), "read of guest memory", out ok)) { Fault(r.Id, r.Address, r.Length, _failure!); return; }
+            if (!Try(() => _pager!.Host.TryRead(new GuestPhysAddr(r.Address), data), "read of guest memory", out ok)) { Fault(r.Id, r.Address, r.Length, _failure!); return; }
         }
         else ok = _memory.TryRead(new GuestPhysAddr(r.Address), data);
         if (ok) Sender.Tell(new MemoryData(r.Id, r.Address, data));
@@ -256,12 +243,12 @@ internal sealed class VmspaceActor : ReceiveActor
         bool ok;
         if (Paging)
         {
-            if (!Try(() => _pager!.TryWrite(w.Address, w.Data), "write of guest memory", out ok)) { Fault(w.Id, w.Address, w.Data.Length, _failure!); return; }
+            if (!Try(() => _pager!.Host.TryWrite(a, w.Data), "write of guest memory", out ok)) { Fault(w.Id, w.Address, w.Data.Length, _failure!); return; }
             if (ok) MaybeReclaim();
         }
         else ok = _memory.TryWrite(a, w.Data);
-        if (ok && _knownDirty is not null && w.Data.Length > 0 && _ram.TryPages(w.Address, (ulong)w.Data.Length, out var first, out var count))
-            for (var p = first; p < first + count; p++) _knownDirty.MarkDirty(p); // KVM's logs see only the guest's writes
+        if (ok && w.Data.Length > 0 && _ram.TryPages(a, (ulong)w.Data.Length, out var first, out var count))
+            _dirty.HostWrote(first, count); // KVM's logs see only the guest's writes
         if (ok) Sender.Tell(new MemoryWritten(w.Id));
         else Fault(w.Id, w.Address, w.Data.Length, "outside guest memory");
     }
@@ -270,20 +257,20 @@ internal sealed class VmspaceActor : ReceiveActor
     /// A device's page flush (pc-testdev, port 0xE4): the guest view's mapping of the RAM page goes
     /// (MADV_DONTNEED; the memfd and the host view keep the page), which makes KVM's MMU notifier zap
     /// its EPT entry before madvise returns, so the guest's next access faults it in again; with
-    /// demand paging the pager does it (<see cref="GuestPager.Flush"/>). Answered when done; an address
+    /// demand paging the pager does it (<see cref="AdEmulation.Flush"/>). Answered when done; an address
     /// outside guest RAM is ignored (and answered too).
     /// </summary>
     private void OnFlushPage(DeviceProtocol.FlushGuestPage f)
     {
-        if (_ram.TryPage(f.Gpa, out var page) && Try(() => FlushPage(page), $"flush of gpa 0x{f.Gpa:X} for {f.Device}", out _))
+        if (_ram.TryPage(new GuestPhysAddr(f.Gpa), out var page) && Try(() => FlushPage(page), $"flush of gpa 0x{f.Gpa:X} for {f.Device}", out _))
             _flushedPages++;
         Sender.Tell(new DeviceProtocol.Completed(f.Id));
     }
 
     private bool FlushPage(ulong page)
     {
-        if (Paging) _pager!.Flush(page);
-        else _ram.RangeOf(page).Backing.DropGuestMappings(_ram.MemfdOffset(page), RamPages.PageSize);
+        if (Paging) _pager!.AccessedDirty.Flush(page);
+        else _ram.RangeOf(page).DropGuestMappings(page, 1);
         return true;
     }
 
@@ -313,9 +300,10 @@ internal sealed class VmspaceActor : ReceiveActor
             return;
         }
         // A fault that brings a page in makes room first: residency never exceeds the limit.
-        if (_pager!.FaultAllocates(f.Gpa)) MaybeReclaim(reserve: 1);
+        var gpa = new GuestPhysAddr(f.Gpa);
+        if (_pager!.Faults.Allocates(gpa)) MaybeReclaim(reserve: 1);
         if (!Paging) return;
-        if (Try(() => { _pager!.Resolve(f.Gpa, f.Kind, f.Write); return true; }, $"{f.Kind} fault at gpa 0x{f.Gpa:X}", out _))
+        if (Try(() => { _pager!.Faults.Resolve(gpa, f.Kind, f.Write); return true; }, $"{f.Kind} fault at gpa {gpa}", out _))
             MaybeReclaim();
     }
 
@@ -324,7 +312,7 @@ internal sealed class VmspaceActor : ReceiveActor
     private void MaybeReclaim(ulong reserve = 0)
     {
         if (!Paging) return;
-        if (Try(() => _pager!.Reclaim(reserve), "reclaim", out var swapped) && swapped > 0)
+        if (Try(() => _pager!.Reclaimer.Reclaim(reserve), "reclaim", out var swapped) && swapped > 0)
             _barrier.Invalidate(Self); // nobody waits on a reclaim, but vcpus must still see it
     }
 
@@ -362,9 +350,9 @@ internal sealed class VmspaceActor : ReceiveActor
     private static bool IsTemporary(IActorRef actor) =>
         !actor.IsNobody() && actor.Path.Elements is [ "temp", .. ];
 
-    private void GrantHold(Hold h) => WithPages(h.Id, h.Gpa, h.Length, needPaging: false, (first, count) =>
+    private void GrantHold(Hold h) => WithPages(h.Id, new GuestPhysAddr(h.Gpa), h.Length, needPaging: false, (pager, first, count) =>
     {
-        if (!Try(() => { _pager!.Hold(first, count); return true; }, "hold", out _)) { Refuse(h.Id, _failure!); return; }
+        if (!Try(() => { pager.Holds.Hold(first, count); return true; }, "hold", out _)) { Refuse(h.Id, _failure!); return; }
         var lease = new GpaHold(++_nextHoldId, h.Gpa, h.Length);
         _holds[lease.HoldId] = new HoldEntry(lease, Sender, first, count);
         if (!Sender.IsNobody() && _watchedHolders.Add(Sender)) Context.Watch(Sender);
@@ -383,14 +371,14 @@ internal sealed class VmspaceActor : ReceiveActor
     private bool ReleaseHold(long holdId)
     {
         if (!_holds.Remove(holdId, out var entry)) return false;
-        _pager?.Unhold(entry.FirstPage, entry.Pages);
+        _pager?.Holds.Release(entry.FirstPage, entry.Pages);
         return true;
     }
 
     // ---------------------------------------------------------------- EPT barrier
 
     /// <summary>
-    /// The EPT-generation barrier (issue item 5, the seed's pmap_invalidate_ept): a change the
+    /// The EPT-generation barrier (the seed's pmap_invalidate_ept): a change the
     /// vcpus must see (write-protect, unmap for A/D or swap) is reported complete only after the
     /// generation was bumped, <see cref="InvalidateEpt"/> went to every registered vcpu, and all of
     /// them acked. The kernel change itself is already done (with KVM, mmu notifiers have zapped
@@ -403,67 +391,32 @@ internal sealed class VmspaceActor : ReceiveActor
         _barrier.WhenComplete(generation, () => replyTo.Tell(reply(generation), self));
     }
 
-    // ---------------------------------------------------------------- KVM dirty tracking
+    /// <summary>Answers <paramref name="replyTo"/> once every vcpu acked <paramref name="generation"/>.</summary>
+    private void AwaitGeneration(ulong generation, IActorRef replyTo, object reply)
+    {
+        var self = Self;
+        _barrier.WhenComplete(generation, () => replyTo.Tell(reply, self));
+    }
 
-    /// <summary>What vcpu <paramref name="vcpuId"/> harvested from its ring: GFNs of RAM pages only. A ring
-    /// found full may have lost writes (see <see cref="DirtyRing"/>): every RAM page is then dirty.</summary>
+    // ---------------------------------------------------------------- dirty rings
+
+    /// <summary>What vcpu <paramref name="vcpuId"/> harvested from its ring: GFNs (of RAM pages, the
+    /// rest is ignored). A ring found full may have lost writes (see <see cref="DirtyRing"/>).</summary>
     private void ApplyHarvest(int vcpuId, ulong[] gfns, bool overflowed)
     {
         _harvestedGfns += gfns.Length;
-        if (_knownDirty is null) return; // not in dirty-ring mode: nothing to keep
-        if (overflowed)
-        {
-            _ringOverflows++;
-            _log.Warning("vcpu {0}'s dirty ring was full: KVM may have lost writes, so every guest RAM page is reported dirty " +
-                         "(give the rings more entries: actorvmm.vm.paging.dirty-ring-entries)", vcpuId);
-            for (var p = 0UL; p < _knownDirty.Pages; p++) _knownDirty.MarkDirty(p);
-        }
-        var pages = new List<ulong>(gfns.Length);
-        foreach (var gfn in gfns)
-            if (_ram.TryPage(gfn << 12, out var page)) pages.Add(page);
-        _knownDirty.Harvested(vcpuId, pages);
-    }
-
-    /// <summary>D from KVM (its log, or the harvested rings) and from the host's writes; held pages are
-    /// dirty (a holder writes through the host view, which no log sees). A from the pmap.</summary>
-    private PageAD[] ScanKvmDirty(ulong first, ulong count)
-    {
-        var result = _pager!.Scan(first, count);
-        var logged = _logReader?.Scan(first, count);
-        for (var i = 0UL; i < count; i++)
-        {
-            var p = first + i;
-            var dirty = (logged?[i] ?? false) || _knownDirty!.IsDirty(p) || _pager.Pmap.IsHeld(p);
-            result[i] = (result[i] & PageAD.Accessed) | (dirty ? PageAD.Dirty : PageAD.None);
-        }
-        return result;
-    }
-
-    /// <summary>
-    /// ClearDirty with KVM's tracking. dirty-log: KVM_CLEAR_DIRTY_LOG now (held pages skipped), then the
-    /// barrier. dirty-ring: the vcpus asked by this generation's barrier harvest and reset their rings
-    /// (KVM re-protects what they harvested); until each acks, what it reports in the range is older
-    /// than the clear and dropped.
-    /// </summary>
-    private void ClearKvmDirty(long id, ulong first, ulong count)
-    {
-        if (_options.DirtyTracking == DirtyTracking.DirtyLog)
-        {
-            _logReader!.Clear(first, count, p => _pager!.Pmap.IsHeld(p));
-            _knownDirty!.Clear(_barrier.Generation, first, count, []);
-            AwaitEptInvalidation(Sender, g => new DirtyCleared(id, g));
-            return;
-        }
-        var self = Self;
-        var replyTo = Sender;
-        var generation = _barrier.Invalidate(self);
-        _knownDirty!.Clear(generation, first, count, _barrier.VcpuIds);
-        _barrier.WhenComplete(generation, () => replyTo.Tell(new DirtyCleared(id, generation), self));
+        if (!_dirty.Harvested(vcpuId, gfns, overflowed)) return;
+        _ringOverflows++;
+        _log.Warning("vcpu {0}'s dirty ring was full: KVM may have lost writes, so every guest RAM page is reported dirty " +
+                     "(give the rings more entries: actorvmm.vm.paging.dirty-ring-entries)", vcpuId);
     }
 
     // ---------------------------------------------------------------- helpers
 
-    private void WithPages(long id, ulong gpa, ulong length, bool needPaging, Action<ulong, ulong> action)
+    /// <summary>Runs <paramref name="action"/>(pager, first page, page count) on the RAM pages of
+    /// [gpa, gpa+length), building the pager (and its pmap) first if paging is off; refuses a range
+    /// that is not contiguous RAM. A failure in it fails the vmspace.</summary>
+    private void WithPages(long id, GuestPhysAddr gpa, ulong length, bool needPaging, Action<GuestPager, ulong, ulong> action)
     {
         if (_failure is not null) { Refuse(id, $"vmspace failed: {_failure}"); return; }
         if (_pager is null && !_options.Userfaultfd)
@@ -475,12 +428,12 @@ internal sealed class VmspaceActor : ReceiveActor
         if (needPaging && !_pager.Paging) { Refuse(id, "demand paging is off (vmspace built without userfaultfd)"); return; }
         if (!_pager.Ram.TryPages(gpa, length, out var first, out var count))
         {
-            Refuse(id, $"0x{gpa:X}+0x{length:X} is not a contiguous range of guest RAM");
+            Refuse(id, $"{gpa}+0x{length:X} is not a contiguous range of guest RAM");
             return;
         }
         try
         {
-            action(first, count);
+            action(_pager, first, count);
         }
         catch (Exception e)
         {
@@ -553,11 +506,11 @@ internal sealed class VmspaceActor : ReceiveActor
             catch (Exception e) { _log.Error(e, "vmspace: cannot refresh the pmap"); }
         }
         return new PagingStats(p.Paging && _failure is null, p.Features, p.Ram.Total, p.Pmap.ResidentPages, p.Pmap.SwappedPages,
-            p.HeldPages, p.Pmap.AccessedPages, p.Pmap.DirtyPages, p.MissingFaults, p.MinorFaults, p.WriteProtectFaults, p.ZeroFills, p.SwapIns, p.SwapOuts,
-            p.Retries, p.Reclaims, _barrier.Generation, _failure)
+            p.Holds.HeldPages, p.Pmap.AccessedPages, p.Pmap.DirtyPages, p.Faults.MissingFaults, p.Faults.MinorFaults, p.Faults.WriteProtectFaults,
+            p.Faults.ZeroFills, p.SwapIns, p.SwapOuts, p.Faults.Retries, p.Reclaimer.Reclaims, _barrier.Generation, _failure)
         {
             PeakResidentPages = p.Pmap.PeakResidentPages,
-            ResidentLimitPages = p.ResidentLimitPages,
+            ResidentLimitPages = p.Reclaimer.ResidentLimitPages,
             ScanInterval = Context.Child("swapper").IsNobody() ? TimeSpan.Zero : _options.ScanInterval,
             AccessedScans = _accessedScans,
             ScanPageOuts = _scanPageOuts,

@@ -31,6 +31,13 @@ public static class VmspaceProtocol
 
     public sealed record Layout(IReadOnlyList<Segment> Segments) : IVmspaceMessage;
 
+    /// <summary>Answered with <see cref="Ready"/> once the vmspace serves guest memory; with demand
+    /// paging, guest RAM is registered with userfaultfd by then, so no guest touch after the answer
+    /// goes unseen. (A vmspace registers before it handles its first message.)</summary>
+    public sealed record AwaitReady : IVmspaceMessage { public static readonly AwaitReady Instance = new(); }
+
+    public sealed record Ready : IVmspaceMessage { public static readonly Ready Instance = new(); }
+
     public sealed record GetStats : IVmspaceMessage { public static readonly GetStats Instance = new(); }
 
     /// <summary>Memory counters. Resident is what the host has actually allocated for guest RAM.

@@ -3,7 +3,7 @@ using System.Buffers.Binary;
 namespace ActorVmm.LibVmm;
 
 /// <summary>An access to guest memory outside every segment, or a write to a read-only one.</summary>
-public sealed class GuestMemoryException(string message) : Exception(message);
+public sealed class GuestMemoryException(string message) : VmmException(message);
 
 /// <summary>
 /// Guest-physical memory as loaders and devices see it: bounds-checked reads and writes through the

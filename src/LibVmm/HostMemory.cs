@@ -1,7 +1,7 @@
 namespace ActorVmm.LibVmm;
 
 /// <summary>Host memory for a VM could not be set up (a shared-memory file, locking memory).</summary>
-public sealed class HostMemoryException(string message) : Exception(message);
+public sealed class HostMemoryException(string message) : VmmException(message);
 
 /// <summary>
 /// Locking host memory into RAM (mlock): how a VM "wires" its guest memory. Locked pages are

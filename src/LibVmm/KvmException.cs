@@ -1,7 +1,7 @@
 namespace ActorVmm.LibVmm;
 
 /// <summary>An ioctl or mapping that failed, with the operation and the errno text.</summary>
-public sealed class KvmException : Exception
+public sealed class KvmException : VmmException
 {
     public string Operation { get; }
     public int Errno { get; }

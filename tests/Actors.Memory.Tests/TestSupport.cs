@@ -89,8 +89,8 @@ internal sealed class PagedVmspace : IAsyncDisposable
     {
         var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, scanInterval, superpages, dirtyTracking);
         var probe = kit.CreateTestProbe();
-        vm.Vmspace.Tell(VmspaceProtocol.GetStats.Instance, probe);
-        await probe.ExpectMsgAsync<VmspaceProtocol.Stats>(TimeSpan.FromSeconds(10));
+        vm.Vmspace.Tell(VmspaceProtocol.AwaitReady.Instance, probe);
+        await probe.ExpectMsgAsync<VmspaceProtocol.Ready>(TimeSpan.FromSeconds(10));
         return vm;
     }
 

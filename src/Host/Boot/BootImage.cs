@@ -4,7 +4,7 @@ using ActorVmm.Vcpu;
 namespace ActorVmm.Host.Boot;
 
 /// <summary>An image that cannot be booted as asked (empty, too big, outside RAM, overlapping).</summary>
-public sealed class BootException(string message) : Exception(message);
+public sealed class BootException(string message) : VmmException(message);
 
 /// <summary>The boot vcpu's registers after loading; null parts keep KVM's reset state.</summary>
 public sealed record BootState(RegisterState? Registers, Func<SpecialRegisterState, SpecialRegisterState>? Special)

@@ -15,6 +15,8 @@ namespace ActorVmm.Host.Vm;
 /// vlapics and the APIC router, wires the interrupt paths, and decides how the VM ends.
 /// Devices restart on failure (the default strategy); a vcpu never throws to it (it reports
 /// <see cref="VcpuProtocol.Stopped"/>), and a vcpu that dies anyway ends the VM.
+/// What it creates and how the devices are routed is decided by <see cref="VmBuilder"/>
+/// (<see cref="VmResources.Wiring"/>); the VM actor only creates the actors and binds the routes.
 /// </summary>
 internal sealed class VmActor : ReceiveActor, IWithTimers
 {
@@ -30,8 +32,10 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     private readonly HashSet<int> _stopped = [];
     private readonly List<IActorRef> _watchers = [];
     private readonly List<IActorRef> _devices = [];
-    /// <summary>Devices that have not yet answered the drain (null: not draining).</summary>
-    private HashSet<IActorRef>? _draining;
+    /// <summary>Children that restart from their state record when they fail (devices, vlapics, the APIC router).</summary>
+    private readonly HashSet<IActorRef> _restartable = [];
+    /// <summary>Devices that have not yet answered the drain, by the drain's id (null: not draining).</summary>
+    private Dictionary<long, IActorRef>? _draining;
     private Phase _phase = Phase.Created;
     private Outcome? _outcome;
 
@@ -45,11 +49,11 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<Start>(_ =>
         {
             // With demand paging, wait until the vmspace has registered guest memory with
-            // userfaultfd (it answers GetStats after that), so no first touch goes unseen.
-            if (_resources.Paging is { Userfaultfd: true }) _vmspace.Tell(VmspaceProtocol.GetStats.Instance);
+            // userfaultfd, so no first touch goes unseen.
+            if (_resources.Paging is { Userfaultfd: true }) _vmspace.Tell(VmspaceProtocol.AwaitReady.Instance);
             else StartBootVcpu();
         });
-        Receive<VmspaceProtocol.Stats>(_ => StartBootVcpu());
+        Receive<VmspaceProtocol.Ready>(_ => StartBootVcpu());
         Receive<VmspaceProtocol.VmspaceFailed>(f =>
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"the vmspace failed: {f.Reason}")));
         Receive<Pause>(_ =>
@@ -125,22 +129,22 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             // A device or the vmspace gone for good (it kept failing): reads to it would never be
             // answered, so the VM cannot go on.
             _gone.Add(t.ActorRef);
-            if (_draining is not null && _draining.Remove(t.ActorRef) && _draining.Count == 0) Finish();
+            if (RemoveDrained(d => d.Equals(t.ActorRef)) && _draining!.Count == 0) Finish();
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"{name} failed and was stopped{why}"));
         });
         Receive<EndTimeout>(_ => Finish());
-        Receive<DeviceProtocol.Stats>(_ =>
+        Receive<DeviceProtocol.Completed>(c =>
         {
-            if (_draining is null) return;
-            _draining.Remove(Sender);
+            if (_draining is null || !_draining.Remove(c.Id)) return;
             if (_draining.Count == 0) Finish();
         });
     }
 
-    /// <summary>Supervision: a device restarts from its last state record (at most
-    /// <see cref="MaxDeviceRestarts"/> times a minute, then it stops and so does the VM); a vcpu
-    /// or the vmspace that throws is stopped, and the VM ends with a report naming it.</summary>
-    protected override SupervisorStrategy SupervisorStrategy() => new VmSupervisorStrategy(Self);
+    /// <summary>Supervision: a child that can be rebuilt from its state record (a device, a vlapic,
+    /// the APIC router; registered as it is created) restarts, at most <see cref="MaxDeviceRestarts"/>
+    /// times a minute, then it stops and so does the VM; a vcpu or the vmspace that throws is
+    /// stopped, and the VM ends with a report naming it.</summary>
+    protected override SupervisorStrategy SupervisorStrategy() => new VmSupervisorStrategy(Self, _restartable.Contains);
 
     public const int MaxDeviceRestarts = 10;
 
@@ -162,7 +166,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         public T[] ToArray() => _items.ToArray();
     }
 
-    private sealed class VmSupervisorStrategy(IActorRef vm)
+    private sealed class VmSupervisorStrategy(IActorRef vm, Func<IActorRef, bool> restartable)
         : OneForOneStrategy(MaxDeviceRestarts, TimeSpan.FromMinutes(1), Akka.Actor.Decider.From(Directive.Restart))
     {
         public override void ProcessFailure(IActorContext context, bool restart, IActorRef child, Exception cause,
@@ -170,7 +174,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         {
             var name = child.Path.Name;
             var why = $"{cause.GetType().Name}: {cause.Message}";
-            if (!restart || name.StartsWith("vcpu-", StringComparison.Ordinal) || name == "vmspace")
+            if (!restart || !restartable(child))
             {
                 vm.Tell(new ChildFailed(name, why), child);
                 context.Stop(child);
@@ -195,9 +199,10 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
 
     /// <summary>
     /// Creation order follows the interrupt paths, so every ref exists before a message can need
-    /// it: the router, the vlapics (vcpu attached later), the IOAPIC and the PIC, the other
-    /// devices (their IRQ lines name the IOAPIC and the PIC), then the vcpus, each with its own
-    /// buses, and its vlapic's xAPIC page (decoded where its IA32_APIC_BASE puts it).
+    /// it: the router, the vlapics (vcpu attached later), the devices in the wiring's order (the
+    /// IOAPIC and the PIC first: the other devices' IRQ lines name them), then the vcpus, each with
+    /// its own routes (<see cref="VmWiring.RoutesFor"/>), and its vlapic's xAPIC page (decoded where
+    /// its IA32_APIC_BASE puts it).
     /// </summary>
     protected override void PreStart()
     {
@@ -228,6 +233,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             var router = Context.ActorOf(Mailbox(ApicRouterProtocol.Props(targets, _resources.KernelApic))
                 .WithDispatcher(VcpuProtocol.VlapicDispatcherId), "apic-router");
             Context.Watch(router);
+            _restartable.Add(router);
             interrupts.Router = router;
             foreach (var vcpu in _resources.Vcpus)
             {
@@ -235,29 +241,20 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
                 var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock))
                     .WithDispatcher(VcpuProtocol.VlapicDispatcherId), $"vlapic-{vcpu.Id}");
                 Context.Watch(vlapic);
+                _restartable.Add(vlapic);
                 vlapics.Add(vlapic);
             }
             if (vlapics.Count > 0) interrupts.BspVlapic = vlapics[0];
             targets.Vlapics = vlapics;
         }
 
-        var devices = new List<(DeviceSpec Spec, IActorRef Actor)>();
-        var controllersFirst = _resources.Devices
-            .OrderBy(d => d.Name is PcPlatform.IoApicName or PcPlatform.PicName ? 0 : 1);
-        foreach (var spec in controllersFirst)
+        var deviceActors = new Dictionary<DeviceSpec, IActorRef>(ReferenceEqualityComparer.Instance);
+        foreach (var spec in _resources.Wiring.Devices)
         {
-            Func<IPlatformEvents, IBusDevice> factory = spec.WiredFactory is { } wired
-                ? events => wired(new DeviceContext(events, interrupts, clock))
-                : spec.Factory;
-            Func<IPlatformEvents, object, IBusDevice>? restore = spec.WiredRestore is { } rewired
-                ? (events, state) => rewired(new DeviceContext(events, interrupts, clock), state)
-                : spec.Restore;
-            var props = spec.Timed
-                ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace)
-                : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace);
-            var device = Context.ActorOf(Mailbox(props).WithDispatcher(DeviceProtocol.DispatcherId), spec.Name);
+            var device = Context.ActorOf(Mailbox(DeviceProps(spec, interrupts, clock, vmspace)).WithDispatcher(DeviceProtocol.DispatcherId), spec.Name);
             Context.Watch(device);
-            devices.Add((spec, device));
+            _restartable.Add(device);
+            deviceActors[spec] = device;
             _devices.Add(device);
             if (spec.Name == PcPlatform.IoApicName) interrupts.IoApic = device;
             else if (spec.Name == PcPlatform.PicName) interrupts.Pic = device;
@@ -267,18 +264,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         foreach (var vcpu in _resources.Vcpus)
         {
             // Each vcpu gets its own routes: the write window is counted per vcpu and device.
-            var ports = AddressBus<DeviceRoute>.Empty;
-            var mmio = AddressBus<DeviceRoute>.Empty;
-            foreach (var (spec, actor) in devices)
-            {
-                var route = new DeviceRoute(spec.Name, actor, spec.WaitForWrites, spec.WaitForWriteAt);
-                foreach (var range in spec.Ranges)
-                {
-                    var windowed = route.WithWindow(range.Window); // every window shares the route's write window
-                    if (range.Space == DeviceProtocol.Space.Port) ports = ports.Insert(windowed, range.Base, range.Length);
-                    else mmio = mmio.Insert(windowed, range.Base, range.Length);
-                }
-            }
+            var (ports, mmio) = _resources.Wiring.RoutesFor(spec => deviceActors[spec]);
             IActorRef? vlapic = null;
             DeviceRoute? apicPage = null;
             var kernelLapic = _resources.KernelApic is not null;
@@ -300,6 +286,21 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             // (it handles messages, and harvests its dirty ring first).
             vmspace.Tell(new VmspaceProtocol.RegisterVcpu(vcpu.Id, actorRef));
         }
+    }
+
+    /// <summary>A device actor's props: its model built (and rebuilt after a failure) with the VM's
+    /// interrupt wiring and clock when it asks for them.</summary>
+    private Props DeviceProps(DeviceSpec spec, VmInterrupts interrupts, IDeviceClock clock, IActorRef vmspace)
+    {
+        Func<IPlatformEvents, IBusDevice> factory = spec.WiredFactory is { } wired
+            ? events => wired(new DeviceContext(events, interrupts, clock))
+            : spec.Factory;
+        Func<IPlatformEvents, object, IBusDevice>? restore = spec.WiredRestore is { } rewired
+            ? (events, state) => rewired(new DeviceContext(events, interrupts, clock), state)
+            : spec.Restore;
+        return spec.Timed
+            ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace)
+            : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace);
     }
 
     protected override void PostStop()
@@ -337,7 +338,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     /// <summary>
     /// Once every vcpu has stopped, the devices drain: each handles what is already in its mailbox
     /// (the guest's last UART bytes, posted before it halted or exited) before the VM ends and its
-    /// actors stop. A device's reply to <see cref="DeviceProtocol.GetStats"/> comes after all of that.
+    /// actors stop. The drain is the devices' barrier: a device answers <see cref="DeviceProtocol.Sync"/>
+    /// with <see cref="DeviceProtocol.Completed"/> after all of that (mailbox order).
     /// </summary>
     private void TryFinish()
     {
@@ -348,8 +350,24 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             Finish();
             return;
         }
-        _draining = [.. alive];
-        foreach (var d in alive) d.Tell(DeviceProtocol.GetStats.Instance);
+        _draining = [];
+        foreach (var d in alive)
+        {
+            var id = ++_lastDrainId;
+            _draining[id] = d;
+            d.Tell(new DeviceProtocol.Sync(id));
+        }
+    }
+
+    private long _lastDrainId;
+
+    /// <summary>Forgets the drains of the devices <paramref name="match"/> picks; whether there were any.</summary>
+    private bool RemoveDrained(Func<IActorRef, bool> match)
+    {
+        if (_draining is not { } draining) return false;
+        var ids = draining.Where(e => match(e.Value)).Select(e => e.Key).ToArray();
+        foreach (var id in ids) draining.Remove(id);
+        return ids.Length > 0;
     }
 
     private readonly HashSet<IActorRef> _gone = [];

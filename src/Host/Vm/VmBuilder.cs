@@ -83,7 +83,7 @@ public sealed class VmBuilder
             CheckTestDevices(firmwareImage);
             if (_devices.All(d => d.Name != PcPlatform.TestDeviceName)) _devices.Add(PcPlatform.TestDevice());
         }
-        CheckBuses((ulong)(firmwareImage?.Length ?? 0));
+        var wiring = PlanWiring((ulong)(firmwareImage?.Length ?? 0));
 
         Kvm? kvm = null;
         VmHandle? vm = null;
@@ -153,7 +153,7 @@ public sealed class VmBuilder
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, clock,
                 kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock, cpuid)),
                 Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic,
-                DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null);
+                DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null) { Wiring = wiring };
             StartupTimes.Mark("vm prepared");
             var system = _system.GetAwaiter().GetResult();
             var registrations = new List<IDisposable>();
@@ -175,8 +175,7 @@ public sealed class VmBuilder
             shm?.Dispose();
             vm?.Dispose();
             kvm?.Dispose();
-            if (e is KvmException or GuestMemoryException or ArgumentException or BootException or BusException or HostMemoryException)
-                throw new VmBuildException(e.Message, e);
+            if (VmBuildException.IsBuildError(e)) throw new VmBuildException(e.Message, e);
             throw; // a VmBuildException, or the actor system's failure to start
         }
     }
@@ -226,34 +225,23 @@ public sealed class VmBuilder
                 $"may be at most {(VmspaceLayout.FourGiB - iomemEnd) >> 10} KiB");
     }
 
+    /// <summary>The devices' wiring (<see cref="VmWiring.Plan"/>), checked against what no device may
+    /// sit under: guest memory's memslots (a device's accesses would never exit), each vcpu's local
+    /// APIC page, and the shared-memory window (a memslot, not a device).</summary>
     /// <param name="firmwareBytes">the firmware image's length (0: none), for the memslots' places</param>
-    private void CheckBuses(ulong firmwareBytes)
+    private VmWiring PlanWiring(ulong firmwareBytes)
     {
-        var ports = AddressBus<string>.Empty;
-        var mmio = AddressBus<string>.Empty;
+        // A size the layout refuses is reported when memory is built.
+        IReadOnlyList<LayoutRange> memslots;
+        try { memslots = VmspaceLayout.Plan(_spec.MemoryBytes, firmwareBytes); }
+        catch (ArgumentException) { memslots = []; }
+        var reserved = memslots.Select(slot => ($"guest memory ({slot.Name})", slot.Base.Value, slot.Size))
+            .Append(("local APIC", Platform.LocalApicBase, VlapicProtocol.MmioLength));
+        if (_spec.SharedMemory is not null)
+            reserved = reserved.Append(("shared memory", Platform.SharedMemoryBase, Platform.SharedMemoryMaxSize));
         try
         {
-            // Guest memory is memslots: no device may sit under any (its accesses would never exit).
-            // A size the layout refuses is reported when memory is built.
-            IReadOnlyList<LayoutRange> memslots;
-            try { memslots = VmspaceLayout.Plan(_spec.MemoryBytes, firmwareBytes); }
-            catch (ArgumentException) { memslots = []; }
-            foreach (var slot in memslots) mmio = mmio.Insert($"guest memory ({slot.Name})", slot.Base.Value, slot.Size);
-            // Each vcpu's local APIC page is on its own bus; no device may take its place.
-            mmio = mmio.Insert("local APIC", Platform.LocalApicBase, VlapicProtocol.MmioLength);
-            // The shared-memory window is a memslot, not a device, but no device may sit under it.
-            if (_spec.SharedMemory is not null)
-                mmio = mmio.Insert("shared memory", Platform.SharedMemoryBase, Platform.SharedMemoryMaxSize);
-            foreach (var d in _devices)
-            foreach (var r in d.Ranges)
-            {
-                if (r.Space == DeviceProtocol.Space.Port)
-                {
-                    if (r.Base + r.Length > 0x10000) throw new BusException($"device {d.Name} extends past port 0xFFFF");
-                    ports = ports.Insert(d.Name, r.Base, r.Length);
-                }
-                else mmio = mmio.Insert(d.Name, r.Base, r.Length);
-            }
+            return VmWiring.Plan(_devices, reserved);
         }
         catch (BusException e)
         {
@@ -313,7 +301,16 @@ public sealed class VmBuilder
 }
 
 /// <summary>Building a VM failed; the message says why in terms a user can act on.</summary>
-public sealed class VmBuildException(string message, Exception? inner = null) : Exception(message, inner);
+public sealed class VmBuildException(string message, Exception? inner = null) : Exception(message, inner)
+{
+    /// <summary>
+    /// Whether <paramref name="e"/>, thrown while building, is the user's to act on (a bad image or
+    /// config, a host that lacks something: every <see cref="VmmException"/>, and an
+    /// <see cref="ArgumentException"/> from a check of the spec) rather than a bug or the actor
+    /// system's own failure to start.
+    /// </summary>
+    public static bool IsBuildError(Exception e) => e is VmmException or ArgumentException;
+}
 
 /// <summary>
 /// A VM that has been started. Owns the KVM resources: they are released only after the VM actor

@@ -253,7 +253,12 @@ public sealed class VmInterrupts
 internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnlyList<IVcpu> Vcpus,
     IReadOnlyList<DeviceSpec> Devices, bool Traced, IDeviceClock? Clock = null, LapicBackendFactory? Lapic = null,
     ActorVmm.Memory.VmspaceOptions? Paging = null, bool FaultInjection = false, IKernelApicBus? KernelApic = null,
-    IDirtyLog? DirtyLog = null);
+    IDirtyLog? DirtyLog = null)
+{
+    /// <summary>The devices' wiring; <see cref="VmBuilder"/> sets the one it checked against guest
+    /// memory, a VM built without it gets <see cref="Devices"/> planned alone.</summary>
+    public VmWiring Wiring { get; init; } = VmWiring.Plan(Devices);
+}
 
 /// <summary>The in-kernel local APICs of one VM, over its KVM fd (KVM_SIGNAL_MSI, KVM_SET_GSI_ROUTING).</summary>
 internal sealed class KvmApicBus(VmHandle vm) : IKernelApicBus

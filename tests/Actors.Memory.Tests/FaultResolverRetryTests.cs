@@ -4,13 +4,13 @@ using ActorVmm.LibVmm;
 namespace ActorVmm.Actors.Memory.Tests;
 
 /// <summary>
-/// The pager's answer to a fault the kernel reports again after it was resolved (kvm_pvm does so
+/// The fault resolver's answer to a fault the kernel reports again after it was resolved (kvm_pvm does so
 /// while a kicked vcpu waits for a fault: hundreds of reports of a page already mapped). Real
 /// memfd and userfaultfd; the fills need no faulting thread (UFFDIO_ZEROPAGE fills ahead of one).
 /// </summary>
-public sealed class GuestPagerRetryTests
+public sealed class FaultResolverRetryTests
 {
-    private const ulong Gpa = 0x8000;
+    private static readonly GuestPhysAddr Gpa = new(0x8000);
 
     private sealed class Clock
     {
@@ -25,16 +25,16 @@ public sealed class GuestPagerRetryTests
         var clock = new Clock();
         using var pager = new GuestPager(map, VmspaceOptions.Paged(), clock.Now);
 
-        pager.Resolve(Gpa, FaultKind.Missing, write: true);
+        pager.Faults.Resolve(Gpa, FaultKind.Missing, write: true);
         for (var i = 0; i < 500; i++)
         {
             clock.Ms += 1; // a burst over 0.5 s, as a vcpu with a signal pending produces
-            pager.Resolve(Gpa, FaultKind.Missing, write: true);
+            pager.Faults.Resolve(Gpa, FaultKind.Missing, write: true);
         }
 
-        Assert.Equal(501, pager.MissingFaults);
-        Assert.Equal(1, pager.ZeroFills);
-        Assert.Equal(500, pager.Retries);
+        Assert.Equal(501, pager.Faults.MissingFaults);
+        Assert.Equal(1, pager.Faults.ZeroFills);
+        Assert.Equal(500, pager.Faults.Retries);
         Assert.True(pager.Pmap.IsValid(pager.Ram.TryPage(Gpa, out var page) ? page : throw new InvalidOperationException()));
     }
 
@@ -44,14 +44,14 @@ public sealed class GuestPagerRetryTests
         using var map = VmspaceLayout.Build(1 << 20);
         var clock = new Clock();
         using var pager = new GuestPager(map, VmspaceOptions.Paged(), clock.Now);
-        pager.Resolve(Gpa, FaultKind.Missing, write: true);
+        pager.Faults.Resolve(Gpa, FaultKind.Missing, write: true);
 
         var e = Assert.Throws<VmspaceException>(() =>
         {
             for (var i = 0; i < 100_000; i++)
             {
                 clock.Ms += 1; // 32 attempts are not enough: the reports must also span 10 s
-                pager.Resolve(Gpa, FaultKind.Missing, write: true);
+                pager.Faults.Resolve(Gpa, FaultKind.Missing, write: true);
             }
         });
         Assert.Contains("gpa 0x8000", e.Message);
@@ -65,7 +65,7 @@ public sealed class GuestPagerRetryTests
         using var map = VmspaceLayout.Build(1 << 20);
         var clock = new Clock();
         using var pager = new GuestPager(map, VmspaceOptions.Paged(), clock.Now);
-        pager.Resolve(Gpa, FaultKind.Missing, write: true);
+        pager.Faults.Resolve(Gpa, FaultKind.Missing, write: true);
 
         // Bursts of duplicates, each after a quiet second, over a minute: never one run of 10 s.
         for (var burst = 0; burst < 30; burst++)
@@ -74,9 +74,9 @@ public sealed class GuestPagerRetryTests
             for (var i = 0; i < 40; i++)
             {
                 clock.Ms += 1;
-                pager.Resolve(Gpa, FaultKind.Missing, write: true);
+                pager.Faults.Resolve(Gpa, FaultKind.Missing, write: true);
             }
         }
-        Assert.Equal(1_200, pager.Retries);
+        Assert.Equal(1_200, pager.Faults.Retries);
     }
 }

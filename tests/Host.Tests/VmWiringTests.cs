@@ -1,0 +1,84 @@
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Host.Boot;
+using ActorVmm.Host.Vm;
+using ActorVmm.LibVmm;
+using ActorVmm.Vcpu;
+using Xunit;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>The VM's wiring as a pure plan (no actor, no KVM), and the builder's one error filter.</summary>
+public sealed class VmWiringTests
+{
+    private sealed class Nothing : IBusDevice
+    {
+        public ulong Read(ulong offset, int size) => 0;
+        public void Write(ulong offset, int size, ulong value) { }
+    }
+
+    private static DeviceSpec Port(string name, ulong @base, ulong length) =>
+        new(name, DeviceProtocol.Space.Port, @base, length, _ => new Nothing());
+
+    private static DeviceSpec Mmio(string name, ulong @base, ulong length) =>
+        new(name, DeviceProtocol.Space.Mmio, @base, length, _ => new Nothing());
+
+    [Fact]
+    public void Plan_creates_the_interrupt_controllers_first_and_puts_every_range_of_every_device_on_its_bus()
+    {
+        var uart = Port("uart0", 0x3F8, 8);
+        var pic = Port(PcPlatform.PicName, 0x20, 2) with { MoreRanges = [new DeviceRange(DeviceProtocol.Space.Port, 0xA0, 2, 0x80)] };
+        var ioapic = Mmio(PcPlatform.IoApicName, 0xFEC0_0000, 0x20);
+
+        var wiring = VmWiring.Plan([uart, pic, ioapic]);
+
+        Assert.Equal([pic.Name, ioapic.Name, uart.Name], wiring.Devices.Select(d => d.Name));
+        Assert.Equal([(0x20UL, 2UL, "pic", 0UL), (0xA0UL, 2UL, "pic", 0x80UL), (0x3F8UL, 8UL, "uart0", 0UL)],
+            wiring.Ports.Entries.Select(e => (e.Base, e.Length, e.Device.Device.Name, e.Device.Window)));
+        Assert.Equal([(0xFEC0_0000UL, "ioapic")], wiring.Mmio.Entries.Select(e => (e.Base, e.Device.Device.Name)));
+    }
+
+    [Fact]
+    public void Plan_refuses_overlaps_naming_both_sides_and_a_port_range_past_0xFFFF()
+    {
+        var e = Assert.Throws<BusException>(() => VmWiring.Plan([Port("a", 0x60, 1), Port("b", 0x60, 4)]));
+        Assert.Equal("b at 0x60-0x63 overlaps a at 0x60-0x60", e.Message);
+        e = Assert.Throws<BusException>(() => VmWiring.Plan([Mmio("dev", 0x1000, 0x1000)], [("guest memory (ram)", 0, 0x10_0000)]));
+        Assert.Equal("dev at 0x1000-0x1FFF overlaps guest memory (ram) at 0x0-0xFFFFF", e.Message);
+        e = Assert.Throws<BusException>(() => VmWiring.Plan([Port("wide", 0xFFF0, 0x20)]));
+        Assert.Equal("device wide extends past port 0xFFFF", e.Message);
+    }
+
+    [Fact]
+    public void Each_vcpu_gets_its_own_routes_and_one_route_per_device_at_each_of_its_windows()
+    {
+        var pic = Port(PcPlatform.PicName, 0x20, 2) with { MoreRanges = [new DeviceRange(DeviceProtocol.Space.Port, 0xA0, 2, 0x80)], WaitForWrites = true };
+        var wiring = VmWiring.Plan([pic]);
+        var actor = ActorRefs.Nobody;
+
+        var (ports0, mmio0) = wiring.RoutesFor(_ => actor);
+        var (ports1, _) = wiring.RoutesFor(_ => actor);
+
+        Assert.Equal(0, mmio0.Count);
+        Assert.True(ports0.TryResolve(0xA1, out var slave, out var offset));
+        Assert.Equal((pic.Name, 0x80UL, 1UL, true), (slave.Name, slave.Window, offset, slave.WaitForWrites));
+        Assert.Same(actor, slave.Device);
+        Assert.True(ports0.TryResolve(0x20, out var master, out _));
+        Assert.Equal(0UL, master.Window);
+        Assert.True(ports1.TryResolve(0x20, out var other, out _));
+        Assert.NotSame(master, other); // per vcpu: its own write window to the device
+    }
+
+    [Fact]
+    public void A_build_error_is_any_error_a_user_can_act_on_and_nothing_else()
+    {
+        Assert.True(VmBuildException.IsBuildError(new KvmException("KVM_CREATE_VM", 12)));
+        Assert.True(VmBuildException.IsBuildError(new GuestMemoryException("layout")));
+        Assert.True(VmBuildException.IsBuildError(new HostMemoryException("mlock")));
+        Assert.True(VmBuildException.IsBuildError(new BusException("overlap")));
+        Assert.True(VmBuildException.IsBuildError(new BootException("bad image")));
+        Assert.True(VmBuildException.IsBuildError(new ArgumentException("memory size")));
+        Assert.False(VmBuildException.IsBuildError(new InvalidOperationException("a bug")));
+        Assert.False(VmBuildException.IsBuildError(new NullReferenceException()));
+    }
+}
