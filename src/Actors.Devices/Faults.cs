@@ -52,7 +52,7 @@ public static class FaultProtocol
     /// <summary>Runs a stall on the calling thread (the actor's, <paramref name="context"/>), after
     /// publishing <see cref="StallStarted"/>: the clamped duration actually slept. For actors with
     /// a thread of their own (a vcpu, the vmspace).</summary>
-    public static TimeSpan StallHere(Stall stall, IActorContext context)
+    internal static TimeSpan StallHere(Stall stall, IActorContext context)
     {
         var duration = Clamp(stall.Duration);
         context.System.EventStream.Publish(new StallStarted(context.Self.Path.ToStringWithoutAddress(), duration, stall.Reason,
@@ -131,6 +131,13 @@ public static class Faults
 
 /// <summary>The exception an actor throws on <see cref="FaultProtocol.Crash"/>.</summary>
 public sealed class InjectedFaultException(string reason) : Exception($"injected fault: {reason}");
+
+/// <summary>
+/// A component's own invariant broke (its state and the kernel's, or two of its own records,
+/// disagree beyond a race): nothing it holds can be trusted, so nothing is rebuilt from it and the
+/// VM stops with a report naming it, whatever supervision does for other failures.
+/// </summary>
+public abstract class InvariantViolationException(string message) : Exception(message);
 
 /// <summary>
 /// A device model whose state can be saved when its actor fails and restored into the next

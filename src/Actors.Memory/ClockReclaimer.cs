@@ -20,6 +20,7 @@ internal sealed class ClockReclaimer
     /// <summary>Direct reclaims that ran (residency was above the limit).</summary>
     public long Reclaims;
 
+    /// <param name="pager">the pager whose resident pages the clock sweeps</param>
     /// <param name="residentLimitPages">0 = no limit.</param>
     /// <param name="coldScans">Sweeps without a touch before a page is swapped out (clamped to 1..255).</param>
     public ClockReclaimer(GuestPager pager, ulong residentLimitPages, int coldScans)

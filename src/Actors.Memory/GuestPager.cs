@@ -4,7 +4,7 @@ using Microsoft.Win32.SafeHandles;
 namespace ActorVmm.Memory;
 
 /// <summary>An invariant of the vmspace's paging broke (the pmap and the kernel disagree beyond a race).</summary>
-public sealed class VmspaceException(string message) : Exception(message);
+public sealed class VmspaceException(string message) : Devices.InvariantViolationException(message);
 
 /// <summary>
 /// The paging half of the vmspace, without Akka: the pmap, the userfaultfd and its registration,
@@ -60,6 +60,8 @@ internal sealed unsafe class GuestPager : IDisposable
     /// <summary>Pages brought back from the swap store (by a fault or for the host), and sent to it.</summary>
     public long SwapIns, SwapOuts;
 
+    /// <param name="memory">guest RAM: the memfd-backed segments, their guest and host views</param>
+    /// <param name="options">paging: userfaultfd, dirty tracking, swap file, resident limit</param>
     /// <param name="clockMs">Milliseconds of a monotonic clock (tests pass their own); only for
     /// giving up on a fault that the kernel keeps reporting.</param>
     public GuestPager(GuestMemoryMap memory, VmspaceOptions options, Func<long>? clockMs = null)
@@ -210,7 +212,7 @@ internal sealed unsafe class GuestPager : IDisposable
 
     // ---------------------------------------------------------------- moves shared by the jobs
 
-    /// <summary>Drops the guest view's mappings of sorted <paramref name="pages"/>: the next guest
+    /// <summary>Drops the guest view's mappings of <paramref name="sortedPages"/>: the next guest
     /// touch of each faults (a MINOR fault with accessed-bit emulation).</summary>
     internal void DropGuestMappings(IReadOnlyList<ulong> sortedPages)
     {

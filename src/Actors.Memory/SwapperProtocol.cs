@@ -25,6 +25,7 @@ public static class SwapperProtocol
     /// <param name="Requested">pages asked to be swapped out</param>
     /// <param name="PagedOut">pages the vmspace swapped out (the rest were touched in between)</param>
     /// <param name="LastVictims">victims of the last scan</param>
+    /// <param name="Refusal">why the vmspace refused the last scan; null: it did not</param>
     /// <param name="Busy">a scan is in flight (sampling or paging out): a tick now would be skipped</param>
     public sealed record Stats(long Scans, long Skipped, long Requested, long PagedOut, int LastVictims, string? Refusal, bool Busy) : ISwapperMessage;
 
@@ -32,6 +33,7 @@ public static class SwapperProtocol
     public sealed record Options(TimeSpan Interval, int ColdScans);
 
     /// <param name="vmspace">the vmspace to scan (the parent, in a VM)</param>
+    /// <param name="options">how often to scan, and after how many scans without a touch a page goes</param>
     public static Props Props(IActorRef vmspace, Options options) =>
         Akka.Actor.Props.Create(() => new SwapperActor(vmspace, options));
 }

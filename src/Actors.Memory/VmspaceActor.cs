@@ -167,12 +167,8 @@ internal sealed class VmspaceActor : ReceiveActor
         });
         Receive<SyncEpt>(s => AwaitEptInvalidation(Sender, g => new EptSynced(s.Id, g)));
         Receive<FaultProtocol.FailNestedPageFaults>(OnFailFaults);
-        Receive<FaultProtocol.Crash>(c => throw new InjectedFaultException(c.Reason)); // the VM stops, naming the vmspace
-        Receive<FaultProtocol.Stall>(s =>
-        {
-            var slept = FaultProtocol.StallHere(s, Context);
-            Sender.Tell(new FaultProtocol.Injected($"vmspace stalled for {slept.TotalMilliseconds:0} ms"));
-        });
+        Receive<FaultProtocol.Crash>(Faults.Crash); // the VM stops, naming the vmspace
+        Receive<FaultProtocol.Stall>(s => Faults.StallThread(s, Context, "vmspace"));
     }
 
     protected override void PreStart()

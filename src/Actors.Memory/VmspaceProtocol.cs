@@ -152,8 +152,11 @@ public static class VmspaceProtocol
     /// unheld page. Answered with <see cref="AccessedSample"/> after the EPT barrier, or <see cref="Refused"/>.</summary>
     public sealed record SampleAccessed(long Id) : IVmspaceMessage;
 
+    /// <param name="Id">the <see cref="SampleAccessed"/> this answers</param>
     /// <param name="Pages">[i] is RAM page i (guest RAM numbered in guest-physical order)</param>
+    /// <param name="ResidentPages">pages resident now</param>
     /// <param name="TargetResidentPages">what the swapper should keep residency below (0 = no limit)</param>
+    /// <param name="Generation">the EPT generation every vcpu acknowledged before this answer: from it on, no vcpu uses a mapping whose A bit the scan cleared</param>
     public sealed record AccessedSample(long Id, PageSample[] Pages, ulong ResidentPages, ulong TargetResidentPages, ulong Generation)
         : IVmspaceMessage;
 

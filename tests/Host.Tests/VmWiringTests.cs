@@ -82,3 +82,27 @@ public sealed class VmWiringTests
         Assert.False(VmBuildException.IsBuildError(new NullReferenceException()));
     }
 }
+
+/// <summary>The VM's supervision decision: by exception type first, then by what the child is rebuilt from.</summary>
+public sealed class SupervisionTests
+{
+    private sealed class BrokenInvariant() : ActorVmm.Devices.InvariantViolationException("two records disagree");
+
+    [Fact]
+    public void An_invariant_violation_stops_even_a_child_that_could_restart()
+    {
+        Assert.Equal(Akka.Actor.Directive.Stop, ActorVmm.Host.Vm.VmActor.Supervision.Decide(restartable: true, new BrokenInvariant()));
+        Assert.Equal(Akka.Actor.Directive.Stop,
+            ActorVmm.Host.Vm.VmActor.Supervision.Decide(restartable: true, new ActorVmm.Memory.VmspaceException("pmap and kernel disagree")));
+    }
+
+    [Fact]
+    public void Any_other_failure_restarts_a_child_rebuilt_from_its_state_record_and_stops_any_other()
+    {
+        var crash = new ActorVmm.Devices.InjectedFaultException("test");
+
+        Assert.Equal(Akka.Actor.Directive.Restart, ActorVmm.Host.Vm.VmActor.Supervision.Decide(restartable: true, crash));
+        Assert.Equal(Akka.Actor.Directive.Stop, ActorVmm.Host.Vm.VmActor.Supervision.Decide(restartable: false, crash));
+        Assert.Equal(Akka.Actor.Directive.Restart, ActorVmm.Host.Vm.VmActor.Supervision.Decide(restartable: true, new IndexOutOfRangeException()));
+    }
+}

@@ -140,10 +140,9 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         });
     }
 
-    /// <summary>Supervision: a child that can be rebuilt from its state record (a device, a vlapic,
-    /// the APIC router; registered as it is created) restarts, at most <see cref="MaxDeviceRestarts"/>
-    /// times a minute, then it stops and so does the VM; a vcpu or the vmspace that throws is
-    /// stopped, and the VM ends with a report naming it.</summary>
+    /// <summary>Supervision (<see cref="Supervision"/>): by exception type, then by what the child can
+    /// be rebuilt from; a restarted child restarts at most <see cref="MaxDeviceRestarts"/> times a
+    /// minute, then it stops and so does the VM.</summary>
     protected override SupervisorStrategy SupervisorStrategy() => new VmSupervisorStrategy(Self, _restartable.Contains);
 
     public const int MaxDeviceRestarts = 10;
@@ -166,6 +165,24 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         public T[] ToArray() => _items.ToArray();
     }
 
+    /// <summary>How the VM answers a child's failure.</summary>
+    internal static class Supervision
+    {
+        /// <summary>
+        /// An <see cref="InvariantViolationException"/> stops the child, and so the VM, whatever the
+        /// child: its state cannot be trusted. Any other failure restarts a child that is rebuilt from
+        /// its state record (<paramref name="restartable"/>: a device, a vlapic, the APIC router), and
+        /// stops any other (a vcpu, the vmspace: their state is KVM's and the guest's, and a restart
+        /// would lose what was in flight), and the VM ends with a report naming it.
+        /// </summary>
+        public static Directive Decide(bool restartable, Exception cause) => cause switch
+        {
+            InvariantViolationException => Directive.Stop,
+            ActorInitializationException { InnerException: InvariantViolationException } => Directive.Stop,
+            _ => restartable ? Directive.Restart : Directive.Stop,
+        };
+    }
+
     private sealed class VmSupervisorStrategy(IActorRef vm, Func<IActorRef, bool> restartable)
         : OneForOneStrategy(MaxDeviceRestarts, TimeSpan.FromMinutes(1), Akka.Actor.Decider.From(Directive.Restart))
     {
@@ -174,7 +191,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         {
             var name = child.Path.Name;
             var why = $"{cause.GetType().Name}: {cause.Message}";
-            if (!restart || !restartable(child))
+            if (!restart || Supervision.Decide(restartable(child), cause) == Directive.Stop)
             {
                 vm.Tell(new ChildFailed(name, why), child);
                 context.Stop(child);
