@@ -82,7 +82,7 @@ public sealed class HostileKernelTests
     {
         using var memory = VmspaceLayout.Build(16 << 20);
         var valid = kind == "elf" ? ElfKernel() : FlatKernel();
-        KernelKind.Recognise(valid, "valid", "console=ttyS0", []).Load(memory); // the starting point loads
+        KernelKind.Recognise(valid, "valid", "console=ttyS0", null).Load(memory); // the starting point loads
 
         int loaded = 0, refused = 0;
         var bugs = new List<string>();
@@ -91,7 +91,7 @@ public sealed class HostileKernelTests
             var kernel = Mutate(valid, new Random(seed));
             try
             {
-                KernelKind.Recognise(kernel, "fuzz", "console=ttyS0", [new MultibootModule([1, 2, 3], "initrd")]).Load(memory);
+                KernelKind.Recognise(kernel, "fuzz", "console=ttyS0", [1, 2, 3]).Load(memory);
                 loaded++;
             }
             catch (BootException)
