@@ -210,6 +210,7 @@ public sealed class LinuxBootTests
         { "truncated", "the file is truncated" },
         { "alignment", "kernel_alignment 0x300000 is not a power of two" },
         { "no-pref-address", "gives no pref_address" },
+        { "pref-address-wraps", "is beyond the address space" },
         { "init-size-small", "init_size 0x800 is smaller than the protected-mode kernel" },
         { "init-size-ram", "the kernel needs init_size 0x4000000 bytes of RAM at 0x1000000" },
         { "cmdline", "the command line is 13 bytes; the kernel takes at most 12 (cmdline_size)" },
@@ -240,6 +241,7 @@ public sealed class LinuxBootTests
             case "truncated": kernel = TestBzImage.Build(f)[..(5 * 512 + 0x800)]; break;
             case "alignment": kernel = TestBzImage.Build(f with { KernelAlignment = 0x30_0000 }); break;
             case "no-pref-address": kernel = TestBzImage.Build(f with { Relocatable = 0, PrefAddress = 0 }); break;
+            case "pref-address-wraps": kernel = TestBzImage.Build(f with { PrefAddress = 0xFFFF_FFFF_FFF0_0000 }); break;
             case "init-size-small": kernel = TestBzImage.Build(f with { InitSize = 0x800 }); break;
             case "init-size-ram": kernel = TestBzImage.Build(f with { InitSize = 0x400_0000 }); break; // 16 + 64 MiB > 64 MiB
             case "cmdline": kernel = TestBzImage.Build(f with { CmdlineSize = 12 }); break;
@@ -302,29 +304,5 @@ public sealed class LinuxBootTests
         Assert.All(zp.AsSpan(0, 0x1E8).ToArray(), b => Assert.Equal(0, b));
         Assert.True(initrdAt >= load + BinaryPrimitives.ReadUInt32LittleEndian(kernel.AsSpan(0x260)), "the initrd is above the kernel's init_size area");
         Assert.Equal(initrd, Read(memory, initrdAt, initrd.Length));
-    }
-}
-
-/// <summary>The Debian kernel and busybox initramfs of the KVM box's cache (.ci/kvmbox/build.sh), if built.</summary>
-public static class DebianKernel
-{
-    public static string CacheDirectory =>
-        Environment.GetEnvironmentVariable("KVMBOX_CACHE_DIR") is { Length: > 0 } dir ? dir
-        : Path.Combine(Environment.GetEnvironmentVariable("XDG_CACHE_HOME") is { Length: > 0 } xdg ? xdg
-            : Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache"), "actorvmm-kvmbox");
-
-    public static string? Vmlinuz => Existing(Environment.GetEnvironmentVariable("ACTORVMM_LINUX_KERNEL")) ?? Existing(Path.Combine(CacheDirectory, "kernel", "vmlinuz"));
-    public static string? Initrd => Existing(Environment.GetEnvironmentVariable("ACTORVMM_LINUX_INITRD")) ?? Existing(Path.Combine(CacheDirectory, "initrd.cpio.gz"));
-
-    private static string? Existing(string? path) => path is { Length: > 0 } && File.Exists(path) ? path : null;
-}
-
-/// <summary>A fact that needs the Debian kernel of the KVM box's cache; skipped, with where it looked, when it is not there.</summary>
-public sealed class DebianKernelFactAttribute : FactAttribute
-{
-    public DebianKernelFactAttribute()
-    {
-        if (DebianKernel.Vmlinuz is null)
-            Skip = $"no Debian kernel at {Path.Combine(DebianKernel.CacheDirectory, "kernel", "vmlinuz")} (build it with .ci/kvmbox/build.sh, or set ACTORVMM_LINUX_KERNEL)";
     }
 }

@@ -170,6 +170,8 @@ public sealed record LinuxImage(byte[] Kernel, string CommandLine, byte[]? Initr
     {
         if (!h.Relocatable) return h.PrefAddress;
         var start = Math.Max(h.PrefAddress, MinLoadAddress);
+        if (start > ulong.MaxValue - h.KernelAlignment)
+            throw new BootException($"pref_address 0x{h.PrefAddress:X} aligned up to kernel_alignment 0x{h.KernelAlignment:X} is beyond the address space");
         return (start + h.KernelAlignment - 1) & ~((ulong)h.KernelAlignment - 1);
     }
 

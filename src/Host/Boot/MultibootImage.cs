@@ -240,7 +240,8 @@ public static class KernelKind
     /// <summary>
     /// A multiboot kernel gets "NAME APPEND" as its command line (the kernel's file name first, as
     /// GRUB passes it) and the initrd as its first module; a Linux bzImage gets APPEND as its
-    /// command line and the initrd as its initial ramdisk.
+    /// command line and the initrd as its initial ramdisk; a PVH ELF kernel (vmlinux) APPEND and the
+    /// initrd as its one module.
     /// </summary>
     public static BootImage Recognise(byte[] kernel, string path, string append, byte[]? initrd, string initrdName = "initrd")
     {
@@ -255,7 +256,11 @@ public static class KernelKind
             return new LinuxImage(kernel, append, initrd);
         }
         if (ElfImage.HasElfMagic(kernel))
-            throw new BootException($"{path} is an ELF file without a multiboot header: only multiboot ELF kernels and Linux bzImages are supported");
+        {
+            if (PvhImage.FindEntry(kernel) is not null) return new PvhImage(kernel, append, initrd);
+            throw new BootException($"{path} is an ELF file without a multiboot header or a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): " +
+                                    "only multiboot ELF kernels, PVH ELF kernels (vmlinux) and Linux bzImages are supported");
+        }
         throw new BootException($"{path} is not a kernel ActorVmm recognises (no multiboot header, not ELF, not a Linux bzImage)");
     }
 }
