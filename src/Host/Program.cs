@@ -66,8 +66,8 @@ namespace ActorVmm.Host
             var flat = new Option<string?>("--flat") { Description = "flat binary loaded at --load-address, entered in real mode" };
             var loadAddress = new Option<string?>("--load-address") { Description = "where --flat loads (default 0x7C00)" };
             var entry = new Option<string?>("--entry") { Description = "real-mode entry CS:IP in hex for --flat (default from the load address)" };
-            var kernel = new Option<string?>("--kernel") { Description = "a kernel image, recognised by its contents (multiboot ELF)" };
-            var initrd = new Option<string?>("--initrd") { Description = "with --kernel: a file handed to the kernel as its first module" };
+            var kernel = new Option<string?>("--kernel") { Description = "a kernel image, recognised by its contents (multiboot ELF or Linux bzImage)" };
+            var initrd = new Option<string?>("--initrd") { Description = "with --kernel: the initial ramdisk (Linux) or first module (multiboot)" };
             var append = new Option<string?>("--append") { Description = "with --kernel: the kernel command line" };
             var serial = new Option<string?>("--serial") { Description = "serial console output: stdout or a file" };
             var trace = new Option<string?>("--trace") { Description = "write the message trace to FILE as JSON lines" };
@@ -100,6 +100,9 @@ namespace ActorVmm.Host
                 Override("lapic", parse.GetValue(lapic));
                 Override("cpu", parse.GetValue(cpu));
                 if (parse.GetValue(testDevices)) Override("test-devices", "on");
+                Override("boot.kernel", parse.GetValue(kernel));
+                Override("boot.initrd", parse.GetValue(initrd));
+                Override("boot.append", parse.GetValue(append));
                 if (parse.GetValue(shm) is { } shmText)
                 {
                     var comma = shmText.LastIndexOf(',');
@@ -112,19 +115,19 @@ namespace ActorVmm.Host
 
                 var firmwarePath = parse.GetValue(firmware);
                 var flatPath = parse.GetValue(flat);
-                var kernelPath = parse.GetValue(kernel);
+                string? Boot(string key) => hocon.GetString($"actorvmm.vm.boot.{key}", "") is { Length: > 0 } v ? v : null;
+                var kernelPath = Boot("kernel");
+                var initrdPath = Boot("initrd");
+                var appendText = Boot("append");
                 BootImage boot;
                 if (new[] { firmwarePath, flatPath, kernelPath }.Count(p => p is not null) > 1)
                     throw new ConfigException("give one of --firmware, --flat or --kernel");
-                if (kernelPath is null && (parse.GetValue(initrd) is not null || parse.GetValue(append) is not null))
-                    throw new ConfigException("--initrd and --append go with --kernel");
+                if (kernelPath is null && (initrdPath is not null || appendText is not null))
+                    throw new ConfigException("--initrd and --append (actorvmm.vm.boot.initrd, .append) go with --kernel (actorvmm.vm.boot.kernel)");
                 if (kernelPath is not null)
                 {
-                    var modules = parse.GetValue(initrd) is { } initrdPath
-                        ? new[] { new MultibootModule(ReadImage(initrdPath), Path.GetFileName(initrdPath)) }
-                        : [];
-                    var commandLine = Path.GetFileName(kernelPath) + (parse.GetValue(append) is { } a ? " " + a : "");
-                    boot = KernelKind.Recognise(ReadImage(kernelPath), kernelPath, commandLine, modules);
+                    boot = KernelKind.Recognise(ReadImage(kernelPath), kernelPath, appendText ?? "",
+                        initrdPath is null ? null : ReadImage(initrdPath), Path.GetFileName(initrdPath ?? "initrd"));
                 }
                 else if (firmwarePath is not null) boot = new FirmwareImage(ReadImage(firmwarePath));
                 else if (flatPath is not null)

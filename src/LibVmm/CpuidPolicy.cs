@@ -41,6 +41,25 @@ public sealed class CpuidPolicy
         new(7, 1, Reg.Eax, 0b0011_0000, "AVX-VNNI/AVX512-BF16"),
     ];
 
+    /// <summary>KVM's paravirtual feature leaf (Documentation/virt/kvm/x86/cpuid.rst): KVM_CPUID_FEATURES.</summary>
+    public const uint KvmFeaturesLeaf = 0x4000_0001;
+    public const uint KvmFeatureAsyncPf = 1u << 4, KvmFeaturePvEoi = 1u << 6, KvmFeatureAsyncPfVmexit = 1u << 10,
+        KvmFeaturePvSendIpi = 1u << 11, KvmFeatureAsyncPfInt = 1u << 14;
+
+    /// <summary>
+    /// KVM's paravirtual features that work only with KVM's in-kernel local APIC: KVM refuses the
+    /// MSRs that enable asynchronous page faults (MSR_KVM_ASYNC_PF_EN, _INT) and PV EOI
+    /// (MSR_KVM_PV_EOI_EN) without one, and its PV IPI hypercall delivers through it. With local
+    /// APICs in user space a guest shown them gets #GP on those MSRs (Linux: "unchecked MSR access
+    /// error: WRMSR to 0x4b564d06") or IPIs that go nowhere; hidden, it uses the APIC as hardware.
+    /// </summary>
+    public static readonly IReadOnlyList<Clear> NeedsKernelLapic =
+    [
+        new(KvmFeaturesLeaf, null, Reg.Eax,
+            KvmFeatureAsyncPf | KvmFeaturePvEoi | KvmFeatureAsyncPfVmexit | KvmFeaturePvSendIpi | KvmFeatureAsyncPfInt,
+            "KVM async PF, PV EOI, PV send-IPI"),
+    ];
+
     private readonly KvmCpuidEntry2[] _base;
 
     public IReadOnlyList<Clear> Cleared { get; }
@@ -77,9 +96,11 @@ public sealed class CpuidPolicy
     /// itself whatever KVM_GET_SUPPORTED_CPUID says (the TSC-deadline timer of a user-space local
     /// APIC, or of KVM's when KVM_CAP_TSC_DEADLINE_TIMER says so, which that ioctl never reports);
     /// they are shown unless the model removes them. Throws <see cref="ArgumentException"/> naming a
-    /// feature the model adds that neither KVM nor the VMM provides.
+    /// feature the model adds that neither KVM nor the VMM provides. <paramref name="hidden"/> are
+    /// further clears the VM's configuration needs (e.g. <see cref="NeedsKernelLapic"/>).
     /// </summary>
-    public static CpuidPolicy ForModel(IEnumerable<KvmCpuidEntry2> supported, CpuModel model, IEnumerable<CpuFeature>? provided = null)
+    public static CpuidPolicy ForModel(IEnumerable<KvmCpuidEntry2> supported, CpuModel model, IEnumerable<CpuFeature>? provided = null,
+        IEnumerable<Clear>? hidden = null)
     {
         var entries = supported.ToArray();
         foreach (var f in provided ?? [])
@@ -101,7 +122,8 @@ public sealed class CpuidPolicy
             .Where(f => f.Leaf == c.Leaf && f.Register == c.Register && (c.Subleaf is null || f.Subleaf == c.Subleaf))
             .Aggregate(0u, (mask, f) => mask | f.Mask);
         var clears = PlatformDefaults.Select(c => c with { Mask = c.Mask & ~AddedBack(c) }).Where(c => c.Mask != 0)
-            .Concat(model.Removed.Select(f => new Clear(f.Leaf, f.Subleaf, f.Register, f.Mask, f.Name)));
+            .Concat(model.Removed.Select(f => new Clear(f.Leaf, f.Subleaf, f.Register, f.Mask, f.Name)))
+            .Concat(hidden ?? []);
         return new CpuidPolicy(entries, clears);
     }
 

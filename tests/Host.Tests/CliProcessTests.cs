@@ -163,11 +163,24 @@ public sealed class CliProcessTests : IDisposable
     }
 
     [Fact]
-    public async Task A_bzimage_is_recognised_and_refused_for_now()
+    public async Task A_bzimage_the_loader_cannot_enter_is_refused_naming_why()
     {
-        var bz = new byte[0x400];
-        "HdrS"u8.CopyTo(bz.AsSpan(0x202));
-        AssertUserError(await Run("run", "--kernel", _dir.Write("bzImage", bz)), "bzImage");
+        var bz = TestBzImage.Build(new TestBzImage.Fields { Version = 0x0209 });
+        AssertUserError(await Run("run", "--kernel", _dir.Write("bzImage", bz)), "boot protocol 2.09 is too old");
+    }
+
+    [Fact]
+    public async Task The_kernel_its_initrd_and_its_command_line_can_come_from_the_vm_file()
+    {
+        // cmdline_size 12: the 13-byte command line of the VM file is refused when the image loads,
+        // which happens before KVM is opened, so the refusal shows the file's values were used.
+        var bz = _dir.Write("bzImage", TestBzImage.Build(new TestBzImage.Fields { CmdlineSize = 12 }));
+        var initrd = _dir.Write("initrd", new byte[4096]);
+        var conf = _dir.Write("vm.conf", $"actorvmm.vm.boot {{ kernel = \"{bz}\", initrd = \"{initrd}\", append = \"console=ttyS0\" }}");
+        AssertUserError(await Run("run", "--config", conf), "the command line is 13 bytes; the kernel takes at most 12");
+        AssertUserError(await Run("run", "--config", conf, "--append", "console=ttyS0,115200"), "the command line is 20 bytes");
+        var noKernel = _dir.Write("initrd-only.conf", $"actorvmm.vm.boot.initrd = \"{initrd}\"");
+        AssertUserError(await Run("run", "--config", noKernel), "go with --kernel");
     }
 
     [Fact]

@@ -82,7 +82,7 @@ public sealed class HostileKernelTests
     {
         using var memory = VmspaceLayout.Build(16 << 20);
         var valid = kind == "elf" ? ElfKernel() : FlatKernel();
-        KernelKind.Recognise(valid, "valid", "console=ttyS0", []).Load(memory); // the starting point loads
+        KernelKind.Recognise(valid, "valid", "console=ttyS0", null).Load(memory); // the starting point loads
 
         int loaded = 0, refused = 0;
         var bugs = new List<string>();
@@ -91,7 +91,7 @@ public sealed class HostileKernelTests
             var kernel = Mutate(valid, new Random(seed));
             try
             {
-                KernelKind.Recognise(kernel, "fuzz", "console=ttyS0", [new MultibootModule([1, 2, 3], "initrd")]).Load(memory);
+                KernelKind.Recognise(kernel, "fuzz", "console=ttyS0", [1, 2, 3]).Load(memory);
                 loaded++;
             }
             catch (BootException)
@@ -106,6 +106,52 @@ public sealed class HostileKernelTests
         }
         Assert.True(bugs.Count == 0, $"{bugs.Count} of {Rounds} mutated kernels crashed the loader: {string.Join("; ", bugs.Where(b => b.Length > 0))}");
         // Both outcomes happen: the mutations reach past the checks, and the checks refuse.
+        Assert.True(loaded > Rounds / 20 && refused > Rounds / 20, $"{loaded} loaded, {refused} refused");
+    }
+
+    /// <summary>A bzImage with fields of its setup header (0x1F1-0x26B) set to random or boundary
+    /// values, or cut short, loaded with a small initrd into 64 MiB.</summary>
+    [Fact]
+    public void A_mutated_bzimage_loads_or_is_refused_with_a_boot_error_never_another_exception()
+    {
+        using var memory = VmspaceLayout.Build(64 << 20);
+        var valid = TestBzImage.Build();
+        new LinuxImage(valid, "console=ttyS0", [1, 2, 3]).Load(memory); // the starting point loads
+
+        int loaded = 0, refused = 0;
+        var bugs = new List<string>();
+        for (var seed = 0; seed < Rounds; seed++)
+        {
+            var r = new Random(seed);
+            var k = (byte[])valid.Clone();
+            for (int n = r.Next(1, 3), i = 0; i < n; i++)
+            {
+                var at = r.Next(0x1F1, 0x26C);
+                if (at + 4 > k.Length) break; // already cut short
+                switch (r.Next(5))
+                {
+                    case 0: k[at] = (byte)r.Next(256); break;
+                    case 1 or 2 when at + 4 <= 0x26C: BinaryPrimitives.WriteUInt32LittleEndian(k.AsSpan(at), Interesting[r.Next(Interesting.Length)]); break;
+                    case 3 when at + 4 <= 0x26C: BinaryPrimitives.WriteUInt32LittleEndian(k.AsSpan(at), (uint)r.NextInt64(1L << 32)); break;
+                    default: Array.Resize(ref k, r.Next(k.Length)); break;
+                }
+            }
+            try
+            {
+                KernelKind.Recognise(k, "fuzz", "console=ttyS0", [1, 2, 3]).Load(memory);
+                loaded++;
+            }
+            catch (BootException)
+            {
+                refused++;
+            }
+            catch (Exception e)
+            {
+                if (bugs.Count < 5) bugs.Add($"seed {seed}: {e.GetType().Name}: {e.Message}");
+                else bugs.Add("");
+            }
+        }
+        Assert.True(bugs.Count == 0, $"{bugs.Count} of {Rounds} mutated bzImages crashed the loader: {string.Join("; ", bugs.Where(b => b.Length > 0))}");
         Assert.True(loaded > Rounds / 20 && refused > Rounds / 20, $"{loaded} loaded, {refused} refused");
     }
 }

@@ -193,12 +193,13 @@ public sealed class MultibootTests
     [Fact]
     public void Kernel_kinds_are_recognised_by_their_contents()
     {
-        Assert.IsType<MultibootImage>(KernelKind.Recognise(Kernel(), "k", "k", []));
+        Assert.IsType<MultibootImage>(KernelKind.Recognise(Kernel(), "k", "", null));
+        Assert.IsType<LinuxImage>(KernelKind.Recognise(TestBzImage.Build(), "bz", "console=ttyS0", null));
         var bz = new byte[0x400];
         Encoding.ASCII.GetBytes("HdrS").CopyTo(bz, 0x202);
-        Assert.Contains("bzImage", Assert.Throws<BootException>(() => KernelKind.Recognise(bz, "bz", "", [])).Message);
+        Assert.Contains("setup header", Assert.Throws<BootException>(() => KernelKind.Recognise(bz, "bz", "", null)).Message);
         var elf = TestElf.Build(new byte[16], KernelAddress, KernelAddress);
-        Assert.Contains("without a multiboot header", Assert.Throws<BootException>(() => KernelKind.Recognise(elf, "e", "", [])).Message);
-        Assert.Contains("not a kernel", Assert.Throws<BootException>(() => KernelKind.Recognise(new byte[100], "x", "", [])).Message);
+        Assert.Contains("without a multiboot header", Assert.Throws<BootException>(() => KernelKind.Recognise(elf, "e", "", null)).Message);
+        Assert.Contains("not a kernel", Assert.Throws<BootException>(() => KernelKind.Recognise(new byte[100], "x", "", null)).Message);
     }
 }

@@ -151,6 +151,19 @@ public sealed class CpuidPolicyTests
         Assert.Equal(0x0009_06EAu, policy.Find(1, subleaf: 5)?.Eax); // leaf 1 ignores ECX
         Assert.Null(policy.Find(0x4000_0000));
     }
+
+    [Fact]
+    public void Without_a_kernel_lapic_the_kvm_pv_features_that_need_one_are_hidden_and_the_others_kept()
+    {
+        const uint clock = 1u << 3, steal = 1u << 5, pvTlbFlush = 1u << 9, pvSchedYield = 1u << 13, clocksourceStable = 1u << 24;
+        const uint kept = clock | steal | pvTlbFlush | pvSchedYield | clocksourceStable;
+        const uint needsLapic = (1u << 4) | (1u << 6) | (1u << 10) | (1u << 11) | (1u << 14);
+        KvmCpuidEntry2[] supported = [.. Supported(), E(0x4000_0000, 0, 0, 0x4000_0001, 0x4B4D_564B, 0x564B_4D56, 0x4D), E(0x4000_0001, 0, 0, kept | needsLapic, 0, 0, 0)];
+        var emulated = CpuidPolicy.ForModel(supported, CpuModel.Host, hidden: CpuidPolicy.NeedsKernelLapic);
+        Assert.Equal(kept, Only(emulated.EntriesFor(0), 0x4000_0001).Eax);
+        var assisted = CpuidPolicy.ForModel(supported, CpuModel.Host);
+        Assert.Equal(kept | needsLapic, Only(assisted.EntriesFor(0), 0x4000_0001).Eax);
+    }
 }
 
 /// <summary><see cref="CpuModel"/>: QEMU's -cpu syntax, and the policy it gives over a synthetic KVM answer.</summary>

@@ -155,7 +155,8 @@ public sealed record LongModeImage(byte[] Code, ulong LoadAddress, ulong Entry) 
         for (var i = 0; i < gdt.Length; i++) memory.WriteUInt64(new GuestPhysAddr(GdtAddress + (ulong)i * 8), gdt[i]);
     }
 
-    private static void WritePageTables(IGuestMemory memory)
+    /// <summary>Identity-maps the low 4 GiB with 2 MiB pages: PML4 0x2000, PDPT 0x3000, PDs 0x4000-0x7FFF.</summary>
+    internal static void WritePageTables(IGuestMemory memory)
     {
         var zero = new byte[BootAreaEnd - Pml4Address];
         memory.Write(new GuestPhysAddr(Pml4Address), zero);

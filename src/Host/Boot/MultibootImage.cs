@@ -237,13 +237,30 @@ public sealed record MultibootImage(byte[] Kernel, string CommandLine, IReadOnly
 /// <summary>What kind of kernel a file is, decided by its contents (for `run --kernel`).</summary>
 public static class KernelKind
 {
-    public static BootImage Recognise(byte[] kernel, string path, string commandLine, IReadOnlyList<MultibootModule> modules)
+    /// <summary>
+    /// A multiboot kernel gets "NAME APPEND" as its command line (the kernel's file name first, as
+    /// GRUB passes it) and the initrd as its first module; a Linux bzImage gets APPEND as its
+    /// command line and the initrd as its initial ramdisk; a PVH ELF kernel (vmlinux) APPEND and the
+    /// initrd as its one module.
+    /// </summary>
+    public static BootImage Recognise(byte[] kernel, string path, string append, byte[]? initrd, string initrdName = "initrd")
     {
-        if (MultibootImage.FindHeader(kernel) is not null) return new MultibootImage(kernel, commandLine, modules);
-        if (kernel.Length > 0x206 && Encoding.ASCII.GetString(kernel, 0x202, 4) == "HdrS")
-            throw new BootException($"{path} is a Linux bzImage: Linux boot is not supported yet (multiboot kernels are)");
+        if (MultibootImage.FindHeader(kernel) is not null)
+        {
+            var commandLine = Path.GetFileName(path) + (append.Length > 0 ? " " + append : "");
+            return new MultibootImage(kernel, commandLine, initrd is null ? [] : [new MultibootModule(initrd, initrdName)]);
+        }
+        if (LinuxImage.HasHeaderMagic(kernel))
+        {
+            LinuxImage.ReadHeader(kernel); // refuse a kernel this loader cannot enter before the VM is built
+            return new LinuxImage(kernel, append, initrd);
+        }
         if (ElfImage.HasElfMagic(kernel))
-            throw new BootException($"{path} is an ELF file without a multiboot header: only multiboot kernels are supported yet");
-        throw new BootException($"{path} is not a kernel ActorVmm recognises (no multiboot header, not ELF, not bzImage)");
+        {
+            if (PvhImage.FindEntry(kernel) is not null) return new PvhImage(kernel, append, initrd);
+            throw new BootException($"{path} is an ELF file without a multiboot header or a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY): " +
+                                    "only multiboot ELF kernels, PVH ELF kernels (vmlinux) and Linux bzImages are supported");
+        }
+        throw new BootException($"{path} is not a kernel ActorVmm recognises (no multiboot header, not ELF, not a Linux bzImage)");
     }
 }

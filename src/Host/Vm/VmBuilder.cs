@@ -130,7 +130,8 @@ public sealed class VmBuilder
             // The split irqchip must exist before the first vcpu; its APIC MSRs are then the kernel's.
             if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
             else EmulateApicMsrs(vm);
-            var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), _spec.Cpu, ProvidedFeatures(kvm, assisted));
+            var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), _spec.Cpu, ProvidedFeatures(kvm, assisted),
+                assisted ? null : CpuidPolicy.NeedsKernelLapic);
             for (var i = 0; i < _spec.Cpus; i++)
             {
                 var vcpu = vm.CreateVcpu(i, cpuid);
