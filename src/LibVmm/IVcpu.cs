@@ -67,6 +67,12 @@ public interface IVcpu : IDisposable
     /// <summary>KVM_SET_LAPIC.</summary>
     void SetLapic(ReadOnlySpan<byte> registers) => throw new NotSupportedException("no in-kernel local APIC");
 
+    /// <summary>Everything KVM holds of this vcpu, for a snapshot (see <see cref="VcpuHandle.SaveState"/>).</summary>
+    VcpuKvmState SaveState() => throw new NotSupportedException("this vcpu has no KVM state to save");
+
+    /// <summary>Writes a saved state back, in the order KVM requires (see <see cref="VcpuHandle.RestoreState"/>).</summary>
+    void RestoreState(VcpuKvmState state) => throw new NotSupportedException("this vcpu has no KVM state to restore");
+
     /// <summary>KVM_GET_MSRS for the given indices; (index, value) for those KVM knows.</summary>
     KvmMsrEntry[] GetMsrs(params uint[] indices) => [];
 

@@ -80,6 +80,14 @@ public enum KvmCap : uint
     DirtyLogRing = 192,
     /// <summary>The same rings, with acquire/release ordering on the entries' flags required of user space.</summary>
     DirtyLogRingAcqRel = 223,
+    /// <summary>KVM_GET_CLOCK / KVM_SET_CLOCK; KVM_CHECK_EXTENSION gives the KVM_CLOCK_* flags they support.</summary>
+    AdjustClock = 39,
+    VcpuEvents = 41,
+    DebugRegs = 50,
+    Xsave = 55,
+    Xcrs = 56,
+    /// <summary>KVM_{HAS,GET,SET}_DEVICE_ATTR on a vcpu fd (the TSC offset, KVM_VCPU_TSC_OFFSET).</summary>
+    VcpuAttributes = 127,
 }
 
 /// <summary>KVM_EXIT_* reasons.</summary>
@@ -115,4 +123,36 @@ public enum KvmMpState : uint
     InitReceived = 2,
     Halted = 3,
     SipiReceived = 4,
+}
+
+/// <summary>ioctl numbers of the vcpu and VM state a snapshot saves (linux/kvm.h); sizes checked in
+/// tests/LibVmm.Tests against gcc's sizeof of the kernel structs.</summary>
+internal static class KvmStateIoctl
+{
+    private const uint KVMIO = 0xAE;
+    private const uint Write = 1, Read = 2;
+
+    private static nuint Ioc(uint dir, uint nr, uint size) => (nuint)((dir << 30) | (size << 16) | (KVMIO << 8) | nr);
+
+    // System ioctl.
+    public static readonly nuint GetMsrIndexList = Ioc(Read | Write, 0x02, 4);
+
+    // VM ioctls (KVM_CAP_ADJUST_CLOCK): struct kvm_clock_data, 48 bytes.
+    public static readonly nuint SetClock = Ioc(Write, 0x7B, 48);
+    public static readonly nuint GetClock = Ioc(Read, 0x7C, 48);
+
+    // Vcpu ioctls.
+    public static readonly nuint GetCpuid2 = Ioc(Read | Write, 0x91, 8);
+    public static readonly nuint GetVcpuEvents = Ioc(Read, 0x9F, 64);
+    public static readonly nuint SetVcpuEvents = Ioc(Write, 0xA0, 64);
+    public static readonly nuint GetDebugRegs = Ioc(Read, 0xA1, 128);
+    public static readonly nuint SetDebugRegs = Ioc(Write, 0xA2, 128);
+    public static readonly nuint GetXsave = Ioc(Read, 0xA4, 4096);
+    public static readonly nuint SetXsave = Ioc(Write, 0xA5, 4096);
+    public static readonly nuint GetXcrs = Ioc(Read, 0xA6, 392);
+    public static readonly nuint SetXcrs = Ioc(Write, 0xA7, 392);
+    // On a vcpu fd, group KVM_VCPU_TSC_CTRL (KVM_CAP_VCPU_ATTRIBUTES): struct kvm_device_attr, 24 bytes.
+    public static readonly nuint SetDeviceAttr = Ioc(Write, 0xE1, 24);
+    public static readonly nuint GetDeviceAttr = Ioc(Write, 0xE2, 24);
+    public static readonly nuint HasDeviceAttr = Ioc(Write, 0xE3, 24);
 }

@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 namespace ActorVmm.LibVmm;
 
 /// <summary>One KVM vcpu: its fd, its kvm_run page, register access and the run/kick pair.</summary>
-public sealed unsafe class VcpuHandle : IVcpu
+public sealed unsafe partial class VcpuHandle : IVcpu
 {
     private int _fd;
     private readonly nint _run;

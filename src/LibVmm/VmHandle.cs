@@ -21,7 +21,7 @@ public readonly record struct MemorySlot(uint Slot, GuestPhysAddr Base, ulong Si
 }
 
 /// <summary>One KVM VM: memslots, vcpus and VM-wide settings.</summary>
-public sealed unsafe class VmHandle : IDirtyLog, IDisposable
+public sealed unsafe partial class VmHandle : IDirtyLog, IDisposable
 {
     /// <summary>Where KVM's real-mode TSS (3 pages) and identity map page live: just below the
     /// firmware's 4 GiB alias, inside the MMIO hole, never RAM.</summary>
