@@ -134,9 +134,6 @@ internal static class KvmStateIoctl
 
     private static nuint Ioc(uint dir, uint nr, uint size) => (nuint)((dir << 30) | (size << 16) | (KVMIO << 8) | nr);
 
-    // System ioctl.
-    public static readonly nuint GetMsrIndexList = Ioc(Read | Write, 0x02, 4);
-
     // VM ioctls (KVM_CAP_ADJUST_CLOCK): struct kvm_clock_data, 48 bytes.
     public static readonly nuint SetClock = Ioc(Write, 0x7B, 48);
     public static readonly nuint GetClock = Ioc(Read, 0x7C, 48);

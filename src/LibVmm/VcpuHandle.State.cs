@@ -278,7 +278,7 @@ public sealed unsafe partial class VcpuHandle
     {
         uint count = 0;
         // SAFETY: a struct kvm_msr_list of nmsrs = 0: KVM writes only the count back (E2BIG).
-        Native.Ioctl(kvm.Fd, KvmStateIoctl.GetMsrIndexList, &count);
+        Native.Ioctl(kvm.Fd, KvmIoctl.GetMsrIndexList, &count);
         for (var attempt = 0; attempt < 4; attempt++)
         {
             var buffer = new uint[1 + count];
@@ -286,7 +286,7 @@ public sealed unsafe partial class VcpuHandle
             // SAFETY: the pinned buffer is struct kvm_msr_list with room for the nmsrs indices it names.
             fixed (uint* p = buffer)
             {
-                if (Native.Ioctl(kvm.Fd, KvmStateIoctl.GetMsrIndexList, p) == 0) return buffer[1..(int)(1 + Math.Min(p[0], count))];
+                if (Native.Ioctl(kvm.Fd, KvmIoctl.GetMsrIndexList, p) == 0) return buffer[1..(int)(1 + Math.Min(p[0], count))];
                 if (Marshal.GetLastPInvokeError() != Native.E2BIG) throw KvmException.Last("KVM_GET_MSR_INDEX_LIST");
                 count = p[0];
             }
