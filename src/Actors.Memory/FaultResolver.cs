@@ -69,6 +69,7 @@ internal sealed class FaultResolver(GuestPager pager, Func<long> clockMs)
 
         UffdFill result;
         if (Pmap.IsSwapped(page)) result = SwapIn(page, address, write);
+        else if (pager.IsPendingRestore(page)) result = RestoreIn(page, address, write);
         else if (!Pmap.IsValid(page)) result = ZeroFill(page, address, write);
         else if (kind == FaultKind.WriteProtect) result = Unprotect(page, address);
         else result = MapCached(page, address, write);
@@ -86,6 +87,8 @@ internal sealed class FaultResolver(GuestPager pager, Func<long> clockMs)
             case UffdFill.AlreadyMapped when !Pmap.IsValid(page):
                 if (Pmap.IsSwapped(page))
                     throw new VmspaceException($"gpa {gpa} is swapped out but the memfd has a page there");
+                if (pager.IsPendingRestore(page))
+                    throw new VmspaceException($"gpa {gpa} is still to be restored from the memory file but the memfd has a page there");
                 Pmap.SetResident(page, pager.Ram.MemfdOffset(page), writable: true); // in the page cache
                 break;
             case UffdFill.AlreadyMapped:
@@ -131,6 +134,20 @@ internal sealed class FaultResolver(GuestPager pager, Func<long> clockMs)
         var r = Uffd.Copy(address, bounce, writeProtect: !dirty);
         if (r != UffdFill.Filled) return r;
         pager.SwapIns++;
+        Mapped(page, dirty);
+        return r;
+    }
+
+    /// <summary>A lazy restore's page, first touched: its contents from the memory file (pread,
+    /// UFFDIO_COPY), write-protected unless dirty, as a swap-in.</summary>
+    private UffdFill RestoreIn(ulong page, nint address, bool write)
+    {
+        var bounce = pager.Bounce;
+        pager.Restore!.Read(page, bounce);
+        var dirty = write || Pmap.IsModified(page) || !pager.TracksDirty;
+        var r = Uffd.Copy(address, bounce, writeProtect: !dirty);
+        if (r != UffdFill.Filled) return r;
+        pager.Restore.Taken(page);
         Mapped(page, dirty);
         return r;
     }

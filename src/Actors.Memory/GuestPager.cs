@@ -38,16 +38,21 @@ internal sealed unsafe class GuestPager : IDisposable
     /// <summary>Guest touches after a clear are tracked (uffd MINOR on shmem): accessed-bit emulation.</summary>
     public bool TracksAccessed { get; }
     public bool Paging => Uffd is not null;
+    /// <summary>Userfaultfd is registered only to bring a lazy restore in (MISSING faults, no A/D
+    /// emulation, no swap): demand paging is off in the options.</summary>
+    public bool RestoreOnly { get; }
     public bool CanSwap => Uffd is not null && Swap is not null;
     public bool CanZeroPage { get; }
-    public string Features { get; } = "userfaultfd off";
+    public string Features { get; private set; } = "userfaultfd off";
     /// <summary>Whether guest RAM can be superpage-backed here, and why (for stats and logs).</summary>
     public string Superpages { get; } = "";
     public Pmap Pmap { get; }
     public RamPages Ram { get; }
 
     /// <summary>The registered userfaultfd; null without demand paging.</summary>
-    internal Userfaultfd? Uffd { get; }
+    internal Userfaultfd? Uffd { get; private set; }
+    /// <summary>The lazy restore source; null without one (or after an eager restore).</summary>
+    internal RestoreImage? Restore { get; }
     /// <summary>The swap file; null without one (or without demand paging).</summary>
     internal SwapStore? Swap { get; }
 
@@ -64,20 +69,25 @@ internal sealed unsafe class GuestPager : IDisposable
     /// <param name="options">paging: userfaultfd, dirty tracking, swap file, resident limit</param>
     /// <param name="clockMs">Milliseconds of a monotonic clock (tests pass their own); only for
     /// giving up on a fault that the kernel keeps reporting.</param>
-    public GuestPager(GuestMemoryMap memory, VmspaceOptions options, Func<long>? clockMs = null)
+    /// <param name="restore">a lazy restore source (opened: guest RAM already emptied); the pager
+    /// fills each page of it on its first touch, and registers userfaultfd for that even when
+    /// <paramref name="options"/> have demand paging off (then MISSING only: <see cref="RestoreOnly"/>)</param>
+    public GuestPager(GuestMemoryMap memory, VmspaceOptions options, Func<long>? clockMs = null, RestoreImage? restore = null)
     {
         _memory = memory;
         Ram = new RamPages(memory);
+        Restore = restore;
+        RestoreOnly = !options.Userfaultfd && restore is not null;
         try
         {
-            if (options.Userfaultfd)
+            if (options.Userfaultfd || RestoreOnly)
             {
                 Uffd = Userfaultfd.Create(UffdFeatures.ForShmemVmspace);
                 if ((Uffd.Enabled & UffdFeatures.MissingShmem) == 0)
                     throw new UserfaultfdException($"this kernel cannot demand-page shmem: {Uffd.Describe()}");
                 var mode = UffdRegisterMode.Missing;
-                if ((Uffd.Enabled & UffdFeatures.WpShmem) != 0 && options.DirtyTracking == DirtyTracking.UffdWp) mode |= UffdRegisterMode.WriteProtect;
-                if ((Uffd.Enabled & UffdFeatures.MinorShmem) != 0) mode |= UffdRegisterMode.Minor;
+                if ((Uffd.Enabled & UffdFeatures.WpShmem) != 0 && options.DirtyTracking == DirtyTracking.UffdWp && !RestoreOnly) mode |= UffdRegisterMode.WriteProtect;
+                if ((Uffd.Enabled & UffdFeatures.MinorShmem) != 0 && !RestoreOnly) mode |= UffdRegisterMode.Minor;
                 var ioctls = ~UffdRangeIoctls.None;
                 foreach (var r in Ram.Ranges) ioctls &= Uffd.Register(r.GuestView, r.Pages * Page, mode);
                 if ((ioctls & (UffdRangeIoctls.Copy | UffdRangeIoctls.Wake)) != (UffdRangeIoctls.Copy | UffdRangeIoctls.Wake))
@@ -85,22 +95,27 @@ internal sealed unsafe class GuestPager : IDisposable
                 TracksDirty = (mode & UffdRegisterMode.WriteProtect) != 0 && (ioctls & UffdRangeIoctls.WriteProtect) != 0;
                 TracksAccessed = (mode & UffdRegisterMode.Minor) != 0 && (ioctls & UffdRangeIoctls.Continue) != 0;
                 CanZeroPage = (ioctls & UffdRangeIoctls.ZeroPage) != 0;
-                Features = $"{Uffd.Describe()}; registered {mode}; range ioctls {ioctls}" +
+                Features = (RestoreOnly ? "userfaultfd for a lazy restore only; " : "") + $"{Uffd.Describe()}; registered {mode}; range ioctls {ioctls}" +
                            (TracksAccessed ? "" : "; no accessed-bit emulation (A reported set while resident)") +
                            (TracksDirty ? "" : "; no dirty-bit emulation (M reported set while resident)");
             }
             var flags = TracksAccessed && TracksDirty ? PmapFlags.UffdEmulated : PmapFlags.Untracked;
             (var superpages, Superpages) = SuperpageSupport(memory, Uffd is not null);
             Pmap = new Pmap(options.PmapType, flags with { Superpages = superpages }, Ram.Total);
-            if (Uffd is not null && options.SwapFile is not null) Swap = new SwapStore(options.SwapFile);
+            if (Uffd is not null && !RestoreOnly && options.SwapFile is not null) Swap = new SwapStore(options.SwapFile);
             Faults = new FaultResolver(this, clockMs ?? (() => Environment.TickCount64));
             AccessedDirty = new AdEmulation(this);
-            Reclaimer = new ClockReclaimer(this, Uffd is null ? 0 : options.ResidentLimitBytes / Page, options.ColdScans);
+            Reclaimer = new ClockReclaimer(this, Uffd is null || RestoreOnly ? 0 : options.ResidentLimitBytes / Page, options.ColdScans);
             Holds = new PageHolds(this);
             Host = new HostAccess(this, memory);
             if (Reclaimer.ResidentLimitPages > 0 && !CanSwap)
                 throw new ArgumentException("a resident limit needs a swap file");
             ScanResidency();
+            // A page still in the file keeps its saved D (or, without an A/D file, is dirty: its
+            // history is unknown), as a swapped page keeps M: its fill maps it write-protected only if clean.
+            if (restore is not null)
+                for (var p = 0UL; p < Ram.Total; p++)
+                    if (restore.IsPending(p)) Pmap.SetModified(p, !TracksDirty || restore.SavedDirty(p) != false);
         }
         catch
         {
@@ -241,6 +256,7 @@ internal sealed unsafe class GuestPager : IDisposable
         foreach (var p in sortedPages)
         {
             if (Pmap.IsSwapped(p)) SwapInToMemfd(p);
+            else if (IsPendingRestore(p)) RestoreInToMemfd(p);
             else if (!Pmap.IsValid(p))
             {
                 // pwrite of zeros, not fallocate: a fallocated page that was never written reads as a
@@ -265,6 +281,41 @@ internal sealed unsafe class GuestPager : IDisposable
         Pmap.SetResident(page, Ram.MemfdOffset(page), writable: true);
         Pmap.SetAccessed(page, false);
         SwapIns++;
+    }
+
+    /// <summary>The page still lives only in the lazy restore's file (not valid in the memfd).</summary>
+    internal bool IsPendingRestore(ulong page) => Restore is { } r && !r.Closed && r.IsPending(page) && !Pmap.IsValid(page);
+
+    /// <summary>Brings a page of the lazy restore into the memfd (not into the guest view: with
+    /// accessed-bit emulation its next guest touch is a MINOR fault; without, the kernel maps it), for
+    /// host-side access. M stays as the restore set it.</summary>
+    internal void RestoreInToMemfd(ulong page)
+    {
+        var r = Ram.RangeOf(page);
+        Restore!.Read(page, r.Backing.HostSpan(r.MemfdOffset(page), (int)Page));
+        Restore.Taken(page);
+        Pmap.SetResident(page, r.MemfdOffset(page), writable: true);
+        Pmap.SetAccessed(page, !TracksAccessed);
+    }
+
+    /// <summary>
+    /// A restore-only pager whose file has no page left to bring in: stops the reader, unregisters
+    /// guest RAM (waking any faulter: it faults normally from now on), closes the userfaultfd and the
+    /// file. The vmspace is unpaged from then on (<see cref="Paging"/> false; the pmap follows the memfd).
+    /// </summary>
+    public bool FinishRestoreIfDone()
+    {
+        if (Restore is not { PendingPages: 0, Closed: false } r) return false;
+        r.Dispose();
+        if (!RestoreOnly || Uffd is null) return true;
+        _reader?.Dispose();
+        _reader = null;
+        foreach (var range in Ram.Ranges)
+            try { Uffd.Unregister(range.GuestView, range.Pages * Page); } catch (Exception) { /* closing unregisters too */ }
+        Uffd.Dispose();
+        Uffd = null;
+        Features += "; lazy restore complete: userfaultfd closed";
+        return true;
     }
 
     /// <summary>
@@ -319,6 +370,11 @@ internal sealed unsafe class GuestPager : IDisposable
             for (var p = 0UL; p < Ram.Total; p++)
                 if (Pmap.IsSwapped(p))
                     try { SwapInToMemfd(p); } catch (Exception) { break; }
+        // Likewise a lazy restore's pages still in the file: guest memory stays whole without paging.
+        if (Restore is { Closed: false } && Pmap is not null)
+            for (var p = 0UL; p < Ram.Total; p++)
+                if (IsPendingRestore(p))
+                    try { RestoreInToMemfd(p); } catch (Exception) { break; }
         if (Uffd is not null)
         {
             foreach (var r in Ram.Ranges)
@@ -326,6 +382,7 @@ internal sealed unsafe class GuestPager : IDisposable
             Uffd.Dispose();
         }
         Swap?.Dispose();
+        Restore?.Dispose();
         foreach (var h in _memfdHandles.Values) h.Dispose();
         _memfdHandles.Clear();
         if (_zeroPage is not null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_zeroPage);

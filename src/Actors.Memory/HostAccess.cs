@@ -13,7 +13,8 @@ internal sealed class HostAccess(GuestPager pager, GuestMemoryMap memory)
 {
     private const ulong Page = GuestPager.Page;
 
-    /// <summary>Reads guest memory: swapped pages come from the swap store, holes read as zeros
+    /// <summary>Reads guest memory: swapped pages come from the swap store, pages of a lazy restore
+    /// from its file, holes read as zeros
     /// without being allocated (pread on the memfd). False if the range is not all mapped.</summary>
     public bool TryRead(GuestPhysAddr gpa, Span<byte> destination)
     {
@@ -32,6 +33,7 @@ internal sealed class HostAccess(GuestPager pager, GuestMemoryMap memory)
                 pager.Swap!.Read(page, bounce);
                 bounce.Slice(inPage, n).CopyTo(chunk);
             }
+            else if (pager.IsPendingRestore(page)) pager.Restore!.ReadPart(page, inPage, chunk); // stays pending
             else
             {
                 var r = pager.Ram.RangeOf(page);

@@ -18,6 +18,9 @@ internal sealed class SwapStore(string path) : IDisposable
     private readonly SafeFileHandle _file =
         File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite, FileShare.None, FileOptions.DeleteOnClose);
 
+    /// <summary>The file (for copying swapped pages into a memory snapshot).</summary>
+    internal SafeFileHandle Handle => _file;
+
     /// <summary>Where page <paramref name="page"/> lives in the file (the pmap records it).</summary>
     public static ulong Offset(ulong page) => page * Page;
 

@@ -34,6 +34,8 @@ internal sealed class VmspaceActor : ReceiveActor
     private readonly Dictionary<long, HoldEntry> _holds = [];
     private readonly HashSet<IActorRef> _watchedHolders = [];
     private GuestPager? _pager;
+    private RestoreImage? _restore;
+    private string? _restoreFailure;
     private string? _failure;
     private FaultProtocol.FailNestedPageFaults? _failFaults;
     private long _reads, _writes, _faults, _nextHoldId, _accessedScans, _scanPageOuts, _flushedPages;
@@ -53,7 +55,7 @@ internal sealed class VmspaceActor : ReceiveActor
         Receive<WriteMemory>(OnWrite);
         Receive<GetLayout>(_ => Sender.Tell(new Layout(
             _memory.Segments.Select(s => new Segment(s.Name, s.Base.Value, s.Size, s.ReadOnly)).ToArray())));
-        Receive<AwaitReady>(_ => Sender.Tell(Ready.Instance)); // PreStart registered guest RAM
+        Receive<AwaitReady>(_ => Sender.Tell(_restoreFailure is { } why ? new VmspaceFailed(why) : Ready.Instance)); // PreStart registered guest RAM
         Receive<GetStats>(_ => Sender.Tell(new Stats(
             _memory.Segments.Aggregate(0UL, (a, s) => a + s.Size), ResidentBytes(), _reads, _writes, _faults)
         {
@@ -61,7 +63,9 @@ internal sealed class VmspaceActor : ReceiveActor
             WiredBytes = _memory.LockedBytes,
             FlushedPages = _flushedPages,
             Dirty = new DirtyStats(_dirty.Mode.ConfigName(), _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows),
+            Restore = RestoreStats(),
         }));
+        Receive<SaveMemory>(OnSaveMemory);
 
         Receive<DeviceProtocol.FlushGuestPage>(OnFlushPage);
         Receive<NestedPageFault>(OnNestedPageFault);
@@ -178,10 +182,32 @@ internal sealed class VmspaceActor : ReceiveActor
             Fail(why);
             return;
         }
-        if (!_options.Userfaultfd) return; // the pager (and its pmap) is built on first use
+        if (_options.Restore is { } restore)
+        {
+            try
+            {
+                _restore = RestoreImage.Open(_memory, restore);
+                if (!restore.Lazy)
+                {
+                    _restore.LoadAll(_ram);
+                    _restore.Dispose();
+                }
+            }
+            catch (Exception e)
+            {
+                _restore?.Dispose();
+                _restore = null;
+                _restoreFailure = $"cannot restore guest memory from {restore.Path}: {e.Message}";
+                Fail(_restoreFailure);
+                return;
+            }
+        }
+        var lazy = _restore is { Source.Lazy: true };
+        if (!_options.Userfaultfd && !lazy) return; // the pager (and its pmap) is built on first use
         try
         {
-            _pager = new GuestPager(_memory, _options);
+            _pager = new GuestPager(_memory, _options, restore: lazy ? _restore : null);
+            if (_restore is { Source.Lazy: false }) ApplySavedDirty(_pager, _restore);
         }
         catch (Exception e)
         {
@@ -241,6 +267,7 @@ internal sealed class VmspaceActor : ReceiveActor
         {
             if (!Try(() => _pager!.Host.TryWrite(a, w.Data), "write of guest memory", out ok)) { Fault(w.Id, w.Address, w.Data.Length, _failure!); return; }
             if (ok) MaybeReclaim();
+            if (ok) MaybeFinishRestore();
         }
         else ok = _memory.TryWrite(a, w.Data);
         if (ok && w.Data.Length > 0 && _ram.TryPages(a, (ulong)w.Data.Length, out var first, out var count))
@@ -300,7 +327,10 @@ internal sealed class VmspaceActor : ReceiveActor
         if (_pager!.Faults.Allocates(gpa)) MaybeReclaim(reserve: 1);
         if (!Paging) return;
         if (Try(() => { _pager!.Faults.Resolve(gpa, f.Kind, f.Write); return true; }, $"{f.Kind} fault at gpa {gpa}", out _))
+        {
             MaybeReclaim();
+            MaybeFinishRestore();
+        }
     }
 
     /// <summary>Direct reclaim down to the target when residency (+ <paramref name="reserve"/>
@@ -354,6 +384,7 @@ internal sealed class VmspaceActor : ReceiveActor
         if (!Sender.IsNobody() && _watchedHolders.Add(Sender)) Context.Watch(Sender);
         Sender.Tell(new HoldGranted(h.Id, lease));
         MaybeReclaim();
+        MaybeFinishRestore();
     });
 
     /// <summary>Releases every hold of <paramref name="owner"/>; returns how many.</summary>
@@ -392,6 +423,127 @@ internal sealed class VmspaceActor : ReceiveActor
     {
         var self = Self;
         _barrier.WhenComplete(generation, () => replyTo.Tell(reply, self));
+    }
+
+    // ---------------------------------------------------------------- snapshot and restore
+
+    /// <summary>A lazy restore whose file has no page left: close it (and, restore-only, the userfaultfd).</summary>
+    private void MaybeFinishRestore()
+    {
+        if (_pager is not { Restore: { PendingPages: 0, Closed: false } }) return;
+        if (Try(() => _pager.FinishRestoreIfDone(), "closing the finished restore", out _))
+            _log.Info("vmspace: lazy restore complete ({0} pages restored){1}", _pager.Restore.RestoredPages,
+                _pager.RestoreOnly ? "; userfaultfd closed: the vmspace is unpaged from now on" : "");
+    }
+
+    /// <summary>Eager restore with dirty-bit emulation and an A/D file: pages saved clean are clean
+    /// again (write-protected, M clear); the rest stay dirty as loaded.</summary>
+    private static void ApplySavedDirty(GuestPager pager, RestoreImage restore)
+    {
+        if (!pager.TracksDirty || restore.Source.AccessedDirtyPath is null) return;
+        var clean = new List<ulong>();
+        for (var p = 0UL; p < pager.Ram.Total; p++)
+            if (pager.Pmap.IsValid(p) && restore.SavedDirty(p) == false) clean.Add(p);
+        pager.WriteProtect(clean, protect: true);
+        foreach (var p in clean) pager.Pmap.SetModified(p, false);
+    }
+
+    private RestoreStats RestoreStats()
+    {
+        if (_restore is null) return VmspaceProtocol.RestoreStats.None;
+        var mode = !_restore.Source.Lazy ? "eager"
+            : _pager is not { RestoreOnly: true } ? "lazy"
+            : _restore.Closed && _restore.PendingPages == 0 ? "lazy-complete" : "lazy-restore-only";
+        return new RestoreStats(mode, _restore.ImagePages, _restore.RestoredPages, _restore.PendingPages);
+    }
+
+    /// <summary>
+    /// Writes the memory file (see <see cref="SaveMemory"/>): the memfds' data extents straight from
+    /// the host view (pwrite from the mapping), swapped pages and pages still in a lazy restore's
+    /// file by copy_file_range; then the A/D file if asked and paging. The vcpus are paused: nothing
+    /// else changes guest memory meanwhile (devices' writes come through this mailbox).
+    /// </summary>
+    private void OnSaveMemory(SaveMemory s)
+    {
+        var tmp = s.Path + ".tmp";
+        var adTmp = s.AccessedDirtyPath + ".tmp";
+        try
+        {
+            var (pages, bytes) = WriteMemoryFile(tmp);
+            string? adPath = null;
+            if (s.AccessedDirtyPath is { } ad && Paging)
+            {
+                var pager = _pager!;
+                var scan = _dirty.ScanWaitsForVcpus ? pager.AccessedDirty.Scan(0, pager.Ram.Total) : _dirty.Scan(pager, 0, pager.Ram.Total);
+                MemoryImage.WriteAccessedDirty(adTmp, scan);
+                File.Move(adTmp, ad, overwrite: true);
+                adPath = ad;
+            }
+            File.Move(tmp, s.Path, overwrite: true);
+            _log.Info("vmspace: saved {0} pages of guest memory to {1}", pages, s.Path);
+            Sender.Tell(new MemorySaved(s.Id, pages, bytes, null) { AccessedDirtyPath = adPath });
+        }
+        catch (Exception e)
+        {
+            foreach (var f in new[] { tmp, adTmp })
+                try { if (File.Exists(f)) File.Delete(f); } catch (IOException) { /* reported below */ }
+            _log.Error("vmspace: saving guest memory to {0} failed: {1}", s.Path, e.Message);
+            Sender.Tell(new MemorySaved(s.Id, 0, 0, $"saving guest memory to {s.Path} failed: {e.GetType().Name}: {e.Message}"));
+        }
+    }
+
+    private (long Pages, long Bytes) WriteMemoryFile(string path)
+    {
+        const ulong page = RamPages.PageSize;
+        using var file = File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite, FileShare.None);
+        var length = MemoryImage.Length(_memory);
+        RandomAccess.SetLength(file, (long)length);
+        var pages = 0L;
+        foreach (var r in _ram.Ranges)
+            foreach (var (offset, len) in r.Backing.DataRanges(r.Segment.BackingOffset, r.Pages * page))
+            {
+                WriteFromHostView(file, r.Backing, offset, len, (r.FirstPage + (offset - r.Segment.BackingOffset) / page) * page);
+                pages += (long)(len / page);
+            }
+        if (Paging && _pager is { } pager)
+        {
+            if (pager.Swap is { } swap)
+            {
+                var swapped = new List<ulong>();
+                for (var p = 0UL; p < pager.Ram.Total; p++)
+                    if (pager.Pmap.IsSwapped(p)) swapped.Add(p);
+                foreach (var (_, first, count) in pager.Ram.Coalesce(swapped))
+                {
+                    SparseFiles.Copy(swap.Handle, (long)SwapStore.Offset(first), file, (long)(first * page), (long)(count * page));
+                    pages += (long)count;
+                }
+            }
+            if (pager.Restore is { Closed: false } restore)
+                foreach (var (first, count) in restore.PendingRuns())
+                {
+                    SparseFiles.Copy(restore.File, (long)(first * page), file, (long)(first * page), (long)(count * page));
+                    pages += (long)count;
+                }
+        }
+        foreach (var (region, fileOffset) in MemoryImage.ReadOnlyParts(_memory))
+            foreach (var (offset, len) in region.DataRanges(0, region.Size))
+            {
+                WriteFromHostView(file, region, offset, len, fileOffset + offset);
+                pages += (long)(len / page);
+            }
+        RandomAccess.FlushToDisk(file);
+        return (pages, (long)length);
+    }
+
+    /// <summary>pwrite of [offset, offset+length) of a memfd, straight from its host view, in ≤ 1 GiB pieces.</summary>
+    private static void WriteFromHostView(Microsoft.Win32.SafeHandles.SafeFileHandle file, MemfdRegion region, ulong offset, ulong length, ulong fileOffset)
+    {
+        const ulong piece = 1UL << 30;
+        for (var done = 0UL; done < length; done += piece)
+        {
+            var n = Math.Min(piece, length - done);
+            RandomAccess.Write(file, region.HostSpan(offset + done, (int)n), (long)(fileOffset + done));
+        }
     }
 
     // ---------------------------------------------------------------- dirty rings

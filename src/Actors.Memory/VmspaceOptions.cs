@@ -30,6 +30,10 @@ public sealed record VmspaceOptions(
 {
     public DirtyTracking DirtyTracking { get; init; } = DirtyTracking.UffdWp;
 
+    /// <summary>Start from a memory file saved by <see cref="VmspaceProtocol.SaveMemory"/> instead of
+    /// empty RAM (lazy or eager: see <see cref="MemoryRestore"/>). Null: a fresh VM.</summary>
+    public MemoryRestore? Restore { get; init; }
+
     /// <summary>Entries of each vcpu's dirty ring (dirty-ring only): a power of two, at least 256.</summary>
     public uint DirtyRingEntries { get; init; } = DefaultDirtyRingEntries;
 

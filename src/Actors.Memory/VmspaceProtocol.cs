@@ -33,7 +33,10 @@ public static class VmspaceProtocol
 
     /// <summary>Answered with <see cref="Ready"/> once the vmspace serves guest memory; with demand
     /// paging, guest RAM is registered with userfaultfd by then, so no guest touch after the answer
-    /// goes unseen. (A vmspace registers before it handles its first message.)</summary>
+    /// goes unseen. (A vmspace registers before it handles its first message.) With a restore
+    /// (<see cref="VmspaceOptions.Restore"/>), Ready also means the restore is in place (eager: all
+    /// copied; lazy: registered); a restore that failed (wrong file length, unreadable file) is
+    /// answered with <see cref="VmspaceFailed"/> instead: the VM must not run.</summary>
     public sealed record AwaitReady : IVmspaceMessage { public static readonly AwaitReady Instance = new(); }
 
     public sealed record Ready : IVmspaceMessage { public static readonly Ready Instance = new(); }
@@ -55,6 +58,45 @@ public static class VmspaceProtocol
         public long FlushedPages { get; init; }
 
         public DirtyStats Dirty { get; init; } = DirtyStats.None;
+
+        /// <summary>The restore from a memory file (<see cref="RestoreStats.None"/> without one).</summary>
+        public RestoreStats Restore { get; init; } = RestoreStats.None;
+    }
+
+    /// <summary>
+    /// A restore from a memory file: <see cref="Mode"/> "none", "eager", "lazy" (demand paging brings
+    /// the pages in) or "lazy-restore-only" (userfaultfd only for the restore; "lazy-complete" once
+    /// every page is in and it is closed); RAM pages with data in the file; pages brought in from it so
+    /// far (by guest faults, host accesses, or all at once when eager); pages still only in the file.
+    /// Read-only memory (firmware) is copied at once and not counted.
+    /// </summary>
+    public sealed record RestoreStats(string Mode, ulong ImagePages, long RestoredPages, ulong PendingPages)
+    {
+        public static readonly RestoreStats None = new("none", 0, 0, 0);
+    }
+
+    // ---- snapshots ----------------------------------------------------------------------
+
+    /// <summary>
+    /// Saves guest memory, sent while every vcpu is paused; answered with <see cref="MemorySaved"/>.
+    /// Writes a sparse memory file at <paramref name="Path"/> (format: <see cref="MemoryImage"/>; length
+    /// <see cref="MemoryImage.Length"/>): every RAM page with contents (resident, swapped out, or of a
+    /// lazy restore not yet brought in) and the firmware; untouched pages stay holes. Written to
+    /// Path + ".tmp", flushed (fsync) and renamed, so Path is whole or absent (and Path may be the file
+    /// this vmspace restored from). With <paramref name="AccessedDirtyPath"/> and demand paging on, the
+    /// pmap's per-page A/D goes there too (<see cref="MemoryImage.ReadAccessedDirty"/>); without paging
+    /// there is no pmap A/D and no file is written (<see cref="MemorySaved.AccessedDirtyPath"/> null).
+    /// </summary>
+    public sealed record SaveMemory(long Id, string Path, string? AccessedDirtyPath = null) : IVmspaceMessage;
+
+    /// <param name="Id">the <see cref="SaveMemory"/> this answers</param>
+    /// <param name="Pages">4 KiB pages of contents written (RAM and firmware)</param>
+    /// <param name="Bytes">the memory file's length (its allocated size is about <paramref name="Pages"/> × 4 KiB)</param>
+    /// <param name="Error">null on success; else why nothing was saved (no file is left at Path)</param>
+    public sealed record MemorySaved(long Id, long Pages, long Bytes, string? Error) : IVmspaceMessage
+    {
+        /// <summary>Where the A/D file was written; null if none was (not asked, or no demand paging).</summary>
+        public string? AccessedDirtyPath { get; init; }
     }
 
     /// <summary>Where the A/D API's dirty bit comes from (uffd-wp, dirty-log, dirty-ring) and, with

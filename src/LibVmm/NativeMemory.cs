@@ -112,6 +112,13 @@ internal static unsafe partial class NativeMemory
     [LibraryImport(Libc, EntryPoint = "lseek", SetLastError = true)]
     public static partial long Lseek(int fd, long offset, int whence);
 
+    /// <summary>copy_file_range(2); null offsets are not used here (both are always given).</summary>
+    [LibraryImport(Libc, EntryPoint = "copy_file_range", SetLastError = true)]
+    public static partial nint CopyFileRange(int fdIn, long* offIn, int fdOut, long* offOut, nuint length, uint flags);
+
+    public const int EXDEV = 18;
+    public const int EOPNOTSUPP = 95;
+
     [LibraryImport(Libc, EntryPoint = "poll", SetLastError = true)]
     public static partial int Poll(PollFd* fds, nuint count, int timeoutMs);
 
