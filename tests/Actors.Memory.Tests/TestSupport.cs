@@ -85,9 +85,10 @@ internal sealed class PagedVmspace : IAsyncDisposable
     /// resident — correct, but not what a test of faults wants).</summary>
     public static async Task<PagedVmspace> StartAsync(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes = 0, int coldScans = 2,
         bool userfaultfd = true, Action<GuestMemoryMap>? load = null, PmapType pmapType = PmapType.Ept, TimeSpan scanInterval = default,
-        bool superpages = false, DirtyTracking dirtyTracking = DirtyTracking.UffdWp)
+        bool superpages = false, DirtyTracking dirtyTracking = DirtyTracking.UffdWp, MemoryRestore? restore = null, byte[]? firmware = null)
     {
-        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, scanInterval, superpages, dirtyTracking);
+        var vm = new PagedVmspace(kit, ramBytes, residentLimitBytes, coldScans, userfaultfd, load, pmapType, scanInterval, superpages, dirtyTracking,
+            restore, firmware);
         var probe = kit.CreateTestProbe();
         vm.Vmspace.Tell(VmspaceProtocol.AwaitReady.Instance, probe);
         await probe.ExpectMsgAsync<VmspaceProtocol.Ready>(TimeSpan.FromSeconds(10));
@@ -95,15 +96,16 @@ internal sealed class PagedVmspace : IAsyncDisposable
     }
 
     private PagedVmspace(TestKitBase kit, ulong ramBytes, ulong residentLimitBytes, int coldScans, bool userfaultfd,
-        Action<GuestMemoryMap>? load, PmapType pmapType, TimeSpan scanInterval, bool superpages, DirtyTracking dirtyTracking)
+        Action<GuestMemoryMap>? load, PmapType pmapType, TimeSpan scanInterval, bool superpages, DirtyTracking dirtyTracking,
+        MemoryRestore? restore, byte[]? firmware)
     {
         _kit = kit;
-        Map = VmspaceLayout.Build(ramBytes, superpages: superpages);
+        Map = VmspaceLayout.Build(ramBytes, firmware, superpages: superpages);
         Ram = Map.Segments[0].Backing;
         load?.Invoke(Map); // a loader writing through the host view before the vmspace starts
         SwapFile = Path.Combine(Path.GetTempPath(), $"actorvmm-test-swap-{Guid.NewGuid():N}");
-        Events = kit.CreateTestProbe("events");
-        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans, scanInterval) { DirtyTracking = dirtyTracking };
+        Events = kit.CreateTestProbe($"events-{Guid.NewGuid():N}");
+        var options = new VmspaceOptions(userfaultfd, pmapType, SwapFile, residentLimitBytes, coldScans, scanInterval) { DirtyTracking = dirtyTracking, Restore = restore };
         Vmspace = kit.Sys.ActorOf(VmspaceProtocol.Props(Map, options, Events), $"vmspace-{Guid.NewGuid():N}");
     }
 
