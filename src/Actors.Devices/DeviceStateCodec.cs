@@ -60,6 +60,9 @@ public static class DeviceStateCodec
     /// <summary>The short names of the registered record types, as they appear in <c>"type"</c>.</summary>
     public static IReadOnlyCollection<string> TypeNames => ByName.Keys;
 
+    /// <summary>The registered record types (what a <see cref="DeviceProtocol.StateReply"/> carries).</summary>
+    public static IReadOnlyList<Type> RecordTypes { get; } = [.. Entries.Select(e => e.Type)];
+
     /// <summary>Whether <paramref name="stateType"/> is a registered record type.</summary>
     public static bool IsRegistered(Type stateType) => ByType.ContainsKey(stateType);
 
@@ -97,7 +100,7 @@ public static class DeviceStateCodec
         }
         catch (JsonException e)
         {
-            throw new SnapshotStateException($"device state is not a {{\"type\", \"state\"}} JSON object: {e.Message}", e);
+            throw new SnapshotStateException($"malformed device state (expected {{\"type\": name, \"state\": record}}): {e.Message}", e);
         }
         if (envelope is null) throw new SnapshotStateException("device state is JSON null");
         if (!ByName.TryGetValue(envelope.Type, out var entry))
