@@ -209,14 +209,19 @@ public sealed class CmosRtc : IStatefulDevice, ITimedDevice
     }
 
     /// <summary>
-    /// Rebuilds an RTC from a snapshot: the guest's time is the new host wall clock plus the saved
-    /// offset. Drives <paramref name="irq8"/> to the level register C implies.
+    /// Rebuilds an RTC from a state record, after a crash of its actor or from a snapshot restored
+    /// any time later on any host: the guest's time is the host wall clock read now
+    /// (<paramref name="wallClock"/>) plus the saved offset, so the guest reads the host's current
+    /// time again, moved by whatever it set (a guest keeping local time, or a deliberately wrong
+    /// clock, keeps its difference); the time a snapshot was taken at plays no part. The jump is
+    /// no update or alarm (as when the guest sets the time), the periodic phase restarts here.
+    /// A clock stopped by SET (or a stopped divider) stays stopped at the time the guest wrote.
+    /// Drives <paramref name="irq8"/> to the level register C implies.
     /// Throws <see cref="ArgumentException"/> unless the snapshot has 128 bytes.
     /// </summary>
     public static CmosRtc FromState(CmosRtcState state, Func<DateTime> wallClock, IDeviceClock clock, IInterruptLine irq8)
     {
-        if (state.Cmos.IsDefault || state.Cmos.Length != Size)
-            throw new ArgumentException($"CMOS must have {Size} bytes", nameof(state));
+        if (StateProblem(state) is { } problem) throw new ArgumentException(problem, nameof(state));
         var rtc = new CmosRtc(wallClock, clock, irq8)
         {
             _index = state.Index,
@@ -229,6 +234,14 @@ public sealed class CmosRtc : IStatefulDevice, ITimedDevice
         if (rtc._lineLevel) irq8.Assert();
         else irq8.Deassert();
         return rtc;
+    }
+
+    /// <summary>What makes <paramref name="state"/> unusable for <see cref="FromState"/>, or null:
+    /// anything but <see cref="Size"/> CMOS bytes.</summary>
+    public static string? StateProblem(CmosRtcState state)
+    {
+        var length = state.Cmos.IsDefault ? 0 : state.Cmos.Length;
+        return length != Size ? $"CMOS must have {Size} bytes, not {length}" : null;
     }
 
     private bool DividerRunning => (_cmos[RegisterA] & ADivider) <= ADividerMaxRunning;

@@ -72,7 +72,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         {
             // A restart: continue from the state the last incarnation saved.
             _model = restore(platform, saved);
-            cell.Restored++;
+            if (cell.Restarts > 0) cell.Restored++; // not the first incarnation's initial state
         }
         else _model = factory(platform);
         cell.State = null;
@@ -173,6 +173,25 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
             var vector = inta.Acknowledge();
             Sender.Tell(new Acknowledged(a.Id, vector, inta.InterruptRequested));
             Rearm();
+        });
+        Receive<GetState>(g =>
+        {
+            if (_model is not IStatefulDevice stateful)
+            {
+                Sender.Tell(new StateReply(g.Id, _name, null));
+                return;
+            }
+            try
+            {
+                Sender.Tell(new StateReply(g.Id, _name, stateful.SaveState()));
+            }
+            catch (Exception e)
+            {
+                // The asker is answered either way; the model's failure is its supervisor's business.
+                Sender.Tell(new StateReply(g.Id, _name, null, $"{_name} could not save its state: {e.Message}"));
+                throw;
+            }
+            Rearm(); // saving brings a timed model up to now (flags, edges), which may move its deadline
         });
         Receive<GetStats>(_ => Sender.Tell(new Stats(_name, _reads, _writes)));
         Receive<GetHealth>(_ => Sender.Tell(new Health(_name, _cell.Restarts, _cell.Restored)));

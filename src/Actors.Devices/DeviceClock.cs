@@ -12,11 +12,32 @@ public interface IDeviceClock
     TimeSpan Now { get; }
 }
 
-/// <summary>The host's monotonic clock (Stopwatch), starting at zero when created.</summary>
+/// <summary>
+/// The host's monotonic clock (Stopwatch), starting at zero when created, or at a given time
+/// (<see cref="StartingAt"/>): a VM restored from a snapshot continues from the Now it was saved
+/// at, so every deadline in its state records (on this clock) stays right and guest time never
+/// goes back.
+/// </summary>
 public sealed class MonotonicClock : IDeviceClock
 {
     private readonly long _start = Stopwatch.GetTimestamp();
-    public TimeSpan Now => Stopwatch.GetElapsedTime(_start);
+    private readonly TimeSpan _origin;
+
+    public MonotonicClock()
+    {
+    }
+
+    private MonotonicClock(TimeSpan origin) => _origin = origin;
+
+    /// <summary>A monotonic clock whose <see cref="Now"/> starts at <paramref name="now"/> (not negative)
+    /// and runs with the host's monotonic time from here on.</summary>
+    public static MonotonicClock StartingAt(TimeSpan now)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(now, TimeSpan.Zero);
+        return new MonotonicClock(now);
+    }
+
+    public TimeSpan Now => _origin + Stopwatch.GetElapsedTime(_start);
 }
 
 /// <summary>A clock that moves only when told to (model tests).</summary>

@@ -97,6 +97,21 @@ public static class DeviceProtocol
     /// <summary>The answer to a device actor's request (<see cref="FlushGuestPage"/>, <see cref="Sync"/>).</summary>
     public sealed record Completed(long Id) : IDeviceMessage;
 
+    /// <summary>
+    /// Asks a device for its model's state record (a snapshot): answered <see cref="StateReply"/>
+    /// with the same id, after everything sent to the device before it (mailbox order). Send it
+    /// while no vcpu runs, so the state is the one the guest last saw.
+    /// </summary>
+    public sealed record GetState(long Id) : IDeviceMessage;
+
+    /// <param name="Id">the <see cref="GetState"/>'s id</param>
+    /// <param name="Device">the device's name</param>
+    /// <param name="State">the model's state record (<see cref="IStatefulDevice.SaveState"/>, one of the
+    /// types <see cref="DeviceStateCodec"/> encodes); null: the model keeps no state (not an
+    /// <see cref="IStatefulDevice"/>), or it could not save it (<paramref name="Error"/>)</param>
+    /// <param name="Error">why the model could not save its state; null when it did (or has none)</param>
+    public sealed record StateReply(long Id, string Device, object? State, string? Error = null) : IDeviceMessage;
+
     /// <summary>Asks a device for its access counters; answered with <see cref="Stats"/>.</summary>
     public sealed record GetStats : IDeviceMessage
     {
@@ -117,6 +132,8 @@ public static class DeviceProtocol
     /// Local to one host (never sent).</summary>
     internal sealed class StateCell
     {
+        /// <summary>The state the next incarnation is built from: the last incarnation's, or (before
+        /// the first) the initial state the actor was made with.</summary>
         public object? State;
         public int Restarts;
         public int Restored;
@@ -131,18 +148,31 @@ public static class DeviceProtocol
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory, IActorRef events) =>
         Props(name, factory, null, events);
 
-    /// <param name="restore">builds the model from the state record its last incarnation saved
-    /// (models implementing <see cref="IStatefulDevice"/>); null = restart from power-on</param>
+    /// <param name="restore">builds the model from a state record: the one its last incarnation saved
+    /// (models implementing <see cref="IStatefulDevice"/>), or <paramref name="initialState"/>;
+    /// null = restart from power-on</param>
     /// <param name="memory">the owner of the guest memory the device may hold pages of (the
     /// vmspace): told <see cref="DeviceRestarting"/> when the device restarts; null = none</param>
-/// <param name="name">device name used in messages and traces ("uart0")</param>
-/// <param name="factory">builds the model; called once per actor incarnation without a saved state</param>
-/// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
+    /// <param name="initialState">a state record (from a snapshot) the FIRST incarnation is built
+    /// from, by <paramref name="restore"/> instead of <paramref name="factory"/>; null = power-on.
+    /// Requires <paramref name="restore"/>.</param>
+    /// <param name="name">device name used in messages and traces ("uart0")</param>
+    /// <param name="factory">builds the model; called once per actor incarnation without a saved state</param>
+    /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory,
-        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null)
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null, object? initialState = null)
     {
-        var cell = new StateCell();
+        var cell = InitialCell(name, restore, initialState);
         return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, null, memory));
+    }
+
+    /// <summary>The cell of a new actor: holding <paramref name="initialState"/>, if any, so the first
+    /// incarnation is restored from it as a restarted one is from its predecessor's.</summary>
+    internal static StateCell InitialCell(string name, Func<IPlatformEvents, object, IBusDevice>? restore, object? initialState)
+    {
+        if (initialState is not null && restore is null)
+            throw new ArgumentException($"device {name} is given an initial state but cannot be restored from one", nameof(initialState));
+        return new StateCell { State = initialState };
     }
 
     /// <summary>Asks a device how often it restarted and whether from a state record.</summary>
@@ -151,5 +181,7 @@ public static class DeviceProtocol
         public static readonly GetHealth Instance = new();
     }
 
+    /// <param name="RestoredFromState">restarts that continued from the last incarnation's state
+    /// record (a first incarnation built from an initial state is not one)</param>
     public sealed record Health(string Device, int Restarts, int RestoredFromState) : IDeviceMessage;
 }

@@ -199,8 +199,7 @@ public sealed class IoApic : IStatefulDevice, IInterruptInputs, IEndOfInterrupt
     /// </summary>
     public static IoApic FromState(IoApicState state, IApicBus bus)
     {
-        if (state.Redirection.IsDefault || state.Redirection.Length != Pins)
-            throw new ArgumentException($"redirection table must have {Pins} entries", nameof(state));
+        if (StateProblem(state) is { } problem) throw new ArgumentException(problem, nameof(state));
         var ioapic = new IoApic(bus, state.Id)
         {
             _select = state.RegisterSelect,
@@ -209,6 +208,14 @@ public sealed class IoApic : IStatefulDevice, IInterruptInputs, IEndOfInterrupt
         for (var i = 0; i < Pins; i++)
             ioapic._rte[i] = state.Redirection[i] & (RteWritable | RteRemoteIrr);
         return ioapic;
+    }
+
+    /// <summary>What makes <paramref name="state"/> unusable for <see cref="FromState"/>, or null: a
+    /// redirection table that is not <see cref="Pins"/> entries long.</summary>
+    public static string? StateProblem(IoApicState state)
+    {
+        var length = state.Redirection.IsDefault ? 0 : state.Redirection.Length;
+        return length != Pins ? $"redirection table must have {Pins} entries, not {length}" : null;
     }
 
     private uint ReadRegister(byte index)

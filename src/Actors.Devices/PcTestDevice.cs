@@ -75,6 +75,15 @@ public sealed class PcTestDevice : IStatefulDevice
         _lines = [.. lines];
     }
 
+    /// <summary>What makes <paramref name="state"/> differ from any record <see cref="State"/> makes, or
+    /// null: MMIO RAM that is not <see cref="IomemLength"/> bytes. (<see cref="FromState"/> itself takes
+    /// a shorter RAM as zero-filled and cuts a longer one.)</summary>
+    public static string? StateProblem(PcTestDeviceState state)
+    {
+        var length = state.Iomem.IsDefault ? 0 : state.Iomem.Length;
+        return length != IomemLength ? $"MMIO RAM must have {IomemLength} bytes, not {length}" : null;
+    }
+
     public static PcTestDevice FromState(PcTestDeviceState state, IPlatformEvents platform, IReadOnlyList<IInterruptLine> lines)
     {
         var device = new PcTestDevice(platform, lines) { _scratch = state.Scratch };

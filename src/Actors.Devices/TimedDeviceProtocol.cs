@@ -22,10 +22,14 @@ public static class TimedDeviceProtocol
     /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
     /// <param name="memory">the owner of guest memory (the vmspace), told <see cref="DeviceRestarting"/>
     /// when the device restarts; null = none</param>
+    /// <param name="initialState">a state record (from a snapshot) the FIRST incarnation is built
+    /// from, by <paramref name="restore"/> instead of <paramref name="factory"/>; its deadlines are on
+    /// <paramref name="clock"/> (a restored VM's clock continues from the saved Now), and the timer
+    /// is armed for them at once. null = power-on. Requires <paramref name="restore"/>.</param>
     public static Props Props(string name, IDeviceClock clock, Func<IPlatformEvents, IBusDevice> factory,
-        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null)
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null, object? initialState = null)
     {
-        var cell = new StateCell();
+        var cell = InitialCell(name, restore, initialState);
         return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, clock, memory));
     }
 

@@ -275,15 +275,23 @@ public sealed class Uart16550 : IStatefulDevice, IHostInput
             _scr = state.Scr,
             _thrEmptyPending = state.ThrEmptyInterruptPending,
         };
+        if (StateProblem(state) is { } problem) throw new ArgumentException(problem, nameof(state));
         var fifo = state.RxFifo.IsDefault ? [] : state.RxFifo;
-        if (fifo.Length > uart.RxCapacity)
-            throw new ArgumentException($"receive FIFO holds {fifo.Length} bytes, capacity is {uart.RxCapacity}", nameof(state));
         foreach (var b in fifo) uart.PushRx(b);
 
         uart._lineLevel = uart.LineShouldBeAsserted();
         if (uart._lineLevel) irq.Assert();
         else irq.Deassert();
         return uart;
+    }
+
+    /// <summary>What makes <paramref name="state"/> unusable for <see cref="FromState"/>, or null: a
+    /// receive FIFO holding more than the FCR allows (16 bytes with FIFOs enabled, 1 without).</summary>
+    public static string? StateProblem(UartState state)
+    {
+        var capacity = (state.Fcr & FcrEnable) != 0 ? FifoCapacity : 1;
+        var held = state.RxFifo.IsDefault ? 0 : state.RxFifo.Length;
+        return held > capacity ? $"receive FIFO holds {held} bytes, capacity is {capacity}" : null;
     }
 
     private void Transmit(byte b)

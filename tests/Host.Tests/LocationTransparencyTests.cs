@@ -40,8 +40,9 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         typeof(FaultProtocol.IFaultMessage),
     ];
 
-    /// <summary>Messages without a protocol marker: IPIs to the APIC router, interrupt messages from the IOAPIC.</summary>
-    private static readonly Type[] Unmarked = [typeof(ActorVmm.Lapic.Ipi), typeof(ApicMessage)];
+    /// <summary>Messages without a protocol marker: IPIs to the APIC router, interrupt messages from the IOAPIC,
+    /// and the device state records a <see cref="DeviceProtocol.StateReply"/> carries (as an object).</summary>
+    private static readonly Type[] Unmarked = [typeof(ActorVmm.Lapic.Ipi), typeof(ApicMessage), .. DeviceStateCodec.RecordTypes];
 
     private static readonly Assembly[] Assemblies =
     [
@@ -232,6 +233,8 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
         if (type == typeof(double)) return 2.5 + seed;
         if (type == typeof(string)) return $"sample-{seed}";
         if (type == typeof(TimeSpan)) return TimeSpan.FromTicks(123_456_789 + seed);
+        // The one object-typed field (StateReply.State) holds a device state record: one with nested records.
+        if (type == typeof(object)) return Sample(typeof(PitState), actor, seed);
         if (type.IsGenericType && type.GetGenericTypeDefinition() == typeof(System.Collections.Immutable.ImmutableArray<>))
         {
             var element = type.GetGenericArguments()[0];
