@@ -52,6 +52,15 @@ public sealed class KernelLapicVcpu(IVcpu vcpu)
         }
     }
 
+    /// <summary>A restored vcpu: KVM's MP state as restored says whether the AP is out of
+    /// wait-for-SIPI already (its start was reported before the snapshot); null leaves it as it is.</summary>
+    public void Restored(KvmMpState? mp)
+    {
+        if (mp is { } state) _started = state is not (KvmMpState.Uninitialized or KvmMpState.InitReceived);
+        _haltReported = false;
+        _eoiFlushed = false;
+    }
+
     /// <summary>
     /// Reads KVM's MP state between two runs: a halt with IF=0 is reported once per halt (as a HLT
     /// exit with IF=0 is with an emulated APIC), and its end once. The vcpu keeps running either way:

@@ -52,7 +52,10 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         _vcpuApicBase = _apic.ApicBase;
         if (cell.State is { } saved)
         {
-            // A restart: continue from the state the failed incarnation saved.
+            // A restart, or a vlapic built from a snapshot: continue from that state. The vcpu
+            // mirrors nothing of it yet.
+            if (_apic.Kind == LapicBackendKind.KvmAssisted)
+                throw new ArgumentException($"vlapic {vcpuId}: KVM's local APIC takes no initial state (it is restored with its vcpu)");
             _apic.Restore(saved);
             _reported = cell.Reported;
             _vcpuTpr = null;
@@ -61,7 +64,11 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
             cell.Reported = null;
         }
 
-        Receive<AttachVcpu>(a => _cell.Vcpu = a.Vcpu);
+        Receive<AttachVcpu>(a =>
+        {
+            _cell.Vcpu = a.Vcpu;
+            Changed(); // what it does not know yet: a pending vector, the TPR, IA32_APIC_BASE
+        });
         // Fault injection: the vlapic fails; its supervisor restarts it from the state it saves.
         Receive<FaultProtocol.Crash>(Faults.Crash);
         Receive<DeliverToFirstMatch>(d =>
@@ -211,6 +218,14 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>After every message: report a new pending vector, re-arm the timer.</summary>
     private void Changed()
     {
+        if (!_cell.Vcpu.IsNobody()) TellVcpu();
+        ArmTimer();
+    }
+
+    /// <summary>Tells the vcpu a new pending vector (or its withdrawal), the TPR and IA32_APIC_BASE
+    /// where they differ from what it was told.</summary>
+    private void TellVcpu()
+    {
         var pending = _apic.PendingInterrupt();
         if (pending is null)
         {
@@ -232,7 +247,11 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         }
 
         TellApicBase();
+    }
 
+    /// <summary>Arms the one timer for the backend's next deadline (or cancels it).</summary>
+    private void ArmTimer()
+    {
         var deadline = _apic.NextDeadline;
         if (deadline == _armed) return;
         _armed = deadline;
@@ -249,6 +268,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
     /// <summary>Tells the vcpu IA32_APIC_BASE when it is not the value the vcpu mirrors.</summary>
     private void TellApicBase()
     {
+        if (_cell.Vcpu.IsNobody()) return; // told once a vcpu is attached
         if (_apic.ApicBase is not { } apicBase || apicBase == _vcpuApicBase) return;
         _vcpuApicBase = apicBase;
         _cell.Vcpu.Tell(new ApicBaseChanged(_vcpuId, apicBase), Self);

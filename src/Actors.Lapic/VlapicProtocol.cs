@@ -130,7 +130,9 @@ public static class VlapicProtocol
 
     /// <summary>Names the vcpu that receives this vlapic's <see cref="IVcpuEvent"/>s (replacing
     /// <see cref="Wiring.Vcpu"/>): the VM builder creates the vlapic before its vcpu, whose wiring
-    /// needs the vlapic. Kept across restarts of the vlapic.</summary>
+    /// needs the vlapic. Kept across restarts of the vlapic. Nothing is told before a vcpu is
+    /// attached; once one is, it is told the pending vector, the TPR and IA32_APIC_BASE it does not
+    /// know yet (a vlapic built from a snapshot: all three).</summary>
     public sealed record AttachVcpu(IActorRef Vcpu) : IVlapicMessage;
 
     public enum PinChange : byte { Assert, Deassert, Pulse }
@@ -195,9 +197,16 @@ public static class VlapicProtocol
     /// shared device clock so that all timers agree.</param>
     /// <param name="vcpuId">the vcpu (and APIC ID) this vlapic belongs to</param>
     /// <param name="wiring">its vcpu, router and EOI target</param>
-    public static Props Props(int vcpuId, Wiring wiring, LapicBackendFactory? backend = null, IDeviceClock? clock = null)
+    /// <param name="initial">an emulated APIC's state to start from (a snapshot's <see cref="StateReply"/>),
+    /// null: reset. Its armed timer is a deadline on <paramref name="clock"/>, which must continue the
+    /// saved clock's timeline. Its pending vector (IRR), TPR and IA32_APIC_BASE are told to its vcpu
+    /// once one is attached (<see cref="Wiring.Vcpu"/> or <see cref="AttachVcpu"/>). With KVM's APIC
+    /// (<see cref="LapicBackendKind.KvmAssisted"/>) it must be null: that state is KVM's, restored with
+    /// the vcpu (<c>VcpuKvmState.Lapic</c>), and the actor holds none of its own.</param>
+    public static Props Props(int vcpuId, Wiring wiring, LapicBackendFactory? backend = null, IDeviceClock? clock = null,
+        LapicState? initial = null)
     {
-        var cell = new VlapicCell { Vcpu = wiring.Vcpu };
+        var cell = new VlapicCell { Vcpu = wiring.Vcpu, State = initial };
         return Akka.Actor.Props.Create(() => new VlapicActor(vcpuId, wiring, backend ?? LapicBackends.Emulated(null), clock, cell));
     }
 

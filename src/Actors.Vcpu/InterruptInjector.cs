@@ -87,6 +87,23 @@ internal sealed class InterruptInjector
         _extInt = false;
     }
 
+    /// <summary>What a snapshot keeps of this (see <see cref="PendingInterruptsState"/>); the vlapic's
+    /// vector is not in it: the vlapic offers it again after a restore.</summary>
+    public PendingInterruptsState Save() => new([.. _requested], _nmis, _extInt, _queued, Cr8, Injected);
+
+    /// <summary>Takes back what <see cref="Save"/> kept. The vlapic's vector and report number are
+    /// left alone: a restored vlapic may have offered its vector already, numbered from its own start.</summary>
+    public void Restore(PendingInterruptsState state)
+    {
+        _requested.Clear();
+        foreach (var vector in state.Requested) _requested.Enqueue(vector);
+        _nmis = Math.Clamp(state.Nmis, 0, MaxNmisPerEntry);
+        _extInt = state.ExtInt;
+        _queued = state.Queued;
+        Cr8 = (byte)(state.Cr8 & 0xF);
+        Injected = state.Injected;
+    }
+
     /// <summary>The vcpu left the guest: KVM took what was queued for that entry.</summary>
     public void Exited() => _queued = false;
 

@@ -20,6 +20,7 @@ namespace ActorVmm.Vcpu;
 ///   Running|WaitingForReply --a write that ends the machine--> Ending
 ///   Created|Running|Halted --INIT (an AP)--> WaitingForSipi --SIPI--> Running
 ///   Created|Running|Halted|WaitingForSipi --Pause--> Paused --Resume--> (the state before)
+///   Created --Start, built with a snapshot--> the snapshot's state (Running, Halted, WaitingForSipi, Created)
 ///   any --Stop or fatal exit--> Stopped
 /// </code>
 /// This file holds the states; <c>VcpuActor.RunLoop.cs</c> the run loop (Running) and
@@ -59,6 +60,9 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
     private ITraceSink? _trace;
     private ICancelable? _haltProbe;
 
+    /// <summary>The snapshot to go on from at Start (null: none, or applied already).</summary>
+    private VcpuSnapshot? _restore;
+
     private State _state = State.Created;
     /// <summary>The state a Resume returns to (<see cref="State.Paused"/> only).</summary>
     private State _resumeTo = State.Created;
@@ -70,10 +74,11 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
 
     public IStash Stash { get; set; } = null!;
 
-    public VcpuActor(IVcpu vcpu, Wiring wiring)
+    public VcpuActor(IVcpu vcpu, Wiring wiring, VcpuSnapshot? restore = null)
     {
         _vcpu = vcpu;
         _wiring = wiring;
+        _restore = restore;
         _emulatedLapic = wiring.Vlapic is not null && !wiring.KernelLapic;
         if (wiring.KernelLapic) _kernelLapic = new KernelLapicVcpu(vcpu);
         var routes = wiring.Ports.Entries.Concat(wiring.Mmio.Entries).Select(e => e.Item3);
@@ -123,7 +128,7 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
 
     protected override void OnReceive(object message) => MoveTo(_state switch
     {
-        State.Created => message is Start ? Started() : Common(message),
+        State.Created => message is Start ? (_restore is { } snapshot ? Restore(snapshot) : Started()) : Common(message),
         State.Running => Running(message),
         State.Halted => Common(message),
         State.WaitingForReply => WaitingForReply(message),
@@ -193,6 +198,13 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
             case Pause:
                 Sender.Tell(new VcpuProtocol.Paused(Id));
                 return _state;
+            case SaveState:
+                Sender.Tell(Save());
+                return _state;
+            case Start when _resumeTo == State.Created && _restore is { } snapshot:
+                // Paused before its Start: the snapshot goes in now, Resume goes on in its state.
+                _resumeTo = Restore(snapshot);
+                return _resumeTo == State.Stopped ? State.Stopped : _state;
             default:
                 return Common(message);
         }
@@ -299,6 +311,9 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
             case GetStats:
                 Sender.Tell(_stats.Report(Id, _state, _interrupts.Injected));
                 break;
+            case SaveState:
+                Sender.Tell(new Refused(Id, nameof(SaveState), $"vcpu {Id} is {_state}, not paused: pause it first"));
+                break;
             case InjectInterrupt inject:
                 _interrupts.Request(inject.Vector);
                 return Wake();
@@ -330,6 +345,78 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
         }
         return _state;
     }
+
+    // ---- snapshot and restore ----
+
+    /// <summary>The answer to <see cref="SaveState"/> while paused: KVM's state (its last exit
+    /// completed first, see <see cref="VcpuHandle.SaveState"/>) and the user-space state to resume in.</summary>
+    private IVcpuMessage Save()
+    {
+        if (!VcpuSnapshot.IsResumable(_resumeTo))
+            return new Refused(Id, nameof(SaveState), $"vcpu {Id} paused in state {_resumeTo}, which cannot be resumed elsewhere");
+        try
+        {
+            return new SavedState(Id, new VcpuSnapshot(Id, _vcpu.SaveState(), _resumeTo, _interrupts.Save(), _wakePending));
+        }
+        catch (Exception e) when (e is KvmException or InvalidOperationException or NotSupportedException)
+        {
+            return new Refused(Id, nameof(SaveState), $"vcpu {Id}: {e.Message}");
+        }
+    }
+
+    /// <summary>
+    /// Start of a vcpu built with a snapshot, on its own thread: KVM's state goes in
+    /// (<see cref="VcpuHandle.RestoreState"/>), then the user-space state; returns the state the
+    /// vcpu goes on in (<see cref="VcpuSnapshot.ResumeIn"/>), after telling the starter
+    /// <see cref="Restored"/>. A snapshot KVM refuses stops the vcpu with a report.
+    /// </summary>
+    private State Restore(VcpuSnapshot snapshot)
+    {
+        _restore = null;
+        KvmSregs sregs;
+        try
+        {
+            snapshot.Validate(Id);
+            _vcpu.RestoreState(snapshot.Kvm);
+            sregs = snapshot.Kvm.Sregs;
+        }
+        catch (Exception e) when (e is ArgumentException or KvmException or NotSupportedException or InvalidOperationException)
+        {
+            return StopWith(StopReason.RestoreFailed, $"vcpu {Id} stopped: its snapshot could not be restored: {e.Message}");
+        }
+        _interrupts.Restore(snapshot.Interrupts);
+        _wakePending = snapshot.WakePending;
+        // Without KVM's APIC, KVM loads kvm_run.cr8 into CR8 at every entry: it must hold the guest's TPR.
+        _vcpu.Cr8 = sregs.Cr8 & 0xF;
+        if (_wiring.ApicPage is { } page) _apicPage = LocalApic.XApicPage(sregs.ApicBase) is { } at ? new ApicPage(at, page) : null;
+        _kernelLapic?.Restored(snapshot.Kvm.MpState);
+        var next = snapshot.ResumeIn switch
+        {
+            State.Running => Started(),
+            State.Halted => RestoredHalted(snapshot.Kvm.Regs.Rflags),
+            _ => snapshot.ResumeIn, // WaitingForSipi: a SIPI starts it; Created: an AP never started
+        };
+        if (!Sender.IsNobody() && !Sender.Equals(Self)) Sender.Tell(new Restored(Id, snapshot.ResumeIn));
+        return next; // Created --Start, a snapshot--> its state
+    }
+
+    /// <summary>A vcpu saved in HLT sleeps on, until an interrupt, NMI or INIT, unless one is
+    /// pending already; one with IF=0 is reported to the VM again, as its HLT was.</summary>
+    private State RestoredHalted(ulong rflags)
+    {
+        _vcpu.BindToCurrentThread();
+        if (_interrupts.AnyPending || _wakePending)
+        {
+            _wakePending = false;
+            return State.Running;
+        }
+        var reported = (rflags & RflagsIf) == 0;
+        _halt.Halted(System.Diagnostics.Stopwatch.GetTimestamp(), reported);
+        if (reported) _wiring.Vm.Tell(new VcpuHalted(Id));
+        return State.Halted;
+    }
+
+    private const ulong RflagsIf = 1UL << 9;
 
     /// <summary>Reports the stop to the VM (and to whoever asked) and returns <see cref="State.Stopped"/>.</summary>
     private State StopWith(StopReason reason, string report)

@@ -114,6 +114,8 @@ public static class VcpuProtocol
         SystemEvent,
         /// <summary>KVM_RUN itself failed.</summary>
         RunFailed,
+        /// <summary>The snapshot the vcpu was built with could not be put into KVM.</summary>
+        RestoreFailed,
     }
 
     /// <summary>Created → Running: the vcpu thread binds itself and enters the guest.</summary>
@@ -137,6 +139,15 @@ public static class VcpuProtocol
 
     public sealed record GetStats : IVcpuRequest { public static readonly GetStats Instance = new(); }
 
+    /// <summary>
+    /// Saves the vcpu for a snapshot; only while <see cref="State.Paused"/> (else <see cref="Refused"/>).
+    /// Answered <see cref="SavedState"/>, or <see cref="Refused"/> when KVM cannot give the state. A
+    /// paused vcpu is at an instruction boundary: it pauses only with no reply in flight, and saving
+    /// completes its last exit in KVM (<see cref="VcpuHandle.SaveState"/>). The vcpu stays paused; a
+    /// <see cref="Resume"/> lets it go on.
+    /// </summary>
+    public sealed record SaveState : IVcpuRequest { public static readonly SaveState Instance = new(); }
+
     // Replies and events.
     public sealed record Paused(int VcpuId) : IVcpuMessage;
 
@@ -145,6 +156,14 @@ public static class VcpuProtocol
     public sealed record Registers(int VcpuId, State State, RegisterState General, SpecialRegisterState Special) : IVcpuMessage;
 
     public sealed record RegistersSet(int VcpuId) : IVcpuMessage;
+
+    /// <summary>The answer to <see cref="SaveState"/>.</summary>
+    public sealed record SavedState(int VcpuId, VcpuSnapshot Snapshot) : IVcpuMessage;
+
+    /// <summary>Told to whoever sent <see cref="Start"/> to a vcpu built with a snapshot, once the
+    /// snapshot is in KVM and the vcpu is in <see cref="VcpuSnapshot.ResumeIn"/>. A snapshot KVM
+    /// refuses stops the vcpu instead (<see cref="Stopped"/> with <see cref="StopReason.RestoreFailed"/>).</summary>
+    public sealed record Restored(int VcpuId, State State) : IVcpuMessage;
 
     /// <summary>Told to the VM when the vcpu stops for good; <see cref="Report"/> is for people.</summary>
     public sealed record Stopped(int VcpuId, StopReason Reason, string Report) : IVcpuMessage;
@@ -203,14 +222,20 @@ public static class VcpuProtocol
         IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false, IActorRef? Vmspace = null,
         DeviceRoute? ApicPage = null);
 
-    public static Props Props(IVcpu vcpu, Wiring wiring) =>
-        Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring))
+    /// <param name="vcpu">the KVM vcpu, owned by the actor's thread</param>
+    /// <param name="wiring">its devices, VM, vlapic, ...</param>
+    /// <param name="restore">a snapshot to go on from (<see cref="SavedState"/>), or null for a vcpu
+    /// at reset. At <see cref="Start"/> the vcpu writes it into KVM on its own thread and moves to
+    /// its <see cref="VcpuSnapshot.ResumeIn"/> state (answering <see cref="Restored"/>): every vcpu
+    /// of a restored VM is sent Start, its APs too.</param>
+    public static Props Props(IVcpu vcpu, Wiring wiring, VcpuSnapshot? restore = null) =>
+        Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring, restore))
             .WithDispatcher(DispatcherId)
             .WithMailbox(MailboxId);
 
     /// <summary>Props for a unit test: the default dispatcher, the vcpu mailbox.</summary>
-    public static Props PropsForTest(IVcpu vcpu, Wiring wiring) =>
-        Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring)).WithMailbox(MailboxId);
+    public static Props PropsForTest(IVcpu vcpu, Wiring wiring, VcpuSnapshot? restore = null) =>
+        Akka.Actor.Props.Create(() => new VcpuActor(vcpu, wiring, restore)).WithMailbox(MailboxId);
 }
 
 /// <summary>

@@ -300,6 +300,57 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
         return _harvests.TryDequeue(out var harvest) ? harvest : DirtyRingHarvest.Empty;
     }
 
+    // ---- snapshot ----
+
+    private readonly List<(VcpuKvmState State, string? Thread)> _restores = [];
+    private int _saves;
+
+    /// <summary>The MP state the fake reports as KVM's in its saved state (null: no KVM local APIC).</summary>
+    public KvmMpState? MpState { get; set; }
+
+    /// <summary>Every state given to <see cref="RestoreState"/>, with the name of the thread it came on.</summary>
+    public IReadOnlyList<(VcpuKvmState State, string? Thread)> Restores { get { lock (_gate) return [.. _restores]; } }
+
+    public int Saves { get { lock (_gate) return _saves; } }
+
+    /// <summary>When set, RestoreState throws this (KVM refusing a part).</summary>
+    public KvmException? RestoreFailure { get; set; }
+
+    /// <summary>KVM's parts at their struct sizes: the registers as set, the rest filled with a pattern.</summary>
+    public VcpuKvmState SaveState()
+    {
+        lock (_gate)
+        {
+            _saves++;
+            return new VcpuKvmState
+            {
+                Registers = VcpuKvmState.Image(_regs),
+                SpecialRegisters = VcpuKvmState.Image(_sregs),
+                Fpu = Pattern(KvmStateSizes.Fpu, 1),
+                Xsave = Pattern(KvmStateSizes.Xsave, 2),
+                Xcrs = [new XcrValue(0, 0x7)],
+                DebugRegisters = Pattern(KvmStateSizes.DebugRegs, 3),
+                Msrs = [new MsrValue(SavedMsrs.Tsc, 0x1234_5678_9ABC), new MsrValue(SavedMsrs.Lstar, 0xFFFF_FFFF_8100_0000)],
+                Events = new byte[KvmStateSizes.VcpuEvents],
+                MpState = MpState,
+                Lapic = MpState is null ? null : Pattern(KvmStateSizes.Lapic, 4),
+            };
+        }
+    }
+
+    public void RestoreState(VcpuKvmState state)
+    {
+        if (RestoreFailure is { } failure) throw failure;
+        Changed(() =>
+        {
+            _restores.Add((state, Thread.CurrentThread.Name));
+            _regs = state.Regs;
+            _sregs = state.Sregs;
+        });
+    }
+
+    private static byte[] Pattern(int size, int seed) => [.. Enumerable.Range(0, size).Select(i => (byte)(i * 7 + seed))];
+
     public void BindToCurrentThread() => Changed(() =>
     {
         _boundThreadName = Thread.CurrentThread.Name;
