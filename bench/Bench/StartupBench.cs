@@ -154,7 +154,7 @@ internal static class StartupBench
 
     /// <summary>src/Host/bin/CONFIGURATION/net10.0/actorvmm of the tree this bench was built in
     /// (the same configuration), or null.</summary>
-    private static string? HostExecutable()
+    internal static string? HostExecutable()
     {
         var bin = new DirectoryInfo(AppContext.BaseDirectory); // bench/Bench/bin/CONFIGURATION/net10.0/
         var configuration = bin.Parent?.Name;

@@ -31,6 +31,8 @@ internal sealed partial class VcpuActor
     }
 
     /// <summary>One KVM_RUN and its exit; the state it leads to (Running: simply run again).</summary>
+    private bool _entered;
+
     private State RunOnce()
     {
         var plan = _interrupts.PlanEntry(_vcpu.ReadyForInterruptInjection);
@@ -61,6 +63,12 @@ internal sealed partial class VcpuActor
             return State.Running;
         }
         VmExit exit;
+        if (!_entered)
+        {
+            // Once per vcpu: when it first entered the guest (start-up and restore latency).
+            _entered = true;
+            _wiring.OnFirstEntry?.Invoke(Id, System.Diagnostics.Stopwatch.GetTimestamp());
+        }
         try
         {
             _stats.Entering();

@@ -378,7 +378,7 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
         {
             snapshot.Validate(Id);
             _vcpu.RestoreState(snapshot.Kvm);
-            sregs = snapshot.Kvm.Sregs;
+            sregs = snapshot.Kvm.GetSregs();
         }
         catch (Exception e) when (e is ArgumentException or KvmException or NotSupportedException or InvalidOperationException)
         {
@@ -393,7 +393,7 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
         var next = snapshot.ResumeIn switch
         {
             State.Running => Started(),
-            State.Halted => RestoredHalted(snapshot.Kvm.Regs.Rflags),
+            State.Halted => RestoredHalted(snapshot.Kvm.GetRegs().Rflags),
             _ => snapshot.ResumeIn, // WaitingForSipi: a SIPI starts it; Created: an AP never started
         };
         if (!Sender.IsNobody() && !Sender.Equals(Self)) Sender.Tell(new Restored(Id, snapshot.ResumeIn));

@@ -220,7 +220,12 @@ public static class VcpuProtocol
     /// KVM's APIC answers it)</param>
     public sealed record Wiring(AddressBus<DeviceRoute> Ports, AddressBus<DeviceRoute> Mmio, IActorRef Vm, IGuestMemory? Memory,
         IActorRef? Vlapic = null, IActorRef? Pic = null, bool KernelLapic = false, IActorRef? Vmspace = null,
-        DeviceRoute? ApicPage = null);
+        DeviceRoute? ApicPage = null)
+    {
+        /// <summary>Called on the vcpu's thread just before its first KVM_RUN, with its id and a
+        /// <see cref="System.Diagnostics.Stopwatch.GetTimestamp"/> reading (start-up and restore latency).</summary>
+        public Action<int, long>? OnFirstEntry { get; init; }
+    }
 
     /// <param name="vcpu">the KVM vcpu, owned by the actor's thread</param>
     /// <param name="wiring">its devices, VM, vlapic, ...</param>

@@ -89,7 +89,7 @@ public static class HostRunner
     /// <summary>Runs the VM in the actor system <paramref name="starting"/> (from <see cref="StartSystem"/>,
     /// with the same <paramref name="config"/>), then terminates the system.</summary>
     public static async Task<int> RunAsync(Task<ActorSystem> starting, Akka.Configuration.Config config, VmConfig vm, BootImage boot,
-        RunOptions options, TextWriter stderr)
+        RunOptions options, TextWriter stderr, Snapshot.VmRestore? restore = null)
     {
         var control = config.GetBoolean("actorvmm.control.enabled", false);
         SerialConsole? console = null;
@@ -114,7 +114,10 @@ public static class HostRunner
                     return VmProtocol.Outcome.HostErrorCode;
                 }
             }
-            var builder = new VmBuilder(starting, new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu }).WithStandardDevices(console);
+            var spec = restore?.ToSpec(vm.Name)
+                       ?? new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu };
+            var builder = new VmBuilder(starting, spec).WithStandardDevices(console);
+            if (restore is not null) builder.WithRestore(restore);
             if (trace is not null) builder.WithTrace(trace);
 
             // Signals are caught from before the VM starts: a Ctrl-C that comes while it is being

@@ -81,7 +81,9 @@ namespace ActorVmm.Host
             {
                 Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
             };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices };
+            var restore = new Option<string?>("--restore") { Description = "start the VM snapshotted in DIR (`ctl snapshot`) where it stopped; its pages are read on first touch" };
+            var restoreEager = new Option<bool>("--restore-eager") { Description = "with --restore: read all of guest memory before the first instruction" };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices, restore, restoreEager };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<KeyValuePair<string, string>>();
@@ -112,6 +114,35 @@ namespace ActorVmm.Host
                 }
                 var hocon = ConfigValues.From(overrides).WithFallback(VmConfig.Load(parse.GetValue(config)));
                 var vm = VmConfig.From(hocon);
+
+                if (parse.GetValue(restore) is { } snapshotDir)
+                {
+                    // The snapshot is the machine: what would shape another one is refused, not ignored.
+                    var shaping = new (string Option, bool Given)[]
+                    {
+                        ("--memory", parse.GetValue(memory) is not null), ("--cpus", parse.GetValue(cpus) is not null),
+                        ("--lapic", parse.GetValue(lapic) is not null), ("--cpu", parse.GetValue(cpu) is not null),
+                        ("--shm", parse.GetValue(shm) is not null), ("--test-devices", parse.GetValue(testDevices)),
+                        ("--kernel", parse.GetValue(kernel) is not null), ("--initrd", parse.GetValue(initrd) is not null),
+                        ("--append", parse.GetValue(append) is not null), ("--firmware", parse.GetValue(firmware) is not null),
+                        ("--flat", parse.GetValue(flat) is not null),
+                    }.Where(o => o.Given).Select(o => o.Option).ToArray();
+                    if (shaping.Length > 0)
+                        throw new ConfigException($"--restore starts the machine the snapshot holds: {string.Join(", ", shaping)} cannot change it");
+                    Snapshot.VmRestore restored;
+                    try { restored = Snapshot.VmRestore.Open(snapshotDir, parse.GetValue(restoreEager)); }
+                    catch (Snapshot.SnapshotException e)
+                    {
+                        await Console.Error.WriteLineAsync($"actorvmm: error: cannot restore: {e.Message}");
+                        return VmProtocol.Outcome.HostErrorCode;
+                    }
+                    if (parse.GetValue(name) is null) vm = vm with { Name = restored.Spec.Name };
+                    StartupTimes.Mark("snapshot read");
+                    HostRunner.ConfigureLogging();
+                    return await HostRunner.RunAsync(HostRunner.StartSystem(hocon), hocon, vm, restored.ToSpec(vm.Name).Boot,
+                        new HostRunner.RunOptions(), Console.Error, restored);
+                }
+                if (parse.GetValue(restoreEager)) throw new ConfigException("--restore-eager goes with --restore DIR");
 
                 var firmwarePath = parse.GetValue(firmware);
                 var flatPath = parse.GetValue(flat);
@@ -239,6 +270,10 @@ namespace ActorVmm.Host
             ctl.Add(WithVm("pause", "pause every vcpu", async (c, vm, _) => $"{(await c.PauseAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("resume", "resume a paused VM", async (c, vm, _) => $"{(await c.ResumeAsync(vm)).Phase}\n"));
             ctl.Add(WithVm("stop", "stop the VM", async (c, vm, _) => $"{(await c.StopAsync(vm)).Phase}\n"));
+            var snapshotTo = new Option<string>("--to") { Description = "the directory to write the snapshot to (new or empty)", Required = true };
+            var snapshotStop = new Option<bool>("--stop") { Description = "end the VM once it is snapshotted" };
+            ctl.Add(WithVm("snapshot", "pause the VM, save all of its state to a directory, resume it (run --restore DIR starts it again)",
+                async (c, vm, parse) => await c.SnapshotAsync(vm, parse.GetValue(snapshotTo)!, parse.GetValue(snapshotStop)), snapshotTo, snapshotStop));
             ctl.Add(WithVm("stats", "counters of vcpus, devices and memory", async (c, vm, _) => await c.StatsAsync(vm)));
             var faultActor = new Option<string>("--actor") { Description = "the actor below the VM: uart0, vcpu-0, vmspace, ... (--fail-page-faults: vmspace)" };
             var crash = new Option<bool>("--crash") { Description = "make the actor throw (its supervisor restarts or stops it)" };

@@ -10,7 +10,7 @@ namespace ActorVmm.Host;
 /// main (the entry point is reached), config (command line, configuration and image read), vm
 /// prepared (KVM opened, guest memory loaded, vcpus created: all a VM needs but its actors),
 /// actor system (up, with the control endpoint), vm built (its actors created and told to start),
-/// first output (the guest's first byte reached the serial console), guest ended (the host has the
+/// first instruction (a vcpu's first KVM_RUN), first output (the guest's first byte reached the serial console), guest ended (the host has the
 /// outcome), stopped (the actor system terminated); in the order they came.
 /// Times are milliseconds since the instant the variable gives as "@TICKS", a
 /// <see cref="Stopwatch.GetTimestamp"/> reading of the process that started this one (the same
@@ -39,6 +39,15 @@ public static class StartupTimes
         var now = Stopwatch.GetTimestamp();
         lock (Marks)
             if (!Marks.Exists(m => m.Name == name)) Marks.Add((name, now));
+    }
+
+    /// <summary>Records <paramref name="name"/> at <paramref name="timestamp"/> (a <see cref="Stopwatch.GetTimestamp"/>
+    /// reading taken elsewhere), the first time only.</summary>
+    public static void MarkAt(string name, long timestamp)
+    {
+        if (Origin is null) return;
+        lock (Marks)
+            if (!Marks.Exists(m => m.Name == name)) Marks.Add((name, timestamp));
     }
 
     /// <summary>Writes the milestones line to <paramref name="writer"/>; nothing when disabled.</summary>

@@ -92,9 +92,9 @@ public sealed unsafe partial class VcpuHandle
                 ? $"vcpu {Id}: the VM has KVM's local APIC but the saved vcpu has none"
                 : $"vcpu {Id}: the saved vcpu has KVM's local APIC but this VM has none", nameof(state));
 
-        SetRegisters(state.Regs);
-        SetSpecialRegisters(state.Sregs);
-        SetFpu(state.FpuState);
+        SetRegisters(state.GetRegs());
+        SetSpecialRegisters(state.GetSregs());
+        SetFpu(state.GetFpu());
         if (state.Xsave is { } xsave) SetXsave(xsave);
         if (state.Xcrs.Length > 0) SetXcrs(state.Xcrs);
         if (state.Lapic is { } lapic) SetLapic(lapic);
@@ -111,8 +111,8 @@ public sealed unsafe partial class VcpuHandle
             .Select(m => new KvmMsrEntry { Index = m.Index, Data = m.Value }).ToArray();
         if (changed.Length > 0) SetMsrs(changed);
         if (state.MpState is { } mp) SetMpState(mp);
-        SetDebugRegs(state.DebugRegs);
-        var events = state.VcpuEvents;
+        SetDebugRegs(state.GetDebugRegs());
+        var events = state.GetVcpuEvents();
         // GET reports which fields it filled; SET also takes the pending NMI and the SIPI vector.
         events.Flags |= KvmVcpuEvents.ValidNmiPending | KvmVcpuEvents.ValidSipiVector;
         SetVcpuEvents(events);

@@ -3,10 +3,10 @@ using System.Runtime.InteropServices;
 namespace ActorVmm.LibVmm;
 
 /// <summary>One MSR's value as KVM_GET_MSRS gives it and KVM_SET_MSRS takes it.</summary>
-public readonly record struct MsrValue(uint Index, ulong Value);
+public sealed record MsrValue(uint Index, ulong Value);
 
 /// <summary>One extended control register (XCR0 is index 0) as KVM_GET_XCRS gives it.</summary>
-public readonly record struct XcrValue(uint Index, ulong Value);
+public sealed record XcrValue(uint Index, ulong Value);
 
 /// <summary>
 /// Everything KVM holds of one vcpu, as <see cref="VcpuHandle.SaveState"/> reads it and
@@ -50,11 +50,13 @@ public sealed record VcpuKvmState
     /// <summary><c>struct kvm_lapic_state</c> (1 KiB); null when the VM has no KVM local APIC.</summary>
     public byte[]? Lapic { get; init; }
 
-    public KvmRegs Regs => View<KvmRegs>(Registers, KvmStateSizes.Regs, nameof(Registers));
-    public KvmSregs Sregs => View<KvmSregs>(SpecialRegisters, KvmStateSizes.Sregs, nameof(SpecialRegisters));
-    public KvmFpu FpuState => View<KvmFpu>(Fpu, KvmStateSizes.Fpu, nameof(Fpu));
-    public KvmDebugRegs DebugRegs => View<KvmDebugRegs>(DebugRegisters, KvmStateSizes.DebugRegs, nameof(DebugRegisters));
-    public KvmVcpuEvents VcpuEvents => View<KvmVcpuEvents>(Events, KvmStateSizes.VcpuEvents, nameof(Events));
+    // Views of the parts as KVM's structs: methods, not properties, so the record's data (what JSON and
+    // Hyperion carry) is the byte arrays alone.
+    public KvmRegs GetRegs() => View<KvmRegs>(Registers, KvmStateSizes.Regs, nameof(Registers));
+    public KvmSregs GetSregs() => View<KvmSregs>(SpecialRegisters, KvmStateSizes.Sregs, nameof(SpecialRegisters));
+    public KvmFpu GetFpu() => View<KvmFpu>(Fpu, KvmStateSizes.Fpu, nameof(Fpu));
+    public KvmDebugRegs GetDebugRegs() => View<KvmDebugRegs>(DebugRegisters, KvmStateSizes.DebugRegs, nameof(DebugRegisters));
+    public KvmVcpuEvents GetVcpuEvents() => View<KvmVcpuEvents>(Events, KvmStateSizes.VcpuEvents, nameof(Events));
 
     /// <summary>The guest's IA32_TSC when it was saved, if KVM gave it.</summary>
     public ulong? Tsc => Msr(SavedMsrs.Tsc);
@@ -119,7 +121,7 @@ public sealed record VcpuKvmState
         var hash = new HashCode();
         hash.AddBytes(Registers);
         hash.AddBytes(SpecialRegisters);
-        hash.Add(Msrs.Length);
+        hash.Add(Msrs?.Length ?? 0); // null only in a record not yet validated (a snapshot being read)
         hash.Add(MpState);
         return hash.ToHashCode();
     }

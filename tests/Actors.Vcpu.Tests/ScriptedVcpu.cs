@@ -344,8 +344,8 @@ public sealed class ScriptedVcpu(int id = 0) : IVcpu
         Changed(() =>
         {
             _restores.Add((state, Thread.CurrentThread.Name));
-            _regs = state.Regs;
-            _sregs = state.Sregs;
+            _regs = state.GetRegs();
+            _sregs = state.GetSregs();
         });
     }
 

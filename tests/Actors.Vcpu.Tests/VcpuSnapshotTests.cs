@@ -96,7 +96,7 @@ public sealed class VcpuSnapshotTests : TestKit
         Assert.Contains("\"resumeIn\":\"Halted\"", json);
         Assert.Contains("\"mpState\":\"Halted\"", json);
         Assert.Equal(snapshot, back);
-        Assert.Equal(snapshot.Kvm.Regs.Rip, back.Kvm.Regs.Rip);
+        Assert.Equal(snapshot.Kvm.GetRegs().Rip, back.Kvm.GetRegs().Rip);
         Assert.Equal(0xFFFF_FFFF_8100_0000UL, back.Kvm.Msr(SavedMsrs.Lstar));
         back.Validate(1);
     }
@@ -199,7 +199,7 @@ public sealed class VcpuSnapshotTests : TestKit
         Assert.Equal(new Restored(0, State.Halted), await ExpectMsgAsync<Restored>());
         var (state, thread) = Assert.Single(rig.Fake.Restores);
         Assert.Equal("vcpu-0", thread);
-        Assert.Equal(0x1234UL, state.Regs.Rip);
+        Assert.Equal(0x1234UL, state.GetRegs().Rip);
         Assert.Equal(3UL, rig.Fake.Cr8); // kvm_run.cr8 holds the guest's TPR for the next entry
         await Task.Delay(Quiet);
         Assert.Equal(0, rig.Fake.Runs); // halted: no guest code until an interrupt

@@ -102,6 +102,32 @@ public sealed class CliProcessTests : IDisposable
     }
 
     [Fact]
+    public async Task Run_restore_of_a_missing_directory_says_there_is_no_snapshot()
+    {
+        AssertUserError(await Run("run", "--restore", _dir.File("nothing")), "cannot restore", "no snapshot at", "no such directory");
+    }
+
+    [Fact]
+    public async Task Run_restore_of_a_directory_without_manifest_says_it_is_not_a_snapshot()
+    {
+        _dir.Write("memory.part", new byte[4096]);
+        AssertUserError(await Run("run", "--restore", _dir.Path), "cannot restore", "is not a snapshot", "manifest.json");
+    }
+
+    [Fact]
+    public async Task Run_restore_refuses_options_that_would_change_the_machine()
+    {
+        AssertUserError(await Run("run", "--restore", _dir.Path, "--memory", "64M", "--cpus", "2"),
+            "--restore", "--memory, --cpus", "cannot change it");
+    }
+
+    [Fact]
+    public async Task Run_restore_eager_without_restore_is_refused()
+    {
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--restore-eager"), "--restore-eager goes with --restore");
+    }
+
+    [Fact]
     public async Task Run_with_missing_flat_image_says_it_does_not_exist()
     {
         AssertUserError(await Run("run", "--flat", "/does/not/exist"), "/does/not/exist", "does not exist");

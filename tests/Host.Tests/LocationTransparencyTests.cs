@@ -275,7 +275,13 @@ public sealed class LocationTransparencyTests(ITestOutputHelper output) : Akka.T
                     throw new NotSupportedException($"{type} parameter {parameters[i].Name} is a {parameters[i].ParameterType}");
                 args[i] = Sample(parameters[i].ParameterType, actor, seed + i + 1);
             }
-            return ctor.Invoke(args);
+            var value = ctor.Invoke(args);
+            // A record built from init-only properties alone (no constructor parameters): fill them.
+            if (parameters.Length == 0)
+                foreach (var (p, i) in type.GetProperties(BindingFlags.Public | BindingFlags.Instance).Where(p => p.SetMethod is { IsPublic: true })
+                             .Select((p, i) => (p, i)))
+                    p.SetValue(value, Sample(p.PropertyType, actor, seed + i + 1));
+            return value;
         }
         throw new NotSupportedException($"no sample value for a {type}: teach {nameof(Sample)} this type");
     }

@@ -126,10 +126,10 @@ public sealed class VcpuStateModelTests
         var regs = new KvmRegs { Rip = 0x1234, Rbx = 7 };
         var events = new KvmVcpuEvents { NmiPending = 1, InterruptShadow = KvmVcpuEvents.ShadowSti };
         var state = State() with { Registers = VcpuKvmState.Image(regs), Events = VcpuKvmState.Image(events) };
-        Assert.Equal(0x1234ul, state.Regs.Rip);
-        Assert.Equal(7ul, state.Regs.Rbx);
-        Assert.Equal(1, state.VcpuEvents.NmiPending);
-        Assert.Equal(KvmVcpuEvents.ShadowSti, state.VcpuEvents.InterruptShadow);
+        Assert.Equal(0x1234ul, state.GetRegs().Rip);
+        Assert.Equal(7ul, state.GetRegs().Rbx);
+        Assert.Equal(1, state.GetVcpuEvents().NmiPending);
+        Assert.Equal(KvmVcpuEvents.ShadowSti, state.GetVcpuEvents().InterruptShadow);
     }
 
     [Fact]

@@ -71,7 +71,7 @@ public sealed class VcpuStateTests
         }
         var savedMsrs = string.Join(", ", saved.Msrs.Select(m => $"{m.Index:X}={m.Value:X}"));
         Assert.True(saved.Msr(SavedMsrs.KernelGsBase) == KernelGsBaseValue, $"saved MSRs: {savedMsrs}");
-        Assert.Equal(1, saved.VcpuEvents.NmiPending);
+        Assert.Equal(1, saved.GetVcpuEvents().NmiPending);
         Assert.Equal(kvmLocalApic, saved.Lapic is not null);
 
         using var b = new Guest(kvmLocalApic);

@@ -133,6 +133,26 @@ public sealed class ControlClient : IAsyncDisposable
     public async Task<VmProtocol.Status> ResumeAsync(IActorRef vm) => await Command(vm, VmProtocol.Resume.Instance);
     public async Task<VmProtocol.Status> StopAsync(IActorRef vm) => await Command(vm, new VmProtocol.Stop("stopped by ctl"));
 
+    /// <summary>
+    /// Snapshots the VM into <paramref name="directory"/> (a path on the VM's host, made absolute here:
+    /// the host process has a working directory of its own) and says what was written; with
+    /// <paramref name="stop"/> the VM ends afterwards. Writing guest memory can take a while: the
+    /// answer is awaited up to <see cref="SnapshotTaker.StepLimit"/> beyond the usual wait.
+    /// </summary>
+    public async Task<string> SnapshotAsync(IActorRef vm, string directory, bool stop)
+    {
+        var answer = await Ask<VmProtocol.IVmMessage>(vm, new VmProtocol.TakeSnapshot(Path.GetFullPath(directory), stop), "the VM",
+            SnapshotTaker.StepLimit * 2);
+        return answer switch
+        {
+            VmProtocol.SnapshotTaken t =>
+                $"{t.Vm}: snapshot in {t.Directory}: {t.MemoryPages} guest pages ({t.MemoryBytes >> 10} KiB) written, " +
+                $"paused {t.Paused.TotalMilliseconds:0.#} ms, total {t.Total.TotalMilliseconds:0.#} ms{(t.Stopped ? "; the VM stopped" : "")}\n",
+            VmProtocol.SnapshotFailed f => throw new ControlException($"{f.Vm}: no snapshot taken: {f.Reason}"),
+            _ => throw new ControlException("the VM answered something unexpected"),
+        };
+    }
+
     private async Task<VmProtocol.Status> Command(IActorRef vm, object command)
     {
         vm.Tell(command);
@@ -332,6 +352,8 @@ public sealed class ControlClient : IAsyncDisposable
         sb.AppendLine($"host accesses  {s.Reads} reads, {s.Writes} writes, {s.Faults} refused");
         if (p.Superpages.Length > 0) sb.AppendLine($"superpages     {p.Superpages}; {p.SuperpagePages} pages superpage-backed");
         if (s.WiredBytes > 0) sb.AppendLine($"wired          {s.WiredBytes >> 10} KiB locked in RAM (a passthru-style device): no demand paging, no swap");
+        if (s.Restore is { Mode: not "none" } r)
+            sb.AppendLine($"restore        {r.Mode} from a snapshot: {r.ImagePages} pages saved, {r.RestoredPages} brought in, {r.PendingPages} still in the file");
         var d = s.Dirty;
         sb.AppendLine(d.Tracking == "dirty-ring"
             ? $"dirty tracking dirty-ring: {d.BarrierHarvests} harvests at the EPT barrier, {d.RingFullHarvests} on a full ring, {d.HarvestedGfns} GFNs"

@@ -68,6 +68,7 @@ public sealed class SnapshotDirectory
         if (File.Exists(path)) throw new SnapshotException($"{path} is a file; a snapshot is a directory");
         if (Directory.Exists(path) && Directory.EnumerateFileSystemEntries(path).Any())
             throw new SnapshotException($"{path} is not empty; a snapshot is written to a new or empty directory");
+        var created = !Directory.Exists(path);
         try
         {
             Directory.CreateDirectory(path);
@@ -76,7 +77,7 @@ public sealed class SnapshotDirectory
         {
             throw new SnapshotException($"cannot create the snapshot directory {path}: {e.Message}", e);
         }
-        return new SnapshotWriter(path, vmName);
+        return new SnapshotWriter(path, vmName, created);
     }
 
     /// <summary>Opens the snapshot in <paramref name="path"/> and checks every part against its manifest.</summary>
@@ -171,10 +172,30 @@ public sealed class SnapshotWriter
     private readonly string _vmName;
     private readonly List<SnapshotPart> _parts = [];
 
-    internal SnapshotWriter(string path, string vmName)
+    private readonly bool _createdDirectory;
+
+    internal SnapshotWriter(string path, string vmName, bool createdDirectory)
     {
         _path = path;
         _vmName = vmName;
+        _createdDirectory = createdDirectory;
+    }
+
+    /// <summary>
+    /// Gives up a snapshot that cannot be completed: removes every file written for it (and the
+    /// directory, if this writer created it), so nothing half-written is left behind. Best effort:
+    /// a directory without a manifest is never taken for a snapshot anyway.
+    /// </summary>
+    public void Abandon()
+    {
+        foreach (var file in Directory.Exists(_path) ? Directory.EnumerateFiles(_path, "*.part").ToArray() : [])
+        {
+            try { File.Delete(file); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+        }
+        if (!_createdDirectory) return;
+        try { Directory.Delete(_path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
     }
 
     public string Path => _path;
@@ -200,6 +221,20 @@ public sealed class SnapshotWriter
         var file = FileFor(name);
         var full = System.IO.Path.Combine(_path, file);
         write(full);
+        _parts.Add(new SnapshotPart(name, file, new FileInfo(full).Length, null));
+    }
+
+    /// <summary>Where part <paramref name="name"/>'s file goes, for a writer elsewhere (the vmspace writes
+    /// guest memory on its own thread); <see cref="AddWrittenFile"/> records it once written.</summary>
+    public string PathFor(string name) => System.IO.Path.Combine(_path, FileFor(name));
+
+    /// <summary>Records part <paramref name="name"/>, written at <see cref="PathFor"/>, checked by length
+    /// only (as <see cref="WriteFile"/>'s parts).</summary>
+    public void AddWrittenFile(string name)
+    {
+        var file = FileFor(name);
+        var full = System.IO.Path.Combine(_path, file);
+        if (!File.Exists(full)) throw new SnapshotException($"part \"{name}\" was not written: no file {full}");
         _parts.Add(new SnapshotPart(name, file, new FileInfo(full).Length, null));
     }
 

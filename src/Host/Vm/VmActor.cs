@@ -50,21 +50,25 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         {
             // With demand paging, wait until the vmspace has registered guest memory with
             // userfaultfd, so no first touch goes unseen.
-            if (_resources.Paging is { Userfaultfd: true }) _vmspace.Tell(VmspaceProtocol.AwaitReady.Instance);
+            // A restored VM also waits for its memory: a lazy restore registered, an eager one copied.
+            if (_resources.Paging is { Userfaultfd: true } or { Restore: not null }) _vmspace.Tell(VmspaceProtocol.AwaitReady.Instance);
             else StartBootVcpu();
         });
         Receive<VmspaceProtocol.Ready>(_ => StartBootVcpu());
         Receive<VmspaceProtocol.VmspaceFailed>(f =>
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"the vmspace failed: {f.Reason}")));
+        Receive<TakeSnapshot>(OnTakeSnapshot);
+        Receive<SnapshotTaker.Done>(OnSnapshotDone);
+        Receive<SnapshotTaker.Failed>(f => EndSnapshot(new SnapshotFailed(_resources.Name, f.Directory, f.Reason), stop: false));
         Receive<Pause>(_ =>
         {
-            if (_phase != Phase.Running) return;
+            if (_phase != Phase.Running || _snapshot is not null) return;
             _phase = Phase.Paused;
             foreach (var v in _vcpus) v.Tell(VcpuProtocol.Pause.Instance);
         });
         Receive<Resume>(_ =>
         {
-            if (_phase != Phase.Paused) return;
+            if (_phase != Phase.Paused || _snapshot is not null) return;
             _phase = Phase.Running;
             foreach (var v in _vcpus) v.Tell(VcpuProtocol.Resume.Instance);
         });
@@ -109,6 +113,12 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             // An AP brought up by INIT-SIPI counts among the vcpus whose halt ends the VM.
             _started.Add(s.VcpuId);
             _haltedForever.Remove(s.VcpuId);
+        });
+        Receive<VcpuProtocol.Restored>(r =>
+        {
+            // Under KVM's local APIC every vcpu enters KVM_RUN (an AP waits for its SIPI in the kernel).
+            if (_resources.KernelApic is not null || r.State is VcpuProtocol.State.Running or VcpuProtocol.State.Halted)
+                _started.Add(r.VcpuId);
         });
         Receive<VcpuProtocol.Paused>(_ => { });
         Receive<VcpuProtocol.Resumed>(_ => { });
@@ -227,13 +237,14 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var traced = _resources.Traced || _resources.FaultInjection;
         Props Mailbox(Props p) => traced ? p.WithMailbox(TracedMailboxType.Id) : p;
         var clock = _resources.Clock ?? new MonotonicClock();
+        _clock = clock;
         var interrupts = new VmInterrupts();
 
         // With demand paging the vmspace resolves nested page faults while a vcpu waits in the
         // kernel: it gets a thread of its own, which answers without waiting for a pool thread.
         var vmspaceProps = _resources.Paging switch
         {
-            { Userfaultfd: true } paging => VmspaceProtocol.Props(_resources.Memory, paging, Self, _resources.DirtyLog)
+            ({ Userfaultfd: true } or { Restore.Lazy: true }) and var paging => VmspaceProtocol.Props(_resources.Memory, paging, Self, _resources.DirtyLog)
                 .WithDispatcher(VcpuProtocol.DispatcherId),
             { } options => VmspaceProtocol.Props(_resources.Memory, options, Self, _resources.DirtyLog),
             null => VmspaceProtocol.Props(_resources.Memory),
@@ -255,20 +266,23 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             foreach (var vcpu in _resources.Vcpus)
             {
                 var wiring = new VlapicProtocol.Wiring(ActorRefs.Nobody, router, router, targets);
-                var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock))
+                var saved = _resources.Restore is { Vlapics.Count: > 0 } restore ? restore.Vlapics[vcpu.Id] : null;
+                var vlapic = Context.ActorOf(Mailbox(VlapicProtocol.Props(vcpu.Id, wiring, backend, clock, saved))
                     .WithDispatcher(VcpuProtocol.VlapicDispatcherId), $"vlapic-{vcpu.Id}");
                 Context.Watch(vlapic);
                 _restartable.Add(vlapic);
                 vlapics.Add(vlapic);
             }
             if (vlapics.Count > 0) interrupts.BspVlapic = vlapics[0];
+            _vlapics.AddRange(vlapics);
             targets.Vlapics = vlapics;
         }
 
         var deviceActors = new Dictionary<DeviceSpec, IActorRef>(ReferenceEqualityComparer.Instance);
         foreach (var spec in _resources.Wiring.Devices)
         {
-            var device = Context.ActorOf(Mailbox(DeviceProps(spec, interrupts, clock, vmspace)).WithDispatcher(DeviceProtocol.DispatcherId), spec.Name);
+            var saved = _resources.Restore?.Devices.GetValueOrDefault(spec.Name);
+            var device = Context.ActorOf(Mailbox(DeviceProps(spec, interrupts, clock, vmspace, saved)).WithDispatcher(DeviceProtocol.DispatcherId), spec.Name);
             Context.Watch(device);
             _restartable.Add(device);
             deviceActors[spec] = device;
@@ -294,8 +308,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             }
             var pic = vlapic is not null && !interrupts.Pic.IsNobody() ? interrupts.Pic : null;
             var vcpuWiring = new VcpuProtocol.Wiring(ports, mmio, Self, _resources.Memory, vlapic, pic, kernelLapic && vlapic is not null,
-                Vmspace: vmspace, ApicPage: apicPage);
-            var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, vcpuWiring), $"vcpu-{vcpu.Id}");
+                Vmspace: vmspace, ApicPage: apicPage) { OnFirstEntry = static (_, at) => StartupTimes.MarkAt("first instruction", at) };
+            var actorRef = Context.ActorOf(VcpuProtocol.Props(vcpu, vcpuWiring, _resources.Restore?.Vcpus[vcpu.Id]), $"vcpu-{vcpu.Id}");
             Context.Watch(actorRef);
             _vcpus.Add(actorRef);
             vlapic?.Tell(new VlapicProtocol.AttachVcpu(actorRef));
@@ -307,7 +321,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
 
     /// <summary>A device actor's props: its model built (and rebuilt after a failure) with the VM's
     /// interrupt wiring and clock when it asks for them.</summary>
-    private Props DeviceProps(DeviceSpec spec, VmInterrupts interrupts, IDeviceClock clock, IActorRef vmspace)
+    /// <param name="saved">the state record a restored VM's device starts from; null: power-on</param>
+    private Props DeviceProps(DeviceSpec spec, VmInterrupts interrupts, IDeviceClock clock, IActorRef vmspace, object? saved)
     {
         Func<IPlatformEvents, IBusDevice> factory = spec.WiredFactory is { } wired
             ? events => wired(new DeviceContext(events, interrupts, clock))
@@ -316,8 +331,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             ? (events, state) => rewired(new DeviceContext(events, interrupts, clock), state)
             : spec.Restore;
         return spec.Timed
-            ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace)
-            : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace);
+            ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace, initialState: saved)
+            : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace, initialState: saved);
     }
 
     protected override void PostStop()
@@ -327,11 +342,20 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     }
 
     private IActorRef _vmspace = ActorRefs.Nobody;
+    private readonly List<IActorRef> _vlapics = [];
+    private IDeviceClock _clock = null!;
 
     private void StartBootVcpu()
     {
         if (_phase != Phase.Created || _vcpus.Count == 0) return;
         _phase = Phase.Running;
+        if (_resources.Restore is not null)
+        {
+            // A restored VM: every vcpu goes on from its snapshot, in the state it was saved in
+            // (VcpuProtocol.Restored says which; those that ran count as started).
+            foreach (var vcpu in _vcpus) vcpu.Tell(VcpuProtocol.Start.Instance);
+            return;
+        }
         _started.Add(0);
         _vcpus[0].Tell(VcpuProtocol.Start.Instance);
         // With in-kernel APICs KVM holds the APs in wait-for-SIPI inside KVM_RUN: they enter at once
@@ -340,10 +364,64 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             for (var i = 1; i < _vcpus.Count; i++) _vcpus[i].Tell(VcpuProtocol.Start.Instance);
     }
 
+    /// <summary>The snapshot being taken: its taker, who asked, and what the VM does after it.</summary>
+    private sealed record SnapshotInProgress(IActorRef Taker, IActorRef Requester, string Directory, bool StopAfter, bool WasPaused);
+
+    private SnapshotInProgress? _snapshot;
+
+    /// <summary>One snapshot at a time, of a VM that runs or is paused (<see cref="SnapshotTaker"/>).</summary>
+    private void OnTakeSnapshot(TakeSnapshot request)
+    {
+        string? refused = _phase is Phase.Running or Phase.Paused ? null : $"the VM is {_phase.ToString().ToLowerInvariant()}";
+        if (_snapshot is not null) refused = "a snapshot of it is being taken";
+        if (_resources.Spec is null) refused = "it was built without its spec, so it cannot be snapshotted";
+        if (string.IsNullOrWhiteSpace(request.Directory)) refused = "no directory given";
+        if (refused is not null)
+        {
+            Sender.Tell(new SnapshotFailed(_resources.Name, request.Directory, refused));
+            return;
+        }
+        var sources = new SnapshotTaker.Sources(_resources.Spec!, _vcpus, _resources.KernelApic is null ? _vlapics : [],
+            _devices.Where(d => !_gone.Contains(d)).ToList(), _vmspace, _clock, _resources.Kvm);
+        var directory = Path.GetFullPath(request.Directory);
+        var taker = Context.ActorOf(SnapshotTaker.Props(sources, directory), $"snapshot-{++_snapshots}");
+        _snapshot = new SnapshotInProgress(taker, Sender, directory, request.StopAfter, _phase == Phase.Paused);
+        _phase = Phase.Paused;
+    }
+
+    private int _snapshots;
+
+    private void OnSnapshotDone(SnapshotTaker.Done done)
+    {
+        if (_snapshot is not { } snapshot) return;
+        EndSnapshot(new SnapshotTaken(_resources.Name, done.Directory, done.MemoryPages, done.MemoryBytes, done.Paused, done.Total,
+            snapshot.StopAfter), snapshot.StopAfter);
+        if (snapshot.StopAfter) End(new Outcome(OutcomeKind.Stopped, Outcome.StoppedCode, $"snapshotted to {done.Directory} and stopped"));
+    }
+
+    /// <summary>Answers the snapshot's requester; the VM resumes unless it was paused before or stops now.</summary>
+    private void EndSnapshot(object answer, bool stop)
+    {
+        if (_snapshot is not { } snapshot) return;
+        _snapshot = null;
+        snapshot.Requester.Tell(answer);
+        if (stop || _outcome is not null) return;
+        if (snapshot.WasPaused) return;
+        _phase = Phase.Running;
+        foreach (var v in _vcpus) v.Tell(VcpuProtocol.Resume.Instance);
+    }
+
     /// <summary>The first outcome wins; every vcpu is told to stop, then the VM finishes.</summary>
     private void End(Outcome outcome)
     {
         if (_outcome is not null) return;
+        if (_snapshot is { } snapshot && !(outcome.Kind == OutcomeKind.Stopped && snapshot.StopAfter))
+        {
+            // The VM ends while it is being snapshotted: the taker stops and removes what it wrote.
+            _snapshot = null;
+            Context.Stop(snapshot.Taker);
+            snapshot.Requester.Tell(new SnapshotFailed(_resources.Name, snapshot.Directory, $"the VM ended while it was being snapshotted: {outcome.Detail}"));
+        }
         _outcome = outcome;
         _phase = Phase.Ending;
         for (var i = 0; i < _vcpus.Count; i++)

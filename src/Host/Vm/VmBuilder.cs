@@ -5,6 +5,7 @@ using ActorVmm.Host.Boot;
 using ActorVmm.Lapic;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
+using ActorVmm.Host.Snapshot;
 
 namespace ActorVmm.Host.Vm;
 
@@ -59,7 +60,22 @@ public sealed class VmBuilder
         return this;
     }
 
-    /// <summary>Builds and starts the VM. Throws <see cref="VmBuildException"/> on any problem.</summary>
+    /// <summary>
+    /// Builds the VM from a snapshot instead of booting it: the same machine (<see cref="VmRestore.ToSpec"/>
+    /// must be this builder's spec), guest memory from the snapshot (on first touch, or all of it before
+    /// the first vcpu runs with <see cref="VmRestore.Eager"/>), kvmclock and the device clock continued,
+    /// every actor started from its saved state.
+    /// </summary>
+    public VmBuilder WithRestore(VmRestore restore)
+    {
+        if (restore.Spec.Cpus != _spec.Cpus || restore.Spec.MemoryBytes != _spec.MemoryBytes || restore.Spec.Lapic != _spec.Lapic)
+            throw new VmBuildException("the VM to restore must be built with the snapshot's spec (VmRestore.ToSpec)");
+        _restore = restore;
+        return this;
+    }
+
+    private VmRestore? _restore;
+
     /// <summary>Fault injection on the links between the VM's actors (drop, delay or duplicate the
     /// messages from one actor to another): the VM's actors get the traced mailbox, which applies
     /// <paramref name="plan"/>.</summary>
@@ -69,6 +85,7 @@ public sealed class VmBuilder
         return this;
     }
 
+    /// <summary>Builds and starts the VM. Throws <see cref="VmBuildException"/> on any problem.</summary>
     public RunningVm Start()
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
@@ -84,6 +101,7 @@ public sealed class VmBuilder
             if (_devices.All(d => d.Name != PcPlatform.TestDeviceName)) _devices.Add(PcPlatform.TestDevice());
         }
         var wiring = PlanWiring((ulong)(firmwareImage?.Length ?? 0));
+        if (_restore is not null) CheckRestoredDevices(_restore);
 
         Kvm? kvm = null;
         VmHandle? vm = null;
@@ -94,13 +112,17 @@ public sealed class VmBuilder
         try
         {
             // The image first: a malformed one is reported as such, with or without KVM.
+            // No transparent huge pages where userfaultfd fills the pages (demand paging, a lazy restore).
             memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware,
-                superpages: _spec.Superpages && _spec.Paging is not { Userfaultfd: true });
+                superpages: _spec.Superpages && _spec.Paging is not { Userfaultfd: true } && _restore is not { Eager: false });
             // What a firmware would provide: the MP table and the ACPI tables (MADT: the vcpus and the
             // IOAPIC; FADT, FACS, DSDT: the PM block, reset register and S5). Written first, so an
             // image loaded over the BIOS area wins.
-            if (!firmware) PlatformTables.Write(memory, _spec.Cpus, PcPlatform.IoApicId(_spec.Cpus));
-            var boot = _spec.Boot.Load(memory);
+            // A restored VM's memory holds all of that already; its pages come from the snapshot.
+            if (!firmware && _restore is null) PlatformTables.Write(memory, _spec.Cpus, PcPlatform.IoApicId(_spec.Cpus));
+            var boot = _restore is null ? _spec.Boot.Load(memory) : null;
+            if (_restore is not null && MemoryImage.Check(memory, MemoryRestoreOf(_restore)) is { } unusable)
+                throw new VmBuildException($"cannot restore: {unusable}");
             shm = _spec.SharedMemory?.Open();
             if (shm is not null && shm.Size > Platform.SharedMemoryMaxSize)
                 throw new VmBuildException($"shared memory {shm.Name} is {shm.Size >> 20} MiB, larger than its window ({Platform.SharedMemoryMaxSize >> 20} MiB)");
@@ -145,16 +167,29 @@ public sealed class VmBuilder
                     catch (KvmException) { }
                 }
             }
-            boot.ApplyTo(vcpus[0]);
+            boot?.ApplyTo(vcpus[0]);
+            // KVM_SET_CLOCK before any vcpu's state (its MSRs) is restored: see VmHandle.RestoreClock.
+            if (_restore?.Clock.Kvm is { } kvmClock) vm.RestoreClock(kvmClock, bringWallClockToNow: true);
 
             var name = SafeName(_spec.Name);
             var ended = new TaskCompletionSource<VmProtocol.Outcome>(TaskCreationOptions.RunContinuationsAsynchronously);
             var kernelApic = assisted ? new KvmApicBus(vm) : null;
-            var clock = new MonotonicClock();
+            // A restored VM's device clock continues from the snapshot's: every armed timer in a saved
+            // record is a deadline on it.
+            var clock = _restore is null ? new MonotonicClock() : MonotonicClock.StartingAt(_restore.Clock.DeviceClock);
+            // A restored VM's vmspace fills guest memory from the snapshot (VmspaceOptions.Restore).
+            var paging = _restore is null ? _spec.Paging : (_spec.Paging ?? VmspaceOptions.Unpaged) with { Restore = MemoryRestoreOf(_restore) };
             var resources = new VmResources(_spec.Name, memory, vcpus, _devices, _trace is not null, clock,
-                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock, cpuid)),
-                Paging: _spec.Paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic,
-                DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null) { Wiring = wiring };
+                kernelApic is not null ? LapicBackends.KvmAssisted(kernelApic) : LapicBackends.Emulated(EmulatedLapicOptions(vcpus[0], clock, cpuid,
+                    _restore?.Vcpus[0].Kvm.Tsc is { } savedTsc ? (savedTsc, _restore.Clock.DeviceClock) : null)),
+                Paging: paging, FaultInjection: _linkFaults is not null, KernelApic: kernelApic,
+                DirtyLog: tracking == DirtyTracking.DirtyLog ? vm : null)
+            {
+                Wiring = wiring,
+                Spec = _spec,
+                Kvm = vm,
+                Restore = _restore is null ? null : new RestoredStates(_restore.Vcpus, _restore.Vlapics, _restore.Devices),
+            };
             StartupTimes.Mark("vm prepared");
             var system = _system.GetAwaiter().GetResult();
             var registrations = new List<IDisposable>();
@@ -180,6 +215,21 @@ public sealed class VmBuilder
             throw; // a VmBuildException, or the actor system's failure to start
         }
     }
+
+    /// <summary>A restored VM has the snapshot's devices: each saved state belongs to one of its devices,
+    /// and each of its devices that keeps state (it can be rebuilt from a record) has one.</summary>
+    private void CheckRestoredDevices(VmRestore restore)
+    {
+        var names = _devices.Select(d => d.Name).ToHashSet(StringComparer.Ordinal);
+        if (restore.Devices.Keys.FirstOrDefault(n => !names.Contains(n)) is { } unknown)
+            throw new VmBuildException($"cannot restore: the snapshot has the state of a device \"{unknown}\" this VM does not have " +
+                                       $"(its devices: {string.Join(", ", names.Order())})");
+        if (_devices.FirstOrDefault(d => (d.Restore is not null || d.WiredRestore is not null) && !restore.Devices.ContainsKey(d.Name)) is { } missing)
+            throw new VmBuildException($"cannot restore: the snapshot has no state for device \"{missing.Name}\"");
+    }
+
+    private static MemoryRestore MemoryRestoreOf(VmRestore restore) =>
+        new(restore.MemoryPath, Lazy: !restore.Eager, AccessedDirtyPath: restore.AccessDirtyPath);
 
     /// <summary>A passthru-style device and demand paging exclude each other: its VM's memory is
     /// wired. Refused, not silently turned off: a swap file or resident limit asked for would
@@ -267,7 +317,11 @@ public sealed class VmBuilder
     /// KVM's IA32_TSC: offset from the host's on most hosts, the host's own on kvm_pvm). The modes
     /// they offer are those <paramref name="cpuid"/> shows (x2APIC, the TSC-deadline timer; null: both).
     /// </summary>
-    internal static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock, CpuidPolicy? cpuid = null)
+    /// <param name="restored">a restored VM's pairing: the guest TSC its snapshot saved and the device
+    /// clock's reading at the save. The restored TSC and device clock both continue from those values,
+    /// so the pairing holds again (the new vcpu's TSC is not yet the guest's when this is built).</param>
+    internal static LapicOptions EmulatedLapicOptions(VcpuHandle vcpu, IDeviceClock clock, CpuidPolicy? cpuid = null,
+        (ulong Tsc, TimeSpan At)? restored = null)
     {
         var options = new LapicOptions
         {
@@ -278,9 +332,15 @@ public sealed class VmBuilder
         long khz;
         try { khz = vcpu.GetTscKhz(); }
         catch (KvmException) { return options; } // a KVM without KVM_GET_TSC_KHZ: deadlines in a nominal 1 GHz TSC
-        var before = clock.Now;
-        var tsc = vcpu.GetGuestTsc();
-        var at = before + (clock.Now - before) / 2;
+        TimeSpan at;
+        ulong tsc;
+        if (restored is { } saved) (tsc, at) = saved;
+        else
+        {
+            var before = clock.Now;
+            tsc = vcpu.GetGuestTsc();
+            at = before + (clock.Now - before) / 2;
+        }
         var elapsed = (ulong)((Int128)at.Ticks * khz * 1000 / TimeSpan.TicksPerSecond);
         return options with { TscFrequencyHz = khz * 1000, TscAtClockZero = tsc >= elapsed ? tsc - elapsed : 0 };
     }

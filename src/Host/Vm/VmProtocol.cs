@@ -17,6 +17,23 @@ public static class VmProtocol
     /// <summary>Stops the VM from outside (Ctrl-C, `ctl stop`).</summary>
     public sealed record Stop(string Reason) : IVmMessage;
 
+    /// <summary>
+    /// Snapshots the VM into <paramref name="Directory"/> (new or empty): every vcpu pauses at an
+    /// instruction boundary, the devices drain, every actor's state and guest memory are written, then
+    /// the VM resumes (stays paused if it was, or ends with <paramref name="StopAfter"/>). Answered
+    /// <see cref="SnapshotTaken"/> or <see cref="SnapshotFailed"/> (the VM then goes on as before and
+    /// nothing is left in the directory).
+    /// </summary>
+    public sealed record TakeSnapshot(string Directory, bool StopAfter = false) : IVmMessage;
+
+    /// <param name="Paused">how long the guest was paused</param>
+    /// <param name="Total">from the request to the manifest written</param>
+    /// <param name="MemoryPages">guest pages written (the rest are holes: never touched)</param>
+    public sealed record SnapshotTaken(string Vm, string Directory, long MemoryPages, long MemoryBytes, TimeSpan Paused, TimeSpan Total,
+        bool Stopped) : IVmMessage;
+
+    public sealed record SnapshotFailed(string Vm, string Directory, string Reason) : IVmMessage;
+
     /// <summary>Asks to be told <see cref="Ended"/> when the VM ends (at once if it has).</summary>
     public sealed record WatchEnd : IVmMessage { public static readonly WatchEnd Instance = new(); }
 

@@ -258,7 +258,22 @@ internal sealed record VmResources(string Name, GuestMemoryMap Memory, IReadOnly
     /// <summary>The devices' wiring; <see cref="VmBuilder"/> sets the one it checked against guest
     /// memory, a VM built without it gets <see cref="Devices"/> planned alone.</summary>
     public VmWiring Wiring { get; init; } = VmWiring.Plan(Devices);
+
+    /// <summary>What the VM was built from: a VM without it cannot be snapshotted.</summary>
+    public VmSpec? Spec { get; init; }
+
+    /// <summary>The VM's KVM handle, for its VM-wide state (the kvmclock) in a snapshot; null in tests
+    /// that build the actors without KVM.</summary>
+    public VmHandle? Kvm { get; init; }
+
+    /// <summary>The states a restored VM's actors start from; null: a VM that boots.</summary>
+    public RestoredStates? Restore { get; init; }
 }
+
+/// <summary>The states a VM's actors start from when it is restored from a snapshot: each vcpu's,
+/// each emulated vlapic's (none under <c>lapic = assisted</c>) and each device's state record by name.</summary>
+internal sealed record RestoredStates(IReadOnlyList<ActorVmm.Vcpu.VcpuSnapshot> Vcpus, IReadOnlyList<LapicState> Vlapics,
+    IReadOnlyDictionary<string, object> Devices);
 
 /// <summary>The in-kernel local APICs of one VM, over its KVM fd (KVM_SIGNAL_MSI, KVM_SET_GSI_ROUTING).</summary>
 internal sealed class KvmApicBus(VmHandle vm) : IKernelApicBus
