@@ -60,6 +60,20 @@ public static class Platform
     public const ushort PciConfigAddressPort = 0xCF8;
     public const ushort PciConfigDataPort = 0xCFC;
 
+    /// <summary>PCI Express enhanced configuration (ECAM, PCIe Base 4.0 §7.2.2): 4 KiB of configuration
+    /// space per function at base + (bus &lt;&lt; 20 | device &lt;&lt; 15 | function &lt;&lt; 12); this
+    /// platform has bus 0 only (the MCFG's bus range 0-0), so its ECAM is the first 1 MiB.</summary>
+    public const ulong PciEcamBase = 0xC000_0000;
+    public const ulong PciEcamLength = 0x10_0000;
+
+    /// <summary>Where 32-bit memory BARs are placed (the root bridge's window in the DSDT's _CRS).</summary>
+    public const ulong PciMmioWindowBase = 0xD000_0000;
+    public const ulong PciMmioWindowLength = 0x1000_0000;
+
+    /// <summary>Where I/O BARs are placed (the root bridge's I/O window in the DSDT's _CRS).</summary>
+    public const ushort PciIoWindowBase = 0xC000;
+    public const ushort PciIoWindowLength = 0x4000;
+
     /// <summary>The ACPI PM register block (ACPI 6.x §4.8), laid out as Intel's ICH9 and QEMU's
     /// q35 lay out theirs: PM1a_EVT_BLK (status, enable: 4 bytes) at the base, PM1a_CNT_BLK
     /// (2 bytes) at +4, PM_TMR_BLK (4 bytes) at +8. No PM1b, PM2 or GPE blocks. The FADT points
