@@ -129,17 +129,21 @@ namespace ActorVmm.Host
                     }.Where(o => o.Given).Select(o => o.Option).ToArray();
                     if (shaping.Length > 0)
                         throw new ConfigException($"--restore starts the machine the snapshot holds: {string.Join(", ", shaping)} cannot change it");
+                    // The actor system starts on a thread of its own while the snapshot is read and checked.
+                    HostRunner.ConfigureLogging();
+                    var starting = HostRunner.StartSystem(hocon);
                     Snapshot.VmRestore restored;
                     try { restored = Snapshot.VmRestore.Open(snapshotDir, parse.GetValue(restoreEager)); }
                     catch (Snapshot.SnapshotException e)
                     {
                         await Console.Error.WriteLineAsync($"actorvmm: error: cannot restore: {e.Message}");
+                        try { await (await starting).Terminate(); }
+                        catch (Exception) { } // its own failure to start does not matter now
                         return VmProtocol.Outcome.HostErrorCode;
                     }
                     if (parse.GetValue(name) is null) vm = vm with { Name = restored.Spec.Name };
                     StartupTimes.Mark("snapshot read");
-                    HostRunner.ConfigureLogging();
-                    return await HostRunner.RunAsync(HostRunner.StartSystem(hocon), hocon, vm, restored.ToSpec(vm.Name).Boot,
+                    return await HostRunner.RunAsync(starting, hocon, vm, restored.ToSpec(vm.Name).Boot,
                         new HostRunner.RunOptions(), Console.Error, restored);
                 }
                 if (parse.GetValue(restoreEager)) throw new ConfigException("--restore-eager goes with --restore DIR");

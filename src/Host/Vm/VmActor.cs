@@ -54,7 +54,11 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             if (_resources.Paging is { Userfaultfd: true } or { Restore: not null }) _vmspace.Tell(VmspaceProtocol.AwaitReady.Instance);
             else StartBootVcpu();
         });
-        Receive<VmspaceProtocol.Ready>(_ => StartBootVcpu());
+        Receive<VmspaceProtocol.Ready>(_ =>
+        {
+            StartupTimes.Mark("memory ready");
+            StartBootVcpu();
+        });
         Receive<VmspaceProtocol.VmspaceFailed>(f =>
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"the vmspace failed: {f.Reason}")));
         Receive<TakeSnapshot>(OnTakeSnapshot);
@@ -116,6 +120,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         });
         Receive<VcpuProtocol.Restored>(r =>
         {
+            StartupTimes.Mark("vcpu restored");
             // Under KVM's local APIC every vcpu enters KVM_RUN (an AP waits for its SIPI in the kernel).
             if (_resources.KernelApic is not null || r.State is VcpuProtocol.State.Running or VcpuProtocol.State.Halted)
                 _started.Add(r.VcpuId);

@@ -126,6 +126,7 @@ public sealed class VmBuilder
             shm = _spec.SharedMemory?.Open();
             if (shm is not null && shm.Size > Platform.SharedMemoryMaxSize)
                 throw new VmBuildException($"shared memory {shm.Name} is {shm.Size >> 20} MiB, larger than its window ({Platform.SharedMemoryMaxSize >> 20} MiB)");
+            StartupTimes.Mark("memory laid out");
             kvm = Kvm.Open();
             vm = kvm.CreateVm();
             var tracking = _spec.Paging?.DirtyTracking ?? DirtyTracking.UffdWp;
