@@ -57,17 +57,13 @@ public sealed class MsiCapability
         _address64 = address64;
         _mmc = int.Log2(vectors);
         Offset = config.AddCapability(CapabilityId, address64 ? 0x18 : 0x14);
-        var next = Offset + 8;
         config.DefineRegister(ControlOffset, 2,
             (uint)(_mmc << MultipleMessageCapableShift) | (address64 ? Control64Bit : 0u) | ControlPerVectorMask,
             ControlEnable | ControlMultipleMessageEnable);
         config.DefineRegister(Offset + 4, 4, 0, 0xFFFF_FFFC);
         if (address64)
-        {
             config.DefineRegister(Offset + 8, 4, 0, 0xFFFF_FFFF);
-            next += 4;
-        }
-        _dataOffset = next - 4;
+        _dataOffset = Offset + (address64 ? 0x0C : 0x08);
         config.DefineRegister(_dataOffset, 4, 0, 0xFFFF);
         _maskOffset = _dataOffset + 4;
         _pendingOffset = _maskOffset + 4;

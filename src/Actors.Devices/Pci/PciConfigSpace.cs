@@ -175,7 +175,7 @@ public sealed class PciConfigSpace
         for (var i = 0; i < size; i++)
         {
             var at = offset + i;
-            value |= (uint)(at < Size ? _bytes[at] : 0xFF) << (8 * i);
+            value |= (uint)((uint)at < (uint)Size ? _bytes[at] : 0xFF) << (8 * i); // unsigned: an offset that wraps is absent too
         }
         return value;
     }
@@ -295,7 +295,7 @@ public sealed class PciConfigSpace
     /// </summary>
     public ulong? DecodedAddress(int index)
     {
-        if (Bar(index) is not { } bar) return null;
+        if (Bar(index) is not { } bar || bar.Index != index) return null; // the upper half of a 64-bit BAR decodes nothing itself
         var command = Command;
         var offset = Bar0Offset + 4 * bar.Index;
         ulong address;
