@@ -229,9 +229,9 @@ public sealed class MsiXTable
         _deliver(Message(vector));
     }
 
-    public MsiXTableState State() => new([.. _entries], [.. _pending]);
+    public MsiXTableSnapshot State() => new([.. _entries], [.. _pending]);
 
-    public void Restore(MsiXTableState state)
+    public void Restore(MsiXTableSnapshot state)
     {
         state.Entries.AsSpan(0, Math.Min(state.Entries.Length, _entries.Length)).CopyTo(_entries);
         state.Pending.AsSpan(0, Math.Min(state.Pending.Length, _pending.Length)).CopyTo(_pending);
@@ -252,4 +252,4 @@ public sealed class MsiXTable
 }
 
 /// <summary>The MSI-X table entries (4 dwords each) and PBA qwords, for a restart.</summary>
-public sealed record MsiXTableState(uint[] Entries, ulong[] Pending);
+public sealed record MsiXTableSnapshot(uint[] Entries, ulong[] Pending);

@@ -38,7 +38,7 @@ public sealed record PciBar(int Index, PciBarKind Kind, ulong Size, bool Prefetc
 /// <summary>The bytes of a function's configuration space as the guest left them, and its INTx
 /// level: what a restart needs besides the device's own construction (which defines the masks,
 /// BARs and capabilities again).</summary>
-public sealed record PciConfigSpaceState(byte[] Bytes, bool IntxLevel);
+public sealed record PciConfigSpaceSnapshot(byte[] Bytes, bool IntxLevel);
 
 /// <summary>
 /// The configuration space of one type-0 PCI function (PCI Local Bus 3.0 §6.1-§6.2): 256 bytes for
@@ -362,10 +362,10 @@ public sealed class PciConfigSpace
 
     internal void SetMultiFunction() => _bytes[HeaderTypeOffset] |= HeaderTypeMultiFunction;
 
-    public PciConfigSpaceState State() => new(_bytes[..Size], _intxLevel);
+    public PciConfigSpaceSnapshot State() => new(_bytes[..Size], _intxLevel);
 
     /// <summary>Loads the bytes of <paramref name="state"/> into a function constructed as the saved one was.</summary>
-    public void Restore(PciConfigSpaceState state)
+    public void Restore(PciConfigSpaceSnapshot state)
     {
         state.Bytes.AsSpan(0, Math.Min(state.Bytes.Length, Size)).CopyTo(_bytes);
         _intxLevel = state.IntxLevel;

@@ -1,7 +1,9 @@
 namespace ActorVmm.Devices.Pci;
 
-/// <summary>The host bridge's state for a restart: the latched CONFIG_ADDRESS and function 00:00.0's configuration space.</summary>
-public sealed record PciHostBridgeState(uint ConfigAddress, PciConfigSpaceState HostBridge);
+/// <summary>The host bridge's state for a restart: the latched CONFIG_ADDRESS and function 00:00.0's
+/// configuration space. Like <see cref="PciConfigSpaceSnapshot"/> and <see cref="MsiXTableSnapshot"/>, a part
+/// for the state record of the device actor that owns the model, not itself a record <see cref="DeviceStateCodec"/> knows.</summary>
+public sealed record PciHostBridgeSnapshot(uint ConfigAddress, PciConfigSpaceSnapshot HostBridge);
 
 /// <summary>
 /// The PCI host bridge as ONE bus device with three windows onto one <see cref="PciBus"/>, so the
@@ -53,14 +55,14 @@ public sealed class PciHostBridge : IBusDevice
     /// <summary>The latched CONFIG_ADDRESS (0 at reset).</summary>
     public uint ConfigAddress { get; private set; }
 
-    public static PciHostBridge FromState(PciHostBridgeState state, PciBus bus)
+    public static PciHostBridge FromState(PciHostBridgeSnapshot state, PciBus bus)
     {
         var bridge = new PciHostBridge(bus) { ConfigAddress = state.ConfigAddress & ConfigAddressWritable };
         bridge.HostBridge.Restore(state.HostBridge);
         return bridge;
     }
 
-    public PciHostBridgeState State() => new(ConfigAddress, HostBridge.State());
+    public PciHostBridgeSnapshot State() => new(ConfigAddress, HostBridge.State());
 
     public ulong Read(ulong offset, int size)
     {
