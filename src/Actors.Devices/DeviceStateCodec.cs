@@ -40,6 +40,7 @@ public static class DeviceStateCodec
         Of<ResetControlState>("reset-control"),
         Of<SystemControlPortAState>("system-control-port-a"),
         Of<PcTestDeviceState>("pc-testdev", PcTestDevice.StateProblem),
+        Of<ActorVmm.Devices.Virtio.VirtioPciTransportState>("virtio-pci"),
     ];
 
     private static readonly Dictionary<string, Entry> ByName = Entries.ToDictionary(e => e.Name, StringComparer.Ordinal);

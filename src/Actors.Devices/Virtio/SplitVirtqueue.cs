@@ -59,9 +59,9 @@ public sealed record DescriptorChain(ushort Head, IReadOnlyList<GuestBuffer> Rea
 public sealed record VirtqueueState(
     ushort Size,
     bool Enabled,
-    GuestPhysAddr DescTable,
-    GuestPhysAddr AvailRing,
-    GuestPhysAddr UsedRing,
+    ulong DescTable,
+    ulong AvailRing,
+    ulong UsedRing,
     ushort LastAvailIdx,
     ushort UsedIdx,
     ushort? SignalledUsed);
@@ -113,9 +113,9 @@ public sealed class SplitVirtqueue
         _ram = ram;
         _memory = ram.Memory;
         _size = state.Size;
-        _desc = state.DescTable;
-        _avail = state.AvailRing;
-        _used = state.UsedRing;
+        _desc = new GuestPhysAddr(state.DescTable);
+        _avail = new GuestPhysAddr(state.AvailRing);
+        _used = new GuestPhysAddr(state.UsedRing);
         _eventIdx = (features & VirtioFeatures.EventIdx) != 0;
         _indirect = (features & VirtioFeatures.IndirectDesc) != 0;
         _lastAvail = state.LastAvailIdx;
@@ -129,7 +129,7 @@ public sealed class SplitVirtqueue
     /// INDIRECT_DESC). An invalid layout gives a queue with <see cref="Error"/> set.</summary>
     public static SplitVirtqueue Enable(GuestRam ram, ushort size, GuestPhysAddr desc, GuestPhysAddr avail, GuestPhysAddr used,
         ulong features) =>
-        new(ram, new VirtqueueState(size, true, desc, avail, used, 0, 0, 0), features);
+        new(ram, new VirtqueueState(size, true, desc.Value, avail.Value, used.Value, 0, 0, 0), features);
 
     /// <summary>
     /// A queue continuing after a device restart. The used ring in guest memory is the truth: used.idx
@@ -151,7 +151,7 @@ public sealed class SplitVirtqueue
     }
 
     public VirtqueueState State() =>
-        new(_size, true, _desc, _avail, _used, _lastAvail, _usedIdx, _signalledUsed);
+        new(_size, true, _desc.Value, _avail.Value, _used.Value, _lastAvail, _usedIdx, _signalledUsed);
 
     private VirtqueueError? CheckLayout()
     {

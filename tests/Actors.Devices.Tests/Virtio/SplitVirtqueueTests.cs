@@ -106,7 +106,7 @@ public sealed class SplitVirtqueueTests
         _m.SetU16(_d.Used + 2, 65533);
         _d.SetAvailIdx(65533);
         var q = SplitVirtqueue.FromState(new GuestRam(_m),
-            new VirtqueueState(Size, true, new(_d.Desc), new(_d.Avail), new(_d.Used), 65533, 65533, null), 0);
+            new VirtqueueState(Size, true, _d.Desc, _d.Avail, _d.Used, 65533, 65533, null), 0);
         for (var i = 0; i < 3 * Size; i++)
         {
             var head = (ushort)(i % Size);
@@ -515,7 +515,7 @@ public sealed class SplitVirtqueueTests
 
         var s = q.State();
 
-        Assert.Equal(new VirtqueueState(Size, true, new(_d.Desc), new(_d.Avail), new(_d.Used), 2, 2, 0), s);
+        Assert.Equal(new VirtqueueState(Size, true, _d.Desc, _d.Avail, _d.Used, 2, 2, 0), s);
         Assert.Equal(s with { SignalledUsed = null }, SplitVirtqueue.FromState(new GuestRam(_m), s, 0).State());
     }
 
