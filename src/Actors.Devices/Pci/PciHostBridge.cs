@@ -5,6 +5,10 @@ namespace ActorVmm.Devices.Pci;
 /// for the state record of the device actor that owns the model, not itself a record <see cref="DeviceStateCodec"/> knows.</summary>
 public sealed record PciHostBridgeSnapshot(uint ConfigAddress, PciConfigSpaceSnapshot HostBridge);
 
+/// <summary>The host bridge's state record (restarts, snapshots): the latched CONFIG_ADDRESS and the
+/// configuration space of function 00:00.0 (<see cref="PciHostBridge.StateProblem"/> checks its size).</summary>
+public sealed record PciHostBridgeState(uint ConfigAddress, byte[] HostBridgeConfig);
+
 /// <summary>
 /// The PCI host bridge as ONE bus device with three windows onto one <see cref="PciBus"/>, so the
 /// two configuration mechanisms reach the same functions through a single owner (one actor, no
@@ -29,7 +33,7 @@ public sealed record PciHostBridgeSnapshot(uint ConfigAddress, PciConfigSpaceSna
 /// QEMU's generic PCIe host bridge (1B36:0008, a Red Hat ID made for a VMM's host bridge, which
 /// Linux binds no quirk to).
 /// </summary>
-public sealed class PciHostBridge : IBusDevice
+public sealed class PciHostBridge : IStatefulDevice
 {
     public const ulong EcamWindow = 0x0000_0000;
     public const ulong ConfigAddressWindow = 0x1000_0000;
@@ -63,6 +67,21 @@ public sealed class PciHostBridge : IBusDevice
     }
 
     public PciHostBridgeSnapshot State() => new(ConfigAddress, HostBridge.State());
+
+    /// <summary>Function 00:00.0's configuration space is ECAM-sized.</summary>
+    public const int HostBridgeConfigBytes = 4096;
+
+    object IStatefulDevice.SaveState() => new PciHostBridgeState(ConfigAddress, HostBridge.State().Bytes);
+
+    /// <summary>A bridge (on a bus of its own) from its state record.</summary>
+    public static PciHostBridge FromState(PciHostBridgeState state) =>
+        FromState(new PciHostBridgeSnapshot(state.ConfigAddress, new PciConfigSpaceSnapshot(state.HostBridgeConfig, IntxLevel: false)), new PciBus());
+
+    /// <summary>Why <paramref name="state"/> cannot be restored, or null.</summary>
+    public static string? StateProblem(PciHostBridgeState state) =>
+        state.HostBridgeConfig.Length == HostBridgeConfigBytes
+            ? null
+            : $"the host bridge's configuration space must have {HostBridgeConfigBytes} bytes, not {state.HostBridgeConfig.Length}";
 
     public ulong Read(ulong offset, int size)
     {

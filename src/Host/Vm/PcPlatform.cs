@@ -1,4 +1,5 @@
 using ActorVmm.Devices;
+using ActorVmm.Devices.Pci;
 
 namespace ActorVmm.Host.Vm;
 
@@ -19,6 +20,7 @@ public static class PcPlatform
     public const string Port92Name = "port92";
     public const string ResetControlName = "reset-control";
     public const string AcpiPmName = "acpi-pm";
+    public const string PciName = "pci";
 
     /// <summary>The IOAPIC's ID: after the vcpus' APIC IDs where its 4-bit register allows (the MP
     /// table and MADT say the same). With 16 vcpus every 4-bit number is a CPU's: it wraps to 0, as the
@@ -98,6 +100,24 @@ public static class PcPlatform
             WaitForWrites = true,
         };
     }
+
+    /// <summary>
+    /// The PCI host bridge (<see cref="PciHostBridge"/>): bus 0's configuration space through mechanism #1
+    /// (CONFIG_ADDRESS, a dword at 0xCF8: one port here, so 0xCF9 stays the reset register, and a dword
+    /// access starting at 0xCF8 still reaches the bridge; CONFIG_DATA at 0xCFC-0xCFF) and through ECAM
+    /// (<see cref="Platform.PciEcamBase"/>, bus 0's 1 MiB). Function 00:00.0 is the bridge itself.
+    /// </summary>
+    public static DeviceSpec PciHost() =>
+        new(PciName, DeviceProtocol.Space.Port, Platform.PciConfigAddressPort, 1, _ => new PciHostBridge(),
+            (_, state) => PciHostBridge.FromState((PciHostBridgeState)state))
+        {
+            Window = PciHostBridge.ConfigAddressWindow,
+            MoreRanges =
+            [
+                new DeviceRange(DeviceProtocol.Space.Port, Platform.PciConfigDataPort, PciHostBridge.ConfigDataLength, PciHostBridge.ConfigDataWindow),
+                new DeviceRange(DeviceProtocol.Space.Mmio, Platform.PciEcamBase, Platform.PciEcamLength, PciHostBridge.EcamWindow),
+            ],
+        };
 
     /// <summary>The QEMU-convention debug-exit port. Its writes end the machine, so vcpus wait for them.</summary>
     public static DeviceSpec DebugExit() =>

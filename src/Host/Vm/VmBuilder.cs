@@ -93,7 +93,7 @@ public sealed class VmBuilder
         var firmwareImage = _spec.Boot.Firmware;
         var firmware = firmwareImage is not null;
         foreach (var chip in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware)
-                     .Concat(PcPlatform.ResetAndPowerManagement()))
+                     .Concat(PcPlatform.ResetAndPowerManagement()).Append(PcPlatform.PciHost()))
             if (_devices.All(d => d.Name != chip.Name)) _devices.Add(chip);
         if (_spec.TestDevices)
         {

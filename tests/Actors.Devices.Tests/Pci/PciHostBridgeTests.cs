@@ -251,4 +251,26 @@ public sealed class PciHostBridgeTests
         Assert.Equal(bridge.ConfigAddress, restored.ConfigAddress);
         Assert.Equal(0x33ul, restored.Read(Data, 1));
     }
+
+    [Fact]
+    public void Host_bridge_restored_from_its_state_record_through_the_codec_reads_the_same()
+    {
+        var bridge = new PciHostBridge();
+        bridge.Write(PciHostBridge.EcamWindow + 4, 2, 0x0006);                    // command: memory and bus master
+        bridge.Write(PciHostBridge.ConfigAddressWindow, 4, 0x8000_0004);          // latched CONFIG_ADDRESS
+        var record = ((IStatefulDevice)bridge).SaveState();
+        var restored = PciHostBridge.FromState((PciHostBridgeState)DeviceStateCodec.Decode(DeviceStateCodec.Encode(record)));
+
+        Assert.Equal(0x8000_0004UL, restored.Read(PciHostBridge.ConfigAddressWindow, 4));
+        Assert.Equal(0x0006UL, restored.Read(PciHostBridge.ConfigDataWindow, 2));  // through the latched address
+        Assert.Equal(bridge.Read(PciHostBridge.EcamWindow, 4), restored.Read(PciHostBridge.EcamWindow, 4));
+    }
+
+    [Fact]
+    public void Host_bridge_state_with_a_configuration_space_of_the_wrong_size_is_refused()
+    {
+        var json = """{"type": "pci-host-bridge", "state": {"configAddress": 0, "hostBridgeConfig": "AAAAAAAAAAAAAAAAAAAAAA=="}}"""u8.ToArray();
+        var e = Assert.Throws<SnapshotStateException>(() => DeviceStateCodec.Decode(json));
+        Assert.Contains("4096", e.Message);
+    }
 }
