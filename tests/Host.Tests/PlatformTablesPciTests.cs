@@ -403,7 +403,7 @@ public sealed class PlatformTablesPciTests : IDisposable
         .Select(l => (l.IndexOf("//", StringComparison.Ordinal) is var c and >= 0 ? l[..c] : l).Trim())
         .Where(l => l.Length > 0));
 
-    [IaslFact]
+    [AcpicaFact("iasl")]
     public void Iasl_must_disassemble_the_dsdt_into_the_root_bridge_it_describes()
     {
         var dsdt = Dsdt();
@@ -429,7 +429,7 @@ public sealed class PlatformTablesPciTests : IDisposable
         Assert.Equal(dsdt[36..], recompiled![36..]);
     }
 
-    [IaslFact]
+    [AcpicaFact("iasl")]
     public void Iasl_must_read_the_mcfg_as_one_ecam_range_for_bus_0()
     {
         var dsl = Disassemble(Find("MCFG"), "mcfg", out _);
@@ -440,15 +440,55 @@ public sealed class PlatformTablesPciTests : IDisposable
         Assert.Matches(@"End Bus Number : 00", dsl);
         Assert.DoesNotContain("Invalid", dsl);
     }
+    /// <summary>
+    /// ACPICA's acpiexec loads the DSDT into its namespace with the interpreter and the resource
+    /// manager Linux uses (AcpiGetIrqRoutingTable for _PRT, AcpiGetCurrentResources for _CRS) and
+    /// dumps what they read: 128 routing entries with no link device and the swizzled GSIs, and the
+    /// root bridge's windows.
+    /// </summary>
+    [AcpicaFact("acpiexec")]
+    public void Acpiexec_must_load_the_dsdt_and_read_the_routing_table_and_windows_linux_would_read()
+    {
+        var dir = Directory.CreateTempSubdirectory("actorvmm-acpiexec-");
+        try
+        {
+            File.WriteAllBytes(Path.Combine(dir.FullName, "dsdt.aml"), Dsdt());
+            var psi = new ProcessStartInfo("acpiexec", ["-b", "resources \\_SB.PCI0", "dsdt.aml"])
+                { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = dir.FullName };
+            using var exec = Process.Start(psi)!;
+            var output = exec.StandardOutput.ReadToEnd() + exec.StandardError.ReadToEnd();
+            Assert.True(exec.WaitForExit(30_000), "acpiexec did not finish");
+            var text = System.Text.RegularExpressions.Regex.Replace(output, @"[ \t]+", " ");
+
+            Assert.Contains("ACPI: 1 ACPI AML tables successfully acquired and loaded", text);
+            Assert.DoesNotContain("ACPI Error", text);
+            Assert.DoesNotContain("ACPI Warning", text);
+            var routes = System.Text.RegularExpressions.Regex.Matches(text,
+                @"PCI IRQ Routing Table Package\n Address : ([0-9A-F]+)\n Pin : ([0-9A-F]+)\n Source : \[NULL NAMESTRING\]\n Source Index : ([0-9A-F]+)");
+            Assert.Equal(128, routes.Count);
+            foreach (System.Text.RegularExpressions.Match m in routes)
+            {
+                var slot = (int)(Convert.ToUInt64(m.Groups[1].Value, 16) >> 16);
+                var pin = Convert.ToInt32(m.Groups[2].Value, 16);
+                Assert.Equal(16 + (slot + pin) % 4, Convert.ToInt32(m.Groups[3].Value, 16));
+            }
+            Assert.Contains("Resource Type : Bus Number Range\n Consumer/Producer : ResourceProducer", text);
+            Assert.Contains("I/O Resource\n Address Decoding : Decode16\n Address Minimum : 0CF8\n Address Maximum : 0CF8\n Alignment : 01\n Address Length : 08", text);
+            Assert.Contains("Address Minimum : 0000\n Address Maximum : 0CF7", text);
+            Assert.Contains("Address Minimum : C000\n Address Maximum : FFFF", text);
+            Assert.Contains("Address Minimum : D0000000\n Address Maximum : DFFFFFFF", text);
+        }
+        finally { dir.Delete(recursive: true); }
+    }
 }
 
-/// <summary>A fact that needs ACPICA's iasl (Debian: acpica-tools) on the PATH; skipped when it is not there.</summary>
-public sealed class IaslFactAttribute : FactAttribute
+/// <summary>A fact that needs one of ACPICA's tools (iasl, acpiexec; Debian: acpica-tools) on the PATH; skipped when it is not there.</summary>
+public sealed class AcpicaFactAttribute : FactAttribute
 {
-    public IaslFactAttribute()
+    public AcpicaFactAttribute(string tool)
     {
         var path = Environment.GetEnvironmentVariable("PATH") ?? "";
-        if (!path.Split(':').Any(d => d.Length > 0 && File.Exists(Path.Combine(d, "iasl"))))
-            Skip = "ACPICA's iasl is not installed (Debian package acpica-tools)";
+        if (!path.Split(':').Any(d => d.Length > 0 && File.Exists(Path.Combine(d, tool))))
+            Skip = $"ACPICA's {tool} is not installed (Debian package acpica-tools)";
     }
 }
