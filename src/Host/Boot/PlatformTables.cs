@@ -355,9 +355,9 @@ public static class PlatformTables
     /// bytes, then one 16-byte allocation structure per ECAM range: base address (8 bytes), PCI
     /// segment group (2), start and end bus number (1 each), 4 reserved. One range here: segment 0,
     /// buses 0-0 at <see cref="Platform.PciEcamBase"/> (1 MiB, <see cref="Platform.PciEcamLength"/>:
-    /// the ECAM of bus 0, PCIe Base §7.2.2). The same range is a motherboard resource in the DSDT,
-    /// which an OS may require before it uses ECAM (PCI Firmware 3.2 §4.1.2, the note on reserving
-    /// the range through PNP0C02).
+    /// the ECAM of bus 0, PCIe Base §7.2.2). PCI Firmware 3.2 §4.1.2 also wants the range reported
+    /// as a motherboard resource: the DSDT's PNP0C02 device (<see cref="MotherboardResourcesAml"/>)
+    /// holds it, and Linux uses the MCFG only once it finds the range reserved there or in the e820 map.
     /// </summary>
     public static byte[] McfgTable()
     {
