@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Pci;
 using ActorVmm.LibVmm;
 
 namespace ActorVmm.Host.Boot;
@@ -374,18 +375,19 @@ public static class PlatformTables
     public const byte PciLastBus = 0;
 
     /// <summary>
-    /// The GSIs (IOAPIC pins) the PCI INTx lines are wired to: INTA#-INTD# of device (slot) d go to
-    /// GSI <see cref="PciIntxGsiBase"/> + (d + pin) mod 4 (pin 0 = INTA#), the swizzle of the PCI
-    /// Local Bus 3.0 §2.2.6 / PCI-to-PCI Bridge 1.2 §9.1 table that spreads the INTA# of adjacent
-    /// slots over the four lines. The lines are PCI interrupts: level-triggered, active low
-    /// (PCI Local Bus 3.0 §2.2.6), and shareable.
+    /// The GSIs (IOAPIC pins) the PCI INTx wires are on, as the bus model wires them
+    /// (<see cref="PciInterruptRouting"/>): INTA#-INTD# of device (slot) d reach GSI
+    /// <see cref="PciIntxGsiBase"/> + (d + pin) mod 4 (pin 0 = INTA#), the swizzle of the
+    /// PCI-to-PCI Bridge Architecture 1.2 §9.1 table that spreads the INTA# of adjacent slots over
+    /// the four wires. They are PCI interrupts: level-triggered, active low (PCI Local Bus 3.0
+    /// §2.2.6), and shareable.
     /// </summary>
-    public const uint PciIntxGsiBase = 16;
-    public const int PciIntxLines = 4;
+    public const uint PciIntxGsiBase = PciInterruptRouting.FirstGsi;
+    public const int PciIntxLines = PciInterruptRouting.Wires;
     public const int PciSlots = 32;
 
     /// <summary>The GSI of <paramref name="slot"/>'s INTx pin <paramref name="pin"/> (0 = INTA# .. 3 = INTD#).</summary>
-    public static uint PciIntxGsi(int slot, int pin) => PciIntxGsiBase + (uint)((slot + pin) % PciIntxLines);
+    public static uint PciIntxGsi(int slot, int pin) => PciInterruptRouting.Gsi(slot, (PciInterruptPin)(pin + 1))!.Value;
 
     public const byte DsdtRevision = 2; // 64-bit AML integers (§5.2.11.1)
 
