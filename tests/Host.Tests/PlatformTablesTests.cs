@@ -107,10 +107,11 @@ public sealed class PlatformTablesTests : IDisposable
         Assert.Equal("RSDT", Ascii(rsdt, 0, 4));
         var xsdt = Table(U64(rsdp, 24));
         Assert.Equal("XSDT", Ascii(xsdt, 0, 4));
-        Assert.Equal(44, rsdt.Length);
-        Assert.Equal(52, xsdt.Length);
+        Assert.Equal(48, rsdt.Length); // MADT, FADT, MCFG
+        Assert.Equal(60, xsdt.Length);
         Assert.Equal(U32(rsdt, 36), U64(xsdt, 36));
         Assert.Equal(U32(rsdt, 40), U64(xsdt, 44));
+        Assert.Equal(U32(rsdt, 44), U64(xsdt, 52));
 
         var madt = Table(U32(rsdt, 36));
         Assert.Equal("APIC", Ascii(madt, 0, 4));
@@ -268,7 +269,7 @@ public sealed class PlatformTablesTests : IDisposable
         Assert.Equal(2, dsdt[8]);
         // Name (\_S5, Package (4) { 0x07, 0x07, Zero, Zero })
         byte[] s5 = [0x08, (byte)'\\', (byte)'_', (byte)'S', (byte)'5', (byte)'_', 0x12, 0x08, 0x04, 0x0A, 0x07, 0x0A, 0x07, 0x00, 0x00];
-        Assert.Equal(s5, dsdt[36..]);
+        Assert.Equal(s5, dsdt[36..(36 + s5.Length)]);
         Assert.Equal(AcpiPm.SleepTypeS5, s5[10]);
     }
 
@@ -282,7 +283,7 @@ public sealed class PlatformTablesTests : IDisposable
             ("RSDP", PlatformTables.Rsdp, PlatformTables.Rsdp + 36),
             ("FACS", PlatformTables.Facs, PlatformTables.Facs + 64),
         };
-        foreach (var at in new ulong[] { U32(rsdp, 16), U64(rsdp, 24), PlatformTables.Madt, PlatformTables.Fadt, PlatformTables.Dsdt })
+        foreach (var at in new ulong[] { U32(rsdp, 16), U64(rsdp, 24), PlatformTables.Madt, PlatformTables.Fadt, PlatformTables.Mcfg, PlatformTables.Dsdt })
             spans.Add((Ascii(Read(at, 4), 0, 4), at, at + U32(Read(at, 8), 4)));
         spans.Sort((a, b) => a.Start.CompareTo(b.Start));
         for (var i = 1; i < spans.Count; i++)

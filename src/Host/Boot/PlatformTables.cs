@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Pci;
 using ActorVmm.LibVmm;
 
 namespace ActorVmm.Host.Boot;
@@ -17,7 +18,7 @@ namespace ActorVmm.Host.Boot;
 /// IRQ 2 (IRQ 0 → INTIN 2, others identity; conforming polarity and trigger), and the local
 /// interrupt entries ExtINT → LINT0, NMI → LINT1 of every local APIC (virtual wire).</item>
 /// <item>0xF0800: RSDP "RSD PTR " revision 2 (16-byte aligned, inside 0xE0000-0xFFFFF), then
-/// RSDT and XSDT (each listing the MADT and the FADT), the MADT "APIC": one Processor Local APIC
+/// RSDT and XSDT (each listing the MADT, the FADT and the MCFG), the MADT "APIC": one Processor Local APIC
 /// entry per vcpu, one I/O APIC entry (GSI base 0), interrupt source overrides ISA IRQ 0 → GSI 2
 /// and the SCI (IRQ 9, level, active high), and a local APIC NMI on LINT1.</item>
 /// <item>0xF0A00: the FADT "FACP" (§5.2.9, revision 6.5): the ACPI PM block at
@@ -25,8 +26,12 @@ namespace ActorVmm.Host.Boot;
 /// and its Generic Address (X_) fields, SCI on IRQ 9, no SMI command port (always in ACPI mode),
 /// the reset register (I/O 0xCF9, value 0x06), the 8042 and legacy devices, no VGA.</item>
 /// <item>0xF0B40: the FACS (§5.2.10), 64-byte aligned: no waking vector, no global lock owner.</item>
-/// <item>0xF0B80: the DSDT (§5.2.11.1): the header and one AML object, <c>\_S5</c>, the S5 sleep
-/// type the PM block powers off on.</item>
+/// <item>0xF0B80: the MCFG (PCI Firmware 3.2 §4.1.2): ECAM at <see cref="Platform.PciEcamBase"/>,
+/// segment 0, buses 0-0.</item>
+/// <item>0xF0C00: the DSDT (§5.2.11.1): <c>\_S5</c>, the S5 sleep type the PM block powers off on;
+/// the PCI root bridge <c>\_SB.PCI0</c> with its windows and a _PRT routing every slot's INTx to
+/// GSIs <see cref="PciIntxGsiBase"/>-19; the ECAM range as a motherboard resource; COM1, the RTC
+/// and the 8042 keyboard as ISA devices (see <see cref="DsdtAml"/>).</item>
 /// </list>
 /// Every checksum makes its structure sum to zero (mod 256).
 /// </summary>
@@ -41,8 +46,11 @@ public static class PlatformTables
     public const ulong Madt = Rsdp + 0x100;
     public const ulong Fadt = Rsdp + 0x200;
     public const ulong Facs = Rsdp + 0x340;
-    public const ulong Dsdt = Rsdp + 0x380;
-    public const ulong End = Base + 0x1000;
+    public const ulong Mcfg = Rsdp + 0x380;
+    public const ulong Dsdt = Rsdp + 0x400;
+    /// <summary>The tables end below here (the DSDT, last, grows with its _PRT); the e820 map reserves
+    /// the whole BIOS area 0xF0000-0xFFFFF.</summary>
+    public const ulong End = Base + 0x2000;
 
     public const byte LocalApicVersion = 0x14;
     public const byte IoApicVersion = 0x20;
@@ -60,11 +68,12 @@ public static class PlatformTables
         memory.Write(new GuestPhysAddr(MpConfigTable), MpConfiguration(cpus, ioApicId));
         memory.Write(new GuestPhysAddr(MpFloatingPointer), MpFloating((uint)MpConfigTable));
         memory.Write(new GuestPhysAddr(Madt), MadtTable(cpus, ioApicId));
+        memory.Write(new GuestPhysAddr(Mcfg), McfgTable());
         memory.Write(new GuestPhysAddr(Dsdt), DsdtTable());
         memory.Write(new GuestPhysAddr(Facs), FacsStructure());
         memory.Write(new GuestPhysAddr(Fadt), FadtTable(Facs, Dsdt));
-        memory.Write(new GuestPhysAddr(Rsdt), RsdtTable([(uint)Madt, (uint)Fadt]));
-        memory.Write(new GuestPhysAddr(Xsdt), XsdtTable([Madt, Fadt]));
+        memory.Write(new GuestPhysAddr(Rsdt), RsdtTable([(uint)Madt, (uint)Fadt, (uint)Mcfg]));
+        memory.Write(new GuestPhysAddr(Xsdt), XsdtTable([Madt, Fadt, Mcfg]));
         memory.Write(new GuestPhysAddr(Rsdp), RsdpStructure((uint)Rsdt, Xsdt));
     }
 
@@ -339,38 +348,178 @@ public static class PlatformTables
         return b;
     }
 
-    public const byte DsdtRevision = 2; // 64-bit AML integers (§5.2.11.1)
+    public const int McfgLength = 44 + 16;
+    public const byte McfgRevision = 1;
 
     /// <summary>
-    /// The DSDT (§5.2.11.1): the header and an AML body (ACPI §20) holding one object,
-    /// <c>Name (\_S5, Package (4) { SLP_TYP, SLP_TYP, 0, 0 })</c>: the PM1a and PM1b SLP_TYP values
-    /// of S5 and two reserved bytes (§7.4.2 "\_Sx (System States)").
+    /// The MCFG (PCI Firmware Specification 3.2 §4.1.2, Table 4-2/4-3): the header, 8 reserved
+    /// bytes, then one 16-byte allocation structure per ECAM range: base address (8 bytes), PCI
+    /// segment group (2), start and end bus number (1 each), 4 reserved. One range here: segment 0,
+    /// buses 0-0 at <see cref="Platform.PciEcamBase"/> (1 MiB, <see cref="Platform.PciEcamLength"/>:
+    /// the ECAM of bus 0, PCIe Base §7.2.2). PCI Firmware 3.2 §4.1.2 also wants the range reported
+    /// as a motherboard resource: the DSDT's PNP0C02 device (<see cref="MotherboardResourcesAml"/>)
+    /// holds it, and Linux uses the MCFG only once it finds the range reserved there or in the e820 map.
     /// </summary>
+    public static byte[] McfgTable()
+    {
+        var t = Header("MCFG", McfgLength, McfgRevision);
+        U64(t, 44, Platform.PciEcamBase);
+        U16(t, 52, 0);              // PCI segment group
+        t[54] = 0;                  // start bus
+        t[55] = PciLastBus;         // end bus
+        t[9] = Checksum(t);
+        return t;
+    }
+
+    /// <summary>The root bridge decodes bus 0 only (its _CRS bus range, the MCFG's end bus).</summary>
+    public const byte PciLastBus = 0;
+
+    /// <summary>
+    /// The GSIs (IOAPIC pins) the PCI INTx wires are on, as the bus model wires them
+    /// (<see cref="PciInterruptRouting"/>): INTA#-INTD# of device (slot) d reach GSI
+    /// <see cref="PciIntxGsiBase"/> + (d + pin) mod 4 (pin 0 = INTA#), the swizzle of the
+    /// PCI-to-PCI Bridge Architecture 1.2 §9.1 table that spreads the INTA# of adjacent slots over
+    /// the four wires. They are PCI interrupts: level-triggered, active low (PCI Local Bus 3.0
+    /// §2.2.6), and shareable.
+    /// </summary>
+    public const uint PciIntxGsiBase = PciInterruptRouting.FirstGsi;
+    public const int PciIntxLines = PciInterruptRouting.Wires;
+    public const int PciSlots = 32;
+
+    /// <summary>The GSI of <paramref name="slot"/>'s INTx pin <paramref name="pin"/> (0 = INTA# .. 3 = INTD#).</summary>
+    public static uint PciIntxGsi(int slot, int pin) => PciInterruptRouting.Gsi(slot, (PciInterruptPin)(pin + 1))!.Value;
+
+    public const byte DsdtRevision = 2; // 64-bit AML integers (§5.2.11.1)
+
+    /// <summary>The DSDT (§5.2.11.1): the header and the AML body of <see cref="DsdtAml"/>.</summary>
     public static byte[] DsdtTable()
     {
-        byte[] aml = S5Aml(AcpiPm.SleepTypeS5);
+        byte[] aml = DsdtAml();
         var t = Header("DSDT", 36 + aml.Length, DsdtRevision);
         aml.CopyTo(t, 36);
         t[9] = Checksum(t);
         return t;
     }
 
-    // AML opcodes (ACPI §20.3).
-    public const byte AmlNameOp = 0x08, AmlPackageOp = 0x12, AmlBytePrefix = 0x0A, AmlZeroOp = 0x00, AmlRootChar = (byte)'\\';
+    /// <summary>
+    /// The DSDT's AML (ACPI §20), as this ASL would compile:
+    /// <code>
+    /// Name (\_S5, Package (4) { SLP_TYP, SLP_TYP, 0, 0 })  // §7.4.2: PM1a, PM1b SLP_TYP of S5
+    /// Scope (\_SB) {
+    ///   Device (PCI0) {                                     // §6.1.5 _HID, §6.1.2 _CID
+    ///     Name (_HID, EisaId ("PNP0A08"))                   // PCI Express root bridge (PCI Firmware 3.2 §4.1.5)
+    ///     Name (_CID, EisaId ("PNP0A03"))                   // compatible: PCI root bridge
+    ///     Name (_SEG, 0)  Name (_BBN, 0)  Name (_UID, 0)    // §6.5.6 _SEG, §6.5.5 _BBN, §6.1.12 _UID
+    ///     Name (_CRS, ResourceTemplate () {                 // §6.2.2; PCI Firmware 3.2 §4.1.3
+    ///       WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0, 0, 1)
+    ///       IO (Decode16, 0x0CF8, 0x0CF8, 1, 8)            // configuration mechanism #1, consumed
+    ///       WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, 0x0000, 0x0CF7, 0, 0x0CF8)
+    ///       WordIO (..., 0, 0xC000, 0xFFFF, 0, 0x4000)       // PciIoWindow
+    ///       DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+    ///                    0, 0xD0000000, 0xDFFFFFFF, 0, 0x10000000)  // PciMmioWindow
+    ///     })
+    ///     Name (_PRT, Package (128) {                       // §6.2.13, one entry per slot and pin
+    ///       Package (4) { 0xSSSSFFFF, pin, Zero, 16 + (slot + pin) % 4 }, ...
+    ///     })
+    ///   }
+    ///   Device (MRES) {                                     // motherboard resources: the ECAM
+    ///     Name (_HID, EisaId ("PNP0C02"))  Name (_UID, 0)
+    ///     Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite, 0xC0000000, 0x00100000) })
+    ///   }
+    ///   Device (COM1) { Name (_HID, EisaId ("PNP0501"))  Name (_UID, 1)
+    ///     Name (_CRS, ResourceTemplate () { IO (Decode16, 0x03F8, 0x03F8, 1, 8)  IRQNoFlags () { 4 } }) }
+    ///   Device (RTC) { Name (_HID, EisaId ("PNP0B00"))
+    ///     Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0070, 0x0070, 1, 2)  IRQNoFlags () { 8 } }) }
+    ///   Device (KBD) { Name (_HID, EisaId ("PNP0303"))
+    ///     Name (_CRS, ResourceTemplate () { IO (Decode16, 0x0060, 0x0060, 1, 1)
+    ///                                       IO (Decode16, 0x0064, 0x0064, 1, 1)  IRQNoFlags () { 1 } }) }
+    /// }
+    /// </code>
+    /// The _PRT entries name no link device (Source = Zero): each pin is hard-wired to the GSI in
+    /// Source Index (§6.2.13, "the second model"), which an OS takes as a PCI interrupt:
+    /// level-triggered, active low, shareable. So the MADT needs no override for GSIs 16-19
+    /// (interrupt source overrides describe ISA IRQs only, §5.2.12.5). No _OSC: it only hands
+    /// PCI Express native features (hotplug, AER, PME, ASPM; PCI Firmware 3.2 §4.5) to the OS,
+    /// and there is no PCI Express port here; MSI/MSI-X and ECAM do not depend on it.
+    /// </summary>
+    public static byte[] DsdtAml() =>
+    [
+        .. S5Aml(AcpiPm.SleepTypeS5),
+        .. Aml.Scope("\\_SB", PciRootBridgeAml(), MotherboardResourcesAml(), Com1Aml(), RtcAml(), KeyboardAml()),
+    ];
+
+    /// <summary>The root bridge <c>Device (PCI0)</c> of <see cref="DsdtAml"/>.</summary>
+    public static byte[] PciRootBridgeAml() => Aml.Device("PCI0",
+        Aml.Name("_HID", Aml.EisaId("PNP0A08")),
+        Aml.Name("_CID", Aml.EisaId("PNP0A03")),
+        Aml.Name("_SEG", Aml.Integer(0)),
+        Aml.Name("_BBN", Aml.Integer(0)),
+        Aml.Name("_UID", Aml.Integer(0)),
+        Aml.Name("_CRS", Aml.ResourceTemplate(
+            Aml.WordAddress(Aml.BusNumberRange, 0, PciLastBus),
+            Aml.Io(Platform.PciConfigAddressPort, Platform.PciConfigAddressPort, 1, PciConfigLength),
+            Aml.WordAddress(Aml.IoRange, 0, (ushort)(Platform.PciConfigAddressPort - 1)),
+            Aml.WordAddress(Aml.IoRange, Platform.PciIoWindowBase, (ushort)(Platform.PciIoWindowBase + Platform.PciIoWindowLength - 1)),
+            Aml.DWordMemory((uint)Platform.PciMmioWindowBase, (uint)(Platform.PciMmioWindowBase + Platform.PciMmioWindowLength - 1)))),
+        Aml.Name("_PRT", PciRoutingTableAml()));
+
+    /// <summary>Configuration mechanism #1's ports, CONFIG_ADDRESS and CONFIG_DATA: 0xCF8-0xCFF.</summary>
+    public const byte PciConfigLength = 8;
+
+    /// <summary><c>Package (128) { Package (4) { Address, Pin, Source, Source Index }, ... }</c>
+    /// (§6.2.13, Table "Mapping Fields"): Address is the slot as in _ADR with the function all
+    /// ones (0xSSSSFFFF, any function), Pin 0-3 = INTA#-INTD#, Source Zero, Source Index the GSI.</summary>
+    public static byte[] PciRoutingTableAml()
+    {
+        var entries = new List<byte[]>();
+        for (var slot = 0; slot < PciSlots; slot++)
+            for (var pin = 0; pin < PciIntxLines; pin++)
+                entries.Add(Aml.Package(
+                    Aml.Integer((uint)slot << 16 | 0xFFFF),
+                    Aml.Integer((ulong)pin),
+                    Aml.Integer(0),
+                    Aml.Integer(PciIntxGsi(slot, pin))));
+        return Aml.Package([.. entries]);
+    }
+
+    /// <summary><c>Device (MRES)</c>: a PNP0C02 device ("motherboard resources", reserved by the OS
+    /// and given to no driver) holding the ECAM range, so an OS that checks the MCFG range against
+    /// the motherboard resources (Linux: "MMCONFIG ... reserved as ACPI motherboard resource")
+    /// uses it.</summary>
+    public static byte[] MotherboardResourcesAml() => Aml.Device("MRES",
+        Aml.Name("_HID", Aml.EisaId("PNP0C02")),
+        Aml.Name("_UID", Aml.Integer(0)),
+        Aml.Name("_CRS", Aml.ResourceTemplate(Aml.Memory32Fixed((uint)Platform.PciEcamBase, (uint)Platform.PciEcamLength))));
+
+    /// <summary><c>Device (COM1)</c>: a 16550A-compatible UART (PNP0501) at 0x3F8-0x3FF on ISA IRQ 4.</summary>
+    public static byte[] Com1Aml() => Aml.Device("COM1",
+        Aml.Name("_HID", Aml.EisaId("PNP0501")),
+        Aml.Name("_UID", Aml.Integer(1)),
+        Aml.Name("_CRS", Aml.ResourceTemplate(
+            Aml.Io(Platform.Com1Port, Platform.Com1Port, 1, (byte)Platform.Com1Length),
+            Aml.IrqNoFlags((int)Platform.Com1Gsi))));
+
+    /// <summary><c>Device (RTC)</c>: the AT real-time clock / CMOS (PNP0B00) at 0x70-0x71 on ISA IRQ 8.</summary>
+    public static byte[] RtcAml() => Aml.Device("RTC",
+        Aml.Name("_HID", Aml.EisaId("PNP0B00")),
+        Aml.Name("_CRS", Aml.ResourceTemplate(
+            Aml.Io(Platform.RtcPort, Platform.RtcPort, 1, (byte)Platform.RtcLength),
+            Aml.IrqNoFlags(Platform.RtcIrq))));
+
+    /// <summary><c>Device (KBD)</c>: the 8042 keyboard controller (PNP0303), data 0x60 and
+    /// command/status 0x64, keyboard on ISA IRQ 1. No PS/2 mouse (the 8042 has no aux port here).</summary>
+    public static byte[] KeyboardAml() => Aml.Device("KBD",
+        Aml.Name("_HID", Aml.EisaId("PNP0303")),
+        Aml.Name("_CRS", Aml.ResourceTemplate(
+            Aml.Io(Platform.I8042DataPort, Platform.I8042DataPort, 1, 1),
+            Aml.Io(Platform.I8042CommandPort, Platform.I8042CommandPort, 1, 1),
+            Aml.IrqNoFlags((int)Platform.KeyboardGsi))));
 
     /// <summary><c>Name (\_S5, Package (4) { s5, s5, Zero, Zero })</c> in AML: NameOp, the rooted
     /// NameString "\_S5_", PackageOp with a one-byte PkgLength (it counts itself) and NumElements,
-    /// then the elements (ByteConst for the type, ZeroOp for the reserved ones).</summary>
-    public static byte[] S5Aml(byte s5)
-    {
-        byte[] elements = [AmlBytePrefix, s5, AmlBytePrefix, s5, AmlZeroOp, AmlZeroOp];
-        var package = new byte[2 + 1 + elements.Length];
-        package[0] = AmlPackageOp;
-        package[1] = (byte)(package.Length - 1); // PkgLength: itself, NumElements and the elements (< 64: one byte)
-        package[2] = 4;                          // NumElements
-        elements.CopyTo(package, 3);
-        return [AmlNameOp, AmlRootChar, (byte)'_', (byte)'S', (byte)'5', (byte)'_', .. package];
-    }
+    /// then the elements (the type as the shortest integer, ByteConst for 7; ZeroOp for the reserved ones).</summary>
+    public static byte[] S5Aml(byte s5) =>
+        Aml.Name("\\_S5", Aml.Package(Aml.Integer(s5), Aml.Integer(s5), Aml.Integer(0), Aml.Integer(0)));
 
     /// <summary>The 36-byte system description table header (ACPI §5.2.6); checksum at 9 left 0.</summary>
     private static byte[] Header(string signature, int length, byte revision)
