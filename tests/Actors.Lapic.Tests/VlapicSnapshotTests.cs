@@ -77,6 +77,8 @@ public sealed class VlapicSnapshotTests : TestKit
         Write(TimerDivide, 0b1011);
         Write(LvtTimer, 0x61);
         Write(TimerInitialCount, 1_000_000);                       // 1 ms at the default 1 GHz
+        first.Tell(GetStats.Instance);                             // the writes are handled (mailbox order):
+        await ExpectMsgAsync<Stats>();                             // the timer started at 0 on the clock
         Scheduler.Advance(TimeSpan.FromMilliseconds(0.25));
         first.Tell(GetState.Instance);
         var state = (await ExpectMsgAsync<StateReply>()).State;
