@@ -44,15 +44,28 @@ public static class HostRunner
                 akka.actor.provider = remote
                 akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
                 akka.remote.log-remote-lifecycle-events = off
+                {{ClusterCertificate.RemotingConfig}}
                 """).WithFallback(config);
             RemotingTransport.WithoutDotNettyLogging();
         }
-        var system = ActorSystem.Create(name, config
+        config = config
             .WithFallback(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig))
-            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)));
+            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig));
+        var setup = BootstrapSetup.Create().WithConfig(config);
+        var system = control
+            ? ActorSystem.Create(name, setup.And(ClusterCertificate.Remoting(ClusterCertificate.LoadOrCreate(CertificatePath(config)))))
+            : ActorSystem.Create(name, setup);
         if (control) system.ActorOf(ControlProtocol.DirectoryProps(ControlAddress(system)), ControlProtocol.DirectoryName);
         return system;
     }
+
+    /// <summary>The host directory: actorvmm.control.directory, else <see cref="HostDirectory.DefaultPath"/>.</summary>
+    public static string DirectoryOf(Akka.Configuration.Config config) =>
+        config.GetString("actorvmm.control.directory", "") is { Length: > 0 } d ? d : HostDirectory.DefaultPath();
+
+    /// <summary>The cluster certificate: actorvmm.cluster.certificate, else cluster.pfx in the host directory.</summary>
+    public static string CertificatePath(Akka.Configuration.Config config) =>
+        config.GetString("actorvmm.cluster.certificate", "") is { Length: > 0 } c ? c : ClusterCertificate.DefaultPath(DirectoryOf(config));
 
     /// <summary>"127.0.0.1:PORT": what `ctl --host` takes for this system.</summary>
     public static string ControlAddress(ActorSystem system)
@@ -134,7 +147,7 @@ public static class HostRunner
                 return VmProtocol.Outcome.HostErrorCode;
             }
             catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
-                                          or Akka.Configuration.ConfigurationException)
+                                          or Akka.Configuration.ConfigurationException or ClusterSecurityException)
             {
                 await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
@@ -146,8 +159,7 @@ public static class HostRunner
             {
                 var hub = trace is null ? ActorRefs.Nobody : system.ActorOf(TraceProtocol.Props(vm.Name, trace), $"trace-{running.Actor.Path.Name}");
                 system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub));
-                var directory = config.GetString("actorvmm.control.directory", "");
-                try { announcement = HostDirectory.Announce(string.IsNullOrEmpty(directory) ? HostDirectory.DefaultPath() : directory, ControlAddress(system), [vm.Name]); }
+                try { announcement = HostDirectory.Announce(DirectoryOf(config), ControlAddress(system), [vm.Name]); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
                 {
                     Log.Warning("cannot announce the control address ({Reason}); use ctl --host {Address}", e.Message, ControlAddress(system));

@@ -1,3 +1,4 @@
+using System.Security.Cryptography.X509Certificates;
 using System.Text;
 using Akka.Actor;
 using Akka.Configuration;
@@ -30,9 +31,20 @@ public sealed class ControlClient : IAsyncDisposable
         _timeout = timeout;
     }
 
-    public static ControlClient Create(TimeSpan? timeout = null)
+    /// <summary>
+    /// A client that proves it may control the hosts with the cluster certificate: <paramref name="certificate"/>,
+    /// else cluster.pfx in <paramref name="directory"/> (else in the default host directory). It must
+    /// be the hosts' own; a client without it cannot reach them.
+    /// </summary>
+    public static ControlClient Create(TimeSpan? timeout = null, string? directory = null, string? certificate = null)
     {
-        var config = ConfigurationFactory.ParseString("""
+        var path = certificate ?? ClusterCertificate.DefaultPath(directory ?? HostDirectory.DefaultPath());
+        if (!File.Exists(path))
+            throw new ControlException($"no cluster certificate at {path}: no host of this user has run with that directory (or give the hosts' certificate)");
+        X509Certificate2 loaded;
+        try { loaded = ClusterCertificate.Load(path); }
+        catch (ClusterSecurityException e) { throw new ControlException(e.Message); }
+        var config = ConfigurationFactory.ParseString($$"""
             akka.loglevel = ERROR
             akka.stdout-loglevel = OFF
             akka.log-dead-letters = off
@@ -40,16 +52,19 @@ public sealed class ControlClient : IAsyncDisposable
             akka.remote.dot-netty.tcp { hostname = "127.0.0.1", port = 0, connection-timeout = 60 s }
             akka.remote.log-remote-lifecycle-events = off
             akka.coordinated-shutdown.run-by-clr-shutdown-hook = off
-            akka.actor.serializers.hyperion = "Akka.Serialization.HyperionSerializer, Akka.Serialization.Hyperion"
+            akka.actor.serializers.hyperion = "ActorVmm.Host.Control.LazyHyperionSerializer, actorvmm"
             akka.actor.serialization-bindings { "System.Object" = hyperion }
+            {{ClusterCertificate.RemotingConfig}}
             """);
         RemotingTransport.WithoutDotNettyLogging();
-        return new ControlClient(ActorSystem.Create("actorvmm-ctl", config), timeout ?? DefaultTimeout);
+        var setup = BootstrapSetup.Create().WithConfig(config).And(ClusterCertificate.Remoting(loaded));
+        return new ControlClient(ActorSystem.Create("actorvmm-ctl", setup), timeout ?? DefaultTimeout);
     }
 
-    /// <summary>"127.0.0.1:4711" or a full akka.tcp address → the host's actor system address.</summary>
+    /// <summary>"127.0.0.1:4711" or a full akka.ssl.tcp address → the host's actor system address
+    /// (remoting over TLS: the akka.ssl.tcp protocol).</summary>
     public static string HostAddress(string host) =>
-        host.StartsWith("akka.tcp://", StringComparison.Ordinal) ? host.TrimEnd('/') : $"akka.tcp://{HostSystemName}@{host}";
+        host.StartsWith("akka.ssl.tcp://", StringComparison.Ordinal) ? host.TrimEnd('/') : $"akka.ssl.tcp://{HostSystemName}@{host}";
 
     /// <summary>Asks one host for its VMs.</summary>
     public async Task<ControlProtocol.VmList> ListAsync(string host)
