@@ -32,16 +32,23 @@ public static class HostRunner
     /// <summary>The actor system for VMs: the given configuration over the built-in defaults. With
     /// <paramref name="control"/>, remoting listens on actorvmm.control.hostname:port (127.0.0.1 by
     /// default) and the directory of VMs runs at /user/vmm for `actorvmm ctl`.</summary>
-    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm", bool control = false)
+    /// <remarks>With <paramref name="cluster"/> (a host node, `actorvmm host`), the provider is Akka.Cluster's, remoting
+    /// listens on actorvmm.cluster.hostname:port and the node's own actors come from <see cref="Cluster.HostNode"/>.</remarks>
+    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm", bool control = false, bool cluster = false)
     {
+        if (cluster)
+        {
+            control = true;
+            config = Cluster.HostNode.ClusterConfig(config).WithFallback(config);
+        }
         if (control)
         {
-            var hostname = config.GetString("actorvmm.control.hostname", "127.0.0.1");
-            var port = config.GetInt("actorvmm.control.port", 0);
+            var hostname = config.GetString(cluster ? "actorvmm.cluster.hostname" : "actorvmm.control.hostname", "127.0.0.1");
+            var port = config.GetInt(cluster ? "actorvmm.cluster.port" : "actorvmm.control.port", 0);
             // connection-timeout bounds a new association's handshake: 60 s, not 15, so that a
             // heavily loaded host (an emulated CI machine) still answers its first `ctl`.
             config = ConfigurationFactory.ParseString($$"""
-                akka.actor.provider = remote
+                akka.actor.provider = {{(cluster ? "cluster" : "remote")}}
                 akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
                 akka.remote.log-remote-lifecycle-events = off
                 {{ClusterCertificate.RemotingConfig}}
@@ -55,7 +62,7 @@ public static class HostRunner
         var system = control
             ? ActorSystem.Create(name, setup.And(ClusterCertificate.Remoting(ClusterCertificate.LoadOrCreate(CertificatePath(config)))))
             : ActorSystem.Create(name, setup);
-        if (control) system.ActorOf(ControlProtocol.DirectoryProps(ControlAddress(system)), ControlProtocol.DirectoryName);
+        if (control && !cluster) system.ActorOf(ControlProtocol.DirectoryProps(ControlAddress(system)), ControlProtocol.DirectoryName);
         return system;
     }
 

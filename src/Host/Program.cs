@@ -34,6 +34,7 @@ namespace ActorVmm.Host
             root.Add(RunCommand());
             root.Add(DemoCommand());
             root.Add(CtlCommand());
+            root.Add(HostCommand());
 
             var parse = root.Parse(args);
             if (parse.Errors.Count > 0)
@@ -190,6 +191,35 @@ namespace ActorVmm.Host
             return command;
         }
 
+        /// <summary>`actorvmm host`: a host node of a cluster (see Cluster.HostNode).</summary>
+        private static Command HostCommand()
+        {
+            var config = new Option<string?>("--config") { Description = "a HOCON file: actorvmm.cluster settings and the defaults of the node's VMs" };
+            var port = new Option<string?>("--port") { Description = "the port the node listens on (default actorvmm.cluster.port; 0 = any free port)" };
+            var hostname = new Option<string?>("--hostname") { Description = "the address the node listens on (default 127.0.0.1)" };
+            var seeds = new Option<string[]>("--seed") { Description = "HOST:PORT of a node to join (repeat for several); none: start a new cluster", AllowMultipleArgumentsPerToken = false };
+            var roles = new Option<string?>("--roles") { Description = "the node's cluster roles, comma-separated" };
+            var directory = new Option<string?>("--directory") { Description = "the host directory (announcements, cluster certificate)" };
+            var certificate = new Option<string?>("--certificate") { Description = "the cluster certificate (default: cluster.pfx in the host directory)" };
+            var command = new Command("host", "run a host node: join (or start) a cluster and run the VMs `ctl run` places on it")
+                { config, port, hostname, seeds, roles, directory, certificate };
+            command.SetAction(async (parse, _) =>
+            {
+                var settings = new List<KeyValuePair<string, string>>();
+                if (parse.GetValue(port) is { } p) settings.Add(new("actorvmm.cluster.port", p));
+                if (parse.GetValue(hostname) is { } h) settings.Add(new("actorvmm.cluster.hostname", h));
+                if (parse.GetValue(directory) is { } d) settings.Add(new("actorvmm.control.directory", d));
+                if (parse.GetValue(certificate) is { } c) settings.Add(new("actorvmm.cluster.certificate", c));
+                var hocon = ConfigValues.From(settings).WithFallback(VmConfig.Load(parse.GetValue(config)));
+                if (parse.GetValue(roles) is { } r)
+                    hocon = ConfigurationFactory.ParseString($"actorvmm.cluster.roles = [{string.Join(", ", r.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => "\"" + x.Replace("\"", "") + "\""))}]").WithFallback(hocon);
+                var seedList = parse.GetValue(seeds) is { Length: > 0 } given ? given : hocon.GetStringList("actorvmm.cluster.seeds")?.ToArray() ?? [];
+                HostRunner.ConfigureLogging(Serilog.Events.LogEventLevel.Information);
+                return await Cluster.HostNode.RunAsync(hocon, seedList, Console.Out, Console.Error);
+            });
+            return command;
+        }
+
         private static Command DemoCommand()
         {
             var trace = new Option<string?>("--trace") { Description = "also write the message trace to FILE as JSON lines" };
@@ -263,13 +293,21 @@ namespace ActorVmm.Host
                 list.SetAction(async (parse, _) =>
                 {
                     await using var client = Client(parse);
+                    // Nodes of one cluster each answer with the whole cluster's VMs: each VM once.
+                    var seen = new HashSet<(string, string)>();
                     foreach (var h in Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)))
                     {
                         var vms = await client.ListAsync(h);
                         foreach (var v in vms.Vms)
                         {
+                            if (!seen.Add((v.Node, v.Name))) continue;
+                            if (v.Ended.Length > 0)
+                            {
+                                Console.Out.WriteLine($"{v.Name,-16} {"Ended",-8} node={v.Node} {v.Ended}");
+                                continue;
+                            }
                             var status = await client.StatusAsync(v.Actor);
-                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} host={vms.Host} pid={vms.Pid}");
+                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} node={v.Node}");
                         }
                     }
                     return 0;
@@ -342,6 +380,62 @@ namespace ActorVmm.Host
                     return 0;
                 });
                 ctl.Add(trace);
+            }
+            {
+                var host = Host();
+                var vmName = Vm();
+                var node = new Option<string?>("--node") { Description = "the node to run it on, HOST:PORT (default: the least loaded)" };
+                var options = new VmOptions();
+                var run = new Command("run", "start a VM on a host node of the cluster (actorvmm host); file paths are the node's") { vmName, host, node };
+                options.AddTo(run);
+                run.SetAction(async (parse, _) =>
+                {
+                    var settings = options.Settings(parse, absolute: true);
+                    if (parse.GetValue(options.Config) is { } file)
+                    {
+                        // The file is read here; what it says about the VM is sent as settings (never as HOCON text a host would parse).
+                        var fromFile = ConfigValues.Flatten(VmConfig.Load(file), "actorvmm.vm").Where(kv => !settings.Any(s => s.Key == kv.Key));
+                        settings.InsertRange(0, fromFile);
+                    }
+                    await using var client = Client(parse);
+                    var hosts = Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory));
+                    var placed = await client.RunVmAsync(hosts[0], parse.GetValue(vmName)!, settings, parse.GetValue(node));
+                    Console.Out.WriteLine($"{parse.GetValue(vmName)} runs on {placed}");
+                    return 0;
+                });
+                ctl.Add(run);
+            }
+            {
+                var host = Host();
+                var nodes = new Command("nodes", "the host nodes of the cluster: address, status, reachability, roles") { host };
+                nodes.SetAction(async (parse, _) =>
+                {
+                    await using var client = Client(parse);
+                    var members = await client.NodesAsync(Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory))[0]);
+                    foreach (var m in members.Nodes)
+                        Console.Out.WriteLine($"{m.Node,-22} {m.Status,-8} {(m.Reachable ? "reachable" : "unreachable"),-11}{(m.Node == members.Leader ? " leader" : "")}" +
+                                              $"{(m.Roles.Length > 0 ? " roles=" + string.Join(",", m.Roles) : "")}");
+                    return 0;
+                });
+                ctl.Add(nodes);
+            }
+            {
+                var host = Host();
+                var vmName = Vm();
+                var follow = new Option<bool>("--follow", "-f") { Description = "keep printing what the guest writes, and send what you type to it (Ctrl-C to stop)" };
+                var console = new Command("console", "a VM's serial console, wherever it runs: what it wrote so far, or a live session") { vmName, host, follow };
+                console.SetAction(async (parse, cancel) =>
+                {
+                    await using var client = Client(parse);
+                    var entry = await client.FindEntryAsync(parse.GetValue(vmName)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
+                    using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+                    Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
+                    var follow_ = parse.GetValue(follow);
+                    var ended = await client.ConsoleAsync(entry, follow_, Console.OpenStandardOutput(), follow_ ? Console.In : null, stop.Token);
+                    if (ended is not null) await Console.Error.WriteLineAsync($"actorvmm: {entry.Name}: {ended}");
+                    return 0;
+                });
+                ctl.Add(console);
             }
             ctl.Add(WithVm("mem", "guest memory: resident, swapped, held, accessed and dirty pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
             return ctl;
