@@ -162,10 +162,15 @@ public static class HostRunner
             var system = starting.Result; // up: the VM's actors are in it
 
             IDisposable? announcement = null;
+            IActorRef? consoleHub = null;
             if (control)
             {
                 var hub = trace is null ? ActorRefs.Nobody : system.ActorOf(TraceProtocol.Props(vm.Name, trace), $"trace-{running.Actor.Path.Name}");
-                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub));
+                consoleHub = system.ActorOf(Cluster.ConsoleProtocol.Props(vm.Name), $"console-{running.Actor.Path.Name}");
+                var target = consoleHub;
+                console.AddSink(bytes => target.Tell(new Cluster.ConsoleProtocol.Output(bytes)));
+                consoleHub.Tell(new Cluster.ConsoleProtocol.Connect(running.Actor));
+                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub) { Console = consoleHub });
                 try { announcement = HostDirectory.Announce(DirectoryOf(config), ControlAddress(system), [vm.Name]); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
                 {
@@ -183,6 +188,7 @@ public static class HostRunner
                     : await running.Ended;
                 StartupTimes.Mark("guest ended");
                 console.Flush();
+                consoleHub?.Tell(new Cluster.ConsoleProtocol.VmEnded($"{Describe(outcome)} (exit code {outcome.ExitCode})"));
                 if (options.PrintTrace && trace is not null) PrintTrace(trace, Console.Out);
                 if (vm.PerfettoPath is not null && trace is not null)
                 {
