@@ -154,9 +154,14 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         var node1 = $"127.0.0.1:{port1}";
         var node2 = $"127.0.0.1:{port2}";
 
-        var (code, stdout, stderr) = await Ctl(null, "run", "--vm", "echo", "--node", node2, "--flat", EchoGuest(), "--host", node1);
+        var (code, stdout, stderr) = await Ctl(null, "run", "--vm", "echo", "--node", node2, "--flat", EchoGuest(), "--host", node1,
+            "--trace", Path.Combine(_dir, "echo-trace.jsonl"));
         Assert.True(code == 0, stderr);
         Assert.Contains($"echo runs on {node2}", stdout);
+        // Its message trace, read through the other node while it polls its UART.
+        (code, stdout, stderr) = await Ctl(null, "trace", "--vm", "echo", "-n", "5", "--host", node1);
+        Assert.True(code == 0, stderr);
+        Assert.Contains("uart0", stdout);
         // Placement: node 2 has a VM, node 1 none, so the next goes to node 1.
         (code, stdout, stderr) = await Ctl(null, "run", "--vm", "printer", "--flat", PrinterGuest(), "--host", node2);
         Assert.True(code == 0, stderr);

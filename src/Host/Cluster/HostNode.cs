@@ -40,6 +40,9 @@ public static class HostNode
               run-coordinated-shutdown-when-down = on
               log-info = off
             }
+            # Off: Akka.Cluster.Tools warns "failed to find an associated singleton" at every proxy start,
+            # before it could have looked (a known Akka.NET defect); placement answers for itself.
+            akka.cluster.singleton-proxy.log-singleton-identification-failure = off
             akka.coordinated-shutdown.exit-clr = off
             """);
     }
