@@ -133,7 +133,9 @@ public sealed class VirtioNet : IVirtioDevice
     private readonly Func<ulong> _driverFeatures;
     private readonly byte[] _config = new byte[ConfigSize];
     private readonly byte[] _tx = new byte[MaxPacket];
-    private readonly byte[] _rx = new byte[MaxPacket];
+    // One byte more than the largest packet: a longer frame reads as too long whether the backend reports
+    // its full length or only what fit.
+    private readonly byte[] _rx = new byte[MaxPacket + 1];
     private readonly Queue<byte[]> _held = new();
     private readonly List<DescriptorChain> _reserved = [];
     private SplitVirtqueue? _reservedRing;
