@@ -153,6 +153,15 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         var port2 = await StartNode(port1);
         var node1 = $"127.0.0.1:{port1}";
         var node2 = $"127.0.0.1:{port2}";
+        var joined = DateTime.UtcNow + TimeSpan.FromMinutes(3);
+        while (true)
+        {
+            var (rc, nodes, err) = await Ctl(null, "nodes", "--host", node1);
+            Assert.True(rc == 0, err);
+            if (nodes.Split('\n').Count(l => l.Contains(" Up ") && l.Contains(" reachable")) == 2) break;
+            Assert.True(DateTime.UtcNow < joined, $"node 1 does not see both nodes Up: {nodes}");
+            await Task.Delay(1000);
+        }
 
         var (code, stdout, stderr) = await Ctl(null, "run", "--vm", "echo", "--node", node2, "--flat", EchoGuest(), "--host", node1,
             "--trace", Path.Combine(_dir, "echo-trace.jsonl"));

@@ -106,17 +106,19 @@ public sealed class NodeActor : ReceiveActor
         _vms.Values.OrderBy(v => v.Name, StringComparer.Ordinal)
             .Select(v => new ControlProtocol.VmEntry(v.Name, v.Actor, v.Trace, v.Console, _node, v.Ended)).ToArray();
 
-    /// <summary>Every Up member's VMs, gathered; a member that does not answer in time is left out.</summary>
+    /// <summary>Every reachable Up member's VMs, gathered; a member that does not answer in time is left out
+    /// (30 s: the first message between two nodes builds their serializers, seconds on a slow machine).</summary>
     private void ListCluster()
     {
-        var members = _cluster.State.Members.Where(m => m.Status == MemberStatus.Up).Select(m => m.Address).ToList();
+        var state = _cluster.State;
+        var members = state.Members.Where(m => m.Status == MemberStatus.Up && !state.Unreachable.Contains(m)).Select(m => m.Address).ToList();
         if (!members.Contains(_cluster.SelfAddress)) members.Add(_cluster.SelfAddress);
         var asks = members.Select(async address =>
         {
             try
             {
                 return await Context.ActorSelection(new RootActorPath(address) / "user" / ControlProtocol.DirectoryName)
-                    .Ask<NodeProtocol.LocalVms>(NodeProtocol.ListLocal.Instance, TimeSpan.FromSeconds(5));
+                    .Ask<NodeProtocol.LocalVms>(NodeProtocol.ListLocal.Instance, TimeSpan.FromSeconds(30));
             }
             catch (Exception) { return new NodeProtocol.LocalVms(NodeProtocol.NodeName(address), []); }
         }).ToList();

@@ -21,7 +21,9 @@ public sealed class PlacementActor : ReceiveActor, IWithStash
     /// <summary>How long a node may take to build and start a VM (KVM set-up, loading the image).</summary>
     public static readonly TimeSpan StartLimit = TimeSpan.FromMinutes(5);
 
-    private static readonly TimeSpan LoadLimit = TimeSpan.FromSeconds(5);
+    /// <summary>How long a reachable node may take to report its load: generous, because the first message
+    /// between two nodes builds their serializers (seconds on a slow or emulated machine).</summary>
+    private static readonly TimeSpan LoadLimit = TimeSpan.FromSeconds(30);
 
     private sealed record Decided(object Answer, IActorRef Client);
 
@@ -62,7 +64,8 @@ public sealed class PlacementActor : ReceiveActor, IWithStash
     private async Task<object> Place(NodeProtocol.RunVm run)
     {
         var cluster = Akka.Cluster.Cluster.Get(Context.System);
-        var members = cluster.State.Members.Where(m => m.Status == MemberStatus.Up).ToList();
+        var state = cluster.State;
+        var members = state.Members.Where(m => m.Status == MemberStatus.Up && !state.Unreachable.Contains(m)).ToList();
         var system = Context.System;
         var loads = (await Task.WhenAll(members.Select(async m =>
         {
