@@ -53,7 +53,14 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             l.Start();
             port = ((IPEndPoint)l.LocalEndpoint).Port;
         }
-        var args = new List<string> { "host", "--port", port.ToString(), "--directory", _dir };
+        // This test is not about failure detection: a generous heartbeat pause, so that a loaded or
+        // emulated machine (the KVM box runs 30-50 times slower) never takes a slow node for a dead one.
+        var config = Path.Combine(_dir, "node.conf");
+        await File.WriteAllTextAsync(config, """
+            actorvmm.cluster.failure-detector.acceptable-heartbeat-pause = 60s
+            actorvmm.cluster.split-brain-resolver.stable-after = 60s
+            """);
+        var args = new List<string> { "host", "--port", port.ToString(), "--directory", _dir, "--config", config };
         if (seed is { } s) args.AddRange(["--seed", $"127.0.0.1:{s}"]);
         var p = Process.Start(Actorvmm([.. args]))!;
         p.StandardInput.Close();

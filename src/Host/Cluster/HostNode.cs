@@ -25,7 +25,7 @@ public static class HostNode
         if (strategy is not ("keep-oldest" or "keep-majority"))
             throw new Config.ConfigException($"actorvmm.cluster.split-brain-resolver.strategy must be keep-oldest or keep-majority, not \"{strategy}\"");
         var stableAfter = config.GetString("actorvmm.cluster.split-brain-resolver.stable-after", "7s");
-        var heartbeatPause = config.GetString("actorvmm.cluster.failure-detector.acceptable-heartbeat-pause", "3s");
+        var heartbeatPause = config.GetString("actorvmm.cluster.failure-detector.acceptable-heartbeat-pause", "5s");
         string Quote(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
         return ConfigurationFactory.ParseString($$"""
             akka.cluster {
