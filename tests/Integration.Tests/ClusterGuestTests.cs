@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
+using ActorVmm.Host.Control;
 using ActorVmm.Host.Guests;
 using ActorVmm.Testing;
 using Iced.Intel;
@@ -160,54 +161,45 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         var port2 = await StartNode(port1);
         var node1 = $"127.0.0.1:{port1}";
         var node2 = $"127.0.0.1:{port2}";
+        // What `ctl` does, in this process (a ctl process per step costs a minute in the KVM box); the
+        // console session below is the real `actorvmm ctl` executable.
+        await using var client = ControlClient.Create(TimeSpan.FromMinutes(2), _dir);
         var joined = DateTime.UtcNow + TimeSpan.FromMinutes(3);
-        while (true)
+        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < 2)
         {
-            var (rc, nodes, err) = await Ctl(null, "nodes", "--host", node1);
-            Assert.True(rc == 0, err);
-            if (nodes.Split('\n').Count(l => l.Contains(" Up ") && l.Contains(" reachable")) == 2) break;
-            Assert.True(DateTime.UtcNow < joined, $"node 1 does not see both nodes Up: {nodes}");
+            Assert.True(DateTime.UtcNow < joined, "node 1 does not see both nodes Up");
             await Task.Delay(1000);
         }
 
-        var (code, stdout, stderr) = await Ctl(null, "run", "--vm", "echo", "--node", node2, "--flat", EchoGuest(), "--host", node1,
-            "--trace", Path.Combine(_dir, "echo-trace.jsonl"));
-        Assert.True(code == 0, stderr);
-        Assert.Contains($"echo runs on {node2}", stdout);
+        KeyValuePair<string, string>[] Flat(string path) => [new("actorvmm.vm.boot.flat", path)];
+        Assert.Equal(node2, await client.RunVmAsync(node1, "echo", [.. Flat(EchoGuest()), new("actorvmm.vm.trace", Path.Combine(_dir, "echo.jsonl"))], node2));
         // Its message trace, read through the other node while it polls its UART.
-        (code, stdout, stderr) = await Ctl(null, "trace", "--vm", "echo", "-n", "5", "--host", node1);
-        Assert.True(code == 0, stderr);
-        Assert.Contains("uart0", stdout);
+        var echoEntry = await client.FindEntryAsync("echo", [node1]);
+        Assert.Equal(node2, echoEntry.Node);
+        Assert.Contains(await client.RecentTraceAsync(echoEntry, 5, ""), l => l.Receiver.Contains("uart0"));
         // Placement: node 2 has a VM, node 1 none, so the next goes to node 1.
-        (code, stdout, stderr) = await Ctl(null, "run", "--vm", "printer", "--flat", PrinterGuest(), "--host", node2);
-        Assert.True(code == 0, stderr);
-        Assert.Contains($"printer runs on {node1}", stdout);
+        Assert.Equal(node1, await client.RunVmAsync(node2, "printer", Flat(PrinterGuest()), null));
         // Names are the cluster's: the same name is refused whichever node is asked.
-        (code, _, stderr) = await Ctl(null, "run", "--vm", "echo", "--flat", PrinterGuest(), "--host", node1);
-        Assert.Equal(2, code);
-        Assert.Contains($"a VM named echo is already on {node2}", stderr);
+        var refused = await Assert.ThrowsAsync<ControlException>(() => client.RunVmAsync(node1, "echo", Flat(PrinterGuest()), null));
+        Assert.Contains($"a VM named echo is already on {node2}", refused.Message);
 
         // The printer's output, read through the node it does not run on, once it has ended.
         var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(5);
-        string list;
-        while (true)
+        ControlProtocol.VmEntry printer;
+        while ((printer = await client.FindEntryAsync("printer", [node2])).Ended.Length == 0)
         {
-            (code, list, stderr) = await Ctl(null, "list", "--host", node2);
-            Assert.True(code == 0, stderr);
-            if (list.Contains("printer") && list.Split('\n').First(l => l.StartsWith("printer")).Contains("Ended")) break;
-            Assert.True(DateTime.UtcNow < deadline, $"the printer did not end: {list}");
+            Assert.True(DateTime.UtcNow < deadline, "the printer did not end");
             await Task.Delay(1000);
         }
-        Assert.Contains($"node={node1}", list.Split('\n').First(l => l.StartsWith("printer")));
-        Assert.Contains("exit code 0", list);
-        Assert.Contains($"node={node2}", list.Split('\n').First(l => l.StartsWith("echo ")));
-        (code, stdout, stderr) = await Ctl(null, "console", "--vm", "printer", "--host", node2);
-        Assert.True(code == 0, stderr);
-        Assert.Equal("printer says hi\n", stdout);
+        Assert.Equal(node1, printer.Node);
+        Assert.Contains("exit code 0", printer.Ended);
+        using var output = new MemoryStream();
+        Assert.Contains("exit code 0", await client.ConsoleAsync(printer, follow: false, output, input: null, CancellationToken.None));
+        Assert.Equal("printer says hi\n", Encoding.ASCII.GetString(output.ToArray()));
 
-        // A live console session with the echo guest through node 1: what is typed reaches the guest,
-        // what it echoes comes back, and the session ends with the VM.
-        (code, stdout, stderr) = await Ctl("hello\nq\n", "console", "--vm", "echo", "--follow", "--host", node1);
+        // A live console session with the echo guest through node 1 (the ctl executable): what is typed
+        // reaches the guest, what it echoes comes back, and the session ends with the VM.
+        var (code, stdout, stderr) = await Ctl("hello\nq\n", "console", "--vm", "echo", "--follow", "--host", node1);
         Assert.True(code == 0, stderr);
         Assert.Equal("ready\nhello\nbye\n", stdout);
         Assert.Contains("exit code 15", stderr);

@@ -51,6 +51,9 @@ public sealed class ControlClient : IAsyncDisposable
             akka.actor.provider = remote
             akka.remote.dot-netty.tcp { hostname = "127.0.0.1", port = 0, connection-timeout = 60 s }
             akka.remote.log-remote-lifecycle-events = off
+            # ctl watches the actors it follows (trace, console): a host whose first heartbeats come
+            # slowly (a loaded or emulated machine) is not to be taken for a dead one.
+            akka.remote.watch-failure-detector.acceptable-heartbeat-pause = 60 s
             akka.coordinated-shutdown.run-by-clr-shutdown-hook = off
             akka.actor.serializers.hyperion = "ActorVmm.Host.Control.LazyHyperionSerializer, actorvmm"
             akka.actor.serialization-bindings { "System.Object" = hyperion }
