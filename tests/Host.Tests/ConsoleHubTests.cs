@@ -93,16 +93,19 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
         ExpectNoMsg(TimeSpan.FromMilliseconds(200));
     }
 
-    private sealed class Forward : ReceiveActor
+    private sealed class Forward : UntypedActor
     {
-        public Forward(IActorRef to) => ReceiveAny(m => to.Tell(m));
+        private readonly IActorRef _to;
+
+        public Forward(IActorRef to) => _to = to;
+
+        protected override void OnReceive(object message) => _to.Tell(message);
     }
 
-    private sealed class FakeVm : ReceiveActor
+    private sealed class FakeVm : UntypedActor
     {
-        public FakeVm(IActorRef to)
-        {
-            Context.ActorOf(Props.Create(() => new Forward(to)), "uart0");
-        }
+        public FakeVm(IActorRef to) => Context.ActorOf(Props.Create<Forward>(to), "uart0");
+
+        protected override void OnReceive(object message) => Unhandled(message);
     }
 }
