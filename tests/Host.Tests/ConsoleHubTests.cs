@@ -82,6 +82,8 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
     {
         // The hub sends to the VM's child "uart0": stand in a VM actor whose child forwards to the test.
         var fakeVm = Sys.ActorOf(Props.Create(() => new FakeVm(TestActor)), "fake-vm");
+        Sys.ActorSelection(fakeVm.Path / "uart0").Tell("ready?"); // its child exists once this comes back
+        ExpectMsg("ready?");
         var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
         hub.Tell(new ConsoleProtocol.Connect(fakeVm));
         hub.Tell(new ConsoleProtocol.Input(Bytes("ls\n")));
