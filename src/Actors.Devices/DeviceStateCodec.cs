@@ -42,6 +42,7 @@ public static class DeviceStateCodec
         Of<PcTestDeviceState>("pc-testdev", PcTestDevice.StateProblem),
         Of<ActorVmm.Devices.Virtio.VirtioPciTransportState>("virtio-pci"),
         Of<ActorVmm.Devices.Pci.PciHostBridgeState>("pci-host-bridge", ActorVmm.Devices.Pci.PciHostBridge.StateProblem),
+        Of<ActorVmm.Devices.Virtio.VirtioPciFunctionState>("virtio-pci-function", ActorVmm.Devices.Virtio.VirtioPciFunction.StateProblem),
     ];
 
     private static readonly Dictionary<string, Entry> ByName = Entries.ToDictionary(e => e.Name, StringComparer.Ordinal);

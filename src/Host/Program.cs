@@ -81,9 +81,10 @@ namespace ActorVmm.Host
             {
                 Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
             };
+            var rng = new Option<bool>("--rng") { Description = "a virtio entropy device (virtio-rng, PCI 00:01.0) fed from the host's RandomNumberGenerator" };
             var restore = new Option<string?>("--restore") { Description = "start the VM snapshotted in DIR (`ctl snapshot`) where it stopped; its pages are read on first touch" };
             var restoreEager = new Option<bool>("--restore-eager") { Description = "with --restore: read all of guest memory before the first instruction" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices, restore, restoreEager };
+            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices, rng, restore, restoreEager };
             command.SetAction(async (parse, _) =>
             {
                 var overrides = new List<KeyValuePair<string, string>>();
@@ -102,6 +103,7 @@ namespace ActorVmm.Host
                 Override("lapic", parse.GetValue(lapic));
                 Override("cpu", parse.GetValue(cpu));
                 if (parse.GetValue(testDevices)) Override("test-devices", "on");
+                if (parse.GetValue(rng)) Override("rng", "on");
                 Override("boot.kernel", parse.GetValue(kernel));
                 Override("boot.initrd", parse.GetValue(initrd));
                 Override("boot.append", parse.GetValue(append));
@@ -122,7 +124,7 @@ namespace ActorVmm.Host
                     {
                         ("--memory", parse.GetValue(memory) is not null), ("--cpus", parse.GetValue(cpus) is not null),
                         ("--lapic", parse.GetValue(lapic) is not null), ("--cpu", parse.GetValue(cpu) is not null),
-                        ("--shm", parse.GetValue(shm) is not null), ("--test-devices", parse.GetValue(testDevices)),
+                        ("--shm", parse.GetValue(shm) is not null), ("--test-devices", parse.GetValue(testDevices)), ("--rng", parse.GetValue(rng)),
                         ("--kernel", parse.GetValue(kernel) is not null), ("--initrd", parse.GetValue(initrd) is not null),
                         ("--append", parse.GetValue(append) is not null), ("--firmware", parse.GetValue(firmware) is not null),
                         ("--flat", parse.GetValue(flat) is not null),
