@@ -18,6 +18,7 @@ const string usage = """
            actorvmm-bench ipipath [round trips] [repetitions] [bare|actors|pool|all|trace|alloc]  the host's share of an emulated IPI round trip (no KVM needed); trace: its messages; alloc: its allocations by type
            actorvmm-bench iopath [exits] [repetitions]  the host's share of a port I/O exit, devices inline vs on the thread pool (no KVM needed)
            actorvmm-bench startup [runs]     process start to exit of `actorvmm run` and of QEMU for a trivial guest, and where ActorVmm's time goes
+           actorvmm-bench hostmem [vms]      host memory per VM: idle 1-vcpu 16 MiB VMs in one host node, beyond guest RAM (needs /dev/kvm)
            actorvmm-bench snapshot [runs]    snapshot latency and `run --restore` latency (lazy, eager) of a 128 MiB guest with 16 MiB touched (needs /dev/kvm)
     """;
 if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
@@ -29,7 +30,7 @@ if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 var counts = new int?[args.Length];
 for (var i = 0; i < args.Length; i++)
     counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
-var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" ? 1 : 0;
+var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" ? 1 : 0;
 var last = args.Length > 0 && args[0] is "faults" or "ipipath" ? Math.Min(args.Length, 3)
     : args.Length > 0 && args[0] is "lapic" ? Math.Min(args.Length, 5) : args.Length; // what follows the counts is a mode
 for (var i = first; i < last; i++)
@@ -49,6 +50,8 @@ if (args.Length > 0 && args[0] == "lapic")
     return await ActorVmm.Bench.LapicBench.RunAsync(Count(1, 2_000), Count(2, 500), Count(3, 1_000), Count(4, 3), args.Length > 5 ? args[5] : "all");
 if (args.Length > 0 && args[0] == "startup")
     return await ActorVmm.Bench.StartupBench.RunAsync(Count(1, 10));
+if (args.Length > 0 && args[0] == "hostmem")
+    return await ActorVmm.Bench.HostMemoryBench.RunAsync(Count(1, 100));
 if (args.Length > 0 && args[0] == "snapshot")
     return await ActorVmm.Bench.SnapshotBench.RunAsync(Count(1, 5));
 if (args.Length > 0 && args[0] == "ipipath")

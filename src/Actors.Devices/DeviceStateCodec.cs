@@ -41,6 +41,9 @@ public static class DeviceStateCodec
         Of<SystemControlPortAState>("system-control-port-a"),
         Of<PcTestDeviceState>("pc-testdev", PcTestDevice.StateProblem),
         Of<ActorVmm.Devices.Virtio.VirtioPciTransportState>("virtio-pci"),
+        Of<ActorVmm.Devices.Virtio.VirtioBlkState>("virtio-blk"),
+        Of<ActorVmm.Devices.Virtio.VirtioConsoleState>("virtio-console", ActorVmm.Devices.Virtio.VirtioConsole.StateProblem),
+        Of<ActorVmm.Devices.Virtio.VirtioNetState>("virtio-net", ActorVmm.Devices.Virtio.VirtioNet.StateProblem),
         Of<ActorVmm.Devices.Pci.PciHostBridgeState>("pci-host-bridge", ActorVmm.Devices.Pci.PciHostBridge.StateProblem),
         Of<ActorVmm.Devices.Virtio.VirtioPciFunctionState>("virtio-pci-function", ActorVmm.Devices.Virtio.VirtioPciFunction.StateProblem),
     ];

@@ -32,27 +32,47 @@ public static class HostRunner
     /// <summary>The actor system for VMs: the given configuration over the built-in defaults. With
     /// <paramref name="control"/>, remoting listens on actorvmm.control.hostname:port (127.0.0.1 by
     /// default) and the directory of VMs runs at /user/vmm for `actorvmm ctl`.</summary>
-    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm", bool control = false)
+    /// <remarks>With <paramref name="cluster"/> (a host node, `actorvmm host`), the provider is Akka.Cluster's, remoting
+    /// listens on actorvmm.cluster.hostname:port and the node's own actors come from <see cref="Cluster.HostNode"/>.</remarks>
+    public static ActorSystem CreateSystem(Akka.Configuration.Config config, string name = "actorvmm", bool control = false, bool cluster = false)
     {
+        if (cluster)
+        {
+            control = true;
+            config = Cluster.HostNode.ClusterConfig(config).WithFallback(config);
+        }
         if (control)
         {
-            var hostname = config.GetString("actorvmm.control.hostname", "127.0.0.1");
-            var port = config.GetInt("actorvmm.control.port", 0);
+            var hostname = config.GetString(cluster ? "actorvmm.cluster.hostname" : "actorvmm.control.hostname", "127.0.0.1");
+            var port = config.GetInt(cluster ? "actorvmm.cluster.port" : "actorvmm.control.port", 0);
             // connection-timeout bounds a new association's handshake: 60 s, not 15, so that a
             // heavily loaded host (an emulated CI machine) still answers its first `ctl`.
             config = ConfigurationFactory.ParseString($$"""
-                akka.actor.provider = remote
+                akka.actor.provider = {{(cluster ? "cluster" : "remote")}}
                 akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
                 akka.remote.log-remote-lifecycle-events = off
+                {{ClusterCertificate.RemotingConfig}}
                 """).WithFallback(config);
             RemotingTransport.WithoutDotNettyLogging();
         }
-        var system = ActorSystem.Create(name, config
+        config = config
             .WithFallback(ConfigurationFactory.ParseString(VcpuProtocol.DefaultConfig))
-            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig)));
-        if (control) system.ActorOf(ControlProtocol.DirectoryProps(ControlAddress(system)), ControlProtocol.DirectoryName);
+            .WithFallback(ConfigurationFactory.ParseString(TracedMailboxType.DefaultConfig));
+        var setup = BootstrapSetup.Create().WithConfig(config);
+        var system = control
+            ? ActorSystem.Create(name, setup.And(ClusterCertificate.Remoting(ClusterCertificate.LoadOrCreate(CertificatePath(config)))))
+            : ActorSystem.Create(name, setup);
+        if (control && !cluster) system.ActorOf(ControlProtocol.DirectoryProps(ControlAddress(system)), ControlProtocol.DirectoryName);
         return system;
     }
+
+    /// <summary>The host directory: actorvmm.control.directory, else <see cref="HostDirectory.DefaultPath"/>.</summary>
+    public static string DirectoryOf(Akka.Configuration.Config config) =>
+        config.GetString("actorvmm.control.directory", "") is { Length: > 0 } d ? d : HostDirectory.DefaultPath();
+
+    /// <summary>The cluster certificate: actorvmm.cluster.certificate, else cluster.pfx in the host directory.</summary>
+    public static string CertificatePath(Akka.Configuration.Config config) =>
+        config.GetString("actorvmm.cluster.certificate", "") is { Length: > 0 } c ? c : ClusterCertificate.DefaultPath(DirectoryOf(config));
 
     /// <summary>"127.0.0.1:PORT": what `ctl --host` takes for this system.</summary>
     public static string ControlAddress(ActorSystem system)
@@ -134,7 +154,7 @@ public static class HostRunner
                 return VmProtocol.Outcome.HostErrorCode;
             }
             catch (Exception e) when (e is Akka.Remote.RemoteTransportException or System.Net.Sockets.SocketException
-                                          or Akka.Configuration.ConfigurationException)
+                                          or Akka.Configuration.ConfigurationException or ClusterSecurityException)
             {
                 await stderr.WriteLineAsync($"actorvmm: error: cannot start the control endpoint: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
@@ -142,12 +162,16 @@ public static class HostRunner
             var system = starting.Result; // up: the VM's actors are in it
 
             IDisposable? announcement = null;
+            IActorRef? consoleHub = null;
             if (control)
             {
                 var hub = trace is null ? ActorRefs.Nobody : system.ActorOf(TraceProtocol.Props(vm.Name, trace), $"trace-{running.Actor.Path.Name}");
-                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub));
-                var directory = config.GetString("actorvmm.control.directory", "");
-                try { announcement = HostDirectory.Announce(string.IsNullOrEmpty(directory) ? HostDirectory.DefaultPath() : directory, ControlAddress(system), [vm.Name]); }
+                consoleHub = system.ActorOf(Cluster.ConsoleProtocol.Props(vm.Name), $"console-{running.Actor.Path.Name}");
+                var target = consoleHub;
+                console.AddSink(bytes => target.Tell(new Cluster.ConsoleProtocol.Output(bytes)));
+                consoleHub.Tell(new Cluster.ConsoleProtocol.Connect(running.Actor));
+                system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub) { Console = consoleHub });
+                try { announcement = HostDirectory.Announce(DirectoryOf(config), ControlAddress(system), [vm.Name]); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
                 {
                     Log.Warning("cannot announce the control address ({Reason}); use ctl --host {Address}", e.Message, ControlAddress(system));
@@ -164,6 +188,7 @@ public static class HostRunner
                     : await running.Ended;
                 StartupTimes.Mark("guest ended");
                 console.Flush();
+                consoleHub?.Tell(new Cluster.ConsoleProtocol.VmEnded($"{Describe(outcome)} (exit code {outcome.ExitCode})"));
                 if (options.PrintTrace && trace is not null) PrintTrace(trace, Console.Out);
                 if (vm.PerfettoPath is not null && trace is not null)
                 {

@@ -34,6 +34,7 @@ namespace ActorVmm.Host
             root.Add(RunCommand());
             root.Add(DemoCommand());
             root.Add(CtlCommand());
+            root.Add(HostCommand());
 
             var parse = root.Parse(args);
             if (parse.Errors.Count > 0)
@@ -48,7 +49,7 @@ namespace ActorVmm.Host
                 // take seconds on a slow host): no forced exit two seconds after a Ctrl-C.
                 return await parse.InvokeAsync(new InvocationConfiguration { EnableDefaultExceptionHandler = false, ProcessTerminationTimeout = null });
             }
-            catch (Exception e) when (e is ConfigException or BootException or VmBuildException or Control.ControlException)
+            catch (Exception e) when (e is ConfigException or BootException or VmBuildException or Control.ControlException or Control.ClusterSecurityException)
             {
                 await Console.Error.WriteLineAsync($"actorvmm: error: {e.Message}");
                 return VmProtocol.Outcome.HostErrorCode;
@@ -56,79 +57,113 @@ namespace ActorVmm.Host
             finally { StartupTimes.Write(Console.Error); }
         }
 
-        private static Command RunCommand()
+        /// <summary>
+        /// The options that describe a VM, shared by `run` and `ctl run`: each becomes a setting under
+        /// actorvmm.vm (the same keys a HOCON file has), so a VM given on the command line, in a file
+        /// or sent to a host node is read by one code path (<see cref="VmConfig.From"/>, <see cref="BootSource.FromConfig"/>).
+        /// </summary>
+        internal sealed class VmOptions
         {
-            var config = new Option<string?>("--config") { Description = "a HOCON VM file (see hocon/vms/example.conf)" };
-            var memory = new Option<string?>("--memory", "-m") { Description = "guest RAM, e.g. 64M, 1G" };
-            var cpus = new Option<string?>("--cpus") { Description = "number of vcpus (1-16); vcpu 0 boots" };
-            var name = new Option<string?>("--name") { Description = "VM name" };
-            var firmware = new Option<string?>("--firmware") { Description = "flat firmware image placed below 4 GiB (reset vector F000:FFF0)" };
-            var flat = new Option<string?>("--flat") { Description = "flat binary loaded at --load-address, entered in real mode" };
-            var loadAddress = new Option<string?>("--load-address") { Description = "where --flat loads (default 0x7C00)" };
-            var entry = new Option<string?>("--entry") { Description = "real-mode entry CS:IP in hex for --flat (default from the load address)" };
-            var kernel = new Option<string?>("--kernel") { Description = "a kernel image, recognised by its contents (multiboot ELF or Linux bzImage)" };
-            var initrd = new Option<string?>("--initrd") { Description = "with --kernel: the initial ramdisk (Linux) or first module (multiboot)" };
-            var append = new Option<string?>("--append") { Description = "with --kernel: the kernel command line" };
-            var serial = new Option<string?>("--serial") { Description = "serial console output: stdout or a file" };
-            var trace = new Option<string?>("--trace") { Description = "write the message trace to FILE as JSON lines" };
-            var timeout = new Option<string?>("--timeout") { Description = "stop the VM after this many seconds" };
-            var perfetto = new Option<string?>("--perfetto") { Description = "write the message trace to FILE for the Perfetto UI when the VM ends" };
-            var traceFilter = new Option<string?>("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
-            var lapic = new Option<string?>("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
-            var cpu = new Option<string?>("--cpu") { Description = "CPU model: host[,+feature|-feature...], e.g. host,-x2apic,-pcid,-tsc-deadline (QEMU's -cpu syntax)" };
-            var shm = new Option<string?>("--shm") { Description = "FILE[,SIZE]: a shared-memory device at 0xE0000000 backed by FILE (created or extended to SIZE); wires all guest memory" };
-            var testDevices = new Option<bool>("--test-devices")
+            public readonly Option<string?> Config = new("--config") { Description = "a HOCON VM file (see hocon/vms/example.conf)" };
+            public readonly Option<string?> Memory = new("--memory", "-m") { Description = "guest RAM, e.g. 64M, 1G" };
+            public readonly Option<string?> Cpus = new("--cpus") { Description = "number of vcpus (1-16); vcpu 0 boots" };
+            public readonly Option<string?> Firmware = new("--firmware") { Description = "flat firmware image placed below 4 GiB (reset vector F000:FFF0)" };
+            public readonly Option<string?> Flat = new("--flat") { Description = "flat binary loaded at --load-address, entered in real mode" };
+            public readonly Option<string?> LoadAddress = new("--load-address") { Description = "where --flat loads (default 0x7C00)" };
+            public readonly Option<string?> Entry = new("--entry") { Description = "real-mode entry CS:IP in hex for --flat (default from the load address)" };
+            public readonly Option<string?> Kernel = new("--kernel") { Description = "a kernel image, recognised by its contents (multiboot ELF or Linux bzImage)" };
+            public readonly Option<string?> Initrd = new("--initrd") { Description = "with --kernel: the initial ramdisk (Linux) or first module (multiboot)" };
+            public readonly Option<string?> Append = new("--append") { Description = "with --kernel: the kernel command line" };
+            public readonly Option<string?> Serial = new("--serial") { Description = "serial console output: stdout or a file" };
+            public readonly Option<string?> Trace = new("--trace") { Description = "write the message trace to FILE as JSON lines" };
+            public readonly Option<string?> Timeout = new("--timeout") { Description = "stop the VM after this many seconds" };
+            public readonly Option<string?> Perfetto = new("--perfetto") { Description = "write the message trace to FILE for the Perfetto UI when the VM ends" };
+            public readonly Option<string?> TraceFilter = new("--trace-filter") { Description = "keep only some of the trace: actor=NAME,type=NAME,sample=N" };
+            public readonly Option<string?> Lapic = new("--lapic") { Description = "local APICs: emulated (vlapic actors) or assisted (in KVM: split irqchip)" };
+            public readonly Option<string?> Cpu = new("--cpu") { Description = "CPU model: host[,+feature|-feature...], e.g. host,-x2apic,-pcid,-tsc-deadline (QEMU's -cpu syntax)" };
+            public readonly Option<string?> Shm = new("--shm") { Description = "FILE[,SIZE]: a shared-memory device at 0xE0000000 backed by FILE (created or extended to SIZE); wires all guest memory" };
+            public readonly Option<bool> TestDevices = new("--test-devices")
             {
                 Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
             };
-            var rng = new Option<bool>("--rng") { Description = "a virtio entropy device (virtio-rng, PCI 00:01.0) fed from the host's RandomNumberGenerator" };
-            var restore = new Option<string?>("--restore") { Description = "start the VM snapshotted in DIR (`ctl snapshot`) where it stopped; its pages are read on first touch" };
-            var restoreEager = new Option<bool>("--restore-eager") { Description = "with --restore: read all of guest memory before the first instruction" };
-            var command = new Command("run", "run a VM") { config, memory, cpus, name, firmware, flat, loadAddress, entry, kernel, initrd, append, serial, trace, timeout, perfetto, traceFilter, lapic, cpu, shm, testDevices, rng, restore, restoreEager };
-            command.SetAction(async (parse, _) =>
+            public readonly Option<bool> Rng = new("--rng") { Description = "a virtio entropy device (virtio-rng, PCI 00:01.0) fed from the host's RandomNumberGenerator" };
+
+            public void AddTo(Command command)
             {
-                var overrides = new List<KeyValuePair<string, string>>();
-                void Override(string key, string? value)
+                foreach (var o in new Option[] { Config, Memory, Cpus, Firmware, Flat, LoadAddress, Entry, Kernel, Initrd, Append, Serial, Trace,
+                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng })
+                    command.Add(o);
+            }
+
+            /// <summary>The options given, as actorvmm.vm settings. With <paramref name="absolute"/>, file
+            /// paths are made absolute (for a host process that has a working directory of its own).</summary>
+            public List<KeyValuePair<string, string>> Settings(ParseResult parse, bool absolute)
+            {
+                var settings = new List<KeyValuePair<string, string>>();
+                void Set(string key, string? value, bool path = false)
                 {
-                    if (value is not null) overrides.Add(new($"actorvmm.vm.{key}", value));
+                    if (value is null) return;
+                    settings.Add(new($"actorvmm.vm.{key}", path && absolute && value != "stdout" ? Path.GetFullPath(value) : value));
                 }
-                Override("memory", parse.GetValue(memory));
-                Override("cpus", parse.GetValue(cpus));
-                Override("name", parse.GetValue(name));
-                Override("serial.output", parse.GetValue(serial));
-                Override("trace", parse.GetValue(trace));
-                Override("timeout", parse.GetValue(timeout));
-                Override("perfetto", parse.GetValue(perfetto));
-                Override("trace-filter", parse.GetValue(traceFilter));
-                Override("lapic", parse.GetValue(lapic));
-                Override("cpu", parse.GetValue(cpu));
-                if (parse.GetValue(testDevices)) Override("test-devices", "on");
-                if (parse.GetValue(rng)) Override("rng", "on");
-                Override("boot.kernel", parse.GetValue(kernel));
-                Override("boot.initrd", parse.GetValue(initrd));
-                Override("boot.append", parse.GetValue(append));
-                if (parse.GetValue(shm) is { } shmText)
+                Set("memory", parse.GetValue(Memory));
+                Set("cpus", parse.GetValue(Cpus));
+                Set("serial.output", parse.GetValue(Serial), path: true);
+                Set("trace", parse.GetValue(Trace), path: true);
+                Set("timeout", parse.GetValue(Timeout));
+                Set("perfetto", parse.GetValue(Perfetto), path: true);
+                Set("trace-filter", parse.GetValue(TraceFilter));
+                Set("lapic", parse.GetValue(Lapic));
+                Set("cpu", parse.GetValue(Cpu));
+                if (parse.GetValue(TestDevices)) Set("test-devices", "on");
+                if (parse.GetValue(Rng)) Set("rng", "on");
+                Set("boot.kernel", parse.GetValue(Kernel), path: true);
+                Set("boot.initrd", parse.GetValue(Initrd), path: true);
+                Set("boot.append", parse.GetValue(Append));
+                Set("boot.firmware", parse.GetValue(Firmware), path: true);
+                Set("boot.flat", parse.GetValue(Flat), path: true);
+                Set("boot.load-address", parse.GetValue(LoadAddress));
+                Set("boot.entry", parse.GetValue(Entry));
+                if (parse.GetValue(Shm) is { } shmText)
                 {
                     var comma = shmText.LastIndexOf(',');
                     if (comma == 0 || shmText.Length == 0) throw new ConfigException($"--shm \"{shmText}\": give FILE or FILE,SIZE");
-                    Override("shm.file", comma < 0 ? shmText : shmText[..comma]);
-                    Override("shm.size", comma < 0 ? "0" : shmText[(comma + 1)..]);
+                    Set("shm.file", comma < 0 ? shmText : shmText[..comma], path: true);
+                    Set("shm.size", comma < 0 ? "0" : shmText[(comma + 1)..]);
                 }
-                var hocon = ConfigValues.From(overrides).WithFallback(VmConfig.Load(parse.GetValue(config)));
+                return settings;
+            }
+
+            /// <summary>The options that would shape another machine than a snapshot's.</summary>
+            public string[] Shaping(ParseResult parse) => new (string Option, bool Given)[]
+            {
+                ("--memory", parse.GetValue(Memory) is not null), ("--cpus", parse.GetValue(Cpus) is not null),
+                ("--lapic", parse.GetValue(Lapic) is not null), ("--cpu", parse.GetValue(Cpu) is not null),
+                ("--shm", parse.GetValue(Shm) is not null), ("--test-devices", parse.GetValue(TestDevices)),
+                ("--rng", parse.GetValue(Rng)), ("--kernel", parse.GetValue(Kernel) is not null), ("--initrd", parse.GetValue(Initrd) is not null),
+                ("--append", parse.GetValue(Append) is not null), ("--firmware", parse.GetValue(Firmware) is not null),
+                ("--flat", parse.GetValue(Flat) is not null),
+            }.Where(o => o.Given).Select(o => o.Option).ToArray();
+        }
+
+        private static Command RunCommand()
+        {
+            var options = new VmOptions();
+            var name = new Option<string?>("--name") { Description = "VM name" };
+            var restore = new Option<string?>("--restore") { Description = "start the VM snapshotted in DIR (`ctl snapshot`) where it stopped; its pages are read on first touch" };
+            var restoreEager = new Option<bool>("--restore-eager") { Description = "with --restore: read all of guest memory before the first instruction" };
+            var command = new Command("run", "run a VM") { name, restore, restoreEager };
+            options.AddTo(command);
+            command.SetAction(async (parse, _) =>
+            {
+                var settings = options.Settings(parse, absolute: false);
+                if (parse.GetValue(name) is { } n) settings.Add(new("actorvmm.vm.name", n));
+                var hocon = ConfigValues.From(settings).WithFallback(VmConfig.Load(parse.GetValue(options.Config)));
                 var vm = VmConfig.From(hocon);
 
                 if (parse.GetValue(restore) is { } snapshotDir)
                 {
                     // The snapshot is the machine: what would shape another one is refused, not ignored.
-                    var shaping = new (string Option, bool Given)[]
-                    {
-                        ("--memory", parse.GetValue(memory) is not null), ("--cpus", parse.GetValue(cpus) is not null),
-                        ("--lapic", parse.GetValue(lapic) is not null), ("--cpu", parse.GetValue(cpu) is not null),
-                        ("--shm", parse.GetValue(shm) is not null), ("--test-devices", parse.GetValue(testDevices)), ("--rng", parse.GetValue(rng)),
-                        ("--kernel", parse.GetValue(kernel) is not null), ("--initrd", parse.GetValue(initrd) is not null),
-                        ("--append", parse.GetValue(append) is not null), ("--firmware", parse.GetValue(firmware) is not null),
-                        ("--flat", parse.GetValue(flat) is not null),
-                    }.Where(o => o.Given).Select(o => o.Option).ToArray();
+                    var shaping = options.Shaping(parse);
                     if (shaping.Length > 0)
                         throw new ConfigException($"--restore starts the machine the snapshot holds: {string.Join(", ", shaping)} cannot change it");
                     // The actor system starts on a thread of its own while the snapshot is read and checked.
@@ -150,34 +185,39 @@ namespace ActorVmm.Host
                 }
                 if (parse.GetValue(restoreEager)) throw new ConfigException("--restore-eager goes with --restore DIR");
 
-                var firmwarePath = parse.GetValue(firmware);
-                var flatPath = parse.GetValue(flat);
-                string? Boot(string key) => hocon.GetString($"actorvmm.vm.boot.{key}", "") is { Length: > 0 } v ? v : null;
-                var kernelPath = Boot("kernel");
-                var initrdPath = Boot("initrd");
-                var appendText = Boot("append");
-                BootImage boot;
-                if (new[] { firmwarePath, flatPath, kernelPath }.Count(p => p is not null) > 1)
-                    throw new ConfigException("give one of --firmware, --flat or --kernel");
-                if (kernelPath is null && (initrdPath is not null || appendText is not null))
-                    throw new ConfigException("--initrd and --append (actorvmm.vm.boot.initrd, .append) go with --kernel (actorvmm.vm.boot.kernel)");
-                if (kernelPath is not null)
-                {
-                    boot = KernelKind.Recognise(ReadImage(kernelPath), kernelPath, appendText ?? "",
-                        initrdPath is null ? null : ReadImage(initrdPath), Path.GetFileName(initrdPath ?? "initrd"));
-                }
-                else if (firmwarePath is not null) boot = new FirmwareImage(ReadImage(firmwarePath));
-                else if (flatPath is not null)
-                {
-                    var address = ParseNumber(parse.GetValue(loadAddress) ?? "0x7C00", "--load-address");
-                    var (cs, ip) = parse.GetValue(entry) is { } e ? ParseEntry(e) : FlatImage.DefaultEntry(address);
-                    boot = new FlatImage(ReadImage(flatPath), address, cs, ip);
-                }
-                else throw new ConfigException("nothing to boot: give --kernel FILE, --firmware FILE or --flat FILE (or try 'actorvmm demo')");
-
+                var boot = BootSource.FromConfig(hocon);
                 StartupTimes.Mark("config");
                 HostRunner.ConfigureLogging();
                 return await HostRunner.RunAsync(HostRunner.StartSystem(hocon), hocon, vm, boot, new HostRunner.RunOptions(), Console.Error);
+            });
+            return command;
+        }
+
+        /// <summary>`actorvmm host`: a host node of a cluster (see Cluster.HostNode).</summary>
+        private static Command HostCommand()
+        {
+            var config = new Option<string?>("--config") { Description = "a HOCON file: actorvmm.cluster settings and the defaults of the node's VMs" };
+            var port = new Option<string?>("--port") { Description = "the port the node listens on (default actorvmm.cluster.port; 0 = any free port)" };
+            var hostname = new Option<string?>("--hostname") { Description = "the address the node listens on (default 127.0.0.1)" };
+            var seeds = new Option<string[]>("--seed") { Description = "HOST:PORT of a node to join (repeat for several); none: start a new cluster", AllowMultipleArgumentsPerToken = false };
+            var roles = new Option<string?>("--roles") { Description = "the node's cluster roles, comma-separated" };
+            var directory = new Option<string?>("--directory") { Description = "the host directory (announcements, cluster certificate)" };
+            var certificate = new Option<string?>("--certificate") { Description = "the cluster certificate (default: cluster.pfx in the host directory)" };
+            var command = new Command("host", "run a host node: join (or start) a cluster and run the VMs `ctl run` places on it")
+                { config, port, hostname, seeds, roles, directory, certificate };
+            command.SetAction(async (parse, _) =>
+            {
+                var settings = new List<KeyValuePair<string, string>>();
+                if (parse.GetValue(port) is { } p) settings.Add(new("actorvmm.cluster.port", p));
+                if (parse.GetValue(hostname) is { } h) settings.Add(new("actorvmm.cluster.hostname", h));
+                if (parse.GetValue(directory) is { } d) settings.Add(new("actorvmm.control.directory", d));
+                if (parse.GetValue(certificate) is { } c) settings.Add(new("actorvmm.cluster.certificate", c));
+                var hocon = ConfigValues.From(settings).WithFallback(VmConfig.Load(parse.GetValue(config)));
+                if (parse.GetValue(roles) is { } r)
+                    hocon = ConfigurationFactory.ParseString($"actorvmm.cluster.roles = [{string.Join(", ", r.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => "\"" + x.Replace("\"", "") + "\""))}]").WithFallback(hocon);
+                var seedList = parse.GetValue(seeds) is { Length: > 0 } given ? given : hocon.GetStringList("actorvmm.cluster.seeds")?.ToArray() ?? [];
+                HostRunner.ConfigureLogging(Serilog.Events.LogEventLevel.Information);
+                return await Cluster.HostNode.RunAsync(hocon, seedList, Console.Out, Console.Error);
             });
             return command;
         }
@@ -222,24 +262,27 @@ namespace ActorVmm.Host
                 if (r.GetValueOrDefault<double>() is <= 0 or > 3600) r.AddError("--wait takes 0 to 3600 seconds");
             });
             ctl.Add(wait);
-            Control.ControlClient Client(System.CommandLine.ParseResult parse) => Control.ControlClient.Create(TimeSpan.FromSeconds(parse.GetValue(wait)));
+            var directory = new Option<string?>("--directory") { Description = "the host directory: where hosts announce themselves and keep the cluster certificate", Recursive = true };
+            var certificate = new Option<string?>("--certificate") { Description = "the hosts' cluster certificate (default: cluster.pfx in the host directory)", Recursive = true };
+            ctl.Add(directory);
+            ctl.Add(certificate);
+            Control.ControlClient Client(System.CommandLine.ParseResult parse) =>
+                Control.ControlClient.Create(TimeSpan.FromSeconds(parse.GetValue(wait)), parse.GetValue(directory), parse.GetValue(certificate));
             Option<string?> Host() => new("--host") { Description = "a host's control address HOST:PORT (default: every announced host)" };
-            Option<string?> Directory() => new("--directory") { Description = "where hosts announce themselves" };
             Option<string> Vm() => new("--vm") { Description = "the VM's name", Required = true };
 
             Command WithVm(string name, string description, Func<Control.ControlClient, Akka.Actor.IActorRef, System.CommandLine.ParseResult, Task<string>> action,
                 params Option[] extra)
             {
                 var host = Host();
-                var dir = Directory();
                 var vm = Vm();
-                var command = new Command(name, description) { vm, host, dir };
+                var command = new Command(name, description) { vm, host };
                 foreach (var o in extra) command.Add(o);
                 command.SetAction(async (parse, _) =>
                 {
                     await using var client = Client(parse);
                     var target = await client.FindVmAsync(parse.GetValue(vm)!,
-                        Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)));
+                        Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
                     Console.Out.Write(await action(client, target, parse));
                     return 0;
                 });
@@ -248,18 +291,25 @@ namespace ActorVmm.Host
 
             {
                 var host = Host();
-                var dir = Directory();
-                var list = new Command("list", "list the running VMs") { host, dir };
+                var list = new Command("list", "list the running VMs") { host };
                 list.SetAction(async (parse, _) =>
                 {
                     await using var client = Client(parse);
-                    foreach (var h in Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)))
+                    // Nodes of one cluster each answer with the whole cluster's VMs: each VM once.
+                    var seen = new HashSet<(string, string)>();
+                    foreach (var h in Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)))
                     {
                         var vms = await client.ListAsync(h);
                         foreach (var v in vms.Vms)
                         {
+                            if (!seen.Add((v.Node, v.Name))) continue;
+                            if (v.Ended.Length > 0)
+                            {
+                                Console.Out.WriteLine($"{v.Name,-16} {"Ended",-8} node={v.Node} {v.Ended}");
+                                continue;
+                            }
                             var status = await client.StatusAsync(v.Actor);
-                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} host={vms.Host} pid={vms.Pid}");
+                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} node={v.Node}");
                         }
                     }
                     return 0;
@@ -310,16 +360,15 @@ namespace ActorVmm.Host
             }, faultActor, crash, stall, failFaults, gpa));
             {
                 var host = Host();
-                var dir = Directory();
                 var vm = Vm();
                 var follow = new Option<bool>("--follow", "-f") { Description = "print new messages as they happen (Ctrl-C to stop)" };
                 var filter = new Option<string?>("--filter") { Description = "actor=NAME,type=NAME,sample=N" };
                 var count = new Option<int>("--count", "-n") { Description = "how many lines (default: 50 recent; unlimited with --follow)", DefaultValueFactory = _ => 0 };
-                var trace = new Command("trace", "the message trace of a VM: recent messages, or a live tail") { vm, host, dir, follow, filter, count };
+                var trace = new Command("trace", "the message trace of a VM: recent messages, or a live tail") { vm, host, follow, filter, count };
                 trace.SetAction(async (parse, cancel) =>
                 {
                     await using var client = Client(parse);
-                    var entry = await client.FindEntryAsync(parse.GetValue(vm)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(dir)));
+                    var entry = await client.FindEntryAsync(parse.GetValue(vm)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
                     var text = parse.GetValue(filter) ?? "";
                     if (!parse.GetValue(follow))
                     {
@@ -334,43 +383,68 @@ namespace ActorVmm.Host
                 });
                 ctl.Add(trace);
             }
+            {
+                var host = Host();
+                var vmName = Vm();
+                var node = new Option<string?>("--node") { Description = "the node to run it on, HOST:PORT (default: the least loaded)" };
+                var options = new VmOptions();
+                var run = new Command("run", "start a VM on a host node of the cluster (actorvmm host); file paths are the node's") { vmName, host, node };
+                options.AddTo(run);
+                run.SetAction(async (parse, _) =>
+                {
+                    var settings = options.Settings(parse, absolute: true);
+                    if (parse.GetValue(options.Config) is { } file)
+                    {
+                        // The file is read here; what it says about the VM is sent as settings (never as HOCON text a host would parse).
+                        var fromFile = ConfigValues.Flatten(VmConfig.Load(file), "actorvmm.vm").Where(kv => !settings.Any(s => s.Key == kv.Key));
+                        settings.InsertRange(0, fromFile);
+                    }
+                    await using var client = Client(parse);
+                    var hosts = Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory));
+                    var placed = await client.RunVmAsync(hosts[0], parse.GetValue(vmName)!, settings, parse.GetValue(node));
+                    Console.Out.WriteLine($"{parse.GetValue(vmName)} runs on {placed}");
+                    return 0;
+                });
+                ctl.Add(run);
+            }
+            {
+                var host = Host();
+                var nodes = new Command("nodes", "the host nodes of the cluster: address, status, reachability, roles") { host };
+                nodes.SetAction(async (parse, _) =>
+                {
+                    await using var client = Client(parse);
+                    var members = await client.NodesAsync(Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory))[0]);
+                    foreach (var m in members.Nodes)
+                        Console.Out.WriteLine($"{m.Node,-22} {m.Status,-8} {(m.Reachable ? "reachable" : "unreachable"),-11}{(m.Node == members.Leader ? " leader" : "")}" +
+                                              $"{(m.Roles.Length > 0 ? " roles=" + string.Join(",", m.Roles) : "")}");
+                    return 0;
+                });
+                ctl.Add(nodes);
+            }
+            {
+                var host = Host();
+                var vmName = Vm();
+                var follow = new Option<bool>("--follow", "-f") { Description = "keep printing what the guest writes, and send what you type to it (Ctrl-C to stop)" };
+                var console = new Command("console", "a VM's serial console, wherever it runs: what it wrote so far, or a live session") { vmName, host, follow };
+                console.SetAction(async (parse, cancel) =>
+                {
+                    await using var client = Client(parse);
+                    var entry = await client.FindEntryAsync(parse.GetValue(vmName)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
+                    using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+                    Console.CancelKeyPress += (_, e) => { e.Cancel = true; stop.Cancel(); };
+                    var follow_ = parse.GetValue(follow);
+                    var ended = await client.ConsoleAsync(entry, follow_, Console.OpenStandardOutput(), follow_ ? Console.In : null, stop.Token);
+                    if (ended is not null) await Console.Error.WriteLineAsync($"actorvmm: {entry.Name}: {ended}");
+                    return 0;
+                });
+                ctl.Add(console);
+            }
             ctl.Add(WithVm("mem", "guest memory: resident, swapped, held, accessed and dirty pages and nested page faults", async (c, vm, _) => await c.MemoryAsync(vm)));
             return ctl;
         }
 
-        private static byte[] ReadImage(string path)
-        {
-            try
-            {
-                if (Directory.Exists(path)) throw new BootException($"image {path} is a directory");
-                var bytes = File.ReadAllBytes(path);
-                if (bytes.Length == 0) throw new BootException($"image {path} is empty");
-                return bytes;
-            }
-            catch (FileNotFoundException) { throw new BootException($"image {path} does not exist"); }
-            catch (DirectoryNotFoundException) { throw new BootException($"image {path} does not exist"); }
-            catch (UnauthorizedAccessException) { throw new BootException($"image {path} cannot be read (permission denied)"); }
-            catch (IOException e) { throw new BootException($"image {path} cannot be read: {e.Message}"); }
-        }
+        public static ulong ParseNumber(string text, string what) => BootSource.ParseNumber(text, what);
 
-        public static ulong ParseNumber(string text, string what)
-        {
-            var t = text.Trim();
-            var ok = t.StartsWith("0x", StringComparison.OrdinalIgnoreCase)
-                ? ulong.TryParse(t[2..], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var v)
-                : ulong.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out v);
-            if (!ok) throw new ConfigException($"{what}: \"{text}\" is not a number (decimal or 0x-hex)");
-            return v;
-        }
-
-        public static (ushort Cs, ushort Ip) ParseEntry(string text)
-        {
-            var parts = text.Split(':');
-            if (parts.Length == 2 &&
-                ushort.TryParse(parts[0], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var cs) &&
-                ushort.TryParse(parts[1], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out var ip))
-                return (cs, ip);
-            throw new ConfigException($"--entry: \"{text}\" is not CS:IP in hex (e.g. 0000:7C00)");
-        }
+        public static (ushort Cs, ushort Ip) ParseEntry(string text) => BootSource.ParseEntry(text);
     }
 }

@@ -222,7 +222,7 @@ public sealed class ControlTests : IAsyncLifetime
         Assert.True(code == 0, stderr);
         Assert.Contains("guest1", stdout);
         Assert.Contains("Running", stdout);
-        Assert.Contains($"host={_address}", stdout);
+        Assert.Contains($"node={_address}", stdout);
     }
 
     [Fact]

@@ -257,6 +257,27 @@ public sealed class SplitVirtqueue
     }
 
     /// <summary>
+    /// Returns several chains at once (§2.7.8, §2.7.14), in the order given: every used element is
+    /// written first, then used.idx moves once by their count, so a driver reading the ring concurrently
+    /// sees all of them or none (a merged receive frame, §5.1.6.4, must not be seen in part). False if
+    /// the queue is broken.
+    /// </summary>
+    public bool Push(ReadOnlySpan<(ushort Head, uint WrittenLength)> used)
+    {
+        if (Error is not null) return false;
+        Span<byte> e = stackalloc byte[8];
+        for (var i = 0; i < used.Length; i++)
+        {
+            BinaryPrimitives.WriteUInt32LittleEndian(e, used[i].Head);
+            BinaryPrimitives.WriteUInt32LittleEndian(e[4..], used[i].WrittenLength);
+            if (!_memory.TryWrite(_used + 4 + 8UL * (ulong)((ushort)(_usedIdx + i) % _size), e)) return Broken(VirtqueueError.RingOutsideRam);
+        }
+        Thread.MemoryBarrier(); // the elements are visible before the index that publishes them
+        _usedIdx += (ushort)used.Length;
+        return TryWriteU16(_used + 2, _usedIdx);
+    }
+
+    /// <summary>
     /// Whether the device must send a used-buffer notification for what it pushed since the last call
     /// (§2.7.7.2). With VIRTIO_F_EVENT_IDX: when used.idx passed used_event since the last notification,
     /// <c>(u16)(new - used_event - 1) &lt; (u16)(new - old)</c>; without: unless avail.flags has

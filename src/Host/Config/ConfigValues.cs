@@ -30,4 +30,19 @@ public static class ConfigValues
         root.AppendValue(top);
         return new Akka.Configuration.Config(new HoconRoot(root));
     }
+
+    /// <summary>Every leaf setting of <paramref name="config"/> under <paramref name="path"/>, as dotted
+    /// path and string value (lists and objects are walked; a list's values are not settings and are skipped).</summary>
+    public static List<KeyValuePair<string, string>> Flatten(Akka.Configuration.Config config, string path)
+    {
+        var result = new List<KeyValuePair<string, string>>();
+        void Walk(HoconValue value, string at)
+        {
+            if (value.IsObject())
+                foreach (var (key, child) in value.GetObject().Items) Walk(child, $"{at}.{key}");
+            else if (value.IsString()) result.Add(new(at, value.GetString()));
+        }
+        if (config.GetValue(path) is { } root) Walk(root, path);
+        return result;
+    }
 }

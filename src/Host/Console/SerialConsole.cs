@@ -16,6 +16,8 @@ public sealed class SerialConsole : IDisposable
 
     private readonly Stream? _output;
     private readonly bool _ownsOutput;
+    private Action<byte[]>? _sink;
+    private readonly bool _capture;
     private readonly MemoryStream _buffer = new();
     private readonly MemoryStream _captured = new();
     private readonly object _gate = new();
@@ -25,10 +27,12 @@ public sealed class SerialConsole : IDisposable
 
     public long BytesWritten { get; private set; }
 
-    private SerialConsole(Stream? output, bool ownsOutput)
+    private SerialConsole(Stream? output, bool ownsOutput, Action<byte[]>? sink = null, bool capture = true)
     {
         _output = output;
         _ownsOutput = ownsOutput;
+        _sink = sink;
+        _capture = capture;
         _flushTimer = new Timer(_ => Flush(), null, 50, 50);
     }
 
@@ -37,6 +41,20 @@ public sealed class SerialConsole : IDisposable
 
     /// <summary>Console to a file (created or truncated). Throws IOException with the reason.</summary>
     public static SerialConsole ToFile(string path) => new(new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.Read), ownsOutput: true);
+
+    /// <summary>
+    /// Console of a VM on a host node: each flushed chunk goes to <paramref name="sink"/> (the VM's
+    /// console hub), and also to the file <paramref name="file"/> if given. Nothing is captured.
+    /// Throws IOException with the reason when the file cannot be created.
+    /// </summary>
+    public static SerialConsole ToSink(Action<byte[]> sink, string? file) =>
+        new(file is null ? null : new FileStream(file, FileMode.Create, FileAccess.Write, FileShare.Read), ownsOutput: file is not null, sink, capture: false);
+
+    /// <summary>From now on, each flushed chunk also goes to <paramref name="sink"/> (`ctl console`'s hub).</summary>
+    public void AddSink(Action<byte[]> sink)
+    {
+        lock (_gate) _sink += sink;
+    }
 
     /// <summary>Console captured in memory only (tests).</summary>
     public static SerialConsole Captured() => new(null, ownsOutput: false);
@@ -47,8 +65,8 @@ public sealed class SerialConsole : IDisposable
         lock (_gate)
         {
             BytesWritten++;
-            if (_captured.Length < CaptureLimit) _captured.WriteByte(value);
-            if (_output is null) return;
+            if (_capture && _captured.Length < CaptureLimit) _captured.WriteByte(value);
+            if (_output is null && _sink is null) return;
             _buffer.WriteByte(value);
             if (value == (byte)'\n' || _buffer.Length >= 4096) FlushLocked();
         }
@@ -70,16 +88,17 @@ public sealed class SerialConsole : IDisposable
 
     private void FlushLocked()
     {
-        if (_output is null || _buffer.Length == 0 || _disposed) return;
+        if ((_output is null && _sink is null) || _buffer.Length == 0 || _disposed) return;
         try
         {
-            _output.Write(_buffer.GetBuffer(), 0, (int)_buffer.Length);
-            _output.Flush();
+            _output?.Write(_buffer.GetBuffer(), 0, (int)_buffer.Length);
+            _output?.Flush();
         }
         catch (IOException)
         {
             // The reader went away (a closed pipe): the guest's output is dropped, the VM goes on.
         }
+        _sink?.Invoke(_buffer.ToArray());
         _buffer.SetLength(0);
     }
 

@@ -1,3 +1,4 @@
+using System.Security.Cryptography.X509Certificates;
 using System.Text;
 using Akka.Actor;
 using Akka.Configuration;
@@ -30,9 +31,20 @@ public sealed class ControlClient : IAsyncDisposable
         _timeout = timeout;
     }
 
-    public static ControlClient Create(TimeSpan? timeout = null)
+    /// <summary>
+    /// A client that proves it may control the hosts with the cluster certificate: <paramref name="certificate"/>,
+    /// else cluster.pfx in <paramref name="directory"/> (else in the default host directory). It must
+    /// be the hosts' own; a client without it cannot reach them.
+    /// </summary>
+    public static ControlClient Create(TimeSpan? timeout = null, string? directory = null, string? certificate = null)
     {
-        var config = ConfigurationFactory.ParseString("""
+        var path = certificate ?? ClusterCertificate.DefaultPath(directory ?? HostDirectory.DefaultPath());
+        if (!File.Exists(path))
+            throw new ControlException($"no cluster certificate at {path}: no host of this user has run with that directory (or give the hosts' certificate)");
+        X509Certificate2 loaded;
+        try { loaded = ClusterCertificate.Load(path); }
+        catch (ClusterSecurityException e) { throw new ControlException(e.Message); }
+        var config = ConfigurationFactory.ParseString($$"""
             akka.loglevel = ERROR
             akka.stdout-loglevel = OFF
             akka.log-dead-letters = off
@@ -40,32 +52,23 @@ public sealed class ControlClient : IAsyncDisposable
             akka.remote.dot-netty.tcp { hostname = "127.0.0.1", port = 0, connection-timeout = 60 s }
             akka.remote.log-remote-lifecycle-events = off
             akka.coordinated-shutdown.run-by-clr-shutdown-hook = off
-            akka.actor.serializers.hyperion = "Akka.Serialization.HyperionSerializer, Akka.Serialization.Hyperion"
+            akka.actor.serializers.hyperion = "ActorVmm.Host.Control.LazyHyperionSerializer, actorvmm"
             akka.actor.serialization-bindings { "System.Object" = hyperion }
+            {{ClusterCertificate.RemotingConfig}}
             """);
         RemotingTransport.WithoutDotNettyLogging();
-        return new ControlClient(ActorSystem.Create("actorvmm-ctl", config), timeout ?? DefaultTimeout);
+        var setup = BootstrapSetup.Create().WithConfig(config).And(ClusterCertificate.Remoting(loaded));
+        return new ControlClient(ActorSystem.Create("actorvmm-ctl", setup), timeout ?? DefaultTimeout);
     }
 
-    /// <summary>"127.0.0.1:4711" or a full akka.tcp address → the host's actor system address.</summary>
+    /// <summary>"127.0.0.1:4711" or a full akka.ssl.tcp address → the host's actor system address
+    /// (remoting over TLS: the akka.ssl.tcp protocol).</summary>
     public static string HostAddress(string host) =>
-        host.StartsWith("akka.tcp://", StringComparison.Ordinal) ? host.TrimEnd('/') : $"akka.tcp://{HostSystemName}@{host}";
+        host.StartsWith("akka.ssl.tcp://", StringComparison.Ordinal) ? host.TrimEnd('/') : $"akka.ssl.tcp://{HostSystemName}@{host}";
 
-    /// <summary>Asks one host for its VMs.</summary>
-    public async Task<ControlProtocol.VmList> ListAsync(string host)
-    {
-        var address = HostAddress(host);
-        IActorRef directory;
-        try
-        {
-            directory = await ResolveWithRetries(_system.ActorSelection($"{address}/user/{ControlProtocol.DirectoryName}"), _timeout);
-        }
-        catch (Exception e) when (e is ActorNotFoundException or TimeoutException or AskTimeoutException)
-        {
-            throw new ControlException($"host {host} does not answer (is an ActorVmm host running there?)");
-        }
-        return await Ask<ControlProtocol.VmList>(directory, ControlProtocol.ListVms.Instance, $"host {host}");
-    }
+    /// <summary>Asks one host for its VMs (a host node: every VM of its cluster).</summary>
+    public async Task<ControlProtocol.VmList> ListAsync(string host) =>
+        await Ask<ControlProtocol.VmList>(await Directory(host), ControlProtocol.ListVms.Instance, $"host {host}");
 
     /// <summary>No answer in time (ResolveOne wraps the ask's timeout in an ActorNotFoundException);
     /// an ActorNotFoundException of its own is an answer: no such actor.</summary>
@@ -109,7 +112,12 @@ public sealed class ControlClient : IAsyncDisposable
     }
 
     /// <summary>Finds a VM by name among <paramref name="hosts"/>.</summary>
-    public async Task<IActorRef> FindVmAsync(string name, IReadOnlyList<string> hosts) => (await FindEntryAsync(name, hosts)).Actor;
+    public async Task<IActorRef> FindVmAsync(string name, IReadOnlyList<string> hosts)
+    {
+        var entry = await FindEntryAsync(name, hosts);
+        if (entry.Ended.Length > 0) throw new ControlException($"{name} has ended: {entry.Ended}");
+        return entry.Actor;
+    }
 
     /// <summary>The directory entry of a VM (its actor and its trace hub).</summary>
     public async Task<ControlProtocol.VmEntry> FindEntryAsync(string name, IReadOnlyList<string> hosts)
@@ -287,6 +295,106 @@ public sealed class ControlClient : IAsyncDisposable
         {
             hub.Tell(new TraceProtocol.Unsubscribe(follower));
             _system.Stop(follower);
+        }
+    }
+
+    /// <summary>
+    /// `ctl run`: asks host node <paramref name="host"/> to start VM <paramref name="name"/> from
+    /// <paramref name="settings"/> on <paramref name="node"/> (HOST:PORT) or where the cluster's placement
+    /// puts it. Answers the node it runs on; a refusal is a <see cref="ControlException"/> with its reason.
+    /// </summary>
+    public async Task<string> RunVmAsync(string host, string name, IReadOnlyList<KeyValuePair<string, string>> settings, string? node)
+    {
+        var directory = await Directory(host);
+        var reply = await Ask<object>(directory,
+            new Cluster.NodeProtocol.RunVm(name, settings.Select(kv => new Cluster.NodeProtocol.Setting(kv.Key, kv.Value)).ToArray(), node ?? ""),
+            $"host {host}", Cluster.PlacementActor.StartLimit);
+        return reply switch
+        {
+            Cluster.NodeProtocol.VmStarted started => started.Node,
+            Cluster.NodeProtocol.RunRefused refused => throw new ControlException($"cannot run {name}: {refused.Why}"),
+            _ => throw new ControlException($"host {host} answered {reply.GetType().Name}: is it a host node (actorvmm host)?"),
+        };
+    }
+
+    /// <summary>`ctl nodes`: the cluster's members as host node <paramref name="host"/> sees them.</summary>
+    public async Task<Cluster.NodeProtocol.Members> NodesAsync(string host) =>
+        await Ask<object>(await Directory(host), Cluster.NodeProtocol.ListNodes.Instance, $"host {host}") switch
+        {
+            Cluster.NodeProtocol.Members m => m,
+            var other => throw new ControlException($"host {host} answered {other.GetType().Name}: is it a host node (actorvmm host)?"),
+        };
+
+    private async Task<IActorRef> Directory(string host)
+    {
+        try
+        {
+            return await ResolveWithRetries(_system.ActorSelection($"{HostAddress(host)}/user/{ControlProtocol.DirectoryName}"), _timeout);
+        }
+        catch (Exception e) when (e is ActorNotFoundException or TimeoutException or AskTimeoutException)
+        {
+            throw new ControlException($"host {host} does not answer (is an ActorVmm host running there?)");
+        }
+    }
+
+    /// <summary>
+    /// `ctl console`: writes the VM's kept output to <paramref name="output"/>; with <paramref name="follow"/>
+    /// then everything it writes until it ends or <paramref name="cancel"/>, sending each line of
+    /// <paramref name="input"/> (if any) to the guest. Answers how the VM ended, or null while it runs.
+    /// </summary>
+    public async Task<string?> ConsoleAsync(ControlProtocol.VmEntry vm, bool follow, Stream output, TextReader? input, CancellationToken cancel)
+    {
+        if (vm.Console.IsNobody()) throw new ControlException($"{vm.Name} has no console to attach to (its host is older, or the VM is not on a host that keeps one)");
+        var chunks = System.Threading.Channels.Channel.CreateUnbounded<object?>();
+        var client = _system.ActorOf(Props.Create(() => new ConsoleClient(vm.Console, chunks.Writer)));
+        try
+        {
+            vm.Console.Tell(new Cluster.ConsoleProtocol.Attach(client, follow), client);
+            var history = await chunks.Reader.ReadAsync(cancel).AsTask().WaitAsync(_timeout, cancel);
+            if (history is not Cluster.ConsoleProtocol.History h) throw new ControlException($"the console of {vm.Name} went away");
+            await output.WriteAsync(h.Bytes, cancel);
+            await output.FlushAsync(cancel);
+            if (h.Ended) return h.Detail;
+            if (!follow) return null;
+            if (input is not null)
+                _ = Task.Run(async () =>
+                {
+                    while (!cancel.IsCancellationRequested && await input.ReadLineAsync(cancel) is { } line)
+                        vm.Console.Tell(new Cluster.ConsoleProtocol.Input(Encoding.UTF8.GetBytes(line + "\n")));
+                }, cancel);
+            await foreach (var item in chunks.Reader.ReadAllAsync(cancel))
+            {
+                if (item is not Cluster.ConsoleProtocol.Chunk chunk) return null; // the host went away
+                await output.WriteAsync(chunk.Bytes, cancel);
+                await output.FlushAsync(cancel);
+                if (chunk.Ended) return chunk.Detail;
+            }
+            return null;
+        }
+        catch (OperationCanceledException) when (cancel.IsCancellationRequested)
+        {
+            return null;
+        }
+        catch (TimeoutException)
+        {
+            throw new ControlException($"the console of {vm.Name} did not answer within {_timeout.TotalSeconds:0} s");
+        }
+        finally
+        {
+            vm.Console.Tell(new Cluster.ConsoleProtocol.Detach(client));
+            _system.Stop(client);
+        }
+    }
+
+    /// <summary>Receives console output in the ctl process; a null marks the hub's end.</summary>
+    private sealed class ConsoleClient : ReceiveActor
+    {
+        public ConsoleClient(IActorRef hub, System.Threading.Channels.ChannelWriter<object?> chunks)
+        {
+            Context.Watch(hub);
+            Receive<Cluster.ConsoleProtocol.History>(h => chunks.TryWrite(h));
+            Receive<Cluster.ConsoleProtocol.Chunk>(c => chunks.TryWrite(c));
+            Receive<Terminated>(_ => chunks.TryWrite(null));
         }
     }
 

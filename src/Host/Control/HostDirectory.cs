@@ -20,10 +20,26 @@ public static class HostDirectory
             : Path.Combine(Path.GetTempPath(), $"actorvmm-{Environment.UserName}");
     }
 
+    /// <summary>
+    /// Makes <paramref name="directory"/> exist, belong to this user and be closed to others (0700):
+    /// it holds the cluster certificate and the announcements `ctl` trusts. One of this user's with
+    /// wider permissions is narrowed; one that another user owns (made first in a shared /tmp, say) is
+    /// refused.
+    /// </summary>
+    public static void EnsurePrivate(string directory)
+    {
+        const UnixFileMode ownerOnly = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute;
+        if (!Directory.Exists(directory)) Directory.CreateDirectory(directory, ownerOnly);
+        var status = FileStatus.Of(directory);
+        if (status.Owner != FileStatus.CurrentUser)
+            throw new ClusterSecurityException($"the host directory {directory} belongs to user {status.Owner}, not to this user ({FileStatus.CurrentUser}); give another with actorvmm.control.directory");
+        if (status.Mode != ownerOnly) File.SetUnixFileMode(directory, ownerOnly);
+    }
+
     /// <summary>Announces this process; dispose to withdraw.</summary>
     public static IDisposable Announce(string directory, string address, IReadOnlyList<string> vms)
     {
-        Directory.CreateDirectory(directory);
+        EnsurePrivate(directory);
         var path = Path.Combine(directory, $"{Environment.ProcessId}.json");
         File.WriteAllText(path, JsonSerializer.Serialize(new Entry(Environment.ProcessId, address, vms), HostDirectoryJson.Default.Entry));
         return new Withdraw(path);

@@ -26,17 +26,26 @@ public abstract class LazySerializer : Serializer
     public override object FromBinary(byte[] bytes, Type type) => _serializer.Value.FromBinary(bytes, type);
 }
 
-/// <summary><see cref="HyperionSerializer"/>, built at its first use: what ActorVmm's messages cross remoting with.</summary>
+/// <summary>
+/// <see cref="HyperionSerializer"/>, built at its first use: what ActorVmm's messages cross remoting
+/// with. It deserializes only the types <see cref="MessageTypeFilter"/> allows (and none of
+/// Hyperion's known-unsafe ones).
+/// </summary>
 public sealed class LazyHyperionSerializer : LazySerializer
 {
     /// <summary><see cref="HyperionSerializer.Identifier"/>: a fixed number in Akka.Serialization.Hyperion.</summary>
     public const int HyperionIdentifier = -5;
 
-    public LazyHyperionSerializer(ExtendedActorSystem system) : base(system, () => new HyperionSerializer(system)) { }
+    public LazyHyperionSerializer(ExtendedActorSystem system)
+        : base(system, () => new HyperionSerializer(system, Restricted(HyperionSerializerSettings.Default))) { }
 
     /// <summary>With the akka.actor.serialization-settings.hyperion section, as Hyperion takes it.</summary>
     public LazyHyperionSerializer(ExtendedActorSystem system, Akka.Configuration.Config config)
-        : base(system, () => new HyperionSerializer(system, config)) { }
+        : base(system, () => new HyperionSerializer(system, Restricted(HyperionSerializerSettings.Create(config)))) { }
+
+    private static HyperionSerializerSettings Restricted(HyperionSerializerSettings settings) =>
+        new(settings.PreserveObjectReferences, settings.VersionTolerance, settings.KnownTypesProvider, settings.PackageNameOverrides,
+            settings.Surrogates, disallowUnsafeType: true, MessageTypeFilter.Instance);
 
     public override int Identifier => HyperionIdentifier;
 

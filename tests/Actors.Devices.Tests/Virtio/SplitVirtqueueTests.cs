@@ -100,6 +100,21 @@ public sealed class SplitVirtqueueTests
     }
 
     [Fact]
+    public void Pushing_several_chains_writes_their_elements_in_order_across_the_ring_end_and_moves_the_index_once()
+    {
+        // Resumed at used index 6 of an 8-entry ring: three elements land in slots 6, 7 and 0.
+        _m.SetU16(_d.Used + 2, 6);
+        _d.SetAvailIdx(6);
+        var q = SplitVirtqueue.FromState(new GuestRam(_m), new VirtqueueState(Size, true, _d.Desc, _d.Avail, _d.Used, 6, 6, null), 0);
+
+        Assert.True(q.Push([(4, 64), (1, 64), (7, 10)]));
+
+        Assert.Equal(9, _d.UsedIdx);
+        Assert.Equal(9, q.UsedIdx);
+        Assert.Equal([(4u, 64u), (1u, 64u), (7u, 10u)], [_d.UsedElem(6), _d.UsedElem(7), _d.UsedElem(8)]);
+    }
+
+    [Fact]
     public void Indices_wrap_around_the_ring_and_at_65536()
     {
         // A queue resumed at avail/used index 65533: the free-running 16-bit indices wrap (§2.7.6, §2.7.8).

@@ -1,0 +1,108 @@
+using System.Text;
+using Akka.Actor;
+using ActorVmm.Devices;
+using ActorVmm.Host.Cluster;
+using Xunit;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>The console hub behind `ctl console`: history, followers, the end, input to the UART.</summary>
+public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
+{
+    private static byte[] Bytes(string s) => Encoding.ASCII.GetBytes(s);
+
+    [Fact]
+    public void A_client_gets_the_history_then_every_chunk_then_the_end()
+    {
+        var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        hub.Tell(new ConsoleProtocol.Output(Bytes("one\n")));
+        var client = CreateTestProbe();
+        hub.Tell(new ConsoleProtocol.Attach(client.Ref, Follow: true));
+        var history = client.ExpectMsg<ConsoleProtocol.History>();
+        Assert.Equal("one\n", Encoding.ASCII.GetString(history.Bytes));
+        Assert.Equal(0, history.Offset);
+        Assert.False(history.Ended);
+
+        hub.Tell(new ConsoleProtocol.Output(Bytes("two\n")));
+        var chunk = client.ExpectMsg<ConsoleProtocol.Chunk>();
+        Assert.Equal("two\n", Encoding.ASCII.GetString(chunk.Bytes));
+        Assert.Equal(4, chunk.Offset);
+
+        hub.Tell(new ConsoleProtocol.VmEnded("guest halted (exit code 0)"));
+        var end = client.ExpectMsg<ConsoleProtocol.Chunk>();
+        Assert.True(end.Ended);
+        Assert.Equal("guest halted (exit code 0)", end.Detail);
+
+        // After the end: the history stays, marked ended.
+        var late = CreateTestProbe();
+        hub.Tell(new ConsoleProtocol.Attach(late.Ref, Follow: true));
+        var kept = late.ExpectMsg<ConsoleProtocol.History>();
+        Assert.Equal("one\ntwo\n", Encoding.ASCII.GetString(kept.Bytes));
+        Assert.True(kept.Ended);
+        late.ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+    }
+
+    [Fact]
+    public void The_history_keeps_the_latest_64_KiB_and_says_where_it_starts()
+    {
+        var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        var big = new byte[100_000];
+        for (var i = 0; i < big.Length; i++) big[i] = (byte)('a' + i % 26);
+        hub.Tell(new ConsoleProtocol.Output(big));
+        var client = CreateTestProbe();
+        hub.Tell(new ConsoleProtocol.Attach(client.Ref, Follow: false));
+        var history = client.ExpectMsg<ConsoleProtocol.History>();
+        Assert.True(history.Bytes.Length <= ConsoleHubActor.HistoryLimit);
+        Assert.True(history.Bytes.Length > ConsoleHubActor.HistoryLimit - ConsoleProtocol.MaxChunk);
+        Assert.Equal(big.Length - history.Bytes.Length, history.Offset);
+        Assert.Equal(big.AsSpan((int)history.Offset).ToArray(), history.Bytes);
+        // Not following: nothing more comes.
+        hub.Tell(new ConsoleProtocol.Output(Bytes("x")));
+        client.ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+    }
+
+    [Fact]
+    public void Output_to_followers_is_cut_below_the_remoting_frame_size_and_a_detached_client_gets_nothing()
+    {
+        var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        var client = CreateTestProbe();
+        hub.Tell(new ConsoleProtocol.Attach(client.Ref, Follow: true));
+        client.ExpectMsg<ConsoleProtocol.History>();
+        hub.Tell(new ConsoleProtocol.Output(new byte[ConsoleProtocol.MaxChunk * 2 + 10]));
+        Assert.Equal(ConsoleProtocol.MaxChunk, client.ExpectMsg<ConsoleProtocol.Chunk>().Bytes.Length);
+        Assert.Equal(ConsoleProtocol.MaxChunk, client.ExpectMsg<ConsoleProtocol.Chunk>().Bytes.Length);
+        Assert.Equal(10, client.ExpectMsg<ConsoleProtocol.Chunk>().Bytes.Length);
+        hub.Tell(new ConsoleProtocol.Detach(client.Ref));
+        hub.Tell(new ConsoleProtocol.Output(Bytes("more")));
+        client.ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+    }
+
+    [Fact]
+    public void Input_goes_to_the_vms_uart_and_oversized_input_is_dropped()
+    {
+        // The hub sends to the VM's child "uart0": stand in a VM actor whose child forwards to the test.
+        var fakeVm = Sys.ActorOf(Props.Create(() => new FakeVm(TestActor)), "fake-vm");
+        var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        hub.Tell(new ConsoleProtocol.Connect(fakeVm));
+        hub.Tell(new ConsoleProtocol.Input(Bytes("ls\n")));
+        Assert.Equal("ls\n", Encoding.ASCII.GetString(ExpectMsg<DeviceProtocol.HostInput>().Data));
+        hub.Tell(new ConsoleProtocol.Input(new byte[ConsoleProtocol.MaxChunk + 1]));
+        ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+        hub.Tell(new ConsoleProtocol.VmEnded("stopped"));
+        hub.Tell(new ConsoleProtocol.Input(Bytes("late")));
+        ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+    }
+
+    private sealed class Forward : ReceiveActor
+    {
+        public Forward(IActorRef to) => ReceiveAny(m => to.Tell(m));
+    }
+
+    private sealed class FakeVm : ReceiveActor
+    {
+        public FakeVm(IActorRef to)
+        {
+            Context.ActorOf(Props.Create(() => new Forward(to)), "uart0");
+        }
+    }
+}
