@@ -48,6 +48,15 @@ public sealed class AddressBus<T>
         return new AddressBus<T>(InsertAt(_bases, i, @base), InsertAt(_ends, i, end), InsertAt(_devices, i, device));
     }
 
+    /// <summary>Returns a new bus without the range that starts at <paramref name="base"/> (the same bus
+    /// if no range starts there).</summary>
+    public AddressBus<T> Remove(ulong @base)
+    {
+        var i = LowerBound(@base);
+        if (i >= _bases.Length || _bases[i] != @base) return this;
+        return new AddressBus<T>(RemoveAt(_bases, i), RemoveAt(_ends, i), RemoveAt(_devices, i));
+    }
+
     /// <summary>Finds the device owning <paramref name="address"/>; the offset is relative to its base.</summary>
     public bool TryResolve(ulong address, out T device, out ulong offset)
     {
@@ -81,6 +90,8 @@ public sealed class AddressBus<T>
         }
         return lo;
     }
+
+    private static TItem[] RemoveAt<TItem>(TItem[] source, int index) => [.. source[..index], .. source[(index + 1)..]];
 
     private static TItem[] InsertAt<TItem>(TItem[] source, int index, TItem item)
     {

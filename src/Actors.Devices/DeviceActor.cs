@@ -86,6 +86,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         {
             _writes++;
             _credits.Posted(Sender);
+            if (Forwarded(w.Offset, w.Size, offset => w with { Offset = offset })) return;
             if (AccessSize.IsValid(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
             DrainInput();
             Rearm();
@@ -94,6 +95,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         {
             _writes++;
             _credits.Replied(Sender);
+            if (Forwarded(w.Offset, w.Size, offset => w with { Offset = offset })) return; // the device answers the writer
             _platform.Requests = 0;
             try
             {
@@ -119,6 +121,11 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         Receive<Read>(r =>
         {
             _reads++;
+            if (Forwarded(r.Offset, r.Size, offset => r with { Offset = offset }))
+            {
+                _credits.Replied(Sender); // the device's answer acknowledges every earlier write to this one too (FIFO)
+                return;
+            }
             ulong value;
             try
             {
@@ -229,6 +236,22 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         _outstanding.Clear();
         base.PreRestart(reason, message);
     }
+
+    /// <summary>
+    /// An access an <see cref="IForwardingDevice"/> says is another device's: told to that sibling
+    /// (the VM's device actors are siblings) with the original sender, after everything this actor
+    /// handled before it, so it lands behind every earlier access of the sender to either device.
+    /// </summary>
+    private bool Forwarded(ulong offset, int size, Func<ulong, object> at)
+    {
+        if (_model is not IForwardingDevice forwarding || !forwarding.TryForward(offset, size, out var device, out var deviceOffset))
+            return false;
+        if (!_peers.TryGetValue(device, out var peer)) _peers[device] = peer = Context.ActorSelection("../" + device);
+        peer.Tell(at(deviceOffset), Sender);
+        return true;
+    }
+
+    private readonly Dictionary<string, ActorSelection> _peers = new(StringComparer.Ordinal);
 
     /// <summary>Answers the held writes, oldest first, whose requests have all been answered.</summary>
     private void ReleaseHeldWrites()

@@ -45,6 +45,7 @@ public static class DeviceStateCodec
         Of<ActorVmm.Devices.Virtio.VirtioConsoleState>("virtio-console", ActorVmm.Devices.Virtio.VirtioConsole.StateProblem),
         Of<ActorVmm.Devices.Virtio.VirtioNetState>("virtio-net", ActorVmm.Devices.Virtio.VirtioNet.StateProblem),
         Of<ActorVmm.Devices.Pci.PciHostBridgeState>("pci-host-bridge", ActorVmm.Devices.Pci.PciHostBridge.StateProblem),
+        Of<ActorVmm.Devices.Virtio.VirtioPciFunctionState>("virtio-pci-function", ActorVmm.Devices.Virtio.VirtioPciFunction.StateProblem),
     ];
 
     private static readonly Dictionary<string, Entry> ByName = Entries.ToDictionary(e => e.Name, StringComparer.Ordinal);

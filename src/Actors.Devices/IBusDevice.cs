@@ -26,3 +26,16 @@ public static class AccessSize
     /// <summary><paramref name="value"/> cut to its low <paramref name="size"/> bytes.</summary>
     public static ulong Mask(ulong value, int size) => value & AllOnes(size);
 }
+
+/// <summary>
+/// A model some of whose accesses belong to another device actor: the PCI host bridge's CONFIG_DATA
+/// (0xCFC) while CONFIG_ADDRESS names a function that is an actor of its own. Its actor passes such
+/// an access on to that device, with the original sender, so the device answers the vcpu itself
+/// (a read's <see cref="DeviceProtocol.ReadResult"/>, a waited write's <see cref="DeviceProtocol.WriteDone"/>).
+/// </summary>
+public interface IForwardingDevice
+{
+    /// <summary>Whether the access of <paramref name="size"/> bytes at <paramref name="offset"/> is
+    /// device <paramref name="device"/>'s (a sibling actor's name), at <paramref name="deviceOffset"/> there.</summary>
+    bool TryForward(ulong offset, int size, out string device, out ulong deviceOffset);
+}

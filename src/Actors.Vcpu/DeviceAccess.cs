@@ -34,6 +34,14 @@ internal sealed class DeviceAccess(IVcpu vcpu, IActorRef self, ExitStats stats, 
     private readonly Dictionary<IActorRef, DeviceRoute> _routesByDevice = routes.GroupBy(r => r.Device).ToDictionary(g => g.Key, g => g.Last());
     private long _lastId;
 
+    /// <summary>This vcpu's route to <paramref name="device"/> (a new one, named <paramref name="name"/>,
+    /// if it had none), so a range added later shares the device's write window and credits.</summary>
+    public DeviceRoute RouteTo(IActorRef device, string name)
+    {
+        if (!_routesByDevice.TryGetValue(device, out var route)) _routesByDevice[device] = route = new DeviceRoute(name, device);
+        return route;
+    }
+
     /// <summary>The reply the vcpu waits for; null when none is.</summary>
     public PendingReply? Reply { get; private set; }
 

@@ -89,7 +89,7 @@ internal sealed partial class VcpuActor
     /// <summary>Carries out what <see cref="ExitHandler.Decide"/> makes of <paramref name="exit"/>.</summary>
     private State Handle(VmExit exit)
     {
-        var action = ExitHandler.Decide(exit, _wiring.Ports, _wiring.Mmio, _emulatedLapic, _apicPage);
+        var action = ExitHandler.Decide(exit, _wiring.Ports, _mmio, _emulatedLapic, _apicPage);
         switch (action.Kind)
         {
             case ExitActionKind.Reenter:

@@ -74,10 +74,16 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
 
     public IStash Stash { get; set; } = null!;
 
+    /// <summary>The MMIO bus: the wiring's, with the ranges devices moved since (<see cref="MapMmio"/>).</summary>
+    private AddressBus<DeviceRoute> _mmio;
+    /// <summary>Where each moved range (device actor, window) decodes now.</summary>
+    private readonly Dictionary<(IActorRef Actor, ulong Window), ulong> _moved = [];
+
     public VcpuActor(IVcpu vcpu, Wiring wiring, VcpuSnapshot? restore = null)
     {
         _vcpu = vcpu;
         _wiring = wiring;
+        _mmio = wiring.Mmio;
         _restore = restore;
         _emulatedLapic = wiring.Vlapic is not null && !wiring.KernelLapic;
         if (wiring.KernelLapic) _kernelLapic = new KernelLapicVcpu(vcpu);
@@ -117,12 +123,40 @@ internal sealed partial class VcpuActor : UntypedActor, IWithUnboundedStash
     /// </summary>
     protected override bool AroundReceive(Receive receive, object message)
     {
+        if (message is MapMmio map)
+        {
+            Sender.Tell(new MmioMapped(map.Id, Id, Move(map)));
+            return true;
+        }
         if (message is not Memory.VmspaceProtocol.InvalidateEpt invalidate) return base.AroundReceive(receive, message);
         var vmspace = Sender;
         var next = TryHarvestDirtyRing(out var harvest); // a vcpu stopped by a failed harvest acks too: it is out of the guest
         vmspace.Tell(new Memory.VmspaceProtocol.EptInvalidated(Id, invalidate.Generation,
             harvest.Gfns.Length > 0 ? harvest.Gfns : null, harvest.RingWasFull));
         MoveTo(next);
+        return true;
+    }
+
+    /// <summary>
+    /// A device's range moves on this vcpu's MMIO bus (taken in every state, like the EPT barrier: the
+    /// vcpu is out of the guest while it handles a message, so its next access sees the new bus). The
+    /// range's route shares the vcpu's write window to that device. False if the new range overlaps
+    /// another device's (or wraps): it is then not decoded.
+    /// </summary>
+    private bool Move(MapMmio map)
+    {
+        var key = (map.Actor, map.Window);
+        if (_moved.Remove(key, out var old)) _mmio = _mmio.Remove(old);
+        if (map.Base is not { } at) return true;
+        try
+        {
+            _mmio = _mmio.Insert(_devices.RouteTo(map.Actor, map.Device).WithWindow(map.Window), at, map.Length);
+        }
+        catch (BusException)
+        {
+            return false;
+        }
+        _moved[key] = at;
         return true;
     }
 

@@ -177,6 +177,21 @@ public static class VcpuProtocol
     /// (an NMI or INIT woke it): the VM no longer counts it as halted for good.</summary>
     public sealed record VcpuWoken(int VcpuId) : IVcpuMessage;
 
+    /// <summary>
+    /// Device <paramref name="Device"/>'s (actor <paramref name="Actor"/>) range seen at offset window
+    /// <paramref name="Window"/>, <paramref name="Length"/> bytes, now decodes at guest-physical
+    /// <paramref name="Base"/> (null: nowhere), e.g. a PCI BAR the guest moved or whose memory decoding
+    /// it turned on or off. The vcpu moves the range on its MMIO bus before the guest runs again, in any
+    /// state, and answers <see cref="MmioMapped"/>. A range that would overlap another device's is not
+    /// decoded (the PCI spec leaves overlapping BARs undefined; the earlier device keeps its range).
+    /// </summary>
+    public sealed record MapMmio(long Id, string Device, IActorRef Actor, ulong Window, ulong Length, ulong? Base) : IVcpuMessage, IVcpuNotify;
+
+    /// <param name="Id">the <see cref="MapMmio"/>'s id</param>
+    /// <param name="VcpuId">the vcpu whose bus now has it</param>
+    /// <param name="Decoded">false when the range overlapped another device's and is not decoded</param>
+    public sealed record MmioMapped(long Id, int VcpuId, bool Decoded) : IVcpuMessage;
+
     /// <summary>Told to the VM when an AP leaves wait-for-SIPI and starts running at
     /// <paramref name="Vector"/> &lt;&lt; 12 (the VM then counts it among its started vcpus).</summary>
     public sealed record StartedBySipi(int VcpuId, byte Vector) : IVcpuMessage;

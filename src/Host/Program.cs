@@ -86,11 +86,12 @@ namespace ActorVmm.Host
             {
                 Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
             };
+            public readonly Option<bool> Rng = new("--rng") { Description = "a virtio entropy device (virtio-rng, PCI 00:01.0) fed from the host's RandomNumberGenerator" };
 
             public void AddTo(Command command)
             {
                 foreach (var o in new Option[] { Config, Memory, Cpus, Firmware, Flat, LoadAddress, Entry, Kernel, Initrd, Append, Serial, Trace,
-                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices })
+                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng })
                     command.Add(o);
             }
 
@@ -114,6 +115,7 @@ namespace ActorVmm.Host
                 Set("lapic", parse.GetValue(Lapic));
                 Set("cpu", parse.GetValue(Cpu));
                 if (parse.GetValue(TestDevices)) Set("test-devices", "on");
+                if (parse.GetValue(Rng)) Set("rng", "on");
                 Set("boot.kernel", parse.GetValue(Kernel), path: true);
                 Set("boot.initrd", parse.GetValue(Initrd), path: true);
                 Set("boot.append", parse.GetValue(Append));
@@ -137,7 +139,7 @@ namespace ActorVmm.Host
                 ("--memory", parse.GetValue(Memory) is not null), ("--cpus", parse.GetValue(Cpus) is not null),
                 ("--lapic", parse.GetValue(Lapic) is not null), ("--cpu", parse.GetValue(Cpu) is not null),
                 ("--shm", parse.GetValue(Shm) is not null), ("--test-devices", parse.GetValue(TestDevices)),
-                ("--kernel", parse.GetValue(Kernel) is not null), ("--initrd", parse.GetValue(Initrd) is not null),
+                ("--rng", parse.GetValue(Rng)), ("--kernel", parse.GetValue(Kernel) is not null), ("--initrd", parse.GetValue(Initrd) is not null),
                 ("--append", parse.GetValue(Append) is not null), ("--firmware", parse.GetValue(Firmware) is not null),
                 ("--flat", parse.GetValue(Flat) is not null),
             }.Where(o => o.Given).Select(o => o.Option).ToArray();

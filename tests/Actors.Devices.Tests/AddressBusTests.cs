@@ -71,4 +71,18 @@ public sealed class AddressBusTests
         Assert.False(Bus().TryResolve((ulong)address, out _, out _));
         Assert.False(AddressBus<string>.Empty.TryResolve((ulong)address, out _, out _));
     }
+
+    [Fact]
+    public void Remove_takes_out_the_range_starting_at_a_base_and_nothing_else()
+    {
+        var bus = AddressBus<string>.Empty.Insert("a", 0x100, 0x10).Insert("b", 0x200, 0x10).Insert("c", 0x300, 0x10);
+
+        var without = bus.Remove(0x200);
+
+        Assert.Equal(["a", "c"], without.Entries.Select(e => e.Device));
+        Assert.False(without.TryResolve(0x205, out _, out _));
+        Assert.True(without.TryResolve(0x305, out var c, out var offset) && c == "c" && offset == 5);
+        Assert.Same(bus, bus.Remove(0x205)); // no range starts there
+        Assert.Equal("b", without.Insert("b", 0x200, 0x10).Entries.ElementAt(1).Device); // the place is free again
+    }
 }

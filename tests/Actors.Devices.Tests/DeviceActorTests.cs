@@ -326,4 +326,35 @@ public sealed class DeviceActorTests : TestKit
         memory.Reply(new Completed(next.Id));
         Assert.Equal(new WriteDone(2, false), await ExpectMsgAsync<WriteDone>());
     }
+
+    /// <summary>A function's configuration space as a register file: reads give back what was written.</summary>
+    private sealed class Registers : IBusDevice
+    {
+        public readonly Dictionary<ulong, ulong> Written = [];
+        public ulong Read(ulong offset, int size) => Written.GetValueOrDefault(offset, 0xAB00 + offset);
+        public void Write(ulong offset, int size, ulong value) => Written[offset] = value;
+    }
+
+    [Fact]
+    public async Task DeviceActor_must_forward_a_remote_functions_config_data_accesses_to_its_actor_which_answers_the_sender()
+    {
+        var function = new Registers();
+        Sys.ActorOf(Props("fn", _ => function, ActorRefs.Nobody), "fn");
+        var bridge = Sys.ActorOf(Props("pci", _ => new ActorVmm.Devices.Pci.PciHostBridge(remote: [new ActorVmm.Devices.Pci.PciRemoteFunction(1, 0, "fn", 0x100)]),
+            ActorRefs.Nobody), "pci");
+
+        bridge.Tell(new Write(ActorVmm.Devices.Pci.PciHostBridge.ConfigAddressWindow, 4, 0x8000_0804), TestActor); // 00:01.0, register 4
+        bridge.Tell(new Read(1, ActorVmm.Devices.Pci.PciHostBridge.ConfigDataWindow + 2, 2), TestActor);
+        Assert.Equal(new ReadResult(1, 0xAB00 + 0x106), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(Sys.ActorSelection("/user/fn").ResolveOne(TimeSpan.FromSeconds(3)).Result, LastSender); // the function answered
+
+        bridge.Tell(new WriteAndWait(2, ActorVmm.Devices.Pci.PciHostBridge.ConfigDataWindow, 4, 0x0006), TestActor);
+        Assert.Equal(new WriteDone(2, false), await ExpectMsgAsync<WriteDone>());
+        Assert.Equal(0x0006UL, function.Written[0x104]);
+
+        bridge.Tell(new Write(ActorVmm.Devices.Pci.PciHostBridge.ConfigAddressWindow, 4, 0x8000_0000), TestActor); // 00:00.0: the bridge's own
+        bridge.Tell(new Read(3, ActorVmm.Devices.Pci.PciHostBridge.ConfigDataWindow, 4), TestActor);
+        Assert.Equal(new ReadResult(3, 0x0008_1B36), await ExpectMsgAsync<ReadResult>());
+        Assert.Equal(bridge, LastSender);
+    }
 }

@@ -268,6 +268,41 @@ public sealed class VcpuActorTests : TestKit
     }
 
     [Fact]
+    public async Task Vcpu_must_move_a_device_range_on_its_mmio_bus_even_while_it_waits_for_a_reply()
+    {
+        var rig = Create();
+        var bar = CreateTestProbe("bar");
+        const ulong window = 0x1_0000_0000, at = 0xD000_0000;
+
+        // Waiting for a read's reply (as a vcpu whose configuration write moved a BAR waits for it).
+        rig.Fake.Supply(new VmExit.Mmio(MmioBase, false, 4, 0));
+        var read = await rig.Mmio.ExpectMsgAsync<DeviceProtocol.Read>();
+        rig.Vcpu.Tell(new MapMmio(7, "bar", bar.Ref, window, 0x8000, at), rig.Vm.Ref);
+        Assert.Equal(new MmioMapped(7, 0, true), await rig.Vm.ExpectMsgAsync<MmioMapped>());
+        rig.Vcpu.Tell(new DeviceProtocol.ReadResult(read.Id, 0), rig.Mmio.Ref);
+
+        rig.Fake.Supply(new VmExit.Mmio(at + 0x3000, true, 2, 0));
+        Assert.Equal(new DeviceProtocol.Write(window + 0x3000, 2, 0), await bar.ExpectMsgAsync<DeviceProtocol.Write>());
+
+        // Moved: the old place decodes nothing (writes dropped), the new one reaches the device.
+        rig.Vcpu.Tell(new MapMmio(8, "bar", bar.Ref, window, 0x8000, at + 0x10_0000), rig.Vm.Ref);
+        Assert.Equal(new MmioMapped(8, 0, true), await rig.Vm.ExpectMsgAsync<MmioMapped>());
+        rig.Fake.Supply(new VmExit.Mmio(at, true, 4, 1));
+        rig.Fake.Supply(new VmExit.Mmio(at + 0x10_0004, true, 4, 2));
+        Assert.Equal(new DeviceProtocol.Write(window + 4, 4, 2), await bar.ExpectMsgAsync<DeviceProtocol.Write>());
+
+        // Over another device's range: not decoded; nowhere: gone.
+        rig.Vcpu.Tell(new MapMmio(9, "bar", bar.Ref, window, 0x8000, MmioBase), rig.Vm.Ref);
+        Assert.Equal(new MmioMapped(9, 0, false), await rig.Vm.ExpectMsgAsync<MmioMapped>());
+        rig.Fake.Supply(new VmExit.Mmio(MmioBase + 8, true, 4, 3));
+        Assert.Equal(new DeviceProtocol.Write(8, 4, 3), await rig.Mmio.ExpectMsgAsync<DeviceProtocol.Write>());
+        rig.Vcpu.Tell(new MapMmio(10, "bar", bar.Ref, window, 0x8000, null), rig.Vm.Ref);
+        Assert.Equal(new MmioMapped(10, 0, true), await rig.Vm.ExpectMsgAsync<MmioMapped>());
+        rig.Fake.Supply(new VmExit.Mmio(at + 0x10_0004, true, 4, 4));
+        await bar.ExpectNoMsgAsync(Quiet);
+    }
+
+    [Fact]
     public async Task Vcpu_must_stash_messages_while_a_read_is_in_flight()
     {
         var rig = Create();

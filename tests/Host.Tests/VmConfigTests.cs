@@ -110,6 +110,8 @@ public sealed class VmConfigTests
     [InlineData("cpu = \"host,-nosuchthing\"", "actorvmm.vm.cpu")]
     [InlineData("cpu = pentium", "actorvmm.vm.cpu")]
     [InlineData("test-devices = maybe", "actorvmm.vm.test-devices")]
+    [InlineData("rng = maybe", "actorvmm.vm.rng")]
+    [InlineData("rng = on, paging.enabled = on", "actorvmm.vm.rng")]
     public void Bad_values_are_config_exceptions_naming_the_key(string setting, string key)
     {
         var config = ConfigurationFactory.ParseString($"actorvmm.vm {{ {setting} }}").WithFallback(VmConfig.Load(null));
@@ -198,6 +200,16 @@ public sealed class VmConfigTests
     public void Test_devices_are_off_by_default()
     {
         Assert.False(VmConfig.From(VmConfig.Load(null)).TestDevices);
+    }
+
+    [Theory]
+    [InlineData("on", true)]
+    [InlineData("off", false)]
+    public void The_entropy_device_follows_the_vm_setting_and_is_off_by_default(string value, bool on)
+    {
+        Assert.False(VmConfig.From(VmConfig.Load(null)).Rng);
+        var config = ConfigurationFactory.ParseString($"actorvmm.vm.rng = {value}").WithFallback(VmConfig.Load(null));
+        Assert.Equal(new VmConfig("vm0", 64 * MiB, 1, "stdout", "stdin", null, 0) { Rng = on }, VmConfig.From(config));
     }
 
     [Theory]

@@ -39,6 +39,28 @@ public sealed class VmWiringTests
     }
 
     [Fact]
+    public void A_pci_function_with_an_actor_of_its_own_gets_its_ecam_page_and_the_bridge_the_rest()
+    {
+        var rng = PcPlatform.VirtioRng();
+        var pci = PcPlatform.PciHost([rng.PciFunction!]);
+
+        var wiring = VmWiring.Plan([pci, rng]);
+
+        var page = ActorVmm.Devices.Platform.PciEcamBase + 0x8000; // 00:01.0 (PCIe Base 4.0 §7.2.2)
+        Assert.True(wiring.Mmio.TryResolve(page + 0x10, out var function, out var offset));
+        Assert.Equal((PcPlatform.VirtioRngName, ActorVmm.Devices.Virtio.VirtioPciFunction.ConfigWindow + 0x10), (function.Device.Name, function.Window + offset));
+        foreach (var (address, window) in new[] { (page - 4, 0x7FFCUL), (page + 0x1000, 0x9000UL), (ActorVmm.Devices.Platform.PciEcamBase, 0UL) })
+        {
+            Assert.True(wiring.Mmio.TryResolve(address, out var bridge, out var at));
+            Assert.Equal((PcPlatform.PciName, window), (bridge.Device.Name, bridge.Window + at));
+        }
+        Assert.True(pci.WaitForWriteAt!(ActorVmm.Devices.Pci.PciHostBridge.ConfigDataWindow + 2)); // CONFIG_DATA writes are waited for
+        Assert.False(pci.WaitForWriteAt(ActorVmm.Devices.Pci.PciHostBridge.ConfigAddressWindow));
+        Assert.True(rng.WaitForWriteAt!(0x04));                                               // the function's configuration writes too
+        Assert.False(rng.WaitForWriteAt(ActorVmm.Devices.Virtio.VirtioPciFunction.BarWindow)); // not its BAR's
+    }
+
+    [Fact]
     public void Plan_refuses_overlaps_naming_both_sides_and_a_port_range_past_0xFFFF()
     {
         var e = Assert.Throws<BusException>(() => VmWiring.Plan([Port("a", 0x60, 1), Port("b", 0x60, 4)]));

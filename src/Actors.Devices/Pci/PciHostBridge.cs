@@ -5,6 +5,11 @@ namespace ActorVmm.Devices.Pci;
 /// for the state record of the device actor that owns the model, not itself a record <see cref="DeviceStateCodec"/> knows.</summary>
 public sealed record PciHostBridgeSnapshot(uint ConfigAddress, PciConfigSpaceSnapshot HostBridge);
 
+/// <summary>A function on bus 0 that is a device actor of its own (<paramref name="Actor"/>, the
+/// device's name among the VM's devices), whose configuration space that actor serves at offsets
+/// <paramref name="ConfigWindow"/> + register.</summary>
+public sealed record PciRemoteFunction(int Device, int Function, string Actor, ulong ConfigWindow);
+
 /// <summary>The host bridge's state record (restarts, snapshots): the latched CONFIG_ADDRESS and the
 /// configuration space of function 00:00.0 (<see cref="PciHostBridge.StateProblem"/> checks its size).</summary>
 public sealed record PciHostBridgeState(uint ConfigAddress, byte[] HostBridgeConfig);
@@ -33,7 +38,7 @@ public sealed record PciHostBridgeState(uint ConfigAddress, byte[] HostBridgeCon
 /// QEMU's generic PCIe host bridge (1B36:0008, a Red Hat ID made for a VMM's host bridge, which
 /// Linux binds no quirk to).
 /// </summary>
-public sealed class PciHostBridge : IStatefulDevice
+public sealed class PciHostBridge : IStatefulDevice, IForwardingDevice
 {
     public const ulong EcamWindow = 0x0000_0000;
     public const ulong ConfigAddressWindow = 0x1000_0000;
@@ -45,10 +50,57 @@ public sealed class PciHostBridge : IStatefulDevice
 
     public static readonly PciIds HostBridgeIds = new(VendorId: 0x1B36, DeviceId: 0x0008, BaseClass: 0x06, SubClass: 0x00);
 
-    public PciHostBridge(PciBus? bus = null)
+    /// <param name="bus">bus 0 with the functions this bridge's actor serves itself (00:00.0 is added)</param>
+    /// <param name="remote">functions that are device actors of their own: their configuration
+    /// accesses through either mechanism go to that actor (<see cref="TryForward"/>)</param>
+    public PciHostBridge(PciBus? bus = null, IReadOnlyList<PciRemoteFunction>? remote = null)
     {
         Bus = bus ?? new PciBus();
         HostBridge = Bus.Function(0, 0) ?? Bus.Attach(0, 0, new PciConfigSpace(HostBridgeIds, extended: true));
+        Remote = remote ?? [];
+        foreach (var f in Remote)
+        {
+            if (f.Device is < 0 or >= PciBus.Devices || f.Function is < 0 or >= PciBus.FunctionsPerDevice || Bus.Function(f.Device, f.Function) is not null)
+                throw new ArgumentException($"00:{f.Device:x2}.{f.Function} cannot be a remote function", nameof(remote));
+            if (Remote.Count(o => o.Device == f.Device && o.Function == f.Function) > 1)
+                throw new ArgumentException($"00:{f.Device:x2}.{f.Function} is given twice", nameof(remote));
+        }
+    }
+
+    /// <summary>The functions served by device actors of their own.</summary>
+    public IReadOnlyList<PciRemoteFunction> Remote { get; }
+
+    /// <summary>
+    /// A configuration access of a remote function goes to its actor, at its <see cref="PciRemoteFunction.ConfigWindow"/>
+    /// + register: through CONFIG_DATA while CONFIG_ADDRESS (enabled, bus 0) names it, an access of
+    /// 1, 2 or 4 bytes that stays inside the addressed dword's lanes, or through its ECAM page (which
+    /// the VM normally routes to the function's actor directly). Everything else is the bridge's.
+    /// </summary>
+    public bool TryForward(ulong offset, int size, out string device, out ulong deviceOffset)
+    {
+        device = "";
+        deviceOffset = 0;
+        if (Remote.Count == 0 || size is not (1 or 2 or 4)) return false;
+        int d, f, register;
+        if (offset < Platform.PciEcamLength)
+        {
+            if (!Ecam(offset, out d, out f, out register)) return false;
+        }
+        else if (offset - ConfigDataWindow < ConfigDataLength && Mechanism1(out d, out f, out register))
+        {
+            var lane = (int)(offset - ConfigDataWindow);
+            if (lane + size > 4) return false;
+            register += lane;
+        }
+        else return false;
+        foreach (var r in Remote)
+        {
+            if (r.Device != d || r.Function != f) continue;
+            device = r.Actor;
+            deviceOffset = r.ConfigWindow + (ulong)register;
+            return true;
+        }
+        return false;
     }
 
     public PciBus Bus { get; }
@@ -59,9 +111,9 @@ public sealed class PciHostBridge : IStatefulDevice
     /// <summary>The latched CONFIG_ADDRESS (0 at reset).</summary>
     public uint ConfigAddress { get; private set; }
 
-    public static PciHostBridge FromState(PciHostBridgeSnapshot state, PciBus bus)
+    public static PciHostBridge FromState(PciHostBridgeSnapshot state, PciBus bus, IReadOnlyList<PciRemoteFunction>? remote = null)
     {
-        var bridge = new PciHostBridge(bus) { ConfigAddress = state.ConfigAddress & ConfigAddressWritable };
+        var bridge = new PciHostBridge(bus, remote) { ConfigAddress = state.ConfigAddress & ConfigAddressWritable };
         bridge.HostBridge.Restore(state.HostBridge);
         return bridge;
     }
@@ -74,8 +126,9 @@ public sealed class PciHostBridge : IStatefulDevice
     object IStatefulDevice.SaveState() => new PciHostBridgeState(ConfigAddress, HostBridge.State().Bytes);
 
     /// <summary>A bridge (on a bus of its own) from its state record.</summary>
-    public static PciHostBridge FromState(PciHostBridgeState state) =>
-        FromState(new PciHostBridgeSnapshot(state.ConfigAddress, new PciConfigSpaceSnapshot(state.HostBridgeConfig, IntxLevel: false)), new PciBus());
+    public static PciHostBridge FromState(PciHostBridgeState state, IReadOnlyList<PciRemoteFunction>? remote = null) =>
+        FromState(new PciHostBridgeSnapshot(state.ConfigAddress, new PciConfigSpaceSnapshot(state.HostBridgeConfig, IntxLevel: false)),
+            new PciBus(), remote);
 
     /// <summary>Why <paramref name="state"/> cannot be restored, or null.</summary>
     public static string? StateProblem(PciHostBridgeState state) =>

@@ -15,6 +15,9 @@ public sealed record VmConfig(
     ActorVmm.Memory.VmspaceOptions? Paging = null, bool TraceLive = false, bool Superpages = true, Vm.SharedMemorySpec? SharedMemory = null,
     bool TestDevices = false)
 {
+    /// <summary>actorvmm.vm.rng: a virtio entropy device at PCI 00:01.0.</summary>
+    public bool Rng { get; init; }
+
     /// <summary>actorvmm.vm.cpu: the CPUID features the vcpus see.</summary>
     public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
 
@@ -142,22 +145,32 @@ public sealed record VmConfig(
             LibVmm.CpuModel cpu;
             try { cpu = LibVmm.CpuModel.Parse(cpuText); }
             catch (FormatException e) { throw new ConfigException($"actorvmm.vm.cpu: {e.Message}"); }
-            var testDevicesText = vm.GetString("test-devices", "off");
-            var testDevices = testDevicesText switch
-            {
-                "on" or "true" or "yes" => true,
-                "off" or "false" or "no" => false,
-                _ => throw new ConfigException($"actorvmm.vm.test-devices must be on or off, not \"{testDevicesText}\""),
-            };
+            var testDevices = OnOff(vm, "test-devices");
+            var rng = OnOff(vm, "rng");
+            if (rng && paging is { Userfaultfd: true })
+                throw new ConfigException("actorvmm.vm.rng: the virtio entropy device reads and writes guest memory itself, " +
+                                          "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu };
+                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu, Rng = rng };
         }
         catch (ConfigException) { throw; }
         catch (Exception e)
         {
             throw new ConfigException($"bad configuration: {FirstLine(e.Message)}");
         }
+    }
+
+    /// <summary>actorvmm.vm.<paramref name="key"/> as on/off (true/false, yes/no; off when absent).</summary>
+    private static bool OnOff(Akka.Configuration.Config vm, string key)
+    {
+        var text = vm.GetString(key, "off");
+        return text switch
+        {
+            "on" or "true" or "yes" => true,
+            "off" or "false" or "no" => false,
+            _ => throw new ConfigException($"actorvmm.vm.{key} must be on or off, not \"{text}\""),
+        };
     }
 
     /// <summary>Parses "0" (off), "250ms", "2s", "1m" (at most a day). Throws <see cref="ConfigException"/>.</summary>

@@ -36,11 +36,12 @@ public static class SnapshotParts
 /// needed: guest memory holds everything it loaded).</summary>
 /// <param name="Cpu">the CPU model as written on the command line (<see cref="CpuModel.ToString"/>)</param>
 /// <param name="HasFirmware">the VM booted a firmware image, saved as the <c>firmware</c> part</param>
+/// <param name="Rng">the VM has the virtio entropy device (its state is the <c>device-virtio-rng</c> part)</param>
 public sealed record SavedSpec(string Name, ulong MemoryBytes, int Cpus, LapicMode Lapic, string Cpu, bool Superpages,
-    bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware)
+    bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware, bool Rng = false)
 {
     public static SavedSpec From(VmSpec spec) => new(spec.Name, spec.MemoryBytes, spec.Cpus, spec.Lapic, spec.Cpu.ToString(),
-        spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null);
+        spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null, spec.Rng);
 }
 
 /// <summary>The VM's clocks at the snapshot: its device clock (every armed device and vlapic timer is a

@@ -1,5 +1,6 @@
 using ActorVmm.Devices;
 using ActorVmm.Devices.Pci;
+using ActorVmm.Devices.Virtio;
 
 namespace ActorVmm.Host.Vm;
 
@@ -107,17 +108,105 @@ public static class PcPlatform
     /// access starting at 0xCF8 still reaches the bridge; CONFIG_DATA at 0xCFC-0xCFF) and through ECAM
     /// (<see cref="Platform.PciEcamBase"/>, bus 0's 1 MiB). Function 00:00.0 is the bridge itself.
     /// </summary>
-    public static DeviceSpec PciHost() =>
-        new(PciName, DeviceProtocol.Space.Port, Platform.PciConfigAddressPort, 1, _ => new PciHostBridge(),
-            (_, state) => PciHostBridge.FromState((PciHostBridgeState)state))
+    /// <remarks>
+    /// A function that is a device actor of its own (<paramref name="functions"/>, e.g.
+    /// <see cref="VirtioRng"/>) has its 4 KiB ECAM page routed straight to its actor: the bridge's ECAM
+    /// range is cut around those pages. Its configuration accesses through CONFIG_DATA reach the bridge,
+    /// which passes them on to the function's actor (<see cref="PciHostBridge.TryForward"/>); vcpus wait
+    /// for CONFIG_DATA writes, so a BAR the guest moves through them is moved on every vcpu's bus
+    /// before its next instruction (the function's actor answers the write once it is).
+    /// </remarks>
+    public static DeviceSpec PciHost(IReadOnlyList<PciRemoteFunction>? functions = null)
+    {
+        var remote = functions ?? [];
+        return new(PciName, DeviceProtocol.Space.Port, Platform.PciConfigAddressPort, 1, _ => new PciHostBridge(remote: remote),
+            (_, state) => PciHostBridge.FromState((PciHostBridgeState)state, remote))
         {
             Window = PciHostBridge.ConfigAddressWindow,
             MoreRanges =
             [
                 new DeviceRange(DeviceProtocol.Space.Port, Platform.PciConfigDataPort, PciHostBridge.ConfigDataLength, PciHostBridge.ConfigDataWindow),
-                new DeviceRange(DeviceProtocol.Space.Mmio, Platform.PciEcamBase, Platform.PciEcamLength, PciHostBridge.EcamWindow),
+                .. EcamRangesAround(remote),
             ],
+            WaitForWriteAt = offset => offset - PciHostBridge.ConfigDataWindow < PciHostBridge.ConfigDataLength,
         };
+    }
+
+    /// <summary>The bridge's part of the ECAM window: all of bus 0's 1 MiB but the pages of <paramref name="remote"/>.</summary>
+    private static IEnumerable<DeviceRange> EcamRangesAround(IReadOnlyList<PciRemoteFunction> remote)
+    {
+        ulong at = 0;
+        foreach (var page in remote.Select(EcamPageOffset).Order())
+        {
+            if (page > at) yield return new DeviceRange(DeviceProtocol.Space.Mmio, Platform.PciEcamBase + at, page - at, PciHostBridge.EcamWindow + at);
+            at = page + EcamPageLength;
+        }
+        if (at < Platform.PciEcamLength)
+            yield return new DeviceRange(DeviceProtocol.Space.Mmio, Platform.PciEcamBase + at, Platform.PciEcamLength - at, PciHostBridge.EcamWindow + at);
+    }
+
+    private const ulong EcamPageLength = 0x1000;
+
+    /// <summary>A bus-0 function's configuration page in the ECAM window (PCIe Base 4.0 §7.2.2).</summary>
+    private static ulong EcamPageOffset(PciRemoteFunction f) => (ulong)f.Device << 15 | (ulong)f.Function << 12;
+
+    public const string VirtioRngName = "virtio-rng";
+
+    /// <summary>The slot of the virtio entropy device: 00:01.0.</summary>
+    public const int VirtioRngSlot = 1;
+
+    /// <summary>
+    /// The virtio entropy device (<see cref="Devices.Virtio.VirtioRng"/>, host entropy from
+    /// <see cref="System.Security.Cryptography.RandomNumberGenerator"/>) as PCI function 00:01.0
+    /// (<see cref="VirtioPciFunction"/>): one device actor for its configuration space (its ECAM page,
+    /// and what the host bridge passes on) and its BAR, which the VM moves on the vcpus' buses where
+    /// the guest places it.
+    /// </summary>
+    public static DeviceSpec VirtioRng() => VirtioPci(VirtioRngName, VirtioRngSlot,
+        c => new Devices.Virtio.VirtioRng(c.Memory, System.Security.Cryptography.RandomNumberGenerator.Fill));
+
+    /// <summary>
+    /// A virtio device on the PCI bus at 00:<paramref name="slot"/>.0: its ECAM page routed to its
+    /// actor, whose configuration writes the vcpus wait for (a BAR move must reach every vcpu's bus
+    /// first); INTA# on its PCI interrupt wire (<see cref="PciInterruptRouting"/>); MSI-X messages to the
+    /// local APICs (the APIC router: the vlapics, or KVM_SIGNAL_MSI under <c>lapic = assisted</c>).
+    /// </summary>
+    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, IVirtioDevice> virtio)
+    {
+        VirtioPciFunction Build(DeviceContext c, VirtioPciFunctionState? state)
+        {
+            var device = virtio(c);
+            var ram = new GuestRam(c.Memory);
+            var intx = PciIntx(c, slot);
+            void SendMsi(MsiMessage m)
+            {
+                if (MsiDecoding.ToApicMessage(m) is { } message) c.ApicBus.Deliver(message);
+            }
+            void BarChanged(PciBarChange change) =>
+                c.MapMmio(name, VirtioPciFunction.BarWindow, change.Size, change.NewAddress);
+            return state is null
+                ? new VirtioPciFunction(slot, device, ram, intx, SendMsi, BarChanged)
+                : VirtioPciFunction.FromState(state, device, ram, intx, SendMsi, BarChanged);
+        }
+        return DeviceSpec.Wired(name, DeviceProtocol.Space.Mmio, Platform.PciEcamBase + ((ulong)slot << 15), EcamPageLength,
+            c => Build(c, null), (c, state) => Build(c, (VirtioPciFunctionState)state)) with
+        {
+            Window = VirtioPciFunction.ConfigWindow,
+            WaitForWriteAt = offset => offset < VirtioPciFunction.ConfigWindowLength,
+            PciFunction = new PciRemoteFunction(slot, 0, name, VirtioPciFunction.ConfigWindow),
+        };
+    }
+
+    /// <summary>INTA# of <paramref name="slot"/> on its wire: the wire's IOAPIC pin, pulled up while idle
+    /// (active low, <see cref="PciInterruptRouting"/>). Each function drives a wire of its own
+    /// (slots 1-4 reach four different wires with INTA#); a wire shared by functions in different actors
+    /// would need the wired-OR in one place, which this platform does not have yet.</summary>
+    private static IInterruptLine PciIntx(DeviceContext c, int slot)
+    {
+        var gsi = PciInterruptRouting.Gsi(slot, PciInterruptPin.IntA)!.Value;
+        var routing = new PciInterruptRouting(g => g == gsi ? c.IoApicPin((int)g) : NullInterruptLine.Instance);
+        return routing.Line(slot, PciInterruptPin.IntA);
+    }
 
     /// <summary>The QEMU-convention debug-exit port. Its writes end the machine, so vcpus wait for them.</summary>
     public static DeviceSpec DebugExit() =>

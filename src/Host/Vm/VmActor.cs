@@ -57,7 +57,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<VmspaceProtocol.Ready>(_ =>
         {
             StartupTimes.Mark("memory ready");
-            StartBootVcpu();
+            if (_resources.Restore is not null) AwaitRestoredDevices();
+            else StartBootVcpu();
         });
         Receive<VmspaceProtocol.VmspaceFailed>(f =>
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"the vmspace failed: {f.Reason}")));
@@ -102,6 +103,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<VcpuProtocol.Stopped>(s =>
         {
             _stopped.Add(s.VcpuId);
+            ForgetVcpu(s.VcpuId);
             var outcome = s.Reason switch
             {
                 VcpuProtocol.StopReason.Requested => null,
@@ -137,6 +139,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             if (index >= 0)
             {
                 _stopped.Add(index);
+                ForgetVcpu(index);
                 End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"{name} (vcpu {index}) failed and was stopped{why}"));
                 TryFinish();
                 return;
@@ -147,9 +150,16 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             if (RemoveDrained(d => d.Equals(t.ActorRef)) && _draining!.Count == 0) Finish();
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"{name} failed and was stopped{why}"));
         });
+        Receive<MapDeviceMmio>(OnMapDeviceMmio);
+        Receive<VcpuProtocol.MmioMapped>(OnMmioMapped);
         Receive<EndTimeout>(_ => Finish());
         Receive<DeviceProtocol.Completed>(c =>
         {
+            if (_startBarrier is { } barrier && barrier.Remove(c.Id))
+            {
+                if (barrier.Count == 0) StartWhenMmioMoved();
+                return;
+            }
             if (_draining is null || !_draining.Remove(c.Id)) return;
             if (_draining.Count == 0) Finish();
         });
@@ -329,11 +339,13 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     /// <param name="saved">the state record a restored VM's device starts from; null: power-on</param>
     private Props DeviceProps(DeviceSpec spec, VmInterrupts interrupts, IDeviceClock clock, IActorRef vmspace, object? saved)
     {
+        var vm = Self; // the factories run in the device actor, where this actor's context is not current
+        var memory = _resources.Memory;
         Func<IPlatformEvents, IBusDevice> factory = spec.WiredFactory is { } wired
-            ? events => wired(new DeviceContext(events, interrupts, clock))
+            ? events => wired(new DeviceContext(events, interrupts, clock, memory, vm))
             : spec.Factory;
         Func<IPlatformEvents, object, IBusDevice>? restore = spec.WiredRestore is { } rewired
-            ? (events, state) => rewired(new DeviceContext(events, interrupts, clock), state)
+            ? (events, state) => rewired(new DeviceContext(events, interrupts, clock, memory, vm), state)
             : spec.Restore;
         return spec.Timed
             ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace, initialState: saved)
@@ -367,6 +379,77 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         // and count as started when their SIPI has come (VcpuProtocol.StartedBySipi).
         if (_resources.KernelApic is not null)
             for (var i = 1; i < _vcpus.Count; i++) _vcpus[i].Tell(VcpuProtocol.Start.Instance);
+    }
+
+    /// <summary>A device's range moving on the vcpus' buses: the device, its request's id, the vcpus
+    /// that have not yet moved it.</summary>
+    private sealed record MmioMove(IActorRef Device, long RequestId, HashSet<int> Waiting);
+
+    private readonly Dictionary<long, MmioMove> _mmioMoves = [];
+    private long _lastMmioMove;
+
+    /// <summary>Every vcpu that can still answer moves the range; the device hears <see cref="DeviceProtocol.Completed"/>
+    /// once all have (at once without any). A vcpu that stops meanwhile is not waited for (<see cref="ForgetVcpu"/>).</summary>
+    private void OnMapDeviceMmio(MapDeviceMmio m)
+    {
+        var id = ++_lastMmioMove;
+        var waiting = Enumerable.Range(0, _vcpus.Count).Where(i => !_stopped.Contains(i)).ToHashSet();
+        if (waiting.Count == 0)
+        {
+            Sender.Tell(new DeviceProtocol.Completed(m.Id));
+            return;
+        }
+        _mmioMoves[id] = new MmioMove(Sender, m.Id, waiting);
+        foreach (var i in waiting) _vcpus[i].Tell(new VcpuProtocol.MapMmio(id, m.Device, Sender, m.Window, m.Length, m.Base));
+    }
+
+    private void OnMmioMapped(VcpuProtocol.MmioMapped mapped)
+    {
+        if (!_mmioMoves.TryGetValue(mapped.Id, out var move) || !move.Waiting.Remove(mapped.VcpuId)) return;
+        if (!mapped.Decoded) Context.GetLogger().Warning("vcpu {0}: a range of {1} overlaps another device's and is not decoded", mapped.VcpuId, move.Device.Path.Name);
+        if (move.Waiting.Count > 0) return;
+        _mmioMoves.Remove(mapped.Id);
+        move.Device.Tell(new DeviceProtocol.Completed(move.RequestId));
+        if (_startBarrier is { Count: 0 }) StartWhenMmioMoved();
+    }
+
+    /// <summary>Device barriers a restored VM waits for before its vcpus run (null: none pending).</summary>
+    private HashSet<long>? _startBarrier;
+
+    /// <summary>
+    /// A restored device whose range decodes somewhere (a PCI BAR) asks for it while it is built; the
+    /// vcpus must have it before the guest runs. So a restored VM first passes a barrier through every
+    /// device (<see cref="DeviceProtocol.Sync"/>: answered after everything the device sent before, its
+    /// requests included), then waits for those moves, then starts its vcpus.
+    /// </summary>
+    private void AwaitRestoredDevices()
+    {
+        _startBarrier = [];
+        foreach (var d in _devices)
+        {
+            var id = ++_lastDrainId;
+            _startBarrier.Add(id);
+            d.Tell(new DeviceProtocol.Sync(id));
+        }
+        if (_startBarrier.Count == 0) StartWhenMmioMoved();
+    }
+
+    private void StartWhenMmioMoved()
+    {
+        if (_mmioMoves.Count > 0) return;
+        _startBarrier = null;
+        StartBootVcpu();
+    }
+
+    /// <summary>A vcpu that stopped answers no more moves: they complete without it.</summary>
+    private void ForgetVcpu(int index)
+    {
+        foreach (var (id, move) in _mmioMoves.ToArray())
+        {
+            if (!move.Waiting.Remove(index) || move.Waiting.Count > 0) continue;
+            _mmioMoves.Remove(id);
+            move.Device.Tell(new DeviceProtocol.Completed(move.RequestId));
+        }
     }
 
     /// <summary>The snapshot being taken: its taker, who asked, and what the VM does after it.</summary>

@@ -92,8 +92,11 @@ public sealed class VmBuilder
         CheckSharedMemory();
         var firmwareImage = _spec.Boot.Firmware;
         var firmware = firmwareImage is not null;
+        if (_spec.Rng) CheckGuestMemoryDevices("a virtio entropy device (rng)");
+        if (_spec.Rng && _devices.All(d => d.Name != PcPlatform.VirtioRngName)) _devices.Add(PcPlatform.VirtioRng());
+        var pciFunctions = _devices.Select(d => d.PciFunction).OfType<ActorVmm.Devices.Pci.PciRemoteFunction>().ToArray();
         foreach (var chip in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware)
-                     .Concat(PcPlatform.ResetAndPowerManagement()).Append(PcPlatform.PciHost()))
+                     .Concat(PcPlatform.ResetAndPowerManagement()).Append(PcPlatform.PciHost(pciFunctions)))
             if (_devices.All(d => d.Name != chip.Name)) _devices.Add(chip);
         if (_spec.TestDevices)
         {
@@ -114,7 +117,7 @@ public sealed class VmBuilder
             // The image first: a malformed one is reported as such, with or without KVM.
             // No transparent huge pages where userfaultfd fills the pages (demand paging, a lazy restore).
             memory = VmspaceLayout.Build(_spec.MemoryBytes, _spec.Boot.Firmware,
-                superpages: _spec.Superpages && _spec.Paging is not { Userfaultfd: true } && _restore is not { Eager: false });
+                superpages: _spec.Superpages && _spec.Paging is not { Userfaultfd: true } && (_restore is null || EagerRestore));
             // What a firmware would provide: the MP table and the ACPI tables (MADT: the vcpus and the
             // IOAPIC; FADT, FACS, DSDT: the PM block, reset register and S5). Written first, so an
             // image loaded over the BIOS area wins.
@@ -229,8 +232,25 @@ public sealed class VmBuilder
             throw new VmBuildException($"cannot restore: the snapshot has no state for device \"{missing.Name}\"");
     }
 
-    private static MemoryRestore MemoryRestoreOf(VmRestore restore) =>
-        new(restore.MemoryPath, Lazy: !restore.Eager, AccessedDirtyPath: restore.AccessDirtyPath);
+    private MemoryRestore MemoryRestoreOf(VmRestore restore) =>
+        new(restore.MemoryPath, Lazy: !EagerRestore, AccessedDirtyPath: restore.AccessDirtyPath);
+
+    /// <summary>Guest memory comes in whole before the first vcpu runs: asked for (<c>--restore-eager</c>),
+    /// or needed by a device that touches guest RAM itself (<see cref="CheckGuestMemoryDevices"/>).</summary>
+    private bool EagerRestore => _restore is { Eager: true } || _spec.Rng;
+
+    /// <summary>
+    /// A device that reads and writes guest RAM itself (virtio queues, through the host view of guest
+    /// memory) and demand paging exclude each other: a page the device touches before the guest does is
+    /// filled behind userfaultfd's back (the vmspace would never see its first touch, its swap slot or
+    /// snapshot contents would be lost). Refused, as for the shared-memory device; a restore of such a
+    /// VM is eager (<see cref="WithRestore"/>).
+    /// </summary>
+    private void CheckGuestMemoryDevices(string what)
+    {
+        if (_spec.Paging is { Userfaultfd: true })
+            throw new VmBuildException($"{what} reads and writes guest memory itself: demand paging (actorvmm.vm.paging.enabled) must be off");
+    }
 
     /// <summary>A passthru-style device and demand paging exclude each other: its VM's memory is
     /// wired. Refused, not silently turned off: a swap file or resident limit asked for would

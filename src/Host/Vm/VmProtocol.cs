@@ -34,6 +34,16 @@ public static class VmProtocol
 
     public sealed record SnapshotFailed(string Vm, string Directory, string Reason) : IVmMessage;
 
+    /// <summary>
+    /// From a device actor (the sender): its range at offset window <paramref name="Window"/>,
+    /// <paramref name="Length"/> bytes, now decodes at guest-physical <paramref name="Base"/> (null:
+    /// nowhere), as a PCI function's BAR does when the guest moves it or turns memory decoding on or
+    /// off. The VM moves it on every vcpu's MMIO bus (<c>VcpuProtocol.MapMmio</c>) and answers
+    /// <see cref="Devices.DeviceProtocol.Completed"/> with <paramref name="Id"/> once every vcpu has,
+    /// so a configuration write the guest waits for completes only then.
+    /// </summary>
+    public sealed record MapDeviceMmio(long Id, string Device, ulong Window, ulong Length, ulong? Base) : IVmMessage;
+
     /// <summary>Asks to be told <see cref="Ended"/> when the VM ends (at once if it has).</summary>
     public sealed record WatchEnd : IVmMessage { public static readonly WatchEnd Instance = new(); }
 

@@ -35,6 +35,9 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
 {
     public const int MaxCpus = 16;
 
+    /// <summary>A virtio entropy device at PCI 00:01.0 (<c>--rng</c>, <c>actorvmm.vm.rng</c>; <see cref="PcPlatform.VirtioRng"/>).</summary>
+    public bool Rng { get; init; }
+
     /// <summary>The CPUID features the vcpus see (<c>--cpu</c>, <c>actorvmm.vm.cpu</c>).</summary>
     public CpuModel Cpu { get; init; } = CpuModel.Host;
 }
@@ -88,6 +91,10 @@ public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong B
     /// <summary>The model is an <see cref="ITimedDevice"/> on the VM's clock.</summary>
     public bool Timed { get; init; }
 
+    /// <summary>The device is a function on PCI bus 0 whose configuration space its own actor serves
+    /// (the host bridge passes mechanism #1 accesses on to it); null: not a PCI function.</summary>
+    public ActorVmm.Devices.Pci.PciRemoteFunction? PciFunction { get; init; }
+
     /// <summary>Every range of the device, the first one included.</summary>
     public IEnumerable<DeviceRange> Ranges => [new DeviceRange(Space, Base, Length, Window), .. MoreRanges];
 
@@ -107,10 +114,30 @@ public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong B
 /// the IOAPIC's output), the 8259's INTR output (LINT0 of vcpu 0's vlapic) and the VM's clock.
 /// The lines only tell messages, so a model may use them from inside Read/Write.
 /// </summary>
-public sealed class DeviceContext(IPlatformEvents events, VmInterrupts interrupts, IDeviceClock clock)
+public sealed class DeviceContext(IPlatformEvents events, VmInterrupts interrupts, IDeviceClock clock, IGuestMemory? memory = null,
+    IActorRef? vm = null)
 {
     public IPlatformEvents Events { get; } = events;
     public IDeviceClock Clock { get; } = clock;
+
+    /// <summary>Guest memory (its host view), for a device that reads and writes guest RAM (virtio
+    /// queues). Throws for a context built without it.</summary>
+    public IGuestMemory Memory => memory ?? throw new InvalidOperationException("this device context has no guest memory");
+
+    /// <summary>IOAPIC pin <paramref name="pin"/> (0-23) alone, told without a barrier: for sources whose
+    /// changes need not precede the guest's next instruction (a PCI function's INTx#).</summary>
+    public IInterruptLine IoApicPin(int pin) => interrupts.IoApicInput(pin);
+
+    /// <summary>
+    /// Where the device's range at offset window <paramref name="window"/> now decodes (null: nowhere),
+    /// asked of the VM (<see cref="VmProtocol.MapDeviceMmio"/>), which moves it on every vcpu's MMIO
+    /// bus; a write the vcpu waits for completes only after that (<see cref="IDeviceRequests"/>).
+    /// </summary>
+    public void MapMmio(string device, ulong window, ulong length, ulong? @base)
+    {
+        if (vm is null || Events is not IDeviceRequests requests) return;
+        requests.Send(vm, id => new VmProtocol.MapDeviceMmio(id, device, window, length, @base));
+    }
 
     /// <summary>ISA IRQ <paramref name="irq"/> (0-15): IOAPIC pin irq (IRQ 0: pin 2, the MADT's
     /// interrupt source override) and 8259 input irq (none for the cascade IRQ 2).</summary>

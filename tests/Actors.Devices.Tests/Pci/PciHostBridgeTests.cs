@@ -273,4 +273,51 @@ public sealed class PciHostBridgeTests
         var e = Assert.Throws<SnapshotStateException>(() => DeviceStateCodec.Decode(json));
         Assert.Contains("4096", e.Message);
     }
+
+    [Fact]
+    public void Configuration_accesses_of_a_remote_function_are_forwarded_to_its_actor_through_both_mechanisms()
+    {
+        var bridge = new PciHostBridge(remote: [new PciRemoteFunction(1, 0, "virtio-rng", 0x0)]);
+
+        bridge.Write(Address, 4, Cf8(1, 0, 0x04));
+        Assert.True(bridge.TryForward(Data + 2, 2, out var device, out var offset));
+        Assert.Equal(("virtio-rng", 0x06UL), (device, offset));           // lane 2 of dword 4: the status register
+        Assert.False(bridge.TryForward(Data + 2, 4, out _, out _));        // past the dword's lanes: the bridge's (all ones)
+        Assert.False(bridge.TryForward(Address, 4, out _, out _));         // CONFIG_ADDRESS itself
+        Assert.True(bridge.TryForward(EcamOffset(1, 0, 0x10), 4, out device, out offset));
+        Assert.Equal(("virtio-rng", 0x10UL), (device, offset));
+        Assert.False(bridge.TryForward(EcamOffset(1, 0, 0x10), 8, out _, out _)); // not a configuration request
+        Assert.False(bridge.TryForward(EcamOffset(0, 0, 0), 4, out _, out _));    // the host bridge's own
+        Assert.False(bridge.TryForward(EcamOffset(2, 0, 0), 4, out _, out _));    // nobody's: reads all ones here
+
+        bridge.Write(Address, 4, Cf8(1, 0, 0x04, enable: false));
+        Assert.False(bridge.TryForward(Data, 4, out _, out _));
+        bridge.Write(Address, 4, Cf8(1, 0, 0x04, bus: 1));
+        Assert.False(bridge.TryForward(Data, 4, out _, out _));
+    }
+
+    [Fact]
+    public void A_remote_function_cannot_take_a_slot_the_bridge_serves()
+    {
+        Assert.Throws<ArgumentException>(() => new PciHostBridge(remote: [new PciRemoteFunction(0, 0, "x", 0)]));
+        Assert.Throws<ArgumentException>(() => new PciHostBridge(remote: [new PciRemoteFunction(1, 0, "x", 0), new PciRemoteFunction(1, 0, "y", 0)]));
+    }
+
+    [Theory]
+    [InlineData(0xFEE0_1000UL, 0x0000_4041u, 0x41, DeliveryMode.Fixed, false, 1u)]
+    [InlineData(0xFEE0_300CUL, 0x0000_0152u, 0x52, DeliveryMode.LowestPriority, true, 3u)]
+    [InlineData(0xFEEF_F000UL, 0x0000_0400u, 0x00, DeliveryMode.Nmi, false, 0xFFu)]
+    public void An_msi_message_is_the_apic_message_its_address_and_data_encode(ulong address, uint data, byte vector, DeliveryMode mode,
+        bool logical, uint destination)
+    {
+        Assert.Equal(new ApicMessage(vector, mode, logical, destination, Level: true, LevelTriggered: false),
+            MsiDecoding.ToApicMessage(new MsiMessage(address, data)));
+    }
+
+    [Theory]
+    [InlineData(0xD000_0000UL, 0x41u)]           // not the APICs' range: a memory write
+    [InlineData(0x1_FEE0_0000UL, 0x41u)]         // above 4 GiB
+    [InlineData(0xFEE0_0000UL, 0x341u)]          // delivery mode 011b is reserved
+    public void An_msi_message_outside_the_apic_range_or_with_a_reserved_mode_delivers_nothing(ulong address, uint data) =>
+        Assert.Null(MsiDecoding.ToApicMessage(new MsiMessage(address, data)));
 }
