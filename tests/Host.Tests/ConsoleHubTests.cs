@@ -82,8 +82,11 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
     {
         // The hub sends to the VM's child "uart0": stand in a VM actor whose child forwards to the test.
         var fakeVm = Sys.ActorOf(Props.Create(() => new FakeVm(TestActor)), "fake-vm");
-        Sys.ActorSelection(fakeVm.Path / "uart0").Tell("ready?"); // its child exists once this comes back
-        ExpectMsg("ready?");
+        AwaitCondition(() => // its child is made when it starts, after ActorOf returns
+        {
+            try { return Sys.ActorSelection(fakeVm.Path / "uart0").ResolveOne(TimeSpan.FromSeconds(1)).Result is not null; }
+            catch (AggregateException) { return false; }
+        }, TimeSpan.FromSeconds(20));
         var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
         hub.Tell(new ConsoleProtocol.Connect(fakeVm));
         hub.Tell(new ConsoleProtocol.Input(Bytes("ls\n")));
