@@ -43,22 +43,42 @@ public sealed class CpuidPolicy
 
     /// <summary>KVM's paravirtual feature leaf (Documentation/virt/kvm/x86/cpuid.rst): KVM_CPUID_FEATURES.</summary>
     public const uint KvmFeaturesLeaf = 0x4000_0001;
-    public const uint KvmFeatureAsyncPf = 1u << 4, KvmFeaturePvEoi = 1u << 6, KvmFeatureAsyncPfVmexit = 1u << 10,
-        KvmFeaturePvSendIpi = 1u << 11, KvmFeatureAsyncPfInt = 1u << 14;
+    public const uint KvmFeatureAsyncPf = 1u << 4, KvmFeaturePvEoi = 1u << 6, KvmFeaturePvUnhalt = 1u << 7,
+        KvmFeatureAsyncPfVmexit = 1u << 10, KvmFeaturePvSendIpi = 1u << 11, KvmFeatureAsyncPfInt = 1u << 14;
 
     /// <summary>
     /// KVM's paravirtual features that work only with KVM's in-kernel local APIC: KVM refuses the
     /// MSRs that enable asynchronous page faults (MSR_KVM_ASYNC_PF_EN, _INT) and PV EOI
-    /// (MSR_KVM_PV_EOI_EN) without one, and its PV IPI hypercall delivers through it. With local
-    /// APICs in user space a guest shown them gets #GP on those MSRs (Linux: "unchecked MSR access
-    /// error: WRMSR to 0x4b564d06") or IPIs that go nowhere; hidden, it uses the APIC as hardware.
+    /// (MSR_KVM_PV_EOI_EN) without one, and its PV IPI hypercall delivers through it. So does the
+    /// kick of paravirtual spinlocks (PV_UNHALT: a waiter sleeps in HLT with interrupts disabled
+    /// until another vcpu's KVM_HC_KICK_CPU, which KVM delivers through its local APIC; hypercalls.rst).
+    /// With local APICs in user space a guest shown them gets #GP on those MSRs (Linux: "unchecked
+    /// MSR access error: WRMSR to 0x4b564d06"), IPIs that go nowhere, or a spinlock waiter nothing
+    /// wakes; hidden, it uses the APIC as hardware and spins on its locks.
     /// </summary>
     public static readonly IReadOnlyList<Clear> NeedsKernelLapic =
     [
         new(KvmFeaturesLeaf, null, Reg.Eax,
-            KvmFeatureAsyncPf | KvmFeaturePvEoi | KvmFeatureAsyncPfVmexit | KvmFeaturePvSendIpi | KvmFeatureAsyncPfInt,
-            "KVM async PF, PV EOI, PV send-IPI"),
+            KvmFeatureAsyncPf | KvmFeaturePvEoi | KvmFeaturePvUnhalt | KvmFeatureAsyncPfVmexit | KvmFeaturePvSendIpi | KvmFeatureAsyncPfInt,
+            "KVM async PF, PV EOI, PV unhalt, PV send-IPI"),
     ];
+
+    /// <summary>
+    /// Hidden under either local APIC: paravirtual spinlocks (PV_UNHALT). Their waiter sleeps in HLT
+    /// with interrupts disabled until another vcpu's KVM_HC_KICK_CPU; a VM whose started vcpus all
+    /// sleep so has ended (exit code 0), and whether a vcpu KVM runs is still running or waits for
+    /// a kick cannot be told apart from outside. Without the bit, Linux spins on a contended lock.
+    /// </summary>
+    public static readonly IReadOnlyList<Clear> SleepsWithInterruptsDisabled =
+    [
+        new(KvmFeaturesLeaf, null, Reg.Eax, KvmFeaturePvUnhalt, "KVM PV unhalt"),
+    ];
+
+    /// <summary>What the platform hides from a VM besides <see cref="PlatformDefaults"/>: with local
+    /// APICs in user space (<paramref name="kernelLapic"/> false), <see cref="NeedsKernelLapic"/>; always,
+    /// <see cref="SleepsWithInterruptsDisabled"/>.</summary>
+    public static IReadOnlyList<Clear> Hidden(bool kernelLapic) =>
+        kernelLapic ? SleepsWithInterruptsDisabled : [.. NeedsKernelLapic, .. SleepsWithInterruptsDisabled];
 
     private readonly KvmCpuidEntry2[] _base;
 

@@ -283,7 +283,7 @@ public sealed class VcpuSnapshotTests
             var provided = new[] { CpuModel.Feature("x2apic"), CpuModel.Feature("tsc-deadline") };
             var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), CpuModel.Host,
                 assisted && kvm.CheckExtension(KvmCap.TscDeadlineTimer) <= 0 ? provided[..1] : provided,
-                assisted ? null : CpuidPolicy.NeedsKernelLapic);
+                CpuidPolicy.Hidden(kernelLapic: assisted));
             var handle = vm.CreateVcpu(0, cpuid);
             if (!assisted)
             {

@@ -157,7 +157,7 @@ public sealed class VmBuilder
             if (assisted) vm.EnableSplitIrqchip(MsiEncoding.IoApicRoutes);
             else EmulateApicMsrs(vm);
             var cpuid = CpuidPolicy.ForModel(kvm.GetSupportedCpuid(), _spec.Cpu, ProvidedFeatures(kvm, assisted),
-                assisted ? null : CpuidPolicy.NeedsKernelLapic);
+                CpuidPolicy.Hidden(kernelLapic: assisted));
             for (var i = 0; i < _spec.Cpus; i++)
             {
                 var vcpu = vm.CreateVcpu(i, cpuid);

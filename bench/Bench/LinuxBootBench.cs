@@ -1,0 +1,140 @@
+using System.Diagnostics;
+using System.Globalization;
+
+namespace ActorVmm.Bench;
+
+/// <summary>
+/// How long a Linux guest takes to boot under ActorVmm and under QEMU, in the same place and run:
+/// the guest kit's Debian kernel (bzImage) and busybox initramfs (guest/build.sh), 256 MiB, on N
+/// vcpus, its console on COM1. Each run is timed from just before the VMM's process starts to the
+/// kernel's first console line ("Linux version") and to the init's marker line
+/// (<c>ACTORVMM-INIT-OK</c>); the process is then killed. The VMMs take turns.
+/// </summary>
+/// <remarks>
+/// QEMU boots the same files with KVM's in-kernel local APICs (its default). Inside CI's KVM box
+/// (<c>ACTORVMM_KVM_BOX=1</c>) KVM's local APIC timer stops firing for a nested guest, so there
+/// QEMU's kernel gets <c>noapictimer</c> (the PIT keeps time); ActorVmm is run both as it boots
+/// by default (<c>lapic = emulated</c>: its vlapics' timers, no option needed) and with the same
+/// command line as QEMU, so the two can be compared on equal terms.
+/// </remarks>
+internal static class LinuxBootBench
+{
+    private const string InitMarker = "ACTORVMM-INIT-OK";
+    private const string Banner = "Linux version";
+    private const string Memory = "256M";
+    private static readonly TimeSpan Limit = TimeSpan.FromMinutes(10);
+
+    private sealed record Vmm(string Name, string FileName, string[] Arguments);
+
+    private sealed record Run(double BannerMs, double InitMs);
+
+    public static async Task<int> RunAsync(int runs, int cpus)
+    {
+        if (!BenchGuest.KvmAvailable()) return 2;
+        if (StartupBench.HostExecutable() is not { } host)
+        {
+            Console.Error.WriteLine("linuxboot: the host executable (src/Host/bin/<configuration>/net10.0/actorvmm) is missing: build the solution first");
+            return 2;
+        }
+        var kit = Environment.GetEnvironmentVariable("ACTORVMM_GUEST_KIT") is { Length: > 0 } k ? k : Path.Combine(SourceTree(), "guest", "out");
+        var kernel = Path.Combine(kit, "vmlinuz");
+        var initrd = Path.Combine(kit, "initrd.img");
+        if (!File.Exists(kernel) || !File.Exists(initrd))
+        {
+            Console.Error.WriteLine($"linuxboot: no guest kit in {kit} (vmlinuz, initrd.img): build it with guest/build.sh, or set ACTORVMM_GUEST_KIT");
+            return 2;
+        }
+        var box = Environment.GetEnvironmentVariable("ACTORVMM_KVM_BOX") == "1";
+        const string append = "console=ttyS0 panic=-1";
+        var qemuAppend = box ? append + " noapictimer" : append;
+        var cpuCount = cpus.ToString(CultureInfo.InvariantCulture);
+
+        string[] ActorVmm(string cmdline) =>
+            ["run", "--kernel", kernel, "--initrd", initrd, "--append", cmdline, "--memory", Memory, "--cpus", cpuCount];
+        var vmms = new List<Vmm> { new("actorvmm", host, ActorVmm(append)) };
+        if (box) vmms.Add(new("actorvmm noapictimer", host, ActorVmm(qemuAppend)));
+        if (StartupBench.OnPath("qemu-system-x86_64") is not { } qemu)
+            Console.WriteLine("linuxboot: qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86): ActorVmm alone");
+        else
+            foreach (var machine in new[] { "microvm", "pc" })
+                vmms.Add(new($"qemu -M {machine}", qemu,
+                [
+                    "-accel", "kvm", "-cpu", "host", "-M", machine, "-smp", cpuCount, "-m", Memory, "-nodefaults", "-no-user-config",
+                    "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", qemuAppend,
+                ]));
+
+        var results = vmms.ToDictionary(v => v, _ => new List<Run>());
+        for (var i = 0; i < runs; i++)
+            foreach (var vmm in vmms)
+            {
+                var run = await RunOnce(vmm);
+                results[vmm].Add(run);
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  run {i + 1} {vmm.Name}: banner {run.BannerMs / 1000:F1} s, init {run.InitMs / 1000:F1} s"));
+            }
+
+        Console.WriteLine($"linux boot: guest kit kernel ({Path.GetFileName(kernel)}) + initramfs, {Memory}, {cpus} vcpu(s), KVM{(box ? " (in the KVM box)" : "")}; " +
+                          $"process start to the kernel's first line and to the init's marker, {runs} run(s) each, alternating");
+        Console.WriteLine($"{"",-22}{"banner s",10}{"init s",10}");
+        foreach (var vmm in vmms)
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"{vmm.Name,-22}{StartupBench.Median(results[vmm].Select(r => r.BannerMs)) / 1000,10:F1}{StartupBench.Median(results[vmm].Select(r => r.InitMs)) / 1000,10:F1}"));
+        var qemus = vmms.Where(v => v.Name.StartsWith("qemu", StringComparison.Ordinal)).ToList();
+        if (qemus.Count > 0)
+        {
+            var fastest = qemus.MinBy(v => StartupBench.Median(results[v].Select(r => r.InitMs)))!;
+            var reference = StartupBench.Median(results[fastest].Select(r => r.InitMs));
+            foreach (var ours in vmms.Where(v => !qemus.Contains(v)))
+                Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"{ours.Name} / {fastest.Name} (the faster QEMU), to the init marker: {StartupBench.Median(results[ours].Select(r => r.InitMs)) / reference:F2}   goal: <= 1.1"));
+        }
+        return 0;
+    }
+
+    private static async Task<Run> RunOnce(Vmm vmm)
+    {
+        var start = new ProcessStartInfo(vmm.FileName)
+        {
+            RedirectStandardInput = true,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+        };
+        foreach (var a in vmm.Arguments) start.ArgumentList.Add(a);
+        var origin = Stopwatch.GetTimestamp();
+        using var process = Process.Start(start)!;
+        var stderr = process.StandardError.ReadToEndAsync();
+        double? banner = null, init = null;
+        var tail = new Queue<string>();
+        using var cts = new CancellationTokenSource(Limit);
+        try
+        {
+            while (await process.StandardOutput.ReadLineAsync(cts.Token) is { } line)
+            {
+                var ms = Stopwatch.GetElapsedTime(origin).TotalMilliseconds;
+                if (tail.Count == 20) tail.Dequeue();
+                tail.Enqueue(line);
+                if (banner is null && line.Contains(Banner, StringComparison.Ordinal)) banner = ms;
+                if (line.StartsWith(InitMarker, StringComparison.Ordinal)) { init = ms; break; }
+            }
+        }
+        catch (OperationCanceledException)
+        {
+        }
+        finally
+        {
+            if (!process.HasExited) process.Kill(entireProcessTree: true);
+            await process.WaitForExitAsync();
+        }
+        if (banner is null || init is null)
+            throw new InvalidOperationException($"{vmm.Name}: no {(banner is null ? "kernel banner" : "init marker")} within {Limit} " +
+                                                $"(exit code {process.ExitCode}); last lines:\n{string.Join('\n', tail)}\n{await stderr}");
+        return new Run(banner.Value, init.Value);
+    }
+
+    private static string SourceTree()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "ActorVmm.sln"))) return dir.FullName;
+        return ".";
+    }
+}
