@@ -58,7 +58,9 @@ public sealed record VirtioPciFunctionState(
 /// guest's next access. Interrupts: with MSI-X enabled, the transport's vectors go through the MSI-X
 /// table (masked → pending, PCI Local Bus 3.0 §6.8.2.10) to <c>sendMsi</c>; otherwise INTx# follows the
 /// ISR (asserted until the driver reads it). While bus mastering is off (Command bit 2, §6.2.2) the
-/// function makes no memory access: queue notifications are ignored and no message is sent.
+/// function makes no memory access: queue notifications are ignored and no message is sent. Host input
+/// (<see cref="OfferInput"/>) goes to a device type that takes it (the console). The record
+/// (<see cref="VirtioPciFunctionState"/>) carries the device type's own state where it has one.
 /// </summary>
 public sealed class VirtioPciFunction : IStatefulDevice, IHostInput
 {
