@@ -135,7 +135,7 @@ public static class HostRunner
                 }
             }
             var spec = restore?.ToSpec(vm.Name)
-                       ?? new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng };
+                       ?? new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole };
             var builder = new VmBuilder(starting, spec).WithStandardDevices(console);
             if (restore is not null) builder.WithRestore(restore);
             if (trace is not null) builder.WithTrace(trace);
@@ -169,7 +169,7 @@ public static class HostRunner
                 consoleHub = system.ActorOf(Cluster.ConsoleProtocol.Props(vm.Name), $"console-{running.Actor.Path.Name}");
                 var target = consoleHub;
                 console.AddSink(bytes => target.Tell(new Cluster.ConsoleProtocol.Output(bytes)));
-                consoleHub.Tell(new Cluster.ConsoleProtocol.Connect(running.Actor));
+                consoleHub.Tell(new Cluster.ConsoleProtocol.Connect(running.Actor, spec.VirtioConsole));
                 system.ActorSelection($"/user/{ControlProtocol.DirectoryName}").Tell(new ControlProtocol.Register(vm.Name, running.Actor, hub) { Console = consoleHub });
                 try { announcement = HostDirectory.Announce(DirectoryOf(config), ControlAddress(system), [vm.Name]); }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -180,7 +180,10 @@ public static class HostRunner
             using var withdraw = announcement;
             await using (running)
             {
-                if (vm.SerialInput == "stdin") console.StartInputFromStdin(system, running.Actor.Path / "uart0");
+                if (vm.SerialInput == "stdin")
+                    console.StartInputFromStdin(system, spec.VirtioConsole
+                        ? [running.Actor.Path / "uart0", running.Actor.Path / PcPlatform.VirtioConsoleName]
+                        : [running.Actor.Path / "uart0"]);
                 interrupt.Attach(running);
 
                 var outcome = vm.TimeoutSeconds > 0

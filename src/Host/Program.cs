@@ -87,11 +87,13 @@ namespace ActorVmm.Host
                 Description = "QEMU's test devices for conformance suites (pc-testdev: ports 0xE0-0xEB and 0x2000-0x2017, MMIO RAM at 0xFF000000)",
             };
             public readonly Option<bool> Rng = new("--rng") { Description = "a virtio entropy device (virtio-rng, PCI 00:01.0) fed from the host's RandomNumberGenerator" };
+            public readonly Option<string?> Disk = new("--disk") { Description = "FILE[,ro]: a virtio block device (virtio-blk, PCI 00:02.0) backed by the existing FILE; ,ro: read-only" };
+            public readonly Option<bool> VirtioConsole = new("--virtio-console") { Description = "a virtio console (virtio-console, PCI 00:03.0) on the VM's console, beside COM1" };
 
             public void AddTo(Command command)
             {
                 foreach (var o in new Option[] { Config, Memory, Cpus, Firmware, Flat, LoadAddress, Entry, Kernel, Initrd, Append, Serial, Trace,
-                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng })
+                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng, Disk, VirtioConsole })
                     command.Add(o);
             }
 
@@ -116,6 +118,13 @@ namespace ActorVmm.Host
                 Set("cpu", parse.GetValue(Cpu));
                 if (parse.GetValue(TestDevices)) Set("test-devices", "on");
                 if (parse.GetValue(Rng)) Set("rng", "on");
+                if (parse.GetValue(VirtioConsole)) Set("virtio-console", "on");
+                if (parse.GetValue(Disk) is { } diskText)
+                {
+                    var (file, readOnly) = ParseDisk(diskText);
+                    Set("disk.path", file, path: true);
+                    Set("disk.read-only", readOnly ? "on" : "off");
+                }
                 Set("boot.kernel", parse.GetValue(Kernel), path: true);
                 Set("boot.initrd", parse.GetValue(Initrd), path: true);
                 Set("boot.append", parse.GetValue(Append));
@@ -133,13 +142,24 @@ namespace ActorVmm.Host
                 return settings;
             }
 
+            /// <summary>--disk FILE[,ro]: the file and whether it is read-only. A file name may hold commas; only
+            /// a last ",ro" is an option (QEMU's doubled ",," is not needed).</summary>
+            internal static (string File, bool ReadOnly) ParseDisk(string text)
+            {
+                var readOnly = text.EndsWith(",ro", StringComparison.Ordinal);
+                var file = readOnly ? text[..^3] : text;
+                if (file.Length == 0) throw new ConfigException($"--disk \"{text}\": give FILE or FILE,ro");
+                return (file, readOnly);
+            }
+
             /// <summary>The options that would shape another machine than a snapshot's.</summary>
             public string[] Shaping(ParseResult parse) => new (string Option, bool Given)[]
             {
                 ("--memory", parse.GetValue(Memory) is not null), ("--cpus", parse.GetValue(Cpus) is not null),
                 ("--lapic", parse.GetValue(Lapic) is not null), ("--cpu", parse.GetValue(Cpu) is not null),
                 ("--shm", parse.GetValue(Shm) is not null), ("--test-devices", parse.GetValue(TestDevices)),
-                ("--rng", parse.GetValue(Rng)), ("--kernel", parse.GetValue(Kernel) is not null), ("--initrd", parse.GetValue(Initrd) is not null),
+                ("--rng", parse.GetValue(Rng)), ("--disk", parse.GetValue(Disk) is not null), ("--virtio-console", parse.GetValue(VirtioConsole)),
+                ("--kernel", parse.GetValue(Kernel) is not null), ("--initrd", parse.GetValue(Initrd) is not null),
                 ("--append", parse.GetValue(Append) is not null), ("--firmware", parse.GetValue(Firmware) is not null),
                 ("--flat", parse.GetValue(Flat) is not null),
             }.Where(o => o.Given).Select(o => o.Option).ToArray();

@@ -128,6 +128,35 @@ public sealed class CliProcessTests : IDisposable
     }
 
     [Fact]
+    public async Task Run_with_a_missing_disk_says_it_does_not_exist_before_the_vm_starts()
+    {
+        var disk = _dir.File("missing.img");
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--disk", disk), $"disk {disk} does not exist");
+    }
+
+    [Fact]
+    public async Task Run_with_a_write_protected_disk_without_ro_says_to_use_it_read_only()
+    {
+        var disk = _dir.Write("ro.img", new byte[4096]);
+        File.SetUnixFileMode(disk, UnixFileMode.UserRead | UnixFileMode.GroupRead | UnixFileMode.OtherRead);
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--disk", disk), $"disk {disk} is read-only", "--disk FILE,ro");
+    }
+
+    [Fact]
+    public async Task Run_with_a_disk_option_without_a_file_is_refused()
+    {
+        AssertUserError(await Run("run", "--flat", OneByteImage(), "--disk", ",ro"), "--disk \",ro\": give FILE or FILE,ro");
+    }
+
+    [Fact]
+    public async Task A_disk_from_the_vm_file_is_checked_too()
+    {
+        var disk = _dir.File("gone.img");
+        var config = _dir.Write("vm.conf", $"actorvmm.vm.disk {{ path = \"{disk}\", read-only = on }}");
+        AssertUserError(await Run("run", "--config", config, "--flat", OneByteImage()), $"disk {disk} does not exist");
+    }
+
+    [Fact]
     public async Task Run_with_missing_flat_image_says_it_does_not_exist()
     {
         AssertUserError(await Run("run", "--flat", "/does/not/exist"), "/does/not/exist", "does not exist");

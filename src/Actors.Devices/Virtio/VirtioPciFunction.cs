@@ -5,7 +5,10 @@ namespace ActorVmm.Devices.Virtio;
 /// <summary>
 /// The state record of a <see cref="VirtioPciFunction"/> (restarts, snapshots): its slot and device
 /// type, its configuration space as the guest left it (256 bytes) with its INTx level, its MSI-X table
-/// (4 dwords a vector) and pending bits, and the virtio transport's state. Equality compares contents.
+/// (4 dwords a vector) and pending bits, the virtio transport's state, and the device type's own record
+/// where it has one (<see cref="Blk"/> for virtio-blk, <see cref="Console"/> for virtio-console; null for
+/// a device without state beyond its queues, and in records saved before these existed). Equality
+/// compares contents.
 /// </summary>
 public sealed record VirtioPciFunctionState(
     int Device,
@@ -14,12 +17,15 @@ public sealed record VirtioPciFunctionState(
     bool IntxLevel,
     uint[] MsixEntries,
     ulong[] MsixPending,
-    VirtioPciTransportState Transport)
+    VirtioPciTransportState Transport,
+    VirtioBlkState? Blk = null,
+    VirtioConsoleState? Console = null)
 {
     public bool Equals(VirtioPciFunctionState? other) =>
         other is not null && Device == other.Device && VirtioDeviceId == other.VirtioDeviceId && IntxLevel == other.IntxLevel
         && Config.AsSpan().SequenceEqual(other.Config) && MsixEntries.AsSpan().SequenceEqual(other.MsixEntries)
-        && MsixPending.AsSpan().SequenceEqual(other.MsixPending) && Transport == other.Transport;
+        && MsixPending.AsSpan().SequenceEqual(other.MsixPending) && Transport == other.Transport
+        && Blk == other.Blk && Console == other.Console;
 
     public override int GetHashCode() => HashCode.Combine(Device, VirtioDeviceId, Config.Length, MsixEntries.Length, Transport);
 }
@@ -52,9 +58,11 @@ public sealed record VirtioPciFunctionState(
 /// guest's next access. Interrupts: with MSI-X enabled, the transport's vectors go through the MSI-X
 /// table (masked → pending, PCI Local Bus 3.0 §6.8.2.10) to <c>sendMsi</c>; otherwise INTx# follows the
 /// ISR (asserted until the driver reads it). While bus mastering is off (Command bit 2, §6.2.2) the
-/// function makes no memory access: queue notifications are ignored and no message is sent.
+/// function makes no memory access: queue notifications are ignored and no message is sent. Host input
+/// (<see cref="OfferInput"/>) goes to a device type that takes it (the console). The record
+/// (<see cref="VirtioPciFunctionState"/>) carries the device type's own state where it has one.
 /// </summary>
-public sealed class VirtioPciFunction : IStatefulDevice
+public sealed class VirtioPciFunction : IStatefulDevice, IHostInput
 {
     public const ulong ConfigWindow = 0;
     public const ulong ConfigWindowLength = 0x1000;
@@ -161,6 +169,11 @@ public sealed class VirtioPciFunction : IStatefulDevice
             return $"the MSI-X table must have {vectors * 4} dwords (a queue's vector each and the configuration's), not {state.MsixEntries.Length}";
         if (state.MsixPending.Length != (vectors + 63) / 64)
             return $"the MSI-X pending bits must be {(vectors + 63) / 64} qwords, not {state.MsixPending.Length}";
+        if (state.Blk is not null && state.VirtioDeviceId != VirtioBlk.VirtioDeviceId)
+            return $"virtio device {state.VirtioDeviceId} has no virtio-blk state";
+        if (state.Console is not null && state.VirtioDeviceId != VirtioConsole.VirtioDeviceId)
+            return $"virtio device {state.VirtioDeviceId} has no virtio-console state";
+        if (state.Console is not null && VirtioConsole.StateProblem(state.Console) is { } console) return console;
         return null;
     }
 
@@ -169,7 +182,25 @@ public sealed class VirtioPciFunction : IStatefulDevice
         var config = _config.State();
         var table = _msix.Table.State();
         return new VirtioPciFunctionState(_device, _virtio.DeviceId, config.Bytes, config.IntxLevel, table.Entries, table.Pending,
-            _transport.State());
+            _transport.State())
+        {
+            Blk = (_virtio as VirtioBlk)?.State(),
+            Console = (_virtio as VirtioConsole)?.State(),
+        };
+    }
+
+    /// <summary>
+    /// Host input for a device type that takes it (<see cref="VirtioConsole"/>; any other takes none):
+    /// the device holds what it accepts, then its receive queue is processed as if the driver had
+    /// notified it, so buffers the driver posted are filled and the used-buffer notification sent. While
+    /// bus mastering is off nothing is written: the input waits for the driver's next notification.
+    /// </summary>
+    public int OfferInput(ReadOnlySpan<byte> data)
+    {
+        if (_virtio is not VirtioConsole console) return 0;
+        var taken = console.Input(data);
+        if (console.HasPendingInput && _config.BusMasterEnabled) _transport.NotifyQueue(VirtioConsole.ReceiveQueue);
+        return taken;
     }
 
     /// <summary>The PCI base class and sub-class of a virtio device type (what QEMU's virtio-pci

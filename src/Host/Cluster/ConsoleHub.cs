@@ -18,8 +18,9 @@ public static class ConsoleProtocol
     /// <summary>Output of the guest (from the VM's serial console, local).</summary>
     public sealed record Output(byte[] Bytes) : IConsoleMessage;
 
-    /// <summary>The VM whose UART (its child "uart0") input goes to (local wiring, once the VM exists).</summary>
-    public sealed record Connect(IActorRef Vm) : IConsoleMessage;
+    /// <summary>The VM whose UART (its child "uart0") input goes to (local wiring, once the VM exists); with
+    /// <paramref name="VirtioConsole"/>, its virtio console (child "virtio-console") gets the same input.</summary>
+    public sealed record Connect(IActorRef Vm, bool VirtioConsole = false) : IConsoleMessage;
 
     /// <summary>The VM ended: followers get <see cref="Chunk"/> with Ended set; history stays readable.</summary>
     public sealed record VmEnded(string Detail) : IConsoleMessage;
@@ -57,7 +58,7 @@ public sealed class ConsoleHubActor : ReceiveActor
     private readonly HashSet<IActorRef> _followers = [];
     private long _historyBytes;
     private long _written; // bytes of output since the VM started
-    private ActorSelection? _uart;
+    private ActorSelection[] _inputs = [];
     private string? _ended;
 
     public ConsoleHubActor(string vm)
@@ -73,14 +74,16 @@ public sealed class ConsoleHubActor : ReceiveActor
                 foreach (var f in _followers) f.Tell(chunk);
             }
         });
-        Receive<ConsoleProtocol.Connect>(c => _uart = Context.ActorSelection(c.Vm.Path / "uart0"));
+        Receive<ConsoleProtocol.Connect>(c => _inputs = c.VirtioConsole
+            ? [Context.ActorSelection(c.Vm.Path / "uart0"), Context.ActorSelection(c.Vm.Path / Vm.PcPlatform.VirtioConsoleName)]
+            : [Context.ActorSelection(c.Vm.Path / "uart0")]);
         Receive<ConsoleProtocol.VmEnded>(e =>
         {
             _ended = e.Detail;
             foreach (var f in _followers) f.Tell(new ConsoleProtocol.Chunk(_vm, _written, [], true, e.Detail));
             foreach (var f in _followers) Context.Unwatch(f);
             _followers.Clear();
-            _uart = null;
+            _inputs = [];
         });
         Receive<ConsoleProtocol.Attach>(a =>
         {
@@ -105,7 +108,8 @@ public sealed class ConsoleHubActor : ReceiveActor
         Receive<ConsoleProtocol.Input>(i =>
         {
             // Bounded as the UART's own receive path is: a client cannot queue unbounded input.
-            if (i.Bytes.Length is > 0 and <= ConsoleProtocol.MaxChunk) _uart?.Tell(new DeviceProtocol.HostInput(i.Bytes));
+            if (i.Bytes.Length is not (> 0 and <= ConsoleProtocol.MaxChunk)) return;
+            foreach (var input in _inputs) input.Tell(new DeviceProtocol.HostInput(i.Bytes));
         });
     }
 

@@ -36,7 +36,8 @@ public sealed class NodeActor : ReceiveActor
     }
 
     /// <summary>A VM built on a pool thread, with what it owns.</summary>
-    private sealed record Built(string Name, RunningVm Vm, SerialConsole Console, TraceRecorder? Trace, string? Perfetto, double TimeoutSeconds);
+    private sealed record Built(string Name, RunningVm Vm, SerialConsole Console, TraceRecorder? Trace, string? Perfetto, double TimeoutSeconds,
+        bool VirtioConsole = false);
 
     private sealed record BuildDone(string Name, Built? Result, string? Error, IActorRef ReplyTo);
 
@@ -189,11 +190,11 @@ public sealed class NodeActor : ReceiveActor
         {
             if (vm.TracePath is not null || vm.PerfettoPath is not null || vm.TraceLive)
                 trace = new TraceRecorder(vm.TracePath, filter: Tracing.TraceFilter.Parse(vm.TraceFilter));
-            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng };
+            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole };
             var builder = new VmBuilder(system, spec).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
             var running = builder.Start();
-            return new Built(vm.Name, running, console, trace, vm.PerfettoPath, vm.TimeoutSeconds);
+            return new Built(vm.Name, running, console, trace, vm.PerfettoPath, vm.TimeoutSeconds, vm.VirtioConsole);
         }
         catch
         {
@@ -216,7 +217,7 @@ public sealed class NodeActor : ReceiveActor
         slot.Resources = built;
         slot.Actor = built.Vm.Actor;
         if (built.Trace is not null) slot.Trace = Context.ActorOf(TraceProtocol.Props(done.Name, built.Trace), $"trace-{done.Name}-{Guid.NewGuid():N}");
-        slot.Console.Tell(new ConsoleProtocol.Connect(built.Vm.Actor));
+        slot.Console.Tell(new ConsoleProtocol.Connect(built.Vm.Actor, built.VirtioConsole));
         var self = Self;
         var name = done.Name;
         var ending = built.TimeoutSeconds > 0 ? built.Vm.WaitAsync(TimeSpan.FromSeconds(built.TimeoutSeconds)) : built.Vm.Ended;

@@ -18,6 +18,12 @@ public sealed record VmConfig(
     /// <summary>actorvmm.vm.rng: a virtio entropy device at PCI 00:01.0.</summary>
     public bool Rng { get; init; }
 
+    /// <summary>actorvmm.vm.disk: a virtio block device at PCI 00:02.0 backed by a host file; null: none.</summary>
+    public Vm.DiskSpec? Disk { get; init; }
+
+    /// <summary>actorvmm.vm.virtio-console: a virtio console at PCI 00:03.0 on the VM's console.</summary>
+    public bool VirtioConsole { get; init; }
+
     /// <summary>actorvmm.vm.cpu: the CPUID features the vcpus see.</summary>
     public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
 
@@ -150,9 +156,21 @@ public sealed record VmConfig(
             if (rng && paging is { Userfaultfd: true })
                 throw new ConfigException("actorvmm.vm.rng: the virtio entropy device reads and writes guest memory itself, " +
                                           "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
+            var diskPath = vm.GetString("disk.path", "");
+            var diskReadOnly = OnOff(vm, "disk.read-only");
+            if (string.IsNullOrEmpty(diskPath) && diskReadOnly)
+                throw new ConfigException("actorvmm.vm.disk.read-only is on but actorvmm.vm.disk.path is empty");
+            var disk = string.IsNullOrEmpty(diskPath) ? null : new Vm.DiskSpec(diskPath, diskReadOnly);
+            if (disk is not null && paging is { Userfaultfd: true })
+                throw new ConfigException("actorvmm.vm.disk: the virtio block device reads and writes guest memory itself, " +
+                                          "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
+            var virtioConsole = OnOff(vm, "virtio-console");
+            if (virtioConsole && paging is { Userfaultfd: true })
+                throw new ConfigException("actorvmm.vm.virtio-console: the virtio console reads and writes guest memory itself, " +
+                                          "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu, Rng = rng };
+                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu, Rng = rng, Disk = disk, VirtioConsole = virtioConsole };
         }
         catch (ConfigException) { throw; }
         catch (Exception e)

@@ -6,7 +6,7 @@ namespace ActorVmm.Host;
 
 /// <summary>
 /// Where the guest's serial console goes (host stdout or a file) and what it reads (stdin or
-/// nothing). Only the UART actor writes, so writes need no lock beyond the flush timer's. Output
+/// nothing). The UART's and the virtio console's actors write, under one lock (the flush timer's). Output
 /// is buffered and flushed at each newline, at 4 KiB and every 50 ms. A bounded copy of
 /// everything written is kept for tests and the demo.
 /// </summary>
@@ -72,6 +72,14 @@ public sealed class SerialConsole : IDisposable
         }
     }
 
+    /// <summary>Bytes from another console device of the VM (the virtio console), in the same stream as
+    /// the UART's: each write is whole under the lock, so two devices' bytes interleave only between writes.</summary>
+    public void Write(ReadOnlySpan<byte> bytes)
+    {
+        lock (_gate)
+            foreach (var b in bytes) Write(b);
+    }
+
     /// <summary>Everything the guest wrote so far (up to <see cref="CaptureLimit"/> bytes), as bytes.</summary>
     public byte[] CapturedBytes()
     {
@@ -102,12 +110,13 @@ public sealed class SerialConsole : IDisposable
         _buffer.SetLength(0);
     }
 
-    /// <summary>Reads the host's stdin on a background thread and gives it to the UART actor.
-    /// Stops at end of input. Each chunk is a fresh array (messages are immutable).</summary>
-    public void StartInputFromStdin(ActorSystem system, ActorPath uart)
+    /// <summary>Reads the host's stdin on a background thread and gives it to the console devices' actors
+    /// (the UART, and the virtio console if the VM has one: whichever the guest reads takes it). Stops at
+    /// end of input. Each chunk is a fresh array (messages are immutable).</summary>
+    public void StartInputFromStdin(ActorSystem system, params ActorPath[] devices)
     {
         if (System.Console.IsInputRedirected && !File.Exists("/proc/self/fd/0")) return;
-        var target = system.ActorSelection(uart);
+        var targets = devices.Select(d => system.ActorSelection(d)).ToArray();
         _inputThread = new Thread(() =>
         {
             try
@@ -118,7 +127,8 @@ public sealed class SerialConsole : IDisposable
                 {
                     var n = stdin.Read(buffer, 0, buffer.Length);
                     if (n <= 0) return;
-                    target.Tell(new DeviceProtocol.HostInput(buffer.AsSpan(0, n).ToArray()));
+                    var input = new DeviceProtocol.HostInput(buffer.AsSpan(0, n).ToArray());
+                    foreach (var target in targets) target.Tell(input);
                 }
             }
             catch (IOException) { }

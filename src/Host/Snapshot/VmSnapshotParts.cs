@@ -37,11 +37,16 @@ public static class SnapshotParts
 /// <param name="Cpu">the CPU model as written on the command line (<see cref="CpuModel.ToString"/>)</param>
 /// <param name="HasFirmware">the VM booted a firmware image, saved as the <c>firmware</c> part</param>
 /// <param name="Rng">the VM has the virtio entropy device (its state is the <c>device-virtio-rng</c> part)</param>
+/// <param name="Disk">the VM's virtio disk (its state is the <c>device-virtio-blk</c> part): the same host file,
+/// not a copy of it, is opened again by the restored VM</param>
+/// <param name="VirtioConsole">the VM has the virtio console (its state is the <c>device-virtio-console</c> part)</param>
 public sealed record SavedSpec(string Name, ulong MemoryBytes, int Cpus, LapicMode Lapic, string Cpu, bool Superpages,
-    bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware, bool Rng = false)
+    bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware, bool Rng = false,
+    DiskSpec? Disk = null, bool VirtioConsole = false)
 {
     public static SavedSpec From(VmSpec spec) => new(spec.Name, spec.MemoryBytes, spec.Cpus, spec.Lapic, spec.Cpu.ToString(),
-        spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null, spec.Rng);
+        spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null, spec.Rng,
+        spec.Disk, spec.VirtioConsole);
 }
 
 /// <summary>The VM's clocks at the snapshot: its device clock (every armed device and vlapic timer is a

@@ -165,17 +165,65 @@ public static class PcPlatform
     public static DeviceSpec VirtioRng() => VirtioPci(VirtioRngName, VirtioRngSlot,
         c => new Devices.Virtio.VirtioRng(c.Memory, System.Security.Cryptography.RandomNumberGenerator.Fill));
 
+    public const string VirtioBlkName = "virtio-blk";
+
+    /// <summary>The slot of the virtio block device: 00:02.0.</summary>
+    public const int VirtioBlkSlot = 2;
+
+    /// <summary>
+    /// The virtio block device (<see cref="Devices.Virtio.VirtioBlk"/>) over <paramref name="disk"/> as PCI
+    /// function 00:02.0. The VM owns the store (it outlives the device actor, so a restarted model goes on
+    /// with the same open file); the function's record keeps the capacity the driver was told.
+    /// GET_ID answers <paramref name="serial"/>.
+    /// </summary>
+    public static DeviceSpec VirtioBlk(IBlockBackend disk, string serial) => VirtioPci(VirtioBlkName, VirtioBlkSlot,
+        (c, state, driverFeatures) => state?.Blk is { } saved
+            ? Devices.Virtio.VirtioBlk.FromState(saved, c.Memory, disk, serial, driverFeatures)
+            : new Devices.Virtio.VirtioBlk(c.Memory, disk, serial, driverFeatures));
+
+    /// <summary>What GET_ID reports for the disk at <paramref name="path"/>: its file name, printable
+    /// ASCII only, cut to the 20 bytes of VIRTIO_BLK_ID_BYTES (virtio 1.2 §5.2.6).</summary>
+    public static string DiskSerial(string path)
+    {
+        var name = new string(Path.GetFileName(path).Where(ch => ch is >= ' ' and <= '~').ToArray());
+        return name.Length <= VirtioBlkRequest.IdBytes ? name : name[..VirtioBlkRequest.IdBytes];
+    }
+
+    public const string VirtioConsoleName = "virtio-console";
+
+    /// <summary>The slot of the virtio console: 00:03.0.</summary>
+    public const int VirtioConsoleSlot = 3;
+
+    /// <summary>
+    /// The virtio console (<see cref="Devices.Virtio.VirtioConsole"/>, port 0) as PCI function 00:03.0: what
+    /// the driver transmits goes to <paramref name="output"/> (the VM's console, the same one as COM1's);
+    /// host input told to its actor (<see cref="DeviceProtocol.HostInput"/>) fills the receive buffers the
+    /// driver posted (<see cref="VirtioPciFunction.OfferInput"/>). Input not yet delivered is in the
+    /// function's record.
+    /// </summary>
+    public static DeviceSpec VirtioConsole(Action<ReadOnlySpan<byte>> output) => VirtioPci(VirtioConsoleName, VirtioConsoleSlot,
+        (c, state, _) => state?.Console is { } saved
+            ? Devices.Virtio.VirtioConsole.FromState(saved, c.Memory, output)
+            : new Devices.Virtio.VirtioConsole(c.Memory, output));
+
     /// <summary>
     /// A virtio device on the PCI bus at 00:<paramref name="slot"/>.0: its ECAM page routed to its
     /// actor, whose configuration writes the vcpus wait for (a BAR move must reach every vcpu's bus
     /// first); INTA# on its PCI interrupt wire (<see cref="PciInterruptRouting"/>); MSI-X messages to the
     /// local APICs (the APIC router: the vlapics, or KVM_SIGNAL_MSI under <c>lapic = assisted</c>).
     /// </summary>
-    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, IVirtioDevice> virtio)
+    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, IVirtioDevice> virtio) =>
+        VirtioPci(name, slot, (c, _, _) => virtio(c));
+
+    /// <summary><see cref="VirtioPci(string, int, Func{DeviceContext, IVirtioDevice})"/> for a device type
+    /// rebuilt from the function's saved record (null: a new one) and told the features the driver
+    /// negotiated (read when it needs them: they follow resets).</summary>
+    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, VirtioPciFunctionState?, Func<ulong>, IVirtioDevice> virtio)
     {
         VirtioPciFunction Build(DeviceContext c, VirtioPciFunctionState? state)
         {
-            var device = virtio(c);
+            VirtioPciFunction? function = null;
+            var device = virtio(c, state, () => function?.Transport.Common.DriverFeatures ?? 0);
             var ram = new GuestRam(c.Memory);
             var intx = PciIntx(c, slot);
             void SendMsi(MsiMessage m)
@@ -184,7 +232,7 @@ public static class PcPlatform
             }
             void BarChanged(PciBarChange change) =>
                 c.MapMmio(name, VirtioPciFunction.BarWindow, change.Size, change.NewAddress);
-            return state is null
+            return function = state is null
                 ? new VirtioPciFunction(slot, device, ram, intx, SendMsi, BarChanged)
                 : VirtioPciFunction.FromState(state, device, ram, intx, SendMsi, BarChanged);
         }

@@ -20,6 +20,7 @@ public sealed class VmBuilder
     private readonly Task<ActorSystem> _system;
     private readonly VmSpec _spec;
     private readonly List<DeviceSpec> _devices = [];
+    private SerialConsole? _console;
     private ITraceSink? _trace;
     private LinkFaultPlan? _linkFaults;
 
@@ -40,6 +41,7 @@ public sealed class VmBuilder
     /// registers (port 0x92, 0xCF9, the ACPI PM block) come with every VM (<see cref="Start"/>).</summary>
     public VmBuilder WithStandardDevices(SerialConsole console)
     {
+        _console = console;
         AddDevice(PcPlatform.Com1(console.Write));
         AddDevice(PcPlatform.DebugExit());
         AddDevice(PcPlatform.I8042());
@@ -90,10 +92,57 @@ public sealed class VmBuilder
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
         CheckSharedMemory();
+        if (_spec.HasGuestMemoryDevices) CheckGuestMemoryDevices();
+        if (_spec.Rng && _devices.All(d => d.Name != PcPlatform.VirtioRngName)) _devices.Add(PcPlatform.VirtioRng());
+        if (_spec.VirtioConsole && _devices.All(d => d.Name != PcPlatform.VirtioConsoleName))
+        {
+            var console = _console ?? throw new VmBuildException("a virtio console needs the VM's console (WithStandardDevices)");
+            _devices.Add(PcPlatform.VirtioConsole(console.Write));
+        }
+        var disk = _spec.Disk is { } diskSpec ? OpenDisk(diskSpec) : null;
+        if (disk is not null) _devices.Add(PcPlatform.VirtioBlk(disk, PcPlatform.DiskSerial(disk.Path)));
+        try
+        {
+            return StartWith(disk);
+        }
+        catch
+        {
+            disk?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Opens the disk's file, refusing (before anything else exists) a file that is missing, is
+    /// not a regular file, cannot be opened as asked, is shorter than one sector, or carries no write
+    /// permission at all while the disk is not read-only (root could open it for writing anyway; its
+    /// owner marked it read-only, so <c>,ro</c> must say the same).</summary>
+    private static Devices.Virtio.FileBlockBackend OpenDisk(DiskSpec disk)
+    {
+        var what = $"disk {disk.Path}";
+        if (Directory.Exists(disk.Path)) throw new VmBuildException($"{what} is a directory, not a disk image");
+        if (!File.Exists(disk.Path)) throw new VmBuildException($"{what} does not exist");
+        const UnixFileMode anyWrite = UnixFileMode.UserWrite | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite;
+        if (!disk.ReadOnly && OperatingSystem.IsLinux() && (File.GetUnixFileMode(disk.Path) & anyWrite) == 0)
+            throw new VmBuildException($"{what} is read-only (no write permission): use it read-only (--disk FILE,ro; actorvmm.vm.disk.read-only = on) or make it writable");
+        Devices.Virtio.FileBlockBackend backend;
+        try { backend = Devices.Virtio.FileBlockBackend.Open(disk.Path, disk.ReadOnly); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new VmBuildException($"{what} cannot be opened {(disk.ReadOnly ? "for reading" : "for reading and writing")}: {e.Message}" +
+                                       (disk.ReadOnly ? "" : " (a disk only readable here needs ,ro / read-only = on)"));
+        }
+        if (backend.Length < Devices.Virtio.VirtioBlkRequest.SectorSize)
+        {
+            backend.Dispose();
+            throw new VmBuildException($"{what} is {backend.Length} bytes, less than one 512-byte sector");
+        }
+        return backend;
+    }
+
+    private RunningVm StartWith(Devices.Virtio.FileBlockBackend? disk)
+    {
         var firmwareImage = _spec.Boot.Firmware;
         var firmware = firmwareImage is not null;
-        if (_spec.Rng) CheckGuestMemoryDevices("a virtio entropy device (rng)");
-        if (_spec.Rng && _devices.All(d => d.Name != PcPlatform.VirtioRngName)) _devices.Add(PcPlatform.VirtioRng());
         var pciFunctions = _devices.Select(d => d.PciFunction).OfType<ActorVmm.Devices.Pci.PciRemoteFunction>().ToArray();
         foreach (var chip in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware)
                      .Concat(PcPlatform.ResetAndPowerManagement()).Append(PcPlatform.PciHost(pciFunctions)))
@@ -204,7 +253,7 @@ public sealed class VmBuilder
                 _trace is not null || _linkFaults is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);
             actor.Tell(VmProtocol.Start.Instance);
-            IDisposable[] owned = shm is null ? [.. vcpus, memory, vm, kvm] : [.. vcpus, memory, shm, vm, kvm];
+            IDisposable[] owned = [.. vcpus, memory, .. new IDisposable?[] { shm, disk }.OfType<IDisposable>(), vm, kvm];
             return new RunningVm(_spec.Name, actor, memory, ended.Task, owned, traceRegistration) { SharedMemory = shm };
         }
         catch (Exception e)
@@ -237,7 +286,7 @@ public sealed class VmBuilder
 
     /// <summary>Guest memory comes in whole before the first vcpu runs: asked for (<c>--restore-eager</c>),
     /// or needed by a device that touches guest RAM itself (<see cref="CheckGuestMemoryDevices"/>).</summary>
-    private bool EagerRestore => _restore is { Eager: true } || _spec.Rng;
+    private bool EagerRestore => _restore is { Eager: true } || _spec.HasGuestMemoryDevices;
 
     /// <summary>
     /// A device that reads and writes guest RAM itself (virtio queues, through the host view of guest
@@ -246,10 +295,15 @@ public sealed class VmBuilder
     /// snapshot contents would be lost). Refused, as for the shared-memory device; a restore of such a
     /// VM is eager (<see cref="WithRestore"/>).
     /// </summary>
-    private void CheckGuestMemoryDevices(string what)
+    private void CheckGuestMemoryDevices()
     {
-        if (_spec.Paging is { Userfaultfd: true })
-            throw new VmBuildException($"{what} reads and writes guest memory itself: demand paging (actorvmm.vm.paging.enabled) must be off");
+        if (_spec.Paging is not { Userfaultfd: true }) return;
+        var what = string.Join(", ", new (bool Has, string Device)[]
+        {
+            (_spec.Rng, "a virtio entropy device (rng)"), (_spec.Disk is not null, "a virtio disk"),
+            (_spec.VirtioConsole, "a virtio console"),
+        }.Where(d => d.Has).Select(d => d.Device));
+        throw new VmBuildException($"{what} reads and writes guest memory itself: demand paging (actorvmm.vm.paging.enabled) must be off");
     }
 
     /// <summary>A passthru-style device and demand paging exclude each other: its VM's memory is

@@ -38,6 +38,18 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
     /// <summary>A virtio entropy device at PCI 00:01.0 (<c>--rng</c>, <c>actorvmm.vm.rng</c>; <see cref="PcPlatform.VirtioRng"/>).</summary>
     public bool Rng { get; init; }
 
+    /// <summary>A virtio block device at PCI 00:02.0 backed by a host file (<c>--disk FILE[,ro]</c>,
+    /// <c>actorvmm.vm.disk</c>; <see cref="PcPlatform.VirtioBlk"/>); null: none.</summary>
+    public DiskSpec? Disk { get; init; }
+
+    /// <summary>A virtio console at PCI 00:03.0 on the VM's console (<c>--virtio-console</c>,
+    /// <c>actorvmm.vm.virtio-console</c>; <see cref="PcPlatform.VirtioConsole"/>).</summary>
+    public bool VirtioConsole { get; init; }
+
+    /// <summary>The VM has a device that reads and writes guest RAM itself (virtio queues through the
+    /// host view of guest memory), which rules out demand paging and makes a restore eager.</summary>
+    public bool HasGuestMemoryDevices => Rng || Disk is not null || VirtioConsole;
+
     /// <summary>The CPUID features the vcpus see (<c>--cpu</c>, <c>actorvmm.vm.cpu</c>).</summary>
     public CpuModel Cpu { get; init; } = CpuModel.Host;
 }
@@ -55,6 +67,13 @@ public sealed record SharedMemorySpec(string? Path, ulong? Size)
     internal SharedMemoryRegion Open() =>
         Path is null ? SharedMemoryRegion.Anonymous("shm", Size ?? 0) : SharedMemoryRegion.OpenFile(Path, Size);
 }
+
+/// <summary>
+/// The host file behind the VM's virtio block device: <see cref="Path"/> opened for reading and writing,
+/// or for reading only with <see cref="ReadOnly"/> (the device then offers VIRTIO_BLK_F_RO and fails
+/// every write). The file must exist; the disk is its whole 512-byte sectors.
+/// </summary>
+public sealed record DiskSpec(string Path, bool ReadOnly = false);
 
 /// <summary>One more bus range of a device, seen by the device at offset <paramref name="Window"/> + (address - base).</summary>
 public sealed record DeviceRange(DeviceProtocol.Space Space, ulong Base, ulong Length, ulong Window);
