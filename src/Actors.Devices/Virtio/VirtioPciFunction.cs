@@ -5,7 +5,8 @@ namespace ActorVmm.Devices.Virtio;
 /// <summary>
 /// The state record of a <see cref="VirtioPciFunction"/> (restarts, snapshots): its slot and device
 /// type, its configuration space as the guest left it (256 bytes) with its INTx level, its MSI-X table
-/// (4 dwords a vector) and pending bits, and the virtio transport's state. Equality compares contents.
+/// (4 dwords a vector) and pending bits, the virtio transport's state, and the device type's own record
+/// where it has one (<see cref="Net"/> for virtio-net; null otherwise). Equality compares contents.
 /// </summary>
 public sealed record VirtioPciFunctionState(
     int Device,
@@ -14,12 +15,14 @@ public sealed record VirtioPciFunctionState(
     bool IntxLevel,
     uint[] MsixEntries,
     ulong[] MsixPending,
-    VirtioPciTransportState Transport)
+    VirtioPciTransportState Transport,
+    VirtioNetState? Net = null)
 {
     public bool Equals(VirtioPciFunctionState? other) =>
         other is not null && Device == other.Device && VirtioDeviceId == other.VirtioDeviceId && IntxLevel == other.IntxLevel
         && Config.AsSpan().SequenceEqual(other.Config) && MsixEntries.AsSpan().SequenceEqual(other.MsixEntries)
-        && MsixPending.AsSpan().SequenceEqual(other.MsixPending) && Transport == other.Transport;
+        && MsixPending.AsSpan().SequenceEqual(other.MsixPending) && Transport == other.Transport
+        && Net == other.Net;
 
     public override int GetHashCode() => HashCode.Combine(Device, VirtioDeviceId, Config.Length, MsixEntries.Length, Transport);
 }
@@ -54,7 +57,7 @@ public sealed record VirtioPciFunctionState(
 /// ISR (asserted until the driver reads it). While bus mastering is off (Command bit 2, §6.2.2) the
 /// function makes no memory access: queue notifications are ignored and no message is sent.
 /// </summary>
-public sealed class VirtioPciFunction : IStatefulDevice
+public sealed class VirtioPciFunction : IStatefulDevice, IBackendInput
 {
     public const ulong ConfigWindow = 0;
     public const ulong ConfigWindowLength = 0x1000;
@@ -161,6 +164,9 @@ public sealed class VirtioPciFunction : IStatefulDevice
             return $"the MSI-X table must have {vectors * 4} dwords (a queue's vector each and the configuration's), not {state.MsixEntries.Length}";
         if (state.MsixPending.Length != (vectors + 63) / 64)
             return $"the MSI-X pending bits must be {(vectors + 63) / 64} qwords, not {state.MsixPending.Length}";
+        if (state.Net is not null && state.VirtioDeviceId != VirtioNet.VirtioDeviceId)
+            return $"virtio device {state.VirtioDeviceId} has no virtio-net state";
+        if (state.Net is not null && VirtioNet.StateProblem(state.Net) is { } net) return net;
         return null;
     }
 
@@ -169,8 +175,16 @@ public sealed class VirtioPciFunction : IStatefulDevice
         var config = _config.State();
         var table = _msix.Table.State();
         return new VirtioPciFunctionState(_device, _virtio.DeviceId, config.Bytes, config.IntxLevel, table.Entries, table.Pending,
-            _transport.State());
+            _transport.State())
+        {
+            Net = (_virtio as VirtioNet)?.State(),
+        };
     }
+
+    /// <summary>The device type's host backend has input (<see cref="IVirtioBackendInput"/>): taken into the
+    /// driver's buffers, with the used-buffer notification, while bus mastering is on and the device
+    /// live; dropped otherwise (<see cref="VirtioPciTransport.BackendReady"/>).</summary>
+    public void BackendReady() => _transport.BackendReady(_config.BusMasterEnabled);
 
     /// <summary>The PCI base class and sub-class of a virtio device type (what QEMU's virtio-pci
     /// devices report, so a guest's class-based probing sees the same): network 02/00, block 01/00,

@@ -1,4 +1,5 @@
 using ActorVmm.Host.Vm;
+using ActorVmm.Devices.Virtio;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
 
@@ -37,11 +38,19 @@ public static class SnapshotParts
 /// <param name="Cpu">the CPU model as written on the command line (<see cref="CpuModel.ToString"/>)</param>
 /// <param name="HasFirmware">the VM booted a firmware image, saved as the <c>firmware</c> part</param>
 /// <param name="Rng">the VM has the virtio entropy device (its state is the <c>device-virtio-rng</c> part)</param>
+/// <param name="NetTap">the TAP interface of the VM's network card (its state is the <c>device-virtio-net</c>
+/// part; a restored VM attaches to the interface of that name again); null: no card</param>
+/// <param name="NetMac">the card's address, with <paramref name="NetTap"/></param>
 public sealed record SavedSpec(string Name, ulong MemoryBytes, int Cpus, LapicMode Lapic, string Cpu, bool Superpages,
-    bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware, bool Rng = false)
+    bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware, bool Rng = false,
+    string? NetTap = null, string? NetMac = null)
 {
     public static SavedSpec From(VmSpec spec) => new(spec.Name, spec.MemoryBytes, spec.Cpus, spec.Lapic, spec.Cpu.ToString(),
-        spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null, spec.Rng);
+        spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null, spec.Rng,
+        spec.Net?.Tap, spec.Net?.Mac.ToString());
+
+    /// <summary>The network card, if the VM had one.</summary>
+    public NetSpec? NetCard() => NetTap is not null && MacAddress.TryParse(NetMac, out var mac) ? new NetSpec(NetTap, mac) : null;
 }
 
 /// <summary>The VM's clocks at the snapshot: its device clock (every armed device and vlapic timer is a

@@ -165,17 +165,42 @@ public static class PcPlatform
     public static DeviceSpec VirtioRng() => VirtioPci(VirtioRngName, VirtioRngSlot,
         c => new Devices.Virtio.VirtioRng(c.Memory, System.Security.Cryptography.RandomNumberGenerator.Fill));
 
+    public const string VirtioNetName = "virtio-net";
+
+    /// <summary>The slot of the virtio network card: 00:04.0.</summary>
+    public const int VirtioNetSlot = 4;
+
+    /// <summary>
+    /// The virtio network card (<see cref="Devices.Virtio.VirtioNet"/>, address <paramref name="mac"/>) over
+    /// <paramref name="backend"/> (a TAP interface) as PCI function 00:04.0. The VM owns the backend (it
+    /// outlives the device actor: a restarted model goes on with the same open TAP) and watches it
+    /// (<see cref="BackendWatcher"/>): frames that arrive reach the receive queue through
+    /// <see cref="DeviceProtocol.BackendReady"/>, without the guest polling. The function's record keeps
+    /// the card's counters.
+    /// </summary>
+    public static DeviceSpec VirtioNet(INetBackend backend, MacAddress mac) => VirtioPci(VirtioNetName, VirtioNetSlot,
+        (c, state, driverFeatures) => state?.Net is { } saved
+            ? Devices.Virtio.VirtioNet.FromState(saved, c.Memory, backend, driverFeatures)
+            : new Devices.Virtio.VirtioNet(c.Memory, backend, mac, driverFeatures));
+
     /// <summary>
     /// A virtio device on the PCI bus at 00:<paramref name="slot"/>.0: its ECAM page routed to its
     /// actor, whose configuration writes the vcpus wait for (a BAR move must reach every vcpu's bus
     /// first); INTA# on its PCI interrupt wire (<see cref="PciInterruptRouting"/>); MSI-X messages to the
     /// local APICs (the APIC router: the vlapics, or KVM_SIGNAL_MSI under <c>lapic = assisted</c>).
     /// </summary>
-    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, IVirtioDevice> virtio)
+    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, IVirtioDevice> virtio) =>
+        VirtioPci(name, slot, (c, _, _) => virtio(c));
+
+    /// <summary><see cref="VirtioPci(string, int, Func{DeviceContext, IVirtioDevice})"/> for a device type
+    /// rebuilt from the function's saved record (null: a new one) and told the features the driver
+    /// negotiated (read when it needs them: they follow resets).</summary>
+    public static DeviceSpec VirtioPci(string name, int slot, Func<DeviceContext, VirtioPciFunctionState?, Func<ulong>, IVirtioDevice> virtio)
     {
         VirtioPciFunction Build(DeviceContext c, VirtioPciFunctionState? state)
         {
-            var device = virtio(c);
+            VirtioPciFunction? function = null;
+            var device = virtio(c, state, () => function?.Transport.Common.DriverFeatures ?? 0);
             var ram = new GuestRam(c.Memory);
             var intx = PciIntx(c, slot);
             void SendMsi(MsiMessage m)
@@ -184,7 +209,7 @@ public static class PcPlatform
             }
             void BarChanged(PciBarChange change) =>
                 c.MapMmio(name, VirtioPciFunction.BarWindow, change.Size, change.NewAddress);
-            return state is null
+            return function = state is null
                 ? new VirtioPciFunction(slot, device, ram, intx, SendMsi, BarChanged)
                 : VirtioPciFunction.FromState(state, device, ram, intx, SendMsi, BarChanged);
         }

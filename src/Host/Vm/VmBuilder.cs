@@ -90,10 +90,35 @@ public sealed class VmBuilder
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
         CheckSharedMemory();
-        var firmwareImage = _spec.Boot.Firmware;
-        var firmware = firmwareImage is not null;
         if (_spec.Rng) CheckGuestMemoryDevices("a virtio entropy device (rng)");
         if (_spec.Rng && _devices.All(d => d.Name != PcPlatform.VirtioRngName)) _devices.Add(PcPlatform.VirtioRng());
+        if (_spec.Net is not null) CheckGuestMemoryDevices("a virtio network card (net)");
+        var tap = _spec.Net is { } net && _devices.All(d => d.Name != PcPlatform.VirtioNetName) ? OpenTap(net) : null;
+        try
+        {
+            if (tap is not null) _devices.Add(PcPlatform.VirtioNet(tap, _spec.Net!.Mac));
+            return StartWith(tap);
+        }
+        catch
+        {
+            tap?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Attaches to the card's TAP interface, which must exist (in this thread's network namespace);
+    /// a missing one, one that is not a TAP, one in use or not permitted is refused here, before anything
+    /// else exists, with what to do about it.</summary>
+    private static Devices.Virtio.TapNetBackend OpenTap(NetSpec net)
+    {
+        try { return new Devices.Virtio.TapNetBackend(TapDevice.OpenExisting(net.Tap)); }
+        catch (TapException e) { throw new VmBuildException($"network card on TAP \"{net.Tap}\": {e.Message}", e); }
+    }
+
+    private RunningVm StartWith(Devices.Virtio.TapNetBackend? tap)
+    {
+        var firmwareImage = _spec.Boot.Firmware;
+        var firmware = firmwareImage is not null;
         var pciFunctions = _devices.Select(d => d.PciFunction).OfType<ActorVmm.Devices.Pci.PciRemoteFunction>().ToArray();
         foreach (var chip in PcPlatform.InterruptControllersAndTimers(_spec.Cpus, biosLikePic: !firmware)
                      .Concat(PcPlatform.ResetAndPowerManagement()).Append(PcPlatform.PciHost(pciFunctions)))
@@ -204,7 +229,10 @@ public sealed class VmBuilder
                 _trace is not null || _linkFaults is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);
             actor.Tell(VmProtocol.Start.Instance);
-            IDisposable[] owned = shm is null ? [.. vcpus, memory, vm, kvm] : [.. vcpus, memory, shm, vm, kvm];
+            // The TAP's watcher stops before the TAP closes (RunningVm disposes in this order).
+            var watcher = tap is null ? null
+                : new BackendWatcher(tap.Tap, system.ActorSelection(actor.Path / PcPlatform.VirtioNetName), ended.Task).Start();
+            IDisposable[] owned = [.. vcpus, memory, .. new IDisposable?[] { shm, watcher, tap }.OfType<IDisposable>(), vm, kvm];
             return new RunningVm(_spec.Name, actor, memory, ended.Task, owned, traceRegistration) { SharedMemory = shm };
         }
         catch (Exception e)
@@ -237,7 +265,7 @@ public sealed class VmBuilder
 
     /// <summary>Guest memory comes in whole before the first vcpu runs: asked for (<c>--restore-eager</c>),
     /// or needed by a device that touches guest RAM itself (<see cref="CheckGuestMemoryDevices"/>).</summary>
-    private bool EagerRestore => _restore is { Eager: true } || _spec.Rng;
+    private bool EagerRestore => _restore is { Eager: true } || _spec.Rng || _spec.Net is not null;
 
     /// <summary>
     /// A device that reads and writes guest RAM itself (virtio queues, through the host view of guest
