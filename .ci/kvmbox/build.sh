@@ -16,11 +16,11 @@
 #   dl/                 the downloaded .deb files (kept: a rebuild needs no network)
 #   kernel/vmlinuz      the kernel image
 #   kernel/kver         its version (the modules' directory name)
-#   kernel/modules/     kvm, kvm_amd, 9p and their dependencies, decompressed
+#   kernel/modules/     kvm, kvm_amd, 9p, tun and their dependencies, decompressed
 #   kernel/modules.list the order to insmod them in
 #   busybox             the static busybox binary
 #   initrd.cpio.gz      busybox + modules + ./init
-#   initrd.stamp        what initrd.cpio.gz was built from (kernel version, busybox, init's hash)
+#   initrd.stamp        what initrd.cpio.gz was built from (kernel version, modules, busybox, init's hash)
 # FORCE=1 throws all of it away (the downloads too) and starts over.
 # The caller (kvmbox.sh) holds an flock on $CACHE/.lock, so concurrent runs do not race.
 set -euo pipefail
@@ -43,10 +43,12 @@ die() { log "$*"; exit 1; }
 initrd_stamp() {
   local bb
   bb=$(cd dl 2>/dev/null && ls busybox-static_*.deb 2>/dev/null | head -1) || true
-  printf 'kernel %s\nbusybox %s\ninit %s\n' "$(cat kernel/kver 2>/dev/null)" "$bb" \
-    "$(sha256sum < "$BOX/init" | cut -d' ' -f1)"
+  printf 'kernel %s\nmodules %s\nbusybox %s\ninit %s\n' "$(cat kernel/kver 2>/dev/null)" \
+    "$(tr '\n' ' ' < kernel/modules.list 2>/dev/null)" "$bb" "$(sha256sum < "$BOX/init" | cut -d' ' -f1)"
 }
-kernel_ok() { [[ -s kernel/vmlinuz && -s kernel/kver && -s kernel/modules.list ]]; }
+# The modules of BOX_MODULES (and their dependencies) must all be there: a cache built with fewer is rebuilt.
+BOX_MODULES="kvm_amd 9pnet_virtio 9p tun"
+kernel_ok() { [[ -s kernel/vmlinuz && -s kernel/kver && -s kernel/modules.list ]] && grep -qx 'tun.ko' kernel/modules.list; }
 initrd_ok() { [[ -s initrd.cpio.gz && -x busybox && "$(cat initrd.stamp 2>/dev/null)" == "$(initrd_stamp)" ]]; }
 
 if [[ "${1:-}" == --check ]]; then
@@ -109,9 +111,10 @@ if ! kernel_ok; then
   mkdir -p "$tmp/k/modules"
   cp "$tmp/x/boot/vmlinuz-$kv" "$tmp/k/vmlinuz"
   echo "$kv" > "$tmp/k/kver"
-  # kvm_amd provides /dev/kvm; 9pnet_virtio + 9p mount the host's root. modprobe lists each
-  # module after its dependencies, which is the order init loads them in.
-  for m in kvm_amd 9pnet_virtio 9p; do
+  # kvm_amd provides /dev/kvm; 9pnet_virtio + 9p mount the host's root; tun provides /dev/net/tun
+  # (TAP interfaces for the virtio-net tests). modprobe lists each module after its dependencies,
+  # which is the order init loads them in.
+  for m in $BOX_MODULES; do
     modprobe -d "$tmp/x" -S "$kv" --show-depends "$m" | awk '$1=="insmod"{print $2}'
   done | awk '!seen[$0]++' | while read -r ko; do
     base=$(basename "$ko"); base=${base%.xz}; base=${base%.zst}; base=${base%.gz}

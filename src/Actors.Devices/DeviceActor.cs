@@ -152,6 +152,18 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
             _pendingInput = [.. _pendingInput, .. take];
             DrainInput();
         });
+        Receive<BackendReady>(b =>
+        {
+            try
+            {
+                (_model as IBackendInput)?.BackendReady();
+            }
+            finally
+            {
+                Sender.Tell(new Completed(b.Id)); // the watcher goes on watching, even after a failure
+            }
+            Rearm();
+        });
         // Interrupt-controller adapters: a model without the interface ignores them.
         Receive<SetIrqLevel>(m =>
         {

@@ -54,6 +54,12 @@ public static class DeviceProtocol
     /// <summary>Bytes from the host for a device implementing <see cref="IHostInput"/>.</summary>
     public sealed record HostInput(byte[] Data) : IDeviceMessage;
 
+    /// <summary>The host backend of an <see cref="IBackendInput"/> model has input (a TAP's fd is
+    /// readable): the model takes it (<see cref="IBackendInput.BackendReady"/>); the device answers
+    /// <see cref="Completed"/> with the same id once done, whatever the model is (a model without a
+    /// backend ignores it), so the watcher of the backend can wait for it before watching again.</summary>
+    public sealed record BackendReady(long Id) : IDeviceMessage;
+
     /// <summary>Sent by a device to the VM's event target: the guest asked the VM to end.</summary>
     public sealed record GuestExitRequested(string Device, int Status, string Reason) : IDeviceMessage;
 

@@ -34,6 +34,19 @@ public interface IDeviceRequests
     void Send(Akka.Actor.IActorRef target, Func<long, object> request);
 }
 
+/// <summary>
+/// Implemented by models whose host backend has input of its own accord (a network link: a TAP's fd
+/// became readable). The backend is read by the model itself, on its actor's thread; whoever watches the
+/// backend only says "ready" (<see cref="DeviceProtocol.BackendReady"/>) and waits for the answer before
+/// watching again, so one such message at most is in flight.
+/// </summary>
+public interface IBackendInput
+{
+    /// <summary>The backend has (or may have) input: take what the device can now, drop what it cannot
+    /// take at all (a receiver that is off), leaving the rest for the next call.</summary>
+    void BackendReady();
+}
+
 /// <summary>Implemented by models that take bytes from the host (a console's keyboard).</summary>
 public interface IHostInput
 {

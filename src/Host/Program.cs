@@ -89,11 +89,12 @@ namespace ActorVmm.Host
             public readonly Option<bool> Rng = new("--rng") { Description = "a virtio entropy device (virtio-rng, PCI 00:01.0) fed from the host's RandomNumberGenerator" };
             public readonly Option<string?> Disk = new("--disk") { Description = "FILE[,ro]: a virtio block device (virtio-blk, PCI 00:02.0) backed by the existing FILE; ,ro: read-only" };
             public readonly Option<bool> VirtioConsole = new("--virtio-console") { Description = "a virtio console (virtio-console, PCI 00:03.0) on the VM's console, beside COM1" };
+            public readonly Option<string?> Net = new("--net") { Description = "tap=NAME[,mac=52:54:00:xx:xx:xx]: a virtio network card (virtio-net, PCI 00:04.0) on the existing TAP interface NAME" };
 
             public void AddTo(Command command)
             {
                 foreach (var o in new Option[] { Config, Memory, Cpus, Firmware, Flat, LoadAddress, Entry, Kernel, Initrd, Append, Serial, Trace,
-                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng, Disk, VirtioConsole })
+                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng, Disk, VirtioConsole, Net })
                     command.Add(o);
             }
 
@@ -125,6 +126,8 @@ namespace ActorVmm.Host
                     Set("disk.path", file, path: true);
                     Set("disk.read-only", readOnly ? "on" : "off");
                 }
+                if (parse.GetValue(Net) is { } netText)
+                    foreach (var (key, value) in NetSettings(netText)) Set(key, value);
                 Set("boot.kernel", parse.GetValue(Kernel), path: true);
                 Set("boot.initrd", parse.GetValue(Initrd), path: true);
                 Set("boot.append", parse.GetValue(Append));
@@ -152,13 +155,35 @@ namespace ActorVmm.Host
                 return (file, readOnly);
             }
 
+            /// <summary><c>--net tap=NAME[,mac=MAC]</c> as actorvmm.vm.net settings (checked by <see cref="VmConfig.From"/>).</summary>
+            internal static IEnumerable<(string Key, string Value)> NetSettings(string text)
+            {
+                var given = new Dictionary<string, string>(StringComparer.Ordinal);
+                foreach (var part in text.Split(','))
+                {
+                    var eq = part.IndexOf('=');
+                    var key = eq < 0 ? part : part[..eq];
+                    if (key is not ("tap" or "mac") || eq < 0)
+                        throw new ConfigException($"--net \"{text}\": give tap=NAME[,mac=52:54:00:xx:xx:xx] (\"{part}\" is neither)");
+                    if (!given.TryAdd(key, part[(eq + 1)..])) throw new ConfigException($"--net \"{text}\": {key} is given twice");
+                }
+                if (!given.TryGetValue("tap", out var tap) || tap.Length == 0)
+                    throw new ConfigException($"--net \"{text}\": tap=NAME is required (an existing TAP interface)");
+                yield return ("net.tap", tap);
+                if (given.TryGetValue("mac", out var mac))
+                {
+                    if (mac.Length == 0) throw new ConfigException($"--net \"{text}\": mac= needs an address (52:54:00:xx:xx:xx)");
+                    yield return ("net.mac", mac);
+                }
+            }
+
             /// <summary>The options that would shape another machine than a snapshot's.</summary>
             public string[] Shaping(ParseResult parse) => new (string Option, bool Given)[]
             {
                 ("--memory", parse.GetValue(Memory) is not null), ("--cpus", parse.GetValue(Cpus) is not null),
                 ("--lapic", parse.GetValue(Lapic) is not null), ("--cpu", parse.GetValue(Cpu) is not null),
                 ("--shm", parse.GetValue(Shm) is not null), ("--test-devices", parse.GetValue(TestDevices)),
-                ("--rng", parse.GetValue(Rng)), ("--disk", parse.GetValue(Disk) is not null), ("--virtio-console", parse.GetValue(VirtioConsole)),
+                ("--rng", parse.GetValue(Rng)), ("--disk", parse.GetValue(Disk) is not null), ("--virtio-console", parse.GetValue(VirtioConsole)), ("--net", parse.GetValue(Net) is not null),
                 ("--kernel", parse.GetValue(Kernel) is not null), ("--initrd", parse.GetValue(Initrd) is not null),
                 ("--append", parse.GetValue(Append) is not null), ("--firmware", parse.GetValue(Firmware) is not null),
                 ("--flat", parse.GetValue(Flat) is not null),

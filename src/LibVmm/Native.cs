@@ -39,6 +39,11 @@ internal static unsafe partial class Native
     [LibraryImport(Libc, EntryPoint = "open", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
     public static partial int Open(string path, int flags);
 
+    /// <summary>The index of network interface <paramref name="name"/> in the calling thread's network
+    /// namespace, 0 if there is none (if_nametoindex(3)).</summary>
+    [LibraryImport(Libc, EntryPoint = "if_nametoindex", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+    public static partial uint IfNameToIndex(string name);
+
     [LibraryImport(Libc, EntryPoint = "close", SetLastError = true)]
     public static partial int Close(int fd);
 

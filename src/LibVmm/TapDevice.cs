@@ -67,6 +67,7 @@ public sealed unsafe class TapDevice : IDisposable
     private const int EBUSY = 16;
     private const int ENODEV = 19;
     private const int EINVAL = 22;
+    private const int EBADFD = 77;
 
     private int _fd;
 
@@ -90,6 +91,23 @@ public sealed unsafe class TapDevice : IDisposable
         : name is "." or ".." || name.Any(c => c is '/' or ':' or '\0' || char.IsWhiteSpace(c))
             ? $"TAP name \"{name}\" is not a valid interface name"
         : null;
+
+    /// <summary>Whether a network interface named <paramref name="name"/> exists in the calling thread's
+    /// network namespace (the one <see cref="Open"/> would attach in).</summary>
+    public static bool InterfaceExists(string name) => NameProblem(name) is null && Native.IfNameToIndex(name) != 0;
+
+    /// <summary>
+    /// <see cref="Open"/> for an interface that must exist already (a VM attaches to the TAP its owner
+    /// made, <c>ip tuntap add NAME mode tap</c>, and never creates one that would vanish with it): a
+    /// missing one is a <see cref="TapException"/> (ENODEV) saying so.
+    /// </summary>
+    public static TapDevice OpenExisting(string name)
+    {
+        if (NameProblem(name) is { } problem) throw new TapException(problem, EINVAL);
+        if (!InterfaceExists(name))
+            throw new TapException($"TAP \"{name}\" does not exist in this network namespace (create it first: ip tuntap add {name} mode tap)", ENODEV);
+        return Open(name);
+    }
 
     /// <summary>
     /// Opens (creating if needed) the TAP interface <paramref name="name"/> with a 12-byte vnet header,
@@ -206,7 +224,9 @@ public sealed unsafe class TapDevice : IDisposable
             throw Failed($"TUNSETOFFLOAD({offloads}) on TAP \"{Name}\"", Marshal.GetLastPInvokeError());
     }
 
-    /// <summary>Waits up to <paramref name="timeoutMs"/> (-1: forever) for a frame to read.</summary>
+    /// <summary>Waits up to <paramref name="timeoutMs"/> (-1: forever) for a frame to read. Throws
+    /// <see cref="TapException"/> when the fd can never become readable again (poll's POLLERR: the
+    /// interface was deleted under it).</summary>
     public bool WaitReadable(int timeoutMs)
     {
         var pfd = new NativeMemory.PollFd { Fd = Live(), Events = NativeMemory.POLLIN };
@@ -214,6 +234,9 @@ public sealed unsafe class TapDevice : IDisposable
         {
             // SAFETY: one pollfd on this frame.
             var r = NativeMemory.Poll(&pfd, 1, timeoutMs);
+            if (r > 0 && (pfd.Revents & NativeMemory.POLLIN) == 0
+                && (pfd.Revents & (NativeMemory.POLLERR | NativeMemory.POLLHUP | NativeMemory.POLLNVAL)) != 0)
+                throw new TapException($"TAP \"{Name}\" can no longer be read (poll: 0x{pfd.Revents:x}): its interface is gone", EBADFD);
             if (r >= 0) return r > 0 && (pfd.Revents & NativeMemory.POLLIN) != 0;
             var errno = Marshal.GetLastPInvokeError();
             if (errno != EINTR) throw Failed($"poll on TAP \"{Name}\"", errno);

@@ -107,7 +107,7 @@ public sealed record VirtioNetState(string Mac, ulong TxFrames, ulong TxDropped,
 /// is put on the used ring right after its frame went to the backend; only an exception from the
 /// backend between the two (the model throws none) would send that frame again after the restart.
 /// </summary>
-public sealed class VirtioNet : IVirtioDevice
+public sealed class VirtioNet : IVirtioDevice, IVirtioBackendInput
 {
     public const ushort VirtioDeviceId = 1;
     public const ushort QueueSize = 256;
@@ -228,6 +228,17 @@ public sealed class VirtioNet : IVirtioDevice
         _reservedRing = null;
         _backend.SetReceiveOffloads(NetOffloads.None);
         _offloads = NetOffloads.None;
+    }
+
+    public int BackendQueue => ReceiveQueue;
+
+    /// <summary>The driver cannot take frames (the device is not live, receiveq1 is not enabled, or the
+    /// function may not access memory): up to <see cref="MaxReadsPerCall"/> frames the backend has are read
+    /// and dropped, counted in RxDropped, as a NIC whose receiver is off drops what reaches it (frames
+    /// held for the driver stay until a reset).</summary>
+    public void DiscardBackendInput()
+    {
+        for (var reads = 0; reads < MaxReadsPerCall && _backend.TryReceive(_rx) > 0; reads++) RxDropped++;
     }
 
     public void Process(int queue, SplitVirtqueue ring)

@@ -6,9 +6,9 @@ namespace ActorVmm.Devices.Virtio;
 /// The state record of a <see cref="VirtioPciFunction"/> (restarts, snapshots): its slot and device
 /// type, its configuration space as the guest left it (256 bytes) with its INTx level, its MSI-X table
 /// (4 dwords a vector) and pending bits, the virtio transport's state, and the device type's own record
-/// where it has one (<see cref="Blk"/> for virtio-blk, <see cref="Console"/> for virtio-console; null for
-/// a device without state beyond its queues, and in records saved before these existed). Equality
-/// compares contents.
+/// where it has one (<see cref="Blk"/> for virtio-blk, <see cref="Console"/> for virtio-console, <see cref="Net"/>
+/// for virtio-net; null for a device without state beyond its queues, and in records saved before these
+/// existed). Equality compares contents.
 /// </summary>
 public sealed record VirtioPciFunctionState(
     int Device,
@@ -19,13 +19,14 @@ public sealed record VirtioPciFunctionState(
     ulong[] MsixPending,
     VirtioPciTransportState Transport,
     VirtioBlkState? Blk = null,
-    VirtioConsoleState? Console = null)
+    VirtioConsoleState? Console = null,
+    VirtioNetState? Net = null)
 {
     public bool Equals(VirtioPciFunctionState? other) =>
         other is not null && Device == other.Device && VirtioDeviceId == other.VirtioDeviceId && IntxLevel == other.IntxLevel
         && Config.AsSpan().SequenceEqual(other.Config) && MsixEntries.AsSpan().SequenceEqual(other.MsixEntries)
         && MsixPending.AsSpan().SequenceEqual(other.MsixPending) && Transport == other.Transport
-        && Blk == other.Blk && Console == other.Console;
+        && Blk == other.Blk && Console == other.Console && Net == other.Net;
 
     public override int GetHashCode() => HashCode.Combine(Device, VirtioDeviceId, Config.Length, MsixEntries.Length, Transport);
 }
@@ -62,7 +63,7 @@ public sealed record VirtioPciFunctionState(
 /// (<see cref="OfferInput"/>) goes to a device type that takes it (the console). The record
 /// (<see cref="VirtioPciFunctionState"/>) carries the device type's own state where it has one.
 /// </summary>
-public sealed class VirtioPciFunction : IStatefulDevice, IHostInput
+public sealed class VirtioPciFunction : IStatefulDevice, IHostInput, IBackendInput
 {
     public const ulong ConfigWindow = 0;
     public const ulong ConfigWindowLength = 0x1000;
@@ -174,6 +175,9 @@ public sealed class VirtioPciFunction : IStatefulDevice, IHostInput
         if (state.Console is not null && state.VirtioDeviceId != VirtioConsole.VirtioDeviceId)
             return $"virtio device {state.VirtioDeviceId} has no virtio-console state";
         if (state.Console is not null && VirtioConsole.StateProblem(state.Console) is { } console) return console;
+        if (state.Net is not null && state.VirtioDeviceId != VirtioNet.VirtioDeviceId)
+            return $"virtio device {state.VirtioDeviceId} has no virtio-net state";
+        if (state.Net is not null && VirtioNet.StateProblem(state.Net) is { } net) return net;
         return null;
     }
 
@@ -186,6 +190,7 @@ public sealed class VirtioPciFunction : IStatefulDevice, IHostInput
         {
             Blk = (_virtio as VirtioBlk)?.State(),
             Console = (_virtio as VirtioConsole)?.State(),
+            Net = (_virtio as VirtioNet)?.State(),
         };
     }
 
@@ -202,6 +207,11 @@ public sealed class VirtioPciFunction : IStatefulDevice, IHostInput
         if (console.HasPendingInput && _config.BusMasterEnabled) _transport.NotifyQueue(VirtioConsole.ReceiveQueue);
         return taken;
     }
+
+    /// <summary>The device type's host backend has input (<see cref="IVirtioBackendInput"/>): taken into the
+    /// driver's buffers, with the used-buffer notification, while bus mastering is on and the device
+    /// live; dropped otherwise (<see cref="VirtioPciTransport.BackendReady"/>).</summary>
+    public void BackendReady() => _transport.BackendReady(_config.BusMasterEnabled);
 
     /// <summary>The PCI base class and sub-class of a virtio device type (what QEMU's virtio-pci
     /// devices report, so a guest's class-based probing sees the same): network 02/00, block 01/00,

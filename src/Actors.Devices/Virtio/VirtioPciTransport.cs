@@ -31,6 +31,21 @@ public interface IVirtioDevice
     void Reset();
 }
 
+/// <summary>
+/// A virtio device type whose host backend brings input of its own accord (a network link), into the
+/// buffers of one queue (<see cref="BackendQueue"/>): the owner of the backend says when it has some
+/// (<see cref="VirtioPciTransport.BackendReady"/>), as a notification of that queue.
+/// </summary>
+public interface IVirtioBackendInput
+{
+    /// <summary>The queue whose buffers the backend's input fills (virtio-net: receiveq1).</summary>
+    int BackendQueue { get; }
+
+    /// <summary>The device cannot take input now (not live, the queue not enabled, no bus mastering):
+    /// what the backend has is read and dropped, as a receiver that is off drops what reaches it.</summary>
+    void DiscardBackendInput();
+}
+
 /// <summary>Snapshot of a <see cref="VirtioPciTransport"/>: the common configuration and the ISR byte.</summary>
 public sealed record VirtioPciTransportState(VirtioPciCommonState Common, byte Isr, bool IntxAsserted);
 
@@ -115,6 +130,24 @@ public sealed class VirtioPciTransport
         if (!Common.IsLive || Common.Queue(queue) is not { } ring) return;
         _device.Process(queue, ring);
         AfterProcessing(queue, ring);
+    }
+
+    /// <summary>
+    /// The backend of an <see cref="IVirtioBackendInput"/> device has input: its queue is processed as on a
+    /// notification while the device is live, the queue enabled and <paramref name="canAccessMemory"/>
+    /// (the PCI function's bus mastering); otherwise the device drops what the backend has (nothing is
+    /// written to the guest, and the backend does not stay readable for ever). Other devices ignore it.
+    /// </summary>
+    public void BackendReady(bool canAccessMemory)
+    {
+        if (_device is not IVirtioBackendInput backed) return;
+        var queue = backed.BackendQueue;
+        if (canAccessMemory && Common.IsLive && Common.Queue(queue) is { } ring)
+        {
+            _device.Process(queue, ring);
+            AfterProcessing(queue, ring);
+        }
+        else backed.DiscardBackendInput();
     }
 
     /// <summary>The device-specific configuration changed (§4.1.5.4): new generation, and a configuration

@@ -190,7 +190,7 @@ public sealed class NodeActor : ReceiveActor
         {
             if (vm.TracePath is not null || vm.PerfettoPath is not null || vm.TraceLive)
                 trace = new TraceRecorder(vm.TracePath, filter: Tracing.TraceFilter.Parse(vm.TraceFilter));
-            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole };
+            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net };
             var builder = new VmBuilder(system, spec).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
             var running = builder.Start();

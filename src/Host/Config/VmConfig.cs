@@ -24,6 +24,10 @@ public sealed record VmConfig(
     /// <summary>actorvmm.vm.virtio-console: a virtio console at PCI 00:03.0 on the VM's console.</summary>
     public bool VirtioConsole { get; init; }
 
+    /// <summary>actorvmm.vm.net: a virtio network card at PCI 00:04.0 on an existing TAP interface
+    /// (<c>net = { tap = NAME, mac = "52:54:00:12:34:56" }</c>; the MAC defaults to <see cref="Vm.NetSpec.DefaultMac"/>).</summary>
+    public Vm.NetSpec? Net { get; init; }
+
     /// <summary>actorvmm.vm.cpu: the CPUID features the vcpus see.</summary>
     public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
 
@@ -168,15 +172,39 @@ public sealed record VmConfig(
             if (virtioConsole && paging is { Userfaultfd: true })
                 throw new ConfigException("actorvmm.vm.virtio-console: the virtio console reads and writes guest memory itself, " +
                                           "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
+            var net = NetCard(vm, name);
+            if (net is not null && paging is { Userfaultfd: true })
+                throw new ConfigException("actorvmm.vm.net: the virtio network card reads and writes guest memory itself, " +
+                                          "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu, Rng = rng, Disk = disk, VirtioConsole = virtioConsole };
+                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu, Rng = rng, Disk = disk, VirtioConsole = virtioConsole, Net = net };
         }
         catch (ConfigException) { throw; }
         catch (Exception e)
         {
             throw new ConfigException($"bad configuration: {FirstLine(e.Message)}");
         }
+    }
+
+    /// <summary>actorvmm.vm.net.tap and .mac: the network card, or null without a TAP name.</summary>
+    private static Vm.NetSpec? NetCard(Akka.Configuration.Config vm, string vmName)
+    {
+        var tap = vm.GetString("net.tap", "") ?? "";
+        var macText = vm.GetString("net.mac", "") ?? "";
+        if (tap.Length == 0)
+        {
+            if (macText.Length > 0) throw new ConfigException("actorvmm.vm.net.mac is set but actorvmm.vm.net.tap is empty");
+            return null;
+        }
+        if (LibVmm.TapDevice.NameProblem(tap) is { } problem) throw new ConfigException($"actorvmm.vm.net.tap: {problem}");
+        if (tap.Contains('%')) throw new ConfigException($"actorvmm.vm.net.tap: \"{tap}\" is a name pattern, not an interface's name");
+        if (macText.Length == 0) return new Vm.NetSpec(tap, Vm.NetSpec.DefaultMac(vmName));
+        if (!Devices.Virtio.MacAddress.TryParse(macText, out var mac))
+            throw new ConfigException($"actorvmm.vm.net.mac must be a MAC address like 52:54:00:12:34:56, not \"{macText}\"");
+        if (mac.IsMulticast)
+            throw new ConfigException($"actorvmm.vm.net.mac: {mac} is a multicast address (its first octet is odd), not a card's");
+        return new Vm.NetSpec(tap, mac);
     }
 
     /// <summary>actorvmm.vm.<paramref name="key"/> as on/off (true/false, yes/no; off when absent).</summary>

@@ -93,7 +93,7 @@ public sealed class VmRestore
     /// <summary>The machine to build: the snapshot's, under <paramref name="name"/> if given.</summary>
     public VmSpec ToSpec(string? name = null) =>
         new(name ?? Spec.Name, Spec.MemoryBytes, Spec.Cpus, new RestoredImage(Firmware), Spec.Lapic, Spec.Paging, Spec.Superpages,
-            Spec.SharedMemory, Spec.TestDevices) { Cpu = CpuModel.Parse(Spec.Cpu), Rng = Spec.Rng, Disk = Spec.Disk, VirtioConsole = Spec.VirtioConsole };
+            Spec.SharedMemory, Spec.TestDevices) { Cpu = CpuModel.Parse(Spec.Cpu), Rng = Spec.Rng, Disk = Spec.Disk, VirtioConsole = Spec.VirtioConsole, Net = Spec.NetCard() };
 }
 
 /// <summary>What a restored VM "boots": nothing is loaded (guest memory comes from the snapshot); a

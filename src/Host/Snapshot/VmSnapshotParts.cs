@@ -1,4 +1,5 @@
 using ActorVmm.Host.Vm;
+using ActorVmm.Devices.Virtio;
 using ActorVmm.LibVmm;
 using ActorVmm.Memory;
 
@@ -40,13 +41,19 @@ public static class SnapshotParts
 /// <param name="Disk">the VM's virtio disk (its state is the <c>device-virtio-blk</c> part): the same host file,
 /// not a copy of it, is opened again by the restored VM</param>
 /// <param name="VirtioConsole">the VM has the virtio console (its state is the <c>device-virtio-console</c> part)</param>
+/// <param name="NetTap">the TAP interface of the VM's network card (its state is the <c>device-virtio-net</c>
+/// part; a restored VM attaches to the interface of that name again); null: no card</param>
+/// <param name="NetMac">the card's address, with <paramref name="NetTap"/></param>
 public sealed record SavedSpec(string Name, ulong MemoryBytes, int Cpus, LapicMode Lapic, string Cpu, bool Superpages,
     bool TestDevices, VmspaceOptions? Paging, SharedMemorySpec? SharedMemory, bool HasFirmware, bool Rng = false,
-    DiskSpec? Disk = null, bool VirtioConsole = false)
+    DiskSpec? Disk = null, bool VirtioConsole = false, string? NetTap = null, string? NetMac = null)
 {
     public static SavedSpec From(VmSpec spec) => new(spec.Name, spec.MemoryBytes, spec.Cpus, spec.Lapic, spec.Cpu.ToString(),
         spec.Superpages, spec.TestDevices, spec.Paging, spec.SharedMemory, spec.Boot.Firmware is not null, spec.Rng,
-        spec.Disk, spec.VirtioConsole);
+        spec.Disk, spec.VirtioConsole, spec.Net?.Tap, spec.Net?.Mac.ToString());
+
+    /// <summary>The network card, if the VM had one.</summary>
+    public NetSpec? NetCard() => NetTap is not null && MacAddress.TryParse(NetMac, out var mac) ? new NetSpec(NetTap, mac) : null;
 }
 
 /// <summary>The VM's clocks at the snapshot: its device clock (every armed device and vlapic timer is a

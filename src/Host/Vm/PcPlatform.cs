@@ -206,6 +206,24 @@ public static class PcPlatform
             ? Devices.Virtio.VirtioConsole.FromState(saved, c.Memory, output)
             : new Devices.Virtio.VirtioConsole(c.Memory, output));
 
+    public const string VirtioNetName = "virtio-net";
+
+    /// <summary>The slot of the virtio network card: 00:04.0.</summary>
+    public const int VirtioNetSlot = 4;
+
+    /// <summary>
+    /// The virtio network card (<see cref="Devices.Virtio.VirtioNet"/>, address <paramref name="mac"/>) over
+    /// <paramref name="backend"/> (a TAP interface) as PCI function 00:04.0. The VM owns the backend (it
+    /// outlives the device actor: a restarted model goes on with the same open TAP) and watches it
+    /// (<see cref="BackendWatcher"/>): frames that arrive reach the receive queue through
+    /// <see cref="DeviceProtocol.BackendReady"/>, without the guest polling. The function's record keeps
+    /// the card's counters.
+    /// </summary>
+    public static DeviceSpec VirtioNet(INetBackend backend, MacAddress mac) => VirtioPci(VirtioNetName, VirtioNetSlot,
+        (c, state, driverFeatures) => state?.Net is { } saved
+            ? Devices.Virtio.VirtioNet.FromState(saved, c.Memory, backend, driverFeatures)
+            : new Devices.Virtio.VirtioNet(c.Memory, backend, mac, driverFeatures));
+
     /// <summary>
     /// A virtio device on the PCI bus at 00:<paramref name="slot"/>.0: its ECAM page routed to its
     /// actor, whose configuration writes the vcpus wait for (a BAR move must reach every vcpu's bus

@@ -100,14 +100,18 @@ public sealed class VmBuilder
             _devices.Add(PcPlatform.VirtioConsole(console.Write));
         }
         var disk = _spec.Disk is { } diskSpec ? OpenDisk(diskSpec) : null;
-        if (disk is not null) _devices.Add(PcPlatform.VirtioBlk(disk, PcPlatform.DiskSerial(disk.Path)));
+        Devices.Virtio.TapNetBackend? tap = null;
         try
         {
-            return StartWith(disk);
+            if (disk is not null) _devices.Add(PcPlatform.VirtioBlk(disk, PcPlatform.DiskSerial(disk.Path)));
+            tap = _spec.Net is { } net && _devices.All(d => d.Name != PcPlatform.VirtioNetName) ? OpenTap(net) : null;
+            if (tap is not null) _devices.Add(PcPlatform.VirtioNet(tap, _spec.Net!.Mac));
+            return StartWith(disk, tap);
         }
         catch
         {
             disk?.Dispose();
+            tap?.Dispose();
             throw;
         }
     }
@@ -139,7 +143,16 @@ public sealed class VmBuilder
         return backend;
     }
 
-    private RunningVm StartWith(Devices.Virtio.FileBlockBackend? disk)
+    /// <summary>Attaches to the card's TAP interface, which must exist (in this thread's network namespace);
+    /// a missing one, one that is not a TAP, one in use or not permitted is refused here, before anything
+    /// else exists, with what to do about it.</summary>
+    private static Devices.Virtio.TapNetBackend OpenTap(NetSpec net)
+    {
+        try { return new Devices.Virtio.TapNetBackend(TapDevice.OpenExisting(net.Tap)); }
+        catch (TapException e) { throw new VmBuildException($"network card on TAP \"{net.Tap}\": {e.Message}", e); }
+    }
+
+    private RunningVm StartWith(Devices.Virtio.FileBlockBackend? disk, Devices.Virtio.TapNetBackend? tap)
     {
         var firmwareImage = _spec.Boot.Firmware;
         var firmware = firmwareImage is not null;
@@ -253,7 +266,10 @@ public sealed class VmBuilder
                 _trace is not null || _linkFaults is not null ? Props.Create(() => new VmActor(resources, ended)).WithMailbox(TracedMailboxType.Id)
                     : Props.Create(() => new VmActor(resources, ended)), name);
             actor.Tell(VmProtocol.Start.Instance);
-            IDisposable[] owned = [.. vcpus, memory, .. new IDisposable?[] { shm, disk }.OfType<IDisposable>(), vm, kvm];
+            // The TAP's watcher stops before the TAP closes (RunningVm disposes in this order).
+            var watcher = tap is null ? null
+                : new BackendWatcher(tap.Tap, system.ActorSelection(actor.Path / PcPlatform.VirtioNetName), ended.Task).Start();
+            IDisposable[] owned = [.. vcpus, memory, .. new IDisposable?[] { shm, disk, watcher, tap }.OfType<IDisposable>(), vm, kvm];
             return new RunningVm(_spec.Name, actor, memory, ended.Task, owned, traceRegistration) { SharedMemory = shm };
         }
         catch (Exception e)
@@ -301,7 +317,7 @@ public sealed class VmBuilder
         var what = string.Join(", ", new (bool Has, string Device)[]
         {
             (_spec.Rng, "a virtio entropy device (rng)"), (_spec.Disk is not null, "a virtio disk"),
-            (_spec.VirtioConsole, "a virtio console"),
+            (_spec.VirtioConsole, "a virtio console"), (_spec.Net is not null, "a virtio network card (net)"),
         }.Where(d => d.Has).Select(d => d.Device));
         throw new VmBuildException($"{what} reads and writes guest memory itself: demand paging (actorvmm.vm.paging.enabled) must be off");
     }

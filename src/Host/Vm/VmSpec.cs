@@ -2,6 +2,7 @@ using Akka.Actor;
 using ActorVmm.Devices;
 using ActorVmm.Host.Boot;
 using ActorVmm.Lapic;
+using ActorVmm.Devices.Virtio;
 using ActorVmm.LibVmm;
 
 namespace ActorVmm.Host.Vm;
@@ -38,6 +39,10 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
     /// <summary>A virtio entropy device at PCI 00:01.0 (<c>--rng</c>, <c>actorvmm.vm.rng</c>; <see cref="PcPlatform.VirtioRng"/>).</summary>
     public bool Rng { get; init; }
 
+    /// <summary>A virtio network card at PCI 00:04.0 on an existing TAP interface (<c>--net tap=NAME</c>,
+    /// <c>actorvmm.vm.net</c>; <see cref="PcPlatform.VirtioNet"/>); null: none.</summary>
+    public NetSpec? Net { get; init; }
+
     /// <summary>A virtio block device at PCI 00:02.0 backed by a host file (<c>--disk FILE[,ro]</c>,
     /// <c>actorvmm.vm.disk</c>; <see cref="PcPlatform.VirtioBlk"/>); null: none.</summary>
     public DiskSpec? Disk { get; init; }
@@ -48,10 +53,27 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
 
     /// <summary>The VM has a device that reads and writes guest RAM itself (virtio queues through the
     /// host view of guest memory), which rules out demand paging and makes a restore eager.</summary>
-    public bool HasGuestMemoryDevices => Rng || Disk is not null || VirtioConsole;
+    public bool HasGuestMemoryDevices => Rng || Disk is not null || VirtioConsole || Net is not null;
 
     /// <summary>The CPUID features the vcpus see (<c>--cpu</c>, <c>actorvmm.vm.cpu</c>).</summary>
     public CpuModel Cpu { get; init; } = CpuModel.Host;
+}
+
+/// <summary>
+/// The VM's network card: the TAP interface <see cref="Tap"/>, which must exist in the host process's
+/// network namespace (<c>ip tuntap add NAME mode tap</c>; the VM attaches, never creates), and the card's
+/// address <see cref="Mac"/> (unicast).
+/// </summary>
+public sealed record NetSpec(string Tap, MacAddress Mac)
+{
+    /// <summary>The address of a card given none: 52:54:00 (the prefix QEMU's cards use) and three bytes
+    /// of the SHA-256 of the VM's name, so each VM keeps its address from run to run and VMs with different
+    /// names on one bridge differ (most likely).</summary>
+    public static MacAddress DefaultMac(string vmName)
+    {
+        var hash = System.Security.Cryptography.SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(vmName));
+        return new MacAddress(0x52_54_00UL << 24 | (ulong)hash[0] << 16 | (ulong)hash[1] << 8 | hash[2]);
+    }
 }
 
 /// <summary>

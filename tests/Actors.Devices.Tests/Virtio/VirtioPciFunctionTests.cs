@@ -1,5 +1,6 @@
 using ActorVmm.Devices.Pci;
 using ActorVmm.Devices.Virtio;
+using ActorVmm.LibVmm;
 using static ActorVmm.Devices.Virtio.VirtioStatus;
 using static ActorVmm.Devices.Virtio.VirtqFlags;
 
@@ -266,6 +267,75 @@ public sealed class VirtioPciFunctionTests
         Notify();
         Assert.Equal(2, _d.UsedIdx);
         Assert.Equal((1u, 16u), _d.UsedElem(1));
+    }
+
+    /// <summary>A network card over <paramref name="backend"/> in this class's function (queue 0 is its receiveq1).</summary>
+    private VirtioNet NetFunction(FakeNetBackend backend, VirtioNetState? state = null)
+    {
+        Func<ulong> features = () => _f.Transport.Common.DriverFeatures;
+        var net = state is null ? new VirtioNet(_m, backend, new MacAddress(0x5254_0012_3456), features)
+            : VirtioNet.FromState(state, _m, backend, features);
+        _f = new VirtioPciFunction(Slot, net, new GuestRam(_m), _intx, _msi.Add, _bars.Add);
+        return net;
+    }
+
+    private static byte[] NetPacket(byte tag) => [.. new byte[VirtioNetHeader.Size], .. Enumerable.Range(0, 60).Select(i => (byte)(tag + i))];
+
+    [Fact]
+    public void Backend_input_fills_the_receive_queue_with_its_msix_interrupt_and_is_dropped_while_the_card_cannot_take_it()
+    {
+        var backend = new FakeNetBackend();
+        var net = NetFunction(backend);
+
+        backend.Incoming.Enqueue(NetPacket(1)); // the driver has not set the card up: the receiver is off
+        _f.BackendReady();
+        Assert.Empty(backend.Incoming);
+        Assert.Equal((0UL, 1UL), (net.RxFrames, net.RxDropped));
+
+        Initialise(msix: true);
+        PostBuffer(0, 0x100);
+        Notify();
+        Assert.Empty(_msi); // a buffer, no frame: nothing used
+        var packet = NetPacket(0x40);
+        backend.Incoming.Enqueue(packet);
+        _f.BackendReady();
+        Assert.Equal((0u, (uint)packet.Length), _d.UsedElem(0));
+        var written = new byte[packet.Length];
+        Assert.True(_m.TryRead(new GuestPhysAddr(Data), written));
+        Assert.Equal(packet[VirtioNetHeader.Size..], written[VirtioNetHeader.Size..]);
+        Assert.Equal(1, written[VirtioNetHeader.NumBuffersOffset]);
+        Assert.Equal([new MsiMessage(0xFEE0_1000, 0x45)], _msi);
+        Assert.Equal((1UL, 1UL), (net.RxFrames, net.RxDropped));
+
+        SetCfg(0x04, 2, PciConfigSpace.CommandMemorySpace); // bus mastering off: no memory access, frames dropped
+        PostBuffer(1, 0x100);
+        backend.Incoming.Enqueue(NetPacket(2));
+        _f.BackendReady();
+        Assert.Empty(backend.Incoming);
+        Assert.Equal(1, _d.UsedIdx);
+        Assert.Equal((1UL, 2UL), (net.RxFrames, net.RxDropped));
+        Assert.Single(_msi);
+    }
+
+    [Fact]
+    public void A_net_function_record_keeps_the_cards_counters_through_the_codec()
+    {
+        var backend = new FakeNetBackend();
+        NetFunction(backend);
+        Initialise(msix: true);
+        PostBuffer(0, 0x100);
+        backend.Incoming.Enqueue(NetPacket(3));
+        _f.BackendReady();
+        var state = Assert.IsType<VirtioPciFunctionState>(_f.SaveState());
+        Assert.Equal(new VirtioNetState("52:54:00:12:34:56", 0, 0, 1, 0), state.Net);
+        var decoded = Assert.IsType<VirtioPciFunctionState>(DeviceStateCodec.Decode(DeviceStateCodec.Encode(state)));
+        Assert.Equal(state, decoded);
+
+        var net = VirtioNet.FromState(decoded.Net!, _m, backend, () => 0);
+        _f = VirtioPciFunction.FromState(decoded, net, new GuestRam(_m), _intx, _msi.Add, _bars.Add);
+        Assert.Equal(1UL, net.RxFrames);
+        Assert.Contains("no virtio-net state", VirtioPciFunction.StateProblem(state with { VirtioDeviceId = 4 }));
+        Assert.Contains("multicast", VirtioPciFunction.StateProblem(state with { Net = state.Net! with { Mac = "01:00:5e:00:00:01" } }));
     }
 
     [Theory]
