@@ -127,6 +127,18 @@ if [ -b /dev/vda ]; then
   fi
 fi
 for i in /sys/class/net/eth*; do [ -e "$i" ] && echo "ACTORVMM-NET $(basename $i) $(cat $i/address)"; done
+# The network check, when the command line has actorvmm.net=ADDRESS/PREFIX,PEER,PORT: eth0 gets the
+# address, the peer is pinged, then a TCP connection to PEER:PORT sends one line and prints the line
+# that comes back.
+net=$(sed -n 's/.*actorvmm\.net=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$net" ] && [ -e /sys/class/net/eth0 ]; then
+  set -- $(echo "$net" | tr , ' ')
+  ip link set lo up
+  ip addr add "$1" dev eth0
+  ip link set eth0 up
+  if ping -c 1 -W 20 "$2" >/dev/null 2>&1; then echo "ACTORVMM-PING $2 ok"; else echo "ACTORVMM-PING $2 failed"; fi
+  echo "ACTORVMM-NET-REPLY $(echo "ACTORVMM-NET-HELLO $(cat /sys/class/net/eth0/address)" | nc -w 30 "$2" "$3")"
+fi
 [ -e /dev/hwrng ] && echo "ACTORVMM-RNG $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
 case " $(cat /proc/cmdline) " in
   *" actorvmm.init=shell "*)

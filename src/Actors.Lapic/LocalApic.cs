@@ -86,6 +86,10 @@ public sealed class LocalApic : ITimedDevice
     private long _timerPeriods;
     private ulong _tscDeadline;
 
+    /// <summary>The guest's TSC minus the one the pairing in the options predicts, as last sampled
+    /// (see <see cref="WriteMsr(uint, ulong, ulong?)"/>).</summary>
+    private long _tscSkew;
+
     /// <param name="apicId">the initial APIC ID (CPUID.01H:EBX[31:24] / CPUID.0BH:EDX)</param>
     /// <param name="bsp">IA32_APIC_BASE.BSP; guest writes cannot change it</param>
     /// <param name="events">takes what leaves the APIC (IPIs, level EOIs, vcpu events)</param>
@@ -203,7 +207,20 @@ public sealed class LocalApic : ITimedDevice
 
     /// <summary>WRMSR; false: the caller injects #GP. In x2APIC mode a non-zero write to a reserved
     /// bit, a write to a read-only register and any access to a reserved MSR fault (§10.12.1.3).</summary>
-    public bool WriteMsr(uint msr, ulong value)
+    public bool WriteMsr(uint msr, ulong value) => WriteMsr(msr, value, null);
+
+    /// <summary>
+    /// WRMSR, with the guest's TSC read when the write left the guest (<paramref name="guestTsc"/>,
+    /// for IA32_TSC_DEADLINE). The deadline counts in the guest's TSC, and the timer goes off on the
+    /// VM clock: the options pair the two once, at build, and a host clock whose rate differs from the
+    /// TSC's (NTP's slew of CLOCK_MONOTONIC, up to 500 ppm; another clocksource under an emulated
+    /// host) drifts away from it. A timer that fires before the guest's TSC reached the deadline finds
+    /// the guest's handler with nothing expired, re-arming the same deadline at once: an interrupt
+    /// storm for as long as the drift. So each deadline write re-pairs the two with the sample, as
+    /// KVM's own emulation reads the guest's TSC when it arms its timer (x86 lapic.c,
+    /// start_sw_tscdeadline).
+    /// </summary>
+    public bool WriteMsr(uint msr, ulong value, ulong? guestTsc)
     {
         switch (msr)
         {
@@ -211,6 +228,7 @@ public sealed class LocalApic : ITimedDevice
                 return WriteApicBase(value);
             case ApicMsrs.TscDeadline:
                 CatchUpTimer();
+                if (guestTsc is { } tsc) _tscSkew = (long)Int128.Clamp(tsc - (TscAt(_clock.Now) - (Int128)_tscSkew), long.MinValue, long.MaxValue);
                 if (Mode != ApicMode.Disabled && CurrentTimerMode == TimerMode.TscDeadline)
                 {
                     _tscDeadline = value; // 0 disarms
@@ -481,12 +499,19 @@ public sealed class LocalApic : ITimedDevice
         return TimeSpan.FromTicks(CeilToTicks(num, _options.TimerFrequencyHz));
     }
 
-    private ulong TscAt(TimeSpan time) => _options.TscAtClockZero +
-        (time.Ticks <= 0 ? 0 : (ulong)((Int128)time.Ticks * _options.TscFrequencyHz / TimeSpan.TicksPerSecond));
+    /// <summary>The guest's TSC at clock time <paramref name="time"/>: the options' pairing, moved by the last sample.</summary>
+    private ulong TscAt(TimeSpan time)
+    {
+        var tsc = TscAtZero + (time.Ticks <= 0 ? 0 : (Int128)time.Ticks * _options.TscFrequencyHz / TimeSpan.TicksPerSecond);
+        return tsc <= 0 ? 0 : tsc >= ulong.MaxValue ? ulong.MaxValue : (ulong)tsc;
+    }
+
+    /// <summary>The guest's TSC when the clock read zero, by the pairing and the last sample (may be negative).</summary>
+    private Int128 TscAtZero => (Int128)_options.TscAtClockZero + _tscSkew;
 
     /// <summary>Clock time when the guest's TSC reaches <paramref name="tsc"/> (zero for one already passed at clock zero).</summary>
-    private TimeSpan TimeOfTsc(ulong tsc) => tsc <= _options.TscAtClockZero ? TimeSpan.Zero :
-        TimeSpan.FromTicks(CeilToTicks((Int128)(tsc - _options.TscAtClockZero) * TimeSpan.TicksPerSecond, _options.TscFrequencyHz));
+    private TimeSpan TimeOfTsc(ulong tsc) => tsc <= TscAtZero ? TimeSpan.Zero
+        : TimeSpan.FromTicks(CeilToTicks((tsc - TscAtZero) * TimeSpan.TicksPerSecond, _options.TscFrequencyHz));
 
     private static long CeilToTicks(Int128 numerator, long denominator)
     {

@@ -102,6 +102,9 @@ public sealed class Vlapic : ITimedDevice
 
     public bool WriteMsr(uint msr, ulong value) => _model?.WriteMsr(msr, value) ?? false;
 
+    /// <summary>WRMSR with the guest's TSC at the write (<see cref="LocalApic.WriteMsr(uint, ulong, ulong?)"/>).</summary>
+    public bool WriteMsr(uint msr, ulong value, ulong? guestTsc) => _model?.WriteMsr(msr, value, guestTsc) ?? false;
+
     /// <summary>
     /// Whether a message with this destination (no shorthand) is for this APIC (SDM Vol 3A
     /// §10.6.2). The model matches in its mode. With an assist, which alone knows LDR, DFR and the

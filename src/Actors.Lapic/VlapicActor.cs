@@ -121,7 +121,7 @@ internal sealed class VlapicActor : ReceiveActor, IWithTimers
         });
         Receive<MsrWrite>(m =>
         {
-            var ok = _apic.WriteMsr(m.Msr, m.Value);
+            var ok = _apic.WriteMsr(m.Msr, m.Value, m.GuestTsc);
             TellApicBase(); // before the answer: the vcpu takes it in before the guest's next instruction
             Sender.Tell(new MsrWriteResult(m.Id, ok));
             Changed();

@@ -90,8 +90,9 @@ public static class VlapicProtocol
     /// <summary><paramref name="Ok"/> false: inject #GP.</summary>
     public sealed record MsrReadResult(long Id, bool Ok, ulong Value) : IVlapicMessage;
 
-    /// <summary>WRMSR; answered <see cref="MsrWriteResult"/>.</summary>
-    public sealed record MsrWrite(long Id, uint Msr, ulong Value) : IVlapicMessage;
+    /// <summary>WRMSR; answered <see cref="MsrWriteResult"/>. <paramref name="GuestTsc"/>: the guest's TSC read
+    /// after the exit, for IA32_TSC_DEADLINE (the timer re-pairs the guest's TSC with the VM clock by it).</summary>
+    public sealed record MsrWrite(long Id, uint Msr, ulong Value, ulong? GuestTsc = null) : IVlapicMessage;
 
     public sealed record MsrWriteResult(long Id, bool Ok) : IVlapicMessage;
 

@@ -87,10 +87,19 @@ internal sealed class DeviceAccess(IVcpu vcpu, IActorRef self, ExitStats stats, 
     public void ApicMsr(VmExit exit, IActorRef vlapic)
     {
         var id = ++_lastId;
-        vlapic.Tell(exit is VmExit.MsrWrite w ? new VlapicProtocol.MsrWrite(id, w.Index, w.Value)
+        vlapic.Tell(exit is VmExit.MsrWrite w ? new VlapicProtocol.MsrWrite(id, w.Index, w.Value, w.Index == ApicMsrs.TscDeadline ? GuestTsc() : null)
             : new VlapicProtocol.MsrRead(id, ((VmExit.MsrRead)exit).Index), self);
         Reply = new PendingReply(ReplyKind.ApicMsr, id, exit);
     }
+
+    /// <summary>The guest's TSC now (KVM_GET_MSRS of IA32_TSC, between two runs); null when KVM does not say.</summary>
+    private ulong? GuestTsc()
+    {
+        try { return vcpu.GetMsrs(Ia32Tsc) is [{ } tsc] ? tsc.Data : null; }
+        catch (KvmException) { return null; }
+    }
+
+    private const uint Ia32Tsc = 0x10;
 
     /// <summary>INTA: asks the 8259 for the vector of its ExtINT.</summary>
     public void Inta(IActorRef pic)

@@ -47,9 +47,15 @@ public static class HostRunner
             var port = config.GetInt(cluster ? "actorvmm.cluster.port" : "actorvmm.control.port", 0);
             // connection-timeout bounds a new association's handshake: 60 s, not 15, so that a
             // heavily loaded host (an emulated CI machine) still answers its first `ctl`.
+            // The watch failure detector judges `ctl` clients (not cluster members), which the
+            // console and trace hubs watch: a phi-accrual detector also fires when this process
+            // itself was starved, and a client taken for dead is quarantined and hears nothing
+            // more (not even its VM's end). 60 s as ctl's own side; a client that really went
+            // away costs at most that long of output sent to nowhere.
             config = ConfigurationFactory.ParseString($$"""
                 akka.actor.provider = {{(cluster ? "cluster" : "remote")}}
                 akka.remote.dot-netty.tcp { hostname = "{{hostname}}", port = {{port}}, connection-timeout = 60 s }
+                akka.remote.watch-failure-detector.acceptable-heartbeat-pause = 60 s
                 akka.remote.log-remote-lifecycle-events = off
                 {{ClusterCertificate.RemotingConfig}}
                 """).WithFallback(config);

@@ -193,6 +193,33 @@ public sealed class LocalApicTimerTests
     }
 
     [Fact]
+    public void A_deadline_write_with_the_guests_TSC_times_the_deadline_by_that_TSC_not_by_the_drifted_pairing()
+    {
+        // The pairing says TSC = clock ticks (10 MHz); the guest's TSC has fallen 300 ticks behind it.
+        var rig = new Rig();
+        rig.Write(LvtTimer, TscDeadline | 0x32);
+        rig.Clock.Advance(Ticks(1000));
+        Assert.True(rig.Apic.WriteMsr(ApicMsrs.TscDeadline, 900, guestTsc: 700)); // 200 ahead of the guest's TSC
+        Assert.False(rig.InIrr(0x32)); // the drifted pairing alone would have fired it at once
+        Assert.Equal(Ticks(1200), rig.Apic.NextDeadline);
+        Assert.Equal(900UL, rig.ReadMsr(ApicMsrs.TscDeadline));
+
+        rig.Clock.Advance(Ticks(199));
+        rig.Apic.OnDeadline();
+        Assert.False(rig.InIrr(0x32));
+        rig.Clock.Advance(Ticks(1));
+        rig.Apic.OnDeadline();
+        Assert.True(rig.InIrr(0x32));
+        Assert.Equal(0UL, rig.ReadMsr(ApicMsrs.TscDeadline));
+
+        // The other way: the guest's TSC runs ahead; a deadline it has already passed fires at once.
+        rig.Take();
+        rig.Write(Eoi, 0);
+        Assert.True(rig.Apic.WriteMsr(ApicMsrs.TscDeadline, 2000, guestTsc: 2100));
+        Assert.True(rig.InIrr(0x32));
+    }
+
+    [Fact]
     public void A_TSC_deadline_in_the_past_fires_at_once_and_zero_disarms()
     {
         var rig = new Rig();

@@ -21,6 +21,19 @@ public sealed class ClusterGuestTests : IAsyncLifetime
 {
     private readonly string _dir = Directory.CreateTempSubdirectory("actorvmm-cluster-guests-").FullName;
     private readonly List<Process> _nodes = [];
+    private readonly StringBuilder _log = new(); // both nodes' output and the test's steps, for a failure's message
+    private readonly Stopwatch _clock = Stopwatch.StartNew();
+
+    private void Step(string who, string? line)
+    {
+        lock (_log) _log.AppendLine($"{_clock.Elapsed.TotalSeconds,7:0.0} [{who}] {line}");
+    }
+
+    /// <summary>The end of what the nodes printed.</summary>
+    private string NodeLog()
+    {
+        lock (_log) return _log.Length <= 16_000 ? _log.ToString() : _log.ToString(_log.Length - 16_000, 16_000);
+    }
 
     public Task InitializeAsync() => Task.CompletedTask;
 
@@ -68,19 +81,19 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         p.StandardInput.Close();
         _nodes.Add(p);
         var up = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        var err = new StringBuilder();
         p.OutputDataReceived += (_, e) =>
         {
+            Step($"{port}", e.Data);
             if (e.Data?.Contains("is up in a cluster") == true) up.TrySetResult();
         };
         p.ErrorDataReceived += (_, e) =>
         {
-            lock (err) err.AppendLine(e.Data);
+            Step($"{port} err", e.Data);
         };
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
         try { await up.Task.WaitAsync(TimeSpan.FromMinutes(5)); }
-        catch (TimeoutException) { Assert.Fail($"node {port} did not come up: {err}"); }
+        catch (TimeoutException) { Assert.Fail($"node {port} did not come up:\n{NodeLog()}"); }
         return port;
     }
 
@@ -155,8 +168,10 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             await Task.Delay(1000);
         }
 
+        Step("test", "both nodes are up");
         KeyValuePair<string, string>[] Flat(string path) => [new("actorvmm.vm.boot.flat", path)];
         Assert.Equal(node2, await client.RunVmAsync(node1, "echo", [.. Flat(EchoGuest()), new("actorvmm.vm.trace", Path.Combine(_dir, "echo.jsonl"))], node2));
+        Step("test", "echo runs");
         // Its message trace, read through the other node while it polls its UART.
         var echoEntry = await client.FindEntryAsync("echo", [node1]);
         Assert.Equal(node2, echoEntry.Node);
@@ -175,6 +190,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             Assert.True(DateTime.UtcNow < deadline, "the printer did not end");
             await Task.Delay(1000);
         }
+        Step("test", "printer ended");
         Assert.Equal(node1, printer.Node);
         Assert.Contains("exit code 0", printer.Ended);
         using var output = new MemoryStream();
@@ -185,9 +201,10 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         // call with the terminal's streams): what is typed reaches the guest, what it echoes comes
         // back, and the session ends with the VM.
         using var session = new MemoryStream();
+        Step("test", "console session with echo starts");
         var ended = await client.ConsoleAsync(await client.FindEntryAsync("echo", [node1]), follow: true, session,
             new StringReader("hello\nq\n"), new CancellationTokenSource(TimeSpan.FromMinutes(5)).Token);
-        Assert.Equal("ready\nhello\nbye\n", Encoding.ASCII.GetString(session.ToArray()));
-        Assert.Contains("exit code 15", ended);
+        Assert.True("ready\nhello\nbye\n" == Encoding.ASCII.GetString(session.ToArray()) && ended?.Contains("exit code 15") == true,
+            $"the console session showed \"{Encoding.ASCII.GetString(session.ToArray())}\" and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
     }
 }

@@ -256,5 +256,7 @@ internal static class BoxLimits
 {
     public const string NmiIpiFromKvmApic = "an NMI IPI from KVM's local APIC never reaches a guest of kvm_amd nested in QEMU's emulated SVM, and QEMU then aborts (tcg_handle_interrupt assertion), taking the box down (seen; the test passes on kvm_pvm)";
 
+    public const string KvmLapicTimerForLinux = "KVM's own local APIC timer stops firing for a Linux guest nested in the box: with the TSC-deadline timer the kernel stalls after 'x86/mm: Memory block size' (2 vcpus), without it after 'x2apic enabled', both for minutes; with noapictimer and no TSC-deadline timer (the PIT in charge) it stalled after 'smpboot: CPU0' (seen here, 2026-12; QEMU as the VMM in the box stalls the same way with KVM's APIC timer, per the issue that asked for Linux). Under lapic = emulated the same kernel boots in the box";
+
     public const string Cr8WithInterruptWindow = "QEMU's emulated SVM aborts (tcg_handle_interrupt assertion: its CR8 write helper raises the virtual interrupt without holding its lock) when a nested guest writes CR8 while KVM asks for an interrupt window, taking the box down (seen with QEMU 7.2 and 10.0; the test passes on kvm_pvm)";
 }

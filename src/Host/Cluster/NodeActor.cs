@@ -236,12 +236,24 @@ public sealed class NodeActor : ReceiveActor
         if (!slot.Trace.IsNobody()) Context.Stop(slot.Trace);
         slot.Trace = ActorRefs.Nobody;
         var hub = slot.Console;
+        var name = e.Name;
         _ = Task.Run(async () =>
         {
-            built.Console.Flush();
-            await built.Vm.DisposeAsync();
-            built.Console.Dispose();
-            hub.Tell(new ConsoleProtocol.VmEnded(detail));
+            // The hub hears of the end whatever releasing the VM does: a console client waits for it.
+            try
+            {
+                built.Console.Flush();
+                await built.Vm.DisposeAsync();
+            }
+            catch (Exception x)
+            {
+                Log.Error(x, "releasing VM {Name} failed", name);
+            }
+            finally
+            {
+                built.Console.Dispose();
+                hub.Tell(new ConsoleProtocol.VmEnded(detail));
+            }
             if (built.Trace is not null)
             {
                 if (built.Perfetto is not null)
