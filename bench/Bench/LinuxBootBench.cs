@@ -26,24 +26,12 @@ internal static class LinuxBootBench
 
     private sealed record Vmm(string Name, string FileName, string[] Arguments);
 
-    private sealed record Run(double BannerMs, double InitMs);
+    /// <summary>One boot; a run that did not get there within <see cref="Limit"/> has no time (null).</summary>
+    private sealed record Run(double? BannerMs, double? InitMs);
 
     public static async Task<int> RunAsync(int runs, int cpus)
     {
-        if (!BenchGuest.KvmAvailable()) return 2;
-        if (StartupBench.HostExecutable() is not { } host)
-        {
-            Console.Error.WriteLine("linuxboot: the host executable (src/Host/bin/<configuration>/net10.0/actorvmm) is missing: build the solution first");
-            return 2;
-        }
-        var kit = Environment.GetEnvironmentVariable("ACTORVMM_GUEST_KIT") is { Length: > 0 } k ? k : Path.Combine(SourceTree(), "guest", "out");
-        var kernel = Path.Combine(kit, "vmlinuz");
-        var initrd = Path.Combine(kit, "initrd.img");
-        if (!File.Exists(kernel) || !File.Exists(initrd))
-        {
-            Console.Error.WriteLine($"linuxboot: no guest kit in {kit} (vmlinuz, initrd.img): build it with guest/build.sh, or set ACTORVMM_GUEST_KIT");
-            return 2;
-        }
+        if (Prerequisites("linuxboot") is not var (host, kernel, initrd)) return 2;
         var box = Environment.GetEnvironmentVariable("ACTORVMM_KVM_BOX") == "1";
         const string append = "console=ttyS0 panic=-1";
         var qemuAppend = box ? append + " noapictimer" : append;
@@ -69,23 +57,25 @@ internal static class LinuxBootBench
             {
                 var run = await RunOnce(vmm);
                 results[vmm].Add(run);
-                Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  run {i + 1} {vmm.Name}: banner {run.BannerMs / 1000:F1} s, init {run.InitMs / 1000:F1} s"));
+                Console.WriteLine($"  run {i + 1} {vmm.Name}: banner {Seconds(run.BannerMs)} s, init {Seconds(run.InitMs)} s");
             }
 
         Console.WriteLine($"linux boot: guest kit kernel ({Path.GetFileName(kernel)}) + initramfs, {Memory}, {cpus} vcpu(s), KVM{(box ? " (in the KVM box)" : "")}; " +
                           $"process start to the kernel's first line and to the init's marker, {runs} run(s) each, alternating");
         Console.WriteLine($"{"",-22}{"banner s",10}{"init s",10}");
+        // A median over the runs that got there; none did: "-".
+        double? Median(Vmm vmm, Func<Run, double?> what) =>
+            results[vmm].Select(what).OfType<double>().ToList() is { Count: > 0 } times ? StartupBench.Median(times) : null;
         foreach (var vmm in vmms)
-            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{vmm.Name,-22}{StartupBench.Median(results[vmm].Select(r => r.BannerMs)) / 1000,10:F1}{StartupBench.Median(results[vmm].Select(r => r.InitMs)) / 1000,10:F1}"));
-        var qemus = vmms.Where(v => v.Name.StartsWith("qemu", StringComparison.Ordinal)).ToList();
+            Console.WriteLine($"{vmm.Name,-22}{Seconds(Median(vmm, r => r.BannerMs)),10}{Seconds(Median(vmm, r => r.InitMs)),10}");
+        var qemus = vmms.Where(v => v.Name.StartsWith("qemu", StringComparison.Ordinal) && Median(v, r => r.InitMs) is not null).ToList();
         if (qemus.Count > 0)
         {
-            var fastest = qemus.MinBy(v => StartupBench.Median(results[v].Select(r => r.InitMs)))!;
-            var reference = StartupBench.Median(results[fastest].Select(r => r.InitMs));
-            foreach (var ours in vmms.Where(v => !qemus.Contains(v)))
+            var fastest = qemus.MinBy(v => Median(v, r => r.InitMs))!;
+            var reference = Median(fastest, r => r.InitMs)!.Value;
+            foreach (var ours in vmms.Where(v => !v.Name.StartsWith("qemu", StringComparison.Ordinal)))
                 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"{ours.Name} / {fastest.Name} (the faster QEMU), to the init marker: {StartupBench.Median(results[ours].Select(r => r.InitMs)) / reference:F2}   goal: <= 1.1"));
+                    $"{ours.Name} / {fastest.Name} (the faster QEMU), to the init marker: {Median(ours, r => r.InitMs) / reference:F2}   goal: <= 1.1"));
         }
         return 0;
     }
@@ -126,15 +116,39 @@ internal static class LinuxBootBench
             await process.WaitForExitAsync();
         }
         if (banner is null || init is null)
-            throw new InvalidOperationException($"{vmm.Name}: no {(banner is null ? "kernel banner" : "init marker")} within {Limit} " +
-                                                $"(exit code {process.ExitCode}); last lines:\n{string.Join('\n', tail)}\n{await stderr}");
-        return new Run(banner.Value, init.Value);
+            Console.WriteLine($"  {vmm.Name}: no {(banner is null ? "kernel banner" : "init marker")} within {Limit} (exit code {process.ExitCode}); " +
+                              $"its last lines:\n    {string.Join("\n    ", tail.TakeLast(8))}\n    {(await stderr).Trim()}");
+        return new Run(banner, init);
     }
 
-    private static string SourceTree()
+    private static string Seconds(double? ms) => ms is { } v ? (v / 1000).ToString("F1", CultureInfo.InvariantCulture) : "-";
+
+    /// <summary>What a Linux guest bench needs: KVM, the host executable and the guest kit (ACTORVMM_GUEST_KIT,
+    /// else guest/out). Null, with the reason on stderr, when one is missing.</summary>
+    internal static (string Host, string Kernel, string Initrd)? Prerequisites(string bench)
+    {
+        if (!BenchGuest.KvmAvailable()) return null;
+        if (StartupBench.HostExecutable() is not { } host)
+        {
+            Console.Error.WriteLine($"{bench}: the host executable (src/Host/bin/<configuration>/net10.0/actorvmm) is missing: build the solution first");
+            return null;
+        }
+        var kit = Environment.GetEnvironmentVariable("ACTORVMM_GUEST_KIT") is { Length: > 0 } k ? k : Path.Combine(SourceTree(), "guest", "out");
+        var kernel = Path.Combine(kit, "vmlinuz");
+        var initrd = Path.Combine(kit, "initrd.img");
+        if (!File.Exists(kernel) || !File.Exists(initrd))
+        {
+            Console.Error.WriteLine($"{bench}: no guest kit in {kit} (vmlinuz, initrd.img): build it with guest/build.sh, or set ACTORVMM_GUEST_KIT");
+            return null;
+        }
+        return (host, kernel, initrd);
+    }
+
+    /// <summary>The source tree this bench was built in (the folder with ActorVmm.sln), else the current folder.</summary>
+    internal static string SourceTree()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "ActorVmm.sln"))) return dir.FullName;
-        return ".";
+        return Directory.GetCurrentDirectory();
     }
 }

@@ -20,6 +20,7 @@ const string usage = """
            actorvmm-bench startup [runs]     process start to exit of `actorvmm run` and of QEMU for a trivial guest, and where ActorVmm's time goes
            actorvmm-bench hostmem [vms]      host memory per VM: idle 1-vcpu 16 MiB VMs in one host node, beyond guest RAM (needs /dev/kvm)
            actorvmm-bench linuxboot [runs] [cpus]  process start to the kernel's first line and to the init marker: the guest kit's Linux under ActorVmm and QEMU (needs /dev/kvm, guest/build.sh)
+           actorvmm-bench blk [runs]         virtio-blk MB/s and 4 KiB IOPS from inside the guest kit's Linux under ActorVmm and QEMU (needs /dev/kvm, guest/build.sh)
            actorvmm-bench snapshot [runs]    snapshot latency and `run --restore` latency (lazy, eager) of a 128 MiB guest with 16 MiB touched (needs /dev/kvm)
     """;
 if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
@@ -31,7 +32,7 @@ if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 var counts = new int?[args.Length];
 for (var i = 0; i < args.Length; i++)
     counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
-var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" or "linuxboot" ? 1 : 0;
+var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" or "linuxboot" or "blk" ? 1 : 0;
 var last = args.Length > 0 && args[0] is "faults" or "ipipath" ? Math.Min(args.Length, 3)
     : args.Length > 0 && args[0] is "lapic" ? Math.Min(args.Length, 5) : args.Length; // what follows the counts is a mode
 for (var i = first; i < last; i++)
@@ -55,6 +56,8 @@ if (args.Length > 0 && args[0] == "hostmem")
     return await ActorVmm.Bench.HostMemoryBench.RunAsync(Count(1, 100));
 if (args.Length > 0 && args[0] == "linuxboot")
     return await ActorVmm.Bench.LinuxBootBench.RunAsync(Count(1, 1), Count(2, 1));
+if (args.Length > 0 && args[0] == "blk")
+    return await ActorVmm.Bench.BlkBench.RunAsync(Count(1, 1));
 if (args.Length > 0 && args[0] == "snapshot")
     return await ActorVmm.Bench.SnapshotBench.RunAsync(Count(1, 5));
 if (args.Length > 0 && args[0] == "ipipath")

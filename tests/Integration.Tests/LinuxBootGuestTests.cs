@@ -287,6 +287,29 @@ public sealed class LinuxBootGuestTests(ITestOutputHelper output)
         }
     }
     /// <summary>
+    /// A kernel that panics with <c>panic=-1</c> on its command line restarts the machine at once (Linux's
+    /// emergency restart: the FADT's reset register first, then the keyboard controller), and a guest's
+    /// reset ends the VM with the reset code, 8. Here the panic is the kernel's own when the init the
+    /// command line names is not in the initramfs and there is no root file system to fall back on.
+    /// </summary>
+    [LinuxBootTheory]
+    [KvmData("vmlinux")]
+    public async Task A_kernel_panic_with_panic_minus_1_ends_the_vm_with_the_reset_code(string image)
+    {
+        Assert.True(GuestKit.Missing is null, GuestKit.Missing);
+        var kernelPath = image == "vmlinux" ? GuestKit.Vmlinux! : GuestKit.Vmlinuz!;
+        var boot = KernelKind.Recognise(await File.ReadAllBytesAsync(kernelPath), kernelPath,
+            "console=ttyS0 panic=-1 rdinit=/actorvmm-no-such-init", await File.ReadAllBytesAsync(GuestKit.Initrd!), "initrd.img");
+        await using var run = await GuestRun.StartAsync(new VmSpec("linux-panic", 256UL << 20, 1, boot));
+        var outcome = await run.WaitAsync(BootLimit);
+        var serial = run.Serial.Replace("\r", "");
+        var tail = serial[Math.Max(0, serial.Length - 3000)..];
+        Assert.True(serial.Contains("Kernel panic - not syncing"), $"no kernel panic on the console; the VM ended: {outcome}; its last lines: {tail}");
+        Assert.True(outcome is { Kind: VmProtocol.OutcomeKind.Reset, ExitCode: VmProtocol.Outcome.ResetCode },
+            $"the panic did not end the VM with a reset: {outcome}; its last lines: {tail}");
+    }
+
+    /// <summary>
     /// The kit's kernel on 2 vcpus with a virtio-net card on a TAP in a network namespace the test makes
     /// (the host's end 10.0.2.2/24), booted as <see cref="BootChecked"/> checks: Linux's own virtio_net
     /// driver brings eth0 up with the card's MAC, the guest's ping of the host's end is answered, and a
