@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Globalization;
 
 namespace ActorVmm.Bench;
@@ -80,44 +79,20 @@ internal static class BlkBench
     /// <summary>Boots <paramref name="vmm"/> on <paramref name="disk"/> and answers each transfer's MB/s.</summary>
     private static async Task<List<(string Name, double MBps)>> RunOnce(Vmm vmm, string disk)
     {
-        var start = new ProcessStartInfo(vmm.FileName)
-        {
-            RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
-        };
-        foreach (var a in vmm.Arguments(disk)) start.ArgumentList.Add(a);
-        using var process = Process.Start(start)!;
-        var stderr = process.StandardError.ReadToEndAsync();
         var found = new List<(string, double)>();
-        var tail = new Queue<string>();
-        using var cts = new CancellationTokenSource(Limit);
-        try
+        var guest = await LinuxBootBench.GuestConsoleLines(vmm.FileName, vmm.Arguments(disk), Limit, (line, _) =>
         {
-            while (await process.StandardOutput.ReadLineAsync(cts.Token) is { } line)
-            {
-                if (tail.Count == 20) tail.Dequeue();
-                tail.Enqueue(line);
-                var parts = line.Trim().Split(' ');
-                if (parts is ["ACTORVMM-BLK", var name, var bytesText, var secondsText] &&
-                    long.TryParse(bytesText, CultureInfo.InvariantCulture, out var bytes) &&
-                    double.TryParse(secondsText, CultureInfo.InvariantCulture, out var seconds))
-                    found.Add((name, bytes / Math.Max(seconds, 0.01) / 1e6));
-                if (line.StartsWith("ACTORVMM-INIT-DONE", StringComparison.Ordinal)) break;
-            }
-        }
-        catch (OperationCanceledException)
-        {
-        }
-        finally
-        {
-            if (!process.HasExited) process.Kill(entireProcessTree: true);
-            await process.WaitForExitAsync();
-        }
+            var parts = line.Trim().Split(' ');
+            if (parts is ["ACTORVMM-BLK", var name, var bytesText, var secondsText] &&
+                long.TryParse(bytesText, CultureInfo.InvariantCulture, out var bytes) &&
+                double.TryParse(secondsText, CultureInfo.InvariantCulture, out var seconds))
+                found.Add((name, bytes / Math.Max(seconds, 0.01) / 1e6));
+            return line.StartsWith("ACTORVMM-INIT-DONE", StringComparison.Ordinal);
+        });
         if (found.Count == 0)
-            throw new InvalidOperationException($"{vmm.Name}: no transfer reported within {Limit} " +
-                                                $"(exit code {process.ExitCode}); last lines:\n{string.Join('\n', tail)}\n{await stderr}");
+            throw new InvalidOperationException($"{vmm.Name}: no transfer reported within {Limit} ({guest.Ending})");
         if (found.Count < Transfers.Length)
-            Console.WriteLine($"  {vmm.Name}: {found.Count} of {Transfers.Length} transfers reported within {Limit}; the guest's last lines:\n    " +
-                              string.Join("\n    ", tail.TakeLast(8)));
+            Console.WriteLine($"  {vmm.Name}: {found.Count} of {Transfers.Length} transfers reported within {Limit} ({guest.Ending})");
         return found;
     }
 }

@@ -82,29 +82,52 @@ internal static class LinuxBootBench
 
     private static async Task<Run> RunOnce(Vmm vmm)
     {
-        var start = new ProcessStartInfo(vmm.FileName)
+        double? banner = null, init = null;
+        var guest = await GuestConsoleLines(vmm.FileName, vmm.Arguments, Limit, (line, ms) =>
+        {
+            if (banner is null && line.Contains(Banner, StringComparison.Ordinal)) banner = ms;
+            if (!line.StartsWith(InitMarker, StringComparison.Ordinal)) return false;
+            init = ms;
+            return true;
+        });
+        if (banner is null || init is null)
+            Console.WriteLine($"  {vmm.Name}: no {(banner is null ? "kernel banner" : "init marker")} within {Limit} ({guest.Ending})");
+        return new Run(banner, init);
+    }
+
+    /// <summary>How a VMM process's run went: its exit code, its last console lines and its stderr, for a message.</summary>
+    internal sealed record GuestConsole(int ExitCode, IReadOnlyList<string> Tail, string Stderr)
+    {
+        public string Ending => $"exit code {ExitCode}; its last lines:\n    {string.Join("\n    ", Tail.TakeLast(8))}\n    {Stderr.Trim()}";
+    }
+
+    /// <summary>
+    /// Starts <paramref name="file"/> with <paramref name="arguments"/> and hands each line of its stdout (the
+    /// guest's console) with the milliseconds since just before the start to <paramref name="line"/> until it
+    /// answers true, the process ends or <paramref name="limit"/> passes; then the process is killed.
+    /// </summary>
+    internal static async Task<GuestConsole> GuestConsoleLines(string file, IEnumerable<string> arguments, TimeSpan limit, Func<string, double, bool> line)
+    {
+        var start = new ProcessStartInfo(file)
         {
             RedirectStandardInput = true,
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (var a in vmm.Arguments) start.ArgumentList.Add(a);
+        foreach (var a in arguments) start.ArgumentList.Add(a);
         var origin = Stopwatch.GetTimestamp();
         using var process = Process.Start(start)!;
         var stderr = process.StandardError.ReadToEndAsync();
-        double? banner = null, init = null;
         var tail = new Queue<string>();
-        using var cts = new CancellationTokenSource(Limit);
+        using var cts = new CancellationTokenSource(limit);
         try
         {
-            while (await process.StandardOutput.ReadLineAsync(cts.Token) is { } line)
+            while (await process.StandardOutput.ReadLineAsync(cts.Token) is { } text)
             {
-                var ms = Stopwatch.GetElapsedTime(origin).TotalMilliseconds;
                 if (tail.Count == 20) tail.Dequeue();
-                tail.Enqueue(line);
-                if (banner is null && line.Contains(Banner, StringComparison.Ordinal)) banner = ms;
-                if (line.StartsWith(InitMarker, StringComparison.Ordinal)) { init = ms; break; }
+                tail.Enqueue(text);
+                if (line(text, Stopwatch.GetElapsedTime(origin).TotalMilliseconds)) break;
             }
         }
         catch (OperationCanceledException)
@@ -115,10 +138,7 @@ internal static class LinuxBootBench
             if (!process.HasExited) process.Kill(entireProcessTree: true);
             await process.WaitForExitAsync();
         }
-        if (banner is null || init is null)
-            Console.WriteLine($"  {vmm.Name}: no {(banner is null ? "kernel banner" : "init marker")} within {Limit} (exit code {process.ExitCode}); " +
-                              $"its last lines:\n    {string.Join("\n    ", tail.TakeLast(8))}\n    {(await stderr).Trim()}");
-        return new Run(banner, init);
+        return new GuestConsole(process.ExitCode, [.. tail], await stderr);
     }
 
     private static string Seconds(double? ms) => ms is { } v ? (v / 1000).ToString("F1", CultureInfo.InvariantCulture) : "-";

@@ -11,7 +11,7 @@ namespace ActorVmm.Lapic;
 ///
 /// The registers live in a 4 KiB Apic Page at their xAPIC offsets (<see cref="ApicOffsets"/>);
 /// the guest reaches them through <see cref="ReadMmio"/>/<see cref="WriteMmio"/> (xAPIC) or
-/// <see cref="ReadMsr"/>/<see cref="WriteMsr"/> (x2APIC, IA32_APIC_BASE, IA32_TSC_DEADLINE).
+/// <see cref="ReadMsr"/>/<see cref="WriteMsr(uint, ulong, ulong?)"/> (x2APIC, IA32_APIC_BASE, IA32_TSC_DEADLINE).
 /// Interrupts come in through <see cref="Accept"/>/<see cref="Deliver"/> and the LINT pins, and
 /// leave as <see cref="PendingInterrupt"/> → <see cref="InterruptAccepted"/> (the seed's
 /// vlapic_pending_intr / vlapic_intr_accepted). IPIs, level EOIs and non-IRR events (NMI, INIT, ...)

@@ -118,7 +118,7 @@ public sealed class LinuxBootTapFactAttribute : FactAttribute
     public LinuxBootTapFactAttribute()
     {
         if (new LinuxBootTheoryAttribute().Skip is { } linux) Skip = linux;
-        else if (TapNamespace.Unavailability() is { } tap) Skip = tap;
+        else if (IpTool.Unavailability() is { } tap) Skip = tap;
     }
 }
 
@@ -322,7 +322,7 @@ public sealed class LinuxBootGuestTests(ITestOutputHelper output)
         Assert.True(GuestKit.Missing is null, GuestKit.Missing);
         var release = KernelVersion(await File.ReadAllBytesAsync(GuestKit.Vmlinuz!)).Split(' ')[0];
         using var ns = TapNamespace.Create();
-        TapNamespace.Run("-n", ns.Name, "addr", "add", "10.0.2.2/24", "dev", ns.Tap);
+        IpTool.Run("-n", ns.Name, "addr", "add", "10.0.2.2/24", "dev", ns.Tap);
         using var listener = ns.InNamespace(() =>
         {
             var l = new TcpListener(IPAddress.Parse("10.0.2.2"), 0);

@@ -25,7 +25,7 @@ public sealed class KvmTapTheoryAttribute : TheoryAttribute
     public KvmTapTheoryAttribute()
     {
         if (KvmRequirement.SkipReason is { } kvm) Skip = kvm;
-        else if (TapNamespace.Unavailability() is { } tap) Skip = tap;
+        else if (IpTool.Unavailability() is { } tap) Skip = tap;
     }
 }
 
@@ -48,36 +48,23 @@ internal sealed partial class TapNamespace : IDisposable
         Tap = tap;
     }
 
-    [LibraryImport("libc", EntryPoint = "geteuid")]
-    private static partial uint Geteuid();
-
     [LibraryImport("libc", EntryPoint = "setns", SetLastError = true)]
     private static partial int Setns(int fd, int nstype);
-
-    private static readonly string? Ip = (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':')
-        .Append("/usr/sbin").Append("/sbin")
-        .Select(d => Path.Combine(d.Length == 0 ? "." : d, "ip")).FirstOrDefault(File.Exists);
-
-    public static string? Unavailability() =>
-        Geteuid() != 0 ? "needs root (CAP_NET_ADMIN) to make a network namespace and a TAP interface"
-        : !File.Exists(TapDevice.CloneDevice) ? $"{TapDevice.CloneDevice} does not exist (no tun module, or not in this container)"
-        : Ip is null ? "iproute2's ip is not on the PATH (Debian package iproute2)"
-        : null;
 
     public static TapNamespace Create()
     {
         var tag = $"{Environment.ProcessId % 100000:x}{Random.Shared.Next(0x10000):x4}";
         var ns = new TapNamespace($"avm-net-{tag}", $"avt{tag}");
-        Run("netns", "add", ns.Name);
+        IpTool.Run("netns", "add", ns.Name);
         try
         {
-            Run("-n", ns.Name, "tuntap", "add", "dev", ns.Tap, "mode", "tap");
+            IpTool.Run("-n", ns.Name, "tuntap", "add", "dev", ns.Tap, "mode", "tap");
             // No IPv6 link-local address: the kernel then sends nothing of its own on the interface (no
             // DAD, router solicitation or MLD report), so the only frame the guest receives is the test's
             // and the guest never notifies its receive queue after posting its buffers: the frame can
             // reach it only through the VMM's watcher of the TAP.
-            Run("-n", ns.Name, "link", "set", ns.Tap, "addrgenmode", "none");
-            Run("-n", ns.Name, "link", "set", ns.Tap, "up");
+            IpTool.Run("-n", ns.Name, "link", "set", ns.Tap, "addrgenmode", "none");
+            IpTool.Run("-n", ns.Name, "link", "set", ns.Tap, "up");
         }
         catch
         {
@@ -85,19 +72,6 @@ internal sealed partial class TapNamespace : IDisposable
             throw;
         }
         return ns;
-    }
-
-    /// <summary>Runs <c>ip</c> with <paramref name="args"/>; throws with its stderr if it fails.</summary>
-    public static string Run(params string[] args)
-    {
-        var psi = new ProcessStartInfo(Ip!) { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEnd();
-        var stderr = p.StandardError.ReadToEnd();
-        p.WaitForExit();
-        if (p.ExitCode != 0) throw new InvalidOperationException($"ip {string.Join(' ', args)} failed ({p.ExitCode}): {stderr}");
-        return stdout;
     }
 
     /// <summary>Runs <paramref name="work"/> on a thread that entered the namespace (setns(2) changes
@@ -127,9 +101,9 @@ internal sealed partial class TapNamespace : IDisposable
 
     public void Dispose()
     {
-        try { Run("-n", Name, "link", "del", Tap); }
+        try { IpTool.Run("-n", Name, "link", "del", Tap); }
         catch (InvalidOperationException) { } // gone with its namespace anyway
-        Run("netns", "del", Name);
+        IpTool.Run("netns", "del", Name);
     }
 }
 

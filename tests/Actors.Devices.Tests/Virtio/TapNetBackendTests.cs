@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using ActorVmm.Devices.Virtio;
 using ActorVmm.LibVmm;
+using ActorVmm.Testing;
 using static ActorVmm.Devices.Virtio.VirtqFlags;
 
 namespace ActorVmm.Devices.Tests.Virtio;
@@ -11,29 +12,17 @@ namespace ActorVmm.Devices.Tests.Virtio;
 /// A fact that needs to create TAP interfaces and network namespaces: root (CAP_NET_ADMIN),
 /// /dev/net/tun and iproute2's <c>ip</c>. Skipped with the missing piece named otherwise; CI runs as root.
 /// </summary>
-public sealed partial class TapFactAttribute : FactAttribute
+public sealed class TapFactAttribute : FactAttribute
 {
     public TapFactAttribute()
     {
-        if (Unavailability() is { } reason) Skip = reason;
+        if (IpTool.Unavailability() is { } reason) Skip = reason;
     }
-
-    [LibraryImport("libc", EntryPoint = "geteuid")]
-    private static partial uint Geteuid();
-
-    public static string? Unavailability() =>
-        Geteuid() != 0 ? "needs root (CAP_NET_ADMIN) to create a TAP interface and a network namespace"
-        : !File.Exists(TapDevice.CloneDevice) ? $"{TapDevice.CloneDevice} does not exist (no tun module or not in this container)"
-        : NetNamespace.Ip is null ? "iproute2's ip is not on the PATH (Debian package iproute2)"
-        : null;
 }
 
 /// <summary>A network namespace made for one test (<c>ip netns add</c>), deleted on dispose.</summary>
 internal sealed class NetNamespace : IDisposable
 {
-    public static readonly string? Ip = (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':')
-        .Select(d => Path.Combine(d.Length == 0 ? "." : d, "ip")).FirstOrDefault(File.Exists);
-
     public string Name { get; }
 
     private NetNamespace(string name) => Name = name;
@@ -41,33 +30,20 @@ internal sealed class NetNamespace : IDisposable
     public static NetNamespace Create()
     {
         var ns = new NetNamespace($"avm-vnet-{Environment.ProcessId}-{Random.Shared.Next():x}");
-        Run("netns", "add", ns.Name);
+        IpTool.Run("netns", "add", ns.Name);
         return ns;
-    }
-
-    /// <summary>Runs <c>ip</c> with <paramref name="args"/>; throws with its stderr if it fails.</summary>
-    public static string Run(params string[] args)
-    {
-        var psi = new ProcessStartInfo(Ip!) { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEnd();
-        var stderr = p.StandardError.ReadToEnd();
-        p.WaitForExit();
-        if (p.ExitCode != 0) throw new InvalidOperationException($"ip {string.Join(' ', args)} failed ({p.ExitCode}): {stderr}");
-        return stdout;
     }
 
     /// <summary>Moves interface <paramref name="name"/> into the namespace, gives it
     /// <paramref name="cidr"/> and brings it up.</summary>
     public void Adopt(string name, string cidr)
     {
-        Run("link", "set", name, "netns", Name);
-        Run("-n", Name, "addr", "add", cidr, "dev", name);
-        Run("-n", Name, "link", "set", name, "up");
+        IpTool.Run("link", "set", name, "netns", Name);
+        IpTool.Run("-n", Name, "addr", "add", cidr, "dev", name);
+        IpTool.Run("-n", Name, "link", "set", name, "up");
     }
 
-    public void Dispose() => Run("netns", "del", Name);
+    public void Dispose() => IpTool.Run("netns", "del", Name);
 }
 
 /// <summary>
@@ -205,7 +181,7 @@ public sealed class TapNetBackendTests
         var frame = reply[VirtioNetHeader.Size..];
         var hostMac = MacAddress.FromBytes(frame.AsSpan(22, 6));
         Assert.Equal(hostMac, MacAddress.FromBytes(frame.AsSpan(6, 6)));
-        Assert.Contains(hostMac.ToString(), NetNamespace.Run("-n", ns.Name, "link", "show", backend.Tap.Name));
+        Assert.Contains(hostMac.ToString(), IpTool.Run("-n", ns.Name, "link", "show", backend.Tap.Name));
 
         var data = "ActorVmm virtio-net over a TAP"u8.ToArray();
         Assert.True(backend.Send(WithHeader(Ethernet(hostMac, GuestMac, EtherIpv4, EchoRequest(0x4156, 1, data)))));
