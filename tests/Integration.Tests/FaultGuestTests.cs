@@ -275,7 +275,10 @@ public sealed class FaultGuestTests
         var from = run.Trace.Nanoseconds(started.Timestamp);
         var to = from + (long)started.Duration.TotalNanoseconds;
         var sent = run.Trace.Snapshot().Where(e => e is { Sender: "vcpu-0", Receiver: "uart0" }).Select(e => e.Nanoseconds).ToList();
-        Assert.Contains(sent, t => t < from);
+        Assert.True(sent.Any(t => t < from),
+            $"no vcpu-0 → uart0 message before the stall began at {from} ns (it ended at {to} ns); {sent.Count} such messages, " +
+            $"the first at [{string.Join(", ", sent.Take(5))}] ns; the trace's first events: " +
+            string.Join("; ", run.Trace.Snapshot().Take(5).Select(e => $"{e.Nanoseconds} {e.Sender}→{e.Receiver} {e.Type}")));
         Assert.DoesNotContain(sent, t => t > from && t < to);
         Assert.Contains(sent, t => t >= to);
     }
