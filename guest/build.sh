@@ -90,6 +90,14 @@ root=initramfs
 mkdir -p $root/bin $root/sbin $root/proc $root/sys $root/dev $root/tmp $root/lib/modules $root/etc
 cp pkg/bin/busybox $root/bin/busybox
 ln -s busybox $root/bin/sh
+# The random-read benchmark (randread.c beside this script), where the host has a C compiler and a
+# static libc (Debian: gcc, libc6-dev); without them the kit has no random-read figure.
+if command -v cc >/dev/null && cc -static -O2 -o $root/bin/actorvmm-randread "$here/randread.c" 2>/dev/null; then
+  randread=", actorvmm-randread"
+else
+  echo "guest: no C compiler with a static libc (gcc, libc6-dev): the kit has no actorvmm-randread" >&2
+  randread=""
+fi
 
 # Virtio modules in dependency order (modinfo's depends field; the package has no modules.dep).
 wanted="virtio_pci virtio_blk virtio_net virtio_console virtio-rng"
@@ -141,9 +149,12 @@ if [ -n "$net" ] && [ -e /sys/class/net/eth0 ]; then
 fi
 [ -e /dev/hwrng ] && echo "ACTORVMM-RNG $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)"
 # The disk benchmark, with actorvmm.init=blkbench: O_DIRECT transfers of the whole first 64 MiB of
-# /dev/vda, each printed as ACTORVMM-BLK NAME BYTES SECONDS (the seconds from /proc/uptime).
+# /dev/vda, each printed as ACTORVMM-BLK NAME BYTES SECONDS (the seconds from /proc/uptime), then
+# 4096 reads of 4 KiB at random offsets in it (actorvmm-randread, timed by CLOCK_MONOTONIC). Each
+# starts with a line ACTORVMM-BLK-START NAME, so that a host can time it by its own clock too.
 blk() {
   name=$1 bytes=$2; shift 2
+  echo "ACTORVMM-BLK-START $name"
   t0=$(cut -d' ' -f1 /proc/uptime)
   dd "$@" 2>/dev/null || { echo "ACTORVMM-BLK $name failed"; return; }
   t1=$(cut -d' ' -f1 /proc/uptime)
@@ -155,6 +166,10 @@ case " $(cat /proc/cmdline) " in
       blk write-1m 67108864 if=/dev/zero of=/dev/vda bs=1M count=64 oflag=direct conv=fsync
       blk read-1m 67108864 if=/dev/vda of=/dev/null bs=1M count=64 iflag=direct
       blk read-4k 16777216 if=/dev/vda of=/dev/null bs=4k count=4096 iflag=direct
+      if [ -x /bin/actorvmm-randread ]; then
+        echo "ACTORVMM-BLK-START read-4k-random"
+        actorvmm-randread /dev/vda 67108864 4096 || echo "ACTORVMM-BLK read-4k-random failed"
+      fi
     fi ;;
 esac
 case " $(cat /proc/cmdline) " in
@@ -168,4 +183,4 @@ INIT
 chmod 755 $root/init
 
 (cd $root && find . | LC_ALL=C sort | "$CPIO" -o -H newc --quiet -R 0:0) | gzip -9 > "$out/initrd.img"
-echo "guest: $out/vmlinuz ($release), $out/vmlinux, $out/initrd.img (modules: ${order[*]})"
+echo "guest: $out/vmlinuz ($release), $out/vmlinux, $out/initrd.img (modules: ${order[*]}$randread)"

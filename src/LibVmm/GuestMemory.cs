@@ -23,6 +23,17 @@ public interface IGuestMemory
 
     /// <summary>The backed ranges in address order (for memory maps handed to a guest).</summary>
     IReadOnlyList<GuestRange> Ranges { get; }
+
+    /// <summary>
+    /// The host's view of [<paramref name="address"/>, +<paramref name="length"/>) as one block of
+    /// memory, so that a device can transfer between a file or socket and guest memory without a bounce
+    /// copy (a vectored pread/pwrite straight into it); empty if the range is not inside one backed
+    /// segment (or the memory has no host view), in which case the caller copies with
+    /// <see cref="TryRead"/> / <see cref="TryWrite"/>. Like TryWrite it does not tell RAM from firmware:
+    /// a device checks that a buffer it writes is RAM before it asks. The memory is valid while the
+    /// guest memory is (the VM's lifetime); the guest may change the bytes under it.
+    /// </summary>
+    Memory<byte> HostMemory(GuestPhysAddr address, int length) => default;
 }
 
 /// <summary>A backed range of guest-physical space; read-only ranges are firmware, not RAM.</summary>
@@ -169,6 +180,31 @@ public sealed unsafe class MemfdRegion : IDisposable
         return new Span<byte>((byte*)HostView + offset, length);
     }
 
+    /// <summary>The host view as a <see cref="Memory{T}"/> (for vectored I/O straight into guest memory),
+    /// valid until <see cref="Dispose"/>.</summary>
+    public Memory<byte> HostMemory(ulong offset, int length)
+    {
+        if (length < 0 || offset + (ulong)length > Size) throw new ArgumentOutOfRangeException(nameof(offset));
+        return new MappedMemory((byte*)HostView + offset, length).Memory;
+    }
+
+    /// <summary>A piece of a mapping as a <see cref="MemoryManager{T}"/>: the mapping is never moved, so
+    /// pinning is a no-op, and it is unmapped by its <see cref="MemfdRegion"/>, not here.</summary>
+    private sealed class MappedMemory(byte* start, int length) : System.Buffers.MemoryManager<byte>
+    {
+        public override Span<byte> GetSpan() => new(start, length);
+
+        public override System.Buffers.MemoryHandle Pin(int elementIndex = 0)
+        {
+            if ((uint)elementIndex > (uint)length) throw new ArgumentOutOfRangeException(nameof(elementIndex));
+            return new System.Buffers.MemoryHandle(start + elementIndex);
+        }
+
+        public override void Unpin() { }
+
+        protected override void Dispose(bool disposing) { }
+    }
+
     public void Dispose()
     {
         if (GuestView != 0) Native.Munmap(GuestView, (nuint)Size);
@@ -238,6 +274,13 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
             a = s.End.Value;
         }
         return true;
+    }
+
+    public Memory<byte> HostMemory(GuestPhysAddr address, int length)
+    {
+        if (length <= 0 || Find(address) is not { } s) return default;
+        var offset = address.Value - s.Base.Value;
+        return (ulong)length <= s.Size - offset ? s.Backing.HostMemory(s.BackingOffset + offset, length) : default;
     }
 
     public bool TryRead(GuestPhysAddr address, Span<byte> destination)

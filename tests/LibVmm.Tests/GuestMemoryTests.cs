@@ -48,6 +48,28 @@ public sealed class GuestMemoryTests : IDisposable
     }
 
     [Fact]
+    public void Host_memory_is_the_guest_view_of_a_range_inside_one_segment_and_empty_otherwise()
+    {
+        var region = new MemfdRegion("ram", 2 * K64);
+        _map.Add("ram", Gpa(0), K64, region);
+        _map.Add("high", Gpa(K64), K64, region, backingOffset: K64, owns: false);
+
+        var span = _map.HostMemory(Gpa(0x5000), 3).Span;
+        Assert.Equal(3, span.Length);
+        span[2] = 0x6B;
+        Assert.Equal(0x6B, Marshal.ReadByte(region.GuestView, 0x5002));
+        Marshal.WriteByte(region.GuestView, 0x5000, 0x3C); // as the guest would
+        Assert.Equal(0x3C, span[0]);
+
+        Assert.Equal((int)K64, _map.HostMemory(Gpa(0), (int)K64).Length); // a whole segment
+        Assert.Equal(0x6B, _map.HostMemory(Gpa(0x5002), 1).Span[0]);
+        Assert.True(_map.HostMemory(Gpa(K64 - 1), 2).IsEmpty); // across two segments, even of one backing
+        Assert.True(_map.HostMemory(Gpa(2 * K64 - 1), 2).IsEmpty); // past the last byte
+        Assert.True(_map.HostMemory(Gpa(3 * K64), 1).IsEmpty); // unmapped
+        Assert.True(_map.HostMemory(Gpa(0), 0).IsEmpty);
+    }
+
+    [Fact]
     public void A_segment_maps_its_backing_from_its_backing_offset()
     {
         var region = new MemfdRegion("bios", 4 * 4096);

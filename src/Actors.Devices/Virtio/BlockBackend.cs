@@ -26,6 +26,14 @@ public interface IBlockBackend : IDisposable
     /// <summary>Writes all of <paramref name="source"/> at <paramref name="offset"/>.</summary>
     void Write(long offset, ReadOnlySpan<byte> source);
 
+    /// <summary>Reads the bytes at <paramref name="offset"/> into <paramref name="destinations"/> in order,
+    /// as one request (preadv); returns how many were read (fewer only at the end of the underlying file).</summary>
+    long Read(long offset, IReadOnlyList<Memory<byte>> destinations);
+
+    /// <summary>Writes the bytes of <paramref name="sources"/> in order at <paramref name="offset"/>, as one
+    /// request (pwritev).</summary>
+    void Write(long offset, IReadOnlyList<ReadOnlyMemory<byte>> sources);
+
     /// <summary>Commits every completed write to stable storage (fdatasync/fsync).</summary>
     void Flush();
 
@@ -38,7 +46,7 @@ public interface IBlockBackend : IDisposable
 }
 
 /// <summary>
-/// A host file as a block store, through pread/pwrite (<see cref="RandomAccess"/> on a
+/// A host file as a block store, through pread/pwrite and preadv/pwritev (<see cref="RandomAccess"/> on a
 /// <see cref="SafeFileHandle"/>), fsync for <see cref="Flush"/>, fallocate(2) PUNCH_HOLE for discards
 /// and ZERO_RANGE for zeroing (falling back to writing zeroes where the file system has neither).
 /// The length is the file's at open; the device exposes whole 512-byte sectors of it.
@@ -90,6 +98,43 @@ public sealed partial class FileBlockBackend : IBlockBackend
     {
         ThrowIfReadOnly();
         RandomAccess.Write(_file, source, offset);
+    }
+
+    public long Read(long offset, IReadOnlyList<Memory<byte>> destinations)
+    {
+        var done = 0L;
+        var rest = destinations;
+        while (rest.Count > 0)
+        {
+            var n = RandomAccess.Read(_file, rest, offset + done);
+            if (n == 0) break;
+            done += n;
+            rest = After(rest, n);
+        }
+        return done;
+    }
+
+    public void Write(long offset, IReadOnlyList<ReadOnlyMemory<byte>> sources)
+    {
+        ThrowIfReadOnly();
+        RandomAccess.Write(_file, sources, offset); // writes everything (it repeats a short pwritev)
+    }
+
+    /// <summary>The buffers after their first <paramref name="skip"/> bytes (a short preadv's rest).</summary>
+    private static List<Memory<byte>> After(IReadOnlyList<Memory<byte>> buffers, long skip)
+    {
+        var rest = new List<Memory<byte>>(buffers.Count);
+        foreach (var b in buffers)
+        {
+            if (skip >= b.Length)
+            {
+                skip -= b.Length;
+                continue;
+            }
+            rest.Add(b[(int)skip..]);
+            skip = 0;
+        }
+        return rest;
     }
 
     public void Flush() => RandomAccess.FlushToDisk(_file);

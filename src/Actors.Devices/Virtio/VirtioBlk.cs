@@ -112,8 +112,13 @@ public sealed class VirtioBlk : IVirtioDevice
     /// <summary>Bytes of the configuration layout exposed (§5.2.4): up to and including
     /// <c>write_zeroes_may_unmap</c> and its padding.</summary>
     public const int ConfigSize = 60;
-    /// <summary>Store reads and writes go through a bounce buffer of this size.</summary>
+    /// <summary>Store reads and writes go straight between the store and guest memory through its host
+    /// view (<see cref="IGuestMemory.HostMemory"/>), one call for up to <see cref="MaxVector"/> pieces
+    /// of at most this size (vectored for more than one); a request with a buffer that has no host view goes through a
+    /// bounce buffer of this size, one call per piece.</summary>
     public const int ChunkBytes = 256 * 1024;
+    /// <summary>Pieces in one vectored read or write (below Linux's IOV_MAX, 1024).</summary>
+    public const int MaxVector = 256;
 
     // Offsets in struct virtio_blk_config (§5.2.4).
     private const int CfgCapacity = 0;
@@ -290,13 +295,29 @@ public sealed class VirtioBlk : IVirtioDevice
     {
         if (!ValidTransfer(sector, data)) return VirtioBlkRequest.StatusIoErr;
         var offset = (long)(sector * VirtioBlkRequest.SectorSize);
-        var cursor = new Cursor(data);
-        while (!cursor.Done)
+        if (HostViews(data) is { } direct)
         {
-            var chunk = _bounce.AsSpan(0, (int)Math.Min((ulong)_bounce.Length, cursor.Remaining));
+            // Straight into guest memory: one pread for one piece, else one preadv per batch.
+            if (direct.Count == 1)
+            {
+                var target = direct[0].Span;
+                target[_backend.Read(offset, target)..].Clear(); // past the end of a file shorter than the capacity: zeroes, as a hole
+                return VirtioBlkRequest.StatusOk;
+            }
+            for (var i = 0; i < direct.Count; i += MaxVector)
+            {
+                var batch = direct.GetRange(i, Math.Min(MaxVector, direct.Count - i));
+                ClearAfter(batch, _backend.Read(offset, batch));
+                offset += Length(batch);
+            }
+            return VirtioBlkRequest.StatusOk;
+        }
+        foreach (var piece in Pieces(data))
+        {
+            var chunk = _bounce.AsSpan(0, (int)piece.Length);
             var n = _backend.Read(offset, chunk);
-            chunk[n..].Clear(); // past the end of a file shorter than the capacity: zeroes, as a hole
-            if (!cursor.CopyTo(_memory, chunk)) return VirtioBlkRequest.StatusIoErr;
+            chunk[n..].Clear();
+            if (!_memory.TryWrite(piece.Address, chunk)) return VirtioBlkRequest.StatusIoErr;
             offset += chunk.Length;
         }
         return VirtioBlkRequest.StatusOk;
@@ -306,15 +327,76 @@ public sealed class VirtioBlk : IVirtioDevice
     {
         if (!ValidTransfer(sector, data) || _backend.ReadOnly) return VirtioBlkRequest.StatusIoErr;
         var offset = (long)(sector * VirtioBlkRequest.SectorSize);
-        var cursor = new Cursor(data);
-        while (!cursor.Done)
+        if (HostViews(data) is { } direct)
         {
-            var chunk = _bounce.AsSpan(0, (int)Math.Min((ulong)_bounce.Length, cursor.Remaining));
-            if (!cursor.CopyFrom(_memory, chunk)) return VirtioBlkRequest.StatusIoErr;
+            // Straight from guest memory: one pwrite for one piece, else one pwritev per batch.
+            if (direct.Count == 1) _backend.Write(offset, direct[0].Span);
+            else
+                for (var i = 0; i < direct.Count; i += MaxVector)
+                {
+                    var batch = new ReadOnlyMemory<byte>[Math.Min(MaxVector, direct.Count - i)];
+                    for (var j = 0; j < batch.Length; j++) batch[j] = direct[i + j];
+                    _backend.Write(offset, batch);
+                    offset += batch.Sum(m => (long)m.Length);
+                }
+            return WriteThrough();
+        }
+        foreach (var piece in Pieces(data))
+        {
+            var chunk = _bounce.AsSpan(0, (int)piece.Length);
+            if (!_memory.TryRead(piece.Address, chunk)) return VirtioBlkRequest.StatusIoErr;
             _backend.Write(offset, chunk);
             offset += chunk.Length;
         }
         return WriteThrough();
+    }
+
+    /// <summary>The host's view of every piece of the buffers, in order; null if one has none (then
+    /// the request goes through the bounce buffer).</summary>
+    private List<Memory<byte>>? HostViews(List<GuestBuffer> data)
+    {
+        var views = new List<Memory<byte>>(data.Count);
+        foreach (var piece in Pieces(data))
+        {
+            var m = _memory.HostMemory(piece.Address, (int)piece.Length);
+            if (m.IsEmpty) return null;
+            views.Add(m);
+        }
+        return views;
+    }
+
+    private static long Length(List<Memory<byte>> buffers)
+    {
+        var n = 0L;
+        foreach (var b in buffers) n += b.Length;
+        return n;
+    }
+
+    /// <summary>Zeroes the bytes of <paramref name="buffers"/> after the first <paramref name="keep"/>.</summary>
+    private static void ClearAfter(IEnumerable<Memory<byte>> buffers, long keep)
+    {
+        foreach (var b in buffers)
+        {
+            if (keep >= b.Length)
+            {
+                keep -= b.Length;
+                continue;
+            }
+            b.Span[(int)keep..].Clear();
+            keep = 0;
+        }
+    }
+
+    /// <summary>The buffers cut into pieces of at most <see cref="ChunkBytes"/>, in order.</summary>
+    private static IEnumerable<GuestBuffer> Pieces(List<GuestBuffer> buffers)
+    {
+        foreach (var b in buffers)
+            for (var done = 0u; done < b.Length;)
+            {
+                var n = Math.Min(b.Length - done, (uint)ChunkBytes);
+                yield return new GuestBuffer(b.Address + done, n);
+                done += n;
+            }
     }
 
     private byte Flush()

@@ -16,6 +16,15 @@ internal static unsafe partial class RawFile
     [LibraryImport("libc", EntryPoint = "close")]
     private static partial int Close(int fd);
 
+    [LibraryImport("libc", EntryPoint = "truncate", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+    private static partial int NativeTruncate(string path, long length);
+
+    /// <summary>Cuts the file to <paramref name="length"/> bytes behind its holder's back (truncate(2)).</summary>
+    public static void Truncate(string path, long length)
+    {
+        if (NativeTruncate(path, length) != 0) throw new IOException($"truncate {path}: errno {Marshal.GetLastPInvokeError()}");
+    }
+
     public static byte[] Read(string path, long offset, int length)
     {
         var fd = Open(path, 0);
@@ -69,6 +78,18 @@ internal sealed class RecordingBackend(IBlockBackend inner, Func<ushort> usedIdx
     {
         Record("write", offset, source.Length);
         inner.Write(offset, source);
+    }
+
+    public long Read(long offset, IReadOnlyList<Memory<byte>> destinations)
+    {
+        Record("read", offset, destinations.Sum(d => (long)d.Length));
+        return inner.Read(offset, destinations);
+    }
+
+    public void Write(long offset, IReadOnlyList<ReadOnlyMemory<byte>> sources)
+    {
+        Record("write", offset, sources.Sum(d => (long)d.Length));
+        inner.Write(offset, sources);
     }
 
     public void Flush()

@@ -6,7 +6,9 @@ namespace ActorVmm.Devices.Tests.Virtio;
 /// <summary>
 /// Guest memory for virtio model tests: RAM at 0 (1 MiB), a read-only firmware page right after it,
 /// nothing above. It counts every access that fails (outside all segments) and every write that lands
-/// in the firmware page, so a test can check that a device never tried either.
+/// in the firmware page, so a test can check that a device never tried either. With
+/// <see cref="HostView"/> it also hands out spans of itself (<see cref="IGuestMemory.HostMemory"/>), as a
+/// VM's memory does, and counts them.
 /// </summary>
 internal sealed class TestGuestMemory : IGuestMemory
 {
@@ -18,6 +20,8 @@ internal sealed class TestGuestMemory : IGuestMemory
     private readonly byte[] _rom = new byte[RomSize];
 
     public int AccessesOutside { get; private set; }
+    public bool HostView { get; init; }
+    public int HostViewsGiven { get; private set; }
     public int RomWrites { get; private set; }
 
     public IReadOnlyList<GuestRange> Ranges { get; } =
@@ -55,6 +59,18 @@ internal sealed class TestGuestMemory : IGuestMemory
             else _rom[a - RomBase] = source[i];
         }
         return true;
+    }
+
+    public Memory<byte> HostMemory(GuestPhysAddr address, int length)
+    {
+        var a = address.Value;
+        if (!HostView || length <= 0 || a + (ulong)length < a) return default;
+        Memory<byte> memory;
+        if (a + (ulong)length <= RamSize) memory = _ram.AsMemory((int)a, length);
+        else if (a >= RomBase && a + (ulong)length <= RomBase + RomSize) memory = _rom.AsMemory((int)(a - RomBase), length);
+        else return default;
+        HostViewsGiven++;
+        return memory;
     }
 
     private byte At(ulong a) => a < RamSize ? _ram[a] : _rom[a - RomBase];

@@ -9,8 +9,10 @@ namespace ActorVmm.Devices.Tests.Virtio;
 /// <summary>
 /// virtio-blk (virtio 1.2 §5.2) over a real temporary file, driven through a split virtqueue built in
 /// <see cref="TestGuestMemory"/> as a driver would: a header, data and a status byte per request.
+/// Here the memory has no host view, so data goes through the model's bounce buffer;
+/// <see cref="VirtioBlkThroughAHostViewTests"/> runs every test again with one.
 /// </summary>
-public sealed class VirtioBlkTests : IDisposable
+public class VirtioBlkTests : IDisposable
 {
     private const ushort Size = 256;
     private const int Sectors = 2048; // a 1 MiB disk
@@ -20,7 +22,7 @@ public sealed class VirtioBlkTests : IDisposable
     private const ulong AllFeatures = VirtioFeatures.Version1 | VirtioBlkFeatures.Flush | VirtioBlkFeatures.SegMax
         | VirtioBlkFeatures.BlkSize | VirtioBlkFeatures.Discard | VirtioBlkFeatures.WriteZeroes;
 
-    private readonly TestGuestMemory _m = new();
+    private readonly TestGuestMemory _m;
     private readonly DriverRing _d;
     private readonly string _path = System.IO.Path.Combine(System.IO.Path.GetTempPath(), $"vblk-{Guid.NewGuid():N}.img");
     private readonly byte[] _original;
@@ -33,8 +35,11 @@ public sealed class VirtioBlkTests : IDisposable
     private ulong _nextHeader = Headers;
     private ulong _nextStatus = Statuses;
 
-    public VirtioBlkTests()
+    public VirtioBlkTests() : this(hostView: false) { }
+
+    protected VirtioBlkTests(bool hostView)
     {
+        _m = new TestGuestMemory { HostView = hostView };
         _d = new DriverRing(_m, Size);
         _original = new byte[Sectors * SectorSize];
         for (var i = 0; i < _original.Length; i++) _original[i] = (byte)(i * 7 + i / SectorSize);
@@ -49,6 +54,7 @@ public sealed class VirtioBlkTests : IDisposable
     {
         _file.Dispose();
         File.Delete(_path);
+        GC.SuppressFinalize(this);
     }
 
     private VirtioBlk NewBlk(string serial = "vblk-serial-0001") => new(_m, _backend, serial, () => _driverFeatures);
@@ -222,6 +228,43 @@ public sealed class VirtioBlkTests : IDisposable
         Assert.Equal([0xEE, 0xEE], _m.Bytes(Data + 512, 2)); // nothing between the buffers
         Assert.Equal(1, _d.UsedIdx);
         Assert.Equal((0u, 512u + 1024u + 1u), _d.UsedElem(0));
+    }
+
+    [Fact]
+    public void Data_goes_straight_through_the_host_view_where_the_memory_has_one()
+    {
+        var data = Pattern(1024, 0x52);
+        Put(Data, data);
+        var write = WriteRequest(9, Data, 1024);
+        var read = ReadRequest(9, Data + 0x1000, 1024);
+
+        Process();
+
+        Assert.Equal(StatusOk, StatusAt(write));
+        Assert.Equal(StatusOk, StatusAt(read));
+        Assert.Equal(data, FileSectors(9, 2));
+        Assert.Equal(data, _m.Bytes(Data + 0x1000, 1024));
+        // With a host view: one view per data buffer and one vectored call per request; without, none.
+        Assert.Equal(_m.HostView ? 2 : 0, _m.HostViewsGiven);
+        Assert.Equal(["write", "read"], _backend.Calls.Select(c => c.Op));
+    }
+
+    [Fact]
+    public void Sectors_past_the_end_of_a_file_cut_short_after_it_was_opened_read_as_zeroes()
+    {
+        RawFile.Truncate(_path, 10 * SectorSize + 100); // the capacity the driver was told stays
+        _m.Fill(Data, 0x1000, 0xEE);
+        var status = StatusByte();
+        Chain(R(Header(In, 9), HeaderSize), W(Data, 1024), W(Data + 0x800, 1024), W(status, 1));
+
+        Process();
+
+        Assert.Equal(StatusOk, StatusAt(status));
+        Assert.Equal(OriginalSectors(9, 1), _m.Bytes(Data, 512));
+        Assert.Equal(OriginalSectors(10, 1)[..100], _m.Bytes(Data + 512, 100));
+        Assert.Equal(new byte[1024 - 612], _m.Bytes(Data + 612, 1024 - 612));
+        Assert.Equal(new byte[1024], _m.Bytes(Data + 0x800, 1024));
+        Assert.Equal(0xEE, _m.Bytes(Data + 0x400, 1)[0]); // nothing between the buffers
     }
 
     [Fact]
@@ -466,7 +509,7 @@ public sealed class VirtioBlkTests : IDisposable
     [Fact]
     public void A_huge_read_within_the_capacity_is_carried_out_in_chunks_and_a_huge_one_beyond_it_not_at_all()
     {
-        const uint huge = 0x8_0000; // 1024 sectors, two bounce buffers
+        const uint huge = 0x8_0000; // 1024 sectors: two bounce buffers, or one vectored read of two pieces
         var ok = ReadRequest(Sectors - 1024, 0x8_0000, huge);
         var beyond = ReadRequest(Sectors - 1023, 0x8_0000, huge);
 
@@ -475,7 +518,8 @@ public sealed class VirtioBlkTests : IDisposable
         Assert.Equal(StatusOk, StatusAt(ok));
         Assert.Equal(OriginalSectors(Sectors - 1024, 1024), _m.Bytes(0x8_0000, (int)huge));
         Assert.Equal(StatusIoErr, StatusAt(beyond));
-        Assert.Equal(huge / VirtioBlk.ChunkBytes, (uint)_backend.Calls.Count);
+        Assert.Equal(_m.HostView ? 1 : huge / VirtioBlk.ChunkBytes, (uint)_backend.Calls.Count);
+        Assert.Equal(huge, (uint)_backend.Calls.Sum(c => c.Length));
         Assert.All(_backend.Calls, c => Assert.Equal("read", c.Op));
     }
 
@@ -704,4 +748,14 @@ public sealed class VirtioBlkTests : IDisposable
             File.Delete(_path + ".other");
         }
     }
+}
+
+/// <summary>
+/// Every <see cref="VirtioBlkTests"/> test with guest memory that has a host view, as a VM's has: data
+/// then goes straight between the file and guest memory
+/// (<see cref="VirtioBlkTests.Data_goes_straight_through_the_host_view_where_the_memory_has_one"/>
+/// checks that it did).
+/// </summary>
+public sealed class VirtioBlkThroughAHostViewTests() : VirtioBlkTests(hostView: true)
+{
 }
