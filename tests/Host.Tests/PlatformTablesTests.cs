@@ -1,4 +1,5 @@
 using ActorVmm.Devices;
+using ActorVmm.Devices.Pci;
 using System.Buffers.Binary;
 using System.Text;
 using Akka.Configuration;
@@ -39,7 +40,7 @@ public sealed class PlatformTablesTests : IDisposable
     }
 
     [Fact]
-    public void Mp_table_must_describe_every_vcpu_the_isa_bus_the_ioapic_and_the_isa_irqs()
+    public void Mp_table_must_describe_every_vcpu_the_buses_the_ioapic_the_isa_irqs_and_the_pci_intx_routing()
     {
         PlatformTables.Write(_memory, cpus: 3, ioApicId: 3);
         var fp = Read(Scan("_MP_", 0xF0000, 0x100000), 16);
@@ -69,18 +70,38 @@ public sealed class PlatformTablesTests : IDisposable
         var cpus = entries.Where(e => e[0] == PlatformTables.MpProcessor).ToList();
         Assert.Equal([0, 1, 2], cpus.Select(e => (int)e[1]));
         Assert.Equal([0b11, 0b01, 0b01], cpus.Select(e => (int)e[3])); // enabled; BSP only on vcpu 0
-        var bus = Assert.Single(entries, e => e[0] == PlatformTables.MpBus);
-        Assert.Equal("ISA   ", Ascii(bus, 2, 6));
+        Assert.Equal(entries.OrderBy(e => e[0]), entries); // sorted by entry type (MP §4.3)
+        var buses = entries.Where(e => e[0] == PlatformTables.MpBus).Select(e => (e[1], Ascii(e, 2, 6))).ToList();
+        Assert.Equal([((byte)0, "PCI   "), ((byte)1, "ISA   ")], buses); // PCI bus 0 has ID 0 (MP §D.3)
         var ioapic = Assert.Single(entries, e => e[0] == PlatformTables.MpIoApic);
         Assert.Equal(new byte[] { 2, 3, 0x20, 1, 0x00, 0x00, 0xC0, 0xFE }, ioapic);
 
-        var irqs = entries.Where(e => e[0] == PlatformTables.MpIoInterrupt).ToDictionary(e => (int)e[5], e => (int)e[7]);
+        var io = entries.Where(e => e[0] == PlatformTables.MpIoInterrupt).ToList();
+        Assert.All(io, e => Assert.Equal(3, e[6])); // to the IOAPIC
+        Assert.All(io, e => Assert.Equal(0, e[1])); // INT: vectored through the IOAPIC
+        var isa = io.Where(e => e[4] == 1).ToList();
+        Assert.All(isa, e => Assert.Equal(0, U16(e, 2))); // conforming to the ISA bus: edge, active high
+        var irqs = isa.ToDictionary(e => (int)e[5], e => (int)e[7]);
         Assert.Equal(15, irqs.Count); // ISA IRQs 0-15 but the cascade
         Assert.Equal(2, irqs[0]);
         Assert.False(irqs.ContainsKey(2));
         for (var irq = 1; irq < 16; irq++)
             if (irq != 2) Assert.Equal(irq, irqs[irq]);
-        Assert.All(entries.Where(e => e[0] == PlatformTables.MpIoInterrupt), e => Assert.Equal(3, e[6]));
+
+        // PCI: source bus IRQ = device << 2 | pin (0 = INTA#), level and active low, on the pin the
+        // _PRT names: GSI 16 + (device + pin) mod 4.
+        var pci = io.Where(e => e[4] == 0).ToList();
+        Assert.Equal(io.Count, isa.Count + pci.Count);
+        Assert.Equal(32 * 4, pci.Count);
+        Assert.All(pci, e => Assert.Equal(0b1111, U16(e, 2)));
+        var routes = pci.ToDictionary(e => (e[5] >> 2, e[5] & 3), e => (int)e[7]);
+        for (var slot = 0; slot < 32; slot++)
+            for (var pin = 0; pin < 4; pin++)
+            {
+                Assert.Equal(16 + (slot + pin) % 4, routes[(slot, pin)]);
+                // ... the pin the bus model drives for that function's pin
+                Assert.Equal(PciInterruptRouting.Gsi(slot, (PciInterruptPin)(pin + 1)), (uint)routes[(slot, pin)]);
+            }
         var locals = entries.Where(e => e[0] == PlatformTables.MpLocalInterrupt).Select(e => (e[1], e[7])).ToList();
         Assert.Equal([((byte)3, (byte)0), ((byte)1, (byte)1)], locals); // ExtINT → LINT0, NMI → LINT1
     }

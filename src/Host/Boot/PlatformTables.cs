@@ -13,10 +13,12 @@ namespace ActorVmm.Host.Boot;
 /// <see cref="IGuestMemory"/>; everything sits in the BIOS area at <see cref="Base"/>:
 /// <list type="bullet">
 /// <item>0xF0000: MP floating pointer "_MP_" (MP §4.1), then the MP configuration table "PCMP"
-/// (MP §4.2): one processor entry per vcpu (APIC ID = vcpu id, BSP flag on vcpu 0), one bus
-/// entry "ISA", one IOAPIC entry, I/O interrupt entries for ISA IRQs 0-15 except the cascade
-/// IRQ 2 (IRQ 0 → INTIN 2, others identity; conforming polarity and trigger), and the local
-/// interrupt entries ExtINT → LINT0, NMI → LINT1 of every local APIC (virtual wire).</item>
+/// (MP §4.2): one processor entry per vcpu (APIC ID = vcpu id, BSP flag on vcpu 0), bus entries
+/// "PCI" (bus ID 0: a PCI bus's ID is its bus number, MP §D.3) and "ISA" (bus ID 1), one IOAPIC
+/// entry, I/O interrupt entries for ISA IRQs 0-15 except the cascade IRQ 2 (IRQ 0 → INTIN 2,
+/// others identity; conforming polarity and trigger) and for INTA#-INTD# of every bus-0 slot (the
+/// _PRT's routing: level, active low), and the local interrupt entries ExtINT → LINT0, NMI → LINT1
+/// of every local APIC (virtual wire).</item>
 /// <item>0xF0800: RSDP "RSD PTR " revision 2 (16-byte aligned, inside 0xE0000-0xFFFFF), then
 /// RSDT and XSDT (each listing the MADT, the FADT and the MCFG), the MADT "APIC": one Processor Local APIC
 /// entry per vcpu, one I/O APIC entry (GSI base 0), interrupt source overrides ISA IRQ 0 → GSI 2
@@ -94,6 +96,13 @@ public static class PlatformTables
 
     public const byte MpProcessor = 0, MpBus = 1, MpIoApic = 2, MpIoInterrupt = 3, MpLocalInterrupt = 4;
 
+    /// <summary>MP bus IDs: PCI bus 0 has ID 0 (a PCI bus's ID is its bus number, MP §D.3); ISA is next.</summary>
+    public const byte MpPciBus = 0, MpIsaBus = 1;
+
+    /// <summary>MP interrupt entry flags (Table 4-7): polarity active low (bits 1:0 = 11) and
+    /// trigger level (bits 3:2 = 11), as PCI interrupts are.</summary>
+    public const ushort MpActiveLowLevel = 0b1111;
+
     /// <summary>MP configuration table (MP §4.2-4.3): header "PCMP" and the base entries, sorted by type.</summary>
     public static byte[] MpConfiguration(int cpus, byte ioApicId)
     {
@@ -110,11 +119,14 @@ public static class PlatformTables
             U32(p, 8, 0b10_0000_0001);
             entries.Add(p);
         }
-        var bus = new byte[8];
-        bus[0] = MpBus;
-        bus[1] = 0;
-        Ascii(bus, 2, "ISA   ");
-        entries.Add(bus);
+        foreach (var (id, type) in new[] { (MpPciBus, "PCI   "), (MpIsaBus, "ISA   ") })
+        {
+            var bus = new byte[8];
+            bus[0] = MpBus;
+            bus[1] = id;
+            Ascii(bus, 2, type);
+            entries.Add(bus);
+        }
 
         var ioapic = new byte[8];
         ioapic[0] = MpIoApic;
@@ -127,14 +139,21 @@ public static class PlatformTables
         for (var irq = 0; irq < 16; irq++)
         {
             if (irq == 2) continue; // the 8259 cascade: IRQ 0 uses INTIN 2
-            entries.Add(InterruptEntry(MpIoInterrupt, type: 0, sourceIrq: (byte)irq, destination: ioApicId,
+            entries.Add(InterruptEntry(MpIoInterrupt, type: 0, flags: 0, MpIsaBus, sourceIrq: (byte)irq, destination: ioApicId,
                 input: (byte)(irq == Platform.PitIrq ? Platform.PitGsi : (uint)irq)));
         }
+        // PCI INTx (MP §D.3): the source bus IRQ is the device number in bits 6:2 and the pin in
+        // bits 1:0 (0 = INTA#), routed as the _PRT says.
+        for (var slot = 0; slot < PciSlots; slot++)
+            for (var pin = 0; pin < PciIntxLines; pin++)
+                entries.Add(InterruptEntry(MpIoInterrupt, type: 0, MpActiveLowLevel, MpPciBus, sourceIrq: (byte)(slot << 2 | pin),
+                    destination: ioApicId, input: (byte)PciIntxGsi(slot, pin)));
         // Local interrupts of every local APIC (destination 0xFF): ExtINT on LINT0, NMI on LINT1.
-        entries.Add(InterruptEntry(MpLocalInterrupt, type: 3, sourceIrq: 0, destination: 0xFF, input: 0));
-        entries.Add(InterruptEntry(MpLocalInterrupt, type: 1, sourceIrq: 0, destination: 0xFF, input: 1));
+        entries.Add(InterruptEntry(MpLocalInterrupt, type: 3, flags: 0, MpIsaBus, sourceIrq: 0, destination: 0xFF, input: 0));
+        entries.Add(InterruptEntry(MpLocalInterrupt, type: 1, flags: 0, MpIsaBus, sourceIrq: 0, destination: 0xFF, input: 1));
 
         var length = 44 + entries.Sum(e => e.Length);
+        if (MpConfigTable + (ulong)length > Rsdp) throw new InvalidOperationException($"the MP table ({length} bytes) runs into the RSDP");
         var t = new byte[length];
         Ascii(t, 0, "PCMP");
         U16(t, 4, (ushort)length);
@@ -154,13 +173,13 @@ public static class PlatformTables
     }
 
     /// <summary>I/O (type 3) or local (type 4) interrupt assignment entry (MP Tables 4-7, 4-9); flags 0 = conforms to the bus.</summary>
-    private static byte[] InterruptEntry(byte kind, byte type, byte sourceIrq, byte destination, byte input)
+    private static byte[] InterruptEntry(byte kind, byte type, ushort flags, byte bus, byte sourceIrq, byte destination, byte input)
     {
         var e = new byte[8];
         e[0] = kind;
         e[1] = type;
-        U16(e, 2, 0);
-        e[4] = 0; // source bus: ISA
+        U16(e, 2, flags);
+        e[4] = bus;
         e[5] = sourceIrq;
         e[6] = destination;
         e[7] = input;
