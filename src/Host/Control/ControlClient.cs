@@ -74,7 +74,7 @@ public sealed class ControlClient : IAsyncDisposable
         await Ask<ControlProtocol.VmList>(await Directory(host), ControlProtocol.ListVms.Instance, $"host {host}");
 
     /// <summary>No answer in time (ResolveOne wraps the ask's timeout in an ActorNotFoundException);
-    /// an ActorNotFoundException of its own is an answer: no such actor.</summary>
+    /// an ActorNotFoundException of its own is an answer, no such actor, which <see cref="ResolveWithRetries"/> also asks again.</summary>
     private static bool NoAnswer(Exception e) =>
         e is TimeoutException or AskTimeoutException
         || e is ActorNotFoundException { InnerException: { } inner } && NoAnswer(inner);
@@ -83,7 +83,10 @@ public sealed class ControlClient : IAsyncDisposable
     /// Resolves <paramref name="selection"/> within <paramref name="total"/>, asking again after 5 s,
     /// then 10 s, 20 s, ...: the first Identify of a new remoting association can be lost (a host
     /// too loaded to finish the handshake in time drops it), and one ask would then wait out all
-    /// of <paramref name="total"/> for nothing. A host that answers "no such actor" is not asked again.
+    /// of <paramref name="total"/> for nothing. "No such actor" is asked again too, after a second:
+    /// when a handshake fails, Akka's remoting gates the endpoint and its dead letters answer the
+    /// Identify with no actor at once, the same answer a host without the actor gives; every host has
+    /// the directory actor, so within <paramref name="total"/> that answer is taken as not yet.
     /// </summary>
     private static async Task<IActorRef> ResolveWithRetries(ActorSelection selection, TimeSpan total)
     {
@@ -100,6 +103,10 @@ public sealed class ControlClient : IAsyncDisposable
             catch (Exception e) when (NoAnswer(e) && DateTime.UtcNow + TimeSpan.FromMilliseconds(100) < deadline)
             {
                 attempt += attempt;
+            }
+            catch (ActorNotFoundException) when (DateTime.UtcNow + TimeSpan.FromSeconds(1) < deadline)
+            {
+                await Task.Delay(TimeSpan.FromSeconds(1));
             }
         }
     }
