@@ -334,10 +334,9 @@ public sealed class VirtioBlk : IVirtioDevice
             else
                 for (var i = 0; i < direct.Count; i += MaxVector)
                 {
-                    var batch = new ReadOnlyMemory<byte>[Math.Min(MaxVector, direct.Count - i)];
-                    for (var j = 0; j < batch.Length; j++) batch[j] = direct[i + j];
-                    _backend.Write(offset, batch);
-                    offset += batch.Sum(m => (long)m.Length);
+                    var batch = direct.GetRange(i, Math.Min(MaxVector, direct.Count - i));
+                    _backend.Write(offset, batch.ConvertAll(m => (ReadOnlyMemory<byte>)m));
+                    offset += Length(batch);
                 }
             return WriteThrough();
         }
