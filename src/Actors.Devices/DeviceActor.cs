@@ -30,6 +30,9 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
     private readonly StateCell _cell;
     private readonly EventsToActor _platform;
     private readonly IActorRef? _memory;
+    private readonly IDeviceMirror? _mirror;
+    /// <summary>The message being handled is a posted write that reached the model (for the mirror).</summary>
+    private bool _postedWrite;
 
     // Requests to other actors not yet answered, and the waited writes whose answer waits for them
     // (in order: each with the last request id made before it was answered).
@@ -59,13 +62,15 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
     /// <param name="events">receives the guest's exit, reset and power-off requests</param>
     /// <param name="cell">what outlives an incarnation: the saved state, restart counts, request ids</param>
     /// <param name="clock">the clock of a timed model's deadlines; null: its deadlines are not armed</param>
+    /// <param name="mirror">told after every message and every new incarnation (<see cref="IDeviceMirror"/>); null: none</param>
     public DeviceActor(string name, Func<IPlatformEvents, IBusDevice> factory,
         Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, StateCell cell, IDeviceClock? clock,
-        IActorRef? memory)
+        IActorRef? memory, IDeviceMirror? mirror = null)
     {
         _name = name;
         _cell = cell;
         _memory = memory;
+        _mirror = mirror;
         var platform = new EventsToActor(name, events, memory, Self, cell, _outstanding);
         _platform = platform;
         if (cell.State is { } saved && restore is not null)
@@ -85,6 +90,7 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
         Receive<Write>(w =>
         {
             _writes++;
+            _postedWrite = true;
             _credits.Posted(Sender);
             if (Forwarded(w.Offset, w.Size, offset => w with { Offset = offset })) return;
             if (AccessSize.IsValid(w.Size)) _model.Write(w.Offset, w.Size, w.Value);
@@ -228,7 +234,21 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
     }
 
     /// <summary>A model restored from a state record may have a deadline already.</summary>
-    protected override void PreStart() => Rearm();
+    protected override void PreStart()
+    {
+        Rearm();
+        _mirror?.Handled(_model, postedWrite: false);
+    }
+
+    /// <summary>The mirror sees the model after each message (not after one that failed: the restart's
+    /// new incarnation is shown to it instead).</summary>
+    protected override bool AroundReceive(Receive receive, object message)
+    {
+        _postedWrite = false;
+        var handled = base.AroundReceive(receive, message);
+        _mirror?.Handled(_model, _postedWrite);
+        return handled;
+    }
 
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks. The
     /// guest pages this incarnation held are released too: the vmspace watches holders for

@@ -124,7 +124,9 @@ public static class DeviceProtocol
         public static readonly GetStats Instance = new();
     }
 
-    public sealed record Stats(string Device, long Reads, long Writes) : IDeviceMessage;
+    /// <param name="Location">where the device runs when that is not simply beside its VM (a device on
+    /// another host node, or brought back to the VM's node after that node was lost); null: beside its VM</param>
+    public sealed record Stats(string Device, long Reads, long Writes, string? Location = null) : IDeviceMessage;
 
     /// <summary>
     /// From a device actor about to restart, as itself, to the owner of guest memory (the vmspace)
@@ -165,11 +167,14 @@ public static class DeviceProtocol
     /// <param name="name">device name used in messages and traces ("uart0")</param>
     /// <param name="factory">builds the model; called once per actor incarnation without a saved state</param>
     /// <param name="events">receives <see cref="GuestExitRequested"/> / <see cref="GuestResetRequested"/> / <see cref="GuestPowerOffRequested"/>; may be Nobody</param>
+    /// <param name="mirror">told after every message the actor handled (<see cref="IDeviceMirror"/>): for a
+    /// device whose VM runs on another node; null = none</param>
     public static Props Props(string name, Func<IPlatformEvents, IBusDevice> factory,
-        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null, object? initialState = null)
+        Func<IPlatformEvents, object, IBusDevice>? restore, IActorRef events, IActorRef? memory = null, object? initialState = null,
+        IDeviceMirror? mirror = null)
     {
         var cell = InitialCell(name, restore, initialState);
-        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, null, memory));
+        return Akka.Actor.Props.Create(() => new DeviceActor(name, factory, restore, events, cell, null, memory, mirror));
     }
 
     /// <summary>The cell of a new actor: holding <paramref name="initialState"/>, if any, so the first

@@ -141,7 +141,7 @@ public static class HostRunner
                 }
             }
             var spec = restore?.ToSpec(vm.Name)
-                       ?? new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net };
+                       ?? new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net, DeviceNodes = vm.DeviceNodes };
             var builder = new VmBuilder(starting, spec).WithStandardDevices(console);
             if (restore is not null) builder.WithRestore(restore);
             if (trace is not null) builder.WithTrace(trace);

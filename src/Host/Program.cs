@@ -90,11 +90,15 @@ namespace ActorVmm.Host
             public readonly Option<string?> Disk = new("--disk") { Description = "FILE[,ro]: a virtio block device (virtio-blk, PCI 00:02.0) backed by the existing FILE; ,ro: read-only" };
             public readonly Option<bool> VirtioConsole = new("--virtio-console") { Description = "a virtio console (virtio-console, PCI 00:03.0) on the VM's console, beside COM1" };
             public readonly Option<string?> Net = new("--net") { Description = "tap=NAME[,mac=52:54:00:xx:xx:xx]: a virtio network card (virtio-net, PCI 00:04.0) on the existing TAP interface NAME" };
+            public readonly Option<string[]> DeviceNode = new("--device-node")
+            {
+                Description = "NAME=HOST:PORT: run device NAME (uart0) on that host node of the cluster (ctl run only); repeatable",
+            };
 
             public void AddTo(Command command)
             {
                 foreach (var o in new Option[] { Config, Memory, Cpus, Firmware, Flat, LoadAddress, Entry, Kernel, Initrd, Append, Serial, Trace,
-                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng, Disk, VirtioConsole, Net })
+                             Timeout, Perfetto, TraceFilter, Lapic, Cpu, Shm, TestDevices, Rng, Disk, VirtioConsole, Net, DeviceNode })
                     command.Add(o);
             }
 
@@ -128,6 +132,12 @@ namespace ActorVmm.Host
                 }
                 if (parse.GetValue(Net) is { } netText)
                     foreach (var (key, value) in NetSettings(netText)) Set(key, value);
+                foreach (var placed in parse.GetValue(DeviceNode) ?? [])
+                {
+                    var eq = placed.IndexOf('=');
+                    if (eq <= 0 || eq == placed.Length - 1) throw new ConfigException($"--device-node \"{placed}\": give NAME=HOST:PORT, e.g. uart0=127.0.0.1:4712");
+                    Set($"devices.{placed[..eq]}.node", placed[(eq + 1)..]);
+                }
                 Set("boot.kernel", parse.GetValue(Kernel), path: true);
                 Set("boot.initrd", parse.GetValue(Initrd), path: true);
                 Set("boot.append", parse.GetValue(Append));

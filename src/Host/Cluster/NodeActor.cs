@@ -66,6 +66,7 @@ public sealed class NodeActor : ReceiveActor
 
         Receive<NodeProtocol.RunVm>(r => _placement.Forward(r));
         Receive<NodeProtocol.StartVm>(Start);
+        Receive<RemoteDevices.HostDevice>(h => RemoteDevices.Host(Context, h));
         Receive<BuildDone>(OnBuilt);
         Receive<Ended>(OnEnded);
         Receive<NodeProtocol.GetLoad>(_ =>
@@ -157,6 +158,12 @@ public sealed class NodeActor : ReceiveActor
             Sender.Tell(new NodeProtocol.RunRefused(name, e.Message));
             return;
         }
+        var members = _cluster.State.Members.Where(m => m.Status == MemberStatus.Up).Select(m => NodeProtocol.NodeName(m.Address)).ToHashSet();
+        if (vm.DeviceNodes.FirstOrDefault(d => !members.Contains(d.Value)) is { Key: not null } absent)
+        {
+            Sender.Tell(new NodeProtocol.RunRefused(name, $"actorvmm.vm.devices.{absent.Key}.node: no node {absent.Value} is up in the cluster"));
+            return;
+        }
         if (_vms.TryGetValue(name, out var old)) Context.Stop(old.Console); // an ended VM's name used again
         var hub = Context.ActorOf(ConsoleProtocol.Props(name), $"console-{name}-{Guid.NewGuid():N}");
         _vms[name] = new Slot(name, vm.Cpus, (long)vm.MemoryBytes, hub);
@@ -190,7 +197,7 @@ public sealed class NodeActor : ReceiveActor
         {
             if (vm.TracePath is not null || vm.PerfettoPath is not null || vm.TraceLive)
                 trace = new TraceRecorder(vm.TracePath, filter: Tracing.TraceFilter.Parse(vm.TraceFilter));
-            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net };
+            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net, DeviceNodes = vm.DeviceNodes };
             var builder = new VmBuilder(system, spec).WithStandardDevices(console);
             if (trace is not null) builder.WithTrace(trace);
             var running = builder.Start();

@@ -31,6 +31,9 @@ public sealed record VmConfig(
     /// <summary>actorvmm.vm.cpu: the CPUID features the vcpus see.</summary>
     public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
 
+    /// <summary>actorvmm.vm.devices.NAME.node: devices that run on another host node (HOST:PORT), by name.</summary>
+    public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new Dictionary<string, string>();
+
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
     {
@@ -178,13 +181,48 @@ public sealed record VmConfig(
                                           "so actorvmm.vm.paging.enabled must be off (no demand paging, no swap)");
             return new VmConfig(name, memory, cpus, output, input, string.IsNullOrEmpty(trace) ? null : trace, timeout,
                 string.IsNullOrEmpty(perfetto) ? null : perfetto, filter, lapic, paging, vm.GetBoolean("trace-live", false),
-                vm.GetBoolean("paging.superpages", true), shm, testDevices) { Cpu = cpu, Rng = rng, Disk = disk, VirtioConsole = virtioConsole, Net = net };
+                vm.GetBoolean("paging.superpages", true), shm, testDevices)
+            {
+                Cpu = cpu, Rng = rng, Disk = disk, VirtioConsole = virtioConsole, Net = net, DeviceNodes = DeviceNodesOf(vm),
+            };
         }
         catch (ConfigException) { throw; }
         catch (Exception e)
         {
             throw new ConfigException($"bad configuration: {FirstLine(e.Message)}");
         }
+    }
+
+    /// <summary>The devices that can run on another node than their VM, by name.</summary>
+    public static readonly string[] HostableDevices = ["uart0"];
+
+    /// <summary>actorvmm.vm.devices: <c>NAME { node = "HOST:PORT" }</c> for each device that runs on another
+    /// host node (an empty node: beside the VM).</summary>
+    private static Dictionary<string, string> DeviceNodesOf(Akka.Configuration.Config vm)
+    {
+        var nodes = new Dictionary<string, string>(StringComparer.Ordinal);
+        if (!vm.HasPath("devices")) return nodes;
+        var devices = vm.GetValue("devices");
+        if (devices.IsEmpty) return nodes;
+        if (!devices.IsObject()) throw new ConfigException("actorvmm.vm.devices must be an object: devices { uart0 { node = \"HOST:PORT\" } }");
+        foreach (var (device, value) in devices.GetObject().Items)
+        {
+            if (!HostableDevices.Contains(device))
+                throw new ConfigException($"actorvmm.vm.devices.{device}: no device named {device} can run on another node " +
+                                          $"(these can: {string.Join(", ", HostableDevices)})");
+            if (!value.IsObject())
+                throw new ConfigException($"actorvmm.vm.devices.{device} must be an object: {device} {{ node = \"HOST:PORT\" }}");
+            foreach (var (key, setting) in value.GetObject().Items)
+            {
+                if (key != "node") throw new ConfigException($"actorvmm.vm.devices.{device}.{key}: unknown setting (a device takes node = \"HOST:PORT\")");
+                var node = setting.GetString() ?? "";
+                if (node.Length == 0) continue;
+                try { Cluster.HostNode.SeedAddress(node); }
+                catch (ConfigException) { throw new ConfigException($"actorvmm.vm.devices.{device}.node: \"{node}\" is not HOST:PORT"); }
+                nodes[device] = node;
+            }
+        }
+        return nodes;
     }
 
     /// <summary>actorvmm.vm.net.tap and .mac: the network card, or null without a TAP name.</summary>

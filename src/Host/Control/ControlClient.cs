@@ -253,7 +253,7 @@ public sealed class ControlClient : IAsyncDisposable
             try { actor = await Child(vm, device); }
             catch (ControlException) { continue; }
             var d = await Ask<DeviceProtocol.Stats>(actor, DeviceProtocol.GetStats.Instance, device);
-            sb.AppendLine($"device {d.Device}: {d.Reads} reads, {d.Writes} writes");
+            sb.AppendLine($"device {d.Device}: {d.Reads} reads, {d.Writes} writes{(d.Location is { } where ? $" ({where})" : "")}");
         }
         foreach (var restart in status.Restarts ?? [])
             sb.AppendLine($"restarted after a failure: {restart}");

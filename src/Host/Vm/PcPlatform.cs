@@ -326,9 +326,41 @@ public static class PcPlatform
         .. Enumerable.Range(16, PcTestDevice.Lines - 16).Select(c.SyncedIoApicPin),
     ];
 
-    /// <summary>COM1 with its interrupt on ISA IRQ 4.</summary>
+    /// <summary>COM1 with its interrupt on ISA IRQ 4. It can run on another host node than its VM
+    /// (<see cref="DeviceSpec.Hostable"/>): its output then comes back to <paramref name="output"/>.</summary>
     public static DeviceSpec Com1(Action<byte> output) =>
         DeviceSpec.Wired("uart0", DeviceProtocol.Space.Port, Platform.Com1Port, Platform.Com1Length,
-            c => new Uart16550(c.IsaIrq((int)Platform.Com1Gsi), output),
-            (c, state) => Uart16550.FromState((UartState)state, c.IsaIrq((int)Platform.Com1Gsi), output));
+            c => Com1Model(c, output, null), (c, state) => Com1Model(c, output, state)) with
+        {
+            Hostable = new HostableDevice(Com1Kind, output),
+        };
+
+    /// <summary>The kind of model COM1 is, for a node that hosts it for a VM elsewhere.</summary>
+    public const string Com1Kind = "com1";
+
+    private static IBusDevice Com1Model(DeviceContext c, Action<byte> output, object? state) => state is null
+        ? new Uart16550(c.IsaIrq((int)Platform.Com1Gsi), output)
+        : Uart16550.FromState((UartState)state, c.IsaIrq((int)Platform.Com1Gsi), output);
+
+    /// <summary>The kinds of device a host node can run for a VM on another node, with the type of
+    /// their state records.</summary>
+    private static readonly Dictionary<string, Type> Hostable = new(StringComparer.Ordinal) { [Com1Kind] = typeof(UartState) };
+
+    public static IReadOnlyCollection<string> HostableKinds => Hostable.Keys;
+
+    public static bool IsHostable(string kind) => Hostable.ContainsKey(kind);
+
+    /// <summary>Whether <paramref name="state"/> is a state record a model of <paramref name="kind"/> is built from.</summary>
+    public static bool FitsHostable(string kind, object state) => Hostable.TryGetValue(kind, out var type) && type.IsInstanceOfType(state);
+
+    /// <summary>
+    /// The model of a device of <paramref name="kind"/> (<see cref="HostableKinds"/>) for a VM on another
+    /// node, wired through <paramref name="context"/> (its interrupt lines to that VM's controllers), its
+    /// output to <paramref name="output"/>; from <paramref name="state"/> (null: power-on).
+    /// </summary>
+    public static IBusDevice HostableModel(string kind, DeviceContext context, Action<byte> output, object? state) => kind switch
+    {
+        Com1Kind => Com1Model(context, output, state),
+        _ => throw new ArgumentException($"no device of kind \"{kind}\" can be hosted", nameof(kind)),
+    };
 }

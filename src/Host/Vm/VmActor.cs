@@ -172,6 +172,11 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
 
     public const int MaxDeviceRestarts = 10;
 
+    /// <summary>How long a device's node may take to build it before the device runs on the VM's node
+    /// instead (generous: the first message between two nodes builds their serializers, seconds on a
+    /// slow machine).</summary>
+    public static readonly TimeSpan RemoteDevicePlacementTimeout = TimeSpan.FromSeconds(60);
+
     /// <summary>A child's failure, recorded for the report of its Terminated.</summary>
     private sealed record ChildFailed(string Child, string Cause);
 
@@ -297,9 +302,23 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         foreach (var spec in _resources.Wiring.Devices)
         {
             var saved = _resources.Restore?.Devices.GetValueOrDefault(spec.Name);
-            var device = Context.ActorOf(Mailbox(DeviceProps(spec, interrupts, clock, vmspace, saved)).WithDispatcher(DeviceProtocol.DispatcherId), spec.Name);
+            var vm = Self;
+            Props Local(object? state) => Mailbox(DeviceProps(spec, interrupts, clock, vmspace, vm, state)).WithDispatcher(DeviceProtocol.DispatcherId);
+            IActorRef device;
+            if (_resources.Spec?.DeviceNodes.GetValueOrDefault(spec.Name) is { } node && spec.Hostable is { } hostable)
+            {
+                // A device on another node: its proxy stands here. A proxy that fails is not restarted
+                // (it would place the device again and lose what was in flight): the VM ends.
+                var setup = new Cluster.RemoteDevices.Setup(_resources.Name, spec.Name, hostable.Kind, Cluster.HostNode.SeedAddress(node),
+                    interrupts.IoApic, interrupts.Pic, vm, hostable.Output, Local, saved, RemoteDevicePlacementTimeout);
+                device = Context.ActorOf(Mailbox(Cluster.RemoteDevices.ProxyProps(setup)), spec.Name);
+            }
+            else
+            {
+                device = Context.ActorOf(Local(saved), spec.Name);
+                _restartable.Add(device);
+            }
             Context.Watch(device);
-            _restartable.Add(device);
             deviceActors[spec] = device;
             _devices.Add(device);
             if (spec.Name == PcPlatform.IoApicName) interrupts.IoApic = device;
@@ -337,9 +356,9 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     /// <summary>A device actor's props: its model built (and rebuilt after a failure) with the VM's
     /// interrupt wiring and clock when it asks for them.</summary>
     /// <param name="saved">the state record a restored VM's device starts from; null: power-on</param>
-    private Props DeviceProps(DeviceSpec spec, VmInterrupts interrupts, IDeviceClock clock, IActorRef vmspace, object? saved)
+    /// <param name="vm">this actor (the factories run in the device actor, where this actor's context is not current)</param>
+    private Props DeviceProps(DeviceSpec spec, VmInterrupts interrupts, IDeviceClock clock, IActorRef vmspace, IActorRef vm, object? saved)
     {
-        var vm = Self; // the factories run in the device actor, where this actor's context is not current
         var memory = _resources.Memory;
         Func<IPlatformEvents, IBusDevice> factory = spec.WiredFactory is { } wired
             ? events => wired(new DeviceContext(events, interrupts, clock, memory, vm))
@@ -348,8 +367,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             ? (events, state) => rewired(new DeviceContext(events, interrupts, clock, memory, vm), state)
             : spec.Restore;
         return spec.Timed
-            ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, Self, vmspace, initialState: saved)
-            : DeviceProtocol.Props(spec.Name, factory, restore, Self, vmspace, initialState: saved);
+            ? TimedDeviceProtocol.Props(spec.Name, clock, factory, restore, vm, vmspace, initialState: saved)
+            : DeviceProtocol.Props(spec.Name, factory, restore, vm, vmspace, initialState: saved);
     }
 
     protected override void PostStop()

@@ -92,6 +92,9 @@ public sealed class VmBuilder
     {
         if (_spec.Cpus is < 1 or > VmSpec.MaxCpus) throw new VmBuildException($"cpus must be 1..{VmSpec.MaxCpus}, not {_spec.Cpus}");
         CheckSharedMemory();
+        foreach (var (device, _) in _spec.DeviceNodes)
+            if (_devices.FirstOrDefault(d => d.Name == device) is not { Hostable: not null })
+                throw new VmBuildException($"device {device} cannot run on another node (actorvmm.vm.devices.{device}.node)");
         if (_spec.HasGuestMemoryDevices) CheckGuestMemoryDevices();
         if (_spec.Rng && _devices.All(d => d.Name != PcPlatform.VirtioRngName)) _devices.Add(PcPlatform.VirtioRng());
         if (_spec.VirtioConsole && _devices.All(d => d.Name != PcPlatform.VirtioConsoleName))
@@ -258,6 +261,9 @@ public sealed class VmBuilder
             };
             StartupTimes.Mark("vm prepared");
             var system = _system.GetAwaiter().GetResult();
+            if (_spec.DeviceNodes.Count > 0 && system is Akka.Actor.Internal.ActorSystemImpl { Provider: not Akka.Cluster.ClusterActorRefProvider })
+                throw new VmBuildException($"devices on other nodes ({string.Join(", ", _spec.DeviceNodes.Keys)}) need a host node in a cluster: " +
+                                           "start the VM with `actorvmm ctl run` on an `actorvmm host` node");
             var registrations = new List<IDisposable>();
             traceRegistration = new Registrations(registrations);
             if (_trace is not null) registrations.Add(MessageTraceRegistry.Register(system, $"/user/{name}", _trace));

@@ -57,6 +57,10 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
 
     /// <summary>The CPUID features the vcpus see (<c>--cpu</c>, <c>actorvmm.vm.cpu</c>).</summary>
     public CpuModel Cpu { get; init; } = CpuModel.Host;
+
+    /// <summary>Devices that run on another host node of the cluster, by name: HOST:PORT of the node
+    /// (<c>actorvmm.vm.devices.NAME.node</c>, <c>ctl run --device-node NAME=HOST:PORT</c>).</summary>
+    public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new Dictionary<string, string>();
 }
 
 /// <summary>
@@ -136,6 +140,10 @@ public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong B
     /// (the host bridge passes mechanism #1 accesses on to it); null: not a PCI function.</summary>
     public ActorVmm.Devices.Pci.PciRemoteFunction? PciFunction { get; init; }
 
+    /// <summary>The device can run on another host node than its VM (<c>actorvmm.vm.devices.NAME.node</c>);
+    /// null: it runs beside its VM only.</summary>
+    public HostableDevice? Hostable { get; init; }
+
     /// <summary>Every range of the device, the first one included.</summary>
     public IEnumerable<DeviceRange> Ranges => [new DeviceRange(Space, Base, Length, Window), .. MoreRanges];
 
@@ -148,6 +156,10 @@ public sealed record DeviceSpec(string Name, DeviceProtocol.Space Space, ulong B
             WiredRestore = restore,
         };
 }
+
+/// <summary>How a device runs on another host node: the kind of model that node builds
+/// (<see cref="PcPlatform.HostableModel"/>) and where its output goes on the VM's node.</summary>
+public sealed record HostableDevice(string Kind, Action<byte> Output);
 
 /// <summary>
 /// What a wired device model gets from the VM it is built in: the platform events of its actor,

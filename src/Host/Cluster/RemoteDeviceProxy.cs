@@ -1,0 +1,284 @@
+using Akka.Actor;
+using Akka.Event;
+using ActorVmm.Devices;
+using ActorVmm.Host.Vm;
+using static ActorVmm.Devices.DeviceProtocol;
+
+namespace ActorVmm.Host.Cluster;
+
+/// <summary>
+/// A device of the VM that runs on another host node, as the VM's actors see it (<see cref="RemoteDevices"/>):
+/// at the device's place among the VM's children, speaking the device protocol. It passes every request
+/// on as itself, with ids of its own, and answers the asker with the asker's id when the device answers;
+/// it keeps the vcpus' write windows (<see cref="WriteCredits"/>) and counts a posted write as handled
+/// when the device's node confirms it with its effects (<see cref="RemoteDevices.DeviceEffects"/>), or
+/// the device answers anything after it (mailboxes are FIFO, and so is remoting between two actors);
+/// a device on this node credits its writes back as usual. When the device actor terminates (its node was removed from the cluster, or it
+/// kept failing there) the device is built on this node from the last state record it mirrored, after
+/// the requests in flight were settled: reads read all-ones, waited writes are done, posted writes are
+/// credited back; barriers and state requests go to the new device.
+/// </summary>
+internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWithTimers
+{
+    private sealed record PlacementTimedOut : ActorVmm.Devices.Tracing.INotTraced { public static readonly PlacementTimedOut Instance = new(); }
+
+    /// <summary>A request passed on: who asked, and the request as it was asked.</summary>
+    private sealed record Pending(IActorRef Asker, object Request);
+
+    private readonly RemoteDevices.Setup _setup;
+    private readonly WriteCredits _credits = new();
+    private readonly Queue<IActorRef> _postedWriters = new();
+    private readonly Dictionary<long, Pending> _pending = [];
+    private long _lastId;
+    private IActorRef _device = ActorRefs.Nobody;
+    private bool _remote;
+    private object? _lastState;
+    private long _lastSequence;
+    /// <summary>The remote device's count of posted writes handled, as its last effects said.</summary>
+    private long _writesConfirmed;
+    private long _reads;
+    private long _writes;
+    private string _location;
+
+    public IStash Stash { get; set; } = null!;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public RemoteDeviceProxy(RemoteDevices.Setup setup)
+    {
+        _setup = setup;
+        _lastState = setup.InitialState;
+        _location = $"on {NodeProtocol.NodeName(setup.Node)} (being placed)";
+        Placing();
+    }
+
+    protected override void PreStart()
+    {
+        byte[]? state = null;
+        if (_setup.InitialState is { } initial) state = DeviceStateCodec.Encode(initial);
+        Context.ActorSelection(new RootActorPath(_setup.Node) / "user" / Control.ControlProtocol.DirectoryName)
+            .Tell(new RemoteDevices.HostDevice(_setup.Vm, _setup.Device, _setup.Kind, state, _setup.IoApic, _setup.Pic, _setup.Events, Self));
+        Timers.StartSingleTimer(PlacementTimedOut.Instance, PlacementTimedOut.Instance, _setup.PlacementTimeout);
+    }
+
+    /// <summary>Waiting for the other node: requests wait (a vcpu reading the device waits with them).</summary>
+    private void Placing()
+    {
+        Receive<RemoteDevices.DeviceHosted>(h =>
+        {
+            Timers.Cancel(PlacementTimedOut.Instance);
+            _device = h.Actor;
+            _remote = true;
+            _location = $"on {NodeProtocol.NodeName(_setup.Node)}";
+            Context.Watch(_device);
+            Context.GetLogger().Info("{0} runs on {1}", _setup.Device, NodeProtocol.NodeName(_setup.Node));
+            Serve();
+        });
+        Receive<RemoteDevices.DeviceHostRefused>(r => RunHere($"{NodeProtocol.NodeName(_setup.Node)} refused it: {r.Why}"));
+        Receive<PlacementTimedOut>(_ =>
+            RunHere($"{NodeProtocol.NodeName(_setup.Node)} did not answer within {_setup.PlacementTimeout.TotalSeconds:0} s"));
+        Receive<RemoteDevices.DeviceEffects>(OnEffects);
+        Receive<GetStats>(_ => Sender.Tell(new Stats(_setup.Device, _reads, _writes, _location)));
+        ReceiveAny(_ => Stash.Stash());
+    }
+
+    /// <summary>Passing the protocol through to the device, wherever it is now.</summary>
+    private void Serve()
+    {
+        Become(() =>
+        {
+            Receive<Write>(w =>
+            {
+                if (Held()) return;
+                _writes++;
+                _postedWriters.Enqueue(Sender);
+                _device.Tell(w);
+            });
+            Receive<Read>(r =>
+            {
+                if (Held()) return;
+                _reads++;
+                _device.Tell(r with { Id = Remember(r) });
+            });
+            Receive<WriteAndWait>(w =>
+            {
+                if (Held()) return;
+                _writes++;
+                _device.Tell(w with { Id = Remember(w) });
+            });
+            Receive<Sync>(s => { if (!Held()) _device.Tell(s with { Id = Remember(s) }); });
+            Receive<GetState>(g => { if (!Held()) _device.Tell(g with { Id = Remember(g) }); });
+            Receive<Acknowledge>(a => { if (!Held()) _device.Tell(a with { Id = Remember(a) }); });
+            Receive<BackendReady>(b => { if (!Held()) _device.Tell(b with { Id = Remember(b) }); });
+            Receive<ReadResult>(r => Answer(r.Id, original => new ReadResult(((Read)original).Id, r.Value)));
+            Receive<WriteDone>(d => Answer(d.Id, original => new WriteDone(((WriteAndWait)original).Id, d.MachineEnding)));
+            Receive<Completed>(c => Answer(c.Id, original => new Completed(IdOf(original))));
+            Receive<StateReply>(s => Answer(s.Id, original => s with { Id = ((GetState)original).Id }));
+            Receive<Acknowledged>(a => Answer(a.Id, original => a with { Id = ((Acknowledge)original).Id }));
+            Receive<WriteCredit>(c =>
+            {
+                // A device on another node confirms its writes with their effects instead (OnEffects).
+                if (_remote) return;
+                for (var i = 0; i < c.Count && _postedWriters.TryDequeue(out var writer); i++) _credits.Posted(writer);
+            });
+            Receive<RemoteDevices.DeviceEffects>(OnEffects);
+            Receive<RemoteDevices.HostedDeviceFailed>(f =>
+                _setup.Events.Tell(new VmProtocol.ChildRestarted(_setup.Device, $"{f.Cause} (on {NodeProtocol.NodeName(_setup.Node)})")));
+            Receive<GetStats>(_ => Sender.Tell(new Stats(_setup.Device, _reads, _writes, _location)));
+            Receive<Terminated>(t =>
+            {
+                if (!t.ActorRef.Equals(_device)) return;
+                if (!_remote) throw new DeviceGoneException($"{_setup.Device} failed on this node and was stopped");
+                Failover(t.AddressTerminated || !NodeIsUp()
+                    ? $"its node {NodeProtocol.NodeName(_setup.Node)} was lost"
+                    : $"it stopped on {NodeProtocol.NodeName(_setup.Node)}");
+            });
+            // Everything else (host input, health, fault injection) goes to the device as it is.
+            ReceiveAny(m =>
+            {
+                if (!Held()) _device.Forward(m);
+            });
+        });
+        _holding = false;
+        Stash.UnstashAll();
+    }
+
+    /// <summary>
+    /// Posted writes a device on another node may have unconfirmed (sent, not yet credited back or
+    /// answered behind): what a lost node can take with it. Beyond it, requests wait here in order (the
+    /// vcpus' own windows bound them) and go to the device as its credits come back, or to the device
+    /// built here if its node is lost, so none of them is lost.
+    /// </summary>
+    public const int RemoteWriteWindow = 256;
+
+    /// <summary>Requests are held here (stashed, in order) while the remote window is full.</summary>
+    private bool _holding;
+
+    /// <summary>Holds the current message if requests are being held or the remote window is full.</summary>
+    private bool Held()
+    {
+        if (!_holding && !(_remote && _postedWriters.Count >= RemoteWriteWindow)) return false;
+        _holding = true;
+        Stash.Stash();
+        return true;
+    }
+
+    /// <summary>The window has room again: the held requests go first, in order.</summary>
+    private void Release()
+    {
+        if (!_holding || _postedWriters.Count >= RemoteWriteWindow) return;
+        _holding = false;
+        Stash.UnstashAll();
+    }
+
+    /// <summary>Whether the device's node is still an Up member (a downed node stops its actors as it
+    /// shuts down, which can reach the proxy before the node is removed).</summary>
+    private bool NodeIsUp() =>
+        Akka.Cluster.Cluster.Get(Context.System).State.Members.Any(m => m.Address.Equals(_setup.Node) && m.Status == Akka.Cluster.MemberStatus.Up);
+
+    private long Remember(object request)
+    {
+        var id = ++_lastId;
+        _pending[id] = new Pending(Sender, request);
+        return id;
+    }
+
+    private static long IdOf(object request) => request switch
+    {
+        Sync s => s.Id,
+        BackendReady b => b.Id,
+        _ => throw new InvalidOperationException($"no Completed answers a {request.GetType().Name}"),
+    };
+
+    /// <summary>The device answered request <paramref name="id"/>: every posted write before it is handled
+    /// (FIFO), so the asker's window is acknowledged; the asker hears the answer with its own id.</summary>
+    private void Answer(long id, Func<object, object> answer)
+    {
+        while (_postedWriters.TryDequeue(out var writer)) _credits.Posted(writer);
+        Release();
+        if (!_pending.Remove(id, out var pending)) return; // an answer from a device that is no longer asked
+        _credits.Replied(pending.Asker);
+        pending.Asker.Tell(answer(pending.Request));
+    }
+
+    private void OnEffects(RemoteDevices.DeviceEffects effects)
+    {
+        if (!Sender.Equals(_device) && !_device.IsNobody()) return; // a device this proxy no longer uses
+        if (effects.Sequence <= _lastSequence) return;
+        _lastSequence = effects.Sequence;
+        // The posted writes handled since the last effects are confirmed: their effects are here.
+        for (var n = effects.WritesHandled - _writesConfirmed; n > 0 && _postedWriters.TryDequeue(out var writer); n--) _credits.Posted(writer);
+        _writesConfirmed = Math.Max(_writesConfirmed, effects.WritesHandled);
+        Release();
+        foreach (var b in effects.Output) _setup.Output(b);
+        if (effects.State is not { } json) return;
+        try { _lastState = DeviceStateCodec.Decode(json); }
+        catch (SnapshotStateException e)
+        {
+            // Kept: the last good record. A device that sends a bad one would restart from it here.
+            Context.GetLogger().Warning("{0} on {1} sent a state record that is not valid ({2}); keeping the last good one",
+                _setup.Device, NodeProtocol.NodeName(_setup.Node), e.Message);
+        }
+    }
+
+    /// <summary>The device's node is gone: settle what was in flight, then run the device here from its
+    /// last state record.</summary>
+    private void Failover(string why)
+    {
+        var lostWrites = _postedWriters.Count;
+        while (_postedWriters.TryDequeue(out var writer)) _credits.Posted(writer);
+        var resend = new List<(IActorRef Asker, object Request)>();
+        foreach (var (_, pending) in _pending.OrderBy(p => p.Key))
+        {
+            switch (pending.Request)
+            {
+                case Read r:
+                    _credits.Replied(pending.Asker);
+                    pending.Asker.Tell(new ReadResult(r.Id, AccessSize.AllOnes(r.Size)));
+                    break;
+                case WriteAndWait w:
+                    lostWrites++;
+                    _credits.Replied(pending.Asker);
+                    pending.Asker.Tell(new WriteDone(w.Id, MachineEnding: false));
+                    break;
+                default:
+                    resend.Add((pending.Asker, pending.Request));
+                    break;
+            }
+        }
+        _pending.Clear();
+        Context.GetLogger().Warning("{0}: {1}; {2} write(s) in flight were lost; it runs on this node now, from its last state record",
+            _setup.Device, why, lostWrites);
+        RunHere($"{why}; {lostWrites} write(s) in flight lost", restored: true);
+        foreach (var (asker, request) in resend) Self.Tell(request, asker);
+    }
+
+    /// <summary>Builds the device on this node from the last state record and serves through it.</summary>
+    private void RunHere(string why, bool restored = false)
+    {
+        Timers.Cancel(PlacementTimedOut.Instance);
+        _device = Context.ActorOf(_setup.LocalProps(_lastState), "here");
+        _remote = false;
+        Context.Watch(_device);
+        _location = $"on this node: {why}";
+        if (!restored) Context.GetLogger().Warning("{0} runs on this node: {1}", _setup.Device, why);
+        _setup.Events.Tell(new VmProtocol.ChildRestarted(_setup.Device, $"moved to the VM's node: {why}"));
+        Serve();
+    }
+
+    /// <summary>The device built here is supervised as the VM supervises its devices.</summary>
+    protected override SupervisorStrategy SupervisorStrategy()
+    {
+        var events = _setup.Events;
+        var device = _setup.Device;
+        return new OneForOneStrategy(VmActor.MaxDeviceRestarts, TimeSpan.FromMinutes(1), cause =>
+        {
+            var directive = VmActor.Supervision.Decide(restartable: true, cause);
+            if (directive == Directive.Restart) events.Tell(new VmProtocol.ChildRestarted(device, $"{cause.GetType().Name}: {cause.Message}"));
+            return directive;
+        });
+    }
+}
+
+/// <summary>A device built on the VM's node (after its own node was lost) failed for good.</summary>
+internal sealed class DeviceGoneException(string message) : Exception(message);

@@ -1,0 +1,202 @@
+using System.Collections.Concurrent;
+using System.Text;
+using Akka.Actor;
+using Akka.Cluster;
+using Akka.TestKit;
+using Akka.TestKit.Xunit2;
+using ActorVmm.Devices;
+using ActorVmm.Host.Cluster;
+using ActorVmm.Host.Config;
+using ActorVmm.Host.Control;
+using ActorVmm.Host.Vm;
+using Xunit;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>
+/// A device actor on another host node than its VM (<see cref="RemoteDevices"/>), between two host nodes
+/// of one cluster in this process: the VM's side is a proxy with probes for the vcpu, the IOAPIC, the
+/// 8259 and the VM; the device (COM1's UART) runs on the other node. Then that node is downed, as the
+/// split-brain resolver downs a dead node, and the device goes on beside the VM from its last state.
+/// (A guest on two `actorvmm host` processes, one of them killed, is in the Integration tests.)
+/// </summary>
+public sealed class RemoteDeviceTests : IAsyncLifetime
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("actorvmm-remote-device-").FullName;
+    private readonly List<ActorSystem> _systems = [];
+
+    public Task InitializeAsync() => Task.CompletedTask;
+
+    public async Task DisposeAsync()
+    {
+        await Task.WhenAll(_systems.Select(s => s.Terminate()));
+        Directory.Delete(_dir, recursive: true);
+    }
+
+    private ActorSystem StartNode(Address? seed)
+    {
+        var config = ConfigValues.From([
+            new("actorvmm.control.directory", _dir),
+            new("actorvmm.cluster.split-brain-resolver.stable-after", "2s"),
+        ]).WithFallback(VmConfig.Load(null));
+        var system = HostRunner.CreateSystem(config, ControlClient.HostSystemName, cluster: true);
+        _systems.Add(system);
+        HostNode.Start(system, config, seed is null ? [] : [seed]);
+        return system;
+    }
+
+    private async Task<(ActorSystem Vm, ActorSystem Other)> TwoNodes()
+    {
+        var first = StartNode(null);
+        var second = StartNode(Akka.Cluster.Cluster.Get(first).SelfAddress);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while (_systems.Any(s => Akka.Cluster.Cluster.Get(s).State.Members.Count(m => m.Status == MemberStatus.Up) < 2))
+        {
+            Assert.True(DateTime.UtcNow < deadline, "the two nodes did not see each other Up");
+            await Task.Delay(100);
+        }
+        return (first, second);
+    }
+
+    /// <summary>The VM's side of a remote COM1: probes in its place, the output collected.</summary>
+    private sealed class VmSide(ActorSystem system)
+    {
+        public readonly TestProbe Vcpu = new(system, new XunitAssertions());
+        public readonly TestProbe IoApic = new(system, new XunitAssertions());
+        public readonly TestProbe Pic = new(system, new XunitAssertions());
+        public readonly TestProbe Vm = new(system, new XunitAssertions());
+        public readonly ConcurrentQueue<byte> Output = new();
+
+        public string Printed => Encoding.ASCII.GetString(Output.ToArray());
+
+        public IActorRef Proxy(Address node, TimeSpan? placementTimeout = null)
+        {
+            var interrupts = new VmInterrupts { IoApic = IoApic, Pic = Pic };
+            var clock = new MonotonicClock();
+            var vm = Vm.Ref;
+            void Out(byte b) => Output.Enqueue(b);
+            IBusDevice Model(IPlatformEvents events, object? state) =>
+                PcPlatform.HostableModel(PcPlatform.Com1Kind, new DeviceContext(events, interrupts, clock), Out, state);
+            var setup = new RemoteDevices.Setup("vm1", "uart0", PcPlatform.Com1Kind, node, IoApic, Pic, vm, Out,
+                state => DeviceProtocol.Props("uart0", events => Model(events, null), Model, vm, initialState: state)
+                    .WithDispatcher(DeviceProtocol.DispatcherId),
+                null, placementTimeout ?? TimeSpan.FromSeconds(30));
+            return system.ActorOf(RemoteDevices.ProxyProps(setup), "uart0");
+        }
+
+        public async Task<ulong> Read(IActorRef uart, long id, ulong offset)
+        {
+            uart.Tell(new DeviceProtocol.Read(id, offset, 1), Vcpu);
+            var result = await Vcpu.ExpectMsgAsync<DeviceProtocol.ReadResult>(TimeSpan.FromSeconds(30));
+            Assert.Equal(id, result.Id);
+            return result.Value;
+        }
+
+        public void Write(IActorRef uart, ulong offset, byte value) => uart.Tell(new DeviceProtocol.Write(offset, 1, value), Vcpu);
+
+        public async Task<string> Location(IActorRef uart)
+        {
+            uart.Tell(DeviceProtocol.GetStats.Instance, Vcpu);
+            return (await Vcpu.ExpectMsgAsync<DeviceProtocol.Stats>(TimeSpan.FromSeconds(30))).Location ?? "";
+        }
+    }
+
+    private const ulong Thr = 0, Ier = 1, Lcr = 3, Mcr = 4, Scr = 7;
+
+    [Fact]
+    public async Task A_uart_on_another_node_serves_the_vm_and_moves_to_the_vms_node_with_its_state_when_that_node_is_downed()
+    {
+        var (vmNode, otherNode) = await TwoNodes();
+        var otherAddress = Akka.Cluster.Cluster.Get(otherNode).SelfAddress;
+        var side = new VmSide(vmNode);
+        var uart = side.Proxy(otherAddress);
+
+        // Registers written and read back across the network, with the vcpu's own read ids.
+        side.Write(uart, Lcr, 0x03);
+        side.Write(uart, Scr, 0x5A);
+        Assert.Equal(0x5AUL, await side.Read(uart, 41, Scr));
+        Assert.Equal(0x03UL, await side.Read(uart, 42, Lcr));
+        // The transmitted bytes come back to the VM's node.
+        foreach (var c in "hello from the other node\n") side.Write(uart, Thr, (byte)c);
+        Assert.Equal(0x5AUL, await side.Read(uart, 43, Scr)); // answered behind the bytes (FIFO)
+        await AwaitAssert(() => Assert.Equal("hello from the other node\n", side.Printed));
+        // Its interrupt line drives the VM's IOAPIC and 8259 from the other node.
+        side.Write(uart, Mcr, 0x08); // OUT2: the PC's gate of the UART's interrupt line
+        side.Write(uart, Ier, 0x02); // THR empty interrupt on
+        var level = await side.IoApic.ExpectMsgAsync<DeviceProtocol.SetIrqLevel>(TimeSpan.FromSeconds(30));
+        Assert.Equal(new DeviceProtocol.SetIrqLevel((int)Platform.Com1Gsi, true), level);
+        Assert.Equal(otherAddress, side.IoApic.LastSender.Path.Address);
+        Assert.Equal(new DeviceProtocol.SetIrqLevel((int)Platform.Com1Gsi, true), await side.Pic.ExpectMsgAsync<DeviceProtocol.SetIrqLevel>());
+        Assert.Contains($"on {NodeProtocol.NodeName(otherAddress)}", await side.Location(uart));
+
+        // A read in flight when the node goes: the device there is stalled, so it is never answered.
+        uart.Tell(new FaultProtocol.Stall(TimeSpan.FromSeconds(60), "hold the read"), side.Vcpu);
+        side.Write(uart, Scr, 0x77); // lost with its node: its effect never came back
+        uart.Tell(new DeviceProtocol.Read(44, Scr, 1), side.Vcpu);
+        await Task.Delay(500);
+        Akka.Cluster.Cluster.Get(vmNode).Down(otherAddress);
+
+        // The read in flight reads all-ones; the device goes on here from the state it mirrored last.
+        var inFlight = await side.Vcpu.ExpectMsgAsync<DeviceProtocol.ReadResult>(TimeSpan.FromSeconds(60));
+        Assert.Equal(new DeviceProtocol.ReadResult(44, 0xFF), inFlight);
+        var moved = await side.Vm.FishForMessageAsync<VmProtocol.ChildRestarted>(m => m is VmProtocol.ChildRestarted, TimeSpan.FromSeconds(30));
+        Assert.Equal("uart0", moved.Child);
+        Assert.Contains($"its node {NodeProtocol.NodeName(otherAddress)} was lost", moved.Cause);
+        Assert.True(moved.Cause.Contains("; 1 write(s) in flight lost"), moved.Cause);
+        Assert.Equal(0x5AUL, await side.Read(uart, 45, Scr));
+        Assert.Equal(0x03UL, await side.Read(uart, 46, Lcr));
+        Assert.Equal(0x02UL, await side.Read(uart, 47, Ier));
+        Assert.Contains("on this node", await side.Location(uart));
+        foreach (var c in "still here\n") side.Write(uart, Thr, (byte)c);
+        await AwaitAssert(() => Assert.Equal("hello from the other node\nstill here\n", side.Printed));
+    }
+
+    [Fact]
+    public async Task A_device_whose_node_does_not_answer_runs_beside_its_vm()
+    {
+        var (vmNode, _) = await TwoNodes();
+        var side = new VmSide(vmNode);
+        var nowhere = new Address("akka.ssl.tcp", ControlClient.HostSystemName, "127.0.0.1", 1);
+        var uart = side.Proxy(nowhere, TimeSpan.FromSeconds(2));
+        side.Write(uart, Scr, 0x11);
+        Assert.Equal(0x11UL, await side.Read(uart, 1, Scr)); // waited for the placement, then served here
+        var moved = await side.Vm.ExpectMsgAsync<VmProtocol.ChildRestarted>(TimeSpan.FromSeconds(30));
+        Assert.Contains("127.0.0.1:1 did not answer within 2 s", moved.Cause);
+        Assert.Contains("on this node", await side.Location(uart));
+    }
+
+    [Fact]
+    public async Task A_node_refuses_to_host_a_device_it_does_not_know_or_a_state_that_is_not_valid()
+    {
+        var (vmNode, otherNode) = await TwoNodes();
+        var probe = new TestProbe(vmNode, new XunitAssertions());
+        var other = vmNode.ActorSelection(new RootActorPath(Akka.Cluster.Cluster.Get(otherNode).SelfAddress) / "user" / ControlProtocol.DirectoryName);
+        RemoteDevices.HostDevice Ask(string kind, byte[]? state) =>
+            new("vm1", "uart0", kind, state, probe.Ref, probe.Ref, probe.Ref, probe.Ref);
+
+        other.Tell(Ask("floppy", null), probe);
+        Assert.Contains("cannot run a device of kind \"floppy\"", (await probe.ExpectMsgAsync<RemoteDevices.DeviceHostRefused>(TimeSpan.FromSeconds(30))).Why);
+        other.Tell(Ask(PcPlatform.Com1Kind, "{\"type\": \"uart16550\"}"u8.ToArray()), probe);
+        Assert.Contains("state record is not valid", (await probe.ExpectMsgAsync<RemoteDevices.DeviceHostRefused>(TimeSpan.FromSeconds(30))).Why);
+        var pitState = DeviceStateCodec.Encode(new ResetControlState(0));
+        other.Tell(Ask(PcPlatform.Com1Kind, pitState), probe);
+        Assert.Contains("not one of a com1", (await probe.ExpectMsgAsync<RemoteDevices.DeviceHostRefused>(TimeSpan.FromSeconds(30))).Why);
+    }
+
+    private static async Task AwaitAssert(Action assertion)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (true)
+        {
+            try
+            {
+                assertion();
+                return;
+            }
+            catch (Xunit.Sdk.XunitException) when (DateTime.UtcNow < deadline)
+            {
+                await Task.Delay(50);
+            }
+        }
+    }
+}
