@@ -5,7 +5,9 @@ using Akka.Cluster;
 using Akka.TestKit;
 using Akka.TestKit.Xunit2;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
 using ActorVmm.Host.Cluster;
+using ActorVmm.Host.Tracing;
 using ActorVmm.Host.Config;
 using ActorVmm.Host.Control;
 using ActorVmm.Host.Vm;
@@ -69,7 +71,7 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
 
         public string Printed => Encoding.ASCII.GetString(Output.ToArray());
 
-        public IActorRef Proxy(Address node, TimeSpan? placementTimeout = null)
+        public IActorRef Proxy(Address node, TimeSpan? placementTimeout = null, bool traced = false)
         {
             var interrupts = new VmInterrupts { IoApic = IoApic, Pic = Pic };
             var clock = new MonotonicClock();
@@ -81,7 +83,8 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
                 state => DeviceProtocol.Props("uart0", events => Model(events, null), Model, vm, initialState: state)
                     .WithDispatcher(DeviceProtocol.DispatcherId),
                 null, placementTimeout ?? TimeSpan.FromSeconds(30));
-            return system.ActorOf(RemoteDevices.ProxyProps(setup), "uart0");
+            var props = RemoteDevices.ProxyProps(setup);
+            return system.ActorOf(traced ? props.WithMailbox(TracedMailboxType.Id) : props, "uart0");
         }
 
         public async Task<ulong> Read(IActorRef uart, long id, ulong offset)
@@ -181,6 +184,41 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         var pitState = DeviceStateCodec.Encode(new ResetControlState(0));
         other.Tell(Ask(PcPlatform.Com1Kind, pitState), probe);
         Assert.Contains("not one of a com1", (await probe.ExpectMsgAsync<RemoteDevices.DeviceHostRefused>(TimeSpan.FromSeconds(30))).Why);
+    }
+
+    [Fact]
+    public async Task A_traced_vms_trace_follows_a_read_to_the_device_on_the_other_node_and_back()
+    {
+        var (vmNode, otherNode) = await TwoNodes();
+        var otherAddress = Akka.Cluster.Cluster.Get(otherNode).SelfAddress;
+        await using var recorder = new TraceRecorder(null);
+        using var registration = MessageTraceRegistry.Register(vmNode, "/user/uart0", recorder);
+        var side = new VmSide(vmNode);
+        var uart = side.Proxy(otherAddress, traced: true);
+        side.Write(uart, Scr, 0x42);
+        Assert.Equal(0x42UL, await side.Read(uart, 6, Scr)); // placed (what waited for it lost its parents in the stash)
+        Assert.Equal(0x42UL, await side.Read(uart, 7, Scr));
+
+        // One causal chain: the vcpu's read at the proxy, the read at the device on the other node, its
+        // answer back at the proxy; the other node's actor is named with its node.
+        var there = $"uart0@{NodeProtocol.NodeName(otherAddress)}";
+        TraceEvent read = null!, atDevice = null!, answer = null!;
+        await AwaitAssert(() =>
+        {
+            var events = recorder.Snapshot();
+            read = Assert.Single(events, e => e is { Receiver: "uart0", Message: DeviceProtocol.Read { Id: 7 } });
+            atDevice = Assert.Single(events, e => e.Receiver == there && e.Message is DeviceProtocol.Read && e.ParentId == read.Id);
+            Assert.Equal("uart0", atDevice.Sender);
+            answer = Assert.Single(events, e => e.Receiver == "uart0" && e.Message is DeviceProtocol.ReadResult && e.ParentId == atDevice.Id);
+        });
+        Assert.Equal(there, answer.Sender);
+
+        // Perfetto: the other node's actors in a process of their own.
+        using var perfetto = new MemoryStream();
+        PerfettoExport.Write(recorder.Snapshot(), perfetto, "vm1");
+        var json = Encoding.UTF8.GetString(perfetto.ToArray());
+        Assert.Contains($"\"vm1: node {NodeProtocol.NodeName(otherAddress)}\"", json);
+        Assert.Contains("\"vm1\"", json);
     }
 
     private static async Task AwaitAssert(Action assertion)

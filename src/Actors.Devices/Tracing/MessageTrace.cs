@@ -32,7 +32,12 @@ public static class TraceContext
 {
     [ThreadStatic] private static IActorRef? _owner;
     [ThreadStatic] private static long _current;
-    private static long _lastId;
+
+    /// <summary>Ids are unique among the processes of a cluster, so that one trace can hold the events of
+    /// several nodes: a random 12-bit process tag above a 40-bit counter (below 2^53, so that JavaScript
+    /// viewers such as Perfetto read them exactly). Two processes share a tag with odds of 1 in 4,096; their
+    /// ids could then meet in one trace only after both counted to the same values.</summary>
+    private static long _lastId = Random.Shared.NextInt64(1, 1 << 12) << 40;
 
     public static long NextId() => Interlocked.Increment(ref _lastId);
 
@@ -66,6 +71,42 @@ public static class TraceContext
         sink.Record(id, ParentFor(sender), sender, receiver, message);
         return id;
     }
+}
+
+/// <summary>
+/// A message between two nodes that carries its causal parent, for a trace that spans nodes: the sending
+/// side wraps it (<see cref="CarryingRef"/>), the receiving actor's traced mailbox unwraps it
+/// (<see cref="TracedMessageQueue"/>), records <see cref="Payload"/> with <see cref="TraceParent"/> as its
+/// parent, and hands the actor <see cref="Payload"/> as if it had come alone, from a sender that carries
+/// the parent of what the actor sends back in the same way.
+/// </summary>
+/// <param name="TraceParent">the trace id of the message whose handling sent this one (0: none)</param>
+/// <param name="Payload">the message</param>
+public sealed record CarriedMessage(long TraceParent, object Payload);
+
+/// <summary>
+/// A reference to <see cref="Target"/> (an actor on another node) that wraps every message told through it
+/// in a <see cref="CarriedMessage"/> with the trace id of the message its sender is handling now. Equal to
+/// its target (same path and uid), so it can stand for it as a dictionary key.
+/// </summary>
+public sealed class CarryingRef(IActorRef target, IActorRefProvider provider) : MinimalActorRef
+{
+    public IActorRef Target { get; } = target;
+
+    public override ActorPath Path => Target.Path;
+
+    public override IActorRefProvider Provider => provider;
+
+    protected override void TellInternal(object message, IActorRef sender) =>
+        Target.Tell(message is CarriedMessage ? message : new CarriedMessage(TraceContext.ParentFor(sender), message), sender);
+
+    public override bool Equals(object? obj) => Target.Equals(obj is CarryingRef c ? c.Target : obj);
+
+    public override int GetHashCode() => Target.GetHashCode();
+
+    /// <summary><paramref name="actor"/> through a carrying reference, unless it is none or one already.</summary>
+    public static IActorRef Around(IActorRef actor, ActorSystem system) =>
+        actor is CarryingRef || actor.IsNobody() ? actor : new CarryingRef(actor, ((ExtendedActorSystem)system).Provider);
 }
 
 /// <summary>
@@ -130,7 +171,7 @@ public sealed class TracedMailboxType(Settings settings, Config config)
         """;
 
     public override IMessageQueue Create(IActorRef owner, ActorSystem system) =>
-        new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(system, owner), LinkFaultRegistry.PlanFor(system, owner));
+        new TracedMessageQueue(owner, MessageTraceRegistry.SinkFor(system, owner), LinkFaultRegistry.PlanFor(system, owner)) { System = system };
 }
 
 /// <summary>
@@ -147,6 +188,10 @@ public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink, LinkFa
     : IMessageQueue, IUnboundedDequeBasedMessageQueueSemantics
 {
     private readonly ConcurrentQueue<(Envelope Envelope, long Id)> _queue = new();
+
+    /// <summary>The owner's actor system: a <see cref="CarriedMessage"/>'s sender is wrapped in a
+    /// <see cref="CarryingRef"/> of it. Null: carried messages are unwrapped, their senders left as they are.</summary>
+    public ActorSystem? System { get; init; }
     private readonly Stack<Envelope> _prepended = new(); // only the actor's own thread prepends and dequeues
 
     public bool HasMessages => _prepended.Count > 0 || !_queue.IsEmpty;
@@ -167,11 +212,20 @@ public sealed class TracedMessageQueue(IActorRef owner, ITraceSink? sink, LinkFa
     private void Arrive(Envelope envelope)
     {
         long id = 0;
+        long? carriedParent = null;
+        if (envelope.Message is CarriedMessage carried)
+        {
+            // From another node, with its parent: the actor gets the message alone, and what it sends
+            // back to the sender carries the parent on (CarryingRef).
+            carriedParent = carried.TraceParent;
+            var sender = System is not null && envelope.Sender is { } from ? CarryingRef.Around(from, System) : envelope.Sender;
+            envelope = new Envelope(carried.Payload, sender);
+        }
         if (sink is not null && envelope.Message is not (INotTraced or Identify or ActorIdentity))
         {
             // (Identify comes from whoever resolves an actor's path, e.g. `actorvmm ctl`: not the VM's own.)
             id = TraceContext.NextId();
-            sink.Record(id, TraceContext.ParentFor(envelope.Sender), envelope.Sender, owner, envelope.Message);
+            sink.Record(id, carriedParent ?? TraceContext.ParentFor(envelope.Sender), envelope.Sender, owner, envelope.Message);
         }
         _queue.Enqueue((envelope, id));
         arrived?.Invoke(envelope);

@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Akka.Event;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
 using ActorVmm.Host.Vm;
 using static ActorVmm.Devices.DeviceProtocol;
 
@@ -20,7 +21,7 @@ namespace ActorVmm.Host.Cluster;
 /// </summary>
 internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWithTimers
 {
-    private sealed record PlacementTimedOut : ActorVmm.Devices.Tracing.INotTraced { public static readonly PlacementTimedOut Instance = new(); }
+    private sealed record PlacementTimedOut : INotTraced { public static readonly PlacementTimedOut Instance = new(); }
 
     /// <summary>A request passed on: who asked, and the request as it was asked.</summary>
     private sealed record Pending(IActorRef Asker, object Request);
@@ -52,12 +53,18 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
         Placing();
     }
 
+    /// <summary>The VM's message trace, when it records one: the device's node then sends what the device
+    /// receives (<see cref="RemoteDevices.TraceRecord"/>), and messages between the two carry their parents.</summary>
+    private ITraceSink? _trace;
+
     protected override void PreStart()
     {
         byte[]? state = null;
         if (_setup.InitialState is { } initial) state = DeviceStateCodec.Encode(initial);
+        _trace = MessageTraceRegistry.SinkFor(Context.System, Self);
         Context.ActorSelection(new RootActorPath(_setup.Node) / "user" / Control.ControlProtocol.DirectoryName)
-            .Tell(new RemoteDevices.HostDevice(_setup.Vm, _setup.Device, _setup.Kind, state, _setup.IoApic, _setup.Pic, _setup.Events, Self));
+            .Tell(new RemoteDevices.HostDevice(_setup.Vm, _setup.Device, _setup.Kind, state, _setup.IoApic, _setup.Pic, _setup.Events, Self,
+                Traced: _trace is not null));
         Timers.StartSingleTimer(PlacementTimedOut.Instance, PlacementTimedOut.Instance, _setup.PlacementTimeout);
     }
 
@@ -67,10 +74,11 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
         Receive<RemoteDevices.DeviceHosted>(h =>
         {
             Timers.Cancel(PlacementTimedOut.Instance);
-            _device = h.Actor;
+            // Traced: what goes to the device carries the id of the message the proxy is handling.
+            _device = _trace is null ? h.Actor : CarryingRef.Around(h.Actor, Context.System);
             _remote = true;
             _location = $"on {NodeProtocol.NodeName(_setup.Node)}";
-            Context.Watch(_device);
+            Context.Watch(h.Actor);
             Context.GetLogger().Info("{0} runs on {1}", _setup.Device, NodeProtocol.NodeName(_setup.Node));
             Serve();
         });
@@ -122,12 +130,13 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
                 for (var i = 0; i < c.Count && _postedWriters.TryDequeue(out var writer); i++) _credits.Posted(writer);
             });
             Receive<RemoteDevices.DeviceEffects>(OnEffects);
+            Receive<RemoteDevices.TraceRecord>(r => _trace?.Record(r.Id, r.Parent, r.Sender, r.Receiver, r.Message));
             Receive<RemoteDevices.HostedDeviceFailed>(f =>
                 _setup.Events.Tell(new VmProtocol.ChildRestarted(_setup.Device, $"{f.Cause} (on {NodeProtocol.NodeName(_setup.Node)})")));
             Receive<GetStats>(_ => Sender.Tell(new Stats(_setup.Device, _reads, _writes, _location)));
             Receive<Terminated>(t =>
             {
-                if (!t.ActorRef.Equals(_device)) return;
+                if (!t.ActorRef.Equals(_device is CarryingRef carrying ? carrying.Target : _device)) return;
                 if (!_remote) throw new DeviceGoneException($"{_setup.Device} failed on this node and was stopped");
                 Failover(t.AddressTerminated || !NodeIsUp()
                     ? $"its node {NodeProtocol.NodeName(_setup.Node)} was lost"
@@ -203,7 +212,8 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
 
     private void OnEffects(RemoteDevices.DeviceEffects effects)
     {
-        if (!Sender.Equals(_device) && !_device.IsNobody()) return; // a device this proxy no longer uses
+        var from = Sender is CarryingRef carrying ? carrying.Target : Sender;
+        if (!_device.IsNobody() && !from.Equals(_device is CarryingRef device ? device.Target : _device)) return; // a device this proxy no longer uses
         if (effects.Sequence <= _lastSequence) return;
         _lastSequence = effects.Sequence;
         // The posted writes handled since the last effects are confirmed: their effects are here.

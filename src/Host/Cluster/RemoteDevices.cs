@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Akka.Event;
 using ActorVmm.Devices;
+using ActorVmm.Devices.Tracing;
 using ActorVmm.Host.Vm;
 
 namespace ActorVmm.Host.Cluster;
@@ -31,8 +32,20 @@ public static class RemoteDevices
     /// reset) to <paramref name="Events"/> (the VM), everything else to <paramref name="Proxy"/>. Answered
     /// <see cref="DeviceHosted"/> or <see cref="DeviceHostRefused"/>.
     /// </summary>
+    /// <remarks>With <paramref name="Traced"/> (the VM records its message trace) the device's messages go
+    /// into that trace: every message the device receives is sent to the proxy as a <see cref="TraceRecord"/>,
+    /// and its messages to the VM's actors carry their causal parent (<see cref="CarriedMessage"/>).</remarks>
     public sealed record HostDevice(string Vm, string Device, string Kind, byte[]? State, IActorRef IoApic, IActorRef Pic,
-        IActorRef Events, IActorRef Proxy) : IRemoteDeviceMessage;
+        IActorRef Events, IActorRef Proxy, bool Traced = false) : IRemoteDeviceMessage;
+
+    /// <summary>From a traced hosted device's node to its proxy: a message the device received, with its
+    /// trace id and causal parent (ids are unique among the cluster's processes: <see cref="TraceContext"/>),
+    /// for the VM's trace. Not itself traced.</summary>
+    public sealed record TraceRecord(long Id, long Parent, IActorRef? Sender, IActorRef Receiver, object Message)
+        : IRemoteDeviceMessage, INotTraced;
+
+    /// <summary>The prefix of the name of the actor a node hosts a device under (/user/vmm/device-...).</summary>
+    public const string HostedPrefix = "device-";
 
     /// <param name="Actor">the device actor, which the proxy talks to from now on</param>
     /// <param name="Device">the device's name</param>
@@ -91,7 +104,7 @@ public static class RemoteDevices
             context.Sender.Tell(new DeviceHostRefused(request.Device, refusal));
             return;
         }
-        context.ActorOf(Props.Create(() => new HostedDevice(request, state, context.Sender)), $"device-{Guid.NewGuid():N}");
+        context.ActorOf(Props.Create(() => new HostedDevice(request, state, context.Sender)), $"{HostedPrefix}{Guid.NewGuid():N}");
     }
 }
 
@@ -118,17 +131,37 @@ internal sealed class HostedDevice : ReceiveActor
     protected override void PreStart()
     {
         var request = _request;
-        var interrupts = new VmInterrupts { IoApic = request.IoApic, Pic = request.Pic };
-        var mirror = new EffectsMirror(request.Proxy);
+        var system = Context.System;
+        // Traced: what the device sends the VM's actors carries its causal parent, and what it receives is
+        // recorded in the VM's trace (the sink is registered before the device's mailbox looks for it).
+        IActorRef Out(IActorRef to) => request.Traced ? CarryingRef.Around(to, system) : to;
+        if (request.Traced)
+            _trace = MessageTraceRegistry.Register(system, Self.Path.ToStringWithoutAddress(), new ToProxy(request.Proxy));
+        var interrupts = new VmInterrupts { IoApic = Out(request.IoApic), Pic = Out(request.Pic) };
+        var events = Out(request.Events);
+        var mirror = new EffectsMirror(Out(request.Proxy));
         var clock = new MonotonicClock();
-        IBusDevice Build(IPlatformEvents events, object? state) =>
-            PcPlatform.HostableModel(request.Kind, new DeviceContext(events, interrupts, clock, vm: request.Events), mirror.Output, state);
-        _device = Context.ActorOf(DeviceProtocol.Props(request.Device, events => Build(events, null), Build, request.Events,
-            initialState: _initialState, mirror: mirror).WithDispatcher(DeviceProtocol.DispatcherId), request.Device);
+        IBusDevice Build(IPlatformEvents platform, object? state) =>
+            PcPlatform.HostableModel(request.Kind, new DeviceContext(platform, interrupts, clock, vm: events), mirror.Output, state);
+        var props = DeviceProtocol.Props(request.Device, platform => Build(platform, null), Build, events,
+            initialState: _initialState, mirror: mirror).WithDispatcher(DeviceProtocol.DispatcherId);
+        _device = Context.ActorOf(request.Traced ? props.WithMailbox(TracedMailboxType.Id) : props, request.Device);
         Context.Watch(_device);
         Context.Watch(request.Proxy);
         _replyTo.Tell(new RemoteDevices.DeviceHosted(request.Device, _device));
         Context.GetLogger().Info("device {0} of VM {1} runs here for {2}", request.Device, request.Vm, request.Proxy.Path.Address);
+    }
+
+    private IDisposable? _trace;
+
+    protected override void PostStop() => _trace?.Dispose();
+
+    /// <summary>The VM's trace, for a traced device: each message it receives goes to the proxy (which
+    /// records it); on the mailbox's thread, so it only tells.</summary>
+    private sealed class ToProxy(IActorRef proxy) : ITraceSink
+    {
+        public void Record(long id, long parentId, IActorRef? sender, IActorRef receiver, object message) =>
+            proxy.Tell(new RemoteDevices.TraceRecord(id, parentId, sender is CarryingRef c ? c.Target : sender, receiver, message), ActorRefs.NoSender);
     }
 
     /// <summary>A failure restarts the device from its state record, as beside its VM (at most

@@ -46,3 +46,15 @@ public static class ConfigValues
         return result;
     }
 }
+
+/// <summary>A string map that equals another with the same pairs (settings records compare by value).</summary>
+public sealed class SettingsMap : Dictionary<string, string>
+{
+    public SettingsMap() : base(StringComparer.Ordinal) { }
+
+    public override bool Equals(object? obj) =>
+        obj is IReadOnlyDictionary<string, string> other && other.Count == Count
+        && this.All(p => other.TryGetValue(p.Key, out var v) && v == p.Value);
+
+    public override int GetHashCode() => this.Aggregate(Count, (h, p) => h ^ HashCode.Combine(p.Key, p.Value));
+}

@@ -32,7 +32,7 @@ public sealed record VmConfig(
     public LibVmm.CpuModel Cpu { get; init; } = LibVmm.CpuModel.Host;
 
     /// <summary>actorvmm.vm.devices.NAME.node: devices that run on another host node (HOST:PORT), by name.</summary>
-    public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new Dictionary<string, string>();
+    public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new SettingsMap();
 
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
@@ -198,9 +198,9 @@ public sealed record VmConfig(
 
     /// <summary>actorvmm.vm.devices: <c>NAME { node = "HOST:PORT" }</c> for each device that runs on another
     /// host node (an empty node: beside the VM).</summary>
-    private static Dictionary<string, string> DeviceNodesOf(Akka.Configuration.Config vm)
+    private static SettingsMap DeviceNodesOf(Akka.Configuration.Config vm)
     {
-        var nodes = new Dictionary<string, string>(StringComparer.Ordinal);
+        var nodes = new SettingsMap();
         if (!vm.HasPath("devices")) return nodes;
         var devices = vm.GetValue("devices");
         if (devices.IsEmpty) return nodes;

@@ -164,14 +164,24 @@ public sealed class TraceRecorder : ITraceSink, IAsyncDisposable
         return name;
     }
 
-    private static string ComputeName(IActorRef actor)
+    /// <summary>
+    /// /user/vm-demo/vcpu-0 → vcpu-0; /user/vm-demo → vm-demo; a device another node hosts for the VM
+    /// (/user/vmm/device-.../uart0) → uart0; temp and system actors keep their path. An actor of another
+    /// process (its address has a host) gets "@HOST:PORT": uart0@127.0.0.1:4712.
+    /// </summary>
+    internal static string ComputeName(IActorRef actor)
     {
         if (actor.IsNobody()) return "(none)";
         var elements = actor.Path.Elements;
-        // /user/vm-demo/vcpu-0 → vcpu-0; /user/vm-demo → vm-demo; temp/system actors keep their path.
-        if (elements.Count >= 3 && elements[0] == "user") return string.Join('/', elements.Skip(2));
-        if (elements.Count == 2 && elements[0] == "user") return elements[1];
-        return "/" + string.Join('/', elements);
+        string name;
+        if (elements.Count >= 4 && elements[0] == "user" && elements[1] == Control.ControlProtocol.DirectoryName
+            && elements[2].StartsWith(Cluster.RemoteDevices.HostedPrefix, StringComparison.Ordinal))
+            name = string.Join('/', elements.Skip(3));
+        else if (elements.Count >= 3 && elements[0] == "user") name = string.Join('/', elements.Skip(2));
+        else if (elements.Count == 2 && elements[0] == "user") name = elements[1];
+        else name = "/" + string.Join('/', elements);
+        var address = actor.Path.Address;
+        return address.Host is { } host ? $"{name}@{host}:{address.Port}" : name;
     }
 
     public static string ToJsonLine(TraceEvent e)

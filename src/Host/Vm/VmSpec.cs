@@ -60,7 +60,7 @@ public sealed record VmSpec(string Name, ulong MemoryBytes, int Cpus, BootImage 
 
     /// <summary>Devices that run on another host node of the cluster, by name: HOST:PORT of the node
     /// (<c>actorvmm.vm.devices.NAME.node</c>, <c>ctl run --device-node NAME=HOST:PORT</c>).</summary>
-    public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new Dictionary<string, string>();
+    public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new Config.SettingsMap();
 }
 
 /// <summary>
