@@ -118,6 +118,13 @@ public static class HostRunner
         RunOptions options, TextWriter stderr, Snapshot.VmRestore? restore = null)
     {
         var control = config.GetBoolean("actorvmm.control.enabled", false);
+        if (vm.DeviceNodes.Count > 0)
+        {
+            // `run` is one VM in a process of its own, in no cluster: no other node to run a device on.
+            await stderr.WriteLineAsync($"actorvmm: error: devices on other nodes ({string.Join(", ", vm.DeviceNodes.Keys)}) need a cluster: " +
+                                        "start the VM with `actorvmm ctl run` on an `actorvmm host` node");
+            return VmProtocol.Outcome.HostErrorCode;
+        }
         SerialConsole? console = null;
         TraceRecorder? trace = null;
         try

@@ -221,6 +221,25 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         Assert.Contains("\"vm1\"", json);
     }
 
+    [Fact]
+    public async Task The_device_node_option_names_the_node_and_run_alone_refuses_it()
+    {
+        var options = new Cli.VmOptions();
+        var command = new System.CommandLine.Command("run");
+        options.AddTo(command);
+        List<KeyValuePair<string, string>> Settings(params string[] args) => options.Settings(command.Parse(args), absolute: false);
+        Assert.Equal([new("actorvmm.vm.devices.uart0.node", "127.0.0.1:4712")], Settings("--device-node", "uart0=127.0.0.1:4712"));
+        Assert.Contains("give NAME=HOST:PORT", Assert.Throws<ConfigException>(() => Settings("--device-node", "uart0")).Message);
+
+        // `actorvmm run` is in no cluster: it says so before building anything.
+        var config = ConfigValues.From(Settings("--device-node", "uart0=127.0.0.1:4712")).WithFallback(VmConfig.Load(null));
+        var stderr = new StringWriter();
+        var code = await HostRunner.RunAsync(Task.FromException<ActorSystem>(new InvalidOperationException("not started")), config,
+            VmConfig.From(config), null!, new HostRunner.RunOptions(), stderr);
+        Assert.Equal(VmProtocol.Outcome.HostErrorCode, code);
+        Assert.Contains("devices on other nodes (uart0) need a cluster", stderr.ToString());
+    }
+
     private static async Task AwaitAssert(Action assertion)
     {
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);

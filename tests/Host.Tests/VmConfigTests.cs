@@ -112,6 +112,12 @@ public sealed class VmConfigTests
     [InlineData("test-devices = maybe", "actorvmm.vm.test-devices")]
     [InlineData("rng = maybe", "actorvmm.vm.rng")]
     [InlineData("rng = on, paging.enabled = on", "actorvmm.vm.rng")]
+    [InlineData("devices { floppy { node = \"127.0.0.1:4712\" } }", "actorvmm.vm.devices.floppy")]
+    [InlineData("devices { uart0 { node = \"127.0.0.1\" } }", "actorvmm.vm.devices.uart0.node")]
+    [InlineData("devices { uart0 { node = \"127.0.0.1:70000\" } }", "actorvmm.vm.devices.uart0.node")]
+    [InlineData("devices { uart0 { where = \"127.0.0.1:4712\" } }", "actorvmm.vm.devices.uart0.where")]
+    [InlineData("devices { uart0 = \"127.0.0.1:4712\" }", "actorvmm.vm.devices.uart0")]
+    [InlineData("devices = 3", "actorvmm.vm.devices")]
     public void Bad_values_are_config_exceptions_naming_the_key(string setting, string key)
     {
         var config = ConfigurationFactory.ParseString($"actorvmm.vm {{ {setting} }}").WithFallback(VmConfig.Load(null));
@@ -226,6 +232,17 @@ public sealed class VmConfigTests
 
 public sealed class HaltPollConfigTests
 {
+    [Fact]
+    public void Devices_on_other_nodes_are_named_with_their_node_and_none_by_default()
+    {
+        Assert.Empty(VmConfig.From(VmConfig.Load(null)).DeviceNodes);
+        var config = ConfigValues.From([new("actorvmm.vm.devices.uart0.node", "127.0.0.1:4712")]).WithFallback(VmConfig.Load(null));
+        Assert.Equal(new Dictionary<string, string> { ["uart0"] = "127.0.0.1:4712" }, VmConfig.From(config).DeviceNodes);
+        // An empty node keeps the device beside its VM.
+        var here = ConfigValues.From([new("actorvmm.vm.devices.uart0.node", "")]).WithFallback(VmConfig.Load(null));
+        Assert.Empty(VmConfig.From(here).DeviceNodes);
+    }
+
     private static Akka.Configuration.Config With(string value) =>
         ConfigurationFactory.ParseString($"actorvmm.vcpu.halt-poll = \"{value}\"").WithFallback(VmConfig.Load(null));
 

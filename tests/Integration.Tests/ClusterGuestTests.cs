@@ -99,6 +99,22 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         return port;
     }
 
+    /// <summary>Two nodes (the first starts the cluster), both Up as the first sees them, and a ctl client.</summary>
+    private async Task<(ControlClient Client, string Node1, string Node2, int Port2)> TwoNodes(string nodeConfig)
+    {
+        var port1 = await StartNode(null, nodeConfig);
+        var port2 = await StartNode(port1, nodeConfig);
+        var node1 = $"127.0.0.1:{port1}";
+        var client = ControlClient.Create(TimeSpan.FromMinutes(2), _dir);
+        var joined = DateTime.UtcNow + TimeSpan.FromMinutes(3);
+        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < 2)
+        {
+            Assert.True(DateTime.UtcNow < joined, "node 1 does not see both nodes Up");
+            await Task.Delay(1000);
+        }
+        return (client, node1, $"127.0.0.1:{port2}", port2);
+    }
+
     private string Flat(string name, Action<Assembler> body)
     {
         var a = new Assembler(16);
@@ -156,19 +172,10 @@ public sealed class ClusterGuestTests : IAsyncLifetime
     public async Task Vms_run_on_chosen_and_placed_nodes_and_are_listed_and_watched_from_any_node()
     {
         KvmRequirement.Check();
-        var port1 = await StartNode(null);
-        var port2 = await StartNode(port1);
-        var node1 = $"127.0.0.1:{port1}";
-        var node2 = $"127.0.0.1:{port2}";
         // What `ctl` does, in this process (a ctl process per step costs a minute in the KVM box); the
         // console session below is the real `actorvmm ctl` executable.
-        await using var client = ControlClient.Create(TimeSpan.FromMinutes(2), _dir);
-        var joined = DateTime.UtcNow + TimeSpan.FromMinutes(3);
-        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < 2)
-        {
-            Assert.True(DateTime.UtcNow < joined, "node 1 does not see both nodes Up");
-            await Task.Delay(1000);
-        }
+        var (client, node1, node2, _) = await TwoNodes(PatientNodes);
+        await using var _ = client;
 
         Step("test", "both nodes are up");
         KeyValuePair<string, string>[] Flat(string path) => [new("actorvmm.vm.boot.flat", path)];
@@ -274,17 +281,9 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             actorvmm.cluster.failure-detector.acceptable-heartbeat-pause = 30s
             actorvmm.cluster.split-brain-resolver.stable-after = 3s
             """;
-        var port1 = await StartNode(null, detecting); // the oldest: with keep-oldest it survives the other's death
-        var port2 = await StartNode(port1, detecting);
-        var node1 = $"127.0.0.1:{port1}";
-        var node2 = $"127.0.0.1:{port2}";
-        await using var client = ControlClient.Create(TimeSpan.FromMinutes(2), _dir);
-        var joined = DateTime.UtcNow + TimeSpan.FromMinutes(3);
-        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < 2)
-        {
-            Assert.True(DateTime.UtcNow < joined, "node 1 does not see both nodes Up");
-            await Task.Delay(1000);
-        }
+        // Node 1 is the oldest: with keep-oldest it survives the other's death.
+        var (client, node1, node2, port2) = await TwoNodes(detecting);
+        await using var _ = client;
         Assert.Equal(node1, await client.RunVmAsync(node1, "counter",
             [new("actorvmm.vm.boot.flat", CountingPrinter()), new("actorvmm.vm.devices.uart0.node", node2)], node1));
         Step("test", "counter runs on node 1, its uart0 on node 2");

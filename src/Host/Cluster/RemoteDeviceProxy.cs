@@ -281,12 +281,7 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
     {
         var events = _setup.Events;
         var device = _setup.Device;
-        return new OneForOneStrategy(VmActor.MaxDeviceRestarts, TimeSpan.FromMinutes(1), cause =>
-        {
-            var directive = VmActor.Supervision.Decide(restartable: true, cause);
-            if (directive == Directive.Restart) events.Tell(new VmProtocol.ChildRestarted(device, $"{cause.GetType().Name}: {cause.Message}"));
-            return directive;
-        });
+        return RemoteDevices.DeviceSupervision(cause => events.Tell(new VmProtocol.ChildRestarted(device, cause)));
     }
 }
 

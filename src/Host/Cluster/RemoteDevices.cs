@@ -79,6 +79,17 @@ public static class RemoteDevices
     public sealed record Setup(string Vm, string Device, string Kind, Address Node, IActorRef IoApic, IActorRef Pic, IActorRef Events,
         Action<byte> Output, Func<object?, Props> LocalProps, object? InitialState, TimeSpan PlacementTimeout);
 
+    /// <summary>A device actor's supervision away from its VM actor, as the VM supervises its devices
+    /// (<see cref="VmActor.Supervision"/>, at most <see cref="VmActor.MaxDeviceRestarts"/> restarts a
+    /// minute); <paramref name="restarting"/> hears the cause of each restart.</summary>
+    internal static SupervisorStrategy DeviceSupervision(Action<string> restarting) =>
+        new OneForOneStrategy(VmActor.MaxDeviceRestarts, TimeSpan.FromMinutes(1), cause =>
+        {
+            var directive = VmActor.Supervision.Decide(restartable: true, cause);
+            if (directive == Directive.Restart) restarting($"{cause.GetType().Name}: {cause.Message}");
+            return directive;
+        });
+
     /// <summary>The proxy's props; it runs on the device dispatcher, as the device would.</summary>
     public static Props ProxyProps(Setup setup) =>
         Props.Create(() => new RemoteDeviceProxy(setup)).WithDispatcher(DeviceProtocol.DispatcherId);
@@ -171,12 +182,7 @@ internal sealed class HostedDevice : ReceiveActor
     {
         var proxy = _request.Proxy;
         var device = _request.Device;
-        return new OneForOneStrategy(VmActor.MaxDeviceRestarts, TimeSpan.FromMinutes(1), cause =>
-        {
-            var directive = VmActor.Supervision.Decide(restartable: true, cause);
-            if (directive == Directive.Restart) proxy.Tell(new RemoteDevices.HostedDeviceFailed(device, $"{cause.GetType().Name}: {cause.Message}"));
-            return directive;
-        });
+        return RemoteDevices.DeviceSupervision(cause => proxy.Tell(new RemoteDevices.HostedDeviceFailed(device, cause)));
     }
 
     /// <summary>Collects what the model outputs during a message and sends it, with the count of posted
