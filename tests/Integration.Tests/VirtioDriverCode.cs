@@ -32,7 +32,7 @@ internal sealed class VirtioDriverCode(Assembler a, Label fail)
         a.@out(dx, eax);
     }
 
-    private void ConfigRead32(int register)
+    public void ConfigRead32(int register)
     {
         Address(register);
         a.mov(dx, Platform.PciConfigDataPort);
@@ -52,23 +52,39 @@ internal sealed class VirtioDriverCode(Assembler a, Label fail)
     /// walks the capabilities through ECAM (statuses 3-11).</summary>
     public void FindAndMap(ushort virtioId, ulong barBase)
     {
+        Find(virtioId);
+        SizeBar();
+        PlaceBar(barBase);
+        WalkCapabilities(checkBar: true);
+    }
+
+    /// <summary>Scans bus 0 through mechanism #1 for vendor 0x1AF4, device 0x1040 + <paramref name="virtioId"/>
+    /// (status 2 if absent): its slot in R15; <paramref name="found"/> checks it further (with R15 and the
+    /// configuration accessors); then its ECAM page in RBP.</summary>
+    public void Find(ushort virtioId, Action? found = null)
+    {
         var scan = a.CreateLabel();
-        var found = a.CreateLabel();
+        var at = a.CreateLabel();
         a.xor(r15d, r15d);
         a.Label(ref scan);
         ConfigRead32(0x00);
         a.cmp(eax, (int)((0x1040u + virtioId) << 16 | 0x1AF4));
-        a.je(found);
+        a.je(at);
         a.inc(r15d);
         a.cmp(r15d, 32);
         a.jb(scan);
         Check(2, l => a.jmp(l));
-        a.Label(ref found);
+        a.Label(ref at);
+        found?.Invoke();
         a.mov(rbp, r15);
         a.shl(rbp, 15);
         a.mov(rax, (long)Platform.PciEcamBase);
         a.add(rbp, rax);
+    }
 
+    /// <summary>Sizes BAR 0 (registers 0x10/0x14): a 64-bit memory BAR of at least 4 KiB (statuses 3-4).</summary>
+    public void SizeBar()
+    {
         ConfigWrite32(0x10, 0xFFFF_FFFF);
         ConfigWrite32(0x14, 0xFFFF_FFFF);
         ConfigRead32(0x10);
@@ -80,11 +96,22 @@ internal sealed class VirtioDriverCode(Assembler a, Label fail)
         a.neg(eax);
         a.cmp(eax, 0x1000);
         Check(4, l => a.jb(l));
+    }
+
+    /// <summary>BAR 0 at <paramref name="barBase"/>, memory space and bus mastering on; R14 the BAR.</summary>
+    public void PlaceBar(ulong barBase)
+    {
         ConfigWrite32(0x10, (uint)barBase);
         ConfigWrite32(0x14, (uint)(barBase >> 32));
         ConfigWrite32(0x04, 0b110);                          // memory space + bus master
         a.mov(r14, (long)barBase);
+    }
 
+    /// <summary>The capability list through ECAM (statuses 5-11): the MSI-X capability's offset in R12 and its
+    /// table in R13, the common configuration in R8, the notify structure in R9 with its multiplier in R10,
+    /// the ISR in R11. <paramref name="checkBar"/>: every virtio structure must be in BAR 0 (status 7).</summary>
+    public void WalkCapabilities(bool checkBar)
+    {
         var walk = a.CreateLabel();
         var next = a.CreateLabel();
         var notMsix = a.CreateLabel();
@@ -94,29 +121,32 @@ internal sealed class VirtioDriverCode(Assembler a, Label fail)
         a.xor(r11, r11);
         a.xor(r12, r12);
         a.movzx(esi, __byte_ptr[rbp + 0x34]);
-        a.mov(ecx, 48);
+        a.mov(ecx, 48);                                      // at most 48 capabilities fit in 192 bytes
         a.Label(ref walk);
         a.test(esi, esi);
         a.jz(walked);
         a.dec(ecx);
-        Check(5, l => a.jz(l));
+        Check(5, l => a.jz(l));                              // a loop in the list
         a.movzx(eax, __byte_ptr[rbp + rsi]);
         a.cmp(al, 0x11);
         a.jne(notMsix);
         a.mov(r12, rsi);
         a.mov(eax, __dword_ptr[rbp + rsi + 4]);
         a.test(eax, 0b111);
-        Check(6, l => a.jnz(l));
+        Check(6, l => a.jnz(l));                             // the table is in BAR 0
         a.lea(r13, __[r14 + rax]);
         a.jmp(next);
         a.Label(ref notMsix);
         a.cmp(al, 0x09);
         a.jne(next);
-        a.cmp(__byte_ptr[rbp + rsi + 4], 0);
-        Check(7, l => a.jne(l));
+        if (checkBar)
+        {
+            a.cmp(__byte_ptr[rbp + rsi + 4], 0);
+            Check(7, l => a.jne(l));
+        }
         a.mov(eax, __dword_ptr[rbp + rsi + 8]);
         a.lea(rdi, __[r14 + rax]);
-        a.movzx(eax, __byte_ptr[rbp + rsi + 3]);
+        a.movzx(eax, __byte_ptr[rbp + rsi + 3]);             // cfg_type
         var notCommon = a.CreateLabel();
         var notNotify = a.CreateLabel();
         a.cmp(al, 1);
@@ -126,7 +156,7 @@ internal sealed class VirtioDriverCode(Assembler a, Label fail)
         a.cmp(al, 2);
         a.jne(notNotify);
         a.mov(r9, rdi);
-        a.mov(r10d, __dword_ptr[rbp + rsi + 16]);
+        a.mov(r10d, __dword_ptr[rbp + rsi + 16]);            // notify_off_multiplier
         a.Label(ref notNotify);
         a.cmp(al, 3);
         a.cmove(r11, rdi);

@@ -133,146 +133,23 @@ public sealed class VirtioGuestTests
         var handlerConfig = a.CreateLabel();
         var handlerIntx = a.CreateLabel();
         Label? secondHlt = null;
-        void Check(byte status, Action<Label> jumpIfBad)
-        {
-            a.mov(bl, status);
-            jumpIfBad(fail);
-        }
-        // CONFIG_ADDRESS for register <register> of 00:R15.0.
-        void Address(int register)
-        {
-            a.mov(eax, r15d);
-            a.shl(eax, 11);
-            a.or(eax, unchecked((int)(0x8000_0000u | (uint)register)));
-            a.mov(dx, Platform.PciConfigAddressPort);
-            a.@out(dx, eax);
-        }
-        void ConfigRead32(int register)
-        {
-            Address(register);
-            a.mov(dx, Platform.PciConfigDataPort);
-            a.@in(eax, dx);
-        }
-        void ConfigWrite32(int register, uint value)
-        {
-            Address(register);
-            a.mov(dx, Platform.PciConfigDataPort);
-            a.mov(eax, value);
-            a.@out(dx, eax);
-        }
+        var driver = new VirtioDriverCode(a, fail);
+        void Check(byte status, Action<Label> jumpIfBad) => driver.Check(status, jumpIfBad);
 
         foreach (var (vector, handler) in new[] { (QueueVector, handlerQueue), (ConfigVector, handlerConfig), (IntxVector, handlerIntx) })
             InterruptCode.SetGate(a, vector, handler);
         InterruptCode.EnableLocalApic(a);
 
-        // 1. Scan bus 0 for vendor 0x1AF4, device 0x1044 (virtio 1.x entropy, §4.1.2).
-        var scan = a.CreateLabel();
-        var found = a.CreateLabel();
-        a.xor(r15d, r15d);
-        a.Label(ref scan);
-        ConfigRead32(0x00);
-        a.cmp(eax, 0x1044_1AF4);
-        a.je(found);
-        a.inc(r15d);
-        a.cmp(r15d, 32);
-        a.jb(scan);
-        a.mov(bl, 2);
-        a.jmp(fail);
-        a.Label(ref found);
-        a.mov(rbp, r15);
-        a.shl(rbp, 15);
-        a.mov(rax, (long)Platform.PciEcamBase);
-        a.add(rbp, rax);
-
-        // 2. Size BAR 0 (registers 0x10/0x14): a 64-bit memory BAR; place it at the memory window's base.
-        ConfigWrite32(0x10, 0xFFFF_FFFF);
-        ConfigWrite32(0x14, 0xFFFF_FFFF);
-        ConfigRead32(0x10);
-        a.mov(ecx, eax);
-        a.and(ecx, 0b111);
-        a.cmp(ecx, 0b100);                                   // memory, 64-bit
-        Check(3, l => a.jne(l));
-        a.and(eax, unchecked((int)0xFFFF_FFF0));
-        a.neg(eax);                                          // the size
-        a.cmp(eax, 0x1000);
-        Check(4, l => a.jb(l));
-        ConfigWrite32(0x10, (uint)Platform.PciMmioWindowBase);
-        ConfigWrite32(0x14, 0);
-        ConfigWrite32(0x04, 0b110);                          // memory space + bus master
-        a.mov(r14, (long)Platform.PciMmioWindowBase);
-
-        // 3. Walk the capability list through ECAM.
-        var walk = a.CreateLabel();
-        var next = a.CreateLabel();
-        var notVirtio = a.CreateLabel();
-        var walked = a.CreateLabel();
-        a.xor(r8, r8);
-        a.xor(r9, r9);
-        a.xor(r11, r11);
-        a.xor(r12, r12);
-        a.movzx(esi, __byte_ptr[rbp + 0x34]);
-        a.mov(ecx, 48);                                      // at most 48 capabilities fit in 192 bytes
-        a.Label(ref walk);
-        a.test(esi, esi);
-        a.jz(walked);
-        a.dec(ecx);
-        Check(5, l => a.jz(l));                              // a loop in the list
-        a.movzx(eax, __byte_ptr[rbp + rsi]);
-        a.cmp(al, 0x11);
-        a.jne(notVirtio);
-        a.mov(r12, rsi);                                     // MSI-X
-        a.mov(eax, __dword_ptr[rbp + rsi + 4]);
-        a.test(eax, 0b111);
-        Check(6, l => a.jnz(l));                             // the table is in BAR 0
-        a.lea(r13, __[r14 + rax]);
-        a.jmp(next);
-        a.Label(ref notVirtio);
-        a.cmp(al, 0x09);
-        a.jne(next);
-        a.cmp(__byte_ptr[rbp + rsi + 4], 0);
-        Check(7, l => a.jne(l));                             // every structure is in BAR 0
-        a.mov(eax, __dword_ptr[rbp + rsi + 8]);
-        a.lea(rdi, __[r14 + rax]);
-        a.movzx(eax, __byte_ptr[rbp + rsi + 3]);             // cfg_type
-        var notCommon = a.CreateLabel();
-        var notNotify = a.CreateLabel();
-        a.cmp(al, 1);
-        a.jne(notCommon);
-        a.mov(r8, rdi);
-        a.Label(ref notCommon);
-        a.cmp(al, 2);
-        a.jne(notNotify);
-        a.mov(r9, rdi);
-        a.mov(r10d, __dword_ptr[rbp + rsi + 16]);            // notify_off_multiplier
-        a.Label(ref notNotify);
-        a.cmp(al, 3);
-        a.cmove(r11, rdi);
-        a.Label(ref next);
-        a.movzx(esi, __byte_ptr[rbp + rsi + 1]);
-        a.jmp(walk);
-        a.Label(ref walked);
-        foreach (var (reg, status) in new[] { (r8, (byte)8), (r9, (byte)9), (r11, (byte)10), (r12, (byte)11) })
-        {
-            a.test(reg, reg);
-            Check(status, l => a.jz(l));
-        }
+        // 1-3. Find vendor 0x1AF4, device 0x1044 (virtio 1.x entropy, §4.1.2) on bus 0, size BAR 0 (a 64-bit
+        // memory BAR) and place it at the memory window's base, walk the capability list through ECAM.
+        driver.FindAndMap(ActorVmm.Devices.Virtio.VirtioRng.VirtioDeviceId, Platform.PciMmioWindowBase);
         a.mov(rdi, (long)IsrAddress);
         a.mov(__qword_ptr[rdi], r11);
 
         // 4. Interrupts: MSI-X entries 0 (queue) and 1 (configuration) to APIC 0, unmasked, MSI-X on;
         // or INTA#: its Interrupt Line must name GSI 17, routed level-triggered, active low.
         if (interrupts == Interrupts.MsiX)
-        {
-            a.mov(__dword_ptr[r13], unchecked((int)0xFEE0_0000));
-            a.mov(__dword_ptr[r13 + 4], 0);
-            a.mov(__dword_ptr[r13 + 8], QueueVector);
-            a.mov(__dword_ptr[r13 + 12], 0);
-            a.mov(__dword_ptr[r13 + 16], unchecked((int)0xFEE0_0000));
-            a.mov(__dword_ptr[r13 + 20], 0);
-            a.mov(__dword_ptr[r13 + 24], ConfigVector);
-            a.mov(__dword_ptr[r13 + 28], 0);
-            a.mov(__word_ptr[rbp + r12 + 2], 0x8000); // MSI-X Enable (ECAM)
-        }
+            driver.EnableMsix(QueueVector, ConfigVector);
         else
         {
             a.cmp(__byte_ptr[rbp + 0x3C], IntxGsi);

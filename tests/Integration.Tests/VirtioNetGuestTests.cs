@@ -323,120 +323,29 @@ public sealed class VirtioNetGuestTests
         var hltTx = a.CreateLabel();
         var hltRx = a.CreateLabel();
         var handlers = new[] { (RxVector, a.CreateLabel(), 0), (TxVector, a.CreateLabel(), 1), (ConfigVector, a.CreateLabel(), 2) };
-        void Check(byte status, Action<Label> jumpIfBad)
-        {
-            a.mov(bl, status);
-            jumpIfBad(fail);
-        }
-        void Address(int register)
-        {
-            a.mov(eax, r15d);
-            a.shl(eax, 11);
-            a.or(eax, unchecked((int)(0x8000_0000u | (uint)register)));
-            a.mov(dx, Platform.PciConfigAddressPort);
-            a.@out(dx, eax);
-        }
-        void ConfigRead32(int register)
-        {
-            Address(register);
-            a.mov(dx, Platform.PciConfigDataPort);
-            a.@in(eax, dx);
-        }
-        void ConfigWrite32(int register, uint value)
-        {
-            Address(register);
-            a.mov(dx, Platform.PciConfigDataPort);
-            a.mov(eax, value);
-            a.@out(dx, eax);
-        }
+        var driver = new VirtioDriverCode(a, fail);
+        void Check(byte status, Action<Label> jumpIfBad) => driver.Check(status, jumpIfBad);
 
         foreach (var (vector, handler, _) in handlers) InterruptCode.SetGate(a, vector, handler);
         InterruptCode.EnableLocalApic(a);
 
-        // 1. Find vendor 0x1AF4, device 0x1041 (virtio 1.x network card, §4.1.2) on bus 0.
-        var scan = a.CreateLabel();
-        var found = a.CreateLabel();
-        a.xor(r15d, r15d);
-        a.Label(ref scan);
-        ConfigRead32(0x00);
-        a.cmp(eax, 0x1041_1AF4);
-        a.je(found);
-        a.inc(r15d);
-        a.cmp(r15d, 32);
-        a.jb(scan);
-        a.mov(bl, 2);
-        a.jmp(fail);
-        a.Label(ref found);
-        a.cmp(r15d, PcPlatform.VirtioNetSlot);
-        Check(3, l => a.jne(l));
-        ConfigRead32(0x08);
-        a.shr(eax, 16);
-        a.cmp(eax, 0x0200);                                  // class: network controller, Ethernet
-        Check(4, l => a.jne(l));
-        a.mov(rbp, r15);
-        a.shl(rbp, 15);
-        a.mov(rax, (long)Platform.PciEcamBase);
-        a.add(rbp, rax);
+        // 1. Find vendor 0x1AF4, device 0x1041 (virtio 1.x network card, §4.1.2) on bus 0: in its slot, of
+        // class network controller, Ethernet.
+        driver.Find(VirtioNet.VirtioDeviceId, () =>
+        {
+            a.cmp(r15d, PcPlatform.VirtioNetSlot);
+            Check(3, l => a.jne(l));
+            driver.ConfigRead32(0x08);
+            a.shr(eax, 16);
+            a.cmp(eax, 0x0200);
+            Check(4, l => a.jne(l));
+        });
 
         // 2. BAR 0 at the memory window's base; memory space and bus mastering on.
-        ConfigWrite32(0x10, (uint)Platform.PciMmioWindowBase);
-        ConfigWrite32(0x14, 0);
-        ConfigWrite32(0x04, 0b110);
-        a.mov(r14, (long)Platform.PciMmioWindowBase);
+        driver.PlaceBar(Platform.PciMmioWindowBase);
 
         // 3. The capability list through ECAM: MSI-X and the virtio structures.
-        var walk = a.CreateLabel();
-        var next = a.CreateLabel();
-        var notVirtio = a.CreateLabel();
-        var walked = a.CreateLabel();
-        a.xor(r8, r8);
-        a.xor(r9, r9);
-        a.xor(r11, r11);
-        a.xor(r12, r12);
-        a.movzx(esi, __byte_ptr[rbp + 0x34]);
-        a.mov(ecx, 48);
-        a.Label(ref walk);
-        a.test(esi, esi);
-        a.jz(walked);
-        a.dec(ecx);
-        Check(5, l => a.jz(l));
-        a.movzx(eax, __byte_ptr[rbp + rsi]);
-        a.cmp(al, 0x11);
-        a.jne(notVirtio);
-        a.mov(r12, rsi);
-        a.mov(eax, __dword_ptr[rbp + rsi + 4]);
-        a.test(eax, 0b111);
-        Check(6, l => a.jnz(l));
-        a.lea(r13, __[r14 + rax]);
-        a.jmp(next);
-        a.Label(ref notVirtio);
-        a.cmp(al, 0x09);
-        a.jne(next);
-        a.mov(eax, __dword_ptr[rbp + rsi + 8]);
-        a.lea(rdi, __[r14 + rax]);
-        a.movzx(eax, __byte_ptr[rbp + rsi + 3]);
-        var notCommon = a.CreateLabel();
-        var notNotify = a.CreateLabel();
-        a.cmp(al, 1);
-        a.jne(notCommon);
-        a.mov(r8, rdi);
-        a.Label(ref notCommon);
-        a.cmp(al, 2);
-        a.jne(notNotify);
-        a.mov(r9, rdi);
-        a.mov(r10d, __dword_ptr[rbp + rsi + 16]);
-        a.Label(ref notNotify);
-        a.cmp(al, 3);
-        a.cmove(r11, rdi);
-        a.Label(ref next);
-        a.movzx(esi, __byte_ptr[rbp + rsi + 1]);
-        a.jmp(walk);
-        a.Label(ref walked);
-        foreach (var (reg, status) in new[] { (r8, (byte)8), (r9, (byte)9), (r11, (byte)10), (r12, (byte)11) })
-        {
-            a.test(reg, reg);
-            Check(status, l => a.jz(l));
-        }
+        driver.WalkCapabilities(checkBar: false);
 
         // 4. MSI-X: entries 0-2 to APIC 0 with the rx, tx and configuration vectors; MSI-X Enable.
         foreach (var (vector, _, entry) in handlers)
