@@ -131,6 +131,12 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         Assert.Equal(otherAddress, side.IoApic.LastSender.Path.Address);
         Assert.Equal(new DeviceProtocol.SetIrqLevel((int)Platform.Com1Gsi, true), await side.Pic.ExpectMsgAsync<DeviceProtocol.SetIrqLevel>());
         Assert.Contains($"on {NodeProtocol.NodeName(otherAddress)}", await side.Location(uart));
+        // Its state record (a snapshot's part) is the one its node mirrored, after everything sent before.
+        uart.Tell(new DeviceProtocol.GetState(48), side.Vm);
+        var state = await side.Vm.ExpectMsgAsync<DeviceProtocol.StateReply>(TimeSpan.FromSeconds(30));
+        Assert.Equal(48, state.Id);
+        Assert.Equal(new { Lcr = (byte)0x03, Mcr = (byte)0x08, Ier = (byte)0x02, Scr = (byte)0x5A },
+            state.State is UartState u ? new { u.Lcr, u.Mcr, u.Ier, u.Scr } : null);
 
         // A read in flight when the node goes: the device there is stalled, so it is never answered.
         uart.Tell(new FaultProtocol.Stall(TimeSpan.FromSeconds(60), "hold the read"), side.Vcpu);

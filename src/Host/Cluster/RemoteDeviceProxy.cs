@@ -115,12 +115,22 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
                 _device.Tell(w with { Id = Remember(w) });
             });
             Receive<Sync>(s => { if (!Held()) _device.Tell(s with { Id = Remember(s) }); });
-            Receive<GetState>(g => { if (!Held()) _device.Tell(g with { Id = Remember(g) }); });
+            // The state of a device on another node is the record it mirrored last, once a barrier shows
+            // that everything before the request was handled (its effects came first): no record object
+            // crosses the network but the checked JSON of the effects.
+            Receive<GetState>(g =>
+            {
+                if (Held()) return;
+                if (_remote) _device.Tell(new Sync(Remember(g)));
+                else _device.Tell(g with { Id = Remember(g) });
+            });
             Receive<Acknowledge>(a => { if (!Held()) _device.Tell(a with { Id = Remember(a) }); });
             Receive<BackendReady>(b => { if (!Held()) _device.Tell(b with { Id = Remember(b) }); });
             Receive<ReadResult>(r => Answer(r.Id, original => new ReadResult(((Read)original).Id, r.Value)));
             Receive<WriteDone>(d => Answer(d.Id, original => new WriteDone(((WriteAndWait)original).Id, d.MachineEnding)));
-            Receive<Completed>(c => Answer(c.Id, original => new Completed(IdOf(original))));
+            Receive<Completed>(c => Answer(c.Id, original => original is GetState g
+                ? new StateReply(g.Id, _setup.Device, _lastState)
+                : new Completed(IdOf(original))));
             Receive<StateReply>(s => Answer(s.Id, original => s with { Id = ((GetState)original).Id }));
             Receive<Acknowledged>(a => Answer(a.Id, original => a with { Id = ((Acknowledge)original).Id }));
             Receive<WriteCredit>(c =>
