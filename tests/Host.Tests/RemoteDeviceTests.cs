@@ -161,6 +161,24 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_hosted_device_stops_when_its_vms_node_is_gone()
+    {
+        var (vmNode, otherNode) = await TwoNodes();
+        var side = new VmSide(vmNode);
+        var uart = side.Proxy(Akka.Cluster.Cluster.Get(otherNode).SelfAddress);
+        side.Write(uart, Scr, 0x33);
+        Assert.Equal(0x33UL, await side.Read(uart, 1, Scr)); // placed and serving
+
+        var watcher = new TestProbe(otherNode, new XunitAssertions());
+        otherNode.ActorSelection($"/user/{ControlProtocol.DirectoryName}/{RemoteDevices.HostedPrefix}*/uart0").Tell(new Identify(1), watcher);
+        var hosted = (await watcher.ExpectMsgAsync<ActorIdentity>(TimeSpan.FromSeconds(30))).Subject;
+        Assert.NotNull(hosted);
+        watcher.Watch(hosted);
+        Akka.Cluster.Cluster.Get(otherNode).Down(Akka.Cluster.Cluster.Get(vmNode).SelfAddress);
+        await watcher.ExpectTerminatedAsync(hosted, TimeSpan.FromSeconds(60));
+    }
+
+    [Fact]
     public async Task A_device_whose_node_does_not_answer_runs_beside_its_vm()
     {
         var (vmNode, _) = await TwoNodes();
