@@ -14,10 +14,11 @@ namespace ActorVmm.Host.Cluster;
 /// it keeps the vcpus' write windows (<see cref="WriteCredits"/>) and counts a posted write as handled
 /// when the device's node confirms it with its effects (<see cref="RemoteDevices.DeviceEffects"/>), or
 /// the device answers anything after it (mailboxes are FIFO, and so is remoting between two actors);
-/// a device on this node credits its writes back as usual. When the device actor terminates (its node was removed from the cluster, or it
-/// kept failing there) the device is built on this node from the last state record it mirrored, after
-/// the requests in flight were settled: reads read all-ones, waited writes are done, posted writes are
-/// credited back; barriers and state requests go to the new device.
+/// a device on this node credits its writes back as usual. When the device actor terminates (its node
+/// was removed from the cluster, or it kept failing there) the device is built on this node from the
+/// last state record it mirrored, after the requests in flight were settled: reads read all-ones,
+/// waited writes are done, posted writes are credited back; barriers and state requests go to the new
+/// device.
 /// </summary>
 internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWithTimers
 {
@@ -140,6 +141,8 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
                 for (var i = 0; i < c.Count && _postedWriters.TryDequeue(out var writer); i++) _credits.Posted(writer);
             });
             Receive<RemoteDevices.DeviceEffects>(OnEffects);
+            // A placement that answered after its time was up: that device is not used, so it goes.
+            Receive<RemoteDevices.DeviceHosted>(h => h.Actor.Tell(PoisonPill.Instance));
             Receive<RemoteDevices.TraceRecord>(r => _trace?.Record(r.Id, r.Parent, r.Sender, r.Receiver, r.Message));
             Receive<RemoteDevices.HostedDeviceFailed>(f =>
                 _setup.Events.Tell(new VmProtocol.ChildRestarted(_setup.Device, $"{f.Cause} (on {NodeProtocol.NodeName(_setup.Node)})")));
