@@ -18,6 +18,7 @@ const string usage = """
            actorvmm-bench ipipath [round trips] [repetitions] [bare|actors|pool|all|trace|alloc]  the host's share of an emulated IPI round trip (no KVM needed); trace: its messages; alloc: its allocations by type
            actorvmm-bench iopath [exits] [repetitions]  the host's share of a port I/O exit, devices inline vs on the thread pool (no KVM needed)
            actorvmm-bench blkpath [requests] [repetitions]  the host's share of a virtio-blk request (4 KiB and 512 KiB) vs a raw preadv/pwritev loop (no KVM needed)
+           actorvmm-bench remotedev [operations] [repetitions]  COM1 reads and posted writes, beside the VM vs on another host node (two nodes in this process; no KVM needed)
            actorvmm-bench startup [runs]     process start to exit of `actorvmm run` and of QEMU for a trivial guest, and where ActorVmm's time goes
            actorvmm-bench hostmem [vms]      host memory per VM: idle 1-vcpu 16 MiB VMs in one host node, beyond guest RAM (needs /dev/kvm)
            actorvmm-bench linuxboot [runs] [cpus]  process start to the kernel's first line and to the init marker: the guest kit's Linux under ActorVmm and QEMU (needs /dev/kvm, guest/build.sh)
@@ -33,7 +34,7 @@ if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 var counts = new int?[args.Length];
 for (var i = 0; i < args.Length; i++)
     counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
-var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" or "linuxboot" or "blk" or "blkpath" ? 1 : 0;
+var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" or "linuxboot" or "blk" or "blkpath" or "remotedev" ? 1 : 0;
 var last = args.Length > 0 && args[0] is "faults" or "ipipath" ? Math.Min(args.Length, 3)
     : args.Length > 0 && args[0] is "lapic" ? Math.Min(args.Length, 5) : args.Length; // what follows the counts is a mode
 for (var i = first; i < last; i++)
@@ -65,6 +66,8 @@ if (args.Length > 0 && args[0] == "ipipath")
     return await ActorVmm.Bench.IpiPathBench.RunAsync(Count(1, 20_000), Count(2, 3), args.Length > 3 ? args[3] : "all");
 if (args.Length > 0 && args[0] == "blkpath")
     return ActorVmm.Bench.BlkPathBench.Run(Count(1, 2_000), Count(2, 3));
+if (args.Length > 0 && args[0] == "remotedev")
+    return await ActorVmm.Bench.RemoteDeviceBench.RunAsync(Count(1, 20_000), Count(2, 3));
 if (args.Length > 0 && args[0] == "iopath")
     return await ActorVmm.Bench.IoPathBench.RunAsync(Count(1, 200_000), Count(2, 3));
 var at = args.Length > 0 && args[0] == "io" ? 1 : 0; // "io" may be named or not

@@ -150,7 +150,13 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
             Receive<Terminated>(t =>
             {
                 if (!t.ActorRef.Equals(_device is CarryingRef carrying ? carrying.Target : _device)) return;
-                if (!_remote) throw new DeviceGoneException($"{_setup.Device} failed on this node and was stopped");
+                if (!_remote)
+                {
+                    // The device beside the VM kept failing (or is stopping with the VM): so does its
+                    // proxy, and the VM, watching it, ends as when any device fails for good.
+                    Context.Stop(Self);
+                    return;
+                }
                 Failover(t.AddressTerminated || !NodeIsUp()
                     ? $"its node {NodeProtocol.NodeName(_setup.Node)} was lost"
                     : $"it stopped on {NodeProtocol.NodeName(_setup.Node)}");
@@ -298,5 +304,3 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
     }
 }
 
-/// <summary>A device built on the VM's node (after its own node was lost) failed for good.</summary>
-internal sealed class DeviceGoneException(string message) : Exception(message);
