@@ -464,6 +464,20 @@ namespace ActorVmm.Host
             }
             {
                 var host = Host();
+                var vmName = Vm();
+                var to = new Option<string>("--to") { Description = "the node to move it to, HOST:PORT (ctl nodes lists them)", Required = true };
+                var migrate = new Command("migrate", "move a running VM to another host node: paused, snapshotted, streamed there and resumed (stop-and-copy)") { vmName, host, to };
+                migrate.SetAction(async (parse, _) =>
+                {
+                    await using var client = Client(parse);
+                    var entry = await client.FindEntryAsync(parse.GetValue(vmName)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
+                    Console.Out.Write(await client.MigrateAsync(entry, parse.GetValue(to)!));
+                    return 0;
+                });
+                ctl.Add(migrate);
+            }
+            {
+                var host = Host();
                 var nodes = new Command("nodes", "the host nodes of the cluster: address, status, reachability, roles") { host };
                 nodes.SetAction(async (parse, _) =>
                 {

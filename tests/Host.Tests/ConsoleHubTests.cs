@@ -43,6 +43,48 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public void A_hub_whose_vm_moved_passes_the_new_hubs_output_on_from_where_it_stopped_and_then_the_end()
+    {
+        var old = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        old.Tell(new ConsoleProtocol.Output(Bytes("before\n")));
+        var client = CreateTestProbe();
+        old.Tell(new ConsoleProtocol.Attach(client.Ref, Follow: true));
+        Assert.Equal("before\n", Encoding.ASCII.GetString(client.ExpectMsg<ConsoleProtocol.History>().Bytes));
+
+        // The VM moves: the new hub goes on from the old one's state, and has output of its own before the
+        // old one follows it: the client gets each byte once, at its offset.
+        old.Tell(ConsoleProtocol.GetState.Instance, TestActor);
+        var state = ExpectMsg<ConsoleProtocol.State>();
+        Assert.Equal(7, state.Written);
+        var moved = Sys.ActorOf(ConsoleProtocol.Props("vm", state));
+        moved.Tell(new ConsoleProtocol.Output(Bytes("after\n")));
+        old.Tell(new ConsoleProtocol.MovedTo(moved, "127.0.0.1:2"));
+        var first = client.ExpectMsg<ConsoleProtocol.Chunk>();
+        Assert.Equal(("after\n", 7L), (Encoding.ASCII.GetString(first.Bytes), first.Offset));
+        moved.Tell(new ConsoleProtocol.Output(Bytes("more\n")));
+        var second = client.ExpectMsg<ConsoleProtocol.Chunk>();
+        Assert.Equal(("more\n", 13L), (Encoding.ASCII.GetString(second.Bytes), second.Offset));
+
+        // Input typed at the old hub goes to the VM where it runs now.
+        var vmUart = CreateTestProbe();
+        moved.Tell(new ConsoleProtocol.Connect(Sys.ActorOf(Props.Create(() => new FakeVm(vmUart.Ref)))));
+        old.Tell(new ConsoleProtocol.Input(Bytes("typed")));
+        Assert.Equal("typed", Encoding.ASCII.GetString(vmUart.ExpectMsg<DeviceProtocol.HostInput>().Data));
+
+        // A client attaching to the new hub sees the whole output; the end reaches the old hub's client, and
+        // the old hub, a relay now, stops.
+        var late = CreateTestProbe();
+        moved.Tell(new ConsoleProtocol.Attach(late.Ref, Follow: false));
+        Assert.Equal("before\nafter\nmore\n", Encoding.ASCII.GetString(late.ExpectMsg<ConsoleProtocol.History>().Bytes));
+        Watch(old);
+        moved.Tell(new ConsoleProtocol.VmEnded("guest halted (exit code 0)"));
+        var end = client.ExpectMsg<ConsoleProtocol.Chunk>();
+        Assert.True(end.Ended);
+        Assert.Equal("guest halted (exit code 0)", end.Detail);
+        ExpectTerminated(old);
+    }
+
+    [Fact]
     public void The_history_keeps_the_latest_64_KiB_and_says_where_it_starts()
     {
         var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));

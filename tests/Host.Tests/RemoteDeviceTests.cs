@@ -24,41 +24,13 @@ namespace ActorVmm.Host.Tests;
 /// </summary>
 public sealed class RemoteDeviceTests : IAsyncLifetime
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("actorvmm-remote-device-").FullName;
-    private readonly List<ActorSystem> _systems = [];
+    private readonly InProcessCluster _cluster = new();
 
     public Task InitializeAsync() => Task.CompletedTask;
 
-    public async Task DisposeAsync()
-    {
-        await Task.WhenAll(_systems.Select(s => s.Terminate()));
-        Directory.Delete(_dir, recursive: true);
-    }
+    public async Task DisposeAsync() => await _cluster.DisposeAsync();
 
-    private ActorSystem StartNode(Address? seed)
-    {
-        var config = ConfigValues.From([
-            new("actorvmm.control.directory", _dir),
-            new("actorvmm.cluster.split-brain-resolver.stable-after", "2s"),
-        ]).WithFallback(VmConfig.Load(null));
-        var system = HostRunner.CreateSystem(config, ControlClient.HostSystemName, cluster: true);
-        _systems.Add(system);
-        HostNode.Start(system, config, seed is null ? [] : [seed]);
-        return system;
-    }
-
-    private async Task<(ActorSystem Vm, ActorSystem Other)> TwoNodes()
-    {
-        var first = StartNode(null);
-        var second = StartNode(Akka.Cluster.Cluster.Get(first).SelfAddress);
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-        while (_systems.Any(s => Akka.Cluster.Cluster.Get(s).State.Members.Count(m => m.Status == MemberStatus.Up) < 2))
-        {
-            Assert.True(DateTime.UtcNow < deadline, "the two nodes did not see each other Up");
-            await Task.Delay(100);
-        }
-        return (first, second);
-    }
+    private Task<(ActorSystem First, ActorSystem Second)> TwoNodes() => _cluster.TwoNodes();
 
     /// <summary>The VM's side of a remote COM1: probes in its place, the output collected.</summary>
     private sealed class VmSide(ActorSystem system)

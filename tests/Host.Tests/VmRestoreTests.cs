@@ -18,7 +18,7 @@ public sealed class VmRestoreTests : IDisposable
 
     public void Dispose() => _dir.Dispose();
 
-    private sealed record Parts(SavedSpec Spec, int Vcpus, Func<int, VcpuKvmState> Vcpu, IReadOnlyDictionary<string, byte[]> Devices);
+    internal sealed record Parts(SavedSpec Spec, int Vcpus, Func<int, VcpuKvmState> Vcpu, IReadOnlyDictionary<string, byte[]> Devices);
 
     private static VcpuKvmState Kvm(int registersBytes = KvmStateSizes.Regs) => new()
     {
@@ -30,15 +30,18 @@ public sealed class VmRestoreTests : IDisposable
         Events = new byte[KvmStateSizes.VcpuEvents],
     };
 
-    private static Parts Good(int cpus = 1) => new(
+    internal static Parts Good(int cpus = 1) => new(
         new SavedSpec("saved", 16 << 20, cpus, LapicMode.Emulated, "host", Superpages: false, TestDevices: false, Paging: null,
             SharedMemory: null, HasFirmware: false),
         cpus, _ => Kvm(),
         new Dictionary<string, byte[]> { ["uart0"] = DeviceStateCodec.Encode(((IStatefulDevice)new Uart16550(new NullInterruptLine(), _ => { })).SaveState()) });
 
-    private string Write(Parts parts, string name = "snap")
+    private string Write(Parts parts, string name = "snap") => Write(parts, _dir.File(name), 16 << 20);
+
+    /// <summary>A well-formed snapshot of <paramref name="parts"/> at <paramref name="path"/>, its guest memory
+    /// <paramref name="memoryBytes"/> of holes (or <paramref name="memory"/> writes into it).</summary>
+    internal static string Write(Parts parts, string path, long memoryBytes, Action<FileStream>? memory = null)
     {
-        var path = _dir.File(name);
         var writer = SnapshotDirectory.Create(path, parts.Spec.Name);
         writer.WriteJson(SnapshotParts.Spec, parts.Spec);
         writer.WriteJson(SnapshotParts.Clock, new SavedClock(TimeSpan.FromSeconds(3), new VmKvmState(5_000_000_000, 0, 1_700_000_000_000_000_000, null)));
@@ -51,7 +54,8 @@ public sealed class VmRestoreTests : IDisposable
         writer.WriteFile(SnapshotParts.Memory, file =>
         {
             using var stream = File.Create(file);
-            stream.SetLength(16 << 20);
+            stream.SetLength(memoryBytes);
+            memory?.Invoke(stream);
         });
         writer.Complete();
         return path;

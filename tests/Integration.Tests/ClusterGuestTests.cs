@@ -227,9 +227,10 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             $"the console session showed \"{Encoding.ASCII.GetString(session.ToArray())}\" and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
     }
 
-    /// <summary>Lines "0000\n" to "1999\n" (10,000 bytes) on COM1, each followed by a millisecond's wait on
-    /// the ACPI PM timer (port 0x608: 24 bits at 3.579545 MHz), then debug-exit with status 5 (exit code 11).</summary>
-    private string CountingPrinter() => Flat("counter.bin", a =>
+    /// <summary>Lines "0000\n" to "<paramref name="lines"/> - 1" on COM1, each followed by a wait of
+    /// <paramref name="waitMs"/> ms on the ACPI PM timer (port 0x608: 24 bits at 3.579545 MHz), then
+    /// debug-exit with status 5 (exit code 11).</summary>
+    private string CountingPrinter(int lines = 2000, int waitMs = 1) => Flat($"counter-{lines}-{waitMs}.bin", a =>
     {
         var line = a.CreateLabel();
         var digit = a.CreateLabel();
@@ -265,10 +266,10 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         a.@in(eax, dx);
         a.sub(eax, edi);
         a.and(eax, 0xFFFFFF);
-        a.cmp(eax, 3580);              // 1 ms
+        a.cmp(eax, 3580 * waitMs);
         a.jb(wait);
         a.inc(bx);
-        a.cmp(bx, 2000);
+        a.cmp(bx, (short)lines);
         a.jne(line);
         a.mov(al, 5);
         a.@out(0xF4, al);
@@ -279,7 +280,95 @@ public sealed class ClusterGuestTests : IAsyncLifetime
     /// <summary>Where the counting printer builds a line (conventional memory below the image).</summary>
     private const int Buffer = 0x500;
 
-    private static string CountedLines() => string.Concat(Enumerable.Range(0, 2000).Select(i => $"{i:0000}\n"));
+    private static string CountedLines(int lines = 2000) => string.Concat(Enumerable.Range(0, lines).Select(i => $"{i:0000}\n"));
+
+    [KvmFact]
+    public async Task A_running_guest_migrates_between_nodes_and_back_and_its_console_goes_on_with_no_gap_and_no_repeat()
+    {
+        KvmRequirement.Check();
+        var (client, node1, node2, _) = await TwoNodes(PatientNodes);
+        await using var _ = client;
+        const int lines = 3000; // 30 s at 10 ms a line: longer than four migrations take
+        Assert.Equal(node1, await client.RunVmAsync(node1, "mover", [new("actorvmm.vm.boot.flat", CountingPrinter(lines, waitMs: 10))], node1));
+        Step("test", "mover runs on node 1");
+
+        // One console session, attached through node 1 before any move, for the guest's whole life.
+        var session = new MemoryStream();
+        var printed = 0L;
+        var output = new CallbackStream(bytes =>
+        {
+            lock (session) session.Write(bytes);
+            Interlocked.Add(ref printed, bytes.Length);
+        });
+        var following = client.ConsoleAsync(await client.FindEntryAsync("mover", [node1]), follow: true, output, input: null,
+            new CancellationTokenSource(TimeSpan.FromMinutes(20)).Token);
+
+        async Task PrintsMore(long bytes)
+        {
+            var until = Interlocked.Read(ref printed) + bytes;
+            var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(5);
+            while (Interlocked.Read(ref printed) < until)
+            {
+                Assert.True(DateTime.UtcNow < deadline && !following.IsCompleted,
+                    $"the guest printed {Interlocked.Read(ref printed)} bytes and no more; the nodes printed:\n{NodeLog()}");
+                await Task.Delay(20);
+            }
+        }
+
+        // Refused before anything happens: the VM goes on where it is.
+        await PrintsMore(250);
+        var refused = await Assert.ThrowsAsync<ControlException>(async () => await client.MigrateAsync(await client.FindEntryAsync("mover", [node2]), "127.0.0.1:1"));
+        Assert.Contains("no node 127.0.0.1:1 is up", refused.Message);
+        Assert.Equal(ActorVmm.Host.Vm.VmProtocol.Phase.Running, (await client.StatusAsync((await client.FindEntryAsync("mover", [node2])).Actor)).Phase);
+
+        // There and back, twice, each time after more output; each is asked through the node it leaves.
+        var at = node1;
+        for (var move = 0; move < 4; move++)
+        {
+            await PrintsMore(250);
+            var to = at == node1 ? node2 : node1;
+            var said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to);
+            Step("test", said.TrimEnd());
+            Assert.Contains($"migrated from {at} to {to}", said);
+            var entry = await client.FindEntryAsync("mover", [at]);
+            Assert.Equal((to, ""), (entry.Node, entry.Ended));
+            at = to;
+        }
+
+        var ended = await following;
+        var text = Encoding.ASCII.GetString(session.ToArray());
+        var expected = CountedLines(lines);
+        var same = 0;
+        while (same < Math.Min(text.Length, expected.Length) && text[same] == expected[same]) same++;
+        Assert.True(text == expected && ended?.Contains("exit code 11") == true,
+            $"the console showed {text.Length} bytes, the first {same} as expected, and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
+        Assert.Equal(node1, (await client.FindEntryAsync("mover", [node2])).Node);
+    }
+
+    /// <summary>A write-only stream that hands each write to <paramref name="written"/>.</summary>
+    private sealed class CallbackStream(Action<byte[]> written) : Stream
+    {
+        public override void Write(byte[] buffer, int offset, int count) => written(buffer.AsSpan(offset, count).ToArray());
+        public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancel)
+        {
+            Write(buffer, offset, count);
+            return Task.CompletedTask;
+        }
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancel = default)
+        {
+            written(buffer.ToArray());
+            return ValueTask.CompletedTask;
+        }
+        public override void Flush() { }
+        public override bool CanRead => false;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+    }
 
     [KvmFact]
     public async Task A_uart_on_another_node_prints_for_the_guest_and_the_guest_finishes_when_that_node_is_killed()

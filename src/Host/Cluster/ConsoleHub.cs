@@ -45,7 +45,24 @@ public static class ConsoleProtocol
     /// <summary>Bytes typed by a client, for the guest's UART receive side.</summary>
     public sealed record Input(byte[] Bytes) : IConsoleMessage;
 
-    public static Props Props(string vm) => Akka.Actor.Props.Create(() => new ConsoleHubActor(vm));
+    /// <summary>Asks for <see cref="State"/>: everything written so far and the bytes kept, so that a hub on
+    /// another node can go on where this one stops (a migration).</summary>
+    public sealed record GetState : IConsoleMessage { public static readonly GetState Instance = new(); }
+
+    /// <param name="Written">bytes the guest wrote since the VM started</param>
+    /// <param name="Kept">the last of them (at most <see cref="ConsoleHubActor.HistoryLimit"/>)</param>
+    public sealed record State(long Written, byte[] Kept) : IConsoleMessage;
+
+    /// <summary>The VM now runs elsewhere and <paramref name="Hub"/> (on <paramref name="Node"/>) is its
+    /// console: this hub follows it and passes its output on to its own followers, from the byte it
+    /// stopped at, and sends them its end; input typed here goes there.</summary>
+    public sealed record MovedTo(IActorRef Hub, string Node) : IConsoleMessage;
+
+    public static Props Props(string vm) => Akka.Actor.Props.Create(() => new ConsoleHubActor(vm, 0, Array.Empty<byte>()));
+
+    /// <summary>A hub that goes on from <paramref name="from"/>: its offset and history continue
+    /// another's (the VM came from another node).</summary>
+    public static Props Props(string vm, State from) => Akka.Actor.Props.Create(() => new ConsoleHubActor(vm, from.Written, from.Kept));
 }
 
 public sealed class ConsoleHubActor : ReceiveActor
@@ -61,19 +78,25 @@ public sealed class ConsoleHubActor : ReceiveActor
     private ActorSelection[] _inputs = [];
     private string? _ended;
 
-    public ConsoleHubActor(string vm)
+    private IActorRef? _movedTo;
+
+    public ConsoleHubActor(string vm, long written, byte[] kept)
     {
         _vm = vm;
-        Receive<ConsoleProtocol.Output>(o =>
+        _written = written - Math.Min(kept.Length, HistoryLimit);
+        Append(kept.Length > HistoryLimit ? kept[^HistoryLimit..] : kept);
+        Receive<ConsoleProtocol.Output>(o => Append(o.Bytes));
+        Receive<ConsoleProtocol.GetState>(_ => Sender.Tell(new ConsoleProtocol.State(_written, Kept())));
+        Receive<ConsoleProtocol.MovedTo>(m =>
         {
-            foreach (var part in Split(o.Bytes))
-            {
-                var chunk = new ConsoleProtocol.Chunk(_vm, _written, part, false, "");
-                _written += part.Length;
-                Keep(part);
-                foreach (var f in _followers) f.Tell(chunk);
-            }
+            _movedTo = m.Hub;
+            _inputs = [];
+            Context.Watch(m.Hub);
+            m.Hub.Tell(new ConsoleProtocol.Attach(Self, Follow: true));
         });
+        // From the hub the VM moved to: only the bytes past what this hub has are new.
+        Receive<ConsoleProtocol.History>(h => Relay(h.Offset, h.Bytes, h.Ended, h.Detail), _ => _movedTo is not null && Sender.Equals(_movedTo));
+        Receive<ConsoleProtocol.Chunk>(c => Relay(c.Offset, c.Bytes, c.Ended, c.Detail), _ => _movedTo is not null && Sender.Equals(_movedTo));
         Receive<ConsoleProtocol.Connect>(c => _inputs = c.VirtioConsole
             ? [Context.ActorSelection(c.Vm.Path / "uart0"), Context.ActorSelection(c.Vm.Path / Vm.PcPlatform.VirtioConsoleName)]
             : [Context.ActorSelection(c.Vm.Path / "uart0")]);
@@ -84,17 +107,11 @@ public sealed class ConsoleHubActor : ReceiveActor
             foreach (var f in _followers) Context.Unwatch(f);
             _followers.Clear();
             _inputs = [];
+            if (_movedTo is not null) Context.Stop(Self); // a relay: the hub it followed keeps the history
         });
         Receive<ConsoleProtocol.Attach>(a =>
         {
-            var kept = new byte[_historyBytes];
-            var at = 0;
-            foreach (var part in _history)
-            {
-                part.CopyTo(kept, at);
-                at += part.Length;
-            }
-            a.Client.Tell(new ConsoleProtocol.History(_vm, _written - _historyBytes, kept, _ended is not null, _ended ?? ""));
+            a.Client.Tell(new ConsoleProtocol.History(_vm, _written - _historyBytes, Kept(), _ended is not null, _ended ?? ""));
             if (!a.Follow || _ended is not null) return;
             _followers.Add(a.Client);
             Context.Watch(a.Client);
@@ -104,13 +121,57 @@ public sealed class ConsoleHubActor : ReceiveActor
             _followers.Remove(d.Client);
             Context.Unwatch(d.Client);
         });
-        Receive<Terminated>(t => _followers.Remove(t.ActorRef));
+        Receive<Terminated>(t =>
+        {
+            if (_movedTo is not null && t.ActorRef.Equals(_movedTo) && _ended is null)
+                Self.Tell(new ConsoleProtocol.VmEnded("its console on the node it moved to went away (that node left or stopped)"));
+            _followers.Remove(t.ActorRef);
+        });
         Receive<ConsoleProtocol.Input>(i =>
         {
             // Bounded as the UART's own receive path is: a client cannot queue unbounded input.
             if (i.Bytes.Length is not (> 0 and <= ConsoleProtocol.MaxChunk)) return;
+            if (_movedTo is not null) _movedTo.Tell(i);
             foreach (var input in _inputs) input.Tell(new DeviceProtocol.HostInput(i.Bytes));
         });
+    }
+
+    private void Append(byte[] bytes)
+    {
+        foreach (var part in Split(bytes))
+        {
+            var chunk = new ConsoleProtocol.Chunk(_vm, _written, part, false, "");
+            _written += part.Length;
+            Keep(part);
+            foreach (var f in _followers) f.Tell(chunk);
+        }
+    }
+
+    /// <summary>Output of the hub followed after a move, at byte <paramref name="offset"/>: what this hub
+    /// does not have yet is taken as its own; an end is passed on.</summary>
+    private void Relay(long offset, byte[] bytes, bool ended, string detail)
+    {
+        if (offset > _written)
+        {
+            // Bytes the other hub no longer kept when this one attached: lost to this hub's followers.
+            Serilog.Log.Warning("console of {Vm}: {Bytes} byte(s) of output from the node it moved to were no longer kept", _vm, offset - _written);
+            _written = offset;
+        }
+        var skip = _written - offset;
+        if (skip < bytes.Length) Append(skip == 0 ? bytes : bytes[(int)skip..]);
+        if (ended) Self.Tell(new ConsoleProtocol.VmEnded(detail));
+    }
+
+    private byte[] Kept()
+    {
+        var kept = new byte[_historyBytes];
+        var at = 0;
+        foreach (var part in _history)
+        {
+            part.CopyTo(kept, at);
+            at += part.Length;
+        }
+        return kept;
     }
 
     private static IEnumerable<byte[]> Split(byte[] bytes)

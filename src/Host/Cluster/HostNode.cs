@@ -44,7 +44,10 @@ public static class HostNode
             # before it could have looked (a known Akka.NET defect); placement answers for itself.
             akka.cluster.singleton-proxy.log-singleton-identification-failure = off
             akka.coordinated-shutdown.exit-clr = off
-            """);
+            # A migration's StreamRef: the target subscribes once the offer is accepted, which takes
+            # seconds on a loaded machine, not 30 (StreamRefs' default).
+            akka.stream.materializer.stream-ref.subscription-timeout = 2 m
+            """).WithFallback(Akka.Streams.ActorMaterializer.DefaultConfig());
     }
 
     /// <summary>"HOST:PORT" → the address of the host node there.</summary>

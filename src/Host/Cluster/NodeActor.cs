@@ -23,9 +23,19 @@ public sealed class NodeActor : ReceiveActor
     /// <summary>Names a VM cannot have: actors of a host node at /user.</summary>
     public static readonly string[] ReservedNames = [ControlProtocol.DirectoryName, PlacementActor.ManagerName, PlacementActor.ProxyName];
 
-    private sealed class Slot(string name, int vcpus, long memory, IActorRef console)
+    private sealed class Slot(string name, int vcpus, long memory, IActorRef console, NodeProtocol.Setting[]? settings = null)
     {
         public string Name { get; } = name;
+        /// <summary>The settings it was started with (what a migration gives the next node).</summary>
+        public NodeProtocol.Setting[] Settings { get; } = settings ?? [];
+        /// <summary>Its migration away from here while one runs.</summary>
+        public IActorRef? Migration { get; set; }
+        /// <summary>Set once a migration ends it here for a start on that node.</summary>
+        public string? MovingTo { get; set; }
+        /// <summary>A snapshot directory it was restored from (its memory is read from it): removed when it ends.</summary>
+        public string? Directory { get; set; }
+        /// <summary>It has devices on other nodes.</summary>
+        public bool RemoteDevices { get; set; }
         public int Vcpus { get; } = vcpus;
         public long MemoryBytes { get; } = memory;
         public IActorRef Console { get; } = console;
@@ -39,7 +49,11 @@ public sealed class NodeActor : ReceiveActor
     private sealed record Built(string Name, RunningVm Vm, SerialConsole Console, TraceRecorder? Trace, string? Perfetto, double TimeoutSeconds,
         bool VirtioConsole = false);
 
-    private sealed record BuildDone(string Name, Built? Result, string? Error, IActorRef ReplyTo);
+    /// <summary>Why a VM is built: `ctl run`, a migration's start here, or a start again after a migration
+    /// away failed after its commit.</summary>
+    private enum BuildKind { Run, MigratedIn, RestartedHere }
+
+    private sealed record BuildDone(string Name, Built? Result, string? Error, IActorRef ReplyTo, BuildKind Kind = BuildKind.Run);
 
     private sealed record Ended(string Name, VmProtocol.Outcome Outcome);
 
@@ -67,6 +81,12 @@ public sealed class NodeActor : ReceiveActor
         Receive<NodeProtocol.RunVm>(r => _placement.Forward(r));
         Receive<NodeProtocol.StartVm>(Start);
         Receive<RemoteDevices.HostDevice>(h => RemoteDevices.Host(Context, h));
+        Receive<MigrationProtocol.MigrateVm>(MigrateAway);
+        Receive<MigrationProtocol.Offer>(Offered);
+        Receive<MigrationTarget.StartMigrated>(StartMigrated);
+        Receive<MigrationSource.EndForMove>(EndForMove);
+        Receive<MigrationSource.Moved>(Moved);
+        Receive<MigrationSource.RestartHere>(RestartHere);
         Receive<BuildDone>(OnBuilt);
         Receive<Ended>(OnEnded);
         Receive<NodeProtocol.GetLoad>(_ =>
@@ -94,6 +114,10 @@ public sealed class NodeActor : ReceiveActor
         Receive<Terminated>(t =>
         {
             foreach (var slot in _vms.Values.Where(v => v.Resources is null && v.Actor.Equals(t.ActorRef)).ToList()) _vms.Remove(slot.Name);
+        });
+        Receive<MigrationOver>(o =>
+        {
+            if (_vms.TryGetValue(o.Name, out var slot) && o.Migration.Equals(slot.Migration)) slot.Migration = null;
         });
         Receive<StopAll>(_ =>
         {
@@ -145,17 +169,9 @@ public sealed class NodeActor : ReceiveActor
             Sender.Tell(new NodeProtocol.RunRefused(name, refusal));
             return;
         }
-        VmConfig vm;
-        Akka.Configuration.Config hocon;
-        try
+        if (!TryConfig(name, start.Settings, out var hocon, out var vm, out var error))
         {
-            hocon = ConfigValues.From(start.Settings.Select(s => KeyValuePair.Create(s.Key, s.Value))
-                .Append(KeyValuePair.Create("actorvmm.vm.name", name))).WithFallback(_defaults);
-            vm = VmConfig.From(hocon);
-        }
-        catch (ConfigException e)
-        {
-            Sender.Tell(new NodeProtocol.RunRefused(name, e.Message));
+            Sender.Tell(new NodeProtocol.RunRefused(name, error));
             return;
         }
         var members = _cluster.State.Members.Where(m => m.Status == MemberStatus.Up).Select(m => NodeProtocol.NodeName(m.Address)).ToHashSet();
@@ -166,30 +182,37 @@ public sealed class NodeActor : ReceiveActor
         }
         if (_vms.TryGetValue(name, out var old)) Context.Stop(old.Console); // an ended VM's name used again
         var hub = Context.ActorOf(ConsoleProtocol.Props(name), $"console-{name}-{Guid.NewGuid():N}");
-        _vms[name] = new Slot(name, vm.Cpus, (long)vm.MemoryBytes, hub);
+        _vms[name] = new Slot(name, vm.Cpus, (long)vm.MemoryBytes, hub, start.Settings) { RemoteDevices = vm.DeviceNodes.Count > 0 };
+        BuildAsync(name, hocon, vm, hub, null, Sender, BuildKind.Run);
+    }
+
+    /// <summary>Builds the VM on a pool thread and tells this actor <see cref="BuildDone"/>.</summary>
+    private void BuildAsync(string name, Akka.Configuration.Config hocon, VmConfig vm, IActorRef hub, Snapshot.VmRestore? restore,
+        IActorRef replyTo, BuildKind kind)
+    {
         var system = Context.System;
         var self = Self;
-        var replyTo = Sender;
         Task.Run(() =>
         {
-            try { return new BuildDone(name, Build(system, hocon, vm, hub), null, replyTo); }
+            try { return new BuildDone(name, Build(system, hocon, vm, hub, restore), null, replyTo, kind); }
             catch (Exception e) when (e is ConfigException or BootException or VmBuildException or IOException or UnauthorizedAccessException
-                                          or InvalidActorNameException)
+                                          or InvalidActorNameException or Snapshot.SnapshotException)
             {
-                return new BuildDone(name, null, e.Message, replyTo);
+                return new BuildDone(name, null, e.Message, replyTo, kind);
             }
             catch (Exception e)
             {
                 Log.Error(e, "building VM {Name} failed", name);
-                return new BuildDone(name, null, $"{e.GetType().Name}: {e.Message}", replyTo);
+                return new BuildDone(name, null, $"{e.GetType().Name}: {e.Message}", replyTo, kind);
             }
         }).PipeTo(self);
     }
 
-    /// <summary>Builds and starts the VM (a pool thread): what `run` does in a process of its own.</summary>
-    private static Built Build(ActorSystem system, Akka.Configuration.Config hocon, VmConfig vm, IActorRef hub)
+    /// <summary>Builds and starts the VM (a pool thread): what `run` does in a process of its own; with
+    /// <paramref name="restore"/>, the snapshot's machine where it stopped.</summary>
+    private static Built Build(ActorSystem system, Akka.Configuration.Config hocon, VmConfig vm, IActorRef hub, Snapshot.VmRestore? restore = null)
     {
-        var boot = BootSource.FromConfig(hocon);
+        var boot = restore is null ? BootSource.FromConfig(hocon) : null;
         var console = SerialConsole.ToSink(bytes => hub.Tell(new ConsoleProtocol.Output(bytes)),
             vm.SerialOutput == "stdout" ? null : vm.SerialOutput);
         TraceRecorder? trace = null;
@@ -197,11 +220,13 @@ public sealed class NodeActor : ReceiveActor
         {
             if (vm.TracePath is not null || vm.PerfettoPath is not null || vm.TraceLive)
                 trace = new TraceRecorder(vm.TracePath, filter: Tracing.TraceFilter.Parse(vm.TraceFilter));
-            var spec = new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net, DeviceNodes = vm.DeviceNodes };
+            var spec = restore?.ToSpec(vm.Name)
+                       ?? new VmSpec(vm.Name, vm.MemoryBytes, vm.Cpus, boot!, vm.Lapic, vm.Paging, vm.Superpages, vm.SharedMemory, vm.TestDevices) { Cpu = vm.Cpu, Rng = vm.Rng, Disk = vm.Disk, VirtioConsole = vm.VirtioConsole, Net = vm.Net, DeviceNodes = vm.DeviceNodes };
             var builder = new VmBuilder(system, spec).WithStandardDevices(console);
+            if (restore is not null) builder.WithRestore(restore);
             if (trace is not null) builder.WithTrace(trace);
             var running = builder.Start();
-            return new Built(vm.Name, running, console, trace, vm.PerfettoPath, vm.TimeoutSeconds, vm.VirtioConsole);
+            return new Built(vm.Name, running, console, trace, vm.PerfettoPath, vm.TimeoutSeconds, spec.VirtioConsole);
         }
         catch
         {
@@ -216,9 +241,21 @@ public sealed class NodeActor : ReceiveActor
         if (!_vms.TryGetValue(done.Name, out var slot)) return;
         if (done.Result is not { } built)
         {
+            var why = done.Error ?? "the VM could not be built";
+            if (done.Kind == BuildKind.RestartedHere)
+            {
+                slot.Console.Tell(new ConsoleProtocol.VmEnded($"it could not be started again here after a failed migration: {why}"));
+                slot.Ended = $"lost in a failed migration: {why}";
+                if (slot.Directory is { } d) MigrationProtocol.DeleteQuietly(d);
+                done.ReplyTo.Tell(new MigrationSource.RestartedHere(done.Name, why));
+                return;
+            }
             Context.Stop(slot.Console);
             _vms.Remove(done.Name);
-            done.ReplyTo.Tell(new NodeProtocol.RunRefused(done.Name, done.Error ?? "the VM could not be built"));
+            if (slot.Directory is { } dir) MigrationProtocol.DeleteQuietly(dir);
+            done.ReplyTo.Tell(done.Kind == BuildKind.MigratedIn
+                ? new MigrationProtocol.Refused(done.Name, why)
+                : new NodeProtocol.RunRefused(done.Name, why));
             return;
         }
         slot.Resources = built;
@@ -229,15 +266,29 @@ public sealed class NodeActor : ReceiveActor
         var name = done.Name;
         var ending = built.TimeoutSeconds > 0 ? built.Vm.WaitAsync(TimeSpan.FromSeconds(built.TimeoutSeconds)) : built.Vm.Ended;
         ending.ContinueWith(t => self.Tell(new Ended(name, t.Result)), TaskContinuationOptions.ExecuteSynchronously);
-        done.ReplyTo.Tell(new NodeProtocol.VmStarted(done.Name, _node));
-        Log.Information("VM {Name} started on {Node}", done.Name, _node);
+        done.ReplyTo.Tell(done.Kind switch
+        {
+            BuildKind.MigratedIn => new MigrationProtocol.Started(done.Name, _node, slot.Console),
+            BuildKind.RestartedHere => new MigrationSource.RestartedHere(done.Name, null),
+            _ => (object)new NodeProtocol.VmStarted(done.Name, _node),
+        });
+        Log.Information("VM {Name} started on {Node}{How}", done.Name, _node, done.Kind switch
+        {
+            BuildKind.MigratedIn => " (migrated in)",
+            BuildKind.RestartedHere => " (again, after a failed migration)",
+            _ => "",
+        });
     }
 
     private void OnEnded(Ended e)
     {
         if (!_vms.TryGetValue(e.Name, out var slot) || slot.Resources is not { } built) return;
-        var detail = $"{HostRunner.Describe(e.Outcome)} (exit code {e.Outcome.ExitCode})";
+        var moving = slot.MovingTo;
+        var migration = slot.Migration;
+        var detail = moving is not null ? $"moving to {moving}" : $"{HostRunner.Describe(e.Outcome)} (exit code {e.Outcome.ExitCode})";
         slot.Ended = detail;
+        var directory = slot.Directory;
+        slot.Directory = null;
         slot.Resources = null;
         slot.Actor = ActorRefs.Nobody;
         if (!slot.Trace.IsNobody()) Context.Stop(slot.Trace);
@@ -259,7 +310,10 @@ public sealed class NodeActor : ReceiveActor
             finally
             {
                 built.Console.Dispose();
-                hub.Tell(new ConsoleProtocol.VmEnded(detail));
+                // A VM moving elsewhere has not ended: its hub hears of the move (MovedTo) instead.
+                if (moving is null) hub.Tell(new ConsoleProtocol.VmEnded(detail));
+                else migration?.Tell(new MigrationSource.Released(name));
+                if (directory is not null) MigrationProtocol.DeleteQuietly(directory);
             }
             if (built.Trace is not null)
             {
@@ -280,6 +334,141 @@ public sealed class NodeActor : ReceiveActor
         });
         Log.Information("VM {Name} ended: {Detail}", e.Name, detail);
         AnswerStopWaiters();
+    }
+
+    /// <summary>`ctl migrate`: checks the VM and the target, then leaves the migration to a
+    /// <see cref="MigrationSource"/>, which answers the requester.</summary>
+    private void MigrateAway(MigrationProtocol.MigrateVm m)
+    {
+        string? refusal = null;
+        var members = _cluster.State.Members.Where(x => x.Status == MemberStatus.Up).ToDictionary(x => NodeProtocol.NodeName(x.Address), x => x.Address);
+        if (!_vms.TryGetValue(m.Name, out var slot) || slot.Resources is null || slot.Ended.Length > 0)
+            refusal = slot is null ? $"no VM named {m.Name} runs on {_node}" : $"{m.Name} is not running on {_node} ({(slot.Ended.Length > 0 ? slot.Ended : "it is starting")})";
+        else if (slot.Migration is not null) refusal = $"{m.Name} is already being migrated";
+        else if (m.ToNode == _node) refusal = $"{m.Name} already runs on {m.ToNode}";
+        else if (!members.ContainsKey(m.ToNode)) refusal = $"no node {m.ToNode} is up in the cluster (ctl nodes lists them)";
+        else if (slot.RemoteDevices) refusal = $"{m.Name} has devices on other nodes; a VM with remote devices cannot migrate yet";
+        if (refusal is not null)
+        {
+            Sender.Tell(new MigrationProtocol.MigrationFailed(m.Name, refusal, slot?.Resources is not null ? _node : ""));
+            return;
+        }
+        var built = slot!.Resources!;
+        slot.Migration = Context.ActorOf(MigrationSource.Props(new MigrationSource.Job(m.Name, slot.Actor, slot.Console, built.Console.Flush,
+            slot.Settings, members[m.ToNode], m.ToNode, _node, Sender)), $"migration-{m.Name}-{Guid.NewGuid():N}");
+        Context.WatchWith(slot.Migration, new MigrationOver(m.Name, slot.Migration));
+        Log.Information("migrating VM {Name} to {Node}", m.Name, m.ToNode);
+    }
+
+    private sealed record MigrationOver(string Name, IActorRef Migration);
+
+    /// <summary>A source node offers a VM: a <see cref="MigrationTarget"/> receives it if the name is free here.</summary>
+    private void Offered(MigrationProtocol.Offer offer)
+    {
+        string? refusal = null;
+        if (offer.Name is null || !ActorPath.IsValidPathElement(offer.Name) || offer.Name.StartsWith('$') || ReservedNames.Contains(offer.Name))
+            refusal = $"\"{offer.Name}\" cannot name a VM";
+        else if (_vms.TryGetValue(offer.Name, out var existing) && existing.Ended.Length == 0)
+            refusal = $"a VM named {offer.Name} already runs on {_node}";
+        else if (offer.Settings is null || offer.Settings.Any(x => x is null || x.Key is null || x.Value is null || !x.Key.StartsWith("actorvmm.vm.", StringComparison.Ordinal)))
+            refusal = "its settings are not VM settings (actorvmm.vm.*)";
+        else refusal = MigrationProtocol.CheckOffer(offer);
+        if (refusal is not null)
+        {
+            Log.Warning("refused a migration of {Name} from {Source}: {Why}", offer.Name, Sender.Path.Address, refusal);
+            Sender.Tell(new MigrationProtocol.Refused(offer.Name ?? "", refusal));
+            return;
+        }
+        Context.ActorOf(MigrationTarget.Props(offer, Sender), $"incoming-{offer.Name}-{Guid.NewGuid():N}");
+    }
+
+    /// <summary>The commit of a migration here: the VM starts from the snapshot received, its console
+    /// going on from the source's.</summary>
+    private void StartMigrated(MigrationTarget.StartMigrated m)
+    {
+        if (_vms.TryGetValue(m.Name, out var existing) && existing.Ended.Length == 0)
+        {
+            MigrationProtocol.DeleteQuietly(m.Directory);
+            m.Source.Tell(new MigrationProtocol.Refused(m.Name, $"a VM named {m.Name} started on {_node} meanwhile"));
+            return;
+        }
+        if (!TryConfig(m.Name, m.Settings, out var hocon, out var vm, out var error))
+        {
+            MigrationProtocol.DeleteQuietly(m.Directory);
+            m.Source.Tell(new MigrationProtocol.Refused(m.Name, error));
+            return;
+        }
+        if (existing is not null) Context.Stop(existing.Console);
+        var hub = Context.ActorOf(ConsoleProtocol.Props(m.Name, m.Console), $"console-{m.Name}-{Guid.NewGuid():N}");
+        _vms[m.Name] = new Slot(m.Name, m.Restore.Spec.Cpus, (long)m.Restore.Spec.MemoryBytes, hub, m.Settings) { Directory = m.Directory };
+        BuildAsync(m.Name, hocon, vm, hub, m.Restore, m.Source, BuildKind.MigratedIn);
+    }
+
+    /// <summary>The target is ready: end the VM here; its release is told to the migration, not its hub.</summary>
+    private void EndForMove(MigrationSource.EndForMove e)
+    {
+        if (!_vms.TryGetValue(e.Name, out var slot) || slot.Resources is null || !Sender.Equals(slot.Migration))
+        {
+            Sender.Tell(new MigrationProtocol.Refused(e.Name, $"it ended on {_node} meanwhile ({slot?.Ended})"));
+            return;
+        }
+        slot.MovingTo = e.To;
+        slot.Actor.Tell(new VmProtocol.Stop($"migrated to {e.To}"));
+    }
+
+    /// <summary>The VM runs on another node now: it leaves this node's list, and its hub follows the new one.</summary>
+    private void Moved(MigrationSource.Moved m)
+    {
+        if (!_vms.TryGetValue(m.Name, out var slot) || slot.MovingTo is null) return;
+        _vms.Remove(m.Name);
+        slot.Console.Tell(new ConsoleProtocol.MovedTo(m.Console, m.To));
+        AnswerStopWaiters();
+    }
+
+    /// <summary>A migration away failed after its commit: the VM starts here again from the snapshot taken for it.</summary>
+    private void RestartHere(MigrationSource.RestartHere r)
+    {
+        var replyTo = Sender;
+        if (!_vms.TryGetValue(r.Name, out var slot) || slot.MovingTo is null)
+        {
+            replyTo.Tell(new MigrationSource.RestartedHere(r.Name, "it is no longer this node's"));
+            return;
+        }
+        if (!TryConfig(r.Name, r.Settings, out var hocon, out var vm, out var error))
+        {
+            replyTo.Tell(new MigrationSource.RestartedHere(r.Name, error));
+            return;
+        }
+        Snapshot.VmRestore restore;
+        try { restore = Snapshot.VmRestore.Open(r.Directory); }
+        catch (Snapshot.SnapshotException e)
+        {
+            replyTo.Tell(new MigrationSource.RestartedHere(r.Name, e.Message));
+            return;
+        }
+        var again = new Slot(r.Name, restore.Spec.Cpus, (long)restore.Spec.MemoryBytes, slot.Console, slot.Settings) { Directory = r.Directory };
+        _vms[r.Name] = again;
+        BuildAsync(r.Name, hocon, vm, slot.Console, restore, replyTo, BuildKind.RestartedHere);
+    }
+
+    /// <summary>The configuration of VM <paramref name="name"/> from <paramref name="settings"/> over this node's defaults.</summary>
+    private bool TryConfig(string name, NodeProtocol.Setting[] settings, out Akka.Configuration.Config hocon, out VmConfig vm, out string error)
+    {
+        try
+        {
+            hocon = ConfigValues.From(settings.Select(s => KeyValuePair.Create(s.Key, s.Value))
+                .Append(KeyValuePair.Create("actorvmm.vm.name", name))).WithFallback(_defaults);
+            vm = VmConfig.From(hocon);
+            error = "";
+            return true;
+        }
+        catch (ConfigException e)
+        {
+            hocon = _defaults;
+            vm = null!;
+            error = e.Message;
+            return false;
+        }
     }
 
     private void AnswerStopWaiters()

@@ -327,6 +327,27 @@ public sealed class ControlClient : IAsyncDisposable
         };
     }
 
+    /// <summary>
+    /// `ctl migrate`: asks the node VM <paramref name="vm"/> runs on to move it to node <paramref name="to"/>
+    /// (HOST:PORT). Answers a line saying what moved and how long the guest was stopped; a failure is a
+    /// <see cref="ControlException"/> saying where the VM runs now.
+    /// </summary>
+    public async Task<string> MigrateAsync(ControlProtocol.VmEntry vm, string to)
+    {
+        if (vm.Ended.Length > 0) throw new ControlException($"{vm.Name} has ended: {vm.Ended}");
+        var directory = await Directory(vm.Node);
+        var reply = await Ask<object>(directory, new Cluster.MigrationProtocol.MigrateVm(vm.Name, to), $"host {vm.Node}",
+            Cluster.MigrationProtocol.StepLimit * 6);
+        return reply switch
+        {
+            Cluster.MigrationProtocol.Migrated m =>
+                $"{m.Name} migrated from {m.From} to {m.To}: {m.Bytes >> 10} KiB sent, guest stopped {m.Downtime.TotalMilliseconds:0} ms, " +
+                $"{m.Total.TotalMilliseconds:0} ms in all\n",
+            Cluster.MigrationProtocol.MigrationFailed f => throw new ControlException($"{f.Name} not migrated: {f.Why}"),
+            _ => throw new ControlException($"host {vm.Node} answered {reply.GetType().Name}: is it a host node (actorvmm host)?"),
+        };
+    }
+
     /// <summary>`ctl nodes`: the cluster's members as host node <paramref name="host"/> sees them.</summary>
     public async Task<Cluster.NodeProtocol.Members> NodesAsync(string host) =>
         await Ask<object>(await Directory(host), Cluster.NodeProtocol.ListNodes.Instance, $"host {host}") switch

@@ -1,0 +1,548 @@
+using System.Diagnostics;
+using Akka.Actor;
+using Akka.Streams;
+using Akka.Streams.Dsl;
+using ActorVmm.Host.Snapshot;
+using ActorVmm.Host.Vm;
+using Serilog;
+
+namespace ActorVmm.Host.Cluster;
+
+/// <summary>
+/// Moving a VM to another host node by stop-and-copy (`ctl migrate --vm NAME --to NODE`): the
+/// source pauses the VM and snapshots it (<see cref="VmProtocol.TakeSnapshot"/>) into a directory of its
+/// own, offers it to the target, and streams the snapshot's files there in chunks through an
+/// Akka.Streams StreamRef (back-pressured, each element far under remoting's frame size). The target
+/// checks the whole snapshot (<see cref="VmRestore.Open"/>) and says it is ready; only then does the
+/// source end its VM and release what it holds (its disk file among them), and tell the target to
+/// commit; the target starts the VM from the snapshot. Until the commit the VM exists only on the
+/// source, paused, and any failure (a refusal, a timeout, the target's node or actor gone) resumes it
+/// there untouched. After the commit the source keeps its copy of the snapshot until the target
+/// reports the VM started: if the target answers that it could not start it, or the cluster removes
+/// the target's node, the source starts the VM again from that copy. Nothing else (no timeout) does:
+/// the target may be starting it, and the VM runs in one place at any time.
+/// </summary>
+public static class MigrationProtocol
+{
+    public interface IMigrationMessage;
+
+    /// <summary>How long any one step may take (a snapshot, the transfer of a file's chunks, a start)
+    /// before the migration is given up.</summary>
+    public static readonly TimeSpan StepLimit = TimeSpan.FromMinutes(2);
+
+    /// <summary>Bytes of one chunk: far under remoting's frame size (128 000 bytes).</summary>
+    public const int ChunkBytes = 64 * 1024;
+
+    /// <summary>Most files a snapshot offered for a migration may have.</summary>
+    public const int MaxFiles = 4096;
+
+    /// <summary>`ctl migrate`, to the VM's node: move VM <paramref name="Name"/> to node
+    /// <paramref name="ToNode"/> (HOST:PORT). Answered <see cref="Migrated"/> or <see cref="MigrationFailed"/>.</summary>
+    public sealed record MigrateVm(string Name, string ToNode) : IMigrationMessage;
+
+    /// <param name="Name">the VM</param>
+    /// <param name="From">the node it ran on (HOST:PORT)</param>
+    /// <param name="To">the node it runs on now</param>
+    /// <param name="Bytes">bytes streamed (the snapshot's files without their all-zero chunks)</param>
+    /// <param name="Downtime">from the guest's pause on the source to its start on the target</param>
+    /// <param name="Total">from the request to the start on the target</param>
+    public sealed record Migrated(string Name, string From, string To, long Bytes, TimeSpan Downtime, TimeSpan Total) : IMigrationMessage;
+
+    /// <param name="Name">the VM</param>
+    /// <param name="Why">what failed, and what that left</param>
+    /// <param name="RunsOn">the node the VM runs on now (the source's), or "" if it runs nowhere</param>
+    public sealed record MigrationFailed(string Name, string Why, string RunsOn) : IMigrationMessage;
+
+    /// <summary>One file of a snapshot offered: a plain file name and its length.</summary>
+    public sealed record OfferedFile(string Name, long Length);
+
+    /// <summary>From the source's migration actor to the target node's node actor. Answered by the target's
+    /// migration actor with <see cref="Accepted"/>, or <see cref="Refused"/>.</summary>
+    /// <param name="Name">the VM, under the same name on the target</param>
+    /// <param name="Files">the snapshot's files, the manifest last</param>
+    /// <param name="Settings">the VM's settings, for what the target's host does with it (serial output, trace);
+    /// the machine itself is the snapshot's</param>
+    /// <param name="Console">the VM's console so far, for the target's console hub to go on from</param>
+    public sealed record Offer(string Name, NodeProtocol.Setting[] Settings, OfferedFile[] Files, ConsoleProtocol.State Console) : IMigrationMessage;
+
+    public sealed record Accepted(string Name) : IMigrationMessage;
+
+    public sealed record Refused(string Name, string Why) : IMigrationMessage;
+
+    /// <summary>Bytes at <paramref name="Offset"/> of offered file <paramref name="File"/> (an index in
+    /// <see cref="Offer.Files"/>); the bytes of a file no chunk covers are zeroes.</summary>
+    public sealed record Chunk(int File, long Offset, byte[] Bytes) : IMigrationMessage;
+
+    /// <summary>The target has every file and the snapshot passed its checks.</summary>
+    public sealed record Ready(string Name) : IMigrationMessage;
+
+    /// <summary>The source's VM has ended and released what it held: start it on the target.</summary>
+    public sealed record Commit(string Name) : IMigrationMessage;
+
+    /// <summary>The VM runs on the target, its console at <paramref name="Console"/>.</summary>
+    public sealed record Started(string Name, string Node, IActorRef Console) : IMigrationMessage;
+
+    /// <summary>The source gives the migration up before the commit: the target drops what it received.</summary>
+    public sealed record Abort(string Name, string Why) : IMigrationMessage;
+
+    /// <summary>A directory for a snapshot on this host: under the system's temporary directory.</summary>
+    internal static string NewDirectory(string kind, string vm) =>
+        Path.Combine(Path.GetTempPath(), $"actorvmm-{kind}-{vm}-{Guid.NewGuid():N}");
+
+    internal static void DeleteQuietly(string directory)
+    {
+        try
+        {
+            if (Directory.Exists(directory)) Directory.Delete(directory, recursive: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Log.Warning("cannot remove {Directory}: {Reason}", directory, e.Message);
+        }
+    }
+
+    /// <summary>The files of snapshot directory <paramref name="directory"/>, the manifest last.</summary>
+    internal static OfferedFile[] FilesOf(string directory) =>
+        Directory.GetFiles(directory).Select(f => new FileInfo(f))
+            .OrderBy(f => f.Name == SnapshotDirectory.ManifestFile).ThenBy(f => f.Name, StringComparer.Ordinal)
+            .Select(f => new OfferedFile(f.Name, f.Length)).ToArray();
+
+    /// <summary>The chunks of <paramref name="files"/> in <paramref name="directory"/>, in order, read as the
+    /// stream asks for them; a chunk of zeroes only is left out (the target's file reads zeroes there).</summary>
+    internal static IEnumerable<Chunk> Chunks(string directory, OfferedFile[] files)
+    {
+        for (var i = 0; i < files.Length; i++)
+        {
+            using var file = File.OpenHandle(Path.Combine(directory, files[i].Name));
+            for (var offset = 0L; offset < files[i].Length; offset += ChunkBytes)
+            {
+                var bytes = new byte[(int)Math.Min(ChunkBytes, files[i].Length - offset)];
+                var n = 0;
+                while (n < bytes.Length)
+                {
+                    var r = RandomAccess.Read(file, bytes.AsSpan(n), offset + n);
+                    if (r == 0) throw new IOException($"{files[i].Name} became shorter while it was sent");
+                    n += r;
+                }
+                if (bytes.AsSpan().IndexOfAnyExcept((byte)0) < 0) continue;
+                yield return new Chunk(i, offset, bytes);
+            }
+        }
+    }
+
+    /// <summary>Why <paramref name="offer"/> cannot be received as it is, or null: every file a plain,
+    /// distinct name of this directory with a sane length, the manifest among them.</summary>
+    internal static string? CheckOffer(Offer offer)
+    {
+        if (offer.Files is not { Length: > 0 and <= MaxFiles }) return $"a snapshot of 1 to {MaxFiles} files is expected";
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var f in offer.Files)
+        {
+            if (f is null || string.IsNullOrEmpty(f.Name) || f.Name is "." or ".." || f.Name.IndexOfAny(['/', '\0']) >= 0 || f.Name.Length > 255)
+                return $"\"{f?.Name}\" is not a file name of a snapshot";
+            if (!names.Add(f.Name)) return $"file {f.Name} is offered twice";
+            if (f.Length < 0) return $"file {f.Name} has a negative length";
+        }
+        if (!names.Contains(SnapshotDirectory.ManifestFile)) return $"the snapshot has no {SnapshotDirectory.ManifestFile}";
+        if (offer.Console is null || offer.Console.Kept is null || offer.Console.Written < offer.Console.Kept.Length)
+            return "the console's state is not consistent";
+        return null;
+    }
+}
+
+/// <summary>
+/// The source side of one migration, a child of the source's node actor: pause and snapshot, offer,
+/// stream, then (on Ready) ask the node actor to end and release the VM, commit, and wait for the
+/// start. See <see cref="MigrationProtocol"/> for what each failure leaves.
+/// </summary>
+internal sealed class MigrationSource : ReceiveActor, IWithTimers
+{
+    /// <summary>What the source's node actor gives the migration.</summary>
+    internal sealed record Job(string Name, IActorRef Vm, IActorRef Console, Action FlushConsole, NodeProtocol.Setting[] Settings,
+        Address Target, string TargetNode, string SourceNode, IActorRef ReplyTo);
+
+    /// <summary>To the node actor: the target is ready; end the VM and tell <see cref="Released"/> once
+    /// its resources are released.</summary>
+    internal sealed record EndForMove(string Name, string To);
+
+    internal sealed record Released(string Name);
+
+    /// <summary>To the node actor: the VM runs on the target: forget it here (its hub follows the target's).</summary>
+    internal sealed record Moved(string Name, string To, IActorRef Console);
+
+    /// <summary>To the node actor: the target could not start the VM after the commit: start it here again
+    /// from <paramref name="Directory"/> (the source's snapshot), answered <see cref="RestartedHere"/>.</summary>
+    internal sealed record RestartHere(string Name, NodeProtocol.Setting[] Settings, string Directory, IActorRef Console);
+
+    internal sealed record RestartedHere(string Name, string? Error);
+
+    private sealed record StepTimeout(string Step);
+
+    private sealed record StreamReady(ISourceRef<MigrationProtocol.Chunk> Ref);
+
+    private sealed record StreamFailed(string Why);
+
+    private readonly Job _job;
+    private readonly string _directory;
+    private readonly Stopwatch _total = Stopwatch.StartNew();
+    private readonly Stopwatch _down = new();
+    private MigrationProtocol.OfferedFile[] _files = [];
+    private IActorRef _target = ActorRefs.Nobody;
+    private long _bytes;
+    private bool _committed;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public static Props Props(Job job) => Akka.Actor.Props.Create(() => new MigrationSource(job));
+
+    public MigrationSource(Job job)
+    {
+        _job = job;
+        _directory = MigrationProtocol.NewDirectory("outgoing", job.Name);
+        Snapshotting();
+    }
+
+    protected override void PreStart()
+    {
+        // The target's node unreachable before the commit, or removed after it: the migration's end there is lost.
+        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+        _down.Start();
+        _job.Vm.Tell(VmProtocol.Pause.Instance);
+        _job.Vm.Tell(new VmProtocol.TakeSnapshot(_directory));
+        Step("the snapshot");
+    }
+
+    private void Step(string what) => Timers.StartSingleTimer("step", new StepTimeout(what), MigrationProtocol.StepLimit);
+
+    private void Snapshotting()
+    {
+        Receive<VmProtocol.SnapshotTaken>(_ =>
+        {
+            _job.FlushConsole();
+            _job.Console.Tell(ConsoleProtocol.GetState.Instance);
+            Step("the console's state");
+        });
+        Receive<VmProtocol.SnapshotFailed>(f => GiveUp($"the snapshot failed: {f.Reason}"));
+        Receive<ConsoleProtocol.State>(state =>
+        {
+            try { _files = MigrationProtocol.FilesOf(_directory); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                GiveUp($"cannot read the snapshot: {e.Message}");
+                return;
+            }
+            Context.ActorSelection(new RootActorPath(_job.Target) / "user" / Control.ControlProtocol.DirectoryName)
+                .Tell(new MigrationProtocol.Offer(_job.Name, _job.Settings, _files, state));
+            Step("the target's answer to the offer");
+            Become(Offering);
+        });
+        Common();
+    }
+
+    private void Offering()
+    {
+        Receive<MigrationProtocol.Accepted>(_ =>
+        {
+            _target = Sender;
+            Context.Watch(_target);
+            var files = _files;
+            var directory = _directory;
+            var counted = Source.From(MigrationProtocol.Chunks(directory, files))
+                .Select(c =>
+                {
+                    Interlocked.Add(ref _bytes, c.Bytes.Length);
+                    return c;
+                })
+                .WithAttributes(ActorAttributes.CreateDispatcher("akka.stream.default-blocking-io-dispatcher"));
+            counted.RunWith(StreamRefs.SourceRef<MigrationProtocol.Chunk>(), Context.Materializer())
+                .ContinueWith(t => t.IsCompletedSuccessfully ? new StreamReady(t.Result) : (object)new StreamFailed(t.Exception?.GetBaseException().Message ?? "cancelled"))
+                .PipeTo(Self);
+            Step("the transfer");
+            Become(Sending);
+        });
+        Receive<MigrationProtocol.Refused>(r => GiveUp($"{_job.TargetNode} refused it: {r.Why}"));
+        Common();
+    }
+
+    private void Sending()
+    {
+        Receive<StreamReady>(r => _target.Tell(r.Ref));
+        Receive<StreamFailed>(f => GiveUp($"the transfer could not start: {f.Why}"));
+        Receive<MigrationProtocol.Ready>(_ =>
+        {
+            _ending = true;
+            Context.Parent.Tell(new EndForMove(_job.Name, _job.TargetNode));
+            Step("the release of the VM here");
+            Become(Releasing);
+        });
+        Receive<MigrationProtocol.Refused>(r => GiveUp($"{_job.TargetNode} refused it: {r.Why}"));
+        Common();
+    }
+
+    private void Releasing()
+    {
+        Receive<Released>(_ =>
+        {
+            if (_failedWhileEnding is { } why)
+            {
+                // The VM has ended here and the target may be gone: no commit; start it here again instead.
+                _target.Tell(new MigrationProtocol.Abort(_job.Name, why));
+                _committed = true;
+                Become(Committed);
+                StartHereAgain(why);
+                return;
+            }
+            _committed = true;
+            _target.Tell(new MigrationProtocol.Commit(_job.Name));
+            Step("the start on the target");
+            Become(Committed);
+        });
+        Receive<MigrationProtocol.Refused>(r =>
+        {
+            if (!Sender.Equals(Context.Parent)) return; // too late: the VM is ending here, and the commit tells the target to go on
+            // The VM ended here by itself (stopped) before the move: there is nothing to move.
+            _target.Tell(new MigrationProtocol.Abort(_job.Name, r.Why));
+            _job.ReplyTo.Tell(new MigrationProtocol.MigrationFailed(_job.Name, r.Why, ""));
+            Context.Stop(Self);
+        });
+        Common();
+    }
+
+    private void Committed()
+    {
+        Receive<MigrationProtocol.Started>(s =>
+        {
+            _down.Stop();
+            Context.Parent.Tell(new Moved(_job.Name, s.Node, s.Console));
+            if (!_toldUnknown) _job.ReplyTo.Tell(new MigrationProtocol.Migrated(_job.Name, _job.SourceNode, s.Node, Interlocked.Read(ref _bytes), _down.Elapsed, _total.Elapsed));
+            Log.Information("VM {Name} migrated to {Node}: {Bytes} bytes, {Downtime} ms down", _job.Name, s.Node, _bytes, _down.ElapsedMilliseconds);
+            Context.Stop(Self);
+        });
+        Receive<MigrationProtocol.Refused>(r => StartHereAgain($"{_job.TargetNode} could not start it: {r.Why}"));
+        Receive<RestartedHere>(r =>
+        {
+            if (!_toldUnknown) _job.ReplyTo.Tell(r.Error is null
+                ? new MigrationProtocol.MigrationFailed(_job.Name, $"{_pendingWhy}; it runs on {_job.SourceNode} again, from the snapshot", _job.SourceNode)
+                : new MigrationProtocol.MigrationFailed(_job.Name, $"{_pendingWhy}; starting it again here failed too: {r.Error}", ""));
+            Context.Stop(Self); // the directory is the node actor's now (the restarted VM reads its memory from it)
+        });
+        Common();
+    }
+
+    private string _pendingWhy = "";
+    private bool _toldUnknown;
+
+    private void StartHereAgain(string why)
+    {
+        if (_pendingWhy.Length > 0) return;
+        _pendingWhy = why;
+        Timers.Cancel("step");
+        Log.Warning("migration of {Name}: {Why}; starting it here again", _job.Name, why);
+        _handedOver = true;
+        Context.Parent.Tell(new RestartHere(_job.Name, _job.Settings, _directory, _job.Console));
+    }
+
+    private void Common()
+    {
+        Receive<StepTimeout>(t =>
+        {
+            if (!_committed)
+            {
+                GiveUp($"{t.Step} took longer than {MigrationProtocol.StepLimit.TotalSeconds:0} s");
+                return;
+            }
+            // After the commit the target may be starting the VM: starting it here too could make two.
+            // Only the target's answer or its node's removal decides; ctl hears that it is not known yet.
+            if (_pendingWhy.Length > 0 || _toldUnknown) return;
+            _toldUnknown = true;
+            _job.ReplyTo.Tell(new MigrationProtocol.MigrationFailed(_job.Name,
+                $"{_job.TargetNode} has not said within {MigrationProtocol.StepLimit.TotalSeconds:0} s whether it started the VM; " +
+                "it runs there if it did, or here again once that node is removed from the cluster (ctl list shows where)", ""));
+        });
+        Receive<Terminated>(t =>
+        {
+            // The target's actor stops once it hands the VM to its node actor at the commit: after
+            // the commit its end says nothing (its node actor answers).
+            if (t.ActorRef.Equals(_target) && !_committed)
+                GiveUp($"the migration's end on {_job.TargetNode} went away (its node left or stopped)");
+        });
+        // Before the commit the target cannot start the VM without it, so a target that may be dead is
+        // enough to give up; after it, only one the cluster removed is surely not running it.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(u =>
+        {
+            if (u.Member.Address == _job.Target && !_committed) GiveUp($"{_job.TargetNode} became unreachable");
+        });
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(r =>
+        {
+            if (r.Member.Address != _job.Target) return;
+            if (_committed) StartHereAgain($"{_job.TargetNode} left the cluster before it started the VM");
+            else GiveUp($"{_job.TargetNode} left the cluster");
+        });
+        Receive<VmProtocol.SnapshotTaken>(_ => { });
+        Receive<StreamReady>(_ => { });
+        Receive<StreamFailed>(_ => { });
+    }
+
+    private bool _ending;
+    private string? _failedWhileEnding;
+
+    /// <summary>Before the commit: the VM resumes here as it was, the target drops what it has. While the
+    /// VM is ending here for the move, the failure is kept for <see cref="Released"/>.</summary>
+    private void GiveUp(string why)
+    {
+        if (_ending)
+        {
+            _failedWhileEnding ??= why;
+            return;
+        }
+        _job.Vm.Tell(VmProtocol.Resume.Instance);
+        if (!_target.IsNobody()) _target.Tell(new MigrationProtocol.Abort(_job.Name, why));
+        _job.ReplyTo.Tell(new MigrationProtocol.MigrationFailed(_job.Name, $"{why}; it goes on running on {_job.SourceNode}", _job.SourceNode));
+        Log.Warning("migration of {Name} to {Node} given up: {Why}", _job.Name, _job.TargetNode, why);
+        Context.Stop(Self);
+    }
+
+    private bool _handedOver;
+
+    protected override void PostStop()
+    {
+        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
+        if (!_handedOver) MigrationProtocol.DeleteQuietly(_directory);
+    }
+}
+
+/// <summary>
+/// The target side of one migration, a child of the target's node actor: receives the files into a
+/// directory of its own, checks the snapshot, says Ready, and on the commit has its node actor start
+/// the VM from it (<see cref="StartMigrated"/>). Gone before the commit (the source gave up, its
+/// node went away, the time ran out), it removes what it received.
+/// </summary>
+internal sealed class MigrationTarget : ReceiveActor, IWithTimers
+{
+    /// <summary>To the node actor: start VM <paramref name="Name"/> from the snapshot in
+    /// <paramref name="Directory"/>; the node actor tells <paramref name="Source"/>
+    /// <see cref="MigrationProtocol.Started"/> or <see cref="MigrationProtocol.Refused"/>, and owns the
+    /// directory from then on (removed when the VM ends).</summary>
+    internal sealed record StartMigrated(string Name, NodeProtocol.Setting[] Settings, VmRestore Restore, string Directory,
+        ConsoleProtocol.State Console, IActorRef Source);
+
+    private sealed record Received(VmRestore? Restore, string? Error);
+
+    private sealed record StepTimeout(string Step);
+
+    private readonly MigrationProtocol.Offer _offer;
+    private readonly IActorRef _source;
+    private readonly string _directory;
+    private VmRestore? _restore;
+    private IncomingFiles? _files;
+    private bool _handedOver;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public static Props Props(MigrationProtocol.Offer offer, IActorRef source) =>
+        Akka.Actor.Props.Create(() => new MigrationTarget(offer, source));
+
+    public MigrationTarget(MigrationProtocol.Offer offer, IActorRef source)
+    {
+        _offer = offer;
+        _source = source;
+        _directory = MigrationProtocol.NewDirectory("incoming", offer.Name);
+        Receive<ISourceRef<MigrationProtocol.Chunk>>(r =>
+        {
+            if (_files is not null) return; // one stream per migration
+            IncomingFiles files;
+            try { files = _files = new IncomingFiles(_directory, _offer.Files); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                Refuse($"cannot make the snapshot's files here: {e.Message}");
+                return;
+            }
+            r.Source.RunForeach(files.Write, Context.Materializer())
+                .ContinueWith(t =>
+                {
+                    files.Dispose();
+                    if (!t.IsCompletedSuccessfully) return new Received(null, $"the transfer failed: {t.Exception?.GetBaseException().Message ?? "cancelled"}");
+                    try { return new Received(VmRestore.Open(_directory), null); }
+                    catch (SnapshotException e) { return new Received(null, $"the snapshot received is not usable: {e.Message}"); }
+                })
+                .PipeTo(Self);
+        });
+        Receive<Received>(r =>
+        {
+            if (r.Restore is null)
+            {
+                Refuse(r.Error ?? "the transfer failed");
+                return;
+            }
+            _restore = r.Restore;
+            _source.Tell(new MigrationProtocol.Ready(_offer.Name));
+            Timers.StartSingleTimer("step", new StepTimeout("the source's commit"), MigrationProtocol.StepLimit);
+        });
+        Receive<MigrationProtocol.Commit>(_ =>
+        {
+            if (_restore is null) return;
+            _handedOver = true;
+            Context.Parent.Tell(new StartMigrated(_offer.Name, _offer.Settings, _restore, _directory, _offer.Console, _source));
+            Context.Stop(Self);
+        });
+        Receive<MigrationProtocol.Abort>(_ => Context.Stop(Self));
+        Receive<StepTimeout>(t => Refuse($"{t.Step} did not come within {MigrationProtocol.StepLimit.TotalSeconds:0} s"));
+        Receive<Terminated>(t =>
+        {
+            if (t.ActorRef.Equals(_source)) Context.Stop(Self);
+        });
+    }
+
+    protected override void PreStart()
+    {
+        Context.Watch(_source);
+        Timers.StartSingleTimer("step", new StepTimeout("the transfer"), MigrationProtocol.StepLimit);
+        _source.Tell(new MigrationProtocol.Accepted(_offer.Name));
+    }
+
+    private void Refuse(string why)
+    {
+        _source.Tell(new MigrationProtocol.Refused(_offer.Name, why));
+        Context.Stop(Self);
+    }
+
+    protected override void PostStop()
+    {
+        if (!_handedOver) MigrationProtocol.DeleteQuietly(_directory);
+    }
+
+    /// <summary>The offered files in a new directory: each created at its offered length (sparse), and
+    /// every chunk checked to lie within its file. A chunk for no offered file or beyond one's end fails
+    /// the transfer.</summary>
+    private sealed class IncomingFiles : IDisposable
+    {
+        private readonly Microsoft.Win32.SafeHandles.SafeFileHandle[] _handles;
+        private readonly MigrationProtocol.OfferedFile[] _files;
+
+        public IncomingFiles(string directory, MigrationProtocol.OfferedFile[] files)
+        {
+            _files = files;
+            Directory.CreateDirectory(directory);
+            _handles = new Microsoft.Win32.SafeHandles.SafeFileHandle[files.Length];
+            for (var i = 0; i < files.Length; i++)
+            {
+                _handles[i] = File.OpenHandle(Path.Combine(directory, files[i].Name), FileMode.CreateNew, FileAccess.ReadWrite);
+                RandomAccess.SetLength(_handles[i], files[i].Length);
+            }
+        }
+
+        public void Write(MigrationProtocol.Chunk chunk)
+        {
+            if (chunk is null || chunk.File < 0 || chunk.File >= _files.Length || chunk.Bytes is null || chunk.Offset < 0
+                || chunk.Offset > _files[chunk.File].Length - chunk.Bytes.Length)
+                throw new InvalidDataException("a chunk outside the files offered");
+            RandomAccess.Write(_handles[chunk.File], chunk.Bytes, chunk.Offset);
+        }
+
+        public void Dispose()
+        {
+            foreach (var h in _handles) h?.Dispose();
+        }
+    }
+}

@@ -1,0 +1,228 @@
+using System.Text;
+using Akka.Actor;
+using Akka.Streams;
+using Akka.Streams.Dsl;
+using Akka.TestKit;
+using Akka.TestKit.Xunit2;
+using ActorVmm.Host.Cluster;
+using ActorVmm.Host.Control;
+using Xunit;
+
+namespace ActorVmm.Host.Tests;
+
+/// <summary>
+/// A migration's target side between two host nodes of one cluster in this process
+/// (<see cref="MigrationProtocol"/>): a snapshot offered by a probe on one node streams through a
+/// StreamRef into the other node, which checks it and says Ready; bad offers and bad chunks are
+/// refused; what was received is removed when the migration is given up. A real VM moving between
+/// two `actorvmm host` processes is in the Integration tests.
+/// </summary>
+public sealed class MigrationTests : IAsyncLifetime
+{
+    private readonly InProcessCluster _cluster = new();
+    private readonly TempDir _dir = new();
+
+    public Task InitializeAsync() => Task.CompletedTask;
+
+    public async Task DisposeAsync()
+    {
+        await _cluster.DisposeAsync();
+        _dir.Dispose();
+    }
+
+    private static ActorSelection NodeActor(ActorSystem from, ActorSystem node) =>
+        from.ActorSelection(new RootActorPath(Akka.Cluster.Cluster.Get(node).SelfAddress) / "user" / ControlProtocol.DirectoryName);
+
+    private static string[] Incoming(string vm) =>
+        Directory.GetDirectories(Path.GetTempPath(), $"actorvmm-incoming-{vm}-*");
+
+    /// <summary>A well-formed snapshot whose 4 MiB of guest memory is holes but for a few written pieces.</summary>
+    private string Snapshot()
+    {
+        return VmRestoreTests.Write(VmRestoreTests.Good(cpus: 2), _dir.File("snap"), 4 << 20, memory =>
+        {
+            foreach (var at in new long[] { 0, 65_535, 1 << 20, (4 << 20) - 3 })
+            {
+                memory.Position = at;
+                memory.Write(Encoding.ASCII.GetBytes($"piece@{at}"[..3]));
+            }
+        });
+    }
+
+    internal static ConsoleProtocol.State Console(string text) => new(text.Length, Encoding.ASCII.GetBytes(text));
+
+    [Fact]
+    public async Task An_offered_snapshot_streams_to_the_other_node_intact_and_is_removed_there_when_the_migration_is_given_up()
+    {
+        var (source, target) = await _cluster.TwoNodes();
+        var snapshot = Snapshot();
+        var files = MigrationProtocol.FilesOf(snapshot);
+        Assert.Equal(ActorVmm.Host.Snapshot.SnapshotDirectory.ManifestFile, files[^1].Name); // the manifest goes last
+        var probe = new TestProbe(source, new XunitAssertions());
+        NodeActor(source, target).Tell(new MigrationProtocol.Offer("moving", [new("actorvmm.vm.memory", "4M")], files, Console("so far\n")), probe.Ref);
+        await probe.ExpectMsgAsync<MigrationProtocol.Accepted>(TimeSpan.FromSeconds(30));
+        var receiver = probe.LastSender;
+
+        // The chunks, without the all-zero ones (most of the memory), through a StreamRef.
+        var chunks = MigrationProtocol.Chunks(snapshot, files).ToList();
+        Assert.True(chunks.Count < files.Sum(f => (f.Length + MigrationProtocol.ChunkBytes - 1) / MigrationProtocol.ChunkBytes) - 50);
+        Assert.All(chunks, c => Assert.InRange(c.Bytes.Length, 1, MigrationProtocol.ChunkBytes));
+        var streamRef = await Source.From(chunks).RunWith(StreamRefs.SourceRef<MigrationProtocol.Chunk>(), source.Materializer());
+        receiver.Tell(streamRef, probe.Ref);
+        await probe.ExpectMsgAsync<MigrationProtocol.Ready>(TimeSpan.FromSeconds(30));
+
+        // What arrived is the snapshot, byte for byte, holes included.
+        var arrived = Assert.Single(Incoming("moving"));
+        foreach (var f in files)
+            Assert.True(File.ReadAllBytes(Path.Combine(snapshot, f.Name)).AsSpan().SequenceEqual(File.ReadAllBytes(Path.Combine(arrived, f.Name))),
+                $"{f.Name} differs after the transfer");
+
+        // Given up before the commit: the target drops what it received.
+        receiver.Tell(new MigrationProtocol.Abort("moving", "the test gives it up"), probe.Ref);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (Directory.Exists(arrived))
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"{arrived} is still there after the abort");
+            await Task.Delay(50);
+        }
+    }
+
+    [Fact]
+    public async Task Offers_that_name_files_outside_the_snapshot_or_are_not_a_snapshot_and_chunks_outside_the_files_are_refused()
+    {
+        var (source, target) = await _cluster.TwoNodes();
+        var probe = new TestProbe(source, new XunitAssertions());
+        var node = NodeActor(source, target);
+        MigrationProtocol.OfferedFile Manifest() => new("manifest.json", 10);
+
+        async Task<string> Refusal(MigrationProtocol.Offer offer)
+        {
+            node.Tell(offer, probe.Ref);
+            return (await probe.ExpectMsgAsync<MigrationProtocol.Refused>(TimeSpan.FromSeconds(30))).Why;
+        }
+        Assert.Contains("not a file name", await Refusal(new("bad", [], [new("../../etc/passwd", 10), Manifest()], Console(""))));
+        Assert.Contains("offered twice", await Refusal(new("bad", [], [Manifest(), Manifest()], Console(""))));
+        Assert.Contains("no manifest.json", await Refusal(new("bad", [], [new("spec.part", 10)], Console(""))));
+        Assert.Contains("not VM settings", await Refusal(new("bad", [new("akka.actor.provider", "local")], [Manifest()], Console(""))));
+        Assert.Contains("cannot name a VM", await Refusal(new("../up", [], [Manifest()], Console(""))));
+        Assert.Contains("console", await Refusal(new("bad", [], [Manifest()], new ConsoleProtocol.State(1, new byte[5]))));
+
+        // Files that are not a snapshot: refused once received, with what is wrong with them.
+        node.Tell(new MigrationProtocol.Offer("junk", [], [new("manifest.json", 5)], Console("")), probe.Ref);
+        await probe.ExpectMsgAsync<MigrationProtocol.Accepted>(TimeSpan.FromSeconds(30));
+        var junk = probe.LastSender;
+        junk.Tell(await Source.Single(new MigrationProtocol.Chunk(0, 0, "{{{{{"u8.ToArray()))
+            .RunWith(StreamRefs.SourceRef<MigrationProtocol.Chunk>(), source.Materializer()), probe.Ref);
+        Assert.Contains("not usable", (await probe.ExpectMsgAsync<MigrationProtocol.Refused>(TimeSpan.FromSeconds(30))).Why);
+
+        // A chunk past its file's end fails the transfer; nothing is left behind.
+        node.Tell(new MigrationProtocol.Offer("overrun", [], [new("manifest.json", 5)], Console("")), probe.Ref);
+        await probe.ExpectMsgAsync<MigrationProtocol.Accepted>(TimeSpan.FromSeconds(30));
+        var overrun = probe.LastSender;
+        overrun.Tell(await Source.Single(new MigrationProtocol.Chunk(0, 3, new byte[3]))
+            .RunWith(StreamRefs.SourceRef<MigrationProtocol.Chunk>(), source.Materializer()), probe.Ref);
+        Assert.Contains("transfer failed", (await probe.ExpectMsgAsync<MigrationProtocol.Refused>(TimeSpan.FromSeconds(30))).Why);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (Incoming("overrun").Length + Incoming("junk").Length > 0)
+        {
+            Assert.True(DateTime.UtcNow < deadline, "a refused migration's files are still there");
+            await Task.Delay(50);
+        }
+    }
+
+    /// <summary>The source's side with probes for the VM, its console hub, its node actor (the migration's
+    /// parent) and ctl, migrating to <paramref name="target"/>.</summary>
+    private sealed class SourceSide(ActorSystem source, ActorSystem target)
+    {
+        public readonly TestProbe Vm = new(source, new XunitAssertions());
+        public readonly TestProbe Console = new(source, new XunitAssertions());
+        public readonly TestProbe Node = new(source, new XunitAssertions());
+        public readonly TestProbe Ctl = new(source, new XunitAssertions());
+        public readonly string SourceNode = NodeProtocol.NodeName(Akka.Cluster.Cluster.Get(source).SelfAddress);
+        public readonly string TargetNode = NodeProtocol.NodeName(Akka.Cluster.Cluster.Get(target).SelfAddress);
+        public IActorRef Migration = ActorRefs.Nobody;
+
+        public void Start(string vm) =>
+            Migration = Node.ChildActorOf(MigrationSource.Props(new MigrationSource.Job(vm, Vm.Ref, Console.Ref, () => { }, [],
+                Akka.Cluster.Cluster.Get(target).SelfAddress, TargetNode, SourceNode, Ctl.Ref)));
+
+        /// <summary>The VM's part of the snapshot: paused, then a snapshot written where asked.</summary>
+        public async Task<string> Snapshot(Action<string> write)
+        {
+            await Vm.ExpectMsgAsync<ActorVmm.Host.Vm.VmProtocol.Pause>(TimeSpan.FromSeconds(30));
+            var take = await Vm.ExpectMsgAsync<ActorVmm.Host.Vm.VmProtocol.TakeSnapshot>(TimeSpan.FromSeconds(30));
+            write(take.Directory);
+            return take.Directory;
+        }
+
+        public async Task Snapshotted(string directory)
+        {
+            Migration.Tell(new ActorVmm.Host.Vm.VmProtocol.SnapshotTaken("vm", directory, 1, 4096, TimeSpan.Zero, TimeSpan.Zero, false), Vm.Ref);
+            await Console.ExpectMsgAsync<ConsoleProtocol.GetState>(TimeSpan.FromSeconds(30));
+            Migration.Tell(MigrationTests.Console("so far\n"), Console.Ref);
+        }
+    }
+
+    [Fact]
+    public async Task A_target_node_that_goes_away_before_the_commit_leaves_the_vm_resumed_on_the_source()
+    {
+        var (source, target) = await _cluster.TwoNodes();
+        var side = new SourceSide(source, target);
+        side.Start("stays");
+        var directory = await side.Snapshot(d => VmRestoreTests.Write(VmRestoreTests.Good(), d, 1 << 20));
+        await target.Terminate(); // the target's node leaves while the VM is paused for the move
+        await side.Snapshotted(directory);
+
+        await side.Vm.ExpectMsgAsync<ActorVmm.Host.Vm.VmProtocol.Resume>(TimeSpan.FromSeconds(60));
+        var failed = await side.Ctl.ExpectMsgAsync<MigrationProtocol.MigrationFailed>(TimeSpan.FromSeconds(30));
+        Assert.Contains($"it goes on running on {side.SourceNode}", failed.Why);
+        Assert.Equal(side.SourceNode, failed.RunsOn);
+        // The source never ended the VM, and dropped its snapshot.
+        side.Node.ExpectNoMsg(TimeSpan.FromMilliseconds(300));
+        Assert.False(Directory.Exists(directory), $"{directory} is still there");
+    }
+
+    [Fact]
+    public async Task A_vm_the_target_cannot_start_after_the_commit_is_started_again_on_the_source_from_its_snapshot()
+    {
+        var (source, target) = await _cluster.TwoNodes();
+        var side = new SourceSide(source, target);
+        side.Start("bounced");
+        // A disk that is not there on the target: its start fails after the commit.
+        var missing = _dir.File("no-such-disk.img");
+        var parts = VmRestoreTests.Good() with { Spec = VmRestoreTests.Good().Spec with { Disk = new ActorVmm.Host.Vm.DiskSpec(missing) } };
+        var directory = await side.Snapshot(d => VmRestoreTests.Write(parts, d, 1 << 20));
+        await side.Snapshotted(directory);
+
+        // Ready: the source ends its VM (the node actor's part) before it commits.
+        var end = await side.Node.ExpectMsgAsync<MigrationSource.EndForMove>(TimeSpan.FromSeconds(60));
+        Assert.Equal(("bounced", side.TargetNode), (end.Name, end.To));
+        side.Migration.Tell(new MigrationSource.Released("bounced"));
+        // The target fails to start it: the source starts it again from its own snapshot.
+        var again = await side.Node.ExpectMsgAsync<MigrationSource.RestartHere>(TimeSpan.FromSeconds(60));
+        Assert.Equal(directory, again.Directory);
+        Assert.True(File.Exists(Path.Combine(directory, ActorVmm.Host.Snapshot.SnapshotDirectory.ManifestFile)));
+        side.Migration.Tell(new MigrationSource.RestartedHere("bounced", null), side.Node.Ref);
+        var failed = await side.Ctl.ExpectMsgAsync<MigrationProtocol.MigrationFailed>(TimeSpan.FromSeconds(30));
+        Assert.Contains($"{side.TargetNode} could not start it", failed.Why);
+        Assert.Contains($"it runs on {side.SourceNode} again, from the snapshot", failed.Why);
+        Assert.Equal(side.SourceNode, failed.RunsOn);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+        while (Incoming("bounced").Length > 0)
+        {
+            Assert.True(DateTime.UtcNow < deadline, "the target kept the files of a VM it did not start");
+            await Task.Delay(50);
+        }
+    }
+
+    [Fact]
+    public async Task Migrating_a_vm_the_node_does_not_run_is_refused_with_the_reason()
+    {
+        var (source, target) = await _cluster.TwoNodes();
+        var probe = new TestProbe(source, new XunitAssertions());
+        NodeActor(source, source).Tell(new MigrationProtocol.MigrateVm("nothing", NodeProtocol.NodeName(Akka.Cluster.Cluster.Get(target).SelfAddress)), probe.Ref);
+        var failed = await probe.ExpectMsgAsync<MigrationProtocol.MigrationFailed>(TimeSpan.FromSeconds(30));
+        Assert.Contains("no VM named nothing runs on", failed.Why);
+        Assert.Equal("", failed.RunsOn);
+    }
+}
