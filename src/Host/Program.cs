@@ -471,7 +471,9 @@ namespace ActorVmm.Host
                 {
                     await using var client = Client(parse);
                     var entry = await client.FindEntryAsync(parse.GetValue(vmName)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
-                    Console.Out.Write(await client.MigrateAsync(entry, parse.GetValue(to)!));
+                    Console.Out.Write(await client.MigrateAsync(entry, parse.GetValue(to)!, p =>
+                        Console.Out.WriteLine($"{p.Elapsed.TotalSeconds,6:0.0} s  {p.Step,-34} {p.BytesSent >> 10,8} KiB of {p.BytesToSend >> 10} KiB" +
+                                              (p.Paused ? "  (guest stopped)" : ""))));
                     return 0;
                 });
                 ctl.Add(migrate);

@@ -142,9 +142,27 @@ public sealed class MigrationTests : IAsyncLifetime
         public readonly string TargetNode = NodeProtocol.NodeName(Akka.Cluster.Cluster.Get(target).SelfAddress);
         public IActorRef Migration = ActorRefs.Nobody;
 
-        public void Start(string vm) =>
+        public void Start(string vm, bool reportProgress = false) =>
             Migration = Node.ChildActorOf(MigrationSource.Props(new MigrationSource.Job(vm, Vm.Ref, Console.Ref, () => { }, [],
-                Akka.Cluster.Cluster.Get(target).SelfAddress, TargetNode, SourceNode, Ctl.Ref)));
+                Akka.Cluster.Cluster.Get(target).SelfAddress, TargetNode, SourceNode, Ctl.Ref, reportProgress)));
+
+        /// <summary>What ctl is told in the end, and the steps it was told of before.</summary>
+        public async Task<(MigrationProtocol.MigrationFailed Failed, List<string> Steps)> Outcome()
+        {
+            var steps = new List<string>();
+            while (true)
+                switch (await Ctl.ExpectMsgAsync<object>(TimeSpan.FromSeconds(60)))
+                {
+                    case MigrationProtocol.Progress p:
+                        if (!steps.Contains(p.Step)) steps.Add(p.Step);
+                        continue;
+                    case MigrationProtocol.MigrationFailed f:
+                        return (f, steps);
+                    case var other:
+                        Assert.Fail($"ctl was told {other}");
+                        break;
+                }
+        }
 
         /// <summary>The VM's part of the snapshot: paused, then a snapshot written where asked.</summary>
         public async Task<string> Snapshot(Action<string> write)
@@ -187,7 +205,7 @@ public sealed class MigrationTests : IAsyncLifetime
     {
         var (source, target) = await _cluster.TwoNodes();
         var side = new SourceSide(source, target);
-        side.Start("bounced");
+        side.Start("bounced", reportProgress: true);
         // A disk that is not there on the target: its start fails after the commit.
         var missing = _dir.File("no-such-disk.img");
         var parts = VmRestoreTests.Good() with { Spec = VmRestoreTests.Good().Spec with { Disk = new ActorVmm.Host.Vm.DiskSpec(missing) } };
@@ -203,7 +221,9 @@ public sealed class MigrationTests : IAsyncLifetime
         Assert.Equal(directory, again.Directory);
         Assert.True(File.Exists(Path.Combine(directory, ActorVmm.Host.Snapshot.SnapshotDirectory.ManifestFile)));
         side.Migration.Tell(new MigrationSource.RestartedHere("bounced", null), side.Node.Ref);
-        var failed = await side.Ctl.ExpectMsgAsync<MigrationProtocol.MigrationFailed>(TimeSpan.FromSeconds(30));
+        var (failed, steps) = await side.Outcome();
+        Assert.Equal(["the snapshot", "the console's state", "the target's answer to the offer", "the transfer", "the release of the VM here", "the start on the target"],
+            steps);
         Assert.Contains($"{side.TargetNode} could not start it", failed.Why);
         Assert.Contains($"it runs on {side.SourceNode} again, from the snapshot", failed.Why);
         Assert.Equal(side.SourceNode, failed.RunsOn);

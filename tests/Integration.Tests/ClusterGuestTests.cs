@@ -327,9 +327,14 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         {
             await PrintsMore(250);
             var to = at == node1 ? node2 : node1;
-            var said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to);
+            var reports = new List<ActorVmm.Host.Cluster.MigrationProtocol.Progress>();
+            var said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to, reports.Add);
             Step("test", said.TrimEnd());
             Assert.Contains($"migrated from {at} to {to}", said);
+            // `ctl migrate` showed each step while it ran, the transfer with the guest stopped.
+            Assert.Contains(reports, r => r is { Step: "the transfer", Paused: true });
+            Assert.Equal(["the snapshot", "the console's state", "the target's answer to the offer", "the transfer", "the release of the VM here", "the start on the target"],
+                reports.Select(r => r.Step).Distinct());
             var entry = await client.FindEntryAsync("mover", [at]);
             Assert.Equal((to, ""), (entry.Node, entry.Ended));
             at = to;

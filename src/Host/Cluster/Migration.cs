@@ -37,8 +37,20 @@ public static class MigrationProtocol
     public const int MaxFiles = 4096;
 
     /// <summary>`ctl migrate`, to the VM's node: move VM <paramref name="Name"/> to node
-    /// <paramref name="ToNode"/> (HOST:PORT). Answered <see cref="Migrated"/> or <see cref="MigrationFailed"/>.</summary>
-    public sealed record MigrateVm(string Name, string ToNode) : IMigrationMessage;
+    /// <paramref name="ToNode"/> (HOST:PORT). Answered <see cref="Migrated"/> or <see cref="MigrationFailed"/>,
+    /// after <see cref="Progress"/> reports if <paramref name="ReportProgress"/>.</summary>
+    public sealed record MigrateVm(string Name, string ToNode, bool ReportProgress = false) : IMigrationMessage;
+
+    /// <summary>Where a migration is: at each step, and every <see cref="ProgressInterval"/> of the transfer.</summary>
+    /// <param name="Name">the VM</param>
+    /// <param name="Step">what it does now</param>
+    /// <param name="BytesSent">bytes streamed so far</param>
+    /// <param name="BytesToSend">the snapshot's size (its all-zero chunks are not sent, so fewer may be)</param>
+    /// <param name="Elapsed">since the request</param>
+    /// <param name="Paused">whether the guest is stopped now</param>
+    public sealed record Progress(string Name, string Step, long BytesSent, long BytesToSend, TimeSpan Elapsed, bool Paused) : IMigrationMessage;
+
+    public static readonly TimeSpan ProgressInterval = TimeSpan.FromSeconds(1);
 
     /// <param name="Name">the VM</param>
     /// <param name="From">the node it ran on (HOST:PORT)</param>
@@ -159,7 +171,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 {
     /// <summary>What the source's node actor gives the migration.</summary>
     internal sealed record Job(string Name, IActorRef Vm, IActorRef Console, Action FlushConsole, NodeProtocol.Setting[] Settings,
-        Address Target, string TargetNode, string SourceNode, IActorRef ReplyTo);
+        Address Target, string TargetNode, string SourceNode, IActorRef ReplyTo, bool ReportProgress = false);
 
     /// <summary>To the node actor: the target is ready; end the VM and tell <see cref="Released"/> once
     /// its resources are released.</summary>
@@ -177,6 +189,11 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     internal sealed record RestartedHere(string Name, string? Error);
 
     private sealed record StepTimeout(string Step);
+
+    private sealed record ReportTick
+    {
+        public static readonly ReportTick Instance = new();
+    }
 
     private sealed record StreamReady(ISourceRef<MigrationProtocol.Chunk> Ref);
 
@@ -213,7 +230,21 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         Step("the snapshot");
     }
 
-    private void Step(string what) => Timers.StartSingleTimer("step", new StepTimeout(what), MigrationProtocol.StepLimit);
+    private void Step(string what)
+    {
+        Timers.StartSingleTimer("step", new StepTimeout(what), MigrationProtocol.StepLimit);
+        _step = what;
+        Report();
+    }
+
+    private string _step = "";
+
+    private void Report()
+    {
+        if (_job.ReportProgress)
+            _job.ReplyTo.Tell(new MigrationProtocol.Progress(_job.Name, _step, Interlocked.Read(ref _bytes), _files.Sum(f => f.Length), _total.Elapsed,
+                _down.IsRunning));
+    }
 
     private void Snapshotting()
     {
@@ -259,6 +290,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
                 .ContinueWith(t => t.IsCompletedSuccessfully ? new StreamReady(t.Result) : (object)new StreamFailed(t.Exception?.GetBaseException().Message ?? "cancelled"))
                 .PipeTo(Self);
             Step("the transfer");
+            if (_job.ReportProgress) Timers.StartPeriodicTimer("report", ReportTick.Instance, MigrationProtocol.ProgressInterval);
             Become(Sending);
         });
         Receive<MigrationProtocol.Refused>(r => GiveUp($"{_job.TargetNode} refused it: {r.Why}"));
@@ -271,6 +303,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         Receive<StreamFailed>(f => GiveUp($"the transfer could not start: {f.Why}"));
         Receive<MigrationProtocol.Ready>(_ =>
         {
+            Timers.Cancel("report");
             _ending = true;
             Context.Parent.Tell(new EndForMove(_job.Name, _job.TargetNode));
             Step("the release of the VM here");
@@ -379,6 +412,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             if (_committed) StartHereAgain($"{_job.TargetNode} left the cluster before it started the VM");
             else GiveUp($"{_job.TargetNode} left the cluster");
         });
+        Receive<ReportTick>(_ => Report());
         Receive<VmProtocol.SnapshotTaken>(_ => { });
         Receive<StreamReady>(_ => { });
         Receive<StreamFailed>(_ => { });

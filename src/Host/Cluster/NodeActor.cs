@@ -355,7 +355,7 @@ public sealed class NodeActor : ReceiveActor
         }
         var built = slot!.Resources!;
         slot.Migration = Context.ActorOf(MigrationSource.Props(new MigrationSource.Job(m.Name, slot.Actor, slot.Console, built.Console.Flush,
-            slot.Settings, members[m.ToNode], m.ToNode, _node, Sender)), $"migration-{m.Name}-{Guid.NewGuid():N}");
+            slot.Settings, members[m.ToNode], m.ToNode, _node, Sender, m.ReportProgress)), $"migration-{m.Name}-{Guid.NewGuid():N}");
         Context.WatchWith(slot.Migration, new MigrationOver(m.Name, slot.Migration));
         Log.Information("migrating VM {Name} to {Node}", m.Name, m.ToNode);
     }

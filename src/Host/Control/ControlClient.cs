@@ -329,23 +329,58 @@ public sealed class ControlClient : IAsyncDisposable
 
     /// <summary>
     /// `ctl migrate`: asks the node VM <paramref name="vm"/> runs on to move it to node <paramref name="to"/>
-    /// (HOST:PORT). Answers a line saying what moved and how long the guest was stopped; a failure is a
+    /// (HOST:PORT), passing each progress report to <paramref name="progress"/> (if given) while it runs.
+    /// Answers a line saying what moved and how long the guest was stopped; a failure is a
     /// <see cref="ControlException"/> saying where the VM runs now.
     /// </summary>
-    public async Task<string> MigrateAsync(ControlProtocol.VmEntry vm, string to)
+    public async Task<string> MigrateAsync(ControlProtocol.VmEntry vm, string to, Action<Cluster.MigrationProtocol.Progress>? progress = null)
     {
         if (vm.Ended.Length > 0) throw new ControlException($"{vm.Name} has ended: {vm.Ended}");
         var directory = await Directory(vm.Node);
-        var reply = await Ask<object>(directory, new Cluster.MigrationProtocol.MigrateVm(vm.Name, to), $"host {vm.Node}",
-            Cluster.MigrationProtocol.StepLimit * 6);
-        return reply switch
+        var answers = System.Threading.Channels.Channel.CreateUnbounded<object?>();
+        var listener = _system.ActorOf(Props.Create(() => new Listener(directory, answers.Writer)));
+        try
         {
-            Cluster.MigrationProtocol.Migrated m =>
-                $"{m.Name} migrated from {m.From} to {m.To}: {m.Bytes >> 10} KiB sent, guest stopped {m.Downtime.TotalMilliseconds:0} ms, " +
-                $"{m.Total.TotalMilliseconds:0} ms in all\n",
-            Cluster.MigrationProtocol.MigrationFailed f => throw new ControlException($"{f.Name} not migrated: {f.Why}"),
-            _ => throw new ControlException($"host {vm.Node} answered {reply.GetType().Name}: is it a host node (actorvmm host)?"),
-        };
+            directory.Tell(new Cluster.MigrationProtocol.MigrateVm(vm.Name, to, ReportProgress: progress is not null), listener);
+            // Each report (at least one per step or second) restarts the wait; a step has its own limit on the node.
+            var quiet = _timeout + Cluster.MigrationProtocol.StepLimit * 3;
+            while (true)
+            {
+                object? reply;
+                try { reply = await answers.Reader.ReadAsync().AsTask().WaitAsync(quiet); }
+                catch (TimeoutException) { throw new ControlException($"host {vm.Node} said nothing of the migration for {quiet.TotalSeconds:0} s"); }
+                switch (reply)
+                {
+                    case Cluster.MigrationProtocol.Progress p:
+                        progress?.Invoke(p);
+                        continue;
+                    case Cluster.MigrationProtocol.Migrated m:
+                        return $"{m.Name} migrated from {m.From} to {m.To}: {m.Bytes >> 10} KiB sent, guest stopped {m.Downtime.TotalMilliseconds:0} ms, " +
+                               $"{m.Total.TotalMilliseconds:0} ms in all\n";
+                    case Cluster.MigrationProtocol.MigrationFailed f:
+                        throw new ControlException($"{f.Name} not migrated: {f.Why}");
+                    case null:
+                        throw new ControlException($"host {vm.Node} went away during the migration");
+                    default:
+                        throw new ControlException($"host {vm.Node} answered {reply.GetType().Name}: is it a host node (actorvmm host)?");
+                }
+            }
+        }
+        finally
+        {
+            _system.Stop(listener);
+        }
+    }
+
+    /// <summary>Receives a request's answers in the ctl process; a null marks the host's end.</summary>
+    private sealed class Listener : ReceiveActor
+    {
+        public Listener(IActorRef host, System.Threading.Channels.ChannelWriter<object?> answers)
+        {
+            Context.Watch(host);
+            Receive<Terminated>(_ => answers.TryWrite(null));
+            ReceiveAny(m => answers.TryWrite(m));
+        }
     }
 
     /// <summary>`ctl nodes`: the cluster's members as host node <paramref name="host"/> sees them.</summary>
