@@ -229,9 +229,14 @@ public sealed class ClusterGuestTests : IAsyncLifetime
 
     /// <summary>Lines "0000\n" to "<paramref name="lines"/> - 1" on COM1, each followed by a wait of
     /// <paramref name="waitMs"/> ms on the ACPI PM timer (port 0x608: 24 bits at 3.579545 MHz), then
-    /// debug-exit with status 5 (exit code 11).</summary>
-    private string CountingPrinter(int lines = 2000, int waitMs = 1) => Flat($"counter-{lines}-{waitMs}.bin", a =>
+    /// debug-exit with status 5 (exit code 11).
+    /// <para>With <paramref name="dirty"/>, after each line it also rewrites one word in each 512 bytes of the
+    /// <see cref="Region"/> (all of its 8 pages), keeping the sum of the region's words in EBP, and it stops
+    /// early when it reads a 'q' on COM1; at the end it sums the region again and prints "sum ok" (status 5)
+    /// or "sum bad" (status 6, exit code 13): memory or EBP not what the guest wrote.</para></summary>
+    private string CountingPrinter(int lines = 2000, int waitMs = 1, bool dirty = false) => Flat($"counter-{lines}-{waitMs}-{dirty}.bin", a =>
     {
+        var end = a.CreateLabel();
         var line = a.CreateLabel();
         var digit = a.CreateLabel();
         var print = a.CreateLabel();
@@ -239,6 +244,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         a.xor(ax, ax);
         a.mov(ds, ax);
         a.mov(__byte_ptr[Buffer + 4], (byte)'\n');
+        if (dirty) a.xor(ebp, ebp);    // the region's sum (RAM starts zeroed)
         a.xor(bx, bx);                 // the line number
         a.Label(ref line);
         a.mov(ax, bx);
@@ -259,6 +265,21 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         a.inc(si);
         a.cmp(si, 5);
         a.jne(print);
+        if (dirty)
+        {
+            var rewrite = a.CreateLabel();
+            a.mov(di, Region);
+            a.Label(ref rewrite);          // word at DI: sum -= old; new = line ^ DI; sum += new
+            a.movzx(eax, __word_ptr[di]);
+            a.sub(ebp, eax);
+            a.mov(ax, bx);
+            a.xor(ax, di);
+            a.mov(__word_ptr[di], ax);
+            a.movzx(eax, ax);
+            a.add(ebp, eax);
+            a.add(di, 512);
+            a.jnz(rewrite);                // up to the end of the 64 KiB segment
+        }
         a.mov(dx, 0x608);
         a.@in(eax, dx);
         a.mov(edi, eax);
@@ -269,13 +290,56 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         a.cmp(eax, 3580 * waitMs);
         a.jb(wait);
         a.inc(bx);
+        if (dirty)
+        {
+            var go = a.CreateLabel();
+            a.mov(dx, 0x3FD);              // line status: a byte received?
+            a.@in(al, dx);
+            a.test(al, 1);
+            a.jz(go);
+            a.mov(dx, 0x3F8);
+            a.@in(al, dx);
+            a.cmp(al, (byte)'q');
+            a.je(end);
+            a.Label(ref go);
+        }
         a.cmp(bx, (short)lines);
         a.jne(line);
+        a.Label(ref end);
+        if (dirty)
+        {
+            var sum = a.CreateLabel();
+            var bad = a.CreateLabel();
+            a.xor(ecx, ecx);
+            a.mov(di, Region);
+            a.Label(ref sum);
+            a.movzx(eax, __word_ptr[di]);
+            a.add(ecx, eax);
+            a.add(di, 2);
+            a.jnz(sum);
+            a.cmp(ecx, ebp);
+            a.jne(bad);
+            Print(a, "sum ok\n");
+            a.mov(al, 5);
+            a.@out(0xF4, al);
+            a.cli();
+            a.hlt();
+            a.Label(ref bad);
+            Print(a, "sum bad\n");
+            a.mov(al, 6);
+            a.@out(0xF4, al);
+            a.cli();
+            a.hlt();
+            return;
+        }
         a.mov(al, 5);
         a.@out(0xF4, al);
         a.cli();
         a.hlt();
     });
+
+    /// <summary>The 32 KiB the dirtying counter rewrites: 0x8000 to the end of the first 64 KiB, above the image.</summary>
+    private const ushort Region = 0x8000;
 
     /// <summary>Where the counting printer builds a line (conventional memory below the image).</summary>
     private const int Buffer = 0x500;
@@ -288,8 +352,12 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         KvmRequirement.Check();
         var (client, node1, node2, _) = await TwoNodes(PatientNodes);
         await using var _ = client;
-        const int lines = 3000; // 30 s at 10 ms a line: longer than four migrations take
-        Assert.Equal(node1, await client.RunVmAsync(node1, "mover", [new("actorvmm.vm.boot.flat", CountingPrinter(lines, waitMs: 10))], node1));
+        // At most 9999 lines (100 s at 10 ms a line); the test ends it with a 'q' typed after the last move.
+        const int lines = 9999;
+        // Two vcpus (the second waits for a SIPI that never comes: its state moves too); the guest rewrites
+        // all of its 8-page region after every line and checks the region's sum at the end.
+        Assert.Equal(node1, await client.RunVmAsync(node1, "mover",
+            [new("actorvmm.vm.boot.flat", CountingPrinter(lines, waitMs: 10, dirty: true)), new("actorvmm.vm.cpus", "2")], node1));
         Step("test", "mover runs on node 1");
 
         // One console session, attached through node 1 before any move, for the guest's whole life.
@@ -300,7 +368,8 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             lock (session) session.Write(bytes);
             Interlocked.Add(ref printed, bytes.Length);
         });
-        var following = client.ConsoleAsync(await client.FindEntryAsync("mover", [node1]), follow: true, output, input: null,
+        var typed = new TypedLater();
+        var following = client.ConsoleAsync(await client.FindEntryAsync("mover", [node1]), follow: true, output, input: typed,
             new CancellationTokenSource(TimeSpan.FromMinutes(20)).Token);
 
         async Task PrintsMore(long bytes)
@@ -328,7 +397,9 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             await PrintsMore(250);
             var to = at == node1 ? node2 : node1;
             var reports = new List<ActorVmm.Host.Cluster.MigrationProtocol.Progress>();
-            var said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to, reports.Add);
+            string said;
+            try { said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to, reports.Add); }
+            catch (ControlException e) { throw new Xunit.Sdk.XunitException($"move {move + 1}: {e.Message}; the nodes printed:\n{NodeLog()}"); }
             Step("test", said.TrimEnd());
             Assert.Contains($"migrated from {at} to {to}", said);
             // `ctl migrate` showed each step while it ran, the transfer with the guest stopped.
@@ -340,14 +411,35 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             at = to;
         }
 
+        // Typed into the session attached before the first move: it reaches the guest where it runs now.
+        await PrintsMore(250);
+        typed.Type("q");
         var ended = await following;
         var text = Encoding.ASCII.GetString(session.ToArray());
-        var expected = CountedLines(lines);
+        var printedLines = text.Count(c => c == '\n') - 1;
+        Assert.True(printedLines >= 250, $"the guest printed {text.Length} bytes; the nodes printed:\n{NodeLog()}");
+        var expected = CountedLines(printedLines) + "sum ok\n"; // memory came through every move as the guest wrote it
         var same = 0;
         while (same < Math.Min(text.Length, expected.Length) && text[same] == expected[same]) same++;
         Assert.True(text == expected && ended?.Contains("exit code 11") == true,
             $"the console showed {text.Length} bytes, the first {same} as expected, and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
         Assert.Equal(node1, (await client.FindEntryAsync("mover", [node2])).Node);
+    }
+
+    /// <summary>Console input that has nothing to give until <see cref="Type"/>, then that one line, then ends.</summary>
+    private sealed class TypedLater : TextReader
+    {
+        private readonly TaskCompletionSource<string?> _line = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private bool _given;
+
+        public void Type(string line) => _line.TrySetResult(line);
+
+        public override async ValueTask<string?> ReadLineAsync(CancellationToken cancel)
+        {
+            if (_given) return null;
+            _given = true;
+            return await _line.Task.WaitAsync(cancel);
+        }
     }
 
     /// <summary>A write-only stream that hands each write to <paramref name="written"/>.</summary>
