@@ -192,6 +192,8 @@ public sealed class MigrationTests : IAsyncLifetime
         await side.Snapshotted(directory);
 
         await side.Vm.ExpectMsgAsync<ActorVmm.Host.Vm.VmProtocol.Resume>(TimeSpan.FromSeconds(60));
+        // The VM keeps the report for `ctl stats`.
+        Assert.StartsWith($"to {side.TargetNode} failed after", (await side.Vm.ExpectMsgAsync<ActorVmm.Host.Vm.VmProtocol.RecordMigration>()).Report);
         var failed = await side.Ctl.ExpectMsgAsync<MigrationProtocol.MigrationFailed>(TimeSpan.FromSeconds(30));
         Assert.Contains($"it goes on running on {side.SourceNode}", failed.Why);
         Assert.Equal(side.SourceNode, failed.RunsOn);

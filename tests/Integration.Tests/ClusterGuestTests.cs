@@ -408,6 +408,14 @@ public sealed class ClusterGuestTests : IAsyncLifetime
                 reports.Select(r => r.Step).Distinct());
             var entry = await client.FindEntryAsync("mover", [at]);
             Assert.Equal((to, ""), (entry.Node, entry.Ended));
+            // The moved VM keeps the report for `ctl stats` (its node is told just before ctl is).
+            var stats = "";
+            for (var tries = 0; tries < 50 && !stats.Contains($"last migration: mover migrated from {at} to {to}"); tries++)
+            {
+                if (tries > 0) await Task.Delay(200);
+                stats = await client.StatsAsync(entry.Actor);
+            }
+            Assert.True(stats.Contains($"last migration: mover migrated from {at} to {to}"), $"ctl stats said:\n{stats}");
             at = to;
         }
 

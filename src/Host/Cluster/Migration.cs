@@ -52,13 +52,18 @@ public static class MigrationProtocol
 
     public static readonly TimeSpan ProgressInterval = TimeSpan.FromSeconds(1);
 
+    /// <summary>A migration done: to ctl, and to the target's node actor, which keeps it with the VM.</summary>
     /// <param name="Name">the VM</param>
     /// <param name="From">the node it ran on (HOST:PORT)</param>
     /// <param name="To">the node it runs on now</param>
     /// <param name="Bytes">bytes streamed (the snapshot's files without their all-zero chunks)</param>
     /// <param name="Downtime">from the guest's pause on the source to its start on the target</param>
     /// <param name="Total">from the request to the start on the target</param>
-    public sealed record Migrated(string Name, string From, string To, long Bytes, TimeSpan Downtime, TimeSpan Total) : IMigrationMessage;
+    public sealed record Migrated(string Name, string From, string To, long Bytes, TimeSpan Downtime, TimeSpan Total) : IMigrationMessage
+    {
+        public override string ToString() =>
+            $"{Name} migrated from {From} to {To}: {Bytes >> 10} KiB sent, guest stopped {Downtime.TotalMilliseconds:0} ms, {Total.TotalMilliseconds:0} ms in all";
+    }
 
     /// <param name="Name">the VM</param>
     /// <param name="Why">what failed, and what that left</param>
@@ -348,7 +353,9 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         {
             _down.Stop();
             Context.Parent.Tell(new Moved(_job.Name, s.Node, s.Console));
-            if (!_toldUnknown) _job.ReplyTo.Tell(new MigrationProtocol.Migrated(_job.Name, _job.SourceNode, s.Node, Interlocked.Read(ref _bytes), _down.Elapsed, _total.Elapsed));
+            var migrated = new MigrationProtocol.Migrated(_job.Name, _job.SourceNode, s.Node, Interlocked.Read(ref _bytes), _down.Elapsed, _total.Elapsed);
+            Sender.Tell(migrated); // the target's node actor: for the VM's `ctl stats`
+            if (!_toldUnknown) _job.ReplyTo.Tell(migrated);
             Log.Information("VM {Name} migrated to {Node}: {Bytes} bytes, {Downtime} ms down", _job.Name, s.Node, _bytes, _down.ElapsedMilliseconds);
             Context.Stop(Self);
         });
@@ -431,6 +438,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             return;
         }
         _job.Vm.Tell(VmProtocol.Resume.Instance);
+        _job.Vm.Tell(new VmProtocol.RecordMigration($"to {_job.TargetNode} failed after {_total.Elapsed.TotalMilliseconds:0} ms: {why}"));
         if (!_target.IsNobody()) _target.Tell(new MigrationProtocol.Abort(_job.Name, why));
         _job.ReplyTo.Tell(new MigrationProtocol.MigrationFailed(_job.Name, $"{why}; it goes on running on {_job.SourceNode}", _job.SourceNode));
         Log.Warning("migration of {Name} to {Node} given up: {Why}", _job.Name, _job.TargetNode, why);

@@ -87,6 +87,10 @@ public sealed class NodeActor : ReceiveActor
         Receive<MigrationSource.EndForMove>(EndForMove);
         Receive<MigrationSource.Moved>(Moved);
         Receive<MigrationSource.RestartHere>(RestartHere);
+        Receive<MigrationProtocol.Migrated>(m =>
+        {
+            if (_vms.TryGetValue(m.Name, out var slot) && slot.Resources is not null) slot.Actor.Tell(new VmProtocol.RecordMigration(m.ToString()));
+        });
         Receive<BuildDone>(OnBuilt);
         Receive<Ended>(OnEnded);
         Receive<NodeProtocol.GetLoad>(_ =>

@@ -177,11 +177,14 @@ public sealed class ControlClient : IAsyncDisposable
         return await StatusAsync(vm); // mailbox order: the status reflects the command
     }
 
-    private async Task<IActorRef> Child(IActorRef vm, string name)
+    /// <summary>The VM's child <paramref name="name"/>. One the VM says it has (<paramref name="listed"/>) is
+    /// asked for again until the timeout: a remote endpoint that is gated answers "no such actor" at once.</summary>
+    private async Task<IActorRef> Child(IActorRef vm, string name, bool listed = false)
     {
         try
         {
-            return await _system.ActorSelection(vm.Path / name).ResolveOne(_timeout);
+            var selection = _system.ActorSelection(vm.Path / name);
+            return listed ? await ResolveWithRetries(selection, _timeout) : await selection.ResolveOne(_timeout);
         }
         catch (Exception e) when (e is ActorNotFoundException or TimeoutException or AskTimeoutException)
         {
@@ -250,13 +253,18 @@ public sealed class ControlClient : IAsyncDisposable
         foreach (var device in status.Devices ?? [])
         {
             IActorRef actor;
-            try { actor = await Child(vm, device); }
-            catch (ControlException) { continue; }
+            try { actor = await Child(vm, device, listed: true); }
+            catch (ControlException)
+            {
+                sb.AppendLine($"device {device}: did not answer (it may have just stopped)");
+                continue;
+            }
             var d = await Ask<DeviceProtocol.Stats>(actor, DeviceProtocol.GetStats.Instance, device);
             sb.AppendLine($"device {d.Device}: {d.Reads} reads, {d.Writes} writes{(d.Location is { } where ? $" ({where})" : "")}");
         }
         foreach (var restart in status.Restarts ?? [])
             sb.AppendLine($"restarted after a failure: {restart}");
+        if (status.Migration is { } migration) sb.AppendLine($"last migration: {migration}");
         return sb.ToString();
     }
 
@@ -355,8 +363,7 @@ public sealed class ControlClient : IAsyncDisposable
                         progress?.Invoke(p);
                         continue;
                     case Cluster.MigrationProtocol.Migrated m:
-                        return $"{m.Name} migrated from {m.From} to {m.To}: {m.Bytes >> 10} KiB sent, guest stopped {m.Downtime.TotalMilliseconds:0} ms, " +
-                               $"{m.Total.TotalMilliseconds:0} ms in all\n";
+                        return $"{m}\n";
                     case Cluster.MigrationProtocol.MigrationFailed f:
                         throw new ControlException($"{f.Name} not migrated: {f.Why}");
                     case null:

@@ -84,7 +84,8 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
             else _watchers.Add(Sender);
         });
         Receive<GetStatus>(_ => Sender.Tell(new VmProtocol.Status(_resources.Name, _phase, _vcpus.Count, _outcome,
-            [.. _devices.Select(d => d.Path.Name)], [.. _restarts.ToArray().Select(r => $"{r.Child}: {r.Cause}")])));
+            [.. _devices.Select(d => d.Path.Name)], [.. _restarts.ToArray().Select(r => $"{r.Child}: {r.Cause}")], _migration)));
+        Receive<RecordMigration>(m => _migration = m.Report);
 
         Receive<DeviceProtocol.GuestExitRequested>(e =>
             End(new Outcome(OutcomeKind.DebugExit, e.Status, $"guest wrote {e.Status >> 1} to {e.Device}: exit status {e.Status}")));
@@ -183,6 +184,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     private readonly Dictionary<string, string> _failures = new();
     /// <summary>Children restarted after a failure, oldest first (the last 100).</summary>
     private readonly BoundedList<ChildRestarted> _restarts = new(100);
+    private string? _migration;
 
     private sealed class BoundedList<T>(int capacity)
     {

@@ -61,7 +61,12 @@ public static class VmProtocol
     /// <param name="Phase">where the VM is in its life</param>
     /// <param name="Vcpus">its number of vcpus</param>
     /// <param name="Outcome">how it ended; null while it runs</param>
-    public sealed record Status(string Vm, Phase Phase, int Vcpus, Outcome? Outcome, string[]? Devices = null, string[]? Restarts = null) : IVmMessage;
+    /// <param name="Migration">the last migration of the VM, to or from here, as `ctl migrate` reported it; null if none</param>
+    public sealed record Status(string Vm, Phase Phase, int Vcpus, Outcome? Outcome, string[]? Devices = null, string[]? Restarts = null,
+        string? Migration = null) : IVmMessage;
+
+    /// <summary>The VM's last migration (`ctl stats` shows it): how it went, in one line.</summary>
+    public sealed record RecordMigration(string Report) : IVmMessage;
 
     public enum Phase { Created, Running, Paused, Ending, Ended }
 
