@@ -85,6 +85,27 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public void A_hub_whose_vm_moved_stops_once_no_client_follows_it()
+    {
+        var moved = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        var unfollowed = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        Watch(unfollowed);
+        unfollowed.Tell(new ConsoleProtocol.MovedTo(moved, "127.0.0.1:2"));
+        ExpectTerminated(unfollowed);
+
+        var followed = Sys.ActorOf(ConsoleProtocol.Props("vm"));
+        var client = CreateTestProbe();
+        followed.Tell(new ConsoleProtocol.Attach(client.Ref, Follow: true));
+        client.ExpectMsg<ConsoleProtocol.History>();
+        Watch(followed);
+        followed.Tell(new ConsoleProtocol.MovedTo(moved, "127.0.0.1:2"));
+        moved.Tell(new ConsoleProtocol.Output(Bytes("still here\n")));
+        Assert.Equal("still here\n", Encoding.ASCII.GetString(client.ExpectMsg<ConsoleProtocol.Chunk>().Bytes));
+        followed.Tell(new ConsoleProtocol.Detach(client.Ref));
+        ExpectTerminated(followed);
+    }
+
+    [Fact]
     public void The_history_keeps_the_latest_64_KiB_and_says_where_it_starts()
     {
         var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));

@@ -91,6 +91,7 @@ public sealed class ConsoleHubActor : ReceiveActor
         {
             _movedTo = m.Hub;
             _inputs = [];
+            if (StopIfUnfollowed()) return;
             Context.Watch(m.Hub);
             m.Hub.Tell(new ConsoleProtocol.Attach(Self, Follow: true));
         });
@@ -120,12 +121,14 @@ public sealed class ConsoleHubActor : ReceiveActor
         {
             _followers.Remove(d.Client);
             Context.Unwatch(d.Client);
+            StopIfUnfollowed();
         });
         Receive<Terminated>(t =>
         {
             if (_movedTo is not null && t.ActorRef.Equals(_movedTo) && _ended is null)
                 Self.Tell(new ConsoleProtocol.VmEnded("its console on the node it moved to went away (that node left or stopped)"));
             _followers.Remove(t.ActorRef);
+            StopIfUnfollowed();
         });
         Receive<ConsoleProtocol.Input>(i =>
         {
@@ -134,6 +137,15 @@ public sealed class ConsoleHubActor : ReceiveActor
             if (_movedTo is not null) _movedTo.Tell(i);
             foreach (var input in _inputs) input.Tell(new DeviceProtocol.HostInput(i.Bytes));
         });
+    }
+
+    /// <summary>A relay (its VM moved) that no client follows any more has nothing to do: it stops, and a
+    /// client that comes later finds the VM's console where the VM runs (ctl list).</summary>
+    private bool StopIfUnfollowed()
+    {
+        if (_movedTo is null || _followers.Count > 0) return false;
+        Context.Stop(Self);
+        return true;
     }
 
     private void Append(byte[] bytes)
