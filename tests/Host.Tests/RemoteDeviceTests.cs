@@ -43,7 +43,7 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
 
         public string Printed => Encoding.ASCII.GetString(Output.ToArray());
 
-        public IActorRef Proxy(Address node, TimeSpan? placementTimeout = null, bool traced = false)
+        public IActorRef Proxy(Address node, TimeSpan? placementTimeout = null, bool traced = false, TimeSpan? silenceLimit = null)
         {
             var interrupts = new VmInterrupts { IoApic = IoApic, Pic = Pic };
             var clock = new MonotonicClock();
@@ -54,7 +54,7 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
             var setup = new RemoteDevices.Setup("vm1", "uart0", PcPlatform.Com1Kind, node, IoApic, Pic, vm, Out,
                 state => DeviceProtocol.Props("uart0", events => Model(events, null), Model, vm, initialState: state)
                     .WithDispatcher(DeviceProtocol.DispatcherId),
-                null, placementTimeout ?? TimeSpan.FromSeconds(30));
+                null, placementTimeout ?? TimeSpan.FromSeconds(30), silenceLimit);
             var props = RemoteDevices.ProxyProps(setup);
             return system.ActorOf(traced ? props.WithMailbox(TracedMailboxType.Id) : props, "uart0");
         }
@@ -130,6 +130,39 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         Assert.Contains("on this node", await side.Location(uart));
         foreach (var c in "still here\n") side.Write(uart, Thr, (byte)c);
         await AwaitAssert(() => Assert.Equal("hello from the other node\nstill here\n", side.Printed));
+    }
+
+    [Fact]
+    public async Task A_uart_on_another_node_that_answers_nothing_while_a_read_waits_is_taken_as_lost_and_stopped_there()
+    {
+        var (vmNode, otherNode) = await TwoNodes();
+        var otherAddress = Akka.Cluster.Cluster.Get(otherNode).SelfAddress;
+        var side = new VmSide(vmNode);
+        var uart = side.Proxy(otherAddress, silenceLimit: TimeSpan.FromSeconds(2));
+        side.Write(uart, Scr, 0x5A);
+        Assert.Equal(0x5AUL, await side.Read(uart, 1, Scr)); // placed and serving
+
+        var watcher = new TestProbe(otherNode, new XunitAssertions());
+        otherNode.ActorSelection($"/user/{ControlProtocol.DirectoryName}/{RemoteDevices.HostedPrefix}*/uart0").Tell(new Identify(1), watcher);
+        var hosted = (await watcher.ExpectMsgAsync<ActorIdentity>(TimeSpan.FromSeconds(30))).Subject;
+        Assert.NotNull(hosted);
+        watcher.Watch(hosted);
+
+        // Both nodes stay up, but the device says nothing (stalled far longer than the limit), as when a
+        // request was lost with a broken connection.
+        uart.Tell(new FaultProtocol.Stall(TimeSpan.FromSeconds(20), "silent"), side.Vm);
+        side.Write(uart, Scr, 0x77); // never confirmed: lost with the device
+        uart.Tell(new DeviceProtocol.Read(2, Scr, 1), side.Vcpu);
+        var read = await side.Vcpu.FishForMessageAsync<DeviceProtocol.ReadResult>(m => m is DeviceProtocol.ReadResult, TimeSpan.FromSeconds(30));
+        Assert.Equal(new DeviceProtocol.ReadResult(2, 0xFF), read);
+        var moved = await side.Vm.FishForMessageAsync<VmProtocol.ChildRestarted>(m => m is VmProtocol.ChildRestarted, TimeSpan.FromSeconds(30));
+        Assert.Contains($"it answered nothing for 2 s while requests waited on {NodeProtocol.NodeName(otherAddress)}", moved.Cause);
+        Assert.Contains("1 write(s) in flight lost", moved.Cause);
+        // The device there is told to stop; the one here goes on from the state mirrored last.
+        await watcher.ExpectTerminatedAsync(hosted, TimeSpan.FromSeconds(30));
+        Assert.Equal(0x5AUL, await side.Read(uart, 3, Scr));
+        Assert.Contains("on this node", await side.Location(uart));
+        side.Vcpu.ExpectNoMsg(TimeSpan.FromMilliseconds(500)); // nothing more for read 2
     }
 
     [Fact]

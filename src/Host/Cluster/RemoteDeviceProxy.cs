@@ -18,11 +18,14 @@ namespace ActorVmm.Host.Cluster;
 /// was removed from the cluster, or it kept failing there) the device is built on this node from the
 /// last state record it mirrored, after the requests in flight were settled: reads read all-ones,
 /// waited writes are done, posted writes are credited back; barriers and state requests go to the new
-/// device.
+/// device. A device that says nothing for <see cref="RemoteDevices.Setup.SilenceLimit"/> while requests
+/// wait for it is taken as lost the same way (and told to stop); what it sends afterwards is ignored.
 /// </summary>
 internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWithTimers
 {
     private sealed record PlacementTimedOut : INotTraced { public static readonly PlacementTimedOut Instance = new(); }
+
+    private sealed record SilenceCheck : INotTraced { public static readonly SilenceCheck Instance = new(); }
 
     /// <summary>A request passed on: who asked, and the request as it was asked.</summary>
     private sealed record Pending(IActorRef Asker, object Request);
@@ -41,6 +44,29 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
     private long _reads;
     private long _writes;
     private string _location;
+    /// <summary>Since when the remote device has said nothing while something waits for it (reset by
+    /// anything it sends, and when waiting starts).</summary>
+    private DateTime _quietSince = DateTime.UtcNow;
+    private TimeSpan SilenceLimit => _setup.SilenceLimit ?? RemoteDevices.DefaultSilenceLimit;
+
+    /// <summary>Requests or posted writes wait for the remote device.</summary>
+    private bool Waiting => _remote && (_pending.Count > 0 || _postedWriters.Count > 0);
+
+    /// <summary>Before a request goes to the device: if nothing waited, the quiet time starts now.</summary>
+    private void BeforeSend()
+    {
+        if (!Waiting) _quietSince = DateTime.UtcNow;
+    }
+
+    /// <summary>Whether the message came from the device in use (not one this proxy left).</summary>
+    private bool FromDevice()
+    {
+        var from = Sender is CarryingRef carrying ? carrying.Target : Sender;
+        var device = _device is CarryingRef d ? d.Target : _device;
+        if (!from.Equals(device)) return false;
+        _quietSince = DateTime.UtcNow;
+        return true;
+    }
 
     public IStash Stash { get; set; } = null!;
 
@@ -80,6 +106,7 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
             _remote = true;
             _location = $"on {NodeProtocol.NodeName(_setup.Node)}";
             Context.Watch(h.Actor);
+            Timers.StartPeriodicTimer(SilenceCheck.Instance, SilenceCheck.Instance, SilenceLimit / 4);
             Context.GetLogger().Info("{0} runs on {1}", _setup.Device, NodeProtocol.NodeName(_setup.Node));
             Serve();
         });
@@ -100,6 +127,7 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
             {
                 if (Held()) return;
                 _writes++;
+                BeforeSend();
                 _postedWriters.Enqueue(Sender);
                 _device.Tell(w);
             });
@@ -107,37 +135,74 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
             {
                 if (Held()) return;
                 _reads++;
+                BeforeSend();
                 _device.Tell(r with { Id = Remember(r) });
             });
             Receive<WriteAndWait>(w =>
             {
                 if (Held()) return;
                 _writes++;
+                BeforeSend();
                 _device.Tell(w with { Id = Remember(w) });
             });
-            Receive<Sync>(s => { if (!Held()) _device.Tell(s with { Id = Remember(s) }); });
+            Receive<Sync>(s =>
+            {
+                if (Held()) return;
+                BeforeSend();
+                _device.Tell(s with { Id = Remember(s) });
+            });
             // The state of a device on another node is the record it mirrored last, once a barrier shows
             // that everything before the request was handled (its effects came first): no record object
             // crosses the network but the checked JSON of the effects.
             Receive<GetState>(g =>
             {
                 if (Held()) return;
+                BeforeSend();
                 if (_remote) _device.Tell(new Sync(Remember(g)));
                 else _device.Tell(g with { Id = Remember(g) });
             });
-            Receive<Acknowledge>(a => { if (!Held()) _device.Tell(a with { Id = Remember(a) }); });
-            Receive<BackendReady>(b => { if (!Held()) _device.Tell(b with { Id = Remember(b) }); });
-            Receive<ReadResult>(r => Answer(r.Id, original => new ReadResult(((Read)original).Id, r.Value)));
-            Receive<WriteDone>(d => Answer(d.Id, original => new WriteDone(((WriteAndWait)original).Id, d.MachineEnding)));
+            Receive<Acknowledge>(a =>
+            {
+                if (Held()) return;
+                BeforeSend();
+                _device.Tell(a with { Id = Remember(a) });
+            });
+            Receive<BackendReady>(b =>
+            {
+                if (Held()) return;
+                BeforeSend();
+                _device.Tell(b with { Id = Remember(b) });
+            });
+            // Answers count only from the device in use: one this proxy left (taken as lost while it was
+            // silent) may still answer, and its answers settle nothing any more.
+            Receive<ReadResult>(r => Answer(r.Id, original => new ReadResult(((Read)original).Id, r.Value)), _ => FromDevice());
+            Receive<WriteDone>(d => Answer(d.Id, original => new WriteDone(((WriteAndWait)original).Id, d.MachineEnding)), _ => FromDevice());
             Receive<Completed>(c => Answer(c.Id, original => original is GetState g
                 ? new StateReply(g.Id, _setup.Device, _lastState)
-                : new Completed(IdOf(original))));
-            Receive<StateReply>(s => Answer(s.Id, original => s with { Id = ((GetState)original).Id }));
-            Receive<Acknowledged>(a => Answer(a.Id, original => a with { Id = ((Acknowledge)original).Id }));
+                : new Completed(IdOf(original))), _ => FromDevice());
+            Receive<StateReply>(s => Answer(s.Id, original => s with { Id = ((GetState)original).Id }), _ => FromDevice());
+            Receive<Acknowledged>(a => Answer(a.Id, original => a with { Id = ((Acknowledge)original).Id }), _ => FromDevice());
+            Receive<ReadResult>(_ => { });
+            Receive<WriteDone>(_ => { });
+            Receive<Completed>(_ => { });
+            Receive<StateReply>(_ => { });
+            Receive<Acknowledged>(_ => { });
+            Receive<SilenceCheck>(_ =>
+            {
+                if (!_remote)
+                {
+                    Timers.Cancel(SilenceCheck.Instance);
+                    return;
+                }
+                if (!Waiting || DateTime.UtcNow - _quietSince < SilenceLimit) return;
+                // Whatever became of the requests, the device there is not used again.
+                (_device is CarryingRef carrying ? carrying.Target : _device).Tell(PoisonPill.Instance);
+                Failover($"it answered nothing for {SilenceLimit.TotalSeconds:0} s while requests waited on {NodeProtocol.NodeName(_setup.Node)}");
+            });
             Receive<WriteCredit>(c =>
             {
                 // A device on another node confirms its writes with their effects instead (OnEffects).
-                if (_remote) return;
+                if (_remote || !FromDevice()) return;
                 for (var i = 0; i < c.Count && _postedWriters.TryDequeue(out var writer); i++) _credits.Posted(writer);
             });
             Receive<RemoteDevices.DeviceEffects>(OnEffects);
@@ -231,8 +296,7 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
 
     private void OnEffects(RemoteDevices.DeviceEffects effects)
     {
-        var from = Sender is CarryingRef carrying ? carrying.Target : Sender;
-        if (!_device.IsNobody() && !from.Equals(_device is CarryingRef device ? device.Target : _device)) return; // a device this proxy no longer uses
+        if (!_device.IsNobody() && !FromDevice()) return; // a device this proxy no longer uses
         if (effects.Sequence <= _lastSequence) return;
         _lastSequence = effects.Sequence;
         // The posted writes handled since the last effects are confirmed: their effects are here.
@@ -286,6 +350,7 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
     private void RunHere(string why, bool restored = false)
     {
         Timers.Cancel(PlacementTimedOut.Instance);
+        Timers.Cancel(SilenceCheck.Instance);
         _device = Context.ActorOf(_setup.LocalProps(_lastState), "here");
         _remote = false;
         Context.Watch(_device);

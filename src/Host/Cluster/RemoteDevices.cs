@@ -76,8 +76,19 @@ public static class RemoteDevices
     /// <param name="LocalProps">the props of the device built on the VM's node from a state record (null: power-on)</param>
     /// <param name="InitialState">the state the device starts from (a restored VM's); null: power-on</param>
     /// <param name="PlacementTimeout">how long the other node may take to answer before the device runs here</param>
+    /// <param name="SilenceLimit">how long the placed device may say nothing while requests wait for it before it
+    /// is taken as lost (null: <see cref="DefaultSilenceLimit"/>)</param>
     public sealed record Setup(string Vm, string Device, string Kind, Address Node, IActorRef IoApic, IActorRef Pic, IActorRef Events,
-        Action<byte> Output, Func<object?, Props> LocalProps, object? InitialState, TimeSpan PlacementTimeout);
+        Action<byte> Output, Func<object?, Props> LocalProps, object? InitialState, TimeSpan PlacementTimeout, TimeSpan? SilenceLimit = null);
+
+    /// <summary>
+    /// A device on another node that answers nothing (no answer, no effects) for this long while requests
+    /// wait for it is taken as lost, as if its node were: Akka remoting delivers at most once, and a
+    /// message lost with a broken connection between two nodes that both stay up would otherwise leave
+    /// a vcpu waiting for ever. Far above any round trip (well under a millisecond; seconds on a loaded
+    /// machine).
+    /// </summary>
+    public static readonly TimeSpan DefaultSilenceLimit = TimeSpan.FromSeconds(60);
 
     /// <summary>A device actor's supervision away from its VM actor, as the VM supervises its devices
     /// (<see cref="VmActor.Supervision"/>, at most <see cref="VmActor.MaxDeviceRestarts"/> restarts a
