@@ -19,7 +19,8 @@ namespace ActorVmm.Host.Cluster;
 /// last state record it mirrored, after the requests in flight were settled: reads read all-ones,
 /// waited writes are done, posted writes are credited back; barriers and state requests go to the new
 /// device. A device that says nothing for <see cref="RemoteDevices.Setup.SilenceLimit"/> while requests
-/// wait for it is taken as lost the same way (and told to stop); what it sends afterwards is ignored.
+/// wait for it, its node reachable all along, is taken as lost the same way (and told to stop); what it
+/// sends afterwards is ignored.
 /// </summary>
 internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWithTimers
 {
@@ -195,6 +196,13 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
                     return;
                 }
                 if (!Waiting || DateTime.UtcNow - _quietSince < SilenceLimit) return;
+                if (NodeIsUnreachable())
+                {
+                    // The cluster decides about a node its failure detector lost: removed, the device moves
+                    // here (Terminated); reachable again, it goes on there.
+                    _quietSince = DateTime.UtcNow;
+                    return;
+                }
                 // Whatever became of the requests, the device there is not used again.
                 (_device is CarryingRef carrying ? carrying.Target : _device).Tell(PoisonPill.Instance);
                 Failover($"it answered nothing for {SilenceLimit.TotalSeconds:0} s while requests waited on {NodeProtocol.NodeName(_setup.Node)}");
@@ -268,6 +276,9 @@ internal sealed class RemoteDeviceProxy : ReceiveActor, IWithUnboundedStash, IWi
     /// shuts down, which can reach the proxy before the node is removed).</summary>
     private bool NodeIsUp() =>
         Akka.Cluster.Cluster.Get(Context.System).State.Members.Any(m => m.Address.Equals(_setup.Node) && m.Status == Akka.Cluster.MemberStatus.Up);
+
+    private bool NodeIsUnreachable() =>
+        Akka.Cluster.Cluster.Get(Context.System).State.Unreachable.Any(m => m.Address.Equals(_setup.Node));
 
     private long Remember(object request)
     {
