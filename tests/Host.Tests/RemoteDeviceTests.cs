@@ -76,6 +76,17 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         }
     }
 
+    /// <summary>A probe on <paramref name="node"/> watching the uart0 that node hosts.</summary>
+    private static async Task<(TestProbe Watcher, IActorRef Hosted)> WatchHosted(ActorSystem node)
+    {
+        var watcher = new TestProbe(node, new XunitAssertions());
+        node.ActorSelection($"/user/{ControlProtocol.DirectoryName}/{RemoteDevices.HostedPrefix}*/uart0").Tell(new Identify(1), watcher);
+        var hosted = (await watcher.ExpectMsgAsync<ActorIdentity>(TimeSpan.FromSeconds(30))).Subject;
+        Assert.NotNull(hosted);
+        watcher.Watch(hosted);
+        return (watcher, hosted);
+    }
+
     private const ulong Thr = 0, Ier = 1, Lcr = 3, Mcr = 4, Scr = 7;
 
     [Fact]
@@ -142,11 +153,7 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         side.Write(uart, Scr, 0x5A);
         Assert.Equal(0x5AUL, await side.Read(uart, 1, Scr)); // placed and serving
 
-        var watcher = new TestProbe(otherNode, new XunitAssertions());
-        otherNode.ActorSelection($"/user/{ControlProtocol.DirectoryName}/{RemoteDevices.HostedPrefix}*/uart0").Tell(new Identify(1), watcher);
-        var hosted = (await watcher.ExpectMsgAsync<ActorIdentity>(TimeSpan.FromSeconds(30))).Subject;
-        Assert.NotNull(hosted);
-        watcher.Watch(hosted);
+        var (watcher, hosted) = await WatchHosted(otherNode);
 
         // Both nodes stay up, but the device says nothing (stalled far longer than the limit), as when a
         // request was lost with a broken connection.
@@ -174,11 +181,7 @@ public sealed class RemoteDeviceTests : IAsyncLifetime
         side.Write(uart, Scr, 0x33);
         Assert.Equal(0x33UL, await side.Read(uart, 1, Scr)); // placed and serving
 
-        var watcher = new TestProbe(otherNode, new XunitAssertions());
-        otherNode.ActorSelection($"/user/{ControlProtocol.DirectoryName}/{RemoteDevices.HostedPrefix}*/uart0").Tell(new Identify(1), watcher);
-        var hosted = (await watcher.ExpectMsgAsync<ActorIdentity>(TimeSpan.FromSeconds(30))).Subject;
-        Assert.NotNull(hosted);
-        watcher.Watch(hosted);
+        var (watcher, hosted) = await WatchHosted(otherNode);
         Akka.Cluster.Cluster.Get(otherNode).Down(Akka.Cluster.Cluster.Get(vmNode).SelfAddress);
         await watcher.ExpectTerminatedAsync(hosted, TimeSpan.FromSeconds(60));
     }

@@ -144,6 +144,15 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         }
     }
 
+    /// <summary>Debug-exit with <paramref name="status"/> (exit code 2 × status + 1), then a halt with interrupts off.</summary>
+    private static void Exit(Assembler a, byte status)
+    {
+        a.mov(al, status);
+        a.@out(0xF4, al);
+        a.cli();
+        a.hlt();
+    }
+
     /// <summary>Prints "ready", then echoes what it reads on COM1 until a 'q', then prints "bye" and exits
     /// through debug-exit with status 7 (exit code 15).</summary>
     private string EchoGuest() => Flat("echo.bin", a =>
@@ -164,10 +173,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         a.jmp(poll);
         a.Label(ref done);
         Print(a, "bye\n");
-        a.mov(al, 7);
-        a.@out(0xF4, al);
-        a.cli();
-        a.hlt();
+        Exit(a, 7);
     });
 
     /// <summary>Prints "printer says hi" and halts with interrupts off (the VM ends, exit code 0).</summary>
@@ -320,22 +326,13 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             a.cmp(ecx, ebp);
             a.jne(bad);
             Print(a, "sum ok\n");
-            a.mov(al, 5);
-            a.@out(0xF4, al);
-            a.cli();
-            a.hlt();
+            Exit(a, 5);
             a.Label(ref bad);
             Print(a, "sum bad\n");
-            a.mov(al, 6);
-            a.@out(0xF4, al);
-            a.cli();
-            a.hlt();
+            Exit(a, 6);
             return;
         }
-        a.mov(al, 5);
-        a.@out(0xF4, al);
-        a.cli();
-        a.hlt();
+        Exit(a, 5);
     });
 
     /// <summary>The 32 KiB the dirtying counter rewrites: 0x8000 to the end of the first 64 KiB, above the image.</summary>
