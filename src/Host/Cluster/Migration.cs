@@ -26,7 +26,7 @@ public static class MigrationProtocol
 {
     public interface IMigrationMessage;
 
-    /// <summary>How long any one step may take (a snapshot, the transfer of a file's chunks, a start)
+    /// <summary>How long any one step may take (a snapshot, a start; the transfer without a byte sent)
     /// before the migration is given up.</summary>
     public static readonly TimeSpan StepLimit = TimeSpan.FromMinutes(2);
 
@@ -243,6 +243,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     }
 
     private string _step = "";
+    private long _bytesAtLastTick;
 
     private void Report()
     {
@@ -295,7 +296,8 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
                 .ContinueWith(t => t.IsCompletedSuccessfully ? new StreamReady(t.Result) : (object)new StreamFailed(t.Exception?.GetBaseException().Message ?? "cancelled"))
                 .PipeTo(Self);
             Step("the transfer");
-            if (_job.ReportProgress) Timers.StartPeriodicTimer("report", ReportTick.Instance, MigrationProtocol.ProgressInterval);
+            // Reports (if asked for) and the transfer's watchdog: its step limit counts from the last byte sent.
+            Timers.StartPeriodicTimer("report", ReportTick.Instance, MigrationProtocol.ProgressInterval);
             Become(Sending);
         });
         Receive<MigrationProtocol.Refused>(r => GiveUp($"{_job.TargetNode} refused it: {r.Why}"));
@@ -419,7 +421,14 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             if (_committed) StartHereAgain($"{_job.TargetNode} left the cluster before it started the VM");
             else GiveUp($"{_job.TargetNode} left the cluster");
         });
-        Receive<ReportTick>(_ => Report());
+        Receive<ReportTick>(_ =>
+        {
+            var sent = Interlocked.Read(ref _bytes);
+            if (_step == "the transfer" && sent != _bytesAtLastTick)
+                Timers.StartSingleTimer("step", new StepTimeout(_step), MigrationProtocol.StepLimit);
+            _bytesAtLastTick = sent;
+            Report();
+        });
         Receive<VmProtocol.SnapshotTaken>(_ => { });
         Receive<StreamReady>(_ => { });
         Receive<StreamFailed>(_ => { });
