@@ -237,46 +237,17 @@ internal sealed class DeviceActor : ReceiveActor, IWithTimers, IWithUnboundedSta
     protected override void PreStart()
     {
         Rearm();
-        _mirrorHolds = _mirror?.Handled(_model, postedWrite: false) ?? false;
-        _flushQueued = false;
+        _mirror?.Handled(_model, postedWrite: false);
     }
 
     /// <summary>The mirror sees the model after each message (not after one that failed: the restart's
     /// new incarnation is shown to it instead).</summary>
     protected override bool AroundReceive(Receive receive, object message)
     {
-        if (_mirror is null) return base.AroundReceive(receive, message);
-        if (message is MirrorFlush)
-        {
-            _flushQueued = false;
-            if (_mirrorHolds) _mirror.Flush(_model);
-            _mirrorHolds = false;
-            return true;
-        }
-        if (_mirrorHolds && message is not DeviceProtocol.Write)
-        {
-            _mirror.Flush(_model);
-            _mirrorHolds = false;
-        }
         _postedWrite = false;
         var handled = base.AroundReceive(receive, message);
-        _mirrorHolds |= _mirror.Handled(_model, _postedWrite);
-        if (_mirrorHolds && !_flushQueued)
-        {
-            // Behind what the mailbox holds now: the writes already queued are mirrored with this one.
-            _flushQueued = true;
-            Self.Tell(MirrorFlush.Instance);
-        }
+        _mirror?.Handled(_model, _postedWrite);
         return handled;
-    }
-
-    private bool _mirrorHolds;
-    private bool _flushQueued;
-
-    /// <summary>Sends what the mirror holds back (<see cref="IDeviceMirror.Flush"/>).</summary>
-    private sealed class MirrorFlush : INotTraced
-    {
-        public static readonly MirrorFlush Instance = new();
     }
 
     /// <summary>A restart forgets the counts: return them now so no vcpu's write window leaks. The

@@ -6,20 +6,11 @@ namespace ActorVmm.Devices;
 /// <see cref="Handled"/> on the actor's own thread, one call at a time, so the mirror can send the VM's
 /// node what changed (the model's state record, output the model produced meanwhile). A mirror outlives
 /// the actor's incarnations. It must not throw and must not block.
-/// <para>After a posted write the mirror may hold its effects back (<see cref="Handled"/> returns true):
-/// the actor then calls <see cref="Flush"/> before it handles any message that is not a posted write
-/// (so every answer the actor sends follows the effects of the writes before it), and after the
-/// messages already in its mailbox, whichever comes first. Writes that arrive together are mirrored
-/// together.</para>
 /// </summary>
 public interface IDeviceMirror
 {
     /// <param name="model">the model as the message left it</param>
     /// <param name="postedWrite">the message was a posted write (<see cref="DeviceProtocol.Write"/>) that
     /// reached the model (not one held back meanwhile, as during a stall)</param>
-    /// <returns>whether the mirror holds effects that <see cref="Flush"/> must send</returns>
-    bool Handled(IBusDevice model, bool postedWrite);
-
-    /// <summary>Sends every effect held back, with the model as it is now.</summary>
-    void Flush(IBusDevice model);
+    void Handled(IBusDevice model, bool postedWrite);
 }

@@ -66,50 +66,6 @@ public sealed class DeviceActorTests : TestKit
         Assert.Equal(new WriteCredit(1), await ExpectMsgAsync<WriteCredit>());
     }
 
-    /// <summary>Records what it is told, with the model's write count at the time.</summary>
-    private sealed class RecordingMirror : IDeviceMirror
-    {
-        public readonly List<string> Events = [];
-
-        public bool Handled(IBusDevice model, bool postedWrite)
-        {
-            if (postedWrite) return true;
-            lock (Events) Events.Add($"handled after {((WideDevice)model).Writes} writes, {((WideDevice)model).Reads} reads");
-            return false;
-        }
-
-        public void Flush(IBusDevice model)
-        {
-            lock (Events) Events.Add($"flush after {((WideDevice)model).Writes} writes, {((WideDevice)model).Reads} reads");
-        }
-    }
-
-    [Fact]
-    public async Task DeviceActor_must_mirror_writes_that_arrive_together_once_and_before_it_answers_anything_after_them()
-    {
-        var mirror = new RecordingMirror();
-        var actor = Sys.ActorOf(Props("wide", _ => new WideDevice(), null, ActorRefs.Nobody, mirror: mirror));
-        // Held behind a stall, 50 writes and a read reach the model one after the other, with nothing between.
-        actor.Tell(new FaultProtocol.Stall(TimeSpan.FromMilliseconds(300), "test"), TestActor);
-        await ExpectMsgAsync<FaultProtocol.Injected>();
-        for (var i = 0; i < 50; i++) actor.Tell(new Write(0, 1, 0), TestActor);
-        actor.Tell(new Read(7, 0, 8), TestActor);
-        await FishForMessageAsync(m => m is ReadResult { Id: 7 });
-        await AwaitAssertAsync(() =>
-        {
-            lock (mirror.Events)
-                Assert.Equal(["flush after 50 writes, 0 reads", "handled after 50 writes, 1 reads"],
-                    mirror.Events.Where(e => !e.StartsWith("handled after 0 writes")).ToArray());
-        });
-
-        // A write on its own is mirrored on its own, once the mailbox holds nothing before its flush.
-        actor.Tell(new Write(0, 1, 0), TestActor);
-        await AwaitAssertAsync(() =>
-        {
-            lock (mirror.Events) Assert.Equal("flush after 51 writes, 1 reads", mirror.Events[^1]);
-        });
-    }
-
     [Fact]
     public async Task DeviceActor_must_answer_reads_with_the_correlation_id()
     {

@@ -196,32 +196,21 @@ internal sealed class HostedDevice : ReceiveActor
         return RemoteDevices.DeviceSupervision(cause => proxy.Tell(new RemoteDevices.HostedDeviceFailed(device, cause)));
     }
 
-    /// <summary>Collects what the model outputs and sends it, with the count of posted writes handled and
-    /// the state record when it changed, to the proxy: after any message that is not a posted write, and
-    /// for posted writes once per batch (<see cref="IDeviceMirror"/>: the device actor's thread).</summary>
+    /// <summary>Collects what the model outputs during a message and sends it, with the count of posted
+    /// writes handled and the state record when it changed, to the proxy after the message
+    /// (<see cref="IDeviceMirror"/>: the device actor's thread).</summary>
     private sealed class EffectsMirror(IActorRef proxy) : IDeviceMirror
     {
         private readonly List<byte> _output = [];
         private byte[]? _lastState;
         private long _sequence;
         private long _writes;
-        private long _writesSent;
 
         public void Output(byte b) => _output.Add(b);
 
-        public bool Handled(IBusDevice model, bool postedWrite)
+        public void Handled(IBusDevice model, bool postedWrite)
         {
-            if (postedWrite)
-            {
-                _writes++;
-                return true; // its state and output go with the batch's flush
-            }
-            Flush(model);
-            return false;
-        }
-
-        public void Flush(IBusDevice model)
-        {
+            if (postedWrite) _writes++;
             byte[]? state = null;
             if (model is IStatefulDevice stateful)
             {
@@ -229,10 +218,9 @@ internal sealed class HostedDevice : ReceiveActor
                 catch (Exception) { state = null; } // a model that cannot save its state has none to mirror now
             }
             var changed = state is not null && (_lastState is null || !state.AsSpan().SequenceEqual(_lastState));
-            if (_output.Count == 0 && !changed && _writes == _writesSent) return;
+            if (_output.Count == 0 && !changed && !postedWrite) return;
             if (changed) _lastState = state;
             proxy.Tell(new RemoteDevices.DeviceEffects(++_sequence, _writes, [.. _output], changed ? state : null));
-            _writesSent = _writes;
             _output.Clear();
         }
     }
