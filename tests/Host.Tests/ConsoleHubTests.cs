@@ -67,7 +67,7 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
 
         // Input typed at the old hub goes to the VM where it runs now.
         var vmUart = CreateTestProbe();
-        moved.Tell(new ConsoleProtocol.Connect(Sys.ActorOf(Props.Create(() => new FakeVm(vmUart.Ref)))));
+        moved.Tell(new ConsoleProtocol.Connect(VmWithUart(vmUart.Ref)));
         old.Tell(new ConsoleProtocol.Input(Bytes("typed")));
         Assert.Equal("typed", Encoding.ASCII.GetString(vmUart.ExpectMsg<DeviceProtocol.HostInput>().Data));
 
@@ -144,12 +144,7 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
     public void Input_goes_to_the_vms_uart_and_oversized_input_is_dropped()
     {
         // The hub sends to the VM's child "uart0": stand in a VM actor whose child forwards to the test.
-        var fakeVm = Sys.ActorOf(Props.Create(() => new FakeVm(TestActor)), "fake-vm");
-        AwaitCondition(() => // its child is made when it starts, after ActorOf returns
-        {
-            try { return Sys.ActorSelection(fakeVm.Path / "uart0").ResolveOne(TimeSpan.FromSeconds(1)).Result is not null; }
-            catch (AggregateException) { return false; }
-        }, TimeSpan.FromSeconds(20));
+        var fakeVm = VmWithUart(TestActor);
         var hub = Sys.ActorOf(ConsoleProtocol.Props("vm"));
         hub.Tell(new ConsoleProtocol.Connect(fakeVm));
         hub.Tell(new ConsoleProtocol.Input(Bytes("ls\n")));
@@ -159,6 +154,19 @@ public sealed class ConsoleHubTests : Akka.TestKit.Xunit2.TestKit
         hub.Tell(new ConsoleProtocol.VmEnded("stopped"));
         hub.Tell(new ConsoleProtocol.Input(Bytes("late")));
         ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+    }
+
+    /// <summary>A stand-in VM actor whose child "uart0" forwards to <paramref name="to"/>, once that child exists
+    /// (it is made when the VM actor starts, after ActorOf returns).</summary>
+    private IActorRef VmWithUart(IActorRef to)
+    {
+        var fakeVm = Sys.ActorOf(Props.Create(() => new FakeVm(to)));
+        AwaitCondition(() =>
+        {
+            try { return Sys.ActorSelection(fakeVm.Path / "uart0").ResolveOne(TimeSpan.FromSeconds(1)).Result is not null; }
+            catch (AggregateException) { return false; }
+        }, TimeSpan.FromSeconds(20));
+        return fakeVm;
     }
 
     private sealed class Forward : UntypedActor

@@ -256,11 +256,21 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     {
         Receive<VmProtocol.SnapshotTaken>(_ =>
         {
+            _snapshotAnswered = true;
+            if (_failedWhileSnapshotting is { } failed)
+            {
+                GiveUp(failed);
+                return;
+            }
             _job.FlushConsole();
             _job.Console.Tell(ConsoleProtocol.GetState.Instance);
             Step("the console's state");
         });
-        Receive<VmProtocol.SnapshotFailed>(f => GiveUp($"the snapshot failed: {f.Reason}"));
+        Receive<VmProtocol.SnapshotFailed>(f =>
+        {
+            _snapshotAnswered = true;
+            GiveUp(_failedWhileSnapshotting ?? $"the snapshot failed: {f.Reason}");
+        });
         Receive<ConsoleProtocol.State>(state =>
         {
             try { _files = MigrationProtocol.FilesOf(_directory); }
@@ -391,7 +401,8 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         {
             if (!_committed)
             {
-                GiveUp($"{t.Step} took longer than {MigrationProtocol.StepLimit.TotalSeconds:0} s");
+                _snapshotAnswered = true; // a snapshot that does not answer is not waited for any longer
+                GiveUp(_failedWhileSnapshotting ?? $"{t.Step} took longer than {MigrationProtocol.StepLimit.TotalSeconds:0} s");
                 return;
             }
             // After the commit the target may be starting the VM: starting it here too could make two.
@@ -436,6 +447,8 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 
     private bool _ending;
     private string? _failedWhileEnding;
+    private bool _snapshotAnswered;
+    private string? _failedWhileSnapshotting;
 
     /// <summary>Before the commit: the VM resumes here as it was, the target drops what it has. While the
     /// VM is ending here for the move, the failure is kept for <see cref="Released"/>.</summary>
@@ -444,6 +457,12 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         if (_ending)
         {
             _failedWhileEnding ??= why;
+            return;
+        }
+        if (!_snapshotAnswered)
+        {
+            // The VM ignores Resume while its snapshot is being taken: resume it once the snapshot is done.
+            _failedWhileSnapshotting ??= why;
             return;
         }
         _job.Vm.Tell(VmProtocol.Resume.Instance);
