@@ -59,7 +59,12 @@ public sealed class SnapshotGuestTests : IDisposable
             Assert.True(await run.WaitForSerialAsync(Encoding(SnapshotAfter).Length), $"the guest did not count to {SnapshotAfter}: {run.Serial}");
             var answer = await run.Vm.Actor.Ask<VmProtocol.IVmMessage>(new VmProtocol.TakeSnapshot(snapshot, StopAfter: true),
                 TimeSpan.FromMinutes(3));
-            if (answer is VmProtocol.SnapshotFailed failed) Assert.Fail($"the snapshot failed: {failed.Reason}");
+            if (answer is VmProtocol.SnapshotFailed failed)
+            {
+                // How the guest got there: counted to its limit before the host acted (too slow a host), or not.
+                var ended = await run.Vm.Ended.WaitAsync(TimeSpan.FromSeconds(30));
+                Assert.Fail($"the snapshot failed: {failed.Reason}; the VM ended: {ended.Kind}, {ended.Detail}; the guest printed:\n{run.Serial}");
+            }
             var taken = Assert.IsType<VmProtocol.SnapshotTaken>(answer);
             Assert.True(taken.Stopped);
             var outcome = await run.WaitAsync();
