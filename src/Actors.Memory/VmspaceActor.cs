@@ -43,13 +43,16 @@ internal sealed class VmspaceActor : ReceiveActor
     private readonly IDirtyTracker _dirty;
     private long _barrierHarvests, _ringFullHarvests, _harvestedGfns, _ringOverflows;
 
-    public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog)
+    private readonly RamWriteLog? _writeLog;
+
+    public VmspaceActor(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog, VmHandle? kvm = null)
     {
         _memory = memory;
         _options = options;
         _events = events;
         _ram = new RamPages(memory);
         _dirty = DirtyTrackers.Create(options.DirtyTracking, memory, dirtyLog);
+        _writeLog = kvm is null ? null : new RamWriteLog(memory, _ram, kvm);
 
         Receive<ReadMemory>(OnRead);
         Receive<WriteMemory>(OnWrite);
@@ -66,6 +69,7 @@ internal sealed class VmspaceActor : ReceiveActor
             Restore = RestoreStats(),
         }));
         Receive<SaveMemory>(OnSaveMemory);
+        Receive<TrackWrites>(OnTrackWrites);
 
         Receive<DeviceProtocol.FlushGuestPage>(OnFlushPage);
         Receive<NestedPageFault>(OnNestedPageFault);
@@ -229,6 +233,8 @@ internal sealed class VmspaceActor : ReceiveActor
 
     protected override void PostStop()
     {
+        try { _writeLog?.Stop(); }
+        catch (KvmException) { /* the VM is going: its memslots with it */ }
         _pager?.Dispose();
         base.PostStop();
     }
@@ -271,7 +277,10 @@ internal sealed class VmspaceActor : ReceiveActor
         }
         else ok = _memory.TryWrite(a, w.Data);
         if (ok && w.Data.Length > 0 && _ram.TryPages(a, (ulong)w.Data.Length, out var first, out var count))
+        {
             _dirty.HostWrote(first, count); // KVM's logs see only the guest's writes
+            _memory.Written(a, (ulong)w.Data.Length);
+        }
         if (ok) Sender.Tell(new MemoryWritten(w.Id));
         else Fault(w.Id, w.Address, w.Data.Length, "outside guest memory");
     }
@@ -465,6 +474,21 @@ internal sealed class VmspaceActor : ReceiveActor
     /// </summary>
     private void OnSaveMemory(SaveMemory s)
     {
+        if (s.WrittenOnly)
+        {
+            SaveWritten(s);
+            return;
+        }
+        // A new round: what was written before now is in the file written next.
+        if (_writeLog is { On: true } log)
+        {
+            try { log.Take([]); }
+            catch (KvmException e)
+            {
+                Sender.Tell(new MemorySaved(s.Id, 0, 0, $"saving guest memory failed: KVM's dirty log could not be read: {e.Message}"));
+                return;
+            }
+        }
         var tmp = s.Path + ".tmp";
         var adTmp = s.AccessedDirtyPath + ".tmp";
         try
@@ -488,6 +512,64 @@ internal sealed class VmspaceActor : ReceiveActor
             foreach (var f in new[] { tmp, adTmp })
                 try { if (File.Exists(f)) File.Delete(f); } catch (IOException) { /* reported below */ }
             _log.Error("vmspace: saving guest memory to {0} failed: {1}", s.Path, e.Message);
+            Sender.Tell(new MemorySaved(s.Id, 0, 0, $"saving guest memory to {s.Path} failed: {e.GetType().Name}: {e.Message}"));
+        }
+    }
+
+    private void OnTrackWrites(TrackWrites t)
+    {
+        string? error = null;
+        if (!t.On)
+        {
+            try { _writeLog?.Stop(); }
+            catch (KvmException e) { error = $"KVM would not stop logging writes: {e.Message}"; }
+        }
+        else if (_writeLog is null) error = "this vmspace was given no KVM VM whose writes it could log";
+        else if (_dirty.Mode != DirtyTracking.UffdWp)
+            error = $"the VM's dirty tracking ({_dirty.Mode.ConfigName()}) already uses KVM's dirty log";
+        else
+        {
+            try { _writeLog.Start(); }
+            catch (KvmException e) { error = $"KVM would not log writes: {e.Message}"; }
+        }
+        if (error is not null) _log.Warning("vmspace: {0}", error);
+        Sender.Tell(new WritesTracked(t.Id, error));
+    }
+
+    /// <summary>
+    /// A <see cref="SaveMemory.WrittenOnly"/> save: the pages written since the last save go into the
+    /// earlier save's file, which becomes <see cref="SaveMemory.Path"/>. The A/D file, if asked, is
+    /// written whole as in a full save.
+    /// </summary>
+    private void SaveWritten(SaveMemory s)
+    {
+        var from = s.From ?? s.Path;
+        try
+        {
+            if (_writeLog is not { On: true } log) throw new VmspaceException("writes are not tracked: no earlier save to complete");
+            var pages = log.Take(_holds.Values.Select(h => (h.FirstPage, h.Pages)));
+            using (var file = File.OpenHandle(from, FileMode.Open, FileAccess.ReadWrite, FileShare.None))
+            {
+                if ((ulong)RandomAccess.GetLength(file) != MemoryImage.Length(_memory))
+                    throw new VmspaceException($"{from} is not a memory file of this VM");
+                var pager = Paging ? _pager : null;
+                RamWriteLog.CopyInto(file, _ram, pages, p => pager?.Pmap.IsSwapped(p) ?? false, pager?.Swap?.Handle);
+                RandomAccess.FlushToDisk(file);
+            }
+            string? adPath = null;
+            if (s.AccessedDirtyPath is { } ad && Paging)
+            {
+                var pager = _pager!;
+                var scan = _dirty.ScanWaitsForVcpus ? pager.AccessedDirty.Scan(0, pager.Ram.Total) : _dirty.Scan(pager, 0, pager.Ram.Total);
+                MemoryImage.WriteAccessedDirty(ad, scan);
+                adPath = ad;
+            }
+            if (from != s.Path) File.Move(from, s.Path, overwrite: true);
+            Sender.Tell(new MemorySaved(s.Id, pages.Count, (long)MemoryImage.Length(_memory), null) { AccessedDirtyPath = adPath, Written = [.. pages] });
+        }
+        catch (Exception e) when (e is VmspaceException or KvmException or IOException or UnauthorizedAccessException)
+        {
+            _log.Error("vmspace: saving the written pages of guest memory to {0} failed: {1}", from, e.Message);
             Sender.Tell(new MemorySaved(s.Id, 0, 0, $"saving guest memory to {s.Path} failed: {e.GetType().Name}: {e.Message}"));
         }
     }

@@ -87,7 +87,20 @@ public static class VmspaceProtocol
     /// pmap's per-page A/D goes there too (<see cref="MemoryImage.ReadAccessedDirty"/>); without paging
     /// there is no pmap A/D and no file is written (<see cref="MemorySaved.AccessedDirtyPath"/> null).
     /// </summary>
-    public sealed record SaveMemory(long Id, string Path, string? AccessedDirtyPath = null) : IVmspaceMessage;
+    public sealed record SaveMemory(long Id, string Path, string? AccessedDirtyPath = null) : IVmspaceMessage
+    {
+        /// <summary>
+        /// With writes tracked (<see cref="TrackWrites"/>): write only the RAM pages written since the
+        /// previous save (each, zero or not, at its place), into the existing memory file
+        /// <see cref="From"/> (Path if null), which then becomes Path; <see cref="MemorySaved.Written"/>
+        /// lists them. Without it, a save while writes are tracked starts a new round: every page written
+        /// before it is in the file.
+        /// </summary>
+        public bool WrittenOnly { get; init; }
+
+        /// <summary>The memory file a <see cref="WrittenOnly"/> save completes (a whole file of an earlier save).</summary>
+        public string? From { get; init; }
+    }
 
     /// <param name="Id">the <see cref="SaveMemory"/> this answers</param>
     /// <param name="Pages">4 KiB pages of contents written (RAM and firmware)</param>
@@ -97,7 +110,22 @@ public static class VmspaceProtocol
     {
         /// <summary>Where the A/D file was written; null if none was (not asked, or no demand paging).</summary>
         public string? AccessedDirtyPath { get; init; }
+
+        /// <summary>For a <see cref="SaveMemory.WrittenOnly"/> save: the RAM pages it wrote, ascending.</summary>
+        public ulong[]? Written { get; init; }
     }
+
+    /// <summary>
+    /// Starts (<paramref name="On"/>) or stops tracking every write to guest RAM, for a migration's
+    /// pre-copy rounds: the guest's through KVM's dirty log (turned on for the RAM memslots while the
+    /// VM runs), the host's through the memory's write log, and pages held by devices, which may be
+    /// written at any time. Answered <see cref="WritesTracked"/>. A VM whose own dirty tracking
+    /// already uses KVM's log (dirty-log, dirty-ring) cannot: the error says so.
+    /// </summary>
+    public sealed record TrackWrites(long Id, bool On) : IVmspaceMessage;
+
+    /// <param name="Error">null if done; else why writes cannot be tracked (nothing changed)</param>
+    public sealed record WritesTracked(long Id, string? Error) : IVmspaceMessage;
 
     /// <summary>Where the A/D API's dirty bit comes from (uffd-wp, dirty-log, dirty-ring) and, with
     /// dirty rings, what the vcpus harvested: harvests at the EPT barrier, harvests forced by a full
@@ -266,13 +294,14 @@ public static class VmspaceProtocol
     public const int MaxTransfer = 1 << 20;
 
     /// <summary>A vmspace without demand paging (no userfaultfd).</summary>
-    public static Props Props(GuestMemoryMap memory) =>
-        Akka.Actor.Props.Create(() => new VmspaceActor(memory, VmspaceOptions.Unpaged, ActorRefs.Nobody, null));
+    public static Props Props(GuestMemoryMap memory, VmHandle? kvm = null) =>
+        Akka.Actor.Props.Create(() => new VmspaceActor(memory, VmspaceOptions.Unpaged, ActorRefs.Nobody, null, kvm));
 
     /// <summary>A vmspace paging as <paramref name="options"/> say; <see cref="VmspaceFailed"/> goes to
     /// <paramref name="events"/>. The caller keeps <paramref name="memory"/> alive until the actor stopped.
     /// <paramref name="dirtyLog"/> is the VM's KVM dirty log, needed for <see cref="DirtyTracking.DirtyLog"/>
-    /// (RAM memslots numbered as <see cref="GuestMemoryMap.RegisterWith"/> does).</summary>
-    public static Props Props(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog = null) =>
-        Akka.Actor.Props.Create(() => new VmspaceActor(memory, options, events, dirtyLog));
+    /// (RAM memslots numbered as <see cref="GuestMemoryMap.RegisterWith"/> does); <paramref name="kvm"/>,
+    /// the VM whose memslots these are, for <see cref="TrackWrites"/>.</summary>
+    public static Props Props(GuestMemoryMap memory, VmspaceOptions options, IActorRef events, IDirtyLog? dirtyLog = null, VmHandle? kvm = null) =>
+        Akka.Actor.Props.Create(() => new VmspaceActor(memory, options, events, dirtyLog, kvm));
 }

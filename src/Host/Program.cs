@@ -466,14 +466,23 @@ namespace ActorVmm.Host
                 var host = Host();
                 var vmName = Vm();
                 var to = new Option<string>("--to") { Description = "the node to move it to, HOST:PORT (ctl nodes lists them)", Required = true };
-                var migrate = new Command("migrate", "move a running VM to another host node: paused, snapshotted, streamed there and resumed (stop-and-copy)") { vmName, host, to };
+                var maxDowntime = new Option<string>("--max-downtime")
+                {
+                    Description = "pre-copy rounds go on until what is left would stop the guest no longer than this (e.g. 300ms, 1s)",
+                    DefaultValueFactory = _ => "300ms",
+                };
+                var stopAndCopy = new Option<bool>("--stop-and-copy") { Description = "no pre-copy: stop the guest first, then copy all of it" };
+                var migrate = new Command("migrate",
+                    "move a running VM to another host node: memory copied while it runs (pre-copy rounds), then stopped, the rest copied, resumed there")
+                    { vmName, host, to, maxDowntime, stopAndCopy };
                 migrate.SetAction(async (parse, _) =>
                 {
+                    var limit = VmConfig.ParseInterval(parse.GetValue(maxDowntime)!, "--max-downtime");
+                    if (limit == TimeSpan.Zero) throw new ConfigException("--max-downtime must be a duration like 300ms or 1s, not 0");
                     await using var client = Client(parse);
                     var entry = await client.FindEntryAsync(parse.GetValue(vmName)!, Control.ControlClient.Hosts(parse.GetValue(host), parse.GetValue(directory)));
-                    Console.Out.Write(await client.MigrateAsync(entry, parse.GetValue(to)!, p =>
-                        Console.Out.WriteLine($"{p.Elapsed.TotalSeconds,6:0.0} s  {p.Step,-34} {p.BytesSent >> 10,8} KiB of {p.BytesToSend >> 10} KiB" +
-                                              (p.Paused ? "  (guest stopped)" : ""))));
+                    Console.Out.Write(await client.MigrateAsync(entry, parse.GetValue(to)!, p => Console.Out.WriteLine(p),
+                        limit, parse.GetValue(stopAndCopy)));
                     return 0;
                 });
                 ctl.Add(migrate);

@@ -34,6 +34,11 @@ public interface IGuestMemory
     /// guest memory is (the VM's lifetime); the guest may change the bytes under it.
     /// </summary>
     Memory<byte> HostMemory(GuestPhysAddr address, int length) => default;
+
+    /// <summary>Tells the memory that the host wrote [<paramref name="address"/>, +<paramref name="length"/>)
+    /// through <see cref="HostMemory"/>, after the write: a write log (<see cref="GuestMemoryMap.LogHostWrites"/>)
+    /// sees only writes it is told of. <see cref="TryWrite"/> tells itself.</summary>
+    void Written(GuestPhysAddr address, ulong length) { }
 }
 
 /// <summary>A backed range of guest-physical space; read-only ranges are firmware, not RAM.</summary>
@@ -314,7 +319,64 @@ public sealed unsafe class GuestMemoryMap : IGuestMemory, IDisposable
             done += n;
             a += (ulong)n;
         }
+        Written(address, (ulong)source.Length);
         return true;
+    }
+
+    // One bitmap per segment (bit i: page i of the segment), null while host writes are not logged.
+    private volatile ulong[][]? _hostWrites;
+
+    /// <summary>
+    /// Starts (or stops) logging the pages of writable segments the host writes: every
+    /// <see cref="TryWrite"/>, and every write a device reports with <see cref="Written"/>. KVM's dirty
+    /// log sees only the guest's writes; with this log the two together see all writes to RAM. Any thread.
+    /// </summary>
+    public void LogHostWrites(bool on) =>
+        _hostWrites = on ? _segments.Select(s => new ulong[s.ReadOnly ? 0 : (s.Size / 4096 + 63) / 64]).ToArray() : null;
+
+    public void Written(GuestPhysAddr address, ulong length)
+    {
+        if (_hostWrites is not { } log || length == 0) return;
+        var a = address.Value & ~4095UL;
+        var end = address.Value + length;
+        while (a < end && Find(new GuestPhysAddr(a)) is { ReadOnly: false } s)
+        {
+            var bits = log[_segments.IndexOf(s)];
+            var stop = Math.Min(end, s.End.Value);
+            for (; a < stop; a += 4096)
+            {
+                var page = (a - s.Base.Value) / 4096;
+                Interlocked.Or(ref bits[page / 64], 1UL << (int)(page % 64));
+            }
+        }
+    }
+
+    /// <summary>The pages of segment <paramref name="segment"/> (its index in map order) the host wrote
+    /// since the last call, as a bitmap (bit i: page i), and forgets them; all clear while not logging.</summary>
+    public ulong[] TakeHostWrites(int segment)
+    {
+        var s = _segments[segment];
+        var taken = new ulong[(s.Size / 4096 + 63) / 64];
+        if (_hostWrites is not { } log || log[segment].Length == 0) return taken;
+        for (var i = 0; i < taken.Length; i++) taken[i] = Interlocked.Exchange(ref log[segment][i], 0);
+        return taken;
+    }
+
+    /// <summary>
+    /// Turns KVM's dirty logging of the writable memslots (numbered as <see cref="RegisterWith"/> does)
+    /// on or off while the VM runs: KVM_SET_USER_MEMORY_REGION with only KVM_MEM_LOG_DIRTY_PAGES
+    /// changed, which KVM allows on a live slot (api.rst, 4.35: "flags can be changed"). Turned on
+    /// without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's INITIALLY_SET, every page starts clean and
+    /// write-protected; <see cref="VmHandle.GetDirtyLog"/> then returns and re-arms a slot's log at once.
+    /// </summary>
+    public void SetDirtyLogging(VmHandle vm, bool on)
+    {
+        for (var i = 0; i < _segments.Count; i++)
+        {
+            var s = _segments[i];
+            if (s.ReadOnly) continue;
+            vm.SetUserMemoryRegion((uint)i, s.Base, s.Size, s.Backing.GuestView + (nint)s.BackingOffset, s.ReadOnly, on);
+        }
     }
 
     /// <summary>The memslot <see cref="RegisterWith"/> gives <paramref name="segment"/>: its index in map order.</summary>

@@ -388,21 +388,33 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         Assert.Equal(ActorVmm.Host.Vm.VmProtocol.Phase.Running, (await client.StatusAsync((await client.FindEntryAsync("mover", [node2])).Actor)).Phase);
 
         // There and back, twice, each time after more output; each is asked through the node it leaves.
+        // The first two moves copy memory while the guest runs (pre-copy), the last two stop it first.
         var at = node1;
         for (var move = 0; move < 4; move++)
         {
             await PrintsMore(250);
             var to = at == node1 ? node2 : node1;
+            var precopy = move < 2;
             var reports = new List<ActorVmm.Host.Cluster.MigrationProtocol.Progress>();
             string said;
-            try { said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to, reports.Add); }
+            try { said = await client.MigrateAsync(await client.FindEntryAsync("mover", [at]), to, reports.Add, stopAndCopy: !precopy); }
             catch (ControlException e) { throw new Xunit.Sdk.XunitException($"move {move + 1}: {e.Message}; the nodes printed:\n{NodeLog()}"); }
             Step("test", said.TrimEnd());
-            Assert.Contains($"migrated from {at} to {to}", said);
+            Assert.Contains($"migrated from {at} to {to} by {(precopy ? "pre-copy (" : "stop-and-copy:")}", said);
             // `ctl migrate` showed each step while it ran, the transfer with the guest stopped.
             Assert.Contains(reports, r => r is { Step: "the transfer", Paused: true });
-            Assert.Equal(["the snapshot", "the console's state", "the target's answer to the offer", "the transfer", "the release of the VM here", "the start on the target"],
-                reports.Select(r => r.Step).Distinct());
+            string[] stopped = ["the snapshot", "the console's state", "the target's answer to the offer", "the transfer", "the release of the VM here", "the start on the target"];
+            if (precopy)
+            {
+                // Guest memory went while the guest ran: round 1 all of it, then the pages it wrote meanwhile.
+                var running = reports.TakeWhile(r => r.Step != "the snapshot").ToList();
+                Assert.All(running, r => Assert.False(r.Paused, $"the guest was stopped during \"{r.Step}\""));
+                Assert.Equal(["tracking the guest's writes", "round 1: copying guest memory", "the target's answer to the offer", "round 1: sending guest memory"],
+                    running.Select(r => r.Step).Distinct().Take(4));
+                Assert.True(running[^1].PagesSent > 0, "no page was sent while the guest ran");
+                Assert.Equal(stopped, reports.Skip(running.Count).Select(r => r.Step).Distinct());
+            }
+            else Assert.Equal(stopped, reports.Select(r => r.Step).Distinct());
             var entry = await client.FindEntryAsync("mover", [at]);
             Assert.Equal((to, ""), (entry.Node, entry.Ended));
             // The moved VM keeps the report for `ctl stats` (its node is told just before ctl is).

@@ -203,4 +203,72 @@ public sealed class DirtyTrackingGuestTests
         else
             Assert.True(dirty.RingFullHarvests >= 1, $"300 pages in a 256-entry ring, neither full nor overflowed: {dirty}");
     }
+
+    public static TheoryData<bool> Paging => new() { false, true };
+
+    /// <summary>
+    /// A migration's write log (<see cref="TrackWrites"/>): after a full save, a written-only save lists
+    /// the pages the guest wrote (KVM's log, turned on while the VM runs) and the page the host wrote
+    /// (the vmspace's write, which KVM does not see), and brings exactly those into the file, which then
+    /// holds guest memory as it is.
+    /// </summary>
+    [KvmTheory]
+    [MemberData(nameof(Paging))]
+    public async Task A_migrations_write_log_sees_the_guests_and_the_hosts_writes_and_a_written_only_save_copies_them(bool paging)
+    {
+        var file = Path.Combine(Path.GetTempPath(), $"actorvmm-writelog-{Guid.NewGuid():N}");
+        try
+        {
+            await using var run = await GuestRun.StartAsync(new VmSpec("guest", 16 << 20, 1, TwoRoundGuest(), Paging: paging ? VmspaceOptions.Paged() : null));
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+            while (run.Vm.Memory.ReadUInt64(new GuestPhysAddr(Mailbox)) != 1)
+            {
+                Assert.False(run.Vm.Ended.IsCompleted, "the guest ended before round 1 was done");
+                Assert.True(DateTime.UtcNow < deadline, "the guest did not finish round 1");
+                await Task.Delay(10);
+            }
+            // Tracked from here; the full save starts a round: round 1's writes are in it, not in the next.
+            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(1, true))).Error);
+            var full = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(2, file)));
+            Assert.Null(full.Error);
+
+            Assert.IsType<MemoryWritten>(await run.AskChild<object>("vmspace", new WriteMemory(3, Mailbox + 8, BitConverter.GetBytes(1UL))));
+            var outcome = await run.EndAsync(TimeSpan.FromSeconds(60));
+            Assert.True(outcome.ExitCode == 1, outcome.ToString());
+            var saved = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(4, file) { WrittenOnly = true }));
+            Assert.Null(saved.Error);
+            var written = saved.Written!;
+            Assert.Equal(written.Order(), written);
+            Assert.Contains(Mailbox / Page, written); // the host's write (RAM starts at 0: RAM page = GPA / 4 KiB)
+            int[] region = [.. written.Where(p => p >= Region / Page && p < Region / Page + RegionPages).Select(p => (int)(p - Region / Page))];
+            AssertDirty(DirtyTracking.DirtyLog, WrittenSecond, ReadSecond, region);
+
+            // The file now holds guest memory as it is, the pages of both rounds among them.
+            using var handle = File.OpenHandle(file);
+            var inFile = new byte[Page];
+            var inGuest = new byte[Page];
+            foreach (var page in WrittenFirst.Concat(WrittenSecond).Select(p => Region + (ulong)p * Page).Append(Mailbox))
+            {
+                RandomAccess.Read(handle, inFile, (long)page);
+                Assert.True(run.Vm.Memory.TryRead(new GuestPhysAddr(page), inGuest));
+                Assert.True(inGuest.AsSpan().SequenceEqual(inFile), $"page 0x{page:X} of the file is not the guest's");
+            }
+            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(5, false))).Error);
+            var stale = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(6, file) { WrittenOnly = true }));
+            Assert.Contains("not tracked", stale.Error);
+        }
+        finally
+        {
+            File.Delete(file);
+        }
+    }
+
+    [KvmFact]
+    public async Task A_vm_whose_dirty_tracking_uses_kvms_log_cannot_track_writes_for_a_migration()
+    {
+        await using var run = await GuestRun.StartAsync(new VmSpec("guest", 16 << 20, 1, TwoRoundGuest(),
+            Paging: VmspaceOptions.Unpaged with { DirtyTracking = DirtyTracking.DirtyLog }));
+        var refused = Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(1, true)));
+        Assert.Contains("already uses KVM's dirty log", refused.Error);
+    }
 }

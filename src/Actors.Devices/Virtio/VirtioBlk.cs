@@ -302,14 +302,15 @@ public sealed class VirtioBlk : IVirtioDevice
             {
                 var target = direct[0].Span;
                 target[_backend.Read(offset, target)..].Clear(); // past the end of a file shorter than the capacity: zeroes, as a hole
-                return VirtioBlkRequest.StatusOk;
             }
-            for (var i = 0; i < direct.Count; i += MaxVector)
-            {
-                var batch = direct.GetRange(i, Math.Min(MaxVector, direct.Count - i));
-                ClearAfter(batch, _backend.Read(offset, batch));
-                offset += Length(batch);
-            }
+            else
+                for (var i = 0; i < direct.Count; i += MaxVector)
+                {
+                    var batch = direct.GetRange(i, Math.Min(MaxVector, direct.Count - i));
+                    ClearAfter(batch, _backend.Read(offset, batch));
+                    offset += Length(batch);
+                }
+            foreach (var piece in Pieces(data)) _memory.Written(piece.Address, piece.Length);
             return VirtioBlkRequest.StatusOk;
         }
         foreach (var piece in Pieces(data))

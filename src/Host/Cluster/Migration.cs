@@ -39,7 +39,18 @@ public static class MigrationProtocol
     /// <summary>`ctl migrate`, to the VM's node: move VM <paramref name="Name"/> to node
     /// <paramref name="ToNode"/> (HOST:PORT). Answered <see cref="Migrated"/> or <see cref="MigrationFailed"/>,
     /// after <see cref="Progress"/> reports if <paramref name="ReportProgress"/>.</summary>
-    public sealed record MigrateVm(string Name, string ToNode, bool ReportProgress = false) : IMigrationMessage;
+    /// <param name="MaxDowntime">pre-copy rounds go on until the pages left to send would take no longer
+    /// than this to send (<see cref="DefaultMaxDowntime"/> if null)</param>
+    /// <param name="StopAndCopy">no pre-copy: pause first, then copy everything</param>
+    public sealed record MigrateVm(string Name, string ToNode, bool ReportProgress = false, TimeSpan? MaxDowntime = null,
+        bool StopAndCopy = false) : IMigrationMessage;
+
+    /// <summary>The downtime pre-copy aims at when none is given (QEMU's and Cloud Hypervisor's default).</summary>
+    public static readonly TimeSpan DefaultMaxDowntime = TimeSpan.FromMilliseconds(300);
+
+    /// <summary>Pre-copy rounds after which the VM is stopped and copied even if the pages written
+    /// per round never came under the downtime limit.</summary>
+    public const int MaxRounds = 30;
 
     /// <summary>Where a migration is: at each step, and every <see cref="ProgressInterval"/> of the transfer.</summary>
     /// <param name="Name">the VM</param>
@@ -48,7 +59,31 @@ public static class MigrationProtocol
     /// <param name="BytesToSend">the snapshot's size (its all-zero chunks are not sent, so fewer may be)</param>
     /// <param name="Elapsed">since the request</param>
     /// <param name="Paused">whether the guest is stopped now</param>
-    public sealed record Progress(string Name, string Step, long BytesSent, long BytesToSend, TimeSpan Elapsed, bool Paused) : IMigrationMessage;
+    public sealed record Progress(string Name, string Step, long BytesSent, long BytesToSend, TimeSpan Elapsed, bool Paused) : IMigrationMessage
+    {
+        /// <summary>The pre-copy round (1: all of memory); 0 without pre-copy.</summary>
+        public int Round { get; init; }
+
+        /// <summary>RAM pages sent so far, in all rounds.</summary>
+        public long PagesSent { get; init; }
+
+        /// <summary>Pages the guest wrote per second during the last round.</summary>
+        public long DirtyPagesPerSecond { get; init; }
+
+        /// <summary>The transfer's rate in the last round.</summary>
+        public long BytesPerSecond { get; init; }
+
+        /// <summary>How long sending the pages written in the last round would keep the guest stopped.</summary>
+        public TimeSpan? ExpectedDowntime { get; init; }
+
+        /// <summary>The line `ctl migrate` prints.</summary>
+        public override string ToString() =>
+            $"{Elapsed.TotalSeconds,6:0.0} s  {Step,-40} {BytesSent >> 10,8} KiB of {BytesToSend >> 10} KiB" +
+            (Round > 0 ? $", {PagesSent} pages" : "") +
+            (BytesPerSecond > 0 ? $", {BytesPerSecond * 8 / 1e6:0} Mbit/s" : "") +
+            (ExpectedDowntime is { } d ? $", {DirtyPagesPerSecond} pages written/s, expected downtime {d.TotalMilliseconds:0} ms" : "") +
+            (Paused ? "  (guest stopped)" : "");
+    }
 
     public static readonly TimeSpan ProgressInterval = TimeSpan.FromSeconds(1);
 
@@ -61,8 +96,18 @@ public static class MigrationProtocol
     /// <param name="Total">from the request to the start on the target</param>
     public sealed record Migrated(string Name, string From, string To, long Bytes, TimeSpan Downtime, TimeSpan Total) : IMigrationMessage
     {
+        /// <summary>Pre-copy rounds run while the guest ran (0: stop-and-copy).</summary>
+        public int Rounds { get; init; }
+
+        /// <summary>How it was done: "pre-copy", or "stop-and-copy" and why.</summary>
+        public string Mode { get; init; } = "stop-and-copy";
+
+        /// <summary>RAM pages sent after the guest stopped.</summary>
+        public long PagesWhileStopped { get; init; }
+
         public override string ToString() =>
-            $"{Name} migrated from {From} to {To}: {Bytes >> 10} KiB sent, guest stopped {Downtime.TotalMilliseconds:0} ms, {Total.TotalMilliseconds:0} ms in all";
+            $"{Name} migrated from {From} to {To} by {Mode}{(Rounds > 0 ? $" ({Rounds} round{(Rounds == 1 ? "" : "s")}, {PagesWhileStopped} pages after the stop)" : "")}: " +
+            $"{Bytes >> 10} KiB sent, guest stopped {Downtime.TotalMilliseconds:0} ms, {Total.TotalMilliseconds:0} ms in all";
     }
 
     /// <param name="Name">the VM</param>
@@ -80,7 +125,22 @@ public static class MigrationProtocol
     /// <param name="Settings">the VM's settings, for what the target's host does with it (serial output, trace);
     /// the machine itself is the snapshot's</param>
     /// <param name="Console">the VM's console so far, for the target's console hub to go on from</param>
-    public sealed record Offer(string Name, NodeProtocol.Setting[] Settings, OfferedFile[] Files, ConsoleProtocol.State Console) : IMigrationMessage;
+    public sealed record Offer(string Name, NodeProtocol.Setting[] Settings, OfferedFile[] Files, ConsoleProtocol.State Console) : IMigrationMessage
+    {
+        /// <summary>
+        /// Pre-copy: <see cref="Files"/> is the memory file alone (<see cref="MemoryFile"/>), sent in rounds,
+        /// one StreamRef each, each answered <see cref="RoundReceived"/>; then the source sends the whole
+        /// snapshot's offer to the same target actor, the memory file in it at the same length, and
+        /// streams only the memory pages written since the last round.
+        /// </summary>
+        public bool Precopy { get; init; }
+    }
+
+    /// <summary>The file of the memory part in a snapshot directory.</summary>
+    public static readonly string MemoryFile = SnapshotWriter.FileOf(SnapshotParts.Memory);
+
+    /// <summary>The target wrote every chunk of pre-copy round <paramref name="Round"/>.</summary>
+    public sealed record RoundReceived(string Name, int Round) : IMigrationMessage;
 
     public sealed record Accepted(string Name) : IMigrationMessage;
 
@@ -147,6 +207,34 @@ public static class MigrationProtocol
         }
     }
 
+    /// <summary>Chunks of memory file <paramref name="path"/> (offered as file <paramref name="file"/>) that
+    /// hold RAM pages <paramref name="pages"/> (ascending), runs of at most <see cref="ChunkBytes"/>, every
+    /// one sent, zeroes too: each replaces what the target holds there.</summary>
+    internal static IEnumerable<Chunk> PageChunks(string path, int file, IReadOnlyList<ulong> pages)
+    {
+        const int page = 4096;
+        const int runPages = ChunkBytes / page;
+        using var handle = File.OpenHandle(path);
+        var i = 0;
+        while (i < pages.Count)
+        {
+            var first = pages[i];
+            var n = 1;
+            while (n < runPages && i + n < pages.Count && pages[i + n] == first + (ulong)n) n++;
+            var bytes = new byte[n * page];
+            var offset = (long)first * page;
+            var done = 0;
+            while (done < bytes.Length)
+            {
+                var r = RandomAccess.Read(handle, bytes.AsSpan(done), offset + done);
+                if (r == 0) throw new IOException($"{Path.GetFileName(path)} is shorter than its page {first + (ulong)(done / page)}");
+                done += r;
+            }
+            yield return new Chunk(file, offset, bytes);
+            i += n;
+        }
+    }
+
     /// <summary>Why <paramref name="offer"/> cannot be received as it is, or null: every file a plain,
     /// distinct name of this directory with a sane length, the manifest among them.</summary>
     internal static string? CheckOffer(Offer offer)
@@ -160,7 +248,12 @@ public static class MigrationProtocol
             if (!names.Add(f.Name)) return $"file {f.Name} is offered twice";
             if (f.Length < 0) return $"file {f.Name} has a negative length";
         }
-        if (!names.Contains(SnapshotDirectory.ManifestFile)) return $"the snapshot has no {SnapshotDirectory.ManifestFile}";
+        if (offer.Precopy)
+        {
+            if (offer.Files.Length != 1 || offer.Files[0].Name != MemoryFile || offer.Files[0].Length % 4096 != 0)
+                return $"a pre-copy offers one file, {MemoryFile}, of whole pages";
+        }
+        else if (!names.Contains(SnapshotDirectory.ManifestFile)) return $"the snapshot has no {SnapshotDirectory.ManifestFile}";
         if (offer.Console is null || offer.Console.Kept is null || offer.Console.Written < offer.Console.Kept.Length)
             return "the console's state is not consistent";
         return null;
@@ -176,7 +269,8 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 {
     /// <summary>What the source's node actor gives the migration.</summary>
     internal sealed record Job(string Name, IActorRef Vm, IActorRef Console, Action FlushConsole, NodeProtocol.Setting[] Settings,
-        Address Target, string TargetNode, string SourceNode, IActorRef ReplyTo, bool ReportProgress = false);
+        Address Target, string TargetNode, string SourceNode, IActorRef ReplyTo, bool ReportProgress = false,
+        TimeSpan? MaxDowntime = null, bool StopAndCopy = false);
 
     /// <summary>To the node actor: the target is ready; end the VM and tell <see cref="Released"/> once
     /// its resources are released.</summary>
@@ -204,14 +298,32 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 
     private sealed record StreamFailed(string Why);
 
+    private const long PageBytes = 4096;
+
     private readonly Job _job;
     private readonly string _directory;
+    private readonly string _memoryFile;
+    private readonly TimeSpan _maxDowntime;
     private readonly Stopwatch _total = Stopwatch.StartNew();
     private readonly Stopwatch _down = new();
     private MigrationProtocol.OfferedFile[] _files = [];
     private IActorRef _target = ActorRefs.Nobody;
     private long _bytes;
+    private long _toSend;
     private bool _committed;
+
+    // Pre-copy: the round under way, how it went, and the pages copied but not sent when the guest stopped.
+    private string _mode = "pre-copy";
+    private bool _precopy;
+    private bool _tracking;
+    private int _round;
+    private long _pagesSent;
+    private long _roundBytesAtStart;
+    private TimeSpan _roundStarted, _lastCopy;
+    private long _bytesPerSecond, _dirtyPerSecond;
+    private TimeSpan? _expectedDowntime;
+    private IReadOnlyList<ulong> _unsent = [];
+    private IReadOnlyList<ulong> _finalPages = [];
 
     public ITimerScheduler Timers { get; set; } = null!;
 
@@ -221,7 +333,14 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     {
         _job = job;
         _directory = MigrationProtocol.NewDirectory("outgoing", job.Name);
-        Snapshotting();
+        _memoryFile = _directory + ".memory";
+        _maxDowntime = job.MaxDowntime ?? MigrationProtocol.DefaultMaxDowntime;
+        if (job.StopAndCopy)
+        {
+            _mode = "stop-and-copy";
+            Snapshotting();
+        }
+        else StartingPrecopy();
     }
 
     protected override void PreStart()
@@ -229,10 +348,12 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         // The target's node unreachable before the commit, or removed after it: the migration's end there is lost.
         Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
-        _down.Start();
-        _job.Vm.Tell(VmProtocol.Pause.Instance);
-        _job.Vm.Tell(new VmProtocol.TakeSnapshot(_directory));
-        Step("the snapshot");
+        if (_job.StopAndCopy) StopAndSnapshot();
+        else
+        {
+            _job.Vm.Tell(new VmProtocol.TrackMemoryWrites(true));
+            Step("tracking the guest's writes");
+        }
     }
 
     private void Step(string what)
@@ -244,31 +365,182 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 
     private string _step = "";
     private long _bytesAtLastTick;
+    private bool _transferring;
 
     private void Report()
     {
         if (_job.ReportProgress)
-            _job.ReplyTo.Tell(new MigrationProtocol.Progress(_job.Name, _step, Interlocked.Read(ref _bytes), _files.Sum(f => f.Length), _total.Elapsed,
-                _down.IsRunning));
+            _job.ReplyTo.Tell(new MigrationProtocol.Progress(_job.Name, _step, Interlocked.Read(ref _bytes), _toSend, _total.Elapsed, _down.IsRunning)
+            {
+                Round = _round,
+                PagesSent = Interlocked.Read(ref _pagesSent),
+                DirtyPagesPerSecond = _dirtyPerSecond,
+                BytesPerSecond = _bytesPerSecond,
+                ExpectedDowntime = _expectedDowntime,
+            });
+    }
+
+    // ------------------------------------------------------------------ pre-copy
+
+    private void StartingPrecopy()
+    {
+        Receive<Memory.VmspaceProtocol.WritesTracked>(t =>
+        {
+            if (t.Error is { } why)
+            {
+                // Not an error: the VM moves all the same, with the guest stopped for all of it.
+                _mode = $"stop-and-copy (no pre-copy: {why})";
+                Log.Information("migration of {Name}: {Mode}", _job.Name, _mode);
+                Step($"no pre-copy: {why}");
+                Become(Snapshotting);
+                StopAndSnapshot();
+                return;
+            }
+            _precopy = _tracking = true;
+            _round = 1;
+            _job.Vm.Tell(new VmProtocol.CopyMemory(_memoryFile, WrittenOnly: false));
+            _lastCopy = _total.Elapsed;
+            Step("round 1: copying guest memory");
+            Become(Copying);
+        });
+        Common();
+    }
+
+    private void Copying()
+    {
+        Receive<Memory.VmspaceProtocol.MemorySaved>(m =>
+        {
+            if (m.Error is { } error)
+            {
+                GiveUp($"copying guest memory failed: {error}");
+                return;
+            }
+            if (_round == 1)
+            {
+                var offer = new MigrationProtocol.Offer(_job.Name, _job.Settings, [new MigrationProtocol.OfferedFile(MigrationProtocol.MemoryFile, m.Bytes)],
+                    new ConsoleProtocol.State(0, [])) { Precopy = true };
+                Context.ActorSelection(new RootActorPath(_job.Target) / "user" / Control.ControlProtocol.DirectoryName).Tell(offer);
+                Step("the target's answer to the offer");
+                Become(OfferingPrecopy);
+                return;
+            }
+            var pages = m.Written ?? [];
+            var since = _total.Elapsed - _lastCopy;
+            _lastCopy = _total.Elapsed;
+            _dirtyPerSecond = (long)(pages.Length / Math.Max(since.TotalSeconds, 1e-3));
+            _expectedDowntime = TimeSpan.FromSeconds(pages.Length * PageBytes / (double)Math.Max(_bytesPerSecond, 1));
+            if (_expectedDowntime <= _maxDowntime || _round > MigrationProtocol.MaxRounds)
+            {
+                if (_round > MigrationProtocol.MaxRounds)
+                    _mode = $"pre-copy (the guest wrote too fast for {_maxDowntime.TotalMilliseconds:0} ms of downtime in {MigrationProtocol.MaxRounds} rounds)";
+                _round--; // the pages of this copy go with the stop
+                _unsent = pages;
+                StopAndSnapshot();
+                Become(Snapshotting);
+                return;
+            }
+            SendRound(pages);
+        });
+        Common();
+    }
+
+    private void OfferingPrecopy()
+    {
+        Receive<MigrationProtocol.Accepted>(_ =>
+        {
+            _target = Sender;
+            Context.Watch(_target);
+            Timers.StartPeriodicTimer("report", ReportTick.Instance, MigrationProtocol.ProgressInterval);
+            SendRound(null);
+        });
+        Receive<MigrationProtocol.Refused>(r => GiveUp($"{_job.TargetNode} refused it: {r.Why}"));
+        Common();
+    }
+
+    /// <summary>Streams round <see cref="_round"/>: every page of the memory file that is not all zeroes
+    /// (round 1, <paramref name="pages"/> null), else exactly <paramref name="pages"/>.</summary>
+    private void SendRound(IReadOnlyList<ulong>? pages)
+    {
+        var path = _memoryFile;
+        var chunks = pages is null
+            ? MigrationProtocol.Chunks(Path.GetDirectoryName(path)!, [new MigrationProtocol.OfferedFile(Path.GetFileName(path), new FileInfo(path).Length)])
+            : MigrationProtocol.PageChunks(path, 0, pages);
+        _toSend += pages is null ? new FileInfo(path).Length : pages.Count * PageBytes;
+        _roundBytesAtStart = Interlocked.Read(ref _bytes);
+        _roundStarted = _total.Elapsed;
+        Stream(chunks);
+        Step(pages is null ? "round 1: sending guest memory" : $"round {_round}: sending {pages.Count} pages");
+        Become(SendingRound);
+    }
+
+    private void SendingRound()
+    {
+        Receive<StreamReady>(r => _target.Tell(r.Ref));
+        Receive<StreamFailed>(f => GiveUp($"the transfer could not start: {f.Why}"));
+        Receive<MigrationProtocol.RoundReceived>(r =>
+        {
+            if (r.Round != _round) return;
+            _transferring = false;
+            var took = _total.Elapsed - _roundStarted;
+            _bytesPerSecond = (long)((Interlocked.Read(ref _bytes) - _roundBytesAtStart) / Math.Max(took.TotalSeconds, 1e-3));
+            _round++;
+            _job.Vm.Tell(new VmProtocol.CopyMemory(_memoryFile, WrittenOnly: true));
+            Step($"round {_round}: copying the pages written");
+            Become(Copying);
+        });
+        Receive<MigrationProtocol.Refused>(r => GiveUp($"{_job.TargetNode} refused it: {r.Why}"));
+        Common();
+    }
+
+    /// <summary>Runs <paramref name="chunks"/> into a StreamRef for the target, counting what it sends.</summary>
+    private void Stream(IEnumerable<MigrationProtocol.Chunk> chunks)
+    {
+        // Rounds stream the memory file alone; the snapshot's stream has it among the others.
+        var round = _files.Length == 0;
+        var memoryIndex = Array.FindIndex(_files, f => f.Name == MigrationProtocol.MemoryFile);
+        var counted = Source.From(chunks)
+            .Select(c =>
+            {
+                Interlocked.Add(ref _bytes, c.Bytes.Length);
+                if (round || c.File == memoryIndex) Interlocked.Add(ref _pagesSent, c.Bytes.Length / PageBytes);
+                return c;
+            })
+            .WithAttributes(ActorAttributes.CreateDispatcher("akka.stream.default-blocking-io-dispatcher"));
+        counted.RunWith(StreamRefs.SourceRef<MigrationProtocol.Chunk>(), Context.Materializer())
+            .ContinueWith(t => t.IsCompletedSuccessfully ? new StreamReady(t.Result) : (object)new StreamFailed(t.Exception?.GetBaseException().Message ?? "cancelled"))
+            .PipeTo(Self);
+        _transferring = true;
+    }
+
+    // ------------------------------------------------------------------ the stop, and the snapshot
+
+    private void StopAndSnapshot()
+    {
+        _down.Start();
+        _snapshotPending = true;
+        _job.Vm.Tell(VmProtocol.Pause.Instance);
+        _job.Vm.Tell(new VmProtocol.TakeSnapshot(_directory, PrecopiedMemory: _precopy ? _memoryFile : null));
+        Step("the snapshot");
     }
 
     private void Snapshotting()
     {
-        Receive<VmProtocol.SnapshotTaken>(_ =>
+        Receive<VmProtocol.SnapshotTaken>(t =>
         {
-            _snapshotAnswered = true;
+            _snapshotPending = false;
             if (_failedWhileSnapshotting is { } failed)
             {
                 GiveUp(failed);
                 return;
             }
+            if (_precopy) _finalPages = _unsent.Concat(t.WrittenPages ?? []).Distinct().Order().ToArray();
             _job.FlushConsole();
             _job.Console.Tell(ConsoleProtocol.GetState.Instance);
             Step("the console's state");
         });
         Receive<VmProtocol.SnapshotFailed>(f =>
         {
-            _snapshotAnswered = true;
+            _snapshotPending = false;
             GiveUp(_failedWhileSnapshotting ?? $"the snapshot failed: {f.Reason}");
         });
         Receive<ConsoleProtocol.State>(state =>
@@ -279,8 +551,10 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
                 GiveUp($"cannot read the snapshot: {e.Message}");
                 return;
             }
-            Context.ActorSelection(new RootActorPath(_job.Target) / "user" / Control.ControlProtocol.DirectoryName)
-                .Tell(new MigrationProtocol.Offer(_job.Name, _job.Settings, _files, state));
+            var offer = new MigrationProtocol.Offer(_job.Name, _job.Settings, _files, state);
+            // After a pre-copy the same target actor, which holds the memory file, takes the whole snapshot.
+            if (_precopy) _target.Tell(offer);
+            else Context.ActorSelection(new RootActorPath(_job.Target) / "user" / Control.ControlProtocol.DirectoryName).Tell(offer);
             Step("the target's answer to the offer");
             Become(Offering);
         });
@@ -291,20 +565,28 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     {
         Receive<MigrationProtocol.Accepted>(_ =>
         {
-            _target = Sender;
-            Context.Watch(_target);
+            if (_target.IsNobody())
+            {
+                _target = Sender;
+                Context.Watch(_target);
+            }
             var files = _files;
             var directory = _directory;
-            var counted = Source.From(MigrationProtocol.Chunks(directory, files))
-                .Select(c =>
-                {
-                    Interlocked.Add(ref _bytes, c.Bytes.Length);
-                    return c;
-                })
-                .WithAttributes(ActorAttributes.CreateDispatcher("akka.stream.default-blocking-io-dispatcher"));
-            counted.RunWith(StreamRefs.SourceRef<MigrationProtocol.Chunk>(), Context.Materializer())
-                .ContinueWith(t => t.IsCompletedSuccessfully ? new StreamReady(t.Result) : (object)new StreamFailed(t.Exception?.GetBaseException().Message ?? "cancelled"))
-                .PipeTo(Self);
+            var precopy = _precopy;
+            var pages = _finalPages;
+            var memory = Array.FindIndex(files, f => f.Name == MigrationProtocol.MemoryFile);
+            if (precopy && memory < 0)
+            {
+                GiveUp("the snapshot has no memory file");
+                return;
+            }
+            // After a pre-copy, only the memory pages written since the last round; the other files whole.
+            var chunks = precopy
+                ? MigrationProtocol.PageChunks(Path.Combine(directory, files[memory].Name), memory, pages)
+                    .Concat(MigrationProtocol.Chunks(directory, files).Where(c => c.File != memory))
+                : MigrationProtocol.Chunks(directory, files);
+            _toSend += precopy ? files.Where((_, i) => i != memory).Sum(f => f.Length) + pages.Count * PageBytes : files.Sum(f => f.Length);
+            Stream(chunks);
             Step("the transfer");
             // Reports (if asked for) and the transfer's watchdog: its step limit counts from the last byte sent.
             Timers.StartPeriodicTimer("report", ReportTick.Instance, MigrationProtocol.ProgressInterval);
@@ -321,6 +603,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         Receive<MigrationProtocol.Ready>(_ =>
         {
             Timers.Cancel("report");
+            _transferring = false;
             _ending = true;
             Context.Parent.Tell(new EndForMove(_job.Name, _job.TargetNode));
             Step("the release of the VM here");
@@ -365,7 +648,12 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         {
             _down.Stop();
             Context.Parent.Tell(new Moved(_job.Name, s.Node, s.Console));
-            var migrated = new MigrationProtocol.Migrated(_job.Name, _job.SourceNode, s.Node, Interlocked.Read(ref _bytes), _down.Elapsed, _total.Elapsed);
+            var migrated = new MigrationProtocol.Migrated(_job.Name, _job.SourceNode, s.Node, Interlocked.Read(ref _bytes), _down.Elapsed, _total.Elapsed)
+            {
+                Rounds = _precopy ? _round : 0,
+                Mode = _mode,
+                PagesWhileStopped = _finalPages.Count,
+            };
             Sender.Tell(migrated); // the target's node actor: for the VM's `ctl stats`
             if (!_toldUnknown) _job.ReplyTo.Tell(migrated);
             Log.Information("VM {Name} migrated to {Node}: {Bytes} bytes, {Downtime} ms down", _job.Name, s.Node, _bytes, _down.ElapsedMilliseconds);
@@ -401,7 +689,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         {
             if (!_committed)
             {
-                _snapshotAnswered = true; // a snapshot that does not answer is not waited for any longer
+                _snapshotPending = false; // a snapshot that does not answer is not waited for any longer
                 GiveUp(_failedWhileSnapshotting ?? $"{t.Step} took longer than {MigrationProtocol.StepLimit.TotalSeconds:0} s");
                 return;
             }
@@ -435,7 +723,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         Receive<ReportTick>(_ =>
         {
             var sent = Interlocked.Read(ref _bytes);
-            if (_step == "the transfer" && sent != _bytesAtLastTick)
+            if (_transferring && sent != _bytesAtLastTick)
                 Timers.StartSingleTimer("step", new StepTimeout(_step), MigrationProtocol.StepLimit);
             _bytesAtLastTick = sent;
             Report();
@@ -447,7 +735,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 
     private bool _ending;
     private string? _failedWhileEnding;
-    private bool _snapshotAnswered;
+    private bool _snapshotPending;
     private string? _failedWhileSnapshotting;
 
     /// <summary>Before the commit: the VM resumes here as it was, the target drops what it has. While the
@@ -459,13 +747,14 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             _failedWhileEnding ??= why;
             return;
         }
-        if (!_snapshotAnswered)
+        if (_snapshotPending)
         {
             // The VM ignores Resume while its snapshot is being taken: resume it once the snapshot is done.
             _failedWhileSnapshotting ??= why;
             return;
         }
-        _job.Vm.Tell(VmProtocol.Resume.Instance);
+        if (_tracking) _job.Vm.Tell(new VmProtocol.TrackMemoryWrites(false));
+        if (_down.IsRunning) _job.Vm.Tell(VmProtocol.Resume.Instance);
         _job.Vm.Tell(new VmProtocol.RecordMigration($"to {_job.TargetNode} failed after {_total.Elapsed.TotalMilliseconds:0} ms: {why}"));
         if (!_target.IsNobody()) _target.Tell(new MigrationProtocol.Abort(_job.Name, why));
         _job.ReplyTo.Tell(new MigrationProtocol.MigrationFailed(_job.Name, $"{why}; it goes on running on {_job.SourceNode}", _job.SourceNode));
@@ -479,6 +768,8 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     {
         Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         if (!_handedOver) MigrationProtocol.DeleteQuietly(_directory);
+        try { File.Delete(_memoryFile); } // moved into the snapshot once it was taken
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { Log.Warning("cannot remove {File}: {Reason}", _memoryFile, e.Message); }
     }
 }
 
@@ -501,11 +792,13 @@ internal sealed class MigrationTarget : ReceiveActor, IWithTimers
 
     private sealed record StepTimeout(string Step);
 
-    private readonly MigrationProtocol.Offer _offer;
+    private MigrationProtocol.Offer _offer;
     private readonly IActorRef _source;
     private readonly string _directory;
     private VmRestore? _restore;
     private IncomingFiles? _files;
+    private IncomingFiles? _precopied;
+    private int _round;
     private bool _handedOver;
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -513,16 +806,92 @@ internal sealed class MigrationTarget : ReceiveActor, IWithTimers
     public static Props Props(MigrationProtocol.Offer offer, IActorRef source) =>
         Akka.Actor.Props.Create(() => new MigrationTarget(offer, source));
 
+    private sealed record RoundWritten(int Round, string? Error);
+
     public MigrationTarget(MigrationProtocol.Offer offer, IActorRef source)
     {
         _offer = offer;
         _source = source;
         _directory = MigrationProtocol.NewDirectory("incoming", offer.Name);
+        if (offer.Precopy) Precopying();
+        else Receiving();
+    }
+
+    /// <summary>Pre-copy rounds into the memory file, one StreamRef each, until the snapshot's offer.</summary>
+    private void Precopying()
+    {
         Receive<ISourceRef<MigrationProtocol.Chunk>>(r =>
         {
-            if (_files is not null) return; // one stream per migration
+            if (_files is null)
+            {
+                try { _files = new IncomingFiles(_directory, _offer.Files); }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    Refuse($"cannot make the memory file here: {e.Message}");
+                    return;
+                }
+            }
+            var files = _files;
+            var round = ++_round;
+            r.Source.RunForeach(files.Write, Context.Materializer())
+                .ContinueWith(t => new RoundWritten(round, t.IsCompletedSuccessfully ? null
+                    : $"round {round} of the transfer failed: {t.Exception?.GetBaseException().Message ?? "cancelled"}"))
+                .PipeTo(Self);
+            Become(WritingRound);
+        });
+        Receive<MigrationProtocol.Offer>(o =>
+        {
+            if (!Sender.Equals(_source)) return;
+            if (_files is null)
+            {
+                Refuse("the snapshot came before any memory");
+                return;
+            }
+            var memory = Array.Find(o.Files ?? [], f => f?.Name == MigrationProtocol.MemoryFile);
+            var refusal = o.Name != _offer.Name ? $"the snapshot is of {o.Name}, not {_offer.Name}"
+                : o.Precopy ? "a second pre-copy offer"
+                : MigrationProtocol.CheckOffer(o)
+                  ?? (memory is null || memory.Length != _offer.Files[0].Length
+                      ? $"the snapshot's {MigrationProtocol.MemoryFile} is not the {_offer.Files[0].Length} bytes copied ahead" : null);
+            if (refusal is not null)
+            {
+                Refuse(refusal);
+                return;
+            }
+            _precopied = _files;
+            _files = null;
+            _offer = o with { Precopy = false };
+            Become(Receiving);
+            ArmTransferLimit();
+            _source.Tell(new MigrationProtocol.Accepted(_offer.Name));
+        });
+        Ending();
+    }
+
+    private void WritingRound()
+    {
+        Receive<RoundWritten>(w =>
+        {
+            if (w.Error is { } why)
+            {
+                Refuse(why);
+                return;
+            }
+            ArmTransferLimit();
+            _source.Tell(new MigrationProtocol.RoundReceived(_offer.Name, w.Round));
+            Become(Precopying);
+        });
+        Ending();
+    }
+
+    /// <summary>The snapshot's files (after a pre-copy, into the memory file it filled), then the commit.</summary>
+    private void Receiving()
+    {
+        Receive<ISourceRef<MigrationProtocol.Chunk>>(r =>
+        {
+            if (_files is not null) return; // one stream per snapshot
             IncomingFiles files;
-            try { files = _files = new IncomingFiles(_directory, _offer.Files); }
+            try { files = _files = new IncomingFiles(_directory, _offer.Files, _precopied); }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 Refuse($"cannot make the snapshot's files here: {e.Message}");
@@ -556,6 +925,11 @@ internal sealed class MigrationTarget : ReceiveActor, IWithTimers
             Context.Parent.Tell(new StartMigrated(_offer.Name, _offer.Settings, _restore, _directory, _offer.Console, _source));
             Context.Stop(Self);
         });
+        Ending();
+    }
+
+    private void Ending()
+    {
         Receive<MigrationProtocol.Abort>(_ => Context.Stop(Self));
         Receive<StepTimeout>(t => Refuse($"{t.Step} did not come within {MigrationProtocol.StepLimit.TotalSeconds:0} s"));
         Receive<Terminated>(t =>
@@ -564,10 +938,12 @@ internal sealed class MigrationTarget : ReceiveActor, IWithTimers
         });
     }
 
+    private void ArmTransferLimit() => Timers.StartSingleTimer("step", new StepTimeout("the transfer"), MigrationProtocol.StepLimit);
+
     protected override void PreStart()
     {
         Context.Watch(_source);
-        Timers.StartSingleTimer("step", new StepTimeout("the transfer"), MigrationProtocol.StepLimit);
+        ArmTransferLimit();
         _source.Tell(new MigrationProtocol.Accepted(_offer.Name));
     }
 
@@ -579,26 +955,29 @@ internal sealed class MigrationTarget : ReceiveActor, IWithTimers
 
     protected override void PostStop()
     {
+        _files?.Dispose();
+        _precopied?.Dispose();
         if (!_handedOver) MigrationProtocol.DeleteQuietly(_directory);
     }
 
     /// <summary>The offered files in a new directory: each created at its offered length (sparse), and
     /// every chunk checked to lie within its file. A chunk for no offered file or beyond one's end fails
-    /// the transfer.</summary>
+    /// the transfer. After a pre-copy, the memory file is the one <paramref name="precopied"/> filled.</summary>
     private sealed class IncomingFiles : IDisposable
     {
         private readonly Microsoft.Win32.SafeHandles.SafeFileHandle[] _handles;
         private readonly MigrationProtocol.OfferedFile[] _files;
 
-        public IncomingFiles(string directory, MigrationProtocol.OfferedFile[] files)
+        public IncomingFiles(string directory, MigrationProtocol.OfferedFile[] files, IncomingFiles? precopied = null)
         {
             _files = files;
             Directory.CreateDirectory(directory);
             _handles = new Microsoft.Win32.SafeHandles.SafeFileHandle[files.Length];
             for (var i = 0; i < files.Length; i++)
             {
-                _handles[i] = File.OpenHandle(Path.Combine(directory, files[i].Name), FileMode.CreateNew, FileAccess.ReadWrite);
-                RandomAccess.SetLength(_handles[i], files[i].Length);
+                var existing = precopied is not null && files[i].Name == MigrationProtocol.MemoryFile;
+                _handles[i] = File.OpenHandle(Path.Combine(directory, files[i].Name), existing ? FileMode.Open : FileMode.CreateNew, FileAccess.ReadWrite);
+                if (!existing) RandomAccess.SetLength(_handles[i], files[i].Length);
             }
         }
 

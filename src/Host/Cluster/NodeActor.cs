@@ -352,6 +352,8 @@ public sealed class NodeActor : ReceiveActor
         else if (m.ToNode == _node) refusal = $"{m.Name} already runs on {m.ToNode}";
         else if (!members.ContainsKey(m.ToNode)) refusal = $"no node {m.ToNode} is up in the cluster (ctl nodes lists them)";
         else if (slot.RemoteDevices) refusal = $"{m.Name} has devices on other nodes; a VM with remote devices cannot migrate yet";
+        else if (m.MaxDowntime is { } limit && (limit <= TimeSpan.Zero || limit > TimeSpan.FromHours(1)))
+            refusal = $"a downtime limit of {limit.TotalMilliseconds:0} ms is not from 1 ms to an hour";
         if (refusal is not null)
         {
             Sender.Tell(new MigrationProtocol.MigrationFailed(m.Name, refusal, slot?.Resources is not null ? _node : ""));
@@ -359,7 +361,7 @@ public sealed class NodeActor : ReceiveActor
         }
         var built = slot!.Resources!;
         slot.Migration = Context.ActorOf(MigrationSource.Props(new MigrationSource.Job(m.Name, slot.Actor, slot.Console, built.Console.Flush,
-            slot.Settings, members[m.ToNode], m.ToNode, _node, Sender, m.ReportProgress)), $"migration-{m.Name}-{Guid.NewGuid():N}");
+            slot.Settings, members[m.ToNode], m.ToNode, _node, Sender, m.ReportProgress, m.MaxDowntime, m.StopAndCopy)), $"migration-{m.Name}-{Guid.NewGuid():N}");
         Context.WatchWith(slot.Migration, new MigrationOver(m.Name, slot.Migration));
         Log.Information("migrating VM {Name} to {Node}", m.Name, m.ToNode);
     }

@@ -341,7 +341,8 @@ public sealed class ControlClient : IAsyncDisposable
     /// Answers a line saying what moved and how long the guest was stopped; a failure is a
     /// <see cref="ControlException"/> saying where the VM runs now.
     /// </summary>
-    public async Task<string> MigrateAsync(ControlProtocol.VmEntry vm, string to, Action<Cluster.MigrationProtocol.Progress>? progress = null)
+    public async Task<string> MigrateAsync(ControlProtocol.VmEntry vm, string to, Action<Cluster.MigrationProtocol.Progress>? progress = null,
+        TimeSpan? maxDowntime = null, bool stopAndCopy = false)
     {
         if (vm.Ended.Length > 0) throw new ControlException($"{vm.Name} has ended: {vm.Ended}");
         var directory = await Directory(vm.Node);
@@ -349,7 +350,7 @@ public sealed class ControlClient : IAsyncDisposable
         var listener = _system.ActorOf(Props.Create(() => new Listener(directory, answers.Writer)));
         try
         {
-            directory.Tell(new Cluster.MigrationProtocol.MigrateVm(vm.Name, to, ReportProgress: progress is not null), listener);
+            directory.Tell(new Cluster.MigrationProtocol.MigrateVm(vm.Name, to, ReportProgress: progress is not null, maxDowntime, stopAndCopy), listener);
             // Each report (at least one per step or second) restarts the wait; a step has its own limit on the node.
             var quiet = _timeout + Cluster.MigrationProtocol.StepLimit * 3;
             while (true)

@@ -252,6 +252,9 @@ public sealed class SnapshotWriter
         if (string.IsNullOrEmpty(name) || name.Any(c => !(char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.')) || name.StartsWith('.'))
             throw new ArgumentException($"a snapshot part's name is letters, digits, '-', '_' and '.', not \"{name}\"", nameof(name));
         if (_parts.Any(p => p.Name == name)) throw new ArgumentException($"part \"{name}\" was written already", nameof(name));
-        return name + ".part";
+        return FileOf(name);
     }
+
+    /// <summary>The file of a snapshot directory that holds part <paramref name="part"/>.</summary>
+    public static string FileOf(string part) => part + ".part";
 }

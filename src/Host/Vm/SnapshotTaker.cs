@@ -37,7 +37,7 @@ internal sealed class SnapshotTaker : ReceiveActor, IWithTimers
         IDeviceClock Clock,
         VmHandle? Kvm);
 
-    internal sealed record Done(string Directory, long MemoryPages, long MemoryBytes, TimeSpan Paused, TimeSpan Total);
+    internal sealed record Done(string Directory, long MemoryPages, long MemoryBytes, TimeSpan Paused, TimeSpan Total, ulong[]? WrittenPages = null);
 
     internal sealed record Failed(string Directory, string Reason);
 
@@ -67,14 +67,20 @@ internal sealed class SnapshotTaker : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public SnapshotTaker(Sources sources, string directory)
+    private readonly string? _precopied;
+
+    public SnapshotTaker(Sources sources, string directory, string? precopied = null)
     {
         _sources = sources;
         _directory = directory;
+        _precopied = precopied;
         Become(Pausing);
     }
 
-    public static Props Props(Sources sources, string directory) => Akka.Actor.Props.Create(() => new SnapshotTaker(sources, directory));
+    /// <param name="precopied">a memory file kept current by pre-copy rounds: only the pages written
+    /// since the last one are written, into it, and it becomes the memory part</param>
+    public static Props Props(Sources sources, string directory, string? precopied = null) =>
+        Akka.Actor.Props.Create(() => new SnapshotTaker(sources, directory, precopied));
 
     protected override void PreStart()
     {
@@ -197,7 +203,7 @@ internal sealed class SnapshotTaker : ReceiveActor, IWithTimers
         Step("writing guest memory");
         _memoryId = ++_lastId;
         _sources.Vmspace.Tell(new VmspaceProtocol.SaveMemory(_memoryId, _writer!.PathFor(SnapshotParts.Memory),
-            _writer.PathFor(SnapshotParts.MemoryAccessDirty)));
+            _writer.PathFor(SnapshotParts.MemoryAccessDirty)) { WrittenOnly = _precopied is not null, From = _precopied });
     }
 
     private void SavingMemory()
@@ -222,7 +228,7 @@ internal sealed class SnapshotTaker : ReceiveActor, IWithTimers
             }
             _finished = true;
             Timers.CancelAll();
-            Context.Parent.Tell(new Done(_directory, m.Pages, m.Bytes, _total.Elapsed - _pausedAt, _total.Elapsed));
+            Context.Parent.Tell(new Done(_directory, m.Pages, m.Bytes, _total.Elapsed - _pausedAt, _total.Elapsed, m.Written));
             Context.Stop(Self);
         });
         Common();

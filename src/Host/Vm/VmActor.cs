@@ -63,6 +63,16 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<VmspaceProtocol.VmspaceFailed>(f =>
             End(new Outcome(OutcomeKind.VcpuError, Outcome.VcpuErrorCode, $"the vmspace failed: {f.Reason}")));
         Receive<TakeSnapshot>(OnTakeSnapshot);
+        Receive<TrackMemoryWrites>(t =>
+        {
+            if (MemoryBusy() is { } why) Sender.Tell(new VmspaceProtocol.WritesTracked(0, why));
+            else _vmspace.Forward(new VmspaceProtocol.TrackWrites(0, t.On));
+        });
+        Receive<CopyMemory>(c =>
+        {
+            if (MemoryBusy() is { } why) Sender.Tell(new VmspaceProtocol.MemorySaved(0, 0, 0, why));
+            else _vmspace.Forward(new VmspaceProtocol.SaveMemory(0, c.Path) { WrittenOnly = c.WrittenOnly });
+        });
         Receive<SnapshotTaker.Done>(OnSnapshotDone);
         Receive<SnapshotTaker.Failed>(f => EndSnapshot(new SnapshotFailed(_resources.Name, f.Directory, f.Reason), stop: false));
         Receive<Pause>(_ =>
@@ -266,10 +276,10 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         // kernel: it gets a thread of its own, which answers without waiting for a pool thread.
         var vmspaceProps = _resources.Paging switch
         {
-            ({ Userfaultfd: true } or { Restore.Lazy: true }) and var paging => VmspaceProtocol.Props(_resources.Memory, paging, Self, _resources.DirtyLog)
+            ({ Userfaultfd: true } or { Restore.Lazy: true }) and var paging => VmspaceProtocol.Props(_resources.Memory, paging, Self, _resources.DirtyLog, _resources.Kvm)
                 .WithDispatcher(VcpuProtocol.DispatcherId),
-            { } options => VmspaceProtocol.Props(_resources.Memory, options, Self, _resources.DirtyLog),
-            null => VmspaceProtocol.Props(_resources.Memory),
+            { } options => VmspaceProtocol.Props(_resources.Memory, options, Self, _resources.DirtyLog, _resources.Kvm),
+            null => VmspaceProtocol.Props(_resources.Memory, _resources.Kvm),
         };
         var vmspace = Context.ActorOf(Mailbox(vmspaceProps), "vmspace");
         Context.Watch(vmspace);
@@ -493,18 +503,24 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         var sources = new SnapshotTaker.Sources(_resources.Spec!, _vcpus, _resources.KernelApic is null ? _vlapics : [],
             _devices.Where(d => !_gone.Contains(d)).ToList(), _vmspace, _clock, _resources.Kvm);
         var directory = Path.GetFullPath(request.Directory);
-        var taker = Context.ActorOf(SnapshotTaker.Props(sources, directory), $"snapshot-{++_snapshots}");
+        var taker = Context.ActorOf(SnapshotTaker.Props(sources, directory, request.PrecopiedMemory), $"snapshot-{++_snapshots}");
         _snapshot = new SnapshotInProgress(taker, Sender, directory, request.StopAfter, _phase == Phase.Paused);
         _phase = Phase.Paused;
     }
 
     private int _snapshots;
 
+    /// <summary>Why guest memory cannot be copied or tracked now, or null.</summary>
+    private string? MemoryBusy() =>
+        _phase is not (Phase.Running or Phase.Paused) ? $"the VM is {_phase.ToString().ToLowerInvariant()}"
+        : _snapshot is not null ? "a snapshot of it is being taken"
+        : null;
+
     private void OnSnapshotDone(SnapshotTaker.Done done)
     {
         if (_snapshot is not { } snapshot) return;
         EndSnapshot(new SnapshotTaken(_resources.Name, done.Directory, done.MemoryPages, done.MemoryBytes, done.Paused, done.Total,
-            snapshot.StopAfter), snapshot.StopAfter);
+            snapshot.StopAfter) { WrittenPages = done.WrittenPages }, snapshot.StopAfter);
         if (snapshot.StopAfter) End(new Outcome(OutcomeKind.Stopped, Outcome.StoppedCode, $"snapshotted to {done.Directory} and stopped"));
     }
 

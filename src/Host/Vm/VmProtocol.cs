@@ -24,13 +24,33 @@ public static class VmProtocol
     /// <see cref="SnapshotTaken"/> or <see cref="SnapshotFailed"/> (the VM then goes on as before and
     /// nothing is left in the directory).
     /// </summary>
-    public sealed record TakeSnapshot(string Directory, bool StopAfter = false) : IVmMessage;
+    /// <param name="PrecopiedMemory">a memory file that <see cref="CopyMemory"/> rounds kept current while
+    /// writes were tracked: the snapshot writes into it only the pages written since the last round
+    /// and takes it as its memory part (<see cref="SnapshotTaken.WrittenPages"/> lists them)</param>
+    public sealed record TakeSnapshot(string Directory, bool StopAfter = false, string? PrecopiedMemory = null) : IVmMessage;
 
     /// <param name="Paused">how long the guest was paused</param>
     /// <param name="Total">from the request to the manifest written</param>
     /// <param name="MemoryPages">guest pages written (the rest are holes: never touched)</param>
     public sealed record SnapshotTaken(string Vm, string Directory, long MemoryPages, long MemoryBytes, TimeSpan Paused, TimeSpan Total,
-        bool Stopped) : IVmMessage;
+        bool Stopped) : IVmMessage
+    {
+        /// <summary>With <see cref="TakeSnapshot.PrecopiedMemory"/>: the RAM pages written into it.</summary>
+        public ulong[]? WrittenPages { get; init; }
+    }
+
+    /// <summary>
+    /// Starts or stops tracking every write to guest RAM (<see cref="Memory.VmspaceProtocol.TrackWrites"/>),
+    /// for a migration's pre-copy. Answered <see cref="Memory.VmspaceProtocol.WritesTracked"/> (by the vmspace).
+    /// </summary>
+    public sealed record TrackMemoryWrites(bool On) : IVmMessage;
+
+    /// <summary>
+    /// Writes guest memory into memory file <paramref name="Path"/> while the VM runs: all of it, or with
+    /// <paramref name="WrittenOnly"/> the pages written since the previous copy (writes tracked, see
+    /// <see cref="TrackMemoryWrites"/>). Answered <see cref="Memory.VmspaceProtocol.MemorySaved"/> (by the vmspace).
+    /// </summary>
+    public sealed record CopyMemory(string Path, bool WrittenOnly) : IVmMessage;
 
     public sealed record SnapshotFailed(string Vm, string Directory, string Reason) : IVmMessage;
 
