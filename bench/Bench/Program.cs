@@ -19,6 +19,7 @@ const string usage = """
            actorvmm-bench iopath [exits] [repetitions]  the host's share of a port I/O exit, devices inline vs on the thread pool (no KVM needed)
            actorvmm-bench blkpath [requests] [repetitions]  the host's share of a virtio-blk request (4 KiB and 512 KiB) vs a raw preadv/pwritev loop (no KVM needed)
            actorvmm-bench remotedev [operations] [repetitions]  COM1 reads and posted writes, beside the VM vs on another host node (two nodes in this process; no KVM needed)
+           actorvmm-bench migrate [runs]     live migration of a 64 MiB guest rewriting 1 MiB / 32 MiB of its memory, two host nodes in this process, next to QEMU's (needs /dev/kvm)
            actorvmm-bench startup [runs]     process start to exit of `actorvmm run` and of QEMU for a trivial guest, and where ActorVmm's time goes
            actorvmm-bench hostmem [vms]      host memory per VM: idle 1-vcpu 16 MiB VMs in one host node, beyond guest RAM (needs /dev/kvm)
            actorvmm-bench linuxboot [runs] [cpus]  process start to the kernel's first line and to the init marker: the guest kit's Linux under ActorVmm and QEMU (needs /dev/kvm, guest/build.sh)
@@ -34,7 +35,7 @@ if (args.Length > 0 && args[0] is "-h" or "--help" or "help")
 var counts = new int?[args.Length];
 for (var i = 0; i < args.Length; i++)
     counts[i] = int.TryParse(args[i], out var v) && v > 0 ? v : null;
-var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" or "linuxboot" or "blk" or "blkpath" or "remotedev" ? 1 : 0;
+var first = args.Length > 0 && args[0] is "faults" or "trace" or "lapic" or "ipipath" or "iopath" or "io" or "startup" or "snapshot" or "hostmem" or "linuxboot" or "blk" or "blkpath" or "remotedev" or "migrate" ? 1 : 0;
 var last = args.Length > 0 && args[0] is "faults" or "ipipath" ? Math.Min(args.Length, 3)
     : args.Length > 0 && args[0] is "lapic" ? Math.Min(args.Length, 5) : args.Length; // what follows the counts is a mode
 for (var i = first; i < last; i++)
@@ -66,6 +67,8 @@ if (args.Length > 0 && args[0] == "ipipath")
     return await ActorVmm.Bench.IpiPathBench.RunAsync(Count(1, 20_000), Count(2, 3), args.Length > 3 ? args[3] : "all");
 if (args.Length > 0 && args[0] == "blkpath")
     return ActorVmm.Bench.BlkPathBench.Run(Count(1, 2_000), Count(2, 3));
+if (args.Length > 0 && args[0] == "migrate")
+    return await ActorVmm.Bench.MigrationBench.RunAsync(Count(1, 3));
 if (args.Length > 0 && args[0] == "remotedev")
     return await ActorVmm.Bench.RemoteDeviceBench.RunAsync(Count(1, 20_000), Count(2, 3));
 if (args.Length > 0 && args[0] == "iopath")

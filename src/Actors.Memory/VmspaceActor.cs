@@ -233,7 +233,7 @@ internal sealed class VmspaceActor : ReceiveActor
 
     protected override void PostStop()
     {
-        try { _writeLog?.Stop(); }
+        try { _writeLog?.StopAll(); }
         catch (KvmException) { /* the VM is going: its memslots with it */ }
         _pager?.Dispose();
         base.PostStop();
@@ -479,10 +479,10 @@ internal sealed class VmspaceActor : ReceiveActor
             SaveWritten(s);
             return;
         }
-        // A new round: what was written before now is in the file written next.
-        if (_writeLog is { On: true } log)
+        // A new round of that log: what was written before now is in the file written next.
+        if (s.Log is { } name && _writeLog is { } log && log.IsOn(name))
         {
-            try { log.Take([]); }
+            try { log.Take(name, []); }
             catch (KvmException e)
             {
                 Sender.Tell(new MemorySaved(s.Id, 0, 0, $"saving guest memory failed: KVM's dirty log could not be read: {e.Message}"));
@@ -521,7 +521,7 @@ internal sealed class VmspaceActor : ReceiveActor
         string? error = null;
         if (!t.On)
         {
-            try { _writeLog?.Stop(); }
+            try { _writeLog?.Stop(t.Log); }
             catch (KvmException e) { error = $"KVM would not stop logging writes: {e.Message}"; }
         }
         else if (_writeLog is null) error = "this vmspace was given no KVM VM whose writes it could log";
@@ -529,7 +529,7 @@ internal sealed class VmspaceActor : ReceiveActor
             error = $"the VM's dirty tracking ({_dirty.Mode.ConfigName()}) already uses KVM's dirty log";
         else
         {
-            try { _writeLog.Start(); }
+            try { _writeLog.Start(t.Log); }
             catch (KvmException e) { error = $"KVM would not log writes: {e.Message}"; }
         }
         if (error is not null) _log.Warning("vmspace: {0}", error);
@@ -546,8 +546,9 @@ internal sealed class VmspaceActor : ReceiveActor
         var from = s.From ?? s.Path;
         try
         {
-            if (_writeLog is not { On: true } log) throw new VmspaceException("writes are not tracked: no earlier save to complete");
-            var pages = log.Take(_holds.Values.Select(h => (h.FirstPage, h.Pages)));
+            if (s.Log is not { } name || _writeLog is not { } log || !log.IsOn(name))
+                throw new VmspaceException($"writes are not tracked for {s.Log ?? "this save"}: no earlier save to complete");
+            var pages = log.Take(name, _holds.Values.Select(h => (h.FirstPage, h.Pages)));
             using (var file = File.OpenHandle(from, FileMode.Open, FileAccess.ReadWrite, FileShare.None))
             {
                 if ((ulong)RandomAccess.GetLength(file) != MemoryImage.Length(_memory))

@@ -100,6 +100,17 @@ public static class VmspaceProtocol
 
         /// <summary>The memory file a <see cref="WrittenOnly"/> save completes (a whole file of an earlier save).</summary>
         public string? From { get; init; }
+
+        /// <summary>The write log (<see cref="TrackWrites"/>) this save reads (<see cref="WrittenOnly"/>) or, a
+        /// whole save, starts over; null: none.</summary>
+        public string? Log { get; init; }
+    }
+
+    /// <summary>The write logs' names (<see cref="TrackWrites"/>): each copier of memory has its own.</summary>
+    public static class WriteLogs
+    {
+        public const string Migration = "migration";
+        public const string Checkpoint = "checkpoint";
     }
 
     /// <param name="Id">the <see cref="SaveMemory"/> this answers</param>
@@ -116,13 +127,15 @@ public static class VmspaceProtocol
     }
 
     /// <summary>
-    /// Starts (<paramref name="On"/>) or stops tracking every write to guest RAM, for a migration's
-    /// pre-copy rounds: the guest's through KVM's dirty log (turned on for the RAM memslots while the
-    /// VM runs), the host's through the memory's write log, and pages held by devices, which may be
-    /// written at any time. Answered <see cref="WritesTracked"/>. A VM whose own dirty tracking
-    /// already uses KVM's log (dirty-log, dirty-ring) cannot: the error says so.
+    /// Starts (<paramref name="On"/>; again: empty) or stops write log <paramref name="Log"/> (a name of
+    /// <see cref="WriteLogs"/>), which tracks every write to guest RAM for a copier of memory (a
+    /// migration's pre-copy rounds, checkpoints): the guest's through KVM's dirty log (turned on for
+    /// the RAM memslots while the VM runs, as long as any log is on), the host's through the memory's
+    /// write log, and pages held by devices, which may be written at any time. Each log has the pages
+    /// written since its own last save. Answered <see cref="WritesTracked"/>. A VM whose own dirty
+    /// tracking already uses KVM's log (dirty-log, dirty-ring) cannot: the error says so.
     /// </summary>
-    public sealed record TrackWrites(long Id, bool On) : IVmspaceMessage;
+    public sealed record TrackWrites(long Id, bool On, string Log = WriteLogs.Migration) : IVmspaceMessage;
 
     /// <param name="Error">null if done; else why writes cannot be tracked (nothing changed)</param>
     public sealed record WritesTracked(long Id, string? Error) : IVmspaceMessage;

@@ -364,7 +364,7 @@ namespace ActorVmm.Host
                                 continue;
                             }
                             var status = await client.StatusAsync(v.Actor);
-                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} node={v.Node}");
+                            Console.Out.WriteLine($"{v.Name,-16} {status.Phase,-8} vcpus={status.Vcpus,-3} node={v.Node}{(v.Origin.Length > 0 ? $" ({v.Origin})" : "")}");
                         }
                     }
                     return 0;

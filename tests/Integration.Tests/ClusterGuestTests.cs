@@ -67,6 +67,13 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         actorvmm.cluster.split-brain-resolver.stable-after = 60s
         """;
 
+    /// <summary>A killed node is removed after about 30 + 3 s: a pause long enough that the KVM box, where a
+    /// node's start of a VM can hold up its heartbeats for many seconds, takes no live node for dead.</summary>
+    private const string DetectingNodes = """
+        actorvmm.cluster.failure-detector.acceptable-heartbeat-pause = 30s
+        actorvmm.cluster.split-brain-resolver.stable-after = 3s
+        """;
+
     private async Task<int> StartNode(int? seed, string nodeConfig = PatientNodes)
     {
         int port;
@@ -349,37 +356,17 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         KvmRequirement.Check();
         var (client, node1, node2, _) = await TwoNodes(PatientNodes);
         await using var _ = client;
-        // At most 9999 lines (100 s at 10 ms a line); the test ends it with a 'q' typed after the last move.
+        // At most 9999 lines (200 s at 20 ms a line); the test ends it with a 'q' typed after the last move.
         const int lines = 9999;
         // Two vcpus (the second waits for a SIPI that never comes: its state moves too); the guest rewrites
         // all of its 8-page region after every line and checks the region's sum at the end.
         Assert.Equal(node1, await client.RunVmAsync(node1, "mover",
-            [new("actorvmm.vm.boot.flat", CountingPrinter(lines, waitMs: 10, dirty: true)), new("actorvmm.vm.cpus", "2")], node1));
+            [new("actorvmm.vm.boot.flat", CountingPrinter(lines, waitMs: 20, dirty: true)), new("actorvmm.vm.cpus", "2")], node1));
         Step("test", "mover runs on node 1");
 
         // One console session, attached through node 1 before any move, for the guest's whole life.
-        var session = new MemoryStream();
-        var printed = 0L;
-        var output = new CallbackStream(bytes =>
-        {
-            lock (session) session.Write(bytes);
-            Interlocked.Add(ref printed, bytes.Length);
-        });
-        var typed = new TypedLater();
-        var following = client.ConsoleAsync(await client.FindEntryAsync("mover", [node1]), follow: true, output, input: typed,
-            new CancellationTokenSource(TimeSpan.FromMinutes(20)).Token);
-
-        async Task PrintsMore(long bytes)
-        {
-            var until = Interlocked.Read(ref printed) + bytes;
-            var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(5);
-            while (Interlocked.Read(ref printed) < until)
-            {
-                Assert.True(DateTime.UtcNow < deadline && !following.IsCompleted,
-                    $"the guest printed {Interlocked.Read(ref printed)} bytes and no more; the nodes printed:\n{NodeLog()}");
-                await Task.Delay(20);
-            }
-        }
+        var console = new FollowedConsole(client, await client.FindEntryAsync("mover", [node1]), TimeSpan.FromMinutes(20));
+        Task PrintsMore(long bytes) => console.PrintsMore(bytes, NodeLog);
 
         // Refused before anything happens: the VM goes on where it is.
         await PrintsMore(250);
@@ -416,7 +403,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             }
             else Assert.Equal(stopped, reports.Select(r => r.Step).Distinct());
             var entry = await client.FindEntryAsync("mover", [at]);
-            Assert.Equal((to, ""), (entry.Node, entry.Ended));
+            Assert.True((to, "") == (entry.Node, entry.Ended), $"after move {move + 1} mover is on {entry.Node} ({entry.Ended}); the nodes printed:\n{NodeLog()}");
             // The moved VM keeps the report for `ctl stats` (its node is told just before ctl is).
             var stats = "";
             for (var tries = 0; tries < 50 && !stats.Contains($"last migration: mover migrated from {at} to {to}"); tries++)
@@ -430,9 +417,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
 
         // Typed into the session attached before the first move: it reaches the guest where it runs now.
         await PrintsMore(250);
-        typed.Type("q");
-        var ended = await following;
-        var text = Encoding.ASCII.GetString(session.ToArray());
+        var (text, ended) = await console.Quit();
         var printedLines = text.Count(c => c == '\n') - 1;
         Assert.True(printedLines >= 250, $"the guest printed {text.Length} bytes; the nodes printed:\n{NodeLog()}");
         var expected = CountedLines(printedLines) + "sum ok\n"; // memory came through every move as the guest wrote it
@@ -441,6 +426,43 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         Assert.True(text == expected && ended?.Contains("exit code 11") == true,
             $"the console showed {text.Length} bytes, the first {same} as expected, and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
         Assert.Equal(node1, (await client.FindEntryAsync("mover", [node2])).Node);
+    }
+
+    /// <summary>A `ctl console --follow` session of a test: what it showed so far, and a 'q' typed to end the guest.</summary>
+    private sealed class FollowedConsole
+    {
+        private readonly MemoryStream _session = new();
+        private readonly TypedLater _typed = new();
+        private readonly Task<string?> _following;
+        private long _printed;
+
+        public FollowedConsole(ControlClient client, ControlProtocol.VmEntry vm, TimeSpan limit) =>
+            _following = client.ConsoleAsync(vm, follow: true, new CallbackStream(bytes =>
+            {
+                lock (_session) _session.Write(bytes);
+                Interlocked.Add(ref _printed, bytes.Length);
+            }), input: _typed, new CancellationTokenSource(limit).Token);
+
+        /// <summary>Waits until the guest printed <paramref name="bytes"/> more (5 minutes at most).</summary>
+        public async Task PrintsMore(long bytes, Func<string> log)
+        {
+            var until = Interlocked.Read(ref _printed) + bytes;
+            var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(5);
+            while (Interlocked.Read(ref _printed) < until)
+            {
+                Assert.True(DateTime.UtcNow < deadline && !_following.IsCompleted,
+                    $"the guest printed {Interlocked.Read(ref _printed)} bytes and no more; the nodes printed:\n{log()}");
+                await Task.Delay(20);
+            }
+        }
+
+        /// <summary>Types 'q' and waits for the session's end: what it showed, and how the VM ended.</summary>
+        public async Task<(string Text, string? Ended)> Quit()
+        {
+            _typed.Type("q");
+            var ended = await _following;
+            lock (_session) return (Encoding.ASCII.GetString(_session.ToArray()), ended);
+        }
     }
 
     /// <summary>Console input that has nothing to give until <see cref="Type"/>, then that one line, then ends.</summary>
@@ -488,14 +510,8 @@ public sealed class ClusterGuestTests : IAsyncLifetime
     public async Task A_uart_on_another_node_prints_for_the_guest_and_the_guest_finishes_when_that_node_is_killed()
     {
         KvmRequirement.Check();
-        // A killed node is removed after about 30 + 3 s: a pause long enough that the KVM box, where a
-        // node's start of a VM can hold up its heartbeats for many seconds, takes no live node for dead.
-        const string detecting = """
-            actorvmm.cluster.failure-detector.acceptable-heartbeat-pause = 30s
-            actorvmm.cluster.split-brain-resolver.stable-after = 3s
-            """;
         // Node 1 is the oldest: with keep-oldest it survives the other's death.
-        var (client, node1, node2, port2) = await TwoNodes(detecting);
+        var (client, node1, node2, port2) = await TwoNodes(DetectingNodes);
         await using var _ = client;
         Assert.Equal(node1, await client.RunVmAsync(node1, "counter",
             [new("actorvmm.vm.boot.flat", CountingPrinter()), new("actorvmm.vm.devices.uart0.node", node2)], node1));
@@ -540,5 +556,95 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         Assert.True(lost.Success, $"node 1 did not report uart0's move; the nodes printed:\n{NodeLog()}");
         Assert.Equal(int.Parse(lost.Groups[1].Value), gap);
         Assert.InRange(gap, 0, ActorVmm.Host.Cluster.RemoteDeviceProxy.RemoteWriteWindow);
+    }
+
+    [KvmFact]
+    public async Task A_checkpointed_guest_whose_node_is_killed_starts_again_on_another_node_from_its_last_checkpoint()
+    {
+        KvmRequirement.Check();
+        var (client, node1, node2, _) = await TwoNodes(DetectingNodes);
+        await using var _ = client;
+        var port3 = await StartNode(int.Parse(node1.Split(':')[1]), DetectingNodes);
+        var node3 = $"127.0.0.1:{port3}";
+        var joined = DateTime.UtcNow + TimeSpan.FromMinutes(5);
+        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < 3)
+        {
+            Assert.True(DateTime.UtcNow < joined, $"node 1 does not see three nodes Up; the nodes printed:\n{NodeLog()}");
+            await Task.Delay(1000);
+        }
+        // The dirtying counter on the youngest node, checkpointed every 2 s into a directory all three see.
+        var checkpoints = Path.Combine(_dir, "checkpoints");
+        // The placement asks every node for its load; a node's first answers can take longer than its
+        // limit while three nodes start on a slow machine: asked again until the deadline.
+        string placed;
+        var placing = DateTime.UtcNow + TimeSpan.FromMinutes(5);
+        while (true)
+        {
+            try
+            {
+                placed = await client.RunVmAsync(node1, "phoenix",
+                [
+                    new("actorvmm.vm.boot.flat", CountingPrinter(9999, waitMs: 10, dirty: true)),
+                    new("actorvmm.vm.checkpoint.interval", "2s"), new("actorvmm.vm.checkpoint.directory", checkpoints),
+                ], node3);
+                break;
+            }
+            catch (ControlException e) when (e.Message.Contains($"no node {node3} in the cluster") && DateTime.UtcNow < placing)
+            {
+                Step("test", e.Message);
+                await Task.Delay(1000);
+            }
+        }
+        Assert.Equal(node3, placed);
+        Step("test", "phoenix runs on node 3");
+
+        // What it prints on node 3, as it prints it, until the kill.
+        var seen = 0L;
+        var watching = client.ConsoleAsync(await client.FindEntryAsync("phoenix", [node3]), follow: true,
+            new CallbackStream(bytes => Interlocked.Add(ref seen, bytes.Length)), input: null, new CancellationTokenSource(TimeSpan.FromMinutes(10)).Token);
+        // Two complete checkpoints (the second written from the first and the pages written since), then the kill.
+        var vmCheckpoints = Path.Combine(checkpoints, "phoenix");
+        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(5);
+        while (ActorVmm.Host.Cluster.CheckpointProtocol.Complete(vmCheckpoints).Count < 2)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"phoenix has not been checkpointed twice; the nodes printed:\n{NodeLog()}");
+            await Task.Delay(200);
+        }
+        _nodes[2].Kill(entireProcessTree: true);
+        var killed = DateTime.UtcNow;
+        var before = Interlocked.Read(ref seen);
+        Step("test", $"node 3 killed after phoenix printed {before} bytes");
+
+        // The oldest node left starts it again from the last complete checkpoint.
+        ControlProtocol.VmEntry again;
+        deadline = DateTime.UtcNow + TimeSpan.FromMinutes(10);
+        while (true)
+        {
+            var list = await client.ListAsync(node1);
+            var found = list.Vms.FirstOrDefault(v => v.Name == "phoenix" && v.Node != node3 && v.Ended.Length == 0);
+            if (found is not null)
+            {
+                again = found;
+                break;
+            }
+            Assert.True(DateTime.UtcNow < deadline, $"phoenix was not started again; the nodes printed:\n{NodeLog()}");
+            await Task.Delay(200);
+        }
+        Step("test", $"phoenix runs again on {again.Node} {(DateTime.UtcNow - killed).TotalSeconds:0.0} s after the kill: {again.Origin}");
+        Assert.Equal(node1, again.Node);
+        Assert.Matches(@"^started again from checkpoint-\d{6} after 127\.0\.0\.1:" + port3 + " was removed$", again.Origin);
+
+        // Its count goes on from the checkpoint: the lines it prints now are the counter's from a point
+        // before the kill, not from 0; its memory is what it wrote (the sum checks out at the end).
+        var console = new FollowedConsole(client, again, TimeSpan.FromMinutes(10));
+        await console.PrintsMore(250, NodeLog);
+        var (text, ended) = await console.Quit();
+        Assert.True(text.EndsWith("sum ok\n", StringComparison.Ordinal) && ended?.Contains("exit code 11") == true,
+            $"phoenix printed \"{text[..Math.Min(text.Length, 200)]}...\" and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
+        var lines = text[..^"sum ok\n".Length];
+        var from = CountedLines(9999).IndexOf(lines, StringComparison.Ordinal);
+        // At most the line in flight to the console when node 3 died was written before the checkpoint and not seen.
+        Assert.True(from > 0 && from <= before + 5,
+            $"after its start again phoenix printed from byte {from} of the count (it had printed {before} before the kill): \"{lines[..Math.Min(lines.Length, 40)]}...\"");
     }
 }

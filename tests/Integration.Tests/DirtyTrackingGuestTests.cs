@@ -207,16 +207,18 @@ public sealed class DirtyTrackingGuestTests
     public static TheoryData<bool> Paging => new() { false, true };
 
     /// <summary>
-    /// A migration's write log (<see cref="TrackWrites"/>): after a full save, a written-only save lists
-    /// the pages the guest wrote (KVM's log, turned on while the VM runs) and the page the host wrote
-    /// (the vmspace's write, which KVM does not see), and brings exactly those into the file, which then
-    /// holds guest memory as it is.
+    /// Write logs (<see cref="TrackWrites"/>): after a whole save, a written-only save lists the pages
+    /// the guest wrote (KVM's log, turned on while the VM runs) and the pages the host wrote (the
+    /// vmspace's writes, which KVM does not see), and brings exactly those into the file, which then
+    /// holds guest memory as it is. Two logs on at once each see the writes since their own last save.
     /// </summary>
     [KvmTheory]
     [MemberData(nameof(Paging))]
-    public async Task A_migrations_write_log_sees_the_guests_and_the_hosts_writes_and_a_written_only_save_copies_them(bool paging)
+    public async Task Write_logs_see_the_guests_and_the_hosts_writes_and_a_written_only_save_copies_them(bool paging)
     {
-        var file = Path.Combine(Path.GetTempPath(), $"actorvmm-writelog-{Guid.NewGuid():N}");
+        var migration = Path.Combine(Path.GetTempPath(), $"actorvmm-writelog-{Guid.NewGuid():N}");
+        var checkpoint = migration + "-checkpoint";
+        const ulong HostOnly = 0x30_0000; // written by the host before the second log starts
         try
         {
             await using var run = await GuestRun.StartAsync(new VmSpec("guest", 16 << 20, 1, TwoRoundGuest(), Paging: paging ? VmspaceOptions.Paged() : null));
@@ -227,39 +229,59 @@ public sealed class DirtyTrackingGuestTests
                 Assert.True(DateTime.UtcNow < deadline, "the guest did not finish round 1");
                 await Task.Delay(10);
             }
-            // Tracked from here; the full save starts a round: round 1's writes are in it, not in the next.
-            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(1, true))).Error);
-            var full = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(2, file)));
-            Assert.Null(full.Error);
+            async Task<MemorySaved> Save(long id, string file, string log, bool writtenOnly)
+            {
+                var saved = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(id, file) { Log = log, WrittenOnly = writtenOnly }));
+                Assert.Null(saved.Error);
+                return saved;
+            }
+            // The migration's log from here, a whole save first (round 1's writes are in it); a host write;
+            // then the checkpoints' log, with a whole save of its own.
+            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(1, true, WriteLogs.Migration))).Error);
+            await Save(2, migration, WriteLogs.Migration, writtenOnly: false);
+            Assert.IsType<MemoryWritten>(await run.AskChild<object>("vmspace", new WriteMemory(3, HostOnly, [1, 2, 3])));
+            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(4, true, WriteLogs.Checkpoint))).Error);
+            await Save(5, checkpoint, WriteLogs.Checkpoint, writtenOnly: false);
 
-            Assert.IsType<MemoryWritten>(await run.AskChild<object>("vmspace", new WriteMemory(3, Mailbox + 8, BitConverter.GetBytes(1UL))));
+            Assert.IsType<MemoryWritten>(await run.AskChild<object>("vmspace", new WriteMemory(6, Mailbox + 8, BitConverter.GetBytes(1UL))));
             var outcome = await run.EndAsync(TimeSpan.FromSeconds(60));
             Assert.True(outcome.ExitCode == 1, outcome.ToString());
-            var saved = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(4, file) { WrittenOnly = true }));
-            Assert.Null(saved.Error);
-            var written = saved.Written!;
-            Assert.Equal(written.Order(), written);
-            Assert.Contains(Mailbox / Page, written); // the host's write (RAM starts at 0: RAM page = GPA / 4 KiB)
-            int[] region = [.. written.Where(p => p >= Region / Page && p < Region / Page + RegionPages).Select(p => (int)(p - Region / Page))];
-            AssertDirty(DirtyTracking.DirtyLog, WrittenSecond, ReadSecond, region);
 
-            // The file now holds guest memory as it is, the pages of both rounds among them.
-            using var handle = File.OpenHandle(file);
+            void AssertWritten(ulong[] written, bool hostOnly)
+            {
+                Assert.Equal(written.Order(), written);
+                Assert.Contains(Mailbox / Page, written); // the host's write (RAM starts at 0: RAM page = GPA / 4 KiB)
+                Assert.Equal(hostOnly, written.Contains(HostOnly / Page));
+                int[] region = [.. written.Where(p => p >= Region / Page && p < Region / Page + RegionPages).Select(p => (int)(p - Region / Page))];
+                AssertDirty(DirtyTracking.DirtyLog, WrittenSecond, ReadSecond, region);
+            }
+            AssertWritten((await Save(7, migration, WriteLogs.Migration, writtenOnly: true)).Written!, hostOnly: true);
+            AssertWritten((await Save(8, checkpoint, WriteLogs.Checkpoint, writtenOnly: true)).Written!, hostOnly: false);
+
+            // Each file now holds guest memory as it is, the pages of both rounds among them.
             var inFile = new byte[Page];
             var inGuest = new byte[Page];
-            foreach (var page in WrittenFirst.Concat(WrittenSecond).Select(p => Region + (ulong)p * Page).Append(Mailbox))
+            foreach (var file in new[] { migration, checkpoint })
             {
-                RandomAccess.Read(handle, inFile, (long)page);
-                Assert.True(run.Vm.Memory.TryRead(new GuestPhysAddr(page), inGuest));
-                Assert.True(inGuest.AsSpan().SequenceEqual(inFile), $"page 0x{page:X} of the file is not the guest's");
+                using var handle = File.OpenHandle(file);
+                foreach (var page in WrittenFirst.Concat(WrittenSecond).Select(p => Region + (ulong)p * Page).Append(Mailbox).Append(HostOnly))
+                {
+                    RandomAccess.Read(handle, inFile, (long)page);
+                    Assert.True(run.Vm.Memory.TryRead(new GuestPhysAddr(page), inGuest));
+                    Assert.True(inGuest.AsSpan().SequenceEqual(inFile), $"page 0x{page:X} of {Path.GetFileName(file)} is not the guest's");
+                }
             }
-            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(5, false))).Error);
-            var stale = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(6, file) { WrittenOnly = true }));
+            // Nothing written since: a log taken again is empty; a log turned off has nothing to give.
+            Assert.Empty((await Save(9, checkpoint, WriteLogs.Checkpoint, writtenOnly: true)).Written!);
+            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(10, false, WriteLogs.Migration))).Error);
+            var stale = Assert.IsType<MemorySaved>(await run.AskChild<object>("vmspace", new SaveMemory(11, migration) { Log = WriteLogs.Migration, WrittenOnly = true }));
             Assert.Contains("not tracked", stale.Error);
+            Assert.Null(Assert.IsType<WritesTracked>(await run.AskChild<object>("vmspace", new TrackWrites(12, false, WriteLogs.Checkpoint))).Error);
         }
         finally
         {
-            File.Delete(file);
+            File.Delete(migration);
+            File.Delete(checkpoint);
         }
     }
 

@@ -319,7 +319,9 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     private int _round;
     private long _pagesSent;
     private long _roundBytesAtStart;
-    private TimeSpan _roundStarted, _lastCopy;
+    private long _firstChunkAt;     // Stopwatch timestamp of the round's first chunk pulled, 0 before it
+    private int _lastRoundPages;
+    private TimeSpan _lastCopy;
     private long _bytesPerSecond, _dirtyPerSecond;
     private TimeSpan? _expectedDowntime;
     private IReadOnlyList<ulong> _unsent = [];
@@ -429,16 +431,21 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             _lastCopy = _total.Elapsed;
             _dirtyPerSecond = (long)(pages.Length / Math.Max(since.TotalSeconds, 1e-3));
             _expectedDowntime = TimeSpan.FromSeconds(pages.Length * PageBytes / (double)Math.Max(_bytesPerSecond, 1));
-            if (_expectedDowntime <= _maxDowntime || _round > MigrationProtocol.MaxRounds)
+            // Rounds go on while they help: until the pages left fit the downtime limit, unless the pages
+            // written per round stop shrinking (from the third round on) or there were too many rounds.
+            var stalled = _round >= 3 && pages.Length * 10L >= _lastRoundPages * 9L;
+            if (_expectedDowntime <= _maxDowntime || stalled || _round > MigrationProtocol.MaxRounds)
             {
-                if (_round > MigrationProtocol.MaxRounds)
-                    _mode = $"pre-copy (the guest wrote too fast for {_maxDowntime.TotalMilliseconds:0} ms of downtime in {MigrationProtocol.MaxRounds} rounds)";
+                if (_expectedDowntime > _maxDowntime)
+                    _mode = $"pre-copy (the guest wrote too fast for {_maxDowntime.TotalMilliseconds:0} ms of downtime: " +
+                            (stalled ? "the pages written per round stopped shrinking)" : $"{MigrationProtocol.MaxRounds} rounds)");
                 _round--; // the pages of this copy go with the stop
                 _unsent = pages;
                 StopAndSnapshot();
                 Become(Snapshotting);
                 return;
             }
+            _lastRoundPages = pages.Length;
             SendRound(pages);
         });
         Common();
@@ -467,7 +474,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             : MigrationProtocol.PageChunks(path, 0, pages);
         _toSend += pages is null ? new FileInfo(path).Length : pages.Count * PageBytes;
         _roundBytesAtStart = Interlocked.Read(ref _bytes);
-        _roundStarted = _total.Elapsed;
+        Interlocked.Exchange(ref _firstChunkAt, 0);
         Stream(chunks);
         Step(pages is null ? "round 1: sending guest memory" : $"round {_round}: sending {pages.Count} pages");
         Become(SendingRound);
@@ -481,8 +488,12 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         {
             if (r.Round != _round) return;
             _transferring = false;
-            var took = _total.Elapsed - _roundStarted;
-            _bytesPerSecond = (long)((Interlocked.Read(ref _bytes) - _roundBytesAtStart) / Math.Max(took.TotalSeconds, 1e-3));
+            // The link's rate: the best round's, each timed from its first chunk (a StreamRef's setup is
+            // not the transfer, and would make small rounds look slow).
+            var from = Interlocked.Read(ref _firstChunkAt);
+            var took = from == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(from);
+            var bytes = Interlocked.Read(ref _bytes) - _roundBytesAtStart;
+            if (bytes > 0) _bytesPerSecond = Math.Max(_bytesPerSecond, (long)(bytes / Math.Max(took.TotalSeconds, 1e-3)));
             _round++;
             _job.Vm.Tell(new VmProtocol.CopyMemory(_memoryFile, WrittenOnly: true));
             Step($"round {_round}: copying the pages written");
@@ -502,6 +513,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             .Select(c =>
             {
                 Interlocked.Add(ref _bytes, c.Bytes.Length);
+                Interlocked.CompareExchange(ref _firstChunkAt, Stopwatch.GetTimestamp(), 0);
                 if (round || c.File == memoryIndex) Interlocked.Add(ref _pagesSent, c.Bytes.Length / PageBytes);
                 return c;
             })
@@ -519,8 +531,16 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         _down.Start();
         _snapshotPending = true;
         _job.Vm.Tell(VmProtocol.Pause.Instance);
-        _job.Vm.Tell(new VmProtocol.TakeSnapshot(_directory, PrecopiedMemory: _precopy ? _memoryFile : null));
+        _job.Vm.Tell(SnapshotRequest());
         Step("the snapshot");
+    }
+
+    private VmProtocol.TakeSnapshot SnapshotRequest() =>
+        new(_directory, PrecopiedMemory: _precopy ? _memoryFile : null, WriteLog: _precopy ? Memory.VmspaceProtocol.WriteLogs.Migration : null);
+
+    private sealed record SnapshotAgain
+    {
+        public static readonly SnapshotAgain Instance = new();
     }
 
     private void Snapshotting()
@@ -540,8 +560,25 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         });
         Receive<VmProtocol.SnapshotFailed>(f =>
         {
+            if (f.Busy && _failedWhileSnapshotting is null)
+            {
+                // Another snapshot of the VM (a checkpoint) is being taken: ask again shortly (within the step's limit).
+                Timers.StartSingleTimer("again", SnapshotAgain.Instance, TimeSpan.FromMilliseconds(100));
+                return;
+            }
             _snapshotPending = false;
             GiveUp(_failedWhileSnapshotting ?? $"the snapshot failed: {f.Reason}");
+        });
+        Receive<SnapshotAgain>(_ =>
+        {
+            if (_failedWhileSnapshotting is not null)
+            {
+                _snapshotPending = false;
+                GiveUp(_failedWhileSnapshotting);
+                return;
+            }
+            _job.Vm.Tell(VmProtocol.Pause.Instance);
+            _job.Vm.Tell(SnapshotRequest());
         });
         Receive<ConsoleProtocol.State>(state =>
         {

@@ -36,6 +36,10 @@ public sealed class NodeActor : ReceiveActor
         public string? Directory { get; set; }
         /// <summary>It has devices on other nodes.</summary>
         public bool RemoteDevices { get; set; }
+        /// <summary>Its checkpoints' writer while it runs here.</summary>
+        public IActorRef? Checkpointer { get; set; }
+        /// <summary>How it came here, if not by `ctl run` (<see cref="ControlProtocol.VmEntry.Origin"/>).</summary>
+        public string Origin { get; set; } = "";
         public int Vcpus { get; } = vcpus;
         public long MemoryBytes { get; } = memory;
         public IActorRef Console { get; } = console;
@@ -47,11 +51,11 @@ public sealed class NodeActor : ReceiveActor
 
     /// <summary>A VM built on a pool thread, with what it owns.</summary>
     private sealed record Built(string Name, RunningVm Vm, SerialConsole Console, TraceRecorder? Trace, string? Perfetto, double TimeoutSeconds,
-        bool VirtioConsole = false);
+        bool VirtioConsole = false, CheckpointSpec? Checkpoint = null);
 
     /// <summary>Why a VM is built: `ctl run`, a migration's start here, or a start again after a migration
     /// away failed after its commit.</summary>
-    private enum BuildKind { Run, MigratedIn, RestartedHere }
+    private enum BuildKind { Run, MigratedIn, RestartedHere, FailedOver }
 
     private sealed record BuildDone(string Name, Built? Result, string? Error, IActorRef ReplyTo, BuildKind Kind = BuildKind.Run);
 
@@ -68,6 +72,9 @@ public sealed class NodeActor : ReceiveActor
     private readonly Dictionary<string, Slot> _vms = new(StringComparer.Ordinal);
     private readonly List<IActorRef> _stopWaiters = [];
     private readonly Akka.Cluster.Cluster _cluster = Akka.Cluster.Cluster.Get(Context.System);
+
+    /// <summary>The checkpointed VMs of the cluster, as their nodes last told (<see cref="CheckpointProtocol"/>).</summary>
+    private readonly Dictionary<string, CheckpointProtocol.Checkpointed> _checkpointed = new(StringComparer.Ordinal);
 
     public static Props Props(Akka.Configuration.Config defaults, IActorRef placement) =>
         Akka.Actor.Props.Create(() => new NodeActor(defaults, placement));
@@ -91,6 +98,16 @@ public sealed class NodeActor : ReceiveActor
         {
             if (_vms.TryGetValue(m.Name, out var slot) && slot.Resources is not null) slot.Actor.Tell(new VmProtocol.RecordMigration(m.ToString()));
         });
+        Receive<CheckpointProtocol.Checkpointed>(c =>
+        {
+            if (c.Name is null || c.Node is null || c.Settings is null || c.Directory is null) return;
+            if (!_checkpointed.TryGetValue(c.Name, out var known) || known.Generation <= c.Generation) _checkpointed[c.Name] = c;
+        });
+        Receive<CheckpointProtocol.Forget>(f =>
+        {
+            if (f.Name is not null && _checkpointed.TryGetValue(f.Name, out var c) && c.Node == f.Node) _checkpointed.Remove(f.Name);
+        });
+        Receive<ClusterEvent.MemberRemoved>(r => FailOver(r.Member));
         Receive<BuildDone>(OnBuilt);
         Receive<Ended>(OnEnded);
         Receive<NodeProtocol.GetLoad>(_ =>
@@ -121,7 +138,9 @@ public sealed class NodeActor : ReceiveActor
         });
         Receive<MigrationOver>(o =>
         {
-            if (_vms.TryGetValue(o.Name, out var slot) && o.Migration.Equals(slot.Migration)) slot.Migration = null;
+            if (!_vms.TryGetValue(o.Name, out var slot) || !o.Migration.Equals(slot.Migration)) return;
+            slot.Migration = null;
+            slot.Checkpointer?.Tell(new Checkpointer.Hold(false));
         });
         Receive<StopAll>(_ =>
         {
@@ -134,7 +153,7 @@ public sealed class NodeActor : ReceiveActor
 
     private ControlProtocol.VmEntry[] Entries() =>
         _vms.Values.OrderBy(v => v.Name, StringComparer.Ordinal)
-            .Select(v => new ControlProtocol.VmEntry(v.Name, v.Actor, v.Trace, v.Console, _node, v.Ended)).ToArray();
+            .Select(v => new ControlProtocol.VmEntry(v.Name, v.Actor, v.Trace, v.Console, _node, v.Ended) { Origin = v.Origin }).ToArray();
 
     /// <summary>Every reachable Up member's VMs, gathered; a member that does not answer in time is left out
     /// (30 s: the first message between two nodes builds their serializers, seconds on a slow machine).</summary>
@@ -230,7 +249,7 @@ public sealed class NodeActor : ReceiveActor
             if (restore is not null) builder.WithRestore(restore);
             if (trace is not null) builder.WithTrace(trace);
             var running = builder.Start();
-            return new Built(vm.Name, running, console, trace, vm.PerfettoPath, vm.TimeoutSeconds, spec.VirtioConsole);
+            return new Built(vm.Name, running, console, trace, vm.PerfettoPath, vm.TimeoutSeconds, spec.VirtioConsole, vm.Checkpoint);
         }
         catch
         {
@@ -254,6 +273,7 @@ public sealed class NodeActor : ReceiveActor
                 done.ReplyTo.Tell(new MigrationSource.RestartedHere(done.Name, why));
                 return;
             }
+            if (done.Kind == BuildKind.FailedOver) Log.Error("VM {Name} could not be started again here: {Why}", done.Name, why);
             Context.Stop(slot.Console);
             _vms.Remove(done.Name);
             if (slot.Directory is { } dir) MigrationProtocol.DeleteQuietly(dir);
@@ -266,6 +286,9 @@ public sealed class NodeActor : ReceiveActor
         slot.Actor = built.Vm.Actor;
         if (built.Trace is not null) slot.Trace = Context.ActorOf(TraceProtocol.Props(done.Name, built.Trace), $"trace-{done.Name}-{Guid.NewGuid():N}");
         slot.Console.Tell(new ConsoleProtocol.Connect(built.Vm.Actor, built.VirtioConsole));
+        if (built.Checkpoint is { } checkpoint)
+            slot.Checkpointer = Context.ActorOf(Checkpointer.Props(new Checkpointer.Job(done.Name, built.Vm.Actor, checkpoint, slot.Settings, _node)),
+                $"checkpoints-{done.Name}-{Guid.NewGuid():N}");
         var self = Self;
         var name = done.Name;
         var ending = built.TimeoutSeconds > 0 ? built.Vm.WaitAsync(TimeSpan.FromSeconds(built.TimeoutSeconds)) : built.Vm.Ended;
@@ -280,6 +303,7 @@ public sealed class NodeActor : ReceiveActor
         {
             BuildKind.MigratedIn => " (migrated in)",
             BuildKind.RestartedHere => " (again, after a failed migration)",
+            BuildKind.FailedOver => $" ({slot.Origin})",
             _ => "",
         });
     }
@@ -291,6 +315,13 @@ public sealed class NodeActor : ReceiveActor
         var migration = slot.Migration;
         var detail = moving is not null ? $"moving to {moving}" : $"{HostRunner.Describe(e.Outcome)} (exit code {e.Outcome.ExitCode})";
         slot.Ended = detail;
+        if (slot.Checkpointer is { } checkpointer)
+        {
+            Context.Stop(checkpointer);
+            slot.Checkpointer = null;
+            // Ended for good: no node starts it again. Moved: its new node tells where it runs.
+            if (moving is null) TellEveryNode(new CheckpointProtocol.Forget(e.Name, _node));
+        }
         var directory = slot.Directory;
         slot.Directory = null;
         slot.Resources = null;
@@ -363,6 +394,7 @@ public sealed class NodeActor : ReceiveActor
         slot.Migration = Context.ActorOf(MigrationSource.Props(new MigrationSource.Job(m.Name, slot.Actor, slot.Console, built.Console.Flush,
             slot.Settings, members[m.ToNode], m.ToNode, _node, Sender, m.ReportProgress, m.MaxDowntime, m.StopAndCopy)), $"migration-{m.Name}-{Guid.NewGuid():N}");
         Context.WatchWith(slot.Migration, new MigrationOver(m.Name, slot.Migration));
+        slot.Checkpointer?.Tell(new Checkpointer.Hold(true));
         Log.Information("migrating VM {Name} to {Node}", m.Name, m.ToNode);
     }
 
@@ -455,6 +487,67 @@ public sealed class NodeActor : ReceiveActor
         var again = new Slot(r.Name, restore.Spec.Cpus, (long)restore.Spec.MemoryBytes, slot.Console, slot.Settings) { Directory = r.Directory };
         _vms[r.Name] = again;
         BuildAsync(r.Name, hocon, vm, slot.Console, restore, replyTo, BuildKind.RestartedHere);
+    }
+
+    protected override void PreStart() =>
+        _cluster.Subscribe(Self, ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents, typeof(ClusterEvent.MemberRemoved));
+
+    protected override void PostStop() => _cluster.Unsubscribe(Self);
+
+    private void TellEveryNode(object message)
+    {
+        foreach (var m in _cluster.State.Members.Where(m => m.Status == MemberStatus.Up))
+            Context.ActorSelection(new RootActorPath(m.Address) / "user" / ControlProtocol.DirectoryName).Tell(message);
+    }
+
+    /// <summary>
+    /// The cluster removed <paramref name="removed"/> (it died and was downed, or left): the VMs it ran
+    /// with checkpoints start again from their last complete checkpoint on the oldest node that is up,
+    /// which is this one if no other up node is older (every node decides the same from the same state).
+    /// </summary>
+    private void FailOver(Member removed)
+    {
+        var node = NodeProtocol.NodeName(removed.Address);
+        var lost = _checkpointed.Values.Where(c => c.Node == node).ToList();
+        foreach (var c in lost) _checkpointed.Remove(c.Name);
+        if (lost.Count == 0) return;
+        var oldest = _cluster.State.Members.Where(m => m.Status == MemberStatus.Up && !m.Address.Equals(removed.Address))
+            .OrderBy(m => m, Member.AgeOrdering).FirstOrDefault();
+        if (oldest is null || !oldest.Address.Equals(_cluster.SelfAddress)) return;
+        foreach (var c in lost)
+        {
+            if (_vms.TryGetValue(c.Name, out var existing) && existing.Ended.Length == 0)
+            {
+                Log.Warning("VM {Name} of the removed node {Node} is not started again: a VM of that name runs here", c.Name, node);
+                continue;
+            }
+            var why = "";
+            try
+            {
+                var latest = CheckpointProtocol.Complete(c.Directory).FirstOrDefault();
+                if (latest.Path is null) why = $"no complete checkpoint in {c.Directory}";
+                else if (!TryConfig(c.Name, c.Settings, out var hocon, out var vm, out var error)) why = error;
+                else
+                {
+                    // All of memory read before it starts: the checkpoints go on and remove the older ones.
+                    var restore = Snapshot.VmRestore.Open(latest.Path, eager: true);
+                    if (existing is not null) Context.Stop(existing.Console);
+                    var hub = Context.ActorOf(ConsoleProtocol.Props(c.Name), $"console-{c.Name}-{Guid.NewGuid():N}");
+                    _vms[c.Name] = new Slot(c.Name, restore.Spec.Cpus, (long)restore.Spec.MemoryBytes, hub, c.Settings)
+                    {
+                        Origin = $"started again from {Path.GetFileName(latest.Path)} after {node} was removed",
+                    };
+                    Log.Warning("VM {Name} ran on the removed node {Node}: starting it here from {Checkpoint}", c.Name, node, latest.Path);
+                    BuildAsync(c.Name, hocon, vm, hub, restore, ActorRefs.Nobody, BuildKind.FailedOver);
+                    continue;
+                }
+            }
+            catch (Exception e) when (e is Snapshot.SnapshotException or IOException or UnauthorizedAccessException)
+            {
+                why = e.Message;
+            }
+            Log.Error("VM {Name} ran on the removed node {Node} and cannot be started again here: {Why}", c.Name, node, why);
+        }
     }
 
     /// <summary>The configuration of VM <paramref name="name"/> from <paramref name="settings"/> over this node's defaults.</summary>

@@ -34,6 +34,10 @@ public sealed record VmConfig(
     /// <summary>actorvmm.vm.devices.NAME.node: devices that run on another host node (HOST:PORT), by name.</summary>
     public IReadOnlyDictionary<string, string> DeviceNodes { get; init; } = new SettingsMap();
 
+    /// <summary>actorvmm.vm.checkpoint: checkpoints every <see cref="CheckpointSpec.Interval"/> into a
+    /// shared directory, for failover (host nodes only); null: none.</summary>
+    public CheckpointSpec? Checkpoint { get; init; }
+
     /// <summary>hocon/default.conf, embedded in the executable.</summary>
     public static string DefaultHocon()
     {
@@ -184,6 +188,7 @@ public sealed record VmConfig(
                 vm.GetBoolean("paging.superpages", true), shm, testDevices)
             {
                 Cpu = cpu, Rng = rng, Disk = disk, VirtioConsole = virtioConsole, Net = net, DeviceNodes = DeviceNodesOf(vm),
+                Checkpoint = CheckpointOf(vm),
             };
         }
         catch (ConfigException) { throw; }
@@ -198,6 +203,16 @@ public sealed record VmConfig(
 
     /// <summary>actorvmm.vm.devices: <c>NAME { node = "HOST:PORT" }</c> for each device that runs on another
     /// host node (an empty node: beside the VM).</summary>
+    private static CheckpointSpec? CheckpointOf(Akka.Configuration.Config vm)
+    {
+        var interval = ParseInterval(vm.GetString("checkpoint.interval", "0"), "actorvmm.vm.checkpoint.interval");
+        var directory = vm.GetString("checkpoint.directory", "") ?? "";
+        if (interval == TimeSpan.Zero) return null;
+        if (directory.Length == 0 || !Path.IsPathFullyQualified(directory))
+            throw new ConfigException($"actorvmm.vm.checkpoint.directory must be an absolute path (storage every node sees) when checkpoint.interval is set, not \"{directory}\"");
+        return new CheckpointSpec(interval, directory);
+    }
+
     private static SettingsMap DeviceNodesOf(Akka.Configuration.Config vm)
     {
         var nodes = new SettingsMap();
@@ -302,3 +317,6 @@ public sealed record VmConfig(
 
     private static string FirstLine(string s) => s.Split('\n')[0].Trim();
 }
+
+/// <summary>A VM's checkpoints: every <paramref name="Interval"/>, into <paramref name="Directory"/>/NAME.</summary>
+public sealed record CheckpointSpec(TimeSpan Interval, string Directory);

@@ -30,7 +30,12 @@ public static class ControlProtocol
     /// <param name="Console">its console hub (ConsoleProtocol), or Nobody</param>
     /// <param name="Node">the host it runs on: its control address HOST:PORT</param>
     /// <param name="Ended">how it ended (a host node keeps ended VMs listed), or "" while it exists</param>
-    public sealed record VmEntry(string Name, IActorRef Actor, IActorRef Trace, IActorRef Console, string Node, string Ended);
+    public sealed record VmEntry(string Name, IActorRef Actor, IActorRef Trace, IActorRef Console, string Node, string Ended)
+    {
+        /// <summary>How it came to run where it does, if not by `ctl run` there: e.g. started again from
+        /// a checkpoint after its node died.</summary>
+        public string Origin { get; init; } = "";
+    }
 
     public sealed record VmList(string Host, int Pid, IReadOnlyList<VmEntry> Vms) : IControlMessage;
 

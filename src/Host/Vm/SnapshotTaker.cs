@@ -68,19 +68,22 @@ internal sealed class SnapshotTaker : ReceiveActor, IWithTimers
     public ITimerScheduler Timers { get; set; } = null!;
 
     private readonly string? _precopied;
+    private readonly string? _writeLog;
 
-    public SnapshotTaker(Sources sources, string directory, string? precopied = null)
+    public SnapshotTaker(Sources sources, string directory, string? precopied = null, string? writeLog = null)
     {
         _sources = sources;
         _directory = directory;
         _precopied = precopied;
+        _writeLog = writeLog;
         Become(Pausing);
     }
 
-    /// <param name="precopied">a memory file kept current by pre-copy rounds: only the pages written
-    /// since the last one are written, into it, and it becomes the memory part</param>
-    public static Props Props(Sources sources, string directory, string? precopied = null) =>
-        Akka.Actor.Props.Create(() => new SnapshotTaker(sources, directory, precopied));
+    /// <param name="precopied">a memory file kept current while write log <paramref name="writeLog"/> was on:
+    /// only the pages written since that log's last save are written, into it, and it becomes the memory part</param>
+    /// <param name="writeLog">the write log that save reads; a whole save starts it over</param>
+    public static Props Props(Sources sources, string directory, string? precopied = null, string? writeLog = null) =>
+        Akka.Actor.Props.Create(() => new SnapshotTaker(sources, directory, precopied, writeLog));
 
     protected override void PreStart()
     {
@@ -203,7 +206,7 @@ internal sealed class SnapshotTaker : ReceiveActor, IWithTimers
         Step("writing guest memory");
         _memoryId = ++_lastId;
         _sources.Vmspace.Tell(new VmspaceProtocol.SaveMemory(_memoryId, _writer!.PathFor(SnapshotParts.Memory),
-            _writer.PathFor(SnapshotParts.MemoryAccessDirty)) { WrittenOnly = _precopied is not null, From = _precopied });
+            _writer.PathFor(SnapshotParts.MemoryAccessDirty)) { WrittenOnly = _precopied is not null, From = _precopied, Log = _writeLog });
     }
 
     private void SavingMemory()

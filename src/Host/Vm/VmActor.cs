@@ -66,12 +66,12 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<TrackMemoryWrites>(t =>
         {
             if (MemoryBusy() is { } why) Sender.Tell(new VmspaceProtocol.WritesTracked(0, why));
-            else _vmspace.Forward(new VmspaceProtocol.TrackWrites(0, t.On));
+            else _vmspace.Forward(new VmspaceProtocol.TrackWrites(0, t.On, t.Log));
         });
         Receive<CopyMemory>(c =>
         {
             if (MemoryBusy() is { } why) Sender.Tell(new VmspaceProtocol.MemorySaved(0, 0, 0, why));
-            else _vmspace.Forward(new VmspaceProtocol.SaveMemory(0, c.Path) { WrittenOnly = c.WrittenOnly });
+            else _vmspace.Forward(new VmspaceProtocol.SaveMemory(0, c.Path) { WrittenOnly = c.WrittenOnly, Log = c.Log });
         });
         Receive<SnapshotTaker.Done>(OnSnapshotDone);
         Receive<SnapshotTaker.Failed>(f => EndSnapshot(new SnapshotFailed(_resources.Name, f.Directory, f.Reason), stop: false));
@@ -497,24 +497,23 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         if (string.IsNullOrWhiteSpace(request.Directory)) refused = "no directory given";
         if (refused is not null)
         {
-            Sender.Tell(new SnapshotFailed(_resources.Name, request.Directory, refused));
+            Sender.Tell(new SnapshotFailed(_resources.Name, request.Directory, refused) { Busy = _snapshot is not null && _phase is Phase.Paused });
             return;
         }
         var sources = new SnapshotTaker.Sources(_resources.Spec!, _vcpus, _resources.KernelApic is null ? _vlapics : [],
             _devices.Where(d => !_gone.Contains(d)).ToList(), _vmspace, _clock, _resources.Kvm);
         var directory = Path.GetFullPath(request.Directory);
-        var taker = Context.ActorOf(SnapshotTaker.Props(sources, directory, request.PrecopiedMemory), $"snapshot-{++_snapshots}");
+        var taker = Context.ActorOf(SnapshotTaker.Props(sources, directory, request.PrecopiedMemory, request.WriteLog), $"snapshot-{++_snapshots}");
         _snapshot = new SnapshotInProgress(taker, Sender, directory, request.StopAfter, _phase == Phase.Paused);
         _phase = Phase.Paused;
     }
 
     private int _snapshots;
 
-    /// <summary>Why guest memory cannot be copied or tracked now, or null.</summary>
+    /// <summary>Why guest memory cannot be copied or tracked now, or null. A snapshot being taken is no
+    /// reason: the vmspace does one thing at a time, and each copier has its own write log.</summary>
     private string? MemoryBusy() =>
-        _phase is not (Phase.Running or Phase.Paused) ? $"the VM is {_phase.ToString().ToLowerInvariant()}"
-        : _snapshot is not null ? "a snapshot of it is being taken"
-        : null;
+        _phase is not (Phase.Running or Phase.Paused) ? $"the VM is {_phase.ToString().ToLowerInvariant()}" : null;
 
     private void OnSnapshotDone(SnapshotTaker.Done done)
     {

@@ -24,10 +24,13 @@ public static class VmProtocol
     /// <see cref="SnapshotTaken"/> or <see cref="SnapshotFailed"/> (the VM then goes on as before and
     /// nothing is left in the directory).
     /// </summary>
-    /// <param name="PrecopiedMemory">a memory file that <see cref="CopyMemory"/> rounds kept current while
-    /// writes were tracked: the snapshot writes into it only the pages written since the last round
-    /// and takes it as its memory part (<see cref="SnapshotTaken.WrittenPages"/> lists them)</param>
-    public sealed record TakeSnapshot(string Directory, bool StopAfter = false, string? PrecopiedMemory = null) : IVmMessage;
+    /// <param name="PrecopiedMemory">a memory file kept current while write log <paramref name="WriteLog"/> was on
+    /// (<see cref="CopyMemory"/> rounds, an earlier checkpoint's): the snapshot writes into it only the
+    /// pages written since that log's last save and takes it as its memory part
+    /// (<see cref="SnapshotTaken.WrittenPages"/> lists them)</param>
+    /// <param name="WriteLog">the write log (<see cref="TrackMemoryWrites"/>) whose pages a
+    /// <paramref name="PrecopiedMemory"/> snapshot writes; a whole snapshot starts that log over</param>
+    public sealed record TakeSnapshot(string Directory, bool StopAfter = false, string? PrecopiedMemory = null, string? WriteLog = null) : IVmMessage;
 
     /// <param name="Paused">how long the guest was paused</param>
     /// <param name="Total">from the request to the manifest written</param>
@@ -40,19 +43,23 @@ public static class VmProtocol
     }
 
     /// <summary>
-    /// Starts or stops tracking every write to guest RAM (<see cref="Memory.VmspaceProtocol.TrackWrites"/>),
-    /// for a migration's pre-copy. Answered <see cref="Memory.VmspaceProtocol.WritesTracked"/> (by the vmspace).
+    /// Starts or stops write log <paramref name="Log"/>, which tracks every write to guest RAM
+    /// (<see cref="Memory.VmspaceProtocol.TrackWrites"/>), for a migration's pre-copy or checkpoints. Answered <see cref="Memory.VmspaceProtocol.WritesTracked"/> (by the vmspace).
     /// </summary>
-    public sealed record TrackMemoryWrites(bool On) : IVmMessage;
+    public sealed record TrackMemoryWrites(bool On, string Log = Memory.VmspaceProtocol.WriteLogs.Migration) : IVmMessage;
 
     /// <summary>
     /// Writes guest memory into memory file <paramref name="Path"/> while the VM runs: all of it, or with
-    /// <paramref name="WrittenOnly"/> the pages written since the previous copy (writes tracked, see
-    /// <see cref="TrackMemoryWrites"/>). Answered <see cref="Memory.VmspaceProtocol.MemorySaved"/> (by the vmspace).
+    /// <paramref name="WrittenOnly"/> the pages written since write log <paramref name="Log"/>'s previous copy
+    /// (see <see cref="TrackMemoryWrites"/>); a whole copy starts that log over. Answered <see cref="Memory.VmspaceProtocol.MemorySaved"/> (by the vmspace).
     /// </summary>
-    public sealed record CopyMemory(string Path, bool WrittenOnly) : IVmMessage;
+    public sealed record CopyMemory(string Path, bool WrittenOnly, string Log = Memory.VmspaceProtocol.WriteLogs.Migration) : IVmMessage;
 
-    public sealed record SnapshotFailed(string Vm, string Directory, string Reason) : IVmMessage;
+    public sealed record SnapshotFailed(string Vm, string Directory, string Reason) : IVmMessage
+    {
+        /// <summary>Refused only because another snapshot of the VM was being taken: it may be asked again.</summary>
+        public bool Busy { get; init; }
+    }
 
     /// <summary>
     /// From a device actor (the sender): its range at offset window <paramref name="Window"/>,
