@@ -46,7 +46,12 @@ internal static partial class MigrationBench
         {
             ActorSystem Node(Address? seed)
             {
-                var config = ConfigValues.From([new("actorvmm.control.directory", dir)]).WithFallback(VmConfig.Load(null));
+                // Not a measure of failure detection: a pause no slow or emulated machine takes a live node for dead with.
+                var config = ConfigValues.From([
+                    new("actorvmm.control.directory", dir),
+                    new("actorvmm.cluster.failure-detector.acceptable-heartbeat-pause", "60s"),
+                    new("actorvmm.cluster.split-brain-resolver.stable-after", "60s"),
+                ]).WithFallback(VmConfig.Load(null));
                 var system = HostRunner.CreateSystem(config, ControlClient.HostSystemName, cluster: true);
                 systems.Add(system);
                 HostNode.Start(system, config, seed is null ? [] : [seed]);

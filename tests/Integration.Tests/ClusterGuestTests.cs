@@ -564,18 +564,22 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         KvmRequirement.Check();
         var (client, node1, node2, _) = await TwoNodes(DetectingNodes);
         await using var _ = client;
-        var port3 = await StartNode(int.Parse(node1.Split(':')[1]), DetectingNodes);
-        var node3 = $"127.0.0.1:{port3}";
+        // A third node, which sees the failover too. Not in CI's KVM box: there three host processes on
+        // its two emulated cpus starve each other (seen: heartbeats sent 34 s late, live nodes marked
+        // unreachable, a third node's first answers over a minute late), and the two nodes left show the same.
+        var nodes = KvmBox.Inside ? 2 : 3;
+        if (nodes == 3) await StartNode(int.Parse(node1.Split(':')[1]), DetectingNodes);
         var joined = DateTime.UtcNow + TimeSpan.FromMinutes(5);
-        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < 3)
+        while ((await client.NodesAsync(node1)).Nodes.Count(n => n is { Status: "Up", Reachable: true }) < nodes)
         {
-            Assert.True(DateTime.UtcNow < joined, $"node 1 does not see three nodes Up; the nodes printed:\n{NodeLog()}");
+            Assert.True(DateTime.UtcNow < joined, $"node 1 does not see {nodes} nodes Up; the nodes printed:\n{NodeLog()}");
             await Task.Delay(1000);
         }
-        // The dirtying counter on the youngest node, checkpointed every 2 s into a directory all three see.
+        // The dirtying counter on node 2, checkpointed every 2 s into a directory all three see. When
+        // node 2 dies, node 1 is the oldest node left.
         var checkpoints = Path.Combine(_dir, "checkpoints");
-        // The placement asks every node for its load; a node's first answers can take longer than its
-        // limit while three nodes start on a slow machine: asked again until the deadline.
+        // The placement asks every node for its load, each within 30 s; on a slow machine a node's first
+        // answers can come later than that: asked again until the deadline.
         string placed;
         var placing = DateTime.UtcNow + TimeSpan.FromMinutes(5);
         while (true)
@@ -586,21 +590,22 @@ public sealed class ClusterGuestTests : IAsyncLifetime
                 [
                     new("actorvmm.vm.boot.flat", CountingPrinter(9999, waitMs: 10, dirty: true)),
                     new("actorvmm.vm.checkpoint.interval", "2s"), new("actorvmm.vm.checkpoint.directory", checkpoints),
-                ], node3);
+                ], node2);
                 break;
             }
-            catch (ControlException e) when (e.Message.Contains($"no node {node3} in the cluster") && DateTime.UtcNow < placing)
+            catch (ControlException e) when (e.Message.Contains($"no node {node2} in the cluster"))
             {
+                Assert.True(DateTime.UtcNow < placing, $"{e.Message}; the nodes printed:\n{NodeLog()}");
                 Step("test", e.Message);
                 await Task.Delay(1000);
             }
         }
-        Assert.Equal(node3, placed);
-        Step("test", "phoenix runs on node 3");
+        Assert.Equal(node2, placed);
+        Step("test", "phoenix runs on node 2");
 
-        // What it prints on node 3, as it prints it, until the kill.
+        // What it prints on node 2, as it prints it, until the kill.
         var seen = 0L;
-        var watching = client.ConsoleAsync(await client.FindEntryAsync("phoenix", [node3]), follow: true,
+        var watching = client.ConsoleAsync(await client.FindEntryAsync("phoenix", [node2]), follow: true,
             new CallbackStream(bytes => Interlocked.Add(ref seen, bytes.Length)), input: null, new CancellationTokenSource(TimeSpan.FromMinutes(10)).Token);
         // Two complete checkpoints (the second written from the first and the pages written since), then the kill.
         var vmCheckpoints = Path.Combine(checkpoints, "phoenix");
@@ -610,10 +615,10 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             Assert.True(DateTime.UtcNow < deadline, $"phoenix has not been checkpointed twice; the nodes printed:\n{NodeLog()}");
             await Task.Delay(200);
         }
-        _nodes[2].Kill(entireProcessTree: true);
+        _nodes[1].Kill(entireProcessTree: true);
         var killed = DateTime.UtcNow;
         var before = Interlocked.Read(ref seen);
-        Step("test", $"node 3 killed after phoenix printed {before} bytes");
+        Step("test", $"node 2 killed after phoenix printed {before} bytes");
 
         // The oldest node left starts it again from the last complete checkpoint.
         ControlProtocol.VmEntry again;
@@ -621,7 +626,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         while (true)
         {
             var list = await client.ListAsync(node1);
-            var found = list.Vms.FirstOrDefault(v => v.Name == "phoenix" && v.Node != node3 && v.Ended.Length == 0);
+            var found = list.Vms.FirstOrDefault(v => v.Name == "phoenix" && v.Node != node2 && v.Ended.Length == 0);
             if (found is not null)
             {
                 again = found;
@@ -632,7 +637,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
         }
         Step("test", $"phoenix runs again on {again.Node} {(DateTime.UtcNow - killed).TotalSeconds:0.0} s after the kill: {again.Origin}");
         Assert.Equal(node1, again.Node);
-        Assert.Matches(@"^started again from checkpoint-\d{6} after 127\.0\.0\.1:" + port3 + " was removed$", again.Origin);
+        Assert.Matches(@"^started again from checkpoint-\d{6} after " + System.Text.RegularExpressions.Regex.Escape(node2) + " was removed$", again.Origin);
 
         // Its count goes on from the checkpoint: the lines it prints now are the counter's from a point
         // before the kill, not from 0; its memory is what it wrote (the sum checks out at the end).
@@ -643,7 +648,7 @@ public sealed class ClusterGuestTests : IAsyncLifetime
             $"phoenix printed \"{text[..Math.Min(text.Length, 200)]}...\" and ended with \"{ended}\"; the nodes printed:\n{NodeLog()}");
         var lines = text[..^"sum ok\n".Length];
         var from = CountedLines(9999).IndexOf(lines, StringComparison.Ordinal);
-        // At most the line in flight to the console when node 3 died was written before the checkpoint and not seen.
+        // At most the line in flight to the console when node 2 died was written before the checkpoint and not seen.
         Assert.True(from > 0 && from <= before + 5,
             $"after its start again phoenix printed from byte {from} of the count (it had printed {before} before the kill): \"{lines[..Math.Min(lines.Length, 40)]}...\"");
     }
