@@ -67,14 +67,21 @@ public sealed class AcpiPmTests
         _clock.Now = At(77);
         _pm.Read(Timer, 4); // JIT first
 
-        var before = GC.GetAllocatedBytesForCurrentThread();
-        for (var i = 0; i < 10_000; i++)
+        // A read that allocates allocates in every batch of 10 000. The runtime may allocate on this
+        // thread once in a while as it recompiles the code (tiered JIT): a batch with none is the answer.
+        var allocated = new List<long>();
+        for (var batch = 0; batch < 5 && (allocated.Count == 0 || allocated[^1] != 0); batch++)
         {
-            _clock.Now += TimeSpan.FromTicks(3);
-            _pm.Read(Timer, 4);
+            var before = GC.GetAllocatedBytesForCurrentThread();
+            for (var i = 0; i < 10_000; i++)
+            {
+                _clock.Now += TimeSpan.FromTicks(3);
+                _pm.Read(Timer, 4);
+            }
+            allocated.Add(GC.GetAllocatedBytesForCurrentThread() - before);
         }
 
-        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+        Assert.True(allocated[^1] == 0, $"bytes allocated by batches of 10 000 reads: {string.Join(", ", allocated)}");
     }
 
     [Fact]
