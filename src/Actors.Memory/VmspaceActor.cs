@@ -408,6 +408,8 @@ internal sealed class VmspaceActor : ReceiveActor
     {
         if (!_holds.Remove(holdId, out var entry)) return false;
         _pager?.Holds.Release(entry.FirstPage, entry.Pages);
+        // The holder may have written through the host view until now: a write log must see it.
+        _memory.Written(new GuestPhysAddr(entry.Lease.Gpa), entry.Lease.Length);
         return true;
     }
 
@@ -490,7 +492,7 @@ internal sealed class VmspaceActor : ReceiveActor
             }
         }
         var tmp = s.Path + ".tmp";
-        var adTmp = s.AccessedDirtyPath + ".tmp";
+        var adTmp = s.AccessedDirtyPath is null ? null : s.AccessedDirtyPath + ".tmp";
         try
         {
             var (pages, bytes) = WriteMemoryFile(tmp);
@@ -499,8 +501,8 @@ internal sealed class VmspaceActor : ReceiveActor
             {
                 var pager = _pager!;
                 var scan = _dirty.ScanWaitsForVcpus ? pager.AccessedDirty.Scan(0, pager.Ram.Total) : _dirty.Scan(pager, 0, pager.Ram.Total);
-                MemoryImage.WriteAccessedDirty(adTmp, scan);
-                File.Move(adTmp, ad, overwrite: true);
+                MemoryImage.WriteAccessedDirty(adTmp!, scan);
+                File.Move(adTmp!, ad, overwrite: true);
                 adPath = ad;
             }
             File.Move(tmp, s.Path, overwrite: true);
@@ -510,7 +512,7 @@ internal sealed class VmspaceActor : ReceiveActor
         catch (Exception e)
         {
             foreach (var f in new[] { tmp, adTmp })
-                try { if (File.Exists(f)) File.Delete(f); } catch (IOException) { /* reported below */ }
+                try { if (f is not null && File.Exists(f)) File.Delete(f); } catch (IOException) { /* reported below */ }
             _log.Error("vmspace: saving guest memory to {0} failed: {1}", s.Path, e.Message);
             Sender.Tell(new MemorySaved(s.Id, 0, 0, $"saving guest memory to {s.Path} failed: {e.GetType().Name}: {e.Message}"));
         }

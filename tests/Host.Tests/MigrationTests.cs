@@ -190,8 +190,8 @@ public sealed class MigrationTests : IAsyncLifetime
         var side = new SourceSide(source, target);
         side.Start("stays");
         var directory = await side.Snapshot(d => VmRestoreTests.Write(VmRestoreTests.Good(), d, 1 << 20));
-        // The target's node leaves while the VM's snapshot is being taken: the VM ignores Resume until its
-        // snapshot is done, so the migration resumes it only after the snapshot's answer.
+        // The target's node leaves while the VM's snapshot is being taken: the migration resumes the VM
+        // only after the snapshot's answer (which the snapshot may still need the paused VM for).
         var targetAddress = Akka.Cluster.Cluster.Get(target).SelfAddress;
         await target.Terminate();
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);

@@ -115,6 +115,8 @@ internal sealed class Checkpointer : ReceiveActor, IWithTimers
         {
             Directory.CreateDirectory(_directory);
             _sequence = CheckpointProtocol.All(_directory).Select(c => c.Sequence).DefaultIfEmpty(0).Max();
+            // Memory copies of checkpoints whose node died while writing them.
+            foreach (var stale in Directory.GetFiles(_directory, CheckpointProtocol.Prefix + "*.memory")) File.Delete(stale);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -175,7 +177,9 @@ internal sealed class Checkpointer : ReceiveActor, IWithTimers
     {
         Log.Warning("checkpoint of {Name} not taken: {Why}", _job.Name, why);
         if (_writing is not null) MigrationProtocol.DeleteQuietly(_writing);
-        if (_memoryCopy is not null) File.Delete(_memoryCopy);
+        if (_memoryCopy is not null)
+            try { File.Delete(_memoryCopy); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { Log.Warning("cannot remove {File}: {Reason}", _memoryCopy, e.Message); }
         _writing = _memoryCopy = null;
         // Pages the failed snapshot took from the write log are not in the base: the next one is whole.
         _base = null;
@@ -187,6 +191,6 @@ internal sealed class Checkpointer : ReceiveActor, IWithTimers
         if (_writing is not null && !File.Exists(Path.Combine(_writing, SnapshotDirectory.ManifestFile))) MigrationProtocol.DeleteQuietly(_writing);
         if (_memoryCopy is not null)
             try { File.Delete(_memoryCopy); }
-            catch (IOException) { }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
     }
 }

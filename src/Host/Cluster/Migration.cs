@@ -302,6 +302,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
 
     private readonly Job _job;
     private readonly string _directory;
+    private readonly string _precopyDirectory;
     private readonly string _memoryFile;
     private readonly TimeSpan _maxDowntime;
     private readonly Stopwatch _total = Stopwatch.StartNew();
@@ -335,7 +336,9 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     {
         _job = job;
         _directory = MigrationProtocol.NewDirectory("outgoing", job.Name);
-        _memoryFile = _directory + ".memory";
+        // A directory of its own, removed whole at the end: a copy still being written then goes with it.
+        _precopyDirectory = MigrationProtocol.NewDirectory("precopy", job.Name);
+        _memoryFile = Path.Combine(_precopyDirectory, MigrationProtocol.MemoryFile);
         _maxDowntime = job.MaxDowntime ?? MigrationProtocol.DefaultMaxDowntime;
         if (job.StopAndCopy)
         {
@@ -400,6 +403,12 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
             }
             _precopy = _tracking = true;
             _round = 1;
+            try { Directory.CreateDirectory(_precopyDirectory); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                GiveUp($"cannot make {_precopyDirectory}: {e.Message}");
+                return;
+            }
             _job.Vm.Tell(new VmProtocol.CopyMemory(_memoryFile, WrittenOnly: false));
             _lastCopy = _total.Elapsed;
             Step("round 1: copying guest memory");
@@ -786,7 +795,8 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
         }
         if (_snapshotPending)
         {
-            // The VM ignores Resume while its snapshot is being taken: resume it once the snapshot is done.
+            // Resume it once the snapshot is done (the VM would resume it after the snapshot anyway; the
+            // snapshot's answer also tells whether there is anything to resume).
             _failedWhileSnapshotting ??= why;
             return;
         }
@@ -805,8 +815,7 @@ internal sealed class MigrationSource : ReceiveActor, IWithTimers
     {
         Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         if (!_handedOver) MigrationProtocol.DeleteQuietly(_directory);
-        try { File.Delete(_memoryFile); } // moved into the snapshot once it was taken
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { Log.Warning("cannot remove {File}: {Reason}", _memoryFile, e.Message); }
+        MigrationProtocol.DeleteQuietly(_precopyDirectory); // its memory file was moved into the snapshot if one was taken
     }
 }
 

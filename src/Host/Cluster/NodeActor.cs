@@ -437,6 +437,13 @@ public sealed class NodeActor : ReceiveActor
             return;
         }
         if (existing is not null) Context.Stop(existing.Console);
+        if (vm.Checkpoint is { } checkpoint)
+        {
+            // At once, before its checkpoints go on here: no node is to start it again from the node it left.
+            var directory = CheckpointProtocol.VmDirectory(checkpoint.Directory, m.Name);
+            var sequence = CheckpointProtocol.All(directory).Select(c => c.Sequence).DefaultIfEmpty(0).Max();
+            TellEveryNode(new CheckpointProtocol.Checkpointed(m.Name, _node, m.Settings, directory, 2 * sequence + 1));
+        }
         var hub = Context.ActorOf(ConsoleProtocol.Props(m.Name, m.Console), $"console-{m.Name}-{Guid.NewGuid():N}");
         _vms[m.Name] = new Slot(m.Name, m.Restore.Spec.Cpus, (long)m.Restore.Spec.MemoryBytes, hub, m.Settings) { Directory = m.Directory };
         BuildAsync(m.Name, hocon, vm, hub, m.Restore, m.Source, BuildKind.MigratedIn);
@@ -524,13 +531,28 @@ public sealed class NodeActor : ReceiveActor
             var why = "";
             try
             {
-                var latest = CheckpointProtocol.Complete(c.Directory).FirstOrDefault();
-                if (latest.Path is null) why = $"no complete checkpoint in {c.Directory}";
+                // The newest complete checkpoint that opens (all of memory read before the VM starts: the
+                // checkpoints go on and remove the older ones).
+                var latest = (Sequence: 0L, Path: (string?)null);
+                Snapshot.VmRestore? restore = null;
+                foreach (var candidate in CheckpointProtocol.Complete(c.Directory))
+                {
+                    try
+                    {
+                        restore = Snapshot.VmRestore.Open(candidate.Path, eager: true);
+                        latest = candidate;
+                        break;
+                    }
+                    catch (Snapshot.SnapshotException e)
+                    {
+                        why = e.Message;
+                        Log.Warning("VM {Name}: checkpoint {Checkpoint} cannot be used: {Why}", c.Name, candidate.Path, e.Message);
+                    }
+                }
+                if (restore is null || latest.Path is null) why = $"no usable checkpoint in {c.Directory}{(why.Length > 0 ? $" ({why})" : "")}";
                 else if (!TryConfig(c.Name, c.Settings, out var hocon, out var vm, out var error)) why = error;
                 else
                 {
-                    // All of memory read before it starts: the checkpoints go on and remove the older ones.
-                    var restore = Snapshot.VmRestore.Open(latest.Path, eager: true);
                     if (existing is not null) Context.Stop(existing.Console);
                     var hub = Context.ActorOf(ConsoleProtocol.Props(c.Name), $"console-{c.Name}-{Guid.NewGuid():N}");
                     _vms[c.Name] = new Slot(c.Name, restore.Spec.Cpus, (long)restore.Spec.MemoryBytes, hub, c.Settings)

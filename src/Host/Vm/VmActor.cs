@@ -77,12 +77,16 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
         Receive<SnapshotTaker.Failed>(f => EndSnapshot(new SnapshotFailed(_resources.Name, f.Directory, f.Reason), stop: false));
         Receive<Pause>(_ =>
         {
+            // During a snapshot: the VM stays paused after it.
+            if (_snapshot is { } taking) _snapshot = taking with { WasPaused = true };
             if (_phase != Phase.Running || _snapshot is not null) return;
             _phase = Phase.Paused;
             foreach (var v in _vcpus) v.Tell(VcpuProtocol.Pause.Instance);
         });
         Receive<Resume>(_ =>
         {
+            // During a snapshot: the VM resumes after it (unless it stops then).
+            if (_snapshot is { } taking) _snapshot = taking with { WasPaused = false };
             if (_phase != Phase.Paused || _snapshot is not null) return;
             _phase = Phase.Running;
             foreach (var v in _vcpus) v.Tell(VcpuProtocol.Resume.Instance);
@@ -513,7 +517,7 @@ internal sealed class VmActor : ReceiveActor, IWithTimers
     /// <summary>Why guest memory cannot be copied or tracked now, or null. A snapshot being taken is no
     /// reason: the vmspace does one thing at a time, and each copier has its own write log.</summary>
     private string? MemoryBusy() =>
-        _phase is not (Phase.Running or Phase.Paused) ? $"the VM is {_phase.ToString().ToLowerInvariant()}" : null;
+        _phase is not (Phase.Created or Phase.Running or Phase.Paused) ? $"the VM is {_phase.ToString().ToLowerInvariant()}" : null;
 
     private void OnSnapshotDone(SnapshotTaker.Done done)
     {
