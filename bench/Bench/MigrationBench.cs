@@ -44,31 +44,10 @@ internal static partial class MigrationBench
         var systems = new List<ActorSystem>();
         try
         {
-            ActorSystem Node(Address? seed)
-            {
-                // Not a measure of failure detection: a pause no slow or emulated machine takes a live node for dead with.
-                var config = ConfigValues.From([
-                    new("actorvmm.control.directory", dir),
-                    new("actorvmm.cluster.failure-detector.acceptable-heartbeat-pause", "60s"),
-                    new("actorvmm.cluster.split-brain-resolver.stable-after", "60s"),
-                ]).WithFallback(VmConfig.Load(null));
-                var system = HostRunner.CreateSystem(config, ControlClient.HostSystemName, cluster: true);
-                systems.Add(system);
-                HostNode.Start(system, config, seed is null ? [] : [seed]);
-                return system;
-            }
-            var first = Node(null);
-            Node(Akka.Cluster.Cluster.Get(first).SelfAddress);
-            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-            while (systems.Any(s => Akka.Cluster.Cluster.Get(s).State.Members.Count(m => m.Status == MemberStatus.Up) < 2))
-            {
-                if (DateTime.UtcNow > deadline)
-                {
-                    Console.Error.WriteLine("actorvmm-bench: the two nodes did not see each other Up within 60 s");
-                    return 1;
-                }
-                await Task.Delay(100);
-            }
+            // Not a measure of failure detection: a pause no slow or emulated machine takes a live node for dead with.
+            if (await BenchCluster.StartTwoAsync(dir, systems, ("actorvmm.cluster.failure-detector.acceptable-heartbeat-pause", "60s"),
+                    ("actorvmm.cluster.split-brain-resolver.stable-after", "60s")) is null)
+                return 1;
             var nodes = systems.Select(s => NodeProtocol.NodeName(Akka.Cluster.Cluster.Get(s).SelfAddress)).ToArray();
             await using var client = ControlClient.Create(TimeSpan.FromMinutes(2), dir);
             var qemu = StartupBench.OnPath("qemu-system-x86_64");

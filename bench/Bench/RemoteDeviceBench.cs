@@ -28,26 +28,7 @@ internal static class RemoteDeviceBench
         var systems = new List<ActorSystem>();
         try
         {
-            ActorSystem Node(Address? seed)
-            {
-                var config = ConfigValues.From([new("actorvmm.control.directory", dir)]).WithFallback(VmConfig.Load(null));
-                var system = HostRunner.CreateSystem(config, ControlClient.HostSystemName, cluster: true);
-                systems.Add(system);
-                HostNode.Start(system, config, seed is null ? [] : [seed]);
-                return system;
-            }
-            var vmNode = Node(null);
-            var other = Node(Akka.Cluster.Cluster.Get(vmNode).SelfAddress);
-            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-            while (systems.Any(s => Akka.Cluster.Cluster.Get(s).State.Members.Count(m => m.Status == MemberStatus.Up) < 2))
-            {
-                if (DateTime.UtcNow > deadline)
-                {
-                    Console.Error.WriteLine("actorvmm-bench: the two nodes did not see each other Up within 60 s");
-                    return 1;
-                }
-                await Task.Delay(100);
-            }
+            if (await BenchCluster.StartTwoAsync(dir, systems) is not [var vmNode, var other]) return 1;
 
             var interrupts = new VmInterrupts { IoApic = ActorRefs.Nobody, Pic = ActorRefs.Nobody };
             var clock = new MonotonicClock();
